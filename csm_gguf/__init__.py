@@ -1,0 +1,1 @@
+"""CSM-1B text-to-speech on llama.cpp from GGUF files."""
