@@ -1,0 +1,321 @@
+"""Audio in and out: reading voice prompts, encoding speech whole or while it is generated.
+
+Speech is 24 kHz mono float32 in [-1, 1]. Everything goes through soundfile (libsndfile);
+libsndfile has no AAC encoder, so the OpenAI API's "aac" is refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import secrets
+import struct
+import sys
+from math import gcd
+from typing import BinaryIO
+
+import numpy as np
+import soundfile as sf
+from numpy.lib.stride_tricks import sliding_window_view
+
+SAMPLE_RATE = 24000
+
+FORMATS = ("wav", "flac", "mp3", "opus", "pcm")
+MEDIA_TYPES = {
+    "wav": "audio/wav",
+    "flac": "audio/flac",
+    "mp3": "audio/mpeg",
+    "opus": "audio/ogg",
+    "pcm": "audio/pcm",
+}
+_EXTENSIONS = {
+    ".wav": "wav",
+    ".flac": "flac",
+    ".mp3": "mp3",
+    ".opus": "opus",
+    ".ogg": "opus",
+    ".pcm": "pcm",
+    ".raw": "pcm",
+}
+_READABLE = "wav, flac, ogg (vorbis or opus), mp3"
+
+# soundfile container, subtype and options per encoded format. MP3 is constant bitrate
+# (about 64 kbit/s): a streamed MP3 cannot get its VBR info frame patched in at the end, and
+# libsndfile's reader estimates a length without it from the first frame's bitrate, which for
+# VBR cuts the audio short. Whole files use the same settings so both paths sound the same.
+_SOUNDFILE = {
+    "wav": ("WAV", "PCM_16", {}),
+    "flac": ("FLAC", "PCM_16", {}),
+    "opus": ("OGG", "OPUS", {}),
+    "mp3": ("MP3", "MPEG_LAYER_III", {"bitrate_mode": "CONSTANT", "compression_level": 0.6}),
+}
+
+# Resampler: windowed sinc with this many zero crossings on each side, a Kaiser window and a
+# cutoff a little below the lower Nyquist frequency so the transition band does not alias.
+# Measured 44.1 -> 24 kHz: tones above 12.6 kHz come out below -95 dB, 10 kHz passes at 0.9999.
+_ZERO_CROSSINGS = 24
+_KAISER_BETA = 8.6
+_ROLLOFF = 0.94
+
+AudioSource = str | os.PathLike[str] | BinaryIO
+
+
+class AudioError(ValueError):
+    """An audio file that cannot be read or written, or an unsupported format."""
+
+
+def check_format(fmt: str) -> str:
+    """Returns fmt if it is one of FORMATS, else raises an AudioError naming them."""
+    if fmt in FORMATS:
+        return fmt
+    why = " (libsndfile has no AAC encoder)" if fmt == "aac" else ""
+    raise AudioError(
+        f"unsupported audio format {fmt!r}{why}; supported formats: {', '.join(FORMATS)}"
+    )
+
+
+def format_from_path(path: str | os.PathLike[str]) -> str:
+    """The output format a file name asks for, by its extension."""
+    ext = os.path.splitext(os.fspath(path))[1].lower()
+    if ext not in _EXTENSIONS:
+        raise AudioError(
+            f"{os.fspath(path)}: unknown audio extension {ext or '(none)'!r}; "
+            f"use one of {', '.join(_EXTENSIONS)}"
+        )
+    return _EXTENSIONS[ext]
+
+
+def load_audio(source: AudioSource) -> np.ndarray:
+    """Reads wav/flac/ogg/mp3 from a path or binary file object as 24 kHz mono float32."""
+    if isinstance(source, (str, os.PathLike)):
+        name = os.fspath(source)
+        if not os.path.exists(name):
+            raise _read_error(name, "no such file")
+        if os.path.isdir(name):
+            raise _read_error(name, "it is a directory")
+        if os.path.isfile(name) and os.path.getsize(name) == 0:
+            raise _read_error(name, "the file is empty")
+    else:
+        name = getattr(source, "name", None) or "<file object>"
+    try:
+        data, rate = sf.read(source, dtype="float32", always_2d=True)
+    except sf.LibsndfileError as e:
+        raise _read_error(name, e.error_string.rstrip(".")) from e
+    if not len(data):
+        raise _read_error(name, "it contains no audio")
+    return resample(data.mean(axis=1), rate, SAMPLE_RATE)
+
+
+def _read_error(name: str, problem: str) -> AudioError:
+    return AudioError(f"cannot read audio from {name}: {problem}. Accepted formats: {_READABLE}")
+
+
+def resample(samples: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
+    """Band-limited resampling of a 1-D signal (polyphase windowed sinc), float32 out.
+
+    The output has one sample per output period that starts inside the input's span.
+    """
+    x = np.asarray(samples, dtype=np.float32)
+    if orig_rate == new_rate:
+        return x
+    g = gcd(orig_rate, new_rate)
+    up, down = new_rate // g, orig_rate // g
+    n_out = -(-len(x) * up // down)
+    cutoff = _ROLLOFF * 0.5 * min(1.0, up / down)  # cycles per input sample
+    half = _ZERO_CROSSINGS / (2 * cutoff)  # kernel half-width in input samples
+    reach = int(np.ceil(half))
+    # Output m = a*up + b sits at input time a*down + start[b] + frac[b]: one filter per b.
+    position = np.arange(up) * down
+    start, frac = position // up, (position % up) / up
+    u = frac[:, None] + reach - np.arange(2 * reach + 2)  # distance to each input tap
+    window = np.i0(_KAISER_BETA * np.sqrt(np.clip(1 - (u / half) ** 2, 0, None)))
+    taps = np.where(np.abs(u) <= half, np.sinc(2 * cutoff * u) * window, 0.0)
+    # Unit sum per phase: exact DC gain, so no phase-dependent ripple on slow signals.
+    taps = (taps / taps.sum(axis=1, keepdims=True)).astype(np.float32)
+    windows = sliding_window_view(np.pad(x, (reach, reach + 1)), 2 * reach + 2)
+    y = np.empty(n_out, dtype=np.float32)
+    for b in range(min(up, n_out)):
+        out = y[b::up]
+        out[:] = windows[start[b] :: down][: len(out)] @ taps[b]
+    return y
+
+
+def to_int16(samples: np.ndarray) -> np.ndarray:
+    """Float samples to int16, clipped to [-1, 1] and rounded to nearest (1.0 -> 32767)."""
+    return np.rint(np.clip(samples, -1.0, 1.0) * 32767).astype(np.int16)
+
+
+def _mono(samples: np.ndarray) -> np.ndarray:
+    x = np.asarray(samples, dtype=np.float32)
+    if x.ndim != 1:
+        raise AudioError(f"expected mono samples as a 1-D array, got shape {x.shape}")
+    return x
+
+
+def _pcm_bytes(x: np.ndarray) -> bytes:
+    return to_int16(x).astype("<i2").tobytes()
+
+
+def _open_encoder(file: object, fmt: str) -> sf.SoundFile:
+    container, subtype, options = _SOUNDFILE[fmt]
+    return sf.SoundFile(file, "w", SAMPLE_RATE, 1, subtype, format=container, **options)
+
+
+def _write_samples(f: sf.SoundFile, x: np.ndarray) -> None:
+    # PCM containers get our own int16 rounding (libsndfile does not clip floats by default);
+    # the lossy codecs take floats, clipped the same way.
+    f.write(to_int16(x) if f.subtype == "PCM_16" else np.clip(x, -1.0, 1.0))
+
+
+# libsndfile writes no decodable FLAC/MP3/Opus file for zero samples: one silent sample keeps
+# every response a valid file.
+_NOT_EMPTY = np.zeros(1, dtype=np.float32)
+
+
+def encode_audio(samples: np.ndarray, fmt: str) -> bytes:
+    """The whole of a 24 kHz mono signal as a file in fmt (one of FORMATS)."""
+    fmt = check_format(fmt)
+    x = _mono(samples)
+    if fmt == "pcm":
+        return _pcm_bytes(x)
+    if not len(x) and fmt != "wav":
+        x = _NOT_EMPTY
+    buffer = io.BytesIO()
+    with _open_encoder(buffer, fmt) as f:
+        _write_samples(f, x)
+    return buffer.getvalue()
+
+
+def write_audio(path: str | os.PathLike[str], samples: np.ndarray, fmt: str | None = None) -> None:
+    """Writes samples to path ("-" for stdout) in fmt, by default the one its extension names.
+
+    The file appears whole or not at all: the audio is encoded first, written to a temporary
+    file in the same directory, then renamed over path.
+    """
+    path = os.fspath(path)
+    if fmt is None:
+        if path == "-":
+            raise AudioError("writing to stdout (-) needs an explicit format")
+        fmt = format_from_path(path)
+    data = encode_audio(samples, fmt)
+    if path == "-":
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return
+    directory, base = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{base}.{secrets.token_hex(4)}.tmp")
+    # os.open with 0o666 rather than mkstemp's 0o600, so the result gets the usual umask mode.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+# Sizes 0xFFFFFFFF: the length is unknown while streaming; soundfile and wave read to the end.
+_STREAM_WAV_HEADER = (
+    struct.pack("<4sI4s", b"RIFF", 0xFFFFFFFF, b"WAVE")
+    # PCM, mono, sample rate, byte rate, block align, bits per sample
+    + struct.pack("<4sIHHIIHH", b"fmt ", 16, 1, 1, SAMPLE_RATE, 2 * SAMPLE_RATE, 2, 16)
+    + struct.pack("<4sI", b"data", 0xFFFFFFFF)
+)
+
+
+class _DrainSink:
+    """A file object for soundfile that hands out the encoder's bytes as they are written.
+
+    The encoders only append, except that at close libsndfile patches the MP3 info frame at
+    the start, which is long sent: that write is dropped, leaving the placeholder frame the
+    encoder wrote first, which decoders play as one frame of silence.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()  # bytes from offset _sent on, not yet drained
+        self._sent = 0
+        self._position = 0
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_CUR:
+            offset += self._position
+        elif whence == io.SEEK_END:
+            offset += self._sent + len(self._buffer)
+        self._position = offset
+        return offset
+
+    def write(self, data: bytes) -> int:
+        start = self._position - self._sent
+        skip = max(0, -start)
+        if skip < len(data):
+            start += skip
+            self._buffer[start : start + len(data) - skip] = data[skip:]
+        self._position += len(data)
+        return len(data)
+
+    def read(self, size: int = -1) -> bytes:
+        return b""  # encoders never read back what they wrote
+
+    def drain(self) -> bytes:
+        data = bytes(self._buffer)
+        self._sent += len(data)
+        self._buffer.clear()
+        return data
+
+
+class StreamEncoder:
+    """Encodes speech while it is generated: feed() returns the bytes ready so far, finish()
+    the rest; their concatenation is one valid file.
+
+    wav, pcm, mp3 and opus stream (opus in pages of about a second). flac is buffered until
+    finish(): a FLAC stream's header cannot be patched after it is sent, and libsndfile cannot
+    read a FLAC file whose header leaves the length unknown.
+    """
+
+    def __init__(self, fmt: str) -> None:
+        self.format = check_format(fmt)
+        self.media_type = MEDIA_TYPES[fmt]
+        self._prefix = _STREAM_WAV_HEADER if fmt == "wav" else b""
+        self._pending: list[np.ndarray] = []
+        self._sink = _DrainSink() if fmt in ("mp3", "opus") else None
+        self._encoder = _open_encoder(self._sink, fmt) if self._sink else None
+        self._written = 0
+        self._finished = False
+
+    def feed(self, samples: np.ndarray) -> bytes:
+        """Adds 24 kHz mono samples; returns the encoded bytes that are ready now."""
+        if self._finished:
+            raise RuntimeError("StreamEncoder.feed() after finish()")
+        x = _mono(samples)
+        if self._encoder is not None:
+            _write_samples(self._encoder, x)
+            self._written += len(x)
+            return self._sink.drain()
+        if self.format == "flac":
+            self._pending.append(x.copy())
+            return b""
+        return self._take_prefix() + _pcm_bytes(x)
+
+    def finish(self) -> bytes:
+        """Ends the stream; returns the remaining bytes."""
+        if self._finished:
+            raise RuntimeError("StreamEncoder.finish() called twice")
+        self._finished = True
+        if self._encoder is not None:
+            if not self._written:
+                _write_samples(self._encoder, _NOT_EMPTY)
+            self._encoder.close()
+            return self._sink.drain()
+        if self.format == "flac":
+            return encode_audio(np.concatenate([np.zeros(0, np.float32), *self._pending]), "flac")
+        return self._take_prefix()
+
+    def _take_prefix(self) -> bytes:
+        prefix, self._prefix = self._prefix, b""
+        return prefix

@@ -1,0 +1,265 @@
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from csm_gguf.text import chunk_text, split_sentences
+
+
+def tokens(text: str) -> int:
+    """A token-like counter: words in pieces of up to 4 characters, a leading space belongs
+    to the piece after it, punctuation runs are pieces; so a join can count less than its
+    parts do separately, as with BPE."""
+    return len(re.findall(r" ?\w{1,4}| ?[^\w\s]+|\s+", text))
+
+
+# --- split_sentences -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, sentences",
+    [
+        (
+            "Mr. Smith and Mrs. Jones met Dr. Who at St. Paul's. Prof. X came too.",
+            ["Mr. Smith and Mrs. Jones met Dr. Who at St. Paul's.", "Prof. X came too."],
+        ),
+        (
+            "Fruit, e.g. apples, i.e. red ones. Apples vs. Pears is a game. "
+            "I like pears etc. and more.",
+            [
+                "Fruit, e.g. apples, i.e. red ones.",
+                "Apples vs. Pears is a game.",
+                "I like pears etc. and more.",
+            ],
+        ),
+        (
+            "Pi is 3.14159. E is 2.718. It costs $5. Then stop.",
+            ["Pi is 3.14159.", "E is 2.718.", "It costs $5.", "Then stop."],
+        ),
+        (
+            "J. R. R. Tolkien wrote it. George R. R. Martin too. "
+            "The U.S. Army came at 5 p.m. today.",
+            [
+                "J. R. R. Tolkien wrote it.",
+                "George R. R. Martin too.",
+                "The U.S. Army came at 5 p.m. today.",
+            ],
+        ),
+        (
+            "See Fig. 3 and No. 5 on pp. 12. I said no. Then I left.",
+            ["See Fig. 3 and No. 5 on pp. 12.", "I said no.", "Then I left."],
+        ),
+        ("It ended in 1999. 2000 was better.", ["It ended in 1999.", "2000 was better."]),
+        (
+            '"Stop!" she cried. "Why?" He shrugged. \'Fine.\' (He did.) [Done.] Next.',
+            [
+                '"Stop!" she cried.',
+                '"Why?"',
+                "He shrugged.",
+                "'Fine.'",
+                "(He did.)",
+                "[Done.]",
+                "Next.",
+            ],
+        ),
+        ("“Really?” “Yes.” «Oui.» Bon.", ["“Really?”", "“Yes.”", "«Oui.»", "Bon."]),
+        (
+            "Wait... what? Well… Maybe later... or never. Really?! Yes!!! ¿Qué? No.",
+            [
+                "Wait... what?",
+                "Well…",
+                "Maybe later... or never.",
+                "Really?!",
+                "Yes!!!",
+                "¿Qué?",
+                "No.",
+            ],
+        ),
+        (
+            "Visit example.com/a.b?c=1 now. Dr.Who is here.",
+            ["Visit example.com/a.b?c=1 now.", "Dr.Who is here."],
+        ),
+        (
+            "Title\nFirst line. Second\r\n\n\n  Third  \n",
+            ["Title", "First line.", "Second", "Third"],
+        ),
+        ("  a  bb\t cc.   D \u00a0 e  ", ["a bb cc.", "D e"]),
+        ("", []),
+        (" \n\n\t ", []),
+        ("No end", ["No end"]),
+        ("你好。世界！今天天气很好吗？是的｡", ["你好。", "世界！", "今天天气很好吗？", "是的｡"]),
+        (
+            "他说：“好的。”然后走了。「行こう。」と言った。（終わり。）次。",
+            ["他说：“好的。”然后走了。", "「行こう。」と言った。", "（終わり。）次。"],
+        ),
+        ("数字是３．１４。好。", ["数字是３．１４。", "好。"]),
+        ("Hello. 你好。 Bye.", ["Hello.", "你好。", "Bye."]),
+    ],
+)
+def test_split_sentences(text, sentences):
+    assert split_sentences(text) == sentences
+
+
+def test_split_a_long_paragraph():
+    templates = [
+        "Dr. Lee paid {i}.{i} dollars for item No. {i}, e.g. a lamp.",
+        "Was {i} enough?",
+        'She said "Wow, {i}!" and left.',
+        "J. K. bought {i} books at 3 p.m. on Main St. yesterday.",
+        "Hmm... again {i}…",
+        "(See section {i}.)",
+    ]
+    expected = [templates[i % len(templates)].format(i=i) for i in range(45)]
+    paragraph = "  ".join(expected)
+    assert "\n" not in paragraph
+    assert split_sentences(paragraph) == expected
+    for sentence in expected:
+        assert split_sentences(sentence) == [sentence]
+
+
+_ATOMS = [
+    "Mr.",
+    "Dr.",
+    "e.g.",
+    "3.14",
+    "word",
+    "Word",
+    "and",
+    "J.",
+    ",",
+    ".",
+    "!",
+    "?",
+    "…",
+    "...",
+    '"',
+    "(",
+    ")",
+    "\n",
+    "\n\n",
+    "。",
+    "你好",
+    "」",
+    "——",
+    ":",
+    ";",
+    "Supercalifragilistic",
+]
+TEXTS = st.lists(
+    st.tuples(st.sampled_from(_ATOMS), st.sampled_from(["", " ", "  ", "\t"])), max_size=60
+).map(lambda parts: "".join(a + s for a, s in parts))
+
+
+def _visible(text: str) -> str:
+    return "".join(text.split())
+
+
+@settings(max_examples=150, deadline=None)
+@given(TEXTS)
+def test_split_keeps_every_character_in_order(text):
+    sentences = split_sentences(text)
+    assert _visible("".join(sentences)) == _visible(text)
+    for s in sentences:
+        assert s and s == " ".join(s.split())
+
+
+# --- chunk_text ------------------------------------------------------------------------
+
+
+def test_chunk_groups_whole_sentences():
+    text = "One. Two two. Three three three. Four. Five five five five five."
+    assert chunk_text(text, 25) == [
+        "One. Two two.",
+        "Three three three. Four.",
+        "Five five five five five.",
+    ]
+    assert chunk_text(text, 1000) == [text]
+    assert chunk_text("", 10) == [] and chunk_text(" \n ", 10) == []
+
+
+def test_chunk_cuts_long_sentences_at_clauses_then_words_then_letters():
+    text = "Short. One two three, four five six; seven eight: nine ten — eleven twelve thirteen."
+    assert chunk_text(text, 24) == [
+        "Short. One two three,",
+        "four five six;",
+        "seven eight: nine ten —",
+        "eleven twelve thirteen.",
+    ]
+    assert chunk_text("One two three four five six seven.", 15) == [
+        "One two three",
+        "four five six",
+        "seven.",
+    ]
+    assert chunk_text("Supercalifragilistic is long.", 8) == [
+        "Supercal",
+        "ifragili",
+        "stic is",
+        "long.",
+    ]
+
+
+def test_chunk_uses_the_given_counter():
+    text = "Antidisestablishmentarianism is long. So is floccinaucinihilipilification."
+    assert chunk_text(text, 30) == [  # by characters
+        "Antidisestablishmentarianism",
+        "is long. So is",
+        "floccinaucinihilipilification.",
+    ]
+    assert chunk_text(text, 40, count=lambda s: len(s.split())) == [text]
+    # 7 + 1 tokens, then 2 + 2; the last word alone counts 8 and its period one more.
+    assert chunk_text(text, 8, count=tokens) == [
+        "Antidisestablishmentarianism is",
+        "long. So is",
+        "floccinaucinihilipilification",
+        ".",
+    ]
+
+
+def test_chunk_cjk_without_spaces():
+    assert chunk_text("你好。世界！今天天气很好吗？", 100) == ["你好。世界！今天天气很好吗？"]
+    assert chunk_text("你好。世界！今天天气很好吗？", 6) == ["你好。世界！", "今天天气很好", "吗？"]
+    assert chunk_text("我们今天去公园，然后去商店，最后回家。", 8) == [
+        "我们今天去公园，",
+        "然后去商店，",
+        "最后回家。",
+    ]
+
+
+def test_chunk_rejects_impossible_limits():
+    with pytest.raises(ValueError, match="max_units"):
+        chunk_text("Hi.", 0)
+    with pytest.raises(ValueError, match="'x'"):
+        chunk_text("x y", 1, count=lambda s: 2 * len(s))
+
+
+@settings(max_examples=150, deadline=None)
+@given(TEXTS, st.integers(1, 40), st.sampled_from([len, tokens]))
+def test_chunk_limits_and_content(text, max_units, count):
+    chunks = chunk_text(text, max_units, count)
+    assert chunk_text(text, max_units, count) == chunks  # deterministic
+    for chunk in chunks:
+        assert chunk and chunk == chunk.strip()
+        assert count(chunk) <= max_units
+    assert _visible("".join(chunks)) == _visible(text)
+
+
+_WORDS = st.lists(
+    st.sampled_from(
+        ["a", "be", "cat", "dogs", "eagle", "Mr.", "3.14", "end.", "what?", "so,", "now;", "—"]
+    ),
+    min_size=1,
+    max_size=80,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_WORDS, st.integers(6, 40), st.sampled_from([len, tokens]))
+def test_chunk_cuts_between_words_and_packs_greedily(words, max_units, count):
+    # Every word fits the limit, so no word may be cut, and two neighbouring chunks never
+    # fit together (else the packing was not greedy).
+    text = " ".join(words)
+    chunks = chunk_text(text, max_units, count)
+    assert " ".join(chunks).split() == words
+    for a, b in zip(chunks, chunks[1:]):
+        assert count(a + " " + b) > max_units
