@@ -1,0 +1,233 @@
+"""Reading a CSM checkpoint: local folder or hub repo, either format, single or sharded safetensors."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from csm_gguf.config import FLAVORS, CSMConfig, RopeScaling, TransformerConfig
+
+from . import tensor_map as tm
+
+UNGATED_COPY = "unsloth/csm-1b"
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be converted; the message says what is wrong and what to do."""
+
+
+def download(repo_id: str, patterns: list[str], token: str | None = None) -> Path:
+    """Fetch the files of a hub repo that conversion needs, with huggingface_hub's progress bars."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, token=token))
+    except GatedRepoError as e:
+        raise CheckpointError(
+            f"{repo_id} is gated: accept its terms at https://huggingface.co/{repo_id}, then log in "
+            f"(`hf auth login` or HF_TOKEN=...). Or convert the ungated copy: --model-id {UNGATED_COPY}"
+        ) from e
+    except RepositoryNotFoundError as e:
+        raise CheckpointError(
+            f"no hub repo {repo_id!r} (or it is private and you are not logged in): check the name, "
+            f"log in with `hf auth login`, or pass a local folder with --model-path"
+        ) from e
+    except LocalEntryNotFoundError as e:
+        raise CheckpointError(
+            f"cannot download {repo_id}: the hub is unreachable and it is not in the local cache. "
+            f"Connect to the internet, or pass a downloaded folder with --model-path"
+        ) from e
+    except HfHubHTTPError as e:
+        raise CheckpointError(f"downloading {repo_id} failed: {e}") from e
+
+
+class SafetensorsFiles:
+    """All tensors of a folder's safetensors file(s), opened lazily, read as float32 numpy."""
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+
+        files = self._weight_files(folder)
+        self._where: dict[str, object] = {}
+        self._handles = []
+        for path in files:
+            try:
+                handle = safe_open(str(path), framework="pt")
+            except Exception as e:
+                raise CheckpointError(f"cannot read {path}: {e}") from e
+            self._handles.append(handle)
+            for key in handle.keys():
+                self._where[key] = handle
+
+    @staticmethod
+    def _weight_files(folder: Path) -> list[Path]:
+        # The index file's name varies (sesame/csm-1b: transformers.safetensors.index.json).
+        indexes = sorted(folder.glob("*.safetensors.index.json"))
+        if indexes:
+            weight_map = json.loads(indexes[0].read_text())["weight_map"]
+            files = [folder / name for name in sorted(set(weight_map.values()))]
+            missing = [f.name for f in files if not f.exists()]
+            if missing:
+                raise CheckpointError(f"{indexes[0].name} lists shards that are missing in {folder}: {missing}")
+            return files
+        files = sorted(folder.glob("*.safetensors"))
+        if files:
+            return files
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise CheckpointError(
+                f"{folder} holds only pickled checkpoints ({', '.join(pickles)}); they can run arbitrary code "
+                f"when loaded and are refused. Use the model's safetensors release"
+            )
+        raise CheckpointError(f"no *.safetensors files in {folder}")
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def get(self, key: str) -> np.ndarray:
+        handle = self._where.get(key)
+        if handle is None:
+            raise CheckpointError(f"tensor {key!r} is missing from the checkpoint")
+        return handle.get_tensor(key).float().numpy()
+
+
+def _unpermute_rotate_half(w: np.ndarray, n_head: int) -> np.ndarray:
+    """transformers permutes q/k rows for half-split RoPE; llama.cpp wants the original interleaved pairs."""
+    rows, dim = w.shape
+    head_dim = rows // n_head
+    return w.reshape(n_head, 2, head_dim // 2, dim).swapaxes(1, 2).reshape(rows, dim)
+
+
+def _transformer_from_hf(c: dict) -> TransformerConfig:
+    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    theta = rope.get("rope_theta", c.get("rope_theta", 500000.0))
+    scaling = None
+    if rope.get("rope_type", rope.get("type")) == "llama3":
+        scaling = RopeScaling(
+            factor=rope["factor"],
+            low_freq_factor=rope["low_freq_factor"],
+            high_freq_factor=rope["high_freq_factor"],
+            original_context=rope["original_max_position_embeddings"],
+        )
+    n_head = c["num_attention_heads"]
+    return TransformerConfig(
+        n_layer=c["num_hidden_layers"],
+        n_embd=c["hidden_size"],
+        n_head=n_head,
+        n_head_kv=c.get("num_key_value_heads") or n_head,
+        n_ff=c["intermediate_size"],
+        head_dim=c.get("head_dim") or c["hidden_size"] // n_head,
+        norm_eps=c.get("rms_norm_eps", 1e-5),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_seq_len=c.get("max_position_embeddings", 2048),
+    )
+
+
+def _transformer_from_flavor(flavor: str | dict) -> TransformerConfig:
+    if isinstance(flavor, str):
+        if flavor not in FLAVORS:
+            raise CheckpointError(f"unknown flavor {flavor!r}; known: {sorted(FLAVORS)}")
+        return FLAVORS[flavor]
+    # Dimensions spelled out with torchtune's llama3_2 builder arguments.
+    scaling = RopeScaling(factor=flavor.get("scale_factor", 32.0))
+    return TransformerConfig(
+        n_layer=flavor["num_layers"],
+        n_embd=flavor["embed_dim"],
+        n_head=flavor["num_heads"],
+        n_head_kv=flavor["num_kv_heads"],
+        n_ff=flavor["intermediate_dim"],
+        head_dim=flavor["embed_dim"] // flavor["num_heads"],
+        norm_eps=flavor.get("norm_eps", 1e-5),
+        rope_theta=flavor.get("rope_base", 500000.0),
+        rope_scaling=scaling,
+        max_seq_len=flavor.get("max_seq_len", 2048),
+    )
+
+
+@dataclass
+class Checkpoint:
+    """A CSM checkpoint read through one naming table; tensors come out in llama.cpp's layout."""
+
+    folder: Path
+    fmt: int
+    config: CSMConfig
+    files: SafetensorsFiles
+    codec_config: dict | None = None
+
+    def tensor(self, name: str) -> np.ndarray:
+        source = tm.CSM_TENSORS[name][self.fmt]
+        if source not in self.files and name in tm.TIED_FALLBACK:
+            tied = tm.CSM_TENSORS[tm.TIED_FALLBACK[name]][self.fmt]
+            source = tied if tied in self.files else source
+        return self.files.get(source)
+
+    def block_tensor(self, model: str, layer: int, gguf_name: str) -> np.ndarray:
+        w = self.files.get(tm.block_source_name(model, layer, gguf_name, self.fmt))
+        if self.fmt == tm.TRANSFORMERS and gguf_name in ("attn_q", "attn_k"):
+            t = self.config.backbone if model == "backbone" else self.config.decoder
+            w = _unpermute_rotate_half(w, t.n_head if gguf_name == "attn_q" else t.n_head_kv)
+        return w
+
+    def output_norm(self, model: str) -> np.ndarray:
+        return self.files.get(tm.output_norm_source_name(model, self.fmt))
+
+    def codec_tensors(self) -> dict[str, np.ndarray]:
+        """The Mimi weights stored inside a transformers-format checkpoint (prefixed keys)."""
+        return {k: self.files.get(k) for k in self.files.keys() if k.startswith(tm.CODEC_PREFIX)}
+
+
+def open_checkpoint(folder: str | Path) -> Checkpoint:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"model folder {folder} does not exist")
+    config_path = folder / "config.json"
+    if not config_path.exists():
+        raise CheckpointError(f"{folder} has no config.json; is it a CSM checkpoint?")
+    raw = json.loads(config_path.read_text())
+    files = SafetensorsFiles(folder)
+    keys = set(files.keys())
+    if tm.FORMAT_MARKERS[tm.TRANSFORMERS] in keys:
+        fmt = tm.TRANSFORMERS
+        if "depth_decoder_config" not in raw:
+            raise CheckpointError(f"{config_path} lacks depth_decoder_config for a transformers-format CSM")
+        config = CSMConfig(
+            backbone=_transformer_from_hf(raw),
+            decoder=_transformer_from_hf(raw["depth_decoder_config"]),
+            text_vocab_size=raw.get("text_vocab_size", 128256),
+            audio_vocab_size=raw.get("vocab_size", 2051),
+            num_codebooks=raw.get("num_codebooks", 32),
+        )
+        codec_config = raw.get("codec_config")
+    elif tm.FORMAT_MARKERS[tm.ORIGINAL] in keys:
+        fmt = tm.ORIGINAL
+        try:
+            config = CSMConfig(
+                backbone=_transformer_from_flavor(raw["backbone_flavor"]),
+                decoder=_transformer_from_flavor(raw["decoder_flavor"]),
+                text_vocab_size=raw["text_vocab_size"],
+                audio_vocab_size=raw["audio_vocab_size"],
+                num_codebooks=raw["audio_num_codebooks"],
+            )
+        except KeyError as e:
+            raise CheckpointError(f"{config_path} lacks {e.args[0]!r} for an original-format CSM") from e
+        codec_config = None
+    else:
+        raise CheckpointError(
+            f"{folder} is not a CSM checkpoint: expected {tm.FORMAT_MARKERS[tm.ORIGINAL]!r} (original format) "
+            f"or {tm.FORMAT_MARKERS[tm.TRANSFORMERS]!r} (transformers format) among its tensors"
+        )
+    return Checkpoint(folder=folder, fmt=fmt, config=config, files=files, codec_config=codec_config)

@@ -1,0 +1,275 @@
+"""CSM checkpoint -> model directory: backbone.gguf, decoder.gguf (stock llama.cpp models) + csm.gguf."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from csm_gguf.model_dir import BACKBONE_FILE, DECODER_FILE, SIDECAR_FILE, SIDECAR_VERSION
+
+from .checkpoint import Checkpoint, CheckpointError, download, open_checkpoint
+from .gguf_files import (
+    FILE_TYPE,
+    QTYPES,
+    ConversionError,
+    TensorSpec,
+    chain,
+    llama_metadata,
+    llama_tensors,
+    quantize,
+    tokenizer_metadata,
+    write_gguf,
+)
+
+Q = gguf.GGMLQuantizationType
+CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.model"]
+DEFAULT_TOKENIZER_ID = "unsloth/Llama-3.2-1B"
+DEFAULT_MIMI_ID = "kyutai/mimi"
+
+
+@dataclass
+class Sources:
+    checkpoint: Path
+    tokenizer_json: Path
+    codec: Path | None  # a folder or a .safetensors file with Mimi weights (None: inside the checkpoint)
+
+
+def _find_tokenizer(folder: Path) -> Path | None:
+    path = folder / "tokenizer.json"
+    return path if path.exists() else None
+
+
+def resolve_sources(
+    model_id: str | None,
+    model_path: str | None,
+    tokenizer_id: str | None = None,
+    tokenizer_path: str | None = None,
+    mimi_id: str | None = None,
+    mimi_path: str | None = None,
+    token: str | None = None,
+) -> Sources:
+    folder = Path(model_path) if model_path else download(model_id, CHECKPOINT_PATTERNS, token)
+    if not folder.is_dir():
+        raise CheckpointError(f"model folder {folder} does not exist")
+    if tokenizer_path:
+        tok = Path(tokenizer_path)
+        tok = tok / "tokenizer.json" if tok.is_dir() else tok
+        if not tok.exists():
+            raise CheckpointError(f"no tokenizer.json at {tokenizer_path}")
+    elif tokenizer_id:
+        tok = download(tokenizer_id, ["tokenizer.json"], token) / "tokenizer.json"
+    else:
+        tok = _find_tokenizer(folder)
+        if tok is None:
+            if model_path:
+                raise CheckpointError(
+                    f"{folder} has no tokenizer.json: pass --tokenizer-path FILE_OR_DIR or "
+                    f"--tokenizer-id (e.g. {DEFAULT_TOKENIZER_ID})"
+                )
+            tok = download(DEFAULT_TOKENIZER_ID, ["tokenizer.json"], token) / "tokenizer.json"
+    codec = None
+    if mimi_path:
+        codec = Path(mimi_path)
+        if not codec.exists():
+            raise CheckpointError(f"Mimi weights not found at {mimi_path}")
+    elif mimi_id:
+        codec = download(mimi_id, ["*.json", "*.safetensors"], token)
+    return Sources(folder, tok, codec)
+
+
+def _codec_weights(ckpt: Checkpoint, codec: Path | None, token: str | None) -> tuple[dict, dict[str, np.ndarray]]:
+    """Mimi's config and weights in transformers MimiModel keys, from wherever the user has them."""
+    from .mimi_keys import MOSHI_MIMI_CONFIG, mimi_tensors_to_transformers
+
+    if codec is None:
+        tensors = ckpt.codec_tensors()
+        if tensors:
+            return ckpt.codec_config or MOSHI_MIMI_CONFIG, mimi_tensors_to_transformers(tensors)
+        # Original-format checkpoints carry no codec.
+        codec = download(DEFAULT_MIMI_ID, ["*.json", "*.safetensors"], token)
+    files = [codec] if codec.is_file() else sorted(codec.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no .safetensors Mimi weights in {codec}")
+    raw: dict[str, np.ndarray] = {}
+    for f in files:
+        try:
+            raw.update(_load_safetensors_f32(f))
+        except Exception as e:
+            raise CheckpointError(f"cannot read Mimi weights {f}: {e}") from e
+    config_path = (codec if codec.is_dir() else codec.parent) / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.exists() else MOSHI_MIMI_CONFIG
+    if config.get("model_type") not in (None, "mimi"):
+        config = MOSHI_MIMI_CONFIG
+    return config, mimi_tensors_to_transformers(raw)
+
+
+def _load_safetensors_f32(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k).float().numpy() for k in f.keys()}
+
+
+def _backbone_output(ckpt: Checkpoint) -> np.ndarray:
+    # [codebook0_head; projection]: one decode yields codebook-0 logits and the decoder's first input.
+    return np.concatenate([ckpt.tensor("codebook0_head"), ckpt.tensor("projection")], axis=0)
+
+
+def _decoder_inputs(ckpt: Checkpoint) -> np.ndarray:
+    # projection(audio embedding) for every (codebook, code) the decoder is fed: codebooks 0..K-2.
+    cfg = ckpt.config
+    rows = (cfg.num_codebooks - 1) * cfg.audio_vocab_size
+    embeddings = ckpt.tensor("decoder_audio_embeddings")[:rows]
+    return embeddings @ ckpt.tensor("projection").T
+
+
+def _audio_head(ckpt: Checkpoint) -> np.ndarray:
+    # (K-1, D, V) -> (K-1, V, D): each codebook's logits are then a row-major matrix-vector product.
+    return np.ascontiguousarray(ckpt.tensor("audio_head").transpose(0, 2, 1))
+
+
+def write_model_dir(
+    ckpt: Checkpoint,
+    tokenizer_json: Path,
+    out_dir: Path,
+    qtype: str,
+    decoder_qtype: str | None,
+    codec: tuple[dict, dict[str, np.ndarray]] | None,
+    source_name: str,
+) -> None:
+    if qtype not in QTYPES or (decoder_qtype or qtype) not in QTYPES:
+        bad = qtype if qtype not in QTYPES else decoder_qtype
+        raise ConversionError(f"unknown qtype {bad!r}; choose one of {', '.join(QTYPES)}")
+    decoder_qtype = decoder_qtype or qtype
+    cfg = ckpt.config
+    try:
+        tok = json.loads(tokenizer_json.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read tokenizer {tokenizer_json}: {e}") from e
+
+    out_dir = out_dir.expanduser().resolve()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    work.chmod(0o755)  # mkdtemp makes it private; a model directory is an ordinary folder
+    try:
+        models = [
+            ("backbone", BACKBONE_FILE, qtype, cfg.backbone, cfg.audio_vocab_size + cfg.decoder.n_embd,
+             lambda: _backbone_output(ckpt)),
+            # The decoder's logits come from per-codebook heads in the sidecar; its own output is unused.
+            ("decoder", DECODER_FILE, decoder_qtype, cfg.decoder, 1,
+             lambda: np.zeros((1, cfg.decoder.n_embd), np.float32)),
+        ]
+        for model, filename, qt, tcfg, n_vocab, token_embd in models:
+            base, ftype, _ = QTYPES[qt]
+            tensors = llama_tensors(
+                tcfg,
+                n_vocab,
+                token_embd,
+                lambda i, name, model=model: ckpt.block_tensor(model, i, name),
+                lambda model=model: ckpt.output_norm(model),
+                base,
+            )
+            meta = llama_metadata(tcfg, n_vocab, f"{source_name} {model}", FILE_TYPE[base])
+            target = work / filename
+            if ftype is None:
+                write_gguf(target, "llama", meta, tensors, f"{model} ({qt})")
+            else:
+                unquantized = work / f"{filename}.f32"
+                write_gguf(unquantized, "llama", meta, tensors, f"{model} (f32)")
+                quantize(unquantized, target, ftype)
+                unquantized.unlink()
+
+        table = QTYPES[qtype][2]
+        # Text embeddings are the largest table and are read only for prompt tokens: q8_0 halves them.
+        text_type = Q.Q8_0 if QTYPES[qtype][1] is not None else table
+        k1 = cfg.num_codebooks - 1
+        sidecar = [
+            TensorSpec("text_embd.weight", (cfg.text_vocab_size, cfg.backbone.n_embd), text_type,
+                       lambda: ckpt.tensor("text_embeddings")),
+            TensorSpec("audio_embd.weight", (cfg.num_codebooks * cfg.audio_vocab_size, cfg.backbone.n_embd), table,
+                       lambda: ckpt.tensor("audio_embeddings")),
+            TensorSpec("decoder_input.weight", (k1 * cfg.audio_vocab_size, cfg.decoder.n_embd), table,
+                       lambda: _decoder_inputs(ckpt)),
+            TensorSpec("audio_head.weight", (k1, cfg.audio_vocab_size, cfg.decoder.n_embd), table,
+                       lambda: _audio_head(ckpt)),
+        ]
+        codec_config: dict | None = None
+        codec_keys: list[str] = []
+        if codec is not None:
+            codec_config, codec_tensors = codec
+            codec_type = Q.F32 if table == Q.F32 else Q.F16
+            codec_keys = list(codec_tensors)
+            for i, key in enumerate(codec_keys):
+                value = codec_tensors[key]
+                # Biases, norms and small vectors stay F32.
+                t = codec_type if value.ndim > 1 and value.shape[-1] % 32 == 0 else Q.F32
+                # GGUF tensor names stop at 63 characters: number them and list the real keys.
+                sidecar.append(TensorSpec(f"codec.{i}", tuple(value.shape), t, lambda v=value: v))
+
+        def sidecar_meta(w: gguf.GGUFWriter) -> None:
+            w.add_uint32("csm.version", SIDECAR_VERSION)
+            w.add_string("csm.config", cfg.to_json())
+            w.add_string("csm.qtype", qtype)
+            w.add_string("csm.decoder_qtype", decoder_qtype)
+            w.add_string("csm.source", source_name)
+            if codec_config is not None:
+                w.add_string("csm.codec_config", json.dumps(codec_config))
+                w.add_array("csm.codec_keys", codec_keys)
+
+        # The sidecar is also a vocab-only llama model, so llama.cpp itself tokenizes at run time.
+        meta = chain(llama_metadata(cfg.backbone, cfg.text_vocab_size, f"{source_name} sidecar", 0, True),
+                     tokenizer_metadata(tok), sidecar_meta)
+        write_gguf(work / SIDECAR_FILE, "llama", meta, sidecar, "sidecar")
+        _replace_dir(work, out_dir)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move a finished model into place; an existing model at `target` is replaced only now."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, target)
+
+
+def convert(
+    *,
+    model_id: str | None = "sesame/csm-1b",
+    model_path: str | None = None,
+    output_dir: str | Path | None = None,
+    qtype: str = "q4_k",
+    decoder_qtype: str | None = None,
+    tokenizer_id: str | None = None,
+    tokenizer_path: str | None = None,
+    mimi_id: str | None = None,
+    mimi_path: str | None = None,
+    with_codec: bool = True,
+    token: str | None = None,
+) -> Path:
+    """Convert a checkpoint; returns the model directory."""
+    from csm_gguf.model_dir import default_model_dir
+
+    if qtype not in QTYPES or (decoder_qtype is not None and decoder_qtype not in QTYPES):
+        bad = qtype if qtype not in QTYPES else decoder_qtype
+        raise ConversionError(f"unknown qtype {bad!r}; choose one of {', '.join(QTYPES)}")
+    token = token or os.environ.get("HF_TOKEN")
+    sources = resolve_sources(model_id, model_path, tokenizer_id, tokenizer_path, mimi_id, mimi_path, token)
+    ckpt = open_checkpoint(sources.checkpoint)
+    source_name = model_path and Path(model_path).resolve().name or model_id
+    out = Path(output_dir) if output_dir else default_model_dir(source_name, qtype, decoder_qtype)
+    codec = _codec_weights(ckpt, sources.codec, token) if with_codec else None
+    write_model_dir(ckpt, sources.tokenizer_json, out, qtype, decoder_qtype, codec, source_name)
+    return out

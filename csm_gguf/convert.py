@@ -1,0 +1,70 @@
+"""python -m csm_gguf.convert: a CSM checkpoint -> a csm-gguf model directory."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+QTYPE_CHOICES = ("f32", "f16", "bf16", "q8_0", "q4_k")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m csm_gguf.convert",
+        description="Convert Sesame CSM weights (original or transformers format) into a model directory: "
+        "backbone.gguf and decoder.gguf (llama models stock llama.cpp loads) and csm.gguf (embeddings, "
+        "heads, tokenizer, Mimi codec).",
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model-id", default="sesame/csm-1b", help="hub repo to download (default: %(default)s; "
+                     "uses HF_TOKEN or your hub login; unsloth/csm-1b is an ungated copy)")
+    src.add_argument("--model-path", help="local checkpoint folder (config.json + safetensors, single or sharded)")
+    src.add_argument("--random-weights", action="store_true",
+                     help="full-size CSM-1B with random weights (for benchmarks; no download)")
+    p.add_argument("--output-dir", help="where to write the model (default: a per-user cache directory)")
+    p.add_argument("--qtype", default="q4_k", choices=QTYPE_CHOICES,
+                   help="precision of the transformers (q4_k = llama.cpp Q4_K_M; default: %(default)s)")
+    p.add_argument("--decoder-qtype", choices=QTYPE_CHOICES,
+                   help="precision of the depth decoder, the quantization-sensitive part (default: as --qtype)")
+    p.add_argument("--tokenizer-id", help="hub repo with tokenizer.json, for checkpoints without one "
+                   "(default for those: unsloth/Llama-3.2-1B)")
+    p.add_argument("--tokenizer-path", help="local tokenizer.json (or its folder)")
+    p.add_argument("--mimi-id", help="hub repo with Mimi weights, for original-format checkpoints that carry "
+                   "no codec (default for those: kyutai/mimi)")
+    p.add_argument("--mimi-path", help="local Mimi weights: a kyutai/mimi folder or moshi's "
+                   "tokenizer-e351c8d8-checkpoint125.safetensors")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from converter.checkpoint import CheckpointError
+    from converter.convert import convert
+    from converter.gguf_files import ConversionError
+
+    try:
+        if args.random_weights:
+            from converter.random_weights import convert_random
+
+            out = convert_random(args.output_dir, args.qtype, args.decoder_qtype)
+        else:
+            out = convert(
+                model_id=None if args.model_path else args.model_id,
+                model_path=args.model_path,
+                output_dir=args.output_dir,
+                qtype=args.qtype,
+                decoder_qtype=args.decoder_qtype,
+                tokenizer_id=args.tokenizer_id,
+                tokenizer_path=args.tokenizer_path,
+                mimi_id=args.mimi_id,
+                mimi_path=args.mimi_path,
+            )
+    except (CheckpointError, ConversionError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"model written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""Frame generation: the backbone and the depth decoder on llama.cpp, any number of streams at once.
+
+Each 80 ms frame is one backbone step (all active streams in one llama_decode) and 31 depth-decoder
+steps (likewise batched). A single `generate` call is simply a batch of one stream.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .llama import ContextOptions, EmbeddingModel
+from .model import CSMModel
+
+FRAME_MS = 80
+
+
+class PromptTooLong(ValueError):
+    pass
+
+
+@dataclass
+class Segment:
+    """One utterance of context: what `speaker` said (`text`), with its audio codes (frames, 32)."""
+
+    speaker: int
+    text: str
+    codes: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.9  # 0: greedy
+    top_k: int = 50
+    seed: int | None = None
+    max_audio_ms: float = 90_000
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not (isinstance(self.top_k, int) and self.top_k >= 1):
+            raise ValueError(f"top_k must be a whole number >= 1, got {self.top_k}")
+        if not self.max_audio_ms > 0:
+            raise ValueError(f"max_audio_ms must be > 0, got {self.max_audio_ms}")
+
+
+def sample(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Generator) -> int:
+    """Top-k, then a temperature softmax (the reference's order); temperature 0 is argmax."""
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    k = min(top_k, logits.shape[0])
+    top = np.argpartition(logits, -k)[-k:]
+    z = logits[top] / temperature
+    p = np.exp(z - z.max())
+    cdf = np.cumsum(p)
+    return int(top[min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), k - 1)])
+
+
+@dataclass
+class Stream:
+    """One utterance being generated: its KV sequence, position, sampler and frame budget."""
+
+    slot: int
+    sampling: Sampling
+    frames_left: int
+    pos: int = 0
+    rng: np.random.Generator = field(default_factory=np.random.default_rng)
+    pending: np.ndarray | None = None  # the backbone's next input row
+    done: bool = False
+    frames: int = 0
+
+
+class Generator:
+    """Owns the two llama.cpp contexts. Not thread-safe: one thread drives it (the server's engine thread)."""
+
+    def __init__(
+        self,
+        model: CSMModel,
+        max_streams: int = 1,
+        n_threads: int = 0,
+        n_gpu_layers: int = 0,
+        kv_type: str = "f16",
+    ):
+        cfg = model.config
+        self.model = model
+        self.cfg = cfg
+        self.max_streams = max_streams
+        self.backbone = EmbeddingModel(
+            model.backbone_path,
+            ContextOptions(
+                n_ctx=max_streams * cfg.backbone.max_seq_len,
+                n_batch=max(512, max_streams),
+                n_seq_max=max_streams,
+                n_threads=n_threads,
+                n_gpu_layers=n_gpu_layers,
+                kv_type=kv_type,
+            ),
+        )
+        self.decoder = EmbeddingModel(
+            model.decoder_path,
+            ContextOptions(
+                n_ctx=max_streams * cfg.num_codebooks,
+                n_batch=2 * max_streams,
+                n_seq_max=max_streams,
+                n_threads=n_threads,
+                n_gpu_layers=n_gpu_layers,
+                kv_type=kv_type,
+                want_hidden=True,
+            ),
+        )
+        self.free_slots = list(range(max_streams))
+        self.lock = threading.Lock()
+        v, d = cfg.audio_vocab_size, cfg.decoder.n_embd
+        self._proj = slice(v, v + d)  # backbone "logits" rows holding projection(h)
+        self._offsets = np.arange(cfg.num_codebooks) * v
+        self._rows = np.empty(cfg.num_codebooks, dtype=np.int64)
+        self._hidden = np.empty((max_streams, d), dtype=np.float32)
+        self._head_logits = np.empty((max_streams, v), dtype=np.float32)
+        self.decode_calls = 0
+
+    # --- prompt -------------------------------------------------------------------------------------
+    def frame_embedding(self, codes: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Backbone input of an audio frame: the sum of its 32 codebook embeddings."""
+        np.add(self._offsets, codes, out=self._rows)
+        return np.sum(self.model.audio_embeddings[self._rows], axis=0, dtype=np.float32, out=out)
+
+    def prompt_embeddings(self, text: str, speaker: int, context: Sequence[Segment] = ()) -> np.ndarray:
+        """Context segments (text frames, audio frames, an all-zero EOS frame), then the text to speak."""
+        parts = []
+        zero = np.zeros(self.cfg.num_codebooks, dtype=np.int64)
+        for seg in context:
+            parts.append(self.model.text_embeddings.rows(self.model.prompt_tokens(seg.speaker, seg.text)))
+            if seg.codes is not None:
+                codes = np.asarray(seg.codes)
+                if codes.ndim != 2 or codes.shape[1] != self.cfg.num_codebooks:
+                    raise ValueError(
+                        f"context codes must have shape (frames, {self.cfg.num_codebooks}), got {codes.shape}"
+                    )
+                if codes.size and (codes.min() < 0 or codes.max() >= self.model.n_codes):
+                    raise ValueError(f"context codes must lie in 0..{self.model.n_codes - 1}")
+                frames = [self.frame_embedding(c) for c in codes] + [self.frame_embedding(zero)]
+                parts.append(np.stack(frames))
+        parts.append(self.model.text_embeddings.rows(self.model.prompt_tokens(speaker, text)))
+        return np.concatenate(parts, axis=0)
+
+    # --- streams ------------------------------------------------------------------------------------
+    def start(self, prompt: np.ndarray, sampling: Sampling) -> Stream:
+        """Claim a sequence slot and run the prompt through the backbone (all but its last row)."""
+        n = len(prompt)
+        limit = self.cfg.backbone.max_seq_len
+        if n >= limit:
+            raise PromptTooLong(
+                f"the prompt takes {n} positions but the model's context holds {limit}: "
+                f"shorten the text or the context segments"
+            )
+        if not self.free_slots:
+            raise RuntimeError("no free generation slot")
+        frames = min(int(sampling.max_audio_ms // FRAME_MS), limit - n)
+        stream = Stream(
+            slot=self.free_slots.pop(),
+            sampling=sampling,
+            frames_left=max(frames, 1),
+            rng=np.random.default_rng(sampling.seed),
+        )
+        self.backbone.remove_sequence(stream.slot)
+        bb = self.backbone
+        for start in range(0, n - 1, bb.n_batch):
+            rows = prompt[start : min(n - 1, start + bb.n_batch)]
+            m = len(rows)
+            bb.embd[:m] = rows
+            bb.pos[:m] = np.arange(start, start + m)
+            bb.output[:m] = 0
+            bb.set_seq_ids(np.full(m, stream.slot, dtype=np.int32))
+            bb.decode(m)
+            self.decode_calls += 1
+        stream.pos = n - 1
+        stream.pending = np.array(prompt[-1], dtype=np.float32)
+        return stream
+
+    def finish(self, stream: Stream) -> None:
+        """Release a stream's slot (finished or abandoned) for the next request."""
+        if stream.slot not in self.free_slots:
+            self.backbone.remove_sequence(stream.slot)
+            self.free_slots.append(stream.slot)
+        stream.done = True
+
+    def step(self, streams: Sequence[Stream]) -> np.ndarray:
+        """One frame for every stream: codes of shape (len(streams), 32). Finished streams are marked done."""
+        s = len(streams)
+        cfg, model = self.cfg, self.model
+        v, n_codes, k = cfg.audio_vocab_size, model.n_codes, cfg.num_codebooks
+        codes = np.zeros((s, k), dtype=np.int64)
+
+        bb = self.backbone
+        for j, st in enumerate(streams):
+            bb.embd[j] = st.pending
+            bb.pos[j] = st.pos
+        bb.output[:s] = 1
+        bb.set_seq_ids(np.fromiter((st.slot for st in streams), dtype=np.int32, count=s))
+        bb.decode(s)
+
+        dec = self.decoder
+        dec.clear()
+        for j, st in enumerate(streams):
+            out = bb.logits(j)
+            c0 = sample(out[:n_codes], st.sampling.temperature, st.sampling.top_k, st.rng)
+            codes[j, 0] = c0
+            dec.embd[2 * j] = out[self._proj]
+            dec.embd[2 * j + 1] = model.decoder_inputs[c0]
+            dec.pos[2 * j : 2 * j + 2] = (0, 1)
+        dec.output[: 2 * s] = 1
+        dec.set_seq_ids(np.repeat(np.fromiter((st.slot for st in streams), dtype=np.int32, count=s), 2))
+        dec.decode(2 * s)
+        self._sample_codebook(streams, codes, 1, lambda j: 2 * j + 1)
+
+        if k > 2:
+            dec.output[:s] = 1
+            dec.set_seq_ids(np.fromiter((st.slot for st in streams), dtype=np.int32, count=s))
+        for i in range(2, k):
+            for j in range(s):
+                dec.embd[j] = model.decoder_inputs[(i - 1) * v + codes[j, i - 1]]
+            dec.pos[:s] = i
+            dec.decode(s)
+            self._sample_codebook(streams, codes, i, lambda j: j)
+        self.decode_calls += k
+
+        for j, st in enumerate(streams):
+            st.frames += 1
+            st.frames_left -= 1
+            if not codes[j].any():  # the all-zero frame ends speech; it is neither decoded nor fed back
+                st.done = True
+                continue
+            st.pos += 1
+            self.frame_embedding(codes[j], out=st.pending)
+            if st.frames_left <= 0 or st.pos >= cfg.backbone.max_seq_len:
+                st.done = True
+        return codes
+
+    def _sample_codebook(self, streams: Sequence[Stream], codes: np.ndarray, i: int, index) -> None:
+        s = len(streams)
+        hidden = self._hidden[:s]
+        for j in range(s):
+            hidden[j] = self.decoder.hidden(index(j))
+        logits = self._head_logits[:s]
+        np.matmul(hidden, self.model.audio_head[i - 1].T, out=logits)
+        n_codes = self.model.n_codes
+        for j, st in enumerate(streams):
+            codes[j, i] = sample(logits[j, :n_codes], st.sampling.temperature, st.sampling.top_k, st.rng)
+
+    # --- one utterance ------------------------------------------------------------------------------
+    def generate(
+        self, text: str, speaker: int = 0, context: Sequence[Segment] = (), sampling: Sampling = Sampling()
+    ) -> Iterator[np.ndarray]:
+        """Yield frames of 32 codes as they are made, until the end-of-speech frame or the budget."""
+        prompt = self.prompt_embeddings(text, speaker, context)
+        with self.lock:
+            stream = self.start(prompt, sampling)
+            try:
+                while not stream.done:
+                    frame = self.step([stream])[0]
+                    if not frame.any():
+                        break
+                    yield frame
+            finally:
+                self.finish(stream)
+
+    def close(self) -> None:
+        self.backbone.close()
+        self.decoder.close()

@@ -1,0 +1,162 @@
+"""A llama.cpp model driven with embeddings as input, through llama-cpp-python's low-level API.
+
+One `EmbeddingModel` owns a model, a context and a preallocated batch whose arrays are exposed as
+numpy views, so the generation loop fills inputs in place and never allocates.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+import llama_cpp as L
+
+_VERBOSE = bool(os.environ.get("CSM_GGUF_VERBOSE"))
+_GGML_LOG_LEVEL_ERROR = 4  # ggml_log_level: NONE, DEBUG, INFO, WARN, ERROR, CONT
+
+
+@L.llama_log_callback
+def _log(level: int, text: bytes, user_data) -> None:
+    # llama.cpp narrates every load on stderr; keep its errors unless CSM_GGUF_VERBOSE is set.
+    if _VERBOSE or level == _GGML_LOG_LEVEL_ERROR:
+        sys.stderr.write(text.decode("utf-8", "replace"))
+
+
+L.llama_log_set(_log, None)
+L.llama_backend_init()
+
+KV_TYPES = {"f32": L.GGML_TYPE_F32, "f16": L.GGML_TYPE_F16, "q8_0": L.GGML_TYPE_Q8_0}
+
+
+@dataclass(frozen=True)
+class ContextOptions:
+    n_ctx: int
+    n_batch: int
+    n_seq_max: int = 1
+    n_threads: int = 0  # 0: all cores
+    n_gpu_layers: int = 0
+    kv_type: str = "f16"
+    want_hidden: bool = False  # also return the final-normed hidden state of each output
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def load_vocab_only(path: Path):
+    params = L.llama_model_default_params()
+    params.vocab_only = True
+    model = L.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        raise ValueError(f"llama.cpp could not read the tokenizer in {path}; is the file complete?")
+    return model
+
+
+class EmbeddingModel:
+    def __init__(self, path: Path, opts: ContextOptions):
+        if opts.kv_type not in KV_TYPES:
+            raise ValueError(f"unknown KV cache type {opts.kv_type!r}; choose one of {', '.join(KV_TYPES)}")
+        mparams = L.llama_model_default_params()
+        mparams.n_gpu_layers = opts.n_gpu_layers
+        self.model = L.llama_model_load_from_file(str(path).encode(), mparams)
+        if not self.model:
+            raise ValueError(f"llama.cpp could not load {path}; the file is damaged or incomplete: convert again")
+        self.n_embd = L.llama_model_n_embd(self.model)
+        self.n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
+
+        cparams = L.llama_context_default_params()
+        cparams.n_ctx = opts.n_ctx
+        cparams.n_batch = opts.n_batch
+        cparams.n_ubatch = opts.n_batch
+        cparams.n_seq_max = opts.n_seq_max
+        cparams.kv_unified = True
+        threads = opts.n_threads or default_threads()
+        cparams.n_threads = threads
+        cparams.n_threads_batch = threads
+        cparams.embeddings = opts.want_hidden
+        cparams.pooling_type = L.LLAMA_POOLING_TYPE_NONE
+        cparams.type_k = KV_TYPES[opts.kv_type]
+        cparams.type_v = KV_TYPES[opts.kv_type]
+        cparams.no_perf = True
+        # llama.cpp's CPU flash attention rounds queries to F16: with an F32 cache, exactness is the point.
+        cparams.flash_attn_type = (
+            L.LLAMA_FLASH_ATTN_TYPE_DISABLED if opts.kv_type == "f32" else L.LLAMA_FLASH_ATTN_TYPE_AUTO
+        )
+        self.ctx = L.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            L.llama_model_free(self.model)
+            raise MemoryError(f"llama.cpp could not create a context for {path} (n_ctx={opts.n_ctx})")
+        self.memory = L.llama_get_memory(self.ctx)
+        self.want_hidden = opts.want_hidden
+        self.n_batch = opts.n_batch
+
+        self.batch = L.llama_batch_init(opts.n_batch, self.n_embd, opts.n_seq_max)
+        b = self.batch
+        self.embd = np.ctypeslib.as_array(b.embd, shape=(opts.n_batch, self.n_embd))
+        self.pos = np.ctypeslib.as_array(b.pos, shape=(opts.n_batch,))
+        self.output = np.ctypeslib.as_array(b.logits, shape=(opts.n_batch,))
+        np.ctypeslib.as_array(b.n_seq_id, shape=(opts.n_batch,))[:] = 1
+        # Each token belongs to exactly one sequence: keep a view of every token's seq_id[0].
+        self._seq_id = np.zeros(opts.n_batch, dtype=np.int32)
+        self._seq_views = [np.ctypeslib.as_array(b.seq_id[i], shape=(1,)) for i in range(opts.n_batch)]
+        for v in self._seq_views:
+            v[0] = 0
+        self.output[:] = 0
+
+    def set_seq_ids(self, seq_ids: np.ndarray) -> None:
+        """Assign tokens 0..len-1 to sequences; only rewrites entries that changed."""
+        n = len(seq_ids)
+        changed = np.nonzero(self._seq_id[:n] != seq_ids)[0]
+        for i in changed:
+            self._seq_views[i][0] = seq_ids[i]
+        self._seq_id[:n] = seq_ids
+
+    def decode(self, n_tokens: int) -> None:
+        """Run the batch's first n_tokens (embd, pos, seq ids and output flags already filled)."""
+        self.batch.n_tokens = n_tokens
+        rc = L.llama_decode(self.ctx, self.batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with code {rc} (KV cache full or bad positions)")
+
+    def logits(self, i: int) -> np.ndarray:
+        """Output i's logits: a view into llama.cpp's buffer, valid until the next decode."""
+        return np.ctypeslib.as_array(L.llama_get_logits_ith(self.ctx, i), shape=(self.n_vocab,))
+
+    def hidden(self, i: int) -> np.ndarray:
+        return np.ctypeslib.as_array(L.llama_get_embeddings_ith(self.ctx, i), shape=(self.n_embd,))
+
+    def clear(self) -> None:
+        L.llama_memory_clear(self.memory, False)
+
+    def remove_sequence(self, seq_id: int) -> None:
+        L.llama_memory_seq_rm(self.memory, seq_id, -1, -1)
+
+    def close(self) -> None:
+        if self.ctx:
+            L.llama_batch_free(self.batch)
+            L.llama_free(self.ctx)
+            L.llama_model_free(self.model)
+            self.ctx = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def tokenize(vocab_model, text: str) -> list[int]:
+    """Token ids of `text` with no special tokens added or parsed (CSM adds BOS/EOS itself)."""
+    vocab = L.llama_model_get_vocab(vocab_model)
+    data = text.encode("utf-8")
+    size = len(data) + 8
+    buf = (L.llama_token * size)()
+    n = L.llama_tokenize(vocab, data, len(data), buf, size, False, False)
+    if n < 0:
+        raise RuntimeError(f"tokenizer needed {-n} slots for {len(data)} bytes")
+    return list(buf[:n])
+

@@ -1,0 +1,41 @@
+"""A converted model directory: its files, and where converted models live by default."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+BACKBONE_FILE = "backbone.gguf"
+DECODER_FILE = "decoder.gguf"
+SIDECAR_FILE = "csm.gguf"
+SIDECAR_VERSION = 1
+MODEL_FILES = (BACKBONE_FILE, DECODER_FILE, SIDECAR_FILE)
+
+
+def cache_root() -> Path:
+    if "CSM_GGUF_CACHE" in os.environ:
+        return Path(os.environ["CSM_GGUF_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "csm-gguf"
+
+
+def default_model_dir(source: str, qtype: str, decoder_qtype: str | None = None) -> Path:
+    name = re.sub(r"[^A-Za-z0-9._-]+", "--", source.strip("/"))
+    suffix = qtype if not decoder_qtype or decoder_qtype == qtype else f"{qtype}-decoder-{decoder_qtype}"
+    return cache_root() / "models" / f"{name}-{suffix}"
+
+
+def check_model_dir(path: str | Path) -> Path:
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"model directory {path} does not exist; convert a model first: python -m csm_gguf.convert"
+        )
+    missing = [f for f in MODEL_FILES if not (path / f).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"{path} is not a csm-gguf model directory (missing {', '.join(missing)}); "
+            f"convert one with: python -m csm_gguf.convert --output-dir {path}"
+        )
+    return path

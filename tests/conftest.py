@@ -1,0 +1,75 @@
+"""Session fixtures: one tiny random CSM, saved in both formats and converted once per qtype."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+
+from csm_fixtures import (
+    make_tiny_csm,
+    save_codec,
+    save_original_format,
+    save_transformers_format,
+    write_tokenizer_json,
+)
+
+warnings.filterwarnings("ignore", message=".*rope_parameters.*")
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("csm")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_json(workdir) -> Path:
+    return write_tokenizer_json(workdir / "tokenizer.json")
+
+
+@pytest.fixture(scope="session")
+def tiny_csm():
+    return make_tiny_csm(seed=0)
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(workdir, tiny_csm, tokenizer_json) -> Path:
+    return save_transformers_format(tiny_csm, workdir / "hf", tokenizer_json)
+
+
+@pytest.fixture(scope="session")
+def original_checkpoint(workdir, tiny_csm) -> Path:
+    return save_original_format(tiny_csm, workdir / "original")
+
+
+@pytest.fixture(scope="session")
+def codec_folder(workdir, tiny_csm) -> Path:
+    return save_codec(tiny_csm, workdir / "mimi")
+
+
+_converted: dict[str, Path] = {}
+
+
+@pytest.fixture(scope="session")
+def converted(workdir, hf_checkpoint):
+    """converted(qtype, decoder_qtype=None) -> model directory of the tiny transformers-format CSM."""
+    from converter.convert import convert
+
+    def get(qtype: str, decoder_qtype: str | None = None) -> Path:
+        key = f"{qtype}-{decoder_qtype}"
+        if key not in _converted:
+            _converted[key] = convert(
+                model_path=str(hf_checkpoint),
+                output_dir=workdir / f"model-{key}",
+                qtype=qtype,
+                decoder_qtype=decoder_qtype,
+            )
+        return _converted[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def f32_model(converted) -> Path:
+    return converted("f32")

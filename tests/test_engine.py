@@ -1,0 +1,160 @@
+"""The core claim: converted GGUF models generate exactly the reference's codes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from csm_fixtures import make_tiny_csm, random_codes, save_transformers_format
+from csm_gguf.generator import Generator, PromptTooLong, Sampling, Segment
+from csm_gguf.model import CSMModel
+from reference import reference_greedy_codes, reference_prompt_embeddings
+
+TEXT = "Hello there, how are you doing today?"
+CONTEXT_TEXT = "Earlier, somebody said this. And then more words were spoken!"
+FRAMES = 40
+GREEDY = Sampling(temperature=0, max_audio_ms=FRAMES * 80)
+
+
+def context(vocab: int = 64) -> list[Segment]:
+    # 260 context frames + text: the prompt and generation span > 300 positions, so RoPE is exercised.
+    return [Segment(speaker=1, text=CONTEXT_TEXT, codes=random_codes(260, vocab, seed=1))]
+
+
+def ours(model_dir, text=TEXT, ctx=None, sampling=GREEDY, **kw) -> np.ndarray:
+    gen = Generator(CSMModel(model_dir), kv_type="f32", **kw)
+    try:
+        return np.stack(list(gen.generate(text, 0, ctx if ctx is not None else context(), sampling)))
+    finally:
+        gen.close()
+
+
+@pytest.fixture(scope="module")
+def reference_codes(tiny_csm, f32_model):
+    model = CSMModel(f32_model)
+    emb = reference_prompt_embeddings(tiny_csm, model.prompt_tokens, TEXT, 0, context())
+    assert emb.shape[1] + FRAMES > 300
+    return reference_greedy_codes(tiny_csm, emb, FRAMES)
+
+
+def test_greedy_codes_equal_transformers(f32_model, reference_codes):
+    codes = ours(f32_model)
+    assert codes.shape == (FRAMES, 32)
+    np.testing.assert_array_equal(codes, reference_codes)
+
+
+def test_original_format_gives_identical_codes(original_checkpoint, tokenizer_json, codec_folder, workdir,
+                                               reference_codes):
+    from converter.convert import convert
+
+    out = convert(model_path=str(original_checkpoint), tokenizer_path=str(tokenizer_json),
+                  mimi_path=str(codec_folder), output_dir=workdir / "from-original", qtype="f32")
+    np.testing.assert_array_equal(ours(out), reference_codes)
+
+
+def test_sharded_checkpoint_with_sesame_index_name(tiny_csm, tokenizer_json, workdir, reference_codes):
+    from converter.convert import convert
+
+    folder = save_transformers_format(tiny_csm, workdir / "sharded", tokenizer_json, shard=True)
+    assert (folder / "transformers.safetensors.index.json").exists()
+    out = convert(model_path=str(folder), output_dir=workdir / "from-sharded", qtype="f32")
+    np.testing.assert_array_equal(ours(out), reference_codes)
+
+
+def test_untied_decoder_embeddings_are_used(tokenizer_json, workdir):
+    """A fine-tune whose depth decoder has its own audio embeddings."""
+    from converter.convert import convert
+
+    model = make_tiny_csm(seed=3, untie_decoder_embeddings=True)
+    folder = save_transformers_format(model, workdir / "untied", tokenizer_json)
+    out = convert(model_path=str(folder), output_dir=workdir / "untied-f32", qtype="f32")
+    ctx = context()
+    emb = reference_prompt_embeddings(model, CSMModel(out).prompt_tokens, TEXT, 0, ctx)
+    np.testing.assert_array_equal(ours(out, ctx=ctx)[:12], reference_greedy_codes(model, emb, 12))
+
+
+# Loose floors: a tiny random model has none of the redundancy that makes real weights quantize well.
+@pytest.mark.parametrize("qtype, min_corr", [("f16", 0.999), ("q8_0", 0.99), ("q4_k", 0.85)])
+def test_quantized_variants_generate_and_agree_with_f32(converted, f32_model, qtype, min_corr, capsys):
+    model_dir = converted(qtype)
+    codes = ours(model_dir, sampling=Sampling(temperature=0, max_audio_ms=8 * 80))
+    assert codes.shape[1] == 32 and len(codes) > 0
+
+    # Codebook-0 logits of the same prompt, quantized vs f32.
+    def c0_logits(d):
+        gen = Generator(CSMModel(d), kv_type="f32")
+        stream = gen.start(gen.prompt_embeddings(TEXT, 0, context()), GREEDY)
+        bb = gen.backbone
+        bb.embd[0], bb.pos[0], bb.output[0] = stream.pending, stream.pos, 1
+        bb.set_seq_ids(np.array([stream.slot], np.int32))
+        bb.decode(1)
+        out = bb.logits(0)[: gen.model.n_codes].copy()
+        gen.close()
+        return out
+
+    ref, q = c0_logits(f32_model), c0_logits(model_dir)
+    corr = float(np.corrcoef(ref, q)[0, 1])
+    top1 = int(np.argmax(ref) == np.argmax(q))
+    with capsys.disabled():
+        print(f"\n{qtype}: codebook-0 logits vs f32: max |diff| {np.abs(ref - q).max():.4f}, "
+              f"correlation {corr:.5f}, same top-1: {bool(top1)}")
+    assert corr > min_corr
+
+
+def test_same_seed_same_codes_and_codes_stay_in_codec_range(tokenizer_json, workdir):
+    """Audio vocabulary 67 over a 64-code codec (like CSM's 2051 over Mimi's 2048): never emit 64..66."""
+    from converter.convert import convert
+    from csm_fixtures import TINY_CSM, TINY_DECODER
+
+    model = make_tiny_csm(seed=5, vocab_size=67)
+    assert TINY_CSM["vocab_size"] == TINY_DECODER["vocab_size"] == 64
+    folder = save_transformers_format(model, workdir / "wide-vocab", tokenizer_json)
+    out = convert(model_path=str(folder), output_dir=workdir / "wide-vocab-f32", qtype="f32")
+    hot = Sampling(temperature=5.0, top_k=67, seed=1234, max_audio_ms=20 * 80)
+    a = ours(out, ctx=[], sampling=hot)
+    b = ours(out, ctx=[], sampling=hot)
+    np.testing.assert_array_equal(a, b)
+    assert a.max() < 64
+    c = ours(out, ctx=[], sampling=Sampling(temperature=5.0, top_k=67, seed=99, max_audio_ms=20 * 80))
+    assert not np.array_equal(a, c)
+
+
+def test_prompt_that_does_not_fit_is_refused(f32_model):
+    gen = Generator(CSMModel(f32_model))
+    too_long = [Segment(1, "x", random_codes(2100, 64, seed=2))]
+    with pytest.raises(PromptTooLong, match="context holds 2048"):
+        list(gen.generate(TEXT, 0, too_long))
+    gen.close()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(temperature=-1.0), "temperature"),
+    (dict(top_k=0), "top_k"),
+    (dict(max_audio_ms=0), "max_audio_ms"),
+])
+def test_bad_sampling_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Sampling(**kwargs)
+
+
+def test_batched_streams_equal_solo_streams(f32_model):
+    """Several sequences in one llama_decode give the codes each gives alone (the server's path)."""
+    model = CSMModel(f32_model)
+    texts = ["First voice.", "A second, somewhat longer sentence to say.", "Third!"]
+    solo = [ours(f32_model, text=t, ctx=[], sampling=Sampling(temperature=0, max_audio_ms=10 * 80)) for t in texts]
+    gen = Generator(model, max_streams=4, kv_type="f32")
+    streams = [gen.start(gen.prompt_embeddings(t, 0), Sampling(temperature=0, max_audio_ms=10 * 80)) for t in texts]
+    frames: list[list[np.ndarray]] = [[] for _ in texts]
+    active = list(range(len(texts)))
+    calls_before = gen.decode_calls
+    while active:
+        codes = gen.step([streams[i] for i in active])
+        for row, i in enumerate(active):
+            if codes[row].any():
+                frames[i].append(codes[row])
+        active = [i for i in active if not streams[i].done]
+    batched_calls = gen.decode_calls - calls_before
+    for i in range(len(texts)):
+        np.testing.assert_array_equal(np.stack(frames[i]), solo[i])
+    assert batched_calls == 10 * 32  # one set of calls per frame, not one per stream
+    gen.close()
