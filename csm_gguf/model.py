@@ -82,7 +82,7 @@ class CSMModel:
 
     def codec_state_dict(self) -> dict[str, np.ndarray]:
         """Mimi weights (transformers MimiModel keys) as float32 arrays."""
-        return {k: np.asarray(t.data, dtype=np.float32) for k, t in self._codec_tensors.items()}
+        return {k: np.array(t.data, dtype=np.float32) for k, t in self._codec_tensors.items()}
 
     def tokenize(self, text: str) -> list[int]:
         return tokenize(self._vocab, text)

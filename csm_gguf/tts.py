@@ -1,0 +1,182 @@
+"""The public API: text (of any length) in, 24 kHz speech out, streaming as it is generated.
+
+    from csm_gguf import CSM
+    tts = CSM()                               # the converted model in the cache, or CSM("path/to/model")
+    audio = tts.generate("Hello there.")      # float32 numpy array at tts.sample_rate
+    for chunk in tts.stream("Hello there."):  # audio as it is made, one 80 ms frame at a time
+        ...
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .generator import FRAME_MS, Generator, Sampling, Segment
+from .model import CSMModel
+from .text import chunk_text
+
+SAMPLE_RATE = 24_000
+
+# Pieces of a long text: short enough that a piece, the previous piece as context and the audio
+# budget all fit the 2048-position context; long enough to keep the prosody of whole sentences.
+PIECE_TOKENS = 60
+# Frames allowed per text token before generation that never ends is cut off (speech runs at about
+# 3 frames per token; this leaves room for slow speakers and pauses).
+FRAMES_PER_TOKEN = 8
+MIN_FRAMES = 25
+
+
+@dataclass
+class Voice:
+    """A reusable voice prompt: context segments with their audio already encoded."""
+
+    segments: list[Segment]
+    speaker: int = 0
+
+
+def find_model(model: str | Path | None) -> Path:
+    """An explicit path, else $CSM_GGUF_MODEL, else the default model converted into the cache."""
+    from .model_dir import MODEL_FILES, default_model_dir
+
+    if model:
+        return Path(model)
+    if os.environ.get("CSM_GGUF_MODEL"):
+        return Path(os.environ["CSM_GGUF_MODEL"])
+    for qtype in ("q4_k", "q8_0", "f16", "bf16", "f32"):
+        for source in ("sesame/csm-1b", "unsloth/csm-1b"):
+            path = default_model_dir(source, qtype)
+            if all((path / f).exists() for f in MODEL_FILES):
+                return path
+    raise FileNotFoundError(
+        "no converted CSM model found: convert one with `python -m csm_gguf.convert` "
+        "(or `--model-id unsloth/csm-1b`, which needs no hub login), or pass a model directory "
+        "(--model DIR or CSM_GGUF_MODEL)"
+    )
+
+
+class CSM:
+    sample_rate = SAMPLE_RATE
+
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        n_threads: int = 0,
+        n_gpu_layers: int = 0,
+        kv_type: str = "f16",
+        max_streams: int = 1,
+    ):
+        self.model = CSMModel(find_model(model))
+        self.generator = Generator(self.model, max_streams, n_threads, n_gpu_layers, kv_type)
+        self._codec = None
+        if n_threads:
+            import torch
+
+            torch.set_num_threads(n_threads)
+
+    # --- codec --------------------------------------------------------------------------------------
+    @property
+    def codec(self):
+        if self._codec is None:
+            if not self.model.has_codec:
+                raise ValueError(f"{self.model.path} carries no Mimi codec: convert the model again")
+            import torch
+
+            from .mimi import Mimi, MimiConfig
+
+            state = {k: torch.from_numpy(v) for k, v in self.model.codec_state_dict().items()}
+            self._codec = Mimi.from_state_dict(MimiConfig.from_transformers(self.model.codec_config), state)
+        return self._codec
+
+    def encode(self, audio: np.ndarray | str | Path) -> np.ndarray:
+        """24 kHz mono audio (or an audio file) -> codes of shape (frames, 32)."""
+        import torch
+
+        from .audio import load_audio
+
+        samples = load_audio(audio) if isinstance(audio, (str, Path)) else np.asarray(audio, dtype=np.float32)
+        codes = self.codec.encode(torch.from_numpy(samples).reshape(1, 1, -1))
+        return codes[0, : self.model.config.num_codebooks].T.numpy().astype(np.int64)
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """Codes (frames, 32) -> audio."""
+        import torch
+
+        if len(codes) == 0:
+            return np.zeros(0, dtype=np.float32)
+        return self.codec.decode(torch.from_numpy(np.asarray(codes, dtype=np.int64).T[None]))[0, 0].numpy()
+
+    def segment(self, speaker: int, text: str, audio: np.ndarray | str | Path | None = None,
+                codes: np.ndarray | None = None) -> Segment:
+        """A context segment from audio (encoded here) or from codes."""
+        if audio is not None:
+            codes = self.encode(audio)
+        return Segment(speaker, text, codes)
+
+    # --- generation ---------------------------------------------------------------------------------
+    def frame_budget(self, text: str, max_audio_ms: float | None) -> float:
+        """max_audio_ms for a piece: the user's limit, else proportional to the text's length."""
+        if max_audio_ms is not None:
+            return max_audio_ms
+        tokens = len(self.model.tokenize(text))
+        return max(MIN_FRAMES, FRAMES_PER_TOKEN * tokens) * FRAME_MS
+
+    def pieces(self, text: str) -> list[str]:
+        text = text.strip()
+        if not text:
+            raise ValueError("text is empty: give some words to speak")
+        return chunk_text(text, PIECE_TOKENS, lambda s: len(self.model.tokenize(s)))
+
+    def frames(
+        self,
+        text: str,
+        speaker: int = 0,
+        context: Sequence[Segment] = (),
+        temperature: float = 0.9,
+        top_k: int = 50,
+        seed: int | None = None,
+        max_audio_ms: float | None = None,
+    ) -> Iterator[np.ndarray]:
+        """Codes (32,) per 80 ms frame as they are made. Long texts are spoken piece by piece, each piece
+        with the previous one as context so the voice carries over."""
+        previous: list[Segment] = []
+        for i, piece in enumerate(self.pieces(text)):
+            piece_seed = None if seed is None else seed + i
+            sampling = Sampling(temperature, top_k, piece_seed, self.frame_budget(piece, max_audio_ms))
+            made = []
+            for frame in self.generator.generate(piece, speaker, [*context, *previous], sampling):
+                made.append(frame)
+                yield frame
+            if made:
+                previous = [Segment(speaker, piece, np.stack(made))]
+
+    def stream(self, text: str, chunk_frames: int = 1, **kwargs) -> Iterator[np.ndarray]:
+        """Audio chunks (float32, 24 kHz) as frames are generated; equal to decoding all frames at once."""
+        import torch
+
+        codec = self.codec
+        state = codec.decoder_state(1)
+        pending: list[np.ndarray] = []
+
+        def flush() -> np.ndarray:
+            codes = torch.from_numpy(np.stack(pending).T[None])
+            pending.clear()
+            return codec.decode_step(codes, state)[0, 0].numpy()
+
+        for frame in self.frames(text, **kwargs):
+            pending.append(frame)
+            if len(pending) >= chunk_frames:
+                yield flush()
+        if pending:
+            yield flush()
+
+    def generate(self, text: str, **kwargs) -> np.ndarray:
+        chunks = list(self.stream(text, chunk_frames=25, **kwargs))
+        return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
+
+    def close(self) -> None:
+        self.generator.close()
