@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -140,11 +140,17 @@ class CSM:
         top_k: int = 50,
         seed: int | None = None,
         max_audio_ms: float | None = None,
+        progress: bool = False,
     ) -> Iterator[np.ndarray]:
         """Codes (32,) per 80 ms frame as they are made. Long texts are spoken piece by piece, each piece
         with the previous one as context so the voice carries over."""
         previous: list[Segment] = []
-        for i, piece in enumerate(self.pieces(text)):
+        pieces = self.pieces(text)
+        if progress and len(pieces) > 1:
+            from tqdm import tqdm
+
+            pieces = tqdm(pieces, desc="speaking", unit="piece")
+        for i, piece in enumerate(pieces):
             piece_seed = None if seed is None else seed + i
             sampling = Sampling(temperature, top_k, piece_seed, self.frame_budget(piece, max_audio_ms))
             made = []
@@ -156,6 +162,10 @@ class CSM:
 
     def stream(self, text: str, chunk_frames: int = 1, **kwargs) -> Iterator[np.ndarray]:
         """Audio chunks (float32, 24 kHz) as frames are generated; equal to decoding all frames at once."""
+        return self.decode_stream(self.frames(text, **kwargs), chunk_frames)
+
+    def decode_stream(self, frames: Iterable[np.ndarray], chunk_frames: int = 1) -> Iterator[np.ndarray]:
+        """Frames of codes -> audio chunks through one streaming codec state (no seams between chunks)."""
         import torch
 
         codec = self.codec
@@ -167,7 +177,7 @@ class CSM:
             pending.clear()
             return codec.decode_step(codes, state)[0, 0].numpy()
 
-        for frame in self.frames(text, **kwargs):
+        for frame in frames:
             pending.append(frame)
             if len(pending) >= chunk_frames:
                 yield flush()

@@ -1,0 +1,215 @@
+"""python -m csm_gguf.say "TEXT": speech to a file (or stdout), with voices, sampling controls and long texts."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+FORMATS = ("wav", "flac", "mp3", "opus", "pcm")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m csm_gguf.say",
+        description="Speak TEXT with CSM-1B on llama.cpp. The first run converts the default model "
+        "into the cache if no model is given or found.",
+    )
+    p.add_argument("text", nargs="?", help="what to say; '-' reads standard input")
+    p.add_argument("--input", "-i", metavar="FILE", help="read the text from FILE (any length)")
+    p.add_argument("--output", "-o", help="output file, or '-' for stdout (default: named after the text)")
+    p.add_argument("--format", "-f", choices=FORMATS, help="audio format (default: from --output's extension, "
+                   "else wav); pcm is raw 16-bit little-endian 24 kHz mono")
+    p.add_argument("--model", "-m", help="converted model directory (default: $CSM_GGUF_MODEL, else the cache)")
+    p.add_argument("--model-id", default="sesame/csm-1b",
+                   help="hub model to convert on first run when no model is found (default: %(default)s)")
+    p.add_argument("--speaker", type=int, default=None, help="CSM speaker id (default: 0, or the voice's)")
+    p.add_argument("--context", nargs=3, action="append", default=[], metavar=("SPEAKER", "TEXT", "AUDIO"),
+                   help="a voice prompt / earlier turn: speaker id, its transcript, and its audio "
+                   "(wav/flac/ogg/mp3) or codes (.npy of shape (frames, 32)); repeatable")
+    p.add_argument("--voice", help="a saved voice (see --save-voice, --list-voices)")
+    p.add_argument("--save-voice", metavar="NAME", help="encode the --context segments and save them as voice NAME")
+    p.add_argument("--list-voices", action="store_true", help="list saved voices and exit")
+    p.add_argument("--temperature", "-t", type=float, default=0.9, help="sampling temperature; 0 = greedy "
+                   "(default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the K likeliest codes (default: %(default)s)")
+    p.add_argument("--seed", type=int, help="random seed: the same seed gives the same speech")
+    p.add_argument("--max-audio-ms", type=float, help="cut each piece of speech at this length (default: "
+                   "proportional to the text)")
+    p.add_argument("--save-codes", metavar="OUT.npy", help="also write the generated codes, shape (frames, 32)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
+    p.add_argument("--gpu-layers", type=int, default=0, help="layers to offload on CUDA/Metal builds (99: all)")
+    return p
+
+
+class UsageError(ValueError):
+    pass
+
+
+def read_text(args) -> str | None:
+    if args.input:
+        try:
+            return Path(args.input).read_text(encoding="utf-8")
+        except OSError as e:
+            raise UsageError(f"cannot read --input {args.input}: {e.strerror}") from e
+    if args.text == "-":
+        return sys.stdin.read()
+    return args.text
+
+
+def default_output(text: str, fmt: str) -> str:
+    words = re.findall(r"\w+", text.lower())[:6]
+    stem = "-".join(words)[:60] or "speech"
+    name, n = f"{stem}.{fmt}", 2
+    while os.path.exists(name):
+        name, n = f"{stem}-{n}.{fmt}", n + 1
+    return name
+
+
+def load_model(args):
+    from .tts import CSM, find_model
+
+    try:
+        path = find_model(args.model)
+    except FileNotFoundError:
+        path = first_run_convert(args.model_id)
+    return CSM(path, n_threads=args.threads, n_gpu_layers=args.gpu_layers)
+
+
+def first_run_convert(model_id: str) -> Path:
+    from converter.checkpoint import CheckpointError
+    from converter.convert import convert
+
+    print(f"No converted model found: downloading and converting {model_id} (once).", file=sys.stderr)
+    try:
+        return convert(model_id=model_id, qtype="q4_k")
+    except CheckpointError as e:
+        raise UsageError(
+            f"{e}\nOr convert a local checkpoint yourself (python -m csm_gguf.convert --model-path DIR) "
+            f"and pass --model DIR"
+        ) from e
+
+
+def context_segments(tts, items: list[list[str]]):
+    import numpy as np
+
+    segments = []
+    for speaker, text, source in items:
+        try:
+            spk = int(speaker)
+        except ValueError:
+            raise UsageError(f"--context speaker must be a whole number, got {speaker!r}") from None
+        if source.endswith(".npy"):
+            try:
+                codes = np.load(source, allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise UsageError(f"cannot read codes {source}: {e}") from e
+            segments.append(tts.segment(spk, text, codes=codes.astype(np.int64)))
+        else:
+            segments.append(tts.segment(spk, text, audio=source))
+    return segments
+
+
+def run(args) -> int:
+    from . import voices
+
+    if args.list_voices:
+        names = voices.list_voices()
+        print("\n".join(names) if names else f"no saved voices in {voices.voices_dir()}")
+        return 0
+    if args.top_k < 1:
+        raise UsageError(f"--top-k must be >= 1, got {args.top_k}")
+    if not args.temperature >= 0:
+        raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if args.max_audio_ms is not None and not args.max_audio_ms > 0:
+        raise UsageError(f"--max-audio-ms must be > 0, got {args.max_audio_ms}")
+    text = read_text(args)
+    if args.save_voice is None and not (text and text.strip()):
+        raise UsageError("no text to speak: give TEXT, '-' for stdin, or --input FILE")
+    if args.save_voice is not None and not args.context:
+        raise UsageError("--save-voice needs the voice's audio: --context SPEAKER TRANSCRIPT AUDIO")
+
+    from .audio import StreamEncoder, check_format, format_from_path, write_audio
+
+    fmt = args.format or (format_from_path(args.output) if args.output and args.output != "-" else "wav")
+    check_format(fmt)
+    voice = voices.load_voice(args.voice) if args.voice else None
+
+    tts = load_model(args)
+    context = context_segments(tts, args.context)
+    if args.save_voice is not None:
+        speaker = args.speaker if args.speaker is not None else context[0].speaker
+        path = voices.save_voice(args.save_voice, voices.Voice(context, speaker))
+        print(f"voice {args.save_voice!r} saved to {path}", file=sys.stderr)
+        if not (text and text.strip()):
+            return 0
+    if voice is not None:
+        context = [*voice.segments, *context]
+    speaker = args.speaker if args.speaker is not None else (voice.speaker if voice else 0)
+
+    import numpy as np
+
+    output = args.output or default_output(text, fmt)
+    codes: list[np.ndarray] = []
+
+    def frames():
+        for frame in tts.frames(text, speaker=speaker, context=context, temperature=args.temperature,
+                                top_k=args.top_k, seed=args.seed, max_audio_ms=args.max_audio_ms, progress=True):
+            codes.append(frame)
+            yield frame
+
+    start = time.perf_counter()
+    chunks = []
+    if output == "-":
+        encoder = StreamEncoder(fmt)
+        out = sys.stdout.buffer
+        for chunk in tts.decode_stream(frames(), chunk_frames=5):
+            out.write(encoder.feed(chunk))
+            out.flush()
+            chunks.append(len(chunk))
+        out.write(encoder.finish())
+        out.flush()
+        n_samples = sum(chunks)
+    else:
+        audio = np.concatenate([np.zeros(0, np.float32), *tts.decode_stream(frames(), chunk_frames=5)])
+        write_audio(output, audio, fmt)
+        n_samples = len(audio)
+    wall = time.perf_counter() - start
+    if args.save_codes:
+        save_codes(args.save_codes, codes)
+    seconds = n_samples / tts.sample_rate
+    rtf = wall / seconds if seconds else float("inf")
+    where = "" if output == "-" else f" -> {output}"
+    print(f"{seconds:.2f} s of audio in {wall:.2f} s (real-time factor {rtf:.2f}){where}", file=sys.stderr)
+    return 0
+
+
+def save_codes(path: str, codes) -> None:
+    import tempfile
+
+    import numpy as np
+
+    arr = np.stack(codes) if codes else np.zeros((0, 32), np.int64)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".npy.tmp")
+    with os.fdopen(fd, "wb") as f:
+        np.save(f, arr)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (UsageError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

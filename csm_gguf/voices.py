@@ -1,0 +1,64 @@
+"""Saved voices: an encoded voice prompt (segments of speaker, transcript and codes) kept by name."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .generator import Segment
+from .model_dir import cache_root
+from .tts import Voice
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def voices_dir() -> Path:
+    return Path(os.environ.get("CSM_GGUF_VOICES") or cache_root() / "voices").expanduser()
+
+
+def _path(name: str) -> Path:
+    if not NAME.match(name):
+        raise ValueError(f"bad voice name {name!r}: use letters, digits, '-', '_' or '.' (at most 64)")
+    return voices_dir() / f"{name}.npz"
+
+
+def list_voices() -> list[str]:
+    folder = voices_dir()
+    return sorted(p.stem for p in folder.glob("*.npz")) if folder.is_dir() else []
+
+
+def save_voice(name: str, voice: Voice) -> Path:
+    path = _path(name)
+    if not voice.segments or any(seg.codes is None for seg in voice.segments):
+        raise ValueError("a voice needs at least one context segment with audio")
+    meta = {"speaker": voice.speaker, "segments": [{"speaker": s.speaker, "text": s.text} for s in voice.segments]}
+    arrays = {f"codes_{i}": np.asarray(s.codes, dtype=np.int16) for i, s in enumerate(voice.segments)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
+def load_voice(name: str) -> Voice:
+    path = _path(name)
+    if not path.exists():
+        known = ", ".join(list_voices()) or "none saved yet"
+        raise ValueError(f"unknown voice {name!r} (known: {known}); save one with --save-voice")
+    with np.load(path, allow_pickle=False) as data:
+        meta = json.loads(str(data["meta"]))
+        segments = [
+            Segment(s["speaker"], s["text"], data[f"codes_{i}"].astype(np.int64))
+            for i, s in enumerate(meta["segments"])
+        ]
+    return Voice(segments=segments, speaker=meta["speaker"])
