@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
@@ -34,54 +33,24 @@ DEFAULT_TOKENIZER_ID = "unsloth/Llama-3.2-1B"
 DEFAULT_MIMI_ID = "kyutai/mimi"
 
 
-@dataclass
-class Sources:
-    checkpoint: Path
-    tokenizer_json: Path
-    codec: Path | None  # a folder or a .safetensors file with Mimi weights (None: inside the checkpoint)
-
-
-def _find_tokenizer(folder: Path) -> Path | None:
-    path = folder / "tokenizer.json"
-    return path if path.exists() else None
-
-
-def resolve_sources(
-    model_id: str | None,
-    model_path: str | None,
-    tokenizer_id: str | None = None,
-    tokenizer_path: str | None = None,
-    mimi_id: str | None = None,
-    mimi_path: str | None = None,
-    token: str | None = None,
-) -> Sources:
-    folder = Path(model_path) if model_path else download(model_id, CHECKPOINT_PATTERNS, token)
-    if not folder.is_dir():
-        raise CheckpointError(f"model folder {folder} does not exist")
+def _tokenizer_file(folder: Path, model_path: str | None, tokenizer_id: str | None,
+                    tokenizer_path: str | None, token: str | None) -> Path:
     if tokenizer_path:
         tok = Path(tokenizer_path)
         tok = tok / "tokenizer.json" if tok.is_dir() else tok
         if not tok.exists():
             raise CheckpointError(f"no tokenizer.json at {tokenizer_path}")
-    elif tokenizer_id:
-        tok = download(tokenizer_id, ["tokenizer.json"], token) / "tokenizer.json"
-    else:
-        tok = _find_tokenizer(folder)
-        if tok is None:
-            if model_path:
-                raise CheckpointError(
-                    f"{folder} has no tokenizer.json: pass --tokenizer-path FILE_OR_DIR or "
-                    f"--tokenizer-id (e.g. {DEFAULT_TOKENIZER_ID})"
-                )
-            tok = download(DEFAULT_TOKENIZER_ID, ["tokenizer.json"], token) / "tokenizer.json"
-    codec = None
-    if mimi_path:
-        codec = Path(mimi_path)
-        if not codec.exists():
-            raise CheckpointError(f"Mimi weights not found at {mimi_path}")
-    elif mimi_id:
-        codec = download(mimi_id, ["*.json", "*.safetensors"], token)
-    return Sources(folder, tok, codec)
+        return tok
+    if tokenizer_id:
+        return download(tokenizer_id, ["tokenizer.json"], token) / "tokenizer.json"
+    if (folder / "tokenizer.json").exists():
+        return folder / "tokenizer.json"
+    if model_path:
+        raise CheckpointError(
+            f"{folder} has no tokenizer.json: pass --tokenizer-path FILE_OR_DIR or "
+            f"--tokenizer-id (e.g. {DEFAULT_TOKENIZER_ID})"
+        )
+    return download(DEFAULT_TOKENIZER_ID, ["tokenizer.json"], token) / "tokenizer.json"
 
 
 def _codec_weights(ckpt: Checkpoint, codec: Path | None, token: str | None) -> tuple[dict, dict[str, np.ndarray]]:
@@ -256,7 +225,6 @@ def convert(
     tokenizer_path: str | None = None,
     mimi_id: str | None = None,
     mimi_path: str | None = None,
-    with_codec: bool = True,
     token: str | None = None,
 ) -> Path:
     """Convert a checkpoint; returns the model directory."""
@@ -266,10 +234,18 @@ def convert(
         bad = qtype if qtype not in QTYPES else decoder_qtype
         raise ConversionError(f"unknown qtype {bad!r}; choose one of {', '.join(QTYPES)}")
     token = token or os.environ.get("HF_TOKEN")
-    sources = resolve_sources(model_id, model_path, tokenizer_id, tokenizer_path, mimi_id, mimi_path, token)
-    ckpt = open_checkpoint(sources.checkpoint)
+    folder = Path(model_path) if model_path else download(model_id, CHECKPOINT_PATTERNS, token)
+    ckpt = open_checkpoint(folder)
+    tokenizer_json = _tokenizer_file(folder, model_path, tokenizer_id, tokenizer_path, token)
+    codec_source = None
+    if mimi_path:
+        codec_source = Path(mimi_path)
+        if not codec_source.exists():
+            raise CheckpointError(f"Mimi weights not found at {mimi_path}")
+    elif mimi_id:
+        codec_source = download(mimi_id, ["*.json", "*.safetensors"], token)
     source_name = model_path and Path(model_path).resolve().name or model_id
     out = Path(output_dir) if output_dir else default_model_dir(source_name, qtype, decoder_qtype)
-    codec = _codec_weights(ckpt, sources.codec, token) if with_codec else None
-    write_model_dir(ckpt, sources.tokenizer_json, out, qtype, decoder_qtype, codec, source_name)
+    codec = _codec_weights(ckpt, codec_source, token)
+    write_model_dir(ckpt, tokenizer_json, out, qtype, decoder_qtype, codec, source_name)
     return out

@@ -1,0 +1,230 @@
+"""Conversion: tokenizer fidelity, what stock llama.cpp sees, and bad input that loses nothing."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from converter.checkpoint import CheckpointError, download
+from converter.convert import convert
+from converter.gguf_files import ConversionError
+from csm_fixtures import llama3_tokenizer_model
+from csm_gguf.model import CSMModel
+
+TRICKY = [
+    "Hello, world!",
+    "  leading spaces and trailing  ",
+    "Numbers: 1234567, 3.14159, -42, 1e10, $19.99",
+    "Punctuation... --- !!! ??? «quotes» „low“ 'single' (brackets) [0]",
+    "Non-Latin: 你好，世界。こんにちは。Привет мир. مرحبا بالعالم. 안녕하세요",
+    "Newlines\nand\n\nparagraphs\r\nwith\ttabs",
+    "Emoji 🎉🚀 and combining é vs é",
+    "don't I'll we've they're it's",
+]
+
+
+def tiktoken_encoding():
+    import tiktoken
+    from tiktoken.load import load_tiktoken_bpe
+
+    pattern = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    return tiktoken.Encoding("llama3", pat_str=pattern,
+                             mergeable_ranks=load_tiktoken_bpe(llama3_tokenizer_model()), special_tokens={})
+
+
+def test_token_ids_equal_tiktoken(f32_model):
+    model = CSMModel(f32_model)
+    enc = tiktoken_encoding()
+    for text in TRICKY:
+        assert model.tokenize(text) == enc.encode(text), text
+
+
+def test_prompt_has_exactly_one_bos(f32_model):
+    model = CSMModel(f32_model)
+    ids = model.prompt_tokens(3, "Hi")
+    assert ids[0] == 128000 and ids[-1] == 128001
+    assert ids.count(128000) == 1
+    assert ids[1:-1] == tiktoken_encoding().encode("[3]Hi")
+
+
+def test_model_files_are_stock_llama_models(f32_model):
+    import gguf
+
+    for name in ("backbone.gguf", "decoder.gguf"):
+        reader = gguf.GGUFReader(f32_model / name)
+        assert reader.fields["general.architecture"].contents() == "llama"
+        names = {t.name for t in reader.tensors}
+        assert "token_embd.weight" in names and "rope_freqs.weight" in names
+        assert all(n.startswith(("blk.", "token_embd", "rope_freqs", "output_norm")) for n in names)
+
+
+def test_rope_factors_match_transformers_llama3_curve():
+    import torch
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers import LlamaConfig
+
+    from csm_gguf.config import CSM_1B
+
+    for cfg in (CSM_1B.backbone, CSM_1B.decoder):
+        hf = LlamaConfig(hidden_size=cfg.n_embd, num_attention_heads=cfg.n_head, head_dim=cfg.head_dim,
+                         rope_parameters=dict(rope_type="llama3", rope_theta=cfg.rope_theta, factor=32.0,
+                                              low_freq_factor=1.0, high_freq_factor=4.0,
+                                              original_max_position_embeddings=8192),
+                         max_position_embeddings=131072)
+        inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](hf, torch.device("cpu"))
+        base = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim))
+        np.testing.assert_allclose(np.asarray(cfg.rope_factors()), (base / inv_freq).numpy(), rtol=1e-5)
+
+
+def _no_leftovers(parent: Path, name: str) -> None:
+    assert not (parent / name).exists()
+    assert not [p for p in parent.iterdir() if p.name.startswith(f".{name}.")], "temporary files left behind"
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        convert(model_path=str(tmp_path / "nope"), output_dir=tmp_path / "out", qtype="f32")
+    _no_leftovers(tmp_path, "out")
+
+
+def test_missing_tensor_loses_nothing(hf_checkpoint, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(hf_checkpoint, broken)
+    state = load_file(str(broken / "model.safetensors"))
+    del state["backbone_model.layers.1.mlp.up_proj.weight"]
+    save_file(state, str(broken / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="backbone_model.layers.1.mlp.up_proj.weight"):
+        convert(model_path=str(broken), output_dir=tmp_path / "out", qtype="f32")
+    _no_leftovers(tmp_path, "out")
+
+
+def test_wrong_shape(hf_checkpoint, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(hf_checkpoint, broken)
+    state = load_file(str(broken / "model.safetensors"))
+    state["lm_head.weight"] = state["lm_head.weight"][:, :128].contiguous()
+    save_file(state, str(broken / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"lm_head.weight: expected shape \(64, 256\)"):
+        convert(model_path=str(broken), output_dir=tmp_path / "out", qtype="f32")
+    _no_leftovers(tmp_path, "out")
+
+
+def test_unknown_qtype_via_cli(hf_checkpoint, tmp_path, capsys):
+    from csm_gguf.convert import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--model-path", str(hf_checkpoint), "--qtype", "q3_x", "--output-dir", str(tmp_path / "o")])
+    assert e.value.code == 2
+    assert "invalid choice: 'q3_x'" in capsys.readouterr().err
+    with pytest.raises(ConversionError, match="unknown qtype 'q3_x'"):
+        convert(model_path=str(hf_checkpoint), output_dir=tmp_path / "o", qtype="q3_x")
+    _no_leftovers(tmp_path, "o")
+
+
+def test_pickled_checkpoint_is_refused(tmp_path):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "ckpt.pt").write_bytes(b"\x80\x04not really")
+    with pytest.raises(CheckpointError, match="pickled"):
+        convert(model_path=str(folder), output_dir=tmp_path / "out", qtype="f32")
+
+
+def test_not_a_csm_checkpoint(tmp_path):
+    from safetensors.numpy import save_file
+
+    folder = tmp_path / "other"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    save_file({"model.layers.0.weight": np.zeros((2, 2), np.float32)}, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="not a CSM checkpoint"):
+        convert(model_path=str(folder), output_dir=tmp_path / "out", qtype="f32")
+
+
+@pytest.mark.parametrize("victim", ["csm.gguf", "backbone.gguf", "decoder.gguf"])
+def test_truncated_gguf_gets_a_clear_error(f32_model, tmp_path, victim):
+    from csm_gguf.generator import Generator
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(f32_model, damaged)
+    path = damaged / victim
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match="convert"):
+        Generator(CSMModel(damaged))
+
+
+def test_missing_model_file(f32_model, tmp_path):
+    damaged = tmp_path / "partial"
+    shutil.copytree(f32_model, damaged)
+    (damaged / "decoder.gguf").unlink()
+    with pytest.raises(FileNotFoundError, match="missing decoder.gguf"):
+        CSMModel(damaged)
+
+
+def test_existing_model_is_replaced_only_when_complete(hf_checkpoint, tmp_path):
+    out = tmp_path / "model"
+    convert(model_path=str(hf_checkpoint), output_dir=out, qtype="f16")
+    before = (out / "backbone.gguf").read_bytes()
+    broken = tmp_path / "broken"
+    shutil.copytree(hf_checkpoint, broken)
+    (broken / "tokenizer.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="tokenizer"):
+        convert(model_path=str(broken), output_dir=out, qtype="f32")
+    assert (out / "backbone.gguf").read_bytes() == before
+
+
+class _GatedHub(http.server.BaseHTTPRequestHandler):
+    """Answers every request as the hub answers for a gated repo without accepted terms."""
+
+    def do_GET(self):
+        body = json.dumps({"error": "Access to model sesame/csm-1b is restricted."}).encode()
+        self.send_response(403)
+        self.send_header("X-Error-Code", "GatedRepo")
+        self.send_header("X-Error-Message", "Access to model sesame/csm-1b is restricted.")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_HEAD = do_GET
+
+    def log_message(self, *args):
+        pass
+
+
+def test_gated_repo_names_the_fix(monkeypatch, tmp_path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _GatedHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    import huggingface_hub.constants as c
+
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setattr(c, "ENDPOINT", endpoint)
+    monkeypatch.setattr(c, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    try:
+        with pytest.raises(CheckpointError) as e:
+            download("sesame/csm-1b", ["*.json"])
+    finally:
+        server.shutdown()
+    message = str(e.value)
+    assert "gated" in message and "unsloth/csm-1b" in message and "log in" in message
+
+
+def test_offline_without_cache_says_what_to_do(monkeypatch, tmp_path):
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(CheckpointError, match="unreachable.*--model-path"):
+        download("sesame/csm-1b", ["*.json"])
