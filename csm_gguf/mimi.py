@@ -1,0 +1,631 @@
+"""Mimi, Kyutai's neural audio codec, in plain PyTorch: codes <-> 24 kHz mono audio.
+
+Decode path: codes -> split RVQ -> upsample (12.5 -> 25 Hz) -> decoder transformer -> SEANet decoder.
+Encode path: audio -> SEANet encoder -> encoder transformer -> downsample (25 -> 12.5 Hz) -> split RVQ.
+
+Everything is causal, so decoding streams: `decode_step` takes a few frames of codes and an explicit
+`DecoderState`, and returns exactly `frames * frame_size` samples; the concatenated stream equals `decode`
+of all the codes at once (which is itself a stream from a fresh state). Encoding is batch only and pads
+like transformers' MimiModel.
+
+Weights come in the kyutai/mimi checkpoint layout (`converter/mimi_keys.py` turns the other layouts into
+it); `Mimi.from_state_dict` maps them onto the modules here, fusing what the checkpoint keeps apart.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class MimiConfig:
+    """Mimi hyper-parameters; the defaults are kyutai/mimi's (with the 32 codebooks CSM uses)."""
+
+    sample_rate: int = 24_000
+    hidden_size: int = 512  # latent and transformer width
+    num_filters: int = 64  # SEANet channels at audio rate; doubled at each down-sampling
+    upsampling_ratios: tuple[int, ...] = (8, 6, 5, 4)  # decoder order; the encoder runs them reversed
+    kernel_size: int = 7  # first SEANet conv
+    last_kernel_size: int = 3
+    residual_kernel_size: int = 3
+    num_residual_layers: int = 1
+    dilation_growth_rate: int = 2  # residual unit j uses dilation growth**j
+    compress: int = 2  # residual units squeeze channels by this factor
+    latent_stride: int = 2  # SEANet rate (25 Hz) / frame rate (12.5 Hz)
+    upsample_groups: int = 512
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 8
+    head_dim: int = 64
+    intermediate_size: int = 2048
+    norm_eps: float = 1e-5
+    rope_theta: float = 10_000.0
+    sliding_window: int = 250  # a query sees the keys 0..249 steps back
+    codebook_size: int = 2048
+    codebook_dim: int = 256
+    num_quantizers: int = 32
+    num_semantic_quantizers: int = 1
+
+    @property
+    def frame_size(self) -> int:
+        """Audio samples per frame of codes (1920)."""
+        return math.prod(self.upsampling_ratios) * self.latent_stride
+
+    @property
+    def frame_rate(self) -> float:
+        return self.sample_rate / self.frame_size
+
+    @classmethod
+    def from_transformers(cls, d: dict[str, Any]) -> MimiConfig:
+        """Read a transformers MimiConfig dict (`config.to_dict()`, or `codec_config` in a CSM config.json)."""
+        required = {
+            "audio_channels": 1, "use_causal_conv": True, "pad_mode": "constant", "trim_right_ratio": 1.0,
+            "use_conv_shortcut": False, "attention_bias": False, "hidden_act": "gelu",
+        }  # fmt: skip
+        for key, value in required.items():
+            if d.get(key, value) != value:
+                raise ValueError(f"Mimi config {key}={d[key]!r} is not supported (only {value!r})")
+        if d.get("num_key_value_heads", d["num_attention_heads"]) != d["num_attention_heads"]:
+            raise ValueError("Mimi with grouped-query attention is not supported")
+        if d.get("vector_quantization_hidden_dimension", d["codebook_dim"]) != d["codebook_dim"]:
+            raise ValueError("Mimi needs vector_quantization_hidden_dimension == codebook_dim")
+        if d["codebook_dim"] == d["hidden_size"]:
+            raise ValueError("Mimi without quantizer projections (codebook_dim == hidden_size) is not supported")
+
+        ratios = tuple(d["upsampling_ratios"])
+        hop = math.prod(ratios)
+        # transformers: frame_rate is given (kyutai/mimi says 12.5) or derived as sample_rate / (2 * hop).
+        frame_rate = d.get("frame_rate") or d.get("_frame_rate") or d["sampling_rate"] / (2 * hop)
+        latent_stride = round(math.ceil(d["sampling_rate"] / hop) / frame_rate)
+        if latent_stride < 2:
+            raise ValueError("Mimi without latent down/up-sampling is not supported")
+        rope = d.get("rope_parameters") or {}
+        names = ["hidden_size", "num_filters", "kernel_size", "last_kernel_size", "residual_kernel_size",
+                 "num_residual_layers", "dilation_growth_rate", "compress", "upsample_groups",
+                 "num_hidden_layers", "num_attention_heads", "intermediate_size", "norm_eps", "sliding_window",
+                 "codebook_size", "codebook_dim", "num_quantizers", "num_semantic_quantizers"]  # fmt: skip
+        return cls(
+            sample_rate=d["sampling_rate"],
+            upsampling_ratios=ratios,
+            latent_stride=latent_stride,
+            head_dim=d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"],
+            rope_theta=rope.get("rope_theta", d.get("rope_theta", 10_000.0)),
+            **{name: d[name] for name in names if name in d},
+        )
+
+
+# --- Streaming state ------------------------------------------------------------------------------------
+
+
+@dataclass
+class ConvState:
+    """A causal conv's last inputs: the left context of the next chunk (zeros = the causal left pad)."""
+
+    context: Tensor  # [B, k_eff - 1, C_in]
+
+    def reset(self) -> None:
+        self.context.zero_()
+
+
+@dataclass
+class ConvTrState:
+    """A transposed conv's overlap: outputs still waiting for the next input's contribution (no bias)."""
+
+    tail: Tensor  # [B, 1, stride * C_out]: the last input's second half of outputs
+
+    def reset(self) -> None:
+        self.tail.zero_()
+
+
+@dataclass
+class KVCache:
+    """Keys and values of past steps. Steps [0, length) of the buffers are valid, oldest first."""
+
+    keys: Tensor  # [B, heads, capacity, head_dim]
+    values: Tensor
+    length: int = 0
+
+    def update(self, k: Tensor, v: Tensor, window: int) -> tuple[Tensor, Tensor]:
+        """Append a chunk's keys/values and return those its queries may see: the chunk and up to
+        window - 1 older steps. The buffer is compacted only when full, so most calls copy nothing."""
+        t = k.shape[2]
+        if self.length + t > self.keys.shape[2]:
+            keep = min(self.length, window - 1)  # older steps are out of every future query's window
+            old_k = self.keys[:, :, self.length - keep : self.length].clone()
+            old_v = self.values[:, :, self.length - keep : self.length].clone()
+            if keep + t > self.keys.shape[2]:  # a chunk larger than the buffer: grow it
+                shape = (*self.keys.shape[:2], keep + t, self.keys.shape[3])
+                self.keys, self.values = self.keys.new_empty(shape), self.values.new_empty(shape)
+            self.keys[:, :, :keep], self.values[:, :, :keep] = old_k, old_v
+            self.length = keep
+        self.keys[:, :, self.length : self.length + t] = k
+        self.values[:, :, self.length : self.length + t] = v
+        self.length += t
+        start = max(0, self.length - (window - 1 + t))
+        return self.keys[:, :, start : self.length], self.values[:, :, start : self.length]
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+@dataclass
+class TransformerState:
+    caches: list[KVCache]  # one per layer
+    position: int = 0  # absolute step index of the next input (its RoPE position)
+
+    def reset(self) -> None:
+        self.position = 0
+        for cache in self.caches:
+            cache.reset()
+
+
+@dataclass
+class SEANetDecoderState:
+    conv_in: ConvState
+    ups: list[ConvTrState]  # one per up-sampling block
+    res: list[list[ConvState]]  # per block, one per residual unit
+    conv_out: ConvState
+
+    def reset(self) -> None:
+        for state in [self.conv_in, *self.ups, *(s for block in self.res for s in block), self.conv_out]:
+            state.reset()
+
+
+@dataclass
+class DecoderState:
+    """Everything `Mimi.decode_step` carries from one chunk of frames to the next."""
+
+    upsample: ConvTrState
+    transformer: TransformerState
+    seanet: SEANetDecoderState
+    frames: int = 0  # frames decoded so far
+
+    def reset(self) -> None:
+        self.upsample.reset()
+        self.transformer.reset()
+        self.seanet.reset()
+        self.frames = 0
+
+
+# --- Convolutions -----------------------------------------------------------------------------------------
+# Signals are time-major, [B, T, C], from the quantizer to the audio: the transformers want it, a
+# transposed conv's overlap-add is then a plain add of [T, stride * C] blocks, and the matrix products
+# below run fast on short streaming chunks, where torch's conv kernels take slow paths (a 1-frame
+# ConvTranspose1d(1024, 512, 16, 8) took 77 ms).
+
+
+def _linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear, but for the 1-4 rows of a streaming transformer step computed as (w @ x.T).T: MKL then
+    streams the weights at memory bandwidth, up to 3x faster (and slower beyond ~8 rows)."""
+    if x.numel() > 4 * x.shape[-1]:
+        return F.linear(x, w, bias)
+    rows = x.reshape(-1, x.shape[-1])
+    y = w @ rows.T if bias is None else torch.addmm(bias[:, None], w, rows.T)
+    return y.T.contiguous().view(*x.shape[:-1], w.shape[0])
+
+
+class Conv(nn.Module):
+    """Causal Conv1d on [B, T, C], as a sum over kernel taps of matrix products with shifted inputs.
+
+    Without a state it pads a whole signal like transformers' MimiConv1d: on the left by k_eff - stride
+    (zeros, or copies of the first step), on the right to complete the last stride. With a state it
+    streams (stride 1 only, which is all the decoder has): the stored context replaces the left pad.
+    """
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int = 1, dilation: int = 1,
+                 bias: bool = True, pad_mode: str = "constant"):  # fmt: skip
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(kernel, c_out, c_in))  # one [C_out, C_in] matrix per tap
+        self.bias = nn.Parameter(torch.empty(c_out)) if bias else None
+        self.stride, self.dilation, self.pad_mode = stride, dilation, pad_mode
+        self.pad = (kernel - 1) * dilation + 1 - stride
+
+    def init_state(self, batch: int) -> ConvState:
+        return ConvState(self.weight.new_zeros(batch, self.pad, self.weight.shape[2]))
+
+    def forward(self, x: Tensor, state: ConvState | None = None) -> Tensor:
+        if state is None:
+            x = F.pad(x.mT, (self.pad, -x.shape[1] % self.stride), mode=self.pad_mode).mT
+        elif self.pad:
+            x = torch.cat([state.context, x], dim=1)
+            state.context = x[:, x.shape[1] - self.pad :]
+        t = (x.shape[1] - self.pad - 1) // self.stride + 1
+        y = _linear(x[:, : (t - 1) * self.stride + 1 : self.stride], self.weight[0], self.bias)
+        for j in range(1, len(self.weight)):
+            start = j * self.dilation
+            y += _linear(x[:, start : start + (t - 1) * self.stride + 1 : self.stride], self.weight[j])
+        return y
+
+
+class ConvTr(nn.Module):
+    """Causal ConvTranspose1d on [B, T, C] with kernel = 2 * stride: each input step emits 2 * stride
+    outputs; the first half completes output block t, the second half overlaps block t + 1. The last
+    step's second half waits in the state for the next chunk (a batch decode from a fresh state drops
+    the final one, as transformers trims it). Dense (groups=1) or depthwise (groups=channels)."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, groups: int = 1, bias: bool = True):
+        super().__init__()
+        if kernel != 2 * stride or groups not in (1, c_in) or (groups > 1 and c_out != c_in):
+            raise ValueError("ConvTr supports kernel == 2 * stride, dense or depthwise")
+        self.depthwise = groups > 1
+        # Per tap j, the [C_out, C_in] matrix of outputs j steps after the input (depthwise: a [1, C] row).
+        self.weight = nn.Parameter(torch.empty(kernel, 1 if self.depthwise else c_out, c_in))
+        self.bias = nn.Parameter(torch.empty(c_out)) if bias else None
+        self.stride, self.c_out = stride, c_out
+
+    def init_state(self, batch: int) -> ConvTrState:
+        return ConvTrState(self.weight.new_zeros(batch, 1, self.stride * self.c_out))
+
+    def forward(self, x: Tensor, state: ConvTrState) -> Tensor:
+        b, t, _ = x.shape
+        if self.depthwise:
+            y = x[:, :, None, :] * self.weight[:, 0]
+        else:
+            y = _linear(x, self.weight.flatten(0, 1))
+        y = y.reshape(b, t, 2, self.stride * self.c_out)  # [..., (first half, second half), (tap, channel)]
+        out = y[:, :, 0] + torch.cat([state.tail, y[:, :-1, 1]], dim=1)
+        state.tail = y[:, -1:, 1]
+        out = out.view(b, t * self.stride, self.c_out)
+        return out if self.bias is None else out + self.bias
+
+
+class ResBlock(nn.Module):
+    """SEANet residual unit: x + Conv1x1(ELU(Conv_k(ELU(x)))). Only the k-wide conv needs state."""
+
+    def __init__(self, dim: int, hidden: int, kernel: int, dilation: int):
+        super().__init__()
+        self.conv1 = Conv(dim, hidden, kernel, dilation=dilation)
+        self.conv2 = Conv(hidden, dim, 1)
+
+    def init_state(self, batch: int) -> ConvState:
+        return self.conv1.init_state(batch)
+
+    def forward(self, x: Tensor, state: ConvState | None = None) -> Tensor:
+        return x + self.conv2(F.elu(self.conv1(F.elu(x), state)))
+
+
+def _res_blocks(cfg: MimiConfig, dim: int) -> nn.ModuleList:
+    hidden, k = dim // cfg.compress, cfg.residual_kernel_size
+    return nn.ModuleList(ResBlock(dim, hidden, k, cfg.dilation_growth_rate**j) for j in range(cfg.num_residual_layers))
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, cfg: MimiConfig, dim: int, ratio: int):
+        super().__init__()
+        self.res = _res_blocks(cfg, dim)
+        self.down = Conv(dim, 2 * dim, 2 * ratio, stride=ratio)
+
+
+class SEANetEncoder(nn.Module):
+    """Audio [B, N, 1] -> [B, N / hop, hidden] (batch only)."""
+
+    def __init__(self, cfg: MimiConfig):
+        super().__init__()
+        ratios = cfg.upsampling_ratios[::-1]
+        self.conv_in = Conv(1, cfg.num_filters, cfg.kernel_size)
+        self.blocks = nn.ModuleList(EncoderBlock(cfg, cfg.num_filters * 2**i, r) for i, r in enumerate(ratios))
+        self.conv_out = Conv(cfg.num_filters * 2 ** len(ratios), cfg.hidden_size, cfg.last_kernel_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv_in(x)
+        for block in self.blocks:
+            for res in block.res:
+                x = res(x)
+            x = block.down(F.elu(x))
+        return self.conv_out(F.elu(x))
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, cfg: MimiConfig, dim: int, ratio: int):
+        super().__init__()
+        self.up = ConvTr(dim, dim // 2, 2 * ratio, ratio)
+        self.res = _res_blocks(cfg, dim // 2)
+
+
+class SEANetDecoder(nn.Module):
+    """[B, T, hidden] -> audio [B, T * hop, 1], streaming."""
+
+    def __init__(self, cfg: MimiConfig):
+        super().__init__()
+        ratios = cfg.upsampling_ratios
+        top = cfg.num_filters * 2 ** len(ratios)
+        self.conv_in = Conv(cfg.hidden_size, top, cfg.kernel_size)
+        self.blocks = nn.ModuleList(DecoderBlock(cfg, top // 2**i, r) for i, r in enumerate(ratios))
+        self.conv_out = Conv(cfg.num_filters, 1, cfg.last_kernel_size)
+
+    def init_state(self, batch: int) -> SEANetDecoderState:
+        return SEANetDecoderState(
+            conv_in=self.conv_in.init_state(batch),
+            ups=[block.up.init_state(batch) for block in self.blocks],
+            res=[[res.init_state(batch) for res in block.res] for block in self.blocks],
+            conv_out=self.conv_out.init_state(batch),
+        )
+
+    def forward(self, x: Tensor, state: SEANetDecoderState) -> Tensor:
+        x = self.conv_in(x, state.conv_in)
+        for block, up_state, res_states in zip(self.blocks, state.ups, state.res):
+            x = block.up(F.elu(x), up_state)
+            for res, res_state in zip(block.res, res_states):
+                x = res(x, res_state)
+        return self.conv_out(F.elu(x), state.conv_out)
+
+
+# --- Transformer ------------------------------------------------------------------------------------------
+
+
+def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # Mimi's RoPE rotates interleaved pairs (x0, x1), (x2, x3), ... The checkpoint's q/k rows are
+    # permuted so each head holds the pairs' first elements then their second elements, which turns
+    # the same rotation into this "rotate half" form (as in transformers).
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm layer: LayerNorm, attention, LayerNorm, GELU MLP. The checkpoint's layer scales are folded
+    into `out` and `fc2`, and q, k, v are one matmul."""
+
+    def __init__(self, cfg: MimiConfig):
+        super().__init__()
+        d, inner = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim
+        self.heads, self.head_dim, self.window = cfg.num_attention_heads, cfg.head_dim, cfg.sliding_window
+        self.norm1 = nn.LayerNorm(d, eps=cfg.norm_eps)
+        self.qkv = nn.Linear(d, 3 * inner, bias=False)
+        self.out = nn.Linear(inner, d, bias=False)
+        self.norm2 = nn.LayerNorm(d, eps=cfg.norm_eps)
+        self.fc1 = nn.Linear(d, cfg.intermediate_size, bias=False)
+        self.fc2 = nn.Linear(cfg.intermediate_size, d, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: KVCache) -> Tensor:
+        b, t, _ = x.shape
+        qkv = _linear(self.norm1(x), self.qkv.weight)
+        q, k, v = qkv.view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        k, v = cache.update(_rope(k, cos, sin), v, self.window)
+        a = F.scaled_dot_product_attention(_rope(q, cos, sin), k, v, attn_mask=mask)
+        x = x + _linear(a.transpose(1, 2).reshape(b, t, -1), self.out.weight)
+        return x + _linear(F.gelu(_linear(self.norm2(x), self.fc1.weight)), self.fc2.weight)
+
+
+class Transformer(nn.Module):
+    """Causal transformer over [B, T, hidden] with a sliding window of `sliding_window` steps."""
+
+    def __init__(self, cfg: MimiConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(TransformerLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.heads, self.head_dim, self.window = cfg.num_attention_heads, cfg.head_dim, cfg.sliding_window
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def init_state(self, batch: int, capacity: int) -> TransformerState:
+        shape = (batch, self.heads, capacity, self.head_dim)
+        w = self.layers[0].qkv.weight
+        return TransformerState([KVCache(w.new_zeros(shape), w.new_zeros(shape)) for _ in self.layers])
+
+    def forward(self, x: Tensor, state: TransformerState) -> Tensor:
+        t = x.shape[1]
+        positions = torch.arange(state.position, state.position + t, device=x.device, dtype=torch.float32)
+        freqs = positions[:, None] * self.inv_freq
+        cos, sin = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
+        # Every layer's cache has the same length, so one mask serves all: query i (step n - t + i of the
+        # n visible keys) sees key j when 0 <= (n - t + i) - j < window.
+        n = min(state.caches[0].length, self.window - 1) + t
+        lag = torch.arange(n - t, n, device=x.device)[:, None] - torch.arange(n, device=x.device)
+        mask = (lag >= 0) & (lag < self.window)
+        for layer, cache in zip(self.layers, state.caches):
+            x = layer(x, cos, sin, mask, cache)
+        state.position += t
+        return x
+
+
+# --- Quantizer --------------------------------------------------------------------------------------------
+
+
+class SplitRVQ(nn.Module):
+    """Split residual vector quantizer: the first `num_semantic_quantizers` codebooks form one RVQ, the
+    rest another; each has its own projections in and out of the codebook space."""
+
+    def __init__(self, cfg: MimiConfig):
+        super().__init__()
+        self.n_semantic = cfg.num_semantic_quantizers
+        self.register_buffer("codebooks", torch.zeros(cfg.num_quantizers, cfg.codebook_size, cfg.codebook_dim))
+        self.semantic_in = nn.Linear(cfg.hidden_size, cfg.codebook_dim, bias=False)
+        self.semantic_out = nn.Linear(cfg.codebook_dim, cfg.hidden_size, bias=False)
+        self.acoustic_in = nn.Linear(cfg.hidden_size, cfg.codebook_dim, bias=False)
+        self.acoustic_out = nn.Linear(cfg.codebook_dim, cfg.hidden_size, bias=False)
+
+    def decode(self, codes: Tensor) -> Tensor:
+        """[B, K, T] codes -> [B, T, hidden] latents (K may be fewer than the codebooks)."""
+        k, n, dim = codes.shape[1], self.codebooks.shape[1], self.codebooks.shape[2]
+        offsets = torch.arange(k, device=codes.device)[:, None] * n
+        vectors = F.embedding(codes + offsets, self.codebooks.view(-1, dim))  # [B, K, T, dim]
+        out = self.semantic_out(vectors[:, : self.n_semantic].sum(1))
+        if k > self.n_semantic:
+            out = out + self.acoustic_out(vectors[:, self.n_semantic :].sum(1))
+        return out
+
+    def encode(self, x: Tensor) -> Tensor:
+        """[B, T, hidden] latents -> [B, K, T] codes. Both RVQs quantize the same latent."""
+        semantic = _quantize_residual(self.semantic_in(x), self.codebooks[: self.n_semantic])
+        acoustic = _quantize_residual(self.acoustic_in(x), self.codebooks[self.n_semantic :])
+        return torch.cat([semantic, acoustic], dim=1)
+
+
+def _quantize_residual(x: Tensor, codebooks: Tensor) -> Tensor:
+    codes = []
+    for codebook in codebooks:
+        idx = torch.cdist(x, codebook[None]).argmin(-1)  # nearest codebook vector, Euclidean
+        x = x - codebook[idx]
+        codes.append(idx)
+    return torch.stack(codes, dim=1)
+
+
+# --- The codec --------------------------------------------------------------------------------------------
+
+
+class Mimi(nn.Module):
+    def __init__(self, cfg: MimiConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, s = cfg.hidden_size, cfg.latent_stride
+        self.encoder = SEANetEncoder(cfg)
+        self.encoder_transformer = Transformer(cfg)
+        self.downsample = Conv(d, d, 2 * s, stride=s, bias=False, pad_mode="replicate")
+        self.quantizer = SplitRVQ(cfg)
+        self.upsample = ConvTr(d, d, 2 * s, s, groups=cfg.upsample_groups, bias=False)
+        self.decoder_transformer = Transformer(cfg)
+        self.decoder = SEANetDecoder(cfg)
+
+    @classmethod
+    def from_state_dict(cls, cfg: MimiConfig, tensors: Mapping[str, Any]) -> Mimi:
+        """Build from tensors (or numpy arrays) in the kyutai/mimi checkpoint layout, which
+        `converter.mimi_keys.mimi_tensors_to_transformers` produces; `checkpoint_table` maps them."""
+        table = checkpoint_table(cfg)
+        missing = sorted({src for _, _, sources in table for src in sources} - tensors.keys())
+        if missing:
+            raise KeyError(f"Mimi checkpoint lacks {len(missing)} tensors, e.g. {missing[:5]}")
+        with torch.no_grad():
+            own = {name: make(*(torch.as_tensor(tensors[s]).float() for s in sources)) for name, make, sources in table}
+        model = cls(cfg)
+        model.load_state_dict(own, strict=True)
+        return model.eval()
+
+    @torch.inference_mode()
+    def decoder_state(self, batch_size: int = 1) -> DecoderState:
+        # The KV buffers start with room for the window plus 10 s of steps; `KVCache.update` compacts them.
+        return DecoderState(
+            upsample=self.upsample.init_state(batch_size),
+            transformer=self.decoder_transformer.init_state(batch_size, 2 * self.cfg.sliding_window + 250),
+            seanet=self.decoder.init_state(batch_size),
+        )
+
+    @torch.inference_mode()
+    def reset(self, state: DecoderState) -> None:
+        """Make `state` start a new stream (keeping its buffers)."""
+        state.reset()
+
+    @torch.inference_mode()
+    def decode_step(self, codes: Tensor, state: DecoderState) -> Tensor:
+        """Decode the next chunk of a stream: codes [B, K, t] -> audio [B, 1, t * frame_size]."""
+        if codes.shape[-1] == 0:
+            return codes.new_zeros(codes.shape[0], 1, 0, dtype=self.quantizer.codebooks.dtype)
+        x = self.upsample(self.quantizer.decode(codes), state.upsample)
+        x = self.decoder_transformer(x, state.transformer)
+        state.frames += codes.shape[-1]
+        return self.decoder(x, state.seanet).mT
+
+    @torch.inference_mode()
+    def decode(self, codes: Tensor, chunk: int = 25) -> Tensor:
+        """Decode whole sequences: codes [B, K, T] -> audio [B, 1, T * frame_size]. Streams `chunk` frames
+        at a time, which bounds memory and gives the same samples as one big step."""
+        state = self.decoder_state(codes.shape[0])
+        return torch.cat([self.decode_step(c, state) for c in codes.split(chunk, dim=-1)], dim=-1)
+
+    @torch.inference_mode()
+    def encode(self, audio: Tensor) -> Tensor:
+        """Audio [B, 1, N] -> codes [B, num_quantizers, ceil(N / frame_size)]. Like transformers, every
+        strided conv pads its input on the right to a whole number of strides (there is no up-front
+        padding of the audio to whole frames)."""
+        x = self.encoder(audio.mT)
+        x = self.encoder_transformer(x, self.encoder_transformer.init_state(x.shape[0], x.shape[1]))
+        return self.quantizer.encode(self.downsample(x))
+
+
+# --- Checkpoint layout ------------------------------------------------------------------------------------
+
+
+def _same(w: Tensor) -> Tensor:
+    return w
+
+
+def _concat_rows(*ws: Tensor) -> Tensor:
+    return torch.cat(ws)
+
+
+def _scaled_rows(w: Tensor, scale: Tensor) -> Tensor:
+    return w * scale[:, None]  # LayerScale(W x) == (diag(scale) W) x
+
+
+def _conv1x1_as_linear(w: Tensor) -> Tensor:
+    return w[..., 0]
+
+
+def _conv_taps(w: Tensor) -> Tensor:
+    return w.permute(2, 0, 1).contiguous()  # [C_out, C_in, k] -> [k, C_out, C_in]
+
+
+def _convtr_taps(w: Tensor) -> Tensor:
+    return w.permute(2, 1, 0).contiguous()  # [C_in, C_out / groups, k] -> [k, C_out / groups, C_in]
+
+
+def _codebooks(*sums_and_usages: Tensor) -> Tensor:
+    # The checkpoint keeps k-means statistics: vector = embed_sum / cluster_usage, clamped as in training.
+    pairs = zip(sums_and_usages[::2], sums_and_usages[1::2])
+    return torch.stack([embed_sum / usage.clamp(min=1e-5)[:, None] for embed_sum, usage in pairs])
+
+
+def checkpoint_table(cfg: MimiConfig) -> list[tuple[str, Callable[..., Tensor], list[str]]]:
+    """(our tensor, how to make it, the kyutai/mimi checkpoint tensors it is made from).
+
+    In the checkpoint the SEANet stacks are flat lists whose indices also count the parameterless ELUs:
+    the decoder is [conv, (ELU, convtr, res * n) per ratio, ELU, conv], the encoder
+    [conv, (res * n, ELU, conv) per ratio, ELU, conv], and a residual unit is [ELU, conv, ELU, conv].
+    """
+    table: list[tuple[str, Callable[..., Tensor], list[str]]] = []
+
+    def conv(ours: str, theirs: str, bias: bool = True, taps: Callable[[Tensor], Tensor] = _conv_taps) -> None:
+        table.append((f"{ours}.weight", taps, [f"{theirs}.weight"]))
+        if bias:
+            table.append((f"{ours}.bias", _same, [f"{theirs}.bias"]))
+
+    def res_units(ours: str, theirs: str, first: int) -> None:
+        for j in range(cfg.num_residual_layers):
+            conv(f"{ours}.res.{j}.conv1", f"{theirs}.layers.{first + j}.block.1.conv")
+            conv(f"{ours}.res.{j}.conv2", f"{theirs}.layers.{first + j}.block.3.conv")
+
+    n_res, n_blocks = cfg.num_residual_layers, len(cfg.upsampling_ratios)
+    last = 2 + n_blocks * (n_res + 2)
+    for side in ("encoder", "decoder"):
+        conv(f"{side}.conv_in", f"{side}.layers.0.conv")
+        conv(f"{side}.conv_out", f"{side}.layers.{last}.conv")
+        for b in range(n_blocks):
+            first = 1 + b * (n_res + 2)  # the block's first entry
+            if side == "encoder":
+                res_units(f"encoder.blocks.{b}", "encoder", first)
+                conv(f"encoder.blocks.{b}.down", f"encoder.layers.{first + n_res + 1}.conv")
+            else:
+                conv(f"decoder.blocks.{b}.up", f"decoder.layers.{first + 1}.conv", taps=_convtr_taps)
+                res_units(f"decoder.blocks.{b}", "decoder", first + 2)
+    conv("downsample", "downsample.conv", bias=False)
+    conv("upsample", "upsample.conv", bias=False, taps=_convtr_taps)
+
+    for side in ("encoder_transformer", "decoder_transformer"):
+        for i in range(cfg.num_hidden_layers):
+            p = f"{side}.layers.{i}"  # the same prefix on both sides
+            table += [
+                (f"{p}.norm1.weight", _same, [f"{p}.input_layernorm.weight"]),
+                (f"{p}.norm1.bias", _same, [f"{p}.input_layernorm.bias"]),
+                (f"{p}.qkv.weight", _concat_rows, [f"{p}.self_attn.{x}_proj.weight" for x in "qkv"]),
+                (f"{p}.out.weight", _scaled_rows, [f"{p}.self_attn.o_proj.weight", f"{p}.self_attn_layer_scale.scale"]),
+                (f"{p}.norm2.weight", _same, [f"{p}.post_attention_layernorm.weight"]),
+                (f"{p}.norm2.bias", _same, [f"{p}.post_attention_layernorm.bias"]),
+                (f"{p}.fc1.weight", _same, [f"{p}.mlp.fc1.weight"]),
+                (f"{p}.fc2.weight", _scaled_rows, [f"{p}.mlp.fc2.weight", f"{p}.mlp_layer_scale.scale"]),
+            ]
+
+    rvqs = {
+        "semantic": ("quantizer.semantic_residual_vector_quantizer", cfg.num_semantic_quantizers),
+        "acoustic": ("quantizer.acoustic_residual_vector_quantizer", cfg.num_quantizers - cfg.num_semantic_quantizers),
+    }
+    stats = []
+    for ours, (theirs, n) in rvqs.items():
+        table.append((f"quantizer.{ours}_in.weight", _conv1x1_as_linear, [f"{theirs}.input_proj.weight"]))
+        table.append((f"quantizer.{ours}_out.weight", _conv1x1_as_linear, [f"{theirs}.output_proj.weight"]))
+        stats += [f"{theirs}.layers.{j}.codebook.{s}" for j in range(n) for s in ("embed_sum", "cluster_usage")]
+    table.append(("quantizer.codebooks", _codebooks, stats))
+    return table
