@@ -1,0 +1,224 @@
+"""The server's engine: one thread owns the llama.cpp contexts and generates every active request's
+next frame in the same llama_decode calls (continuous batching). Requests join and leave between
+frames; beyond `max_streams` they wait in a bounded queue.
+
+Request threads only submit jobs and read frames back; they decode audio themselves (each with its
+own streaming Mimi state), so the engine thread does nothing but generate.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from .generator import Sampling, Segment, Stream
+from .tts import CSM
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(RuntimeError):
+    """Every generation slot is busy and the waiting queue is full."""
+
+
+@dataclass(frozen=True)
+class SpeechJob:
+    """What to say and how: the engine's view of one request."""
+
+    text: str
+    speaker: int = 0
+    context: Sequence[Segment] = ()
+    temperature: float = 0.9
+    top_k: int = 50
+    seed: int | None = None
+    max_audio_ms: float | None = None
+
+
+_END = object()
+
+
+@dataclass
+class Job:
+    """One request inside the engine. The engine thread pushes frames into `out`; the request thread
+    reads them with `next_frames` and calls `cancel` when its client goes away."""
+
+    spec: SpeechJob
+    pieces: list[str]
+    input_tokens: int
+    out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    cancelled: bool = False
+    frames: int = 0
+    submitted: float = field(default_factory=time.monotonic)
+    first_frame: float | None = None
+    # Engine-thread state: the piece being spoken, its stream and frames, the previous piece as context.
+    piece: int = 0
+    stream: Stream | None = None
+    made: list[np.ndarray] = field(default_factory=list)
+    previous: list[Segment] = field(default_factory=list)
+
+    def cancel(self) -> None:
+        # A plain flag: the engine drops the job (and frees its slot) before the next frame.
+        self.cancelled = True
+
+    def next_frames(self, timeout: float | None = None) -> list[np.ndarray] | None:
+        """The frames made since the last call (waiting for at least one), or None at the end.
+        Raises the error that stopped generation (for instance a prompt that does not fit)."""
+        items = [self.out.get(timeout=timeout)]
+        while True:
+            try:
+                items.append(self.out.get_nowait())
+            except queue.Empty:
+                break
+        frames = []
+        for item in items:
+            if item is _END:
+                if frames:
+                    self.out.put(_END)  # hand back the frames now, the end on the next call
+                return frames or None
+            if isinstance(item, BaseException):
+                if frames:
+                    self.out.put(item)
+                    return frames
+                raise item
+            frames.append(item)
+        return frames
+
+
+class Engine:
+    def __init__(self, tts: CSM, max_queue: int = 16):
+        self.tts = tts
+        self.generator = tts.generator
+        self.max_streams = tts.generator.max_streams
+        self.max_queue = max_queue
+        self.waiting: deque[Job] = deque()
+        self.active: list[Job] = []
+        self.completed = 0
+        self._wake = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="csm-engine", daemon=True)
+        self._thread.start()
+
+    # --- request threads ----------------------------------------------------------------------------
+    def submit(self, spec: SpeechJob) -> Job:
+        """Queue a request; raises QueueFull when all slots and the queue are taken, ValueError for empty
+        text."""
+        pieces = self.tts.pieces(spec.text)
+        job = Job(spec, pieces, input_tokens=len(self.tts.model.tokenize(spec.text)))
+        with self._wake:
+            if len(self.active) + len(self.waiting) >= self.max_streams + self.max_queue:
+                raise QueueFull(
+                    f"the server is busy: {len(self.active)} requests are being spoken and "
+                    f"{len(self.waiting)} wait (CSM_GGUF_MAX_STREAMS={self.max_streams}, "
+                    f"CSM_GGUF_QUEUE={self.max_queue}); try again shortly"
+                )
+            self.waiting.append(job)
+            self._wake.notify()
+        return job
+
+    def stats(self) -> dict:
+        return {
+            "active_streams": len(self.active),
+            "queue_depth": len(self.waiting),
+            "max_streams": self.max_streams,
+            "max_queue": self.max_queue,
+            "free_slots": len(self.generator.free_slots),
+            "decode_calls": self.generator.decode_calls,
+            "requests_completed": self.completed,
+        }
+
+    def close(self) -> None:
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        self._thread.join()
+
+    # --- the engine thread --------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not (self.active or self.waiting or self._closing):
+                    self._wake.wait()
+                if self._closing:
+                    break
+                joining = []
+                while self.waiting and len(self.active) + len(joining) < self.max_streams:
+                    joining.append(self.waiting.popleft())
+            for job in joining:
+                if job.cancelled:
+                    self._end(job)
+                elif self._start_piece(job):
+                    self.active.append(job)
+            self._step()
+        for job in [*self.active, *self.waiting]:
+            self._end(job, RuntimeError("the server is shutting down"))
+
+    def _step(self) -> None:
+        for job in [j for j in self.active if j.cancelled]:
+            self._end(job)
+        if not self.active:
+            return
+        try:
+            codes = self.generator.step([job.stream for job in self.active])
+        except Exception as e:  # a llama.cpp failure: fail these requests, keep serving
+            log.exception("generation step failed")
+            for job in list(self.active):
+                self._end(job, e)
+            return
+        now = time.monotonic()
+        for job, frame in zip(list(self.active), codes):
+            if frame.any():  # an all-zero frame is the end of speech, not audio
+                job.made.append(frame)
+                job.frames += 1
+                job.first_frame = job.first_frame or now
+                job.out.put(frame)
+            if job.stream.done:
+                self._next_piece(job)
+
+    def _start_piece(self, job: Job) -> bool:
+        """Claim a slot and read the piece's prompt; on failure the job ends with the error."""
+        spec, piece = job.spec, job.pieces[job.piece]
+        try:
+            sampling = Sampling(
+                spec.temperature,
+                spec.top_k,
+                None if spec.seed is None else spec.seed + job.piece,  # as CSM.frames does
+                self.tts.frame_budget(piece, spec.max_audio_ms),
+            )
+            prompt = self.generator.prompt_embeddings(piece, spec.speaker, [*spec.context, *job.previous])
+            job.stream = self.generator.start(prompt, sampling)
+        except Exception as e:
+            job.stream = None
+            self._end(job, e)
+            return False
+        return True
+
+    def _next_piece(self, job: Job) -> None:
+        """The piece is spoken: free its slot, then go on with the next piece (in the slot just freed)
+        with this one as context, so the voice carries over as in CSM.frames."""
+        self.generator.finish(job.stream)
+        job.stream = None
+        if job.made:
+            job.previous = [Segment(job.spec.speaker, job.pieces[job.piece], np.stack(job.made))]
+        job.made = []
+        job.piece += 1
+        if job.piece < len(job.pieces) and not job.cancelled:
+            if not self._start_piece(job):
+                return
+        else:
+            self._end(job)
+
+    def _end(self, job: Job, error: BaseException | None = None) -> None:
+        if job.stream is not None:
+            self.generator.finish(job.stream)
+            job.stream = None
+        if job in self.active:
+            self.active.remove(job)
+        self.completed += 1
+        job.out.put(_END if error is None else error)

@@ -1,0 +1,226 @@
+"""The OpenAI speech request: its fields checked one by one into a SpeechRequest, or an ApiError that
+names the field. Shared by the HTTP endpoint and the websocket.
+
+Voices: the OpenAI voice names map to CSM speaker ids (CSM-1B is a base model: without a voice prompt
+a speaker id picks no fixed voice, only keeps one speaker apart from another); saved voices (see
+csm_gguf.voices) bring their own prompt. `speaker_id` overrides the voice's speaker.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .audio import FORMATS, AudioError, check_format, load_audio
+from .generator import Segment
+from .server_engine import SpeechJob
+from .tts import CSM
+
+MAX_INPUT_CHARS = 4096
+MAX_CONTEXT_SEGMENTS = 32
+BUILTIN_VOICES = {
+    name: speaker
+    for speaker, name in enumerate(
+        ("alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "nova", "sage", "shimmer", "verse", "marin",
+         "cedar")
+    )
+}
+MODELS = ("csm-1b", "tts-1", "tts-1-hd", "gpt-4o-mini-tts")
+FIELDS = {
+    # OpenAI's fields
+    "model", "input", "voice", "instructions", "response_format", "speed", "stream_format",
+    # ours, through extra_body
+    "speaker_id", "temperature", "top_k", "seed", "max_audio_ms", "context", "stream",
+}
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def invalid(param: str, message: str, code: str = "invalid_value") -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+@dataclass
+class SpeechRequest:
+    job: SpeechJob
+    response_format: str = "mp3"
+    stream_format: str = "audio"
+    stream: bool = True  # False: the whole file with a Content-Length (and a WAV header with real sizes)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def voice_names() -> list[str]:
+    from .voices import list_voices
+
+    return [*BUILTIN_VOICES, *(v for v in list_voices() if v not in BUILTIN_VOICES)]
+
+
+def parse_speech(body: Any, tts: CSM, default_voice: str = "alloy", need_input: bool = True) -> SpeechRequest:
+    """The request as the engine needs it; ApiError (400) for the first bad field. need_input=False for
+    a websocket session's settings, whose text comes later."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    unknown = sorted(set(body) - FIELDS)
+    if unknown:
+        raise invalid(unknown[0], f"unrecognized request argument: {unknown[0]!r}; known: {', '.join(sorted(FIELDS))}",
+                      code="unknown_parameter")
+
+    model = body.get("model", MODELS[0] if not need_input else None)
+    if not isinstance(model, str) or not model:
+        raise invalid("model", "'model' is required: a string such as 'csm-1b'", code="missing_required_parameter")
+    if model not in MODELS:
+        raise invalid("model", f"unknown model {model!r}; this server speaks with: {', '.join(MODELS)}",
+                      code="model_not_found")
+
+    text = body.get("input", "")
+    if need_input and "input" not in body:
+        raise invalid("input", "'input' is required: the text to speak", code="missing_required_parameter")
+    if not isinstance(text, str):
+        raise invalid("input", "'input' must be a string")
+    if need_input and not text.strip():
+        raise invalid("input", "'input' is empty: give some words to speak")
+    if len(text) > MAX_INPUT_CHARS:
+        raise invalid("input", f"'input' has {len(text)} characters; at most {MAX_INPUT_CHARS} are allowed",
+                      code="string_above_max_length")
+
+    instructions = body.get("instructions")  # accepted for compatibility; CSM takes no style instructions
+    if instructions is not None and (not isinstance(instructions, str) or len(instructions) > MAX_INPUT_CHARS):
+        raise invalid("instructions", f"'instructions' must be a string of at most {MAX_INPUT_CHARS} characters")
+
+    fmt = body.get("response_format", "mp3")
+    if not isinstance(fmt, str):
+        raise invalid("response_format", f"'response_format' must be one of {', '.join(FORMATS)}")
+    try:
+        check_format(fmt)
+    except AudioError as e:
+        raise invalid("response_format", str(e), code="unsupported_value") from None
+
+    stream_format = body.get("stream_format", "audio")
+    if stream_format not in ("audio", "sse"):
+        raise invalid("stream_format", "'stream_format' must be 'audio' or 'sse'")
+    stream = body.get("stream", True)
+    if not isinstance(stream, bool):
+        raise invalid("stream", "'stream' must be true or false")
+
+    speed = _number(body, "speed", 1.0, 0.25, 4.0)
+    if speed != 1.0:
+        raise invalid("speed", "'speed' other than 1.0 is not supported: CSM speaks at its own pace",
+                      code="unsupported_value")
+
+    speaker, segments = _voice(body.get("voice", default_voice))
+    if "speaker_id" in body and body["speaker_id"] is not None:
+        speaker = _integer(body, "speaker_id", 0, 0, 1_000_000)
+
+    temperature = _number(body, "temperature", 0.9, 0.0, 10.0)
+    top_k = _integer(body, "top_k", 50, 1, 1_000_000)
+    seed = _integer(body, "seed", None, 0, 2**63 - 1)
+    max_audio_ms = _number(body, "max_audio_ms", None, 80.0, 600_000.0)
+    segments = [*segments, *_context(body.get("context"), tts)]
+
+    job = SpeechJob(text, speaker, segments, temperature, top_k, seed, max_audio_ms)
+    return SpeechRequest(job, fmt, stream_format, stream)
+
+
+def _voice(voice: Any) -> tuple[int, list[Segment]]:
+    if isinstance(voice, dict):
+        voice = voice.get("id")
+    if voice is None:
+        raise invalid("voice", "'voice' is required: one of " + ", ".join(voice_names()),
+                      code="missing_required_parameter")
+    if not isinstance(voice, str):
+        raise invalid("voice", "'voice' must be a voice name or {\"id\": name}")
+    if voice in BUILTIN_VOICES:
+        return BUILTIN_VOICES[voice], []
+    from .voices import list_voices, load_voice
+
+    if voice not in list_voices():
+        raise invalid("voice", f"unknown voice {voice!r}; known voices: {', '.join(voice_names())}",
+                      code="voice_not_found")
+    saved = load_voice(voice)
+    return saved.speaker, list(saved.segments)
+
+
+def _number(body: dict, name: str, default: float | None, low: float, high: float) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise invalid(name, f"'{name}' must be a number from {low:g} to {high:g}")
+    if not low <= value <= high:
+        raise invalid(name, f"'{name}' is {value:g}; it must lie from {low:g} to {high:g}", code="out_of_range")
+    return float(value)
+
+
+def _integer(body: dict, name: str, default: int | None, low: int, high: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise invalid(name, f"'{name}' must be a whole number from {low} to {high}")
+    if not low <= value <= high:
+        raise invalid(name, f"'{name}' is {value}; it must lie from {low} to {high}", code="out_of_range")
+    return value
+
+
+def _context(context: Any, tts: CSM) -> list[Segment]:
+    """Context segments: {speaker, text, audio (base64 of an audio file)} or {speaker, text, codes}."""
+    if context is None:
+        return []
+    if not isinstance(context, list) or len(context) > MAX_CONTEXT_SEGMENTS:
+        raise invalid("context", f"'context' must be a list of at most {MAX_CONTEXT_SEGMENTS} segments")
+    segments = []
+    k, n_codes = tts.model.config.num_codebooks, tts.model.n_codes
+    for i, seg in enumerate(context):
+        where = f"context[{i}]"
+        if not isinstance(seg, dict) or set(seg) - {"speaker", "text", "audio", "codes"}:
+            raise invalid(where, f"{where} must be an object with speaker, text and audio or codes")
+        speaker = _integer(seg, "speaker", 0, 0, 1_000_000)
+        text = seg.get("text")
+        if not isinstance(text, str) or not text.strip() or len(text) > MAX_INPUT_CHARS:
+            raise invalid(f"{where}.text", f"{where}.text must be the transcript, at most {MAX_INPUT_CHARS} characters")
+        if (seg.get("audio") is None) == (seg.get("codes") is None):
+            raise invalid(where, f"{where} needs exactly one of 'audio' (base64 of an audio file) or 'codes'")
+        if seg.get("audio") is not None:
+            codes = _encode_audio(seg["audio"], f"{where}.audio", tts)
+        else:
+            try:
+                codes = np.asarray(seg["codes"])
+                ok = codes.dtype.kind in "iu" and codes.ndim == 2 and codes.shape[1] == k
+                ok = ok and codes.size > 0 and 0 <= codes.min() and codes.max() < n_codes
+            except (ValueError, TypeError, OverflowError):
+                ok = False
+            if not ok:
+                raise invalid(f"{where}.codes", f"{where}.codes must be a list of frames, each {k} whole numbers "
+                              f"from 0 to {n_codes - 1}")
+            codes = codes.astype(np.int64)
+        segments.append(Segment(speaker, text, codes))
+    return segments
+
+
+def _encode_audio(data: Any, param: str, tts: CSM) -> np.ndarray:
+    if not isinstance(data, str):
+        raise invalid(param, f"{param} must be a base64 string of an audio file")
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise invalid(param, f"{param} is not valid base64") from None
+    try:
+        return tts.encode(load_audio(io.BytesIO(raw)))
+    except (ValueError, RuntimeError) as e:  # libsndfile's and the codec's complaints about the file
+        raise invalid(param, f"{param}: {e}") from None

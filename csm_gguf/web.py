@@ -1,0 +1,413 @@
+"""The OpenAI-compatible speech server.
+
+    flask --app csm_gguf.web run                                       # development
+    gunicorn -w 1 --threads 32 -b 0.0.0.0:8000 'csm_gguf.web:create_app()'   # production
+
+One worker process: it holds the model and batches every request it serves; threads carry the
+concurrent HTTP streams and websockets. Settings come from the environment (see SETTINGS).
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+import logging
+import os
+import queue
+import time
+from collections import deque
+from dataclasses import dataclass, field, fields, replace
+from importlib import resources
+from typing import Any, Callable, Iterator
+
+import numpy as np
+from flask import Flask, Response, jsonify, render_template_string, request, stream_with_context
+from flask_sock import Sock
+from simple_websocket import ConnectionClosed
+from werkzeug.exceptions import HTTPException
+
+from .audio import SAMPLE_RATE, StreamEncoder, encode_audio
+from .generator import PromptTooLong, Segment
+from .server_engine import Engine, Job, QueueFull
+from .speech_request import BUILTIN_VOICES, MAX_INPUT_CHARS, MODELS, ApiError, SpeechRequest, parse_speech, voice_names
+from .text import split_sentences
+from .tts import CSM
+
+log = logging.getLogger(__name__)
+
+# (environment variable, Settings field, what it sets)
+SETTINGS = (
+    ("CSM_GGUF_MODEL", "model", "converted model directory (default: the newest converted model in the cache)"),
+    ("CSM_GGUF_THREADS", "threads", "CPU threads for llama.cpp and the codec (default 0: all cores)"),
+    ("CSM_GGUF_GPU_LAYERS", "gpu_layers", "layers offloaded to the GPU (default 0; -1: all)"),
+    ("CSM_GGUF_KV_TYPE", "kv_type", "KV cache type: f16 (default), f32, q8_0"),
+    ("CSM_GGUF_API_KEY", "api_key", "if set, requests need 'Authorization: Bearer <key>'"),
+    ("CSM_GGUF_MAX_STREAMS", "max_streams", "requests generated together in one batch (default 4)"),
+    ("CSM_GGUF_QUEUE", "max_queue", "requests that may wait for a free stream before 429 (default 16)"),
+    ("CSM_GGUF_VOICE", "voice", "voice used when a request names none (default alloy)"),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str | None = None
+    threads: int = 0
+    gpu_layers: int = 0
+    kv_type: str = "f16"
+    api_key: str | None = None
+    max_streams: int = 4
+    max_queue: int = 16
+    voice: str = "alloy"
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        values: dict[str, Any] = {}
+        types = {f.name: f.type for f in fields(cls)}
+        for var, name, _ in SETTINGS:
+            raw = os.environ.get(var)
+            if raw:
+                try:
+                    values[name] = int(raw) if types[name] == "int" else raw
+                except ValueError:
+                    raise ValueError(f"{var} must be a whole number, got {raw!r}") from None
+        return cls(**values)
+
+
+def create_app(**overrides: Any) -> Flask:
+    """The app, its model loaded; keyword arguments override the environment (see Settings)."""
+    settings = replace(Settings.from_env(), **overrides)
+    if settings.max_streams < 1 or settings.max_queue < 0:
+        raise ValueError("CSM_GGUF_MAX_STREAMS must be >= 1 and CSM_GGUF_QUEUE >= 0")
+    tts = CSM(settings.model, settings.threads, settings.gpu_layers, settings.kv_type, settings.max_streams)
+    if settings.voice not in voice_names():
+        raise ValueError(f"CSM_GGUF_VOICE={settings.voice!r} is not a voice; known: {', '.join(voice_names())}")
+    codec = tts.codec  # loaded now, not racing in the first requests' threads
+    engine = Engine(tts, settings.max_queue)
+    created = int(os.path.getmtime(tts.model.backbone_path))
+
+    app = Flask(__name__)
+    app.extensions["csm"] = engine
+    app.config["API_KEY"] = settings.api_key
+    sock = Sock(app)
+
+    def parse(body: Any, need_input: bool = True) -> SpeechRequest:
+        return parse_speech(body, tts, settings.voice, need_input)
+
+    def submit(req: SpeechRequest) -> Job:
+        try:
+            return engine.submit(req.job)
+        except QueueFull as e:
+            raise ApiError(429, str(e), code="queue_full", type="rate_limit_error") from None
+
+    # --- errors ---------------------------------------------------------------------------------------
+    @app.errorhandler(ApiError)
+    def api_error(e: ApiError):
+        response = jsonify(e.body())
+        response.status_code = e.status
+        if e.status == 429:
+            response.headers["Retry-After"] = "1"
+        return response
+
+    @app.errorhandler(HTTPException)
+    def http_error(e: HTTPException):
+        return api_error(ApiError(e.code or 500, e.description or e.name, code=e.name.lower().replace(" ", "_")))
+
+    @app.errorhandler(Exception)
+    def server_error(e: Exception):
+        log.exception("unexpected error")
+        return api_error(ApiError(500, f"internal error: {e}", type="server_error"))
+
+    @app.before_request
+    def check_key():
+        key = app.config["API_KEY"]
+        if key and request.path.startswith("/v1/"):
+            given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+            given = given or request.args.get("api_key", "")  # browsers cannot set websocket headers
+            if not hmac.compare_digest(given.encode(), key.encode()):
+                raise ApiError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
+                               code="invalid_api_key")
+
+    # --- endpoints --------------------------------------------------------------------------------------
+    @app.get("/")
+    def index():
+        page = resources.files("csm_gguf").joinpath("static/index.html").read_text()
+        env = [(var, os.environ.get(var, "") if var != "CSM_GGUF_API_KEY" else "(set)" if app.config["API_KEY"] else "",
+                doc) for var, _, doc in SETTINGS]
+        return render_template_string(page, env=env, default_voice=settings.voice, key_needed=bool(app.config["API_KEY"]))
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok", "model_loaded": True, "model": str(tts.model.path), **engine.stats()}
+
+    @app.get("/v1/models")
+    def models():
+        return {"object": "list",
+                "data": [{"id": m, "object": "model", "created": created, "owned_by": "sesame"} for m in MODELS]}
+
+    @app.get("/v1/audio/voices")
+    def voices():
+        return {"voices": [
+            {"id": name, "name": name, "type": "builtin" if name in BUILTIN_VOICES else "saved",
+             "speaker_id": BUILTIN_VOICES.get(name)} for name in voice_names()
+        ], "default": settings.voice}
+
+    @app.post("/v1/audio/speech")
+    def speech():
+        try:
+            body = json.loads(request.get_data())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        req = parse(body)
+        job = submit(req)
+        try:
+            first = job.next_frames()  # a request that cannot start fails here, with a proper status
+        except BaseException as e:
+            job.cancel()
+            raise generation_error(e) from None
+        audio = decoded_audio(job, first)
+        if req.stream_format == "sse":
+            return streamed(sse_events(job, audio, req.response_format), "text/event-stream")
+        encoder = StreamEncoder(req.response_format)
+        if not req.stream:
+            samples = np.concatenate([np.zeros(0, np.float32), *audio])
+            return Response(encode_audio(samples, req.response_format), mimetype=encoder.media_type)
+        return streamed(encoded(audio, encoder), encoder.media_type)
+
+    @sock.route("/v1/audio/speech/ws")
+    def speech_ws(ws):
+        WebsocketSession(ws, codec, parse, submit).run()
+
+    # --- streaming ----------------------------------------------------------------------------------------
+    def decoded_audio(job: Job, first: list[np.ndarray] | None) -> Iterator[np.ndarray]:
+        """The job's audio as frames arrive, through one streaming Mimi state (no seams). Cancels the
+        job when the consumer stops early (a client that went away)."""
+        state = codec.decoder_state(1)
+        frames = first
+        try:
+            while frames is not None:
+                yield decode(codec, state, frames)
+                frames = job.next_frames()
+        finally:
+            job.cancel()
+
+    def encoded(audio: Iterator[np.ndarray], encoder: StreamEncoder) -> Iterator[bytes]:
+        for chunk in audio:
+            data = encoder.feed(chunk)
+            if data:
+                yield data
+        yield encoder.finish()
+
+    def sse_events(job: Job, audio: Iterator[np.ndarray], fmt: str) -> Iterator[bytes]:
+        for data in encoded(audio, StreamEncoder(fmt)):
+            if data:
+                yield sse({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
+        yield sse({"type": "speech.audio.done", "usage": usage(job)})
+
+    return app
+
+
+def streamed(chunks: Iterator[bytes], mimetype: str) -> Response:
+    # No Content-Length: the server sends the body chunked, each piece as soon as it is made.
+    response = Response(stream_with_context(chunks), mimetype=mimetype)
+    response.headers["Cache-Control"] = "no-cache"
+    response.headers["X-Accel-Buffering"] = "no"  # nginx: pass chunks on at once
+    return response
+
+
+def decode(codec, state, frames: list[np.ndarray]) -> np.ndarray:
+    import torch
+
+    return codec.decode_step(torch.from_numpy(np.stack(frames).T[None]), state)[0, 0].numpy()
+
+
+def sse(event: dict) -> bytes:
+    return f"data: {json.dumps(event)}\n\n".encode()
+
+
+def usage(job: Job) -> dict:
+    # Output tokens: generated 80 ms frames (each one row of 32 codebook tokens).
+    return {"input_tokens": job.input_tokens, "output_tokens": job.frames,
+            "total_tokens": job.input_tokens + job.frames}
+
+
+def generation_error(e: BaseException) -> ApiError:
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, PromptTooLong):
+        return ApiError(400, str(e), param="context", code="context_length_exceeded")
+    if isinstance(e, ValueError):
+        return ApiError(400, str(e))
+    if isinstance(e, RuntimeError):
+        return ApiError(503, str(e), type="server_error", code="unavailable")
+    log.error("generation failed", exc_info=e)
+    return ApiError(500, f"generation failed: {e}", type="server_error")
+
+
+@dataclass
+class Utterance:
+    """Websocket audio from the first sentence to a flush: one decoder state and one encoder, so the
+    sentences join without seams into one file."""
+
+    encoder: StreamEncoder
+    state: Any
+    started: float = field(default_factory=time.monotonic)
+    first_audio: float | None = None
+    sentences: int = 0
+    frames: int = 0
+    input_tokens: int = 0
+    bytes: int = 0
+
+    def summary(self) -> dict:
+        return {
+            "type": "done",
+            "sentences": self.sentences,
+            "frames": self.frames,
+            "audio_seconds": round(self.frames * 0.08, 3),
+            "bytes": self.bytes,
+            "response_format": self.encoder.format,
+            "sample_rate": SAMPLE_RATE,
+            "first_audio_ms": None if self.first_audio is None else round(1000 * (self.first_audio - self.started)),
+            "elapsed_ms": round(1000 * (time.monotonic() - self.started)),
+            "usage": {"input_tokens": self.input_tokens, "output_tokens": self.frames,
+                      "total_tokens": self.input_tokens + self.frames},
+        }
+
+
+class WebsocketSession:
+    """One websocket connection (protocol in the README): settings, text in pieces, flushes; audio
+    for each complete sentence as soon as it is spoken, a JSON summary after each flush."""
+
+    def __init__(self, ws, codec, parse: Callable[..., SpeechRequest], submit: Callable[[SpeechRequest], Job]):
+        self.ws, self.codec, self.parse, self.submit = ws, codec, parse, submit
+        self.fields: dict[str, Any] = {"model": MODELS[0]}  # settings persist until changed
+        self.settings = parse(self.fields, need_input=False)
+        self.buffer = ""  # text not yet known to end a sentence
+        self.sentences: deque[str] = deque()
+        self.flushing = False
+        self.job: Job | None = None
+        self.sentence = ""
+        self.sentence_frames: list[np.ndarray] = []
+        self.previous: Segment | None = None  # the last sentence: context for the next, one voice throughout
+        self.utterance: Utterance | None = None
+
+    def run(self) -> None:
+        try:
+            while True:
+                message = self.ws.receive(timeout=0 if self.job or self.sentences or self.flushing else None)
+                if message is not None:
+                    self.handle(message)
+                if self.job is None and self.sentences:
+                    self.start(self.sentences.popleft())
+                if self.job is not None:
+                    self.pump()
+                elif self.flushing and not self.sentences:
+                    self.finish()
+        except ConnectionClosed:
+            pass
+        finally:
+            if self.job is not None:
+                self.job.cancel()
+
+    def error(self, e: ApiError) -> None:
+        self.ws.send(json.dumps({"type": "error", **e.body()}))
+
+    def handle(self, message: str | bytes) -> None:
+        try:
+            if isinstance(message, bytes):
+                raise ApiError(400, "send JSON text messages, not binary", code="invalid_json")
+            try:
+                body = json.loads(message)
+            except ValueError as e:
+                raise ApiError(400, f"the message is not valid JSON: {e}", code="invalid_json") from None
+            if not isinstance(body, dict):
+                raise ApiError(400, "a message must be a JSON object", code="invalid_json")
+            kind = body.pop("type", "speech")
+            if kind == "text":
+                if set(body) != {"text"} or not isinstance(body["text"], str):
+                    raise ApiError(400, 'a text message is {"type": "text", "text": "..."}', param="text")
+                self.add_text(body["text"])
+            elif kind == "flush":
+                self.add_text("\n")
+                self.flushing = True
+            elif kind == "speech":
+                text = body.pop("input", None)
+                fields = {**self.fields, **body}
+                request = self.parse({**fields, "input": text} if text is not None else fields,
+                                     need_input=text is not None)
+                if fields != self.fields:
+                    self.previous = None  # another voice or context: the last sentence is no prompt for it
+                self.fields, self.settings = fields, request
+                if text is not None:
+                    self.add_text(text + "\n")
+                    self.flushing = True
+            else:
+                raise ApiError(400, f"unknown message type {kind!r}: use speech, text or flush", param="type")
+        except ApiError as e:
+            self.error(e)
+
+    def add_text(self, text: str) -> None:
+        self.buffer += text
+        if len(self.buffer) > MAX_INPUT_CHARS:
+            self.error(ApiError(400, f"more than {MAX_INPUT_CHARS} characters without a sentence end: "
+                                     "speaking them now", param="text", code="string_above_max_length"))
+            self.buffer += "\n"
+        sentences = split_sentences(self.buffer)
+        complete = self.buffer.endswith("\n")
+        self.sentences.extend(sentences if complete else sentences[:-1])
+        if complete or not sentences:
+            self.buffer = ""
+        else:
+            # keep the unfinished sentence and its trailing space (the next piece may start a new word)
+            self.buffer = sentences[-1] + (" " if self.buffer[-1].isspace() else "")
+
+    def start(self, sentence: str) -> None:
+        spec = self.settings.job
+        context = [*spec.context, *([self.previous] if self.previous else [])]
+        try:
+            self.job = self.submit(replace(self.settings, job=replace(spec, text=sentence, context=context)))
+        except ApiError as e:
+            self.error(e)
+            return
+        self.sentence, self.sentence_frames = sentence, []
+        if self.utterance is None:
+            self.utterance = Utterance(StreamEncoder(self.settings.response_format), self.codec.decoder_state(1))
+
+    def pump(self) -> None:
+        """Send the audio of the frames made so far, waiting briefly for some."""
+        try:
+            frames = self.job.next_frames(timeout=0.05)
+        except queue.Empty:
+            return
+        except Exception as e:
+            self.job = None
+            self.error(generation_error(e))
+            return
+        u = self.utterance
+        if frames is None:
+            if self.sentence_frames:
+                self.previous = Segment(self.settings.job.speaker, self.sentence, np.stack(self.sentence_frames))
+            u.sentences += 1
+            u.frames += self.job.frames
+            u.input_tokens += self.job.input_tokens
+            self.job = None
+            return
+        self.sentence_frames += frames
+        self.send_audio(u.encoder.feed(decode(self.codec, u.state, frames)))
+
+    def send_audio(self, data: bytes) -> None:
+        if data:
+            u = self.utterance
+            u.first_audio = u.first_audio or time.monotonic()
+            u.bytes += len(data)
+            self.ws.send(data)
+
+    def finish(self) -> None:
+        """Everything flushed is spoken: end the audio file and report."""
+        self.flushing = False
+        if self.utterance is None:
+            self.ws.send(json.dumps({"type": "done", "sentences": 0, "frames": 0, "audio_seconds": 0.0}))
+            return
+        self.send_audio(self.utterance.encoder.finish())
+        self.ws.send(json.dumps(self.utterance.summary()))
+        self.utterance = None

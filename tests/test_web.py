@@ -1,0 +1,462 @@
+"""The speech server, tested as clients see it: a real server on loopback serving the tiny model."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+import threading
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import soundfile as sf
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from simple_websocket import Client as WsClient
+from werkzeug.serving import make_server
+
+from csm_fixtures import random_codes
+from csm_gguf.audio import FORMATS, to_int16
+from csm_gguf.generator import Segment
+from csm_gguf.tts import Voice
+
+TEXT = "Hello there, how are you doing today?"
+GREEDY = {"temperature": 0, "max_audio_ms": 800}  # 10 frames
+MAX_STREAMS, MAX_QUEUE = 8, 2
+
+
+@pytest.fixture(scope="module")
+def server(f32_model, tmp_path_factory):
+    import os
+
+    from csm_gguf import voices
+    from csm_gguf.web import create_app
+
+    os.environ["CSM_GGUF_VOICES"] = str(tmp_path_factory.mktemp("voices"))
+    voices.save_voice("narrator", Voice([Segment(3, "A saved voice prompt.", random_codes(12, 64, seed=7))], speaker=3))
+    app = create_app(model=str(f32_model), max_streams=MAX_STREAMS, max_queue=MAX_QUEUE, kv_type="f32")
+    srv = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield app, f"http://127.0.0.1:{srv.server_port}"
+    srv.shutdown()
+    app.extensions["csm"].close()
+    del os.environ["CSM_GGUF_VOICES"]
+
+
+@pytest.fixture
+def base(server):
+    return server[1]
+
+
+@pytest.fixture
+def engine(server):
+    return server[0].extensions["csm"]
+
+
+@pytest.fixture
+def client(base):
+    return openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+
+
+def reference(engine, text=TEXT, **kwargs) -> np.ndarray:
+    """CSM.generate for the same request. The engine thread is idle between requests, so the test
+    borrows its CSM (the same model, no second 10 s load)."""
+    assert not engine.active and not engine.waiting
+    return engine.tts.generate(text, **kwargs)
+
+
+def pcm(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768
+
+
+def assert_same_audio(actual: np.ndarray, expected: np.ndarray) -> None:
+    """Audio read back from 16-bit PCM equals float audio after the same clipping, within a step (the
+    server decodes frames in the chunks they arrive in, which rounds a little differently)."""
+    assert len(actual) == len(expected) > 0
+    ints = np.rint(np.asarray(actual) * 32768).astype(np.int32)
+    np.testing.assert_allclose(ints, to_int16(expected).astype(np.int32), atol=1)
+
+
+def post(base: str, body, **kw) -> httpx.Response:
+    content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post(f"{base}/v1/audio/speech", content=content, timeout=60, **kw)
+
+
+def open_stream(base: str, body: dict) -> socket.socket:
+    """A raw streaming request, so the test can hang up whenever it likes."""
+    host, port = base.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    data = json.dumps(body).encode()
+    sock.sendall(b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+    return sock
+
+
+def hang_up(sock: socket.socket) -> None:
+    sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
+
+
+def wait_idle(engine, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while engine.active or engine.waiting:
+        assert time.monotonic() < deadline, engine.stats()
+        time.sleep(0.01)
+    assert len(engine.generator.free_slots) == MAX_STREAMS
+
+
+# --- the OpenAI client ---------------------------------------------------------------------------------
+
+
+def test_create_equals_generate(client, engine):
+    response = client.audio.speech.create(model="csm-1b", voice="echo", input=TEXT, response_format="wav",
+                                          extra_body=GREEDY)
+    audio, rate = sf.read(io.BytesIO(response.content), dtype="float32")
+    assert rate == 24_000
+    expected = reference(engine, speaker=4, **GREEDY)  # echo is speaker 4
+    assert_same_audio(audio, expected)
+
+
+def test_long_text_is_spoken_in_pieces_like_generate(client, engine):
+    text = " ".join(f"This is sentence number {i}, which goes on for a while." for i in range(12))
+    assert len(engine.tts.pieces(text)) > 1
+    body = {"temperature": 0, "max_audio_ms": 240, "seed": 3, "speaker_id": 2}
+    response = client.audio.speech.create(model="tts-1", voice="alloy", input=text, response_format="pcm",
+                                          extra_body=body)
+    expected = reference(engine, text, speaker=2, temperature=0, max_audio_ms=240, seed=3)
+    assert_same_audio(pcm(response.content), expected)
+
+
+def test_saved_voice_uses_its_prompt(client, engine):
+    voices = httpx.get(f"{client.base_url}audio/voices").json()
+    assert {"id": "narrator", "name": "narrator", "type": "saved", "speaker_id": None} in voices["voices"]
+    response = client.audio.speech.create(model="csm-1b", voice="narrator", input=TEXT, response_format="pcm",
+                                          extra_body=GREEDY)
+    from csm_gguf.voices import load_voice
+
+    voice = load_voice("narrator")
+    expected = reference(engine, speaker=voice.speaker, context=voice.segments, **GREEDY)
+    assert_same_audio(pcm(response.content), expected)
+    plain = reference(engine, speaker=3, **GREEDY)
+    assert not np.allclose(expected, plain)  # the prompt made a difference
+
+
+def test_context_segments_as_codes_and_audio(client, engine):
+    codes = random_codes(8, 64, seed=3)
+    wav = io.BytesIO()
+    sf.write(wav, engine.tts.decode(codes), 24_000, format="WAV")
+    segments = {
+        "codes": {"speaker": 1, "text": "Earlier words.", "codes": codes.tolist()},
+        "audio": {"speaker": 1, "text": "Earlier words.", "audio": base64.b64encode(wav.getvalue()).decode()},
+    }
+    for kind, segment in segments.items():
+        response = client.audio.speech.create(model="csm-1b", voice="alloy", input=TEXT, response_format="pcm",
+                                              extra_body={**GREEDY, "context": [segment]})
+        ctx_codes = codes if kind == "codes" else engine.tts.encode(sf.read(io.BytesIO(wav.getvalue()),
+                                                                             dtype="float32")[0])
+        expected = reference(engine, context=[Segment(1, "Earlier words.", ctx_codes)], **GREEDY)
+        assert_same_audio(pcm(response.content), expected)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_streaming_response_every_format(client, engine, fmt):
+    expected = reference(engine, speaker=7, **GREEDY)  # nova
+    with client.audio.speech.with_streaming_response.create(
+        model="csm-1b", voice="nova", input=TEXT, response_format=fmt, extra_body=GREEDY
+    ) as response:
+        assert response.headers["content-type"].startswith({"wav": "audio/wav", "pcm": "audio/pcm", "flac": "audio/flac",
+                                                             "mp3": "audio/mpeg", "opus": "audio/ogg"}[fmt])
+        assert "content-length" not in response.headers
+        data = b"".join(response.iter_bytes())
+    audio = pcm(data) if fmt == "pcm" else sf.read(io.BytesIO(data), dtype="float32")[0]
+    if fmt in ("wav", "pcm", "flac"):
+        assert_same_audio(audio, expected)
+    else:  # lossy: a file that decodes to sound
+        assert len(audio) > 0 and np.abs(audio).max() > 0
+
+
+def test_streamed_equals_whole_file(base, engine):
+    body = {"model": "csm-1b", "input": TEXT, "voice": "ash", "response_format": "wav", **GREEDY}
+    streamed = post(base, body)
+    whole = post(base, {**body, "stream": False})
+    assert whole.headers["content-length"] == str(len(whole.content))
+    a, _ = sf.read(io.BytesIO(streamed.content), dtype="float32")
+    b, _ = sf.read(io.BytesIO(whole.content), dtype="float32")
+    np.testing.assert_allclose(a, b, atol=1 / 32768)
+
+
+def test_sse_events(client, base):
+    with client.audio.speech.with_streaming_response.create(
+        model="gpt-4o-mini-tts", voice="coral", input=TEXT, response_format="pcm", stream_format="sse",
+        extra_body=GREEDY, instructions="Speak cheerfully.",  # accepted and ignored
+    ) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+    assert [e["type"] for e in events[:-1]] == ["speech.audio.delta"] * (len(events) - 1)
+    assert events[-1]["type"] == "speech.audio.done"
+    audio = b"".join(base64.b64decode(e["audio"]) for e in events[:-1])
+    plain = post(base, {"model": "csm-1b", "input": TEXT, "voice": "coral", "response_format": "pcm", **GREEDY})
+    np.testing.assert_allclose(pcm(audio), pcm(plain.content), atol=1 / 32768)
+    usage = events[-1]["usage"]
+    assert usage["output_tokens"] == 10 and usage["total_tokens"] == usage["input_tokens"] + 10
+
+
+def test_first_bytes_leave_early_and_disconnect_frees_the_slot(base, engine):
+    sock = open_stream(base, {"model": "csm-1b", "input": TEXT, "response_format": "pcm", "max_audio_ms": 60_000})
+    received = b""
+    while b"\r\n\r\n" not in received or received.endswith(b"\r\n\r\n"):
+        received += sock.recv(65536)
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"Transfer-Encoding: chunked" in head and body
+    assert engine.stats()["active_streams"] == 1  # audio arrived while the request is still being generated
+    hang_up(sock)  # the client goes away mid-stream
+    wait_idle(engine)
+
+
+# --- many clients ----------------------------------------------------------------------------------------
+
+
+def test_concurrent_streams_are_batched_and_equal_solo(base, engine):
+    texts = [f"Client number {i} says something {'rather ' * i}different." for i in range(8)]
+    voices = ["alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "nova"]
+    bodies = [{"model": "csm-1b", "input": t, "voice": v, "response_format": "pcm", **GREEDY}
+              for t, v in zip(texts, voices)]
+
+    calls = engine.generator.decode_calls
+    solo = [post(base, b).content for b in bodies]
+    serial_calls = engine.generator.decode_calls - calls
+
+    results: list[bytes | None] = [None] * 8
+    barrier = threading.Barrier(8)
+
+    def run(i: int) -> None:
+        barrier.wait()
+        with httpx.stream("POST", f"{base}/v1/audio/speech", content=json.dumps(bodies[i]), timeout=60) as r:
+            assert r.status_code == 200
+            results[i] = b"".join(r.iter_bytes())
+
+    calls = engine.generator.decode_calls
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    batched_calls = engine.generator.decode_calls - calls
+    for i in range(8):
+        assert results[i] is not None and len(results[i]) == len(solo[i]) == 10 * 2 * engine.tts.codec.cfg.frame_size
+        np.testing.assert_allclose(pcm(results[i]), pcm(solo[i]), atol=1 / 32768)
+    print(f"decode calls: {serial_calls} one by one, {batched_calls} for 8 at once")
+    assert batched_calls < serial_calls / 2
+    wait_idle(engine)
+
+
+def test_engine_batched_greedy_codes_equal_solo_codes(engine):
+    from csm_gguf.server_engine import SpeechJob
+
+    def codes(job) -> np.ndarray:
+        frames = []
+        while (got := job.next_frames(timeout=30)) is not None:
+            frames += got
+        return np.stack(frames)
+
+    specs = [SpeechJob(f"Sentence {i} for the engine{'!' * i}", speaker=i, temperature=0, max_audio_ms=800)
+             for i in range(8)]
+    solo = [codes(engine.submit(s)) for s in specs]
+    jobs = [engine.submit(s) for s in specs]
+    for job, expected in zip(jobs, solo):
+        np.testing.assert_array_equal(codes(job), expected)
+    wait_idle(engine)
+
+
+def test_full_queue_answers_429_and_nothing_leaks(base, engine):
+    body = {"model": "csm-1b", "input": TEXT, "response_format": "pcm", "max_audio_ms": 60_000}
+    socks = [open_stream(base, body) for _ in range(MAX_STREAMS + MAX_QUEUE)]
+    deadline = time.monotonic() + 10
+    while len(engine.active) + len(engine.waiting) < MAX_STREAMS + MAX_QUEUE:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert httpx.get(f"{base}/health").json()["queue_depth"] == MAX_QUEUE
+    full = post(base, body)
+    assert full.status_code == 429 and full.json()["error"]["code"] == "queue_full"
+    for sock in socks:
+        hang_up(sock)
+    wait_idle(engine, timeout=20)
+
+
+# --- websocket ----------------------------------------------------------------------------------------------
+
+
+def ws_collect(ws) -> tuple[bytes, dict]:
+    audio = b""
+    while True:
+        message = ws.receive(timeout=30)
+        assert message is not None
+        if isinstance(message, bytes):
+            audio += message
+        else:
+            event = json.loads(message)
+            assert event["type"] == "done", event
+            return audio, event
+
+
+def test_websocket_request_response(base, engine):
+    ws = WsClient.connect(base.replace("http", "ws") + "/v1/audio/speech/ws")
+    try:
+        ws.send(json.dumps({"input": TEXT, "voice": "sage", "response_format": "pcm", **GREEDY}))
+        audio, done = ws_collect(ws)
+        assert done["frames"] == 10 and done["sentences"] == 1 and done["bytes"] == len(audio)
+        expected = reference(engine, speaker=8, **GREEDY)
+        assert_same_audio(pcm(audio), expected)
+        ws.send("{not json")
+        assert json.loads(ws.receive(timeout=10))["error"]["code"] == "invalid_json"
+        ws.send(json.dumps({"input": "", "voice": "sage"}))
+        assert json.loads(ws.receive(timeout=10))["error"]["param"] == "input"
+        ws.send(json.dumps({"input": "Once more."}))  # the session's settings still hold: pcm, greedy
+        audio, done = ws_collect(ws)
+        assert done["response_format"] == "pcm" and done["frames"] == 10
+    finally:
+        ws.close()
+
+
+def test_websocket_text_in_pieces(base, engine):
+    ws = WsClient.connect(base.replace("http", "ws") + "/v1/audio/speech/ws")
+    try:
+        ws.send(json.dumps({"voice": "onyx", "response_format": "wav", **GREEDY}))
+        for piece in ["Hello the", "re. How are", " you to", "day? I am"]:
+            ws.send(json.dumps({"type": "text", "text": piece}))
+        first = ws.receive(timeout=30)  # the first sentence is spoken before the flush
+        assert isinstance(first, bytes) and first.startswith(b"RIFF")
+        ws.send(json.dumps({"type": "flush"}))
+        audio, done = ws_collect(ws)
+        assert done["sentences"] == 3 and done["frames"] == 30
+        samples, _ = sf.read(io.BytesIO(first + audio), dtype="float32")
+        assert len(samples) == 30 * engine.tts.codec.cfg.frame_size
+    finally:
+        ws.close()
+
+
+def test_websocket_disconnect_mid_stream(base, engine):
+    ws = WsClient.connect(base.replace("http", "ws") + "/v1/audio/speech/ws")
+    ws.send(json.dumps({"input": TEXT, "response_format": "pcm", "max_audio_ms": 60_000}))
+    assert isinstance(ws.receive(timeout=30), bytes)
+    assert engine.stats()["active_streams"] == 1
+    ws.close()
+    wait_idle(engine)
+
+
+# --- the other endpoints and errors --------------------------------------------------------------------------
+
+
+def test_models_voices_health(client, base):
+    assert "csm-1b" in [m.id for m in client.models.list()]
+    voices = httpx.get(f"{base}/v1/audio/voices").json()
+    assert voices["default"] == "alloy"
+    assert {v["id"]: v["speaker_id"] for v in voices["voices"]}["cedar"] == 12
+    health = httpx.get(f"{base}/health").json()
+    assert health["model_loaded"] and health["queue_depth"] == 0 and health["max_streams"] == MAX_STREAMS
+    page = httpx.get(f"{base}/").text
+    assert "CSM_GGUF_MAX_STREAMS" in page and "/v1/audio/speech" in page
+
+
+OK = {"model": "csm-1b", "input": TEXT, "voice": "alloy"}
+
+
+@pytest.mark.parametrize("body, param, code", [
+    (b"{not json", None, "invalid_json"),
+    ([1, 2], None, "invalid_json"),
+    ({"model": "csm-1b", "voice": "alloy"}, "input", "missing_required_parameter"),
+    ({**OK, "input": "   "}, "input", "invalid_value"),
+    ({**OK, "input": "a" * 4097}, "input", "string_above_max_length"),
+    ({**OK, "input": 5}, "input", "invalid_value"),
+    ({**OK, "model": "whisper-1"}, "model", "model_not_found"),
+    ({"input": TEXT, "voice": "alloy"}, "model", "missing_required_parameter"),
+    ({**OK, "voice": "nobody"}, "voice", "voice_not_found"),
+    ({**OK, "voice": {"id": "nobody"}}, "voice", "voice_not_found"),
+    ({**OK, "response_format": "aac"}, "response_format", "unsupported_value"),
+    ({**OK, "response_format": "ogg"}, "response_format", "unsupported_value"),
+    ({**OK, "stream_format": "json"}, "stream_format", "invalid_value"),
+    ({**OK, "speed": 1.5}, "speed", "unsupported_value"),
+    ({**OK, "speed": 9}, "speed", "out_of_range"),
+    ({**OK, "temperature": -1}, "temperature", "out_of_range"),
+    ({**OK, "temperature": "hot"}, "temperature", "invalid_value"),
+    ({**OK, "top_k": 0}, "top_k", "out_of_range"),
+    ({**OK, "top_k": 2.5}, "top_k", "invalid_value"),
+    ({**OK, "seed": -3}, "seed", "out_of_range"),
+    ({**OK, "max_audio_ms": 0}, "max_audio_ms", "out_of_range"),
+    ({**OK, "speaker_id": True}, "speaker_id", "invalid_value"),
+    ({**OK, "instructions": "x" * 4097}, "instructions", "invalid_value"),
+    ({**OK, "context": {"a": 1}}, "context", "invalid_value"),
+    ({**OK, "context": [{"speaker": 0, "text": "hi"}]}, "context[0]", "invalid_value"),
+    ({**OK, "context": [{"speaker": 0, "text": "hi", "codes": [[1] * 31]}]}, "context[0].codes", "invalid_value"),
+    ({**OK, "context": [{"speaker": 0, "text": "hi", "codes": [[99] * 32]}]}, "context[0].codes", "invalid_value"),
+    ({**OK, "context": [{"speaker": 0, "text": "hi", "audio": "!!"}]}, "context[0].audio", "invalid_value"),
+    ({**OK, "context": [{"speaker": 0, "text": "hi", "audio": "aGVsbG8="}]}, "context[0].audio", "invalid_value"),
+    ({**OK, "context": [{"speaker": 0, "text": "x", "codes": random_codes(2100, 64, 1).tolist()}]}, "context",
+     "context_length_exceeded"),
+    ({**OK, "colour": "blue"}, "colour", "unknown_parameter"),
+])
+def test_bad_requests_get_400_in_openai_shape(base, body, param, code):
+    response = post(base, body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert (error["param"], error["code"], error["type"]) == (param, code, "invalid_request_error")
+
+
+def test_api_key(server, client, base):
+    app = server[0]
+    app.config["API_KEY"] = "secret"
+    try:
+        with pytest.raises(openai.AuthenticationError) as e:
+            client.audio.speech.create(model="csm-1b", voice="alloy", input=TEXT)
+        assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
+        ok = openai.OpenAI(base_url=f"{base}/v1", api_key="secret", max_retries=0)
+        assert len(ok.audio.speech.create(model="csm-1b", voice="alloy", input="Hi.", response_format="pcm",
+                                          extra_body=GREEDY).content) > 0
+        assert httpx.get(f"{base}/health").status_code == 200  # health checks need no key
+    finally:
+        app.config["API_KEY"] = None
+
+
+def test_unknown_routes_and_methods_answer_in_openai_shape(base):
+    for response in (httpx.get(f"{base}/v1/nothing"), httpx.get(f"{base}/v1/audio/speech")):
+        assert response.status_code in (404, 405) and set(response.json()["error"]) == {"message", "type", "param",
+                                                                                         "code"}
+
+
+VALUES = st.one_of(st.none(), st.booleans(), st.integers(-10, 10**7), st.floats(allow_nan=True), st.text(max_size=8),
+                   st.lists(st.integers(-2, 70), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+BODIES = st.one_of(
+    # always a max_audio_ms, never a valid one above two frames: accepted requests must not keep the test waiting
+    st.fixed_dictionaries({"max_audio_ms": st.sampled_from([80, 160.5]) | st.integers(-10, 0)
+                           | st.integers(600_001, 10**8) | st.text()}, optional={
+        "model": st.sampled_from(["csm-1b", "tts-1", "x"]) | VALUES,
+        "input": st.text(max_size=30) | VALUES,
+        "voice": st.sampled_from(["alloy", "narrator", "zzz"]) | VALUES,
+        "response_format": st.sampled_from([*FORMATS, "aac"]) | VALUES,
+        "stream_format": st.sampled_from(["audio", "sse"]) | VALUES,
+        "speed": st.sampled_from([1, 1.0, 0.5]) | VALUES,
+        "temperature": VALUES, "top_k": VALUES, "seed": VALUES, "speaker_id": VALUES, "stream": VALUES,
+        "instructions": VALUES,
+        "context": st.lists(st.dictionaries(st.sampled_from(["speaker", "text", "codes", "audio"]), VALUES,
+                                            max_size=4), max_size=2) | VALUES,
+    }),
+    VALUES,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(body=BODIES)
+def test_fuzzed_bodies_never_get_500(base, body):
+    content = json.dumps(body, allow_nan=True)
+    with httpx.stream("POST", f"{base}/v1/audio/speech", content=content, timeout=60) as response:
+        assert response.status_code < 500, response.read()
+        if response.status_code >= 400:
+            response.read()
+            assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+        # a request that was accepted: hang up after its status (the slot is freed within a frame)
