@@ -497,10 +497,10 @@ class Mimi(nn.Module):
 
     @torch.inference_mode()
     def decoder_state(self, batch_size: int = 1) -> DecoderState:
-        # The KV buffers start with room for the window plus 10 s of steps; `KVCache.update` compacts them.
+        # KV buffers of twice the window: `KVCache.update` compacts them every ~window steps (10 s).
         return DecoderState(
             upsample=self.upsample.init_state(batch_size),
-            transformer=self.decoder_transformer.init_state(batch_size, 2 * self.cfg.sliding_window + 250),
+            transformer=self.decoder_transformer.init_state(batch_size, 2 * self.cfg.sliding_window),
             seanet=self.decoder.init_state(batch_size),
         )
 
