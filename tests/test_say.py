@@ -1,0 +1,160 @@
+"""The say command and the CSM API end to end on the tiny model (with its tiny codec)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from csm_gguf.audio import to_int16
+from csm_gguf.say import main
+from csm_gguf.tts import CSM, PIECE_TOKENS
+from reference import reference_greedy_codes, reference_prompt_embeddings
+
+TEXT = "Hello there, how are you doing today?"
+
+
+@pytest.fixture(scope="module")
+def tts(f32_model):
+    engine = CSM(f32_model, kv_type="f32")
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(autouse=True)
+def voices_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("CSM_GGUF_VOICES", str(tmp_path / "voices"))
+
+
+def reference_audio(tiny_csm, tts, frames: int) -> tuple[np.ndarray, np.ndarray]:
+    emb = reference_prompt_embeddings(tiny_csm, tts.model.prompt_tokens, TEXT, 0, [])
+    codes = reference_greedy_codes(tiny_csm, emb, frames)
+    with torch.no_grad():
+        audio = tiny_csm.codec_model.decode(torch.tensor(codes.T[None])).audio_values[0, 0].numpy()
+    return codes, audio
+
+
+def test_api_audio_equals_reference_decode_of_reference_codes(tiny_csm, tts):
+    codes, ref_audio = reference_audio(tiny_csm, tts, 12)
+    ours = np.stack(list(tts.frames(TEXT, temperature=0, max_audio_ms=12 * 80)))
+    np.testing.assert_array_equal(ours, codes)
+    audio = tts.generate(TEXT, temperature=0, max_audio_ms=12 * 80)
+    np.testing.assert_allclose(audio, ref_audio, atol=1e-3 * np.abs(ref_audio).max())
+    # One frame at a time through the streaming codec gives the same samples.
+    streamed = np.concatenate(list(tts.stream(TEXT, chunk_frames=1, temperature=0, max_audio_ms=12 * 80)))
+    np.testing.assert_allclose(streamed, audio, atol=1e-5 * np.abs(audio).max())
+
+
+def test_say_writes_the_reference_audio(tiny_csm, tts, f32_model, tmp_path, capsys):
+    _, ref_audio = reference_audio(tiny_csm, tts, 12)
+    out = tmp_path / "out.wav"
+    assert main([TEXT, "--model", str(f32_model), "--temperature", "0", "--max-audio-ms", str(12 * 80),
+                 "--output", str(out), "--save-codes", str(tmp_path / "codes.npy")]) == 0
+    data, rate = sf.read(out, dtype="int16")
+    assert rate == 24000 and data.ndim == 1
+    assert np.abs(data.astype(np.int32) - to_int16(ref_audio)).max() <= 1
+    assert np.load(tmp_path / "codes.npy").shape == (12, 32)
+    assert "real-time factor" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", ["wav", "flac", "mp3", "opus", "pcm"])
+def test_every_format(f32_model, tmp_path, fmt):
+    out = tmp_path / f"speech.{fmt}"
+    assert main([TEXT, "--model", str(f32_model), "--seed", "1", "--max-audio-ms", "2000", "-o", str(out)]) == 0
+    frames = 2000 // 80
+    if fmt == "pcm":
+        samples = len(out.read_bytes()) // 2
+    else:
+        info = sf.info(out)
+        assert info.samplerate == 24000 and info.channels == 1
+        samples = info.frames
+    expected = frames * CSM(f32_model).codec.cfg.frame_size
+    assert abs(samples - expected) <= 2304  # mp3/opus frames pad a little
+
+
+def test_stdout_streams_pcm(f32_model, capfdbinary):
+    assert main([TEXT, "--model", str(f32_model), "--seed", "1", "--max-audio-ms", "800", "-o", "-",
+                 "--format", "pcm"]) == 0
+    out = capfdbinary.readouterr().out
+    assert len(out) > 0 and len(out) % 2 == 0
+
+
+def test_saved_voice_gives_the_same_codes_as_its_context(f32_model, tts, tmp_path):
+    prompt_audio = tmp_path / "prompt.wav"
+    sf.write(prompt_audio, 0.3 * np.sin(np.linspace(0, 400, 24000)), 24000)
+    direct, via_voice = tmp_path / "direct.npy", tmp_path / "voice.npy"
+    common = ["--model", str(f32_model), "--seed", "7", "--max-audio-ms", "800"]
+    assert main(["Say this.", *common, "--context", "2", "A prompt.", str(prompt_audio),
+                 "--speaker", "2", "-o", str(tmp_path / "a.wav"), "--save-codes", str(direct)]) == 0
+    assert main(["--save-voice", "narrator", "--model", str(f32_model), "--speaker", "2",
+                 "--context", "2", "A prompt.", str(prompt_audio)]) == 0
+    assert main(["--list-voices"]) == 0
+    assert main(["Say this.", *common, "--voice", "narrator", "-o", str(tmp_path / "b.wav"),
+                 "--save-codes", str(via_voice)]) == 0
+    np.testing.assert_array_equal(np.load(direct), np.load(via_voice))
+
+
+def test_long_text_pieces_fit_carry_context_and_join_seamlessly(tts, monkeypatch):
+    sentences = [f"This is sentence number {i}, which says a little more." for i in range(42)]
+    text = " ".join(sentences)
+    pieces = tts.pieces(text)
+    assert len(pieces) > 3
+    assert all(len(tts.model.tokenize(p)) <= PIECE_TOKENS for p in pieces)
+    assert " ".join(pieces) == text
+
+    seen_contexts = []
+    generate = tts.generator.generate
+
+    def spy(piece, speaker, context, sampling):
+        seen_contexts.append([seg.text for seg in context])
+        return generate(piece, speaker, context, sampling)
+
+    monkeypatch.setattr(tts.generator, "generate", spy)
+    frames = []
+    audio = np.concatenate(list(tts.decode_stream(
+        (frames.append(f) or f for f in tts.frames(text, seed=3, max_audio_ms=4 * 80)), chunk_frames=3)))
+    assert len(seen_contexts) == len(pieces)
+    assert seen_contexts[0] == []
+    for i in range(1, len(pieces)):
+        assert seen_contexts[i] == [pieces[i - 1]]  # each piece hears the previous one
+    # One continuous stream: identical to decoding every frame at once, so no seam at the joins.
+    np.testing.assert_allclose(audio, tts.decode(np.stack(frames)), atol=1e-5 * np.abs(audio).max())
+
+
+def test_budget_is_proportional_to_text(tts):
+    short, long = tts.frame_budget("Hi.", None), tts.frame_budget("A much longer sentence " * 5, None)
+    assert short < long
+    assert tts.frame_budget("Hi.", 1234.0) == 1234.0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["", "-o", "{tmp}/x.wav"], "no text"),
+    (["hi", "--voice", "nobody", "-o", "{tmp}/x.wav"], "unknown voice 'nobody'"),
+    (["hi", "--temperature", "-1", "-o", "{tmp}/x.wav"], "--temperature must be >= 0"),
+    (["hi", "--top-k", "0", "-o", "{tmp}/x.wav"], "--top-k must be >= 1"),
+    (["hi", "--context", "0", "words", "{tmp}/missing.wav", "-o", "{tmp}/x.wav"], "missing.wav"),
+    (["hi", "--context", "0", "words", "{tmp}/garbage.wav", "-o", "{tmp}/x.wav"], "garbage.wav"),
+    (["hi", "-o", "{tmp}/x.aac"], "aac"),
+])
+def test_bad_input_is_a_clear_error_with_no_output(f32_model, tmp_path, capsys, args, message):
+    (tmp_path / "garbage.wav").write_bytes(b"RIFF nonsense")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in args] + ["--model", str(f32_model)]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.wav").exists() and not (tmp_path / "x.aac").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_no_model_offline_says_what_to_do(tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants as c
+
+    monkeypatch.setenv("CSM_GGUF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("CSM_GGUF_MODEL", raising=False)
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["Hello"]) == 2
+    err = capsys.readouterr().err
+    assert "unreachable" in err and "--model" in err
+    assert list(tmp_path.glob("*.wav")) == []
