@@ -1,0 +1,714 @@
+"""python bench.py: how fast csm-gguf speaks, where the time goes, and against what.
+
+For each model variant: real-time factor (generation seconds per audio second), time to first audio
+(streaming, prompt included), frames per second and peak memory over several runs after a warm-up;
+the per-frame stage breakdown; the floor (the same llama.cpp decodes with no pipeline around them);
+optionally batched streams (--concurrency), fidelity against the f32 model (--quality) and
+transformers as a peer (--compare transformers). Without --model it benchmarks a full-size CSM-1B
+with random weights, converted once into the cache (random weights never end speech: --frames fixes
+the length). Stages are timed by wrapping the generator's calls from outside: about 70 timer pairs per
+80 ms frame, microseconds against the ~100+ ms a frame takes on a CPU.
+
+    python bench.py --qtype q4_k,q8_0 --compare transformers --quality --json bench.json --plot bench.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+TEXT = "The quick brown fox jumps over the lazy dog, and then it runs far away into the forest."
+FRAME_S = 0.08
+FRAME_MS = 80
+WEIGHTS_SEED = 0  # convert_random's: the transformers peer rebuilds exactly those weights
+
+
+# --- measuring ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Spread:
+    median: float
+    min: float
+    max: float
+    values: list[float]
+
+    @classmethod
+    def of(cls, values: list[float]) -> Spread:
+        return cls(statistics.median(values), min(values), max(values), values)
+
+
+class Profile:
+    """Exclusive wall time per call path ("step/backbone", ...) of the callables it wraps."""
+
+    def __init__(self) -> None:
+        self.stack: list[str] = []
+        self.totals: dict[str, float] = defaultdict(float)
+        self._undo: list[tuple[Any, str, Any]] = []
+
+    def wrap(self, owner: Any, attr: str, label: str) -> None:
+        fn = getattr(owner, attr)
+
+        def timed(*args, **kwargs):
+            self.stack.append(label)
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                dt = time.perf_counter() - t
+                self.totals["/".join(self.stack)] += dt
+                self.stack.pop()
+                if self.stack:  # the caller's own time excludes its callees'
+                    self.totals["/".join(self.stack)] -= dt
+
+        own = attr in getattr(owner, "__dict__", {})
+        self._undo.append((owner, attr, fn if own else None))
+        setattr(owner, attr, timed)
+
+    def restore(self) -> None:
+        for owner, attr, fn in reversed(self._undo):
+            if fn is None:
+                delattr(owner, attr)
+            else:
+                setattr(owner, attr, fn)
+        self._undo.clear()
+
+    def get(self, *paths: str) -> float:
+        return sum(self.totals.get(p, 0.0) for p in paths)
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs (sampled every 20 ms)."""
+
+    def __enter__(self) -> PeakRSS:
+        import psutil
+
+        self._proc = psutil.Process()
+        self.peak = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    @property
+    def mib(self) -> float:
+        return self.peak / 2**20
+
+
+# --- figures ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Stages:
+    """Milliseconds per frame (prompt: per run)."""
+
+    frame: float
+    backbone: float
+    decoder: float  # 31 depth-decoder steps
+    heads_sampling: float
+    mimi: float
+    rest: float
+    prompt: float
+
+
+@dataclass
+class Floor:
+    frame_ms: float
+    backbone_ms: float
+    decoder_step_ms: float
+    rtf: float
+
+
+@dataclass
+class Concurrency:
+    streams: int
+    frames: int
+    seconds: float
+    aggregate_xrt: float
+    per_stream_rtf: float
+
+
+@dataclass
+class Quality:
+    frames: int
+    codebook0_top1: float
+    codebook0_kl: float
+    decoder_top1: float
+    decoder_kl: float
+
+
+@dataclass
+class Variant:
+    name: str
+    model_dir: str
+    qtype: str
+    decoder_qtype: str
+    weights: str
+    load_s: float
+    frames: int
+    rtf: Spread
+    xrt: Spread
+    ttfa_s: Spread
+    fps: Spread
+    stages_ms: Stages
+    floor: Floor
+    frame_over_floor: float  # our whole frame (Mimi included) / the floor's
+    generation_over_floor: float  # our frame without Mimi / the floor's: the pipeline's overhead alone
+    peak_rss_mib: float
+    concurrency: list[Concurrency] = field(default_factory=list)
+    quality: Quality | None = None
+
+
+# --- one variant --------------------------------------------------------------------------------------
+
+
+def sampling(frames: int, seed: int):
+    from csm_gguf.generator import Sampling
+
+    return Sampling(temperature=0.9, top_k=50, seed=seed, max_audio_ms=frames * FRAME_MS)
+
+
+def run_once(tts, frames: int, seed: int) -> tuple[float, float, int]:
+    """(seconds, seconds to the first audio, frames) of one streamed utterance via the public API."""
+    t0 = time.perf_counter()
+    first, n = None, 0
+    for _ in tts.stream(TEXT, seed=seed, max_audio_ms=frames * FRAME_MS):
+        if first is None:
+            first = time.perf_counter() - t0
+        n += 1
+    return time.perf_counter() - t0, first or 0.0, n
+
+
+def instrument(tts) -> Profile:
+    from csm_gguf import generator as generator_module
+
+    gen, prof = tts.generator, Profile()
+    prof.wrap(gen, "prompt_embeddings", "prompt")
+    prof.wrap(gen, "start", "prompt")
+    prof.wrap(gen, "step", "step")
+    prof.wrap(gen.backbone, "decode", "backbone")
+    prof.wrap(gen.decoder, "decode", "decoder")
+    prof.wrap(gen, "_sample_codebook", "heads")
+    prof.wrap(generator_module, "sample", "sample")
+    prof.wrap(tts.codec, "decode_step", "mimi")
+    return prof
+
+
+def stages(prof: Profile, seconds: float, frames: int, runs: int) -> Stages:
+    ms = 1000.0 / frames
+    prompt = prof.get("prompt", "prompt/backbone")
+    frame = (seconds - prompt) * ms
+    parts = dict(
+        backbone=prof.get("step/backbone") * ms,
+        decoder=prof.get("step/decoder") * ms,
+        heads_sampling=prof.get("step/heads", "step/heads/sample", "step/sample") * ms,
+        mimi=prof.get("mimi") * ms,
+    )
+    return Stages(frame=frame, rest=frame - sum(parts.values()), prompt=prompt * 1000 / runs, **parts)
+
+
+def floor(gen, frames: int, prompt_len: int, streams: int = 1) -> Floor:
+    """The same llama.cpp decodes as `Generator.step` (same models, contexts and batch shapes), inputs
+    filled once, nothing else: what a frame costs with no pipeline at all."""
+    bb, dec, k, s = gen.backbone, gen.decoder, gen.cfg.num_codebooks, streams
+    rng = np.random.default_rng(0)
+    bb.embd[: max(prompt_len, s)] = 0.02 * rng.standard_normal((max(prompt_len, s), bb.n_embd), dtype=np.float32)
+    dec.embd[: 2 * s] = 0.02 * rng.standard_normal((2 * s, dec.n_embd), dtype=np.float32)
+    slots = np.arange(s, dtype=np.int32)
+    # A prompt's worth of cache first, so attention spans the positions it spans in the real run.
+    for slot in slots:
+        bb.remove_sequence(int(slot))
+        bb.pos[:prompt_len] = np.arange(prompt_len)
+        bb.output[:prompt_len] = 0
+        bb.set_seq_ids(np.full(prompt_len, slot, dtype=np.int32))
+        bb.decode(prompt_len)
+    backbone = decoder = 0.0
+    for f in range(frames):
+        t0 = time.perf_counter()
+        bb.pos[:s] = prompt_len + f
+        bb.output[:s] = 1
+        bb.set_seq_ids(slots)
+        bb.decode(s)
+        t1 = time.perf_counter()
+        dec.clear()
+        dec.pos[: 2 * s] = np.tile([0, 1], s)
+        dec.output[: 2 * s] = 1
+        dec.set_seq_ids(np.repeat(slots, 2))
+        dec.decode(2 * s)
+        dec.output[:s] = 1
+        dec.set_seq_ids(slots)
+        for i in range(2, k):
+            dec.pos[:s] = i
+            dec.decode(s)
+        backbone += t1 - t0
+        decoder += time.perf_counter() - t1
+    for slot in slots:
+        bb.remove_sequence(int(slot))
+    frame_ms = (backbone + decoder) * 1000 / frames
+    return Floor(frame_ms, backbone * 1000 / frames, decoder * 1000 / frames / (k - 1), frame_ms / FRAME_MS)
+
+
+def concurrency(tts, n_streams: int, frames: int, seed: int, args) -> Concurrency:
+    """`n_streams` utterances decoded together (Generator.step batching, batched Mimi): the server's path."""
+    import torch
+
+    from csm_gguf.generator import Generator
+
+    gen = Generator(tts.model, n_streams, args.threads, args.gpu_layers, args.kv_type)
+    try:
+        prompt = gen.prompt_embeddings(TEXT, 0)
+
+        def utterances(n_frames: int) -> float:
+            state = tts.codec.decoder_state(n_streams)
+            t0 = time.perf_counter()
+            streams = [gen.start(prompt, sampling(n_frames, seed + j)) for j in range(n_streams)]
+            for _ in range(n_frames):
+                codes = gen.step(streams)
+                tts.codec.decode_step(torch.from_numpy(codes[:, :, None]), state)
+            seconds = time.perf_counter() - t0
+            for st in streams:
+                gen.finish(st)
+            return seconds
+
+        utterances(min(frames, 3))  # warm-up
+        seconds = utterances(frames)
+    finally:
+        gen.close()
+    audio = frames * FRAME_S
+    return Concurrency(n_streams, frames, seconds, n_streams * audio / seconds, seconds / audio)
+
+
+def teacher_forced(model_dir: Path, codes: np.ndarray, args) -> tuple[np.ndarray, np.ndarray]:
+    """Codebook-0 logits (N, V) and depth-decoder logits (N, K-1, V) with the given codes fed back."""
+    from csm_gguf.generator import Generator
+    from csm_gguf.model import CSMModel
+
+    model = CSMModel(model_dir)
+    gen = Generator(model, 1, args.threads, args.gpu_layers, args.kv_type)
+    cfg, n = model.config, model.n_codes
+    v, k = cfg.audio_vocab_size, cfg.num_codebooks
+    bb, dec = gen.backbone, gen.decoder
+    c0 = np.empty((len(codes), n), np.float32)
+    rest = np.empty((len(codes), k - 1, n), np.float32)
+    try:
+        st = gen.start(gen.prompt_embeddings(TEXT, 0), sampling(len(codes), args.seed))
+        slot = np.array([st.slot], np.int32)
+        pending, pos = st.pending.copy(), st.pos
+        for f, frame in enumerate(codes):
+            bb.embd[0], bb.pos[0], bb.output[0] = pending, pos, 1
+            bb.set_seq_ids(slot)
+            bb.decode(1)
+            out = bb.logits(0)
+            c0[f] = out[:n]
+            dec.clear()
+            for i in range(1, k):
+                # Step 1 feeds projection(h) and codebook 0 together; later steps one code each.
+                rows = [out[gen._proj], model.decoder_inputs[frame[0]]] if i == 1 else [
+                    model.decoder_inputs[(i - 1) * v + frame[i - 1]]]
+                m = len(rows)
+                dec.embd[:m] = rows
+                dec.pos[:m] = np.arange(i + 1 - m, i + 1)
+                dec.output[:m] = 1
+                dec.set_seq_ids(np.repeat(slot, m))
+                dec.decode(m)
+                rest[f, i - 1] = (model.audio_head[i - 1] @ dec.hidden(m - 1))[:n]
+            pending, pos = gen.frame_embedding(frame), pos + 1
+    finally:
+        gen.close()
+    return c0, rest
+
+
+def agreement(ref: np.ndarray, q: np.ndarray) -> tuple[float, float]:
+    """(top-1 agreement, mean KL(ref || q)) of softmax distributions over the last axis."""
+
+    def log_softmax(x: np.ndarray) -> np.ndarray:
+        x = x.astype(np.float64)
+        x = x - x.max(axis=-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+    lr, lq = log_softmax(ref), log_softmax(q)
+    kl = (np.exp(lr) * (lr - lq)).sum(axis=-1)
+    return float((ref.argmax(-1) == q.argmax(-1)).mean()), float(kl.mean())
+
+
+def bench_variant(name: str, model_dir: Path, weights: str, args, reference: dict | None) -> Variant:
+    from csm_gguf.tts import CSM
+
+    with PeakRSS() as rss:
+        t0 = time.perf_counter()
+        tts = CSM(model_dir, n_threads=args.threads, n_gpu_layers=args.gpu_layers, kv_type=args.kv_type)
+        tts.codec  # built lazily: load it now, outside the timed runs
+        load_s = time.perf_counter() - t0
+        for _ in range(args.warmup):
+            run_once(tts, min(args.frames, 10), args.seed)
+        prof = instrument(tts)
+        try:
+            runs = [run_once(tts, args.frames, args.seed) for _ in range(args.runs)]
+        finally:
+            prof.restore()
+        seconds, frames = sum(r[0] for r in runs), sum(r[2] for r in runs)
+        st = stages(prof, seconds, frames, len(runs))
+        prompt_len = len(tts.generator.prompt_embeddings(TEXT, 0))
+        fl = floor(tts.generator, args.frames, prompt_len)
+    tts.generator.close()
+    rtf = [r[0] / (r[2] * FRAME_S) for r in runs]
+    v = Variant(
+        name=name, model_dir=str(model_dir), qtype=tts.model.qtype, decoder_qtype=tts.model.decoder_qtype,
+        weights=weights, load_s=load_s, frames=runs[0][2],
+        rtf=Spread.of(rtf), xrt=Spread.of([1 / r for r in rtf]), ttfa_s=Spread.of([r[1] for r in runs]),
+        fps=Spread.of([r[2] / r[0] for r in runs]), stages_ms=st, floor=fl,
+        frame_over_floor=st.frame / fl.frame_ms, generation_over_floor=(st.frame - st.mimi) / fl.frame_ms,
+        peak_rss_mib=rss.mib,
+    )
+    for s in args.concurrency:
+        v.concurrency.append(concurrency(tts, s, args.frames, args.seed, args))
+    if reference is not None:
+        c0, rest = teacher_forced(model_dir, reference["codes"], args)
+        top1_0, kl_0 = agreement(reference["c0"], c0)
+        top1_d, kl_d = agreement(reference["rest"], rest)
+        v.quality = Quality(len(c0), top1_0, kl_0, top1_d, kl_d)
+    tts.close()
+    return v
+
+
+def quality_reference(ref_dir: Path, args) -> dict:
+    """Codes the f32 model samples itself, and its logits along them."""
+    from csm_gguf.generator import Generator
+    from csm_gguf.model import CSMModel
+
+    gen = Generator(CSMModel(ref_dir), 1, args.threads, args.gpu_layers, args.kv_type)
+    try:
+        codes = np.stack(list(gen.generate(TEXT, 0, (), sampling(args.quality_frames, args.seed))))
+    finally:
+        gen.close()
+    c0, rest = teacher_forced(ref_dir, codes, args)
+    return dict(codes=codes, c0=c0, rest=rest)
+
+
+# --- peers --------------------------------------------------------------------------------------------
+
+
+def transformers_csm(config, codec_config: dict, seed: int):
+    """transformers' CsmForConditionalGeneration holding RandomCheckpoint(config, seed)'s weights."""
+    import torch
+    from transformers import CsmConfig, CsmForConditionalGeneration
+    from transformers.initialization import no_init_weights
+
+    from converter import tensor_map as tm
+    from converter.random_weights import RandomCheckpoint, random_mimi
+
+    def hf(t) -> dict:
+        s = t.rope_scaling
+        rope = {"rope_type": "default", "rope_theta": t.rope_theta} if s is None else {
+            "rope_type": "llama3", "rope_theta": t.rope_theta, "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+            "high_freq_factor": s.high_freq_factor, "original_max_position_embeddings": s.original_context}
+        return dict(hidden_size=t.n_embd, intermediate_size=t.n_ff, num_hidden_layers=t.n_layer,
+                    num_attention_heads=t.n_head, num_key_value_heads=t.n_head_kv, head_dim=t.head_dim,
+                    rms_norm_eps=t.norm_eps, max_position_embeddings=t.max_seq_len, rope_parameters=rope)
+
+    c = config
+    common = dict(num_codebooks=c.num_codebooks, vocab_size=c.audio_vocab_size)
+    hf_config = CsmConfig(
+        **hf(c.backbone), **common, text_vocab_size=c.text_vocab_size,
+        depth_decoder_config={**hf(c.decoder), **common, "backbone_hidden_size": c.backbone.n_embd},
+        codec_config={**codec_config, "model_type": "mimi"},
+    )
+    ckpt, T = RandomCheckpoint(c, seed), tm.TRANSFORMERS
+    state = {names[T]: ckpt.tensor(ours) for ours, names in tm.CSM_TENSORS.items()}
+    for model, t in (("backbone", c.backbone), ("decoder", c.decoder)):
+        for layer in range(t.n_layer):
+            for name in tm.BLOCK_TENSORS:
+                w = ckpt.block_tensor(model, layer, name)
+                if name in ("attn_q", "attn_k"):  # llama.cpp's interleaved RoPE pairs -> rotate_half halves
+                    heads = t.n_head if name == "attn_q" else t.n_head_kv
+                    w = w.reshape(heads, t.head_dim // 2, 2, -1).transpose(0, 2, 1, 3).reshape(w.shape)
+                state[tm.block_source_name(model, layer, name, T)] = w
+        state[tm.output_norm_source_name(model, T)] = ckpt.output_norm(model)
+    with no_init_weights():
+        csm = CsmForConditionalGeneration(hf_config)
+    # assign: the model takes the arrays themselves, so full size holds one copy of the weights, not two.
+    missing, unexpected = csm.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(w)) for k, w in state.items()},
+                                              strict=False, assign=True)
+    missing = [m for m in missing if not m.startswith("codec_model.")]
+    if missing or unexpected:
+        raise RuntimeError(f"transformers CSM weights do not line up: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    csm.codec_model = random_mimi(codec_config, seed)
+    return csm.eval()
+
+
+def mimi_figures(tts_dir: Path, codec_config: dict, frames: int, seed: int, peer: bool) -> dict:
+    """Mimi decode, ms per frame: ours streaming (1 frame a step) and batch, transformers' batch decode."""
+    import torch
+
+    from csm_gguf.tts import CSM
+
+    tts = CSM(tts_dir)
+    codec, n = tts.codec, tts.model.n_codes
+    codes = torch.from_numpy(np.random.default_rng(seed).integers(0, n, (1, tts.model.config.num_codebooks, frames)))
+    tts.close()
+
+    def per_frame(fn: Callable[[], Any]) -> float:
+        fn()  # warm-up
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1000 / frames
+
+    def streaming() -> None:
+        state = codec.decoder_state(1)
+        for i in range(frames):
+            codec.decode_step(codes[..., i : i + 1], state)
+
+    out = dict(frames=frames, ours_stream_ms=per_frame(streaming), ours_batch_ms=per_frame(lambda: codec.decode(codes)))
+    if peer:
+        from converter.random_weights import random_mimi
+
+        hf = random_mimi(codec_config, WEIGHTS_SEED)
+        with torch.inference_mode():
+            out["transformers_batch_ms"] = per_frame(lambda: hf.decode(codes))
+        out["transformers_over_ours_stream"] = out["transformers_batch_ms"] / out["ours_stream_ms"]
+    return out
+
+
+def transformers_peer(model_dir: Path, frames: int, seed: int) -> dict:
+    """End to end with transformers (fp32 on CPU, bf16 on a GPU): generate `frames` frames, decode them."""
+    import torch
+
+    from csm_gguf.model import CSMModel
+
+    from converter.mimi_keys import MOSHI_MIMI_CONFIG
+
+    model = CSMModel(model_dir)
+    csm = transformers_csm(model.config, model.codec_config or MOSHI_MIMI_CONFIG, WEIGHTS_SEED)
+    device, dtype = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
+    csm = csm.to(device, dtype)
+    tokens = torch.tensor(model.prompt_tokens(0, TEXT), device=device)
+    torch.manual_seed(seed)
+
+    def generate(n: int) -> tuple[float, float, int]:
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            embeds = csm.embed_text_tokens(tokens)[None]
+            codes = csm.generate(inputs_embeds=embeds, do_sample=True, temperature=0.9, top_k=50,
+                                 depth_decoder_do_sample=True, depth_decoder_temperature=0.9, depth_decoder_top_k=50,
+                                 max_new_tokens=n, min_new_tokens=n)
+            t1 = time.perf_counter()
+            csm.codec_model.decode(codes[0].T[None])
+            return t1 - t0, time.perf_counter() - t1, codes.shape[1]
+
+    generate(2)  # warm-up
+    gen_s, mimi_s, n = generate(frames)
+    total = gen_s + mimi_s
+    return dict(device=device, dtype=str(dtype).removeprefix("torch."), frames=n, seconds=total,
+                frame_ms=total * 1000 / n, rtf=total / (n * FRAME_S), mimi_ms=mimi_s * 1000 / n)
+
+
+# --- report -------------------------------------------------------------------------------------------
+
+
+def machine(args) -> dict:
+    import llama_cpp
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import psutil
+
+    from csm_gguf.llama import default_threads
+
+    return dict(
+        cpu=cpu, logical_cores=os.cpu_count(), usable_cores=default_threads(), threads=args.threads or default_threads(),
+        ram_gib=round(psutil.virtual_memory().total / 2**30, 1), platform=platform.platform(),
+        python=platform.python_version(), llama_cpp_python=llama_cpp.__version__,
+        llama_gpu_offload=bool(llama_cpp.llama_supports_gpu_offload()),
+        llama_system_info=llama_cpp.llama_print_system_info().decode().strip(),
+        torch=torch.__version__, gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        load_average_start=os.getloadavg(),
+    )
+
+
+def table(report: dict) -> str:
+    rows = ["| variant | RTF (median, min-max) | xRealTime | TTFA | frame | floor | frame / floor | backbone | "
+            "decoder (31) | heads+sampling | Mimi | rest | peak RSS |", "|" + "---|" * 13]
+    for v in report["variants"]:
+        s, r = v["stages_ms"], v["rtf"]
+        rows.append(
+            f"| {v['name']} | {r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f}) | {v['xrt']['median']:.2f} | "
+            f"{v['ttfa_s']['median'] * 1000:.0f} ms | {s['frame']:.0f} ms | {v['floor']['frame_ms']:.0f} ms | "
+            f"{v['frame_over_floor']:.2f} | {s['backbone']:.1f} | {s['decoder']:.1f} | {s['heads_sampling']:.1f} | "
+            f"{s['mimi']:.1f} | {s['rest']:.1f} | {v['peak_rss_mib']:.0f} MiB |")
+    lines = ["\n".join(rows)]
+    conc = [(v["name"], c) for v in report["variants"] for c in v["concurrency"]]
+    if conc:
+        lines.append("| variant | streams | aggregate xRealTime | per-stream RTF |\n|---|---|---|---|\n" + "\n".join(
+            f"| {name} | {c['streams']} | {c['aggregate_xrt']:.2f} | {c['per_stream_rtf']:.2f} |" for name, c in conc))
+    qual = [v for v in report["variants"] if v["quality"]]
+    if qual:
+        lines.append("| variant | codebook-0 top-1 | codebook-0 KL | decoder top-1 | decoder KL |\n|---|---|---|---|---|\n"
+                     + "\n".join(f"| {v['name']} | {q['codebook0_top1']:.3f} | {q['codebook0_kl']:.4f} | "
+                                 f"{q['decoder_top1']:.3f} | {q['decoder_kl']:.4f} |" for v in qual for q in [v["quality"]]))
+    peers = report["peers"]
+    if "transformers" in peers:
+        t = peers["transformers"]
+        lines.append(f"transformers CsmForConditionalGeneration ({t['device']}, {t['dtype']}): RTF {t['rtf']:.2f}, "
+                     f"{t['frame_ms']:.0f} ms/frame over {t['frames']} frames; ours / theirs speed: "
+                     + ", ".join(f"{v['name']} {x:.1f}x" for v, x in zip(report["variants"], t["speedup"])))
+    m = peers.get("mimi")
+    if m:
+        lines.append(f"Mimi decode ms/frame: ours streaming {m['ours_stream_ms']:.1f}, ours batch {m['ours_batch_ms']:.1f}"
+                     + (f", transformers batch {m['transformers_batch_ms']:.1f}" if "transformers_batch_ms" in m else ""))
+    return "\n\n".join(lines)
+
+
+def plot(report: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = report["variants"]
+    names = [v["name"] for v in variants]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    bars = [(n, v["rtf"]["median"]) for n, v in zip(names, variants)]
+    bars += [(f"{n} floor", v["floor"]["rtf"]) for n, v in zip(names, variants)]
+    if "transformers" in report["peers"]:
+        bars.append(("transformers fp32", report["peers"]["transformers"]["rtf"]))
+    ax1.bar([b[0] for b in bars], [b[1] for b in bars], color=["C0"] * len(names) + ["C7"] * len(names) + ["C3"])
+    ax1.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax1.set_yscale("log")
+    ax1.set_ylabel("real-time factor (s per audio s, log; < 1 is faster than real time)")
+    ax1.tick_params(axis="x", rotation=30)
+    for i, (_, y) in enumerate(bars):
+        ax1.annotate(f"{y:.2f}", (i, y), ha="center", va="bottom", fontsize=8)
+    keys = ["backbone", "decoder", "heads_sampling", "mimi", "rest"]
+    bottom = np.zeros(len(variants))
+    for key in keys:
+        vals = np.array([max(v["stages_ms"][key], 0.0) for v in variants])
+        ax2.bar(names, vals, bottom=bottom, label=key.replace("_", " + "))
+        bottom += vals
+    ax2.set_ylabel("ms per 80 ms frame")
+    ax2.legend()
+    fig.suptitle(f"csm-gguf on {report['machine']['cpu']} ({report['machine']['threads']} threads)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+# --- main ---------------------------------------------------------------------------------------------
+
+
+def variants(args) -> list[tuple[str, Path, str]]:
+    """(name, model dir, weights) for each variant: the given directories, else random-weight conversions."""
+    if args.model:
+        return [(Path(m).name, Path(m), "given") for m in args.model]
+    from converter.random_weights import convert_random
+
+    out = []
+    for q in args.qtype:
+        for d in args.decoder_qtype or [q]:
+            name = q if d == q else f"{q}/decoder {d}"
+            print(f"[bench] random-weight model {name} (converted once, then cached)", file=sys.stderr)
+            out.append((name, convert_random(None, q, d), "random"))
+    return out
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    def csv(kind: Callable[[str], Any]):
+        return lambda s: [kind(x) for x in s.split(",") if x]
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", action="append", help="model directory to benchmark (repeatable); default: "
+                   "full-size CSM-1B with random weights, converted once per --qtype")
+    p.add_argument("--qtype", type=csv(str), default=["q4_k"], help="random-weight variants, comma-separated "
+                   "(f32, f16, bf16, q8_0, q4_k; default: q4_k)")
+    p.add_argument("--decoder-qtype", type=csv(str), help="depth-decoder qtypes to sweep with each --qtype")
+    p.add_argument("--frames", type=int, default=50, help="frames (80 ms each) per run (default: %(default)s)")
+    p.add_argument("--runs", type=int, default=3, help="timed runs per variant (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up runs (up to 10 frames) first (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all usable cores)")
+    p.add_argument("--gpu-layers", type=int, default=0, help="layers offloaded to a GPU build of llama.cpp")
+    p.add_argument("--kv-type", default="f16", choices=("f32", "f16", "q8_0"))
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--concurrency", type=csv(int), default=[], help="stream counts to batch, e.g. 1,2,4,8")
+    p.add_argument("--quality", action="store_true", help="top-1 agreement and KL of each variant vs the f32 model "
+                   "on teacher-forced frames (random weights: the f32 random model is converted too)")
+    p.add_argument("--reference", help="the f32 model directory for --quality with --model")
+    p.add_argument("--quality-frames", type=int, default=20)
+    p.add_argument("--compare", choices=("transformers",), help="also run transformers' CSM and Mimi (same random weights)")
+    p.add_argument("--peer-frames", type=int, default=8, help="frames for the (slow) transformers run (default: %(default)s)")
+    p.add_argument("--json", help="write every figure here")
+    p.add_argument("--plot", help="draw RTF per variant and the stage breakdown into this PNG (needs matplotlib)")
+    args = p.parse_args(argv)
+    if args.quality and args.model and not args.reference:
+        p.error("--quality with --model needs --reference F32_MODEL_DIR")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    report: dict[str, Any] = dict(command=" ".join(["python", "bench.py", *(argv if argv is not None else sys.argv[1:])]),
+                                  machine=machine(args), text=TEXT, settings={}, variants=[], peers={})
+    report["settings"] = {k: v for k, v in vars(args).items() if k not in ("json", "plot")}
+    todo = variants(args)
+    reference = None
+    if args.quality:
+        from converter.random_weights import convert_random
+
+        ref_dir = Path(args.reference) if args.reference else convert_random(None, "f32")
+        print(f"[bench] quality reference: {ref_dir}", file=sys.stderr)
+        reference = quality_reference(ref_dir, args)
+    for name, model_dir, weights in todo:
+        print(f"[bench] {name}: {model_dir}", file=sys.stderr)
+        v = bench_variant(name, model_dir, weights, args, reference)
+        report["variants"].append(asdict(v))
+        print(f"[bench] {name}: RTF {v.rtf.median:.2f}, frame {v.stages_ms.frame:.0f} ms, "
+              f"floor {v.floor.frame_ms:.0f} ms", file=sys.stderr)
+    first_dir = todo[0][1]
+    from csm_gguf.model import CSMModel
+
+    from converter.mimi_keys import MOSHI_MIMI_CONFIG
+
+    codec_config = CSMModel(first_dir).codec_config or MOSHI_MIMI_CONFIG
+    report["peers"]["mimi"] = mimi_figures(first_dir, codec_config, args.frames, args.seed, args.compare == "transformers")
+    if args.compare == "transformers":
+        t = transformers_peer(first_dir, args.peer_frames, args.seed)
+        t["weights"] = "the same random weights" if todo[0][2] == "random" else "random, same shapes"
+        t["speedup"] = [t["frame_ms"] / v["stages_ms"]["frame"] for v in report["variants"]]
+        report["peers"]["transformers"] = t
+    report["machine"]["load_average_end"] = os.getloadavg()
+    print(table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    if args.plot:
+        plot(report, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

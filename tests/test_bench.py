@@ -1,0 +1,63 @@
+"""bench.py end to end on the tiny model: every figure of the JSON is produced (timings never asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_writes_every_figure(converted, f32_model, tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "bench.py", "--model", str(converted("q4_k")), "--model", str(f32_model),
+           "--reference", str(f32_model), "--quality", "--quality-frames", "3", "--frames", "4", "--runs", "2",
+           "--concurrency", "1,2", "--compare", "transformers", "--peer-frames", "2", "--threads", "2",
+           "--json", str(out)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert "| variant |" in done.stdout
+
+    m = report["machine"]
+    assert m["cpu"] and m["threads"] == 2 and m["llama_system_info"]
+    assert [v["qtype"] for v in report["variants"]] == ["q4_k", "f32"]
+    for v in report["variants"]:
+        assert v["frames"] == 4
+        for key in ("rtf", "xrt", "ttfa_s", "fps"):
+            assert len(v[key]["values"]) == 2 and v[key]["min"] <= v[key]["median"] <= v[key]["max"]
+        assert set(v["stages_ms"]) == {"frame", "backbone", "decoder", "heads_sampling", "mimi", "rest", "prompt"}
+        assert all(x > 0 for k, x in v["stages_ms"].items() if k != "rest")
+        assert v["floor"]["frame_ms"] > 0 and v["frame_over_floor"] > 0 and v["peak_rss_mib"] > 0
+        assert [c["streams"] for c in v["concurrency"]] == [1, 2]
+        assert all(c["aggregate_xrt"] > 0 for c in v["concurrency"])
+        q = v["quality"]
+        assert q["frames"] == 3 and 0 <= q["codebook0_top1"] <= 1 and 0 <= q["decoder_top1"] <= 1
+    # The f32 model against itself: identical distributions.
+    f32 = report["variants"][1]["quality"]
+    assert f32["codebook0_top1"] == f32["decoder_top1"] == 1.0
+    assert f32["codebook0_kl"] == pytest.approx(0, abs=1e-6) and f32["decoder_kl"] == pytest.approx(0, abs=1e-6)
+
+    mimi = report["peers"]["mimi"]
+    assert mimi["ours_stream_ms"] > 0 and mimi["transformers_batch_ms"] > 0
+    t = report["peers"]["transformers"]
+    assert t["frames"] == 2 and t["rtf"] > 0 and len(t["speedup"]) == 2
+
+
+def test_random_weights_are_deterministic_and_shaped():
+    from converter.random_weights import RandomCheckpoint
+    from csm_gguf.config import CSM_1B
+
+    a, b = RandomCheckpoint(), RandomCheckpoint()
+    w = a.block_tensor("decoder", 1, "attn_k")
+    assert w.shape == (CSM_1B.decoder.n_head_kv * CSM_1B.decoder.head_dim, CSM_1B.decoder.n_embd)
+    np.testing.assert_array_equal(w, b.block_tensor("decoder", 1, "attn_k"))
+    assert not np.array_equal(w, a.block_tensor("decoder", 2, "attn_k"))
+    assert abs(float(w.std()) - 0.02) < 1e-3
+    assert a.tensor("audio_head").shape == (31, 1024, 2051)
+    np.testing.assert_array_equal(a.tensor("audio_embeddings")[:3], a.tensor("decoder_audio_embeddings")[:3])
