@@ -1,0 +1,34 @@
+"""Every example runs against the tiny model."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def run(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(EXAMPLES / script), *args], cwd=cwd, capture_output=True,
+                          timeout=300, check=True)
+
+
+def test_simple(f32_model, tmp_path):
+    run("simple.py", "--model", str(f32_model), "--max-audio-ms", "800", cwd=tmp_path)
+    assert sf.info(tmp_path / "hello.wav").frames > 0
+
+
+def test_voice_prompt(f32_model, tmp_path):
+    sf.write(tmp_path / "ref.wav", 0.2 * np.sin(np.linspace(0, 300, 12000)), 24000)
+    run("voice_prompt.py", "ref.wav", "A reference.", "--model", str(f32_model), "--max-audio-ms", "800",
+        cwd=tmp_path)
+    assert sf.info(tmp_path / "cloned.wav").frames > 0
+
+
+def test_streaming(f32_model, tmp_path):
+    out = run("streaming.py", "--model", str(f32_model), "--max-audio-ms", "800", cwd=tmp_path)
+    assert len(out.stdout) > 0 and b"first audio after" in out.stderr
