@@ -460,3 +460,48 @@ def test_fuzzed_bodies_never_get_500(base, body):
             response.read()
             assert set(response.json()["error"]) == {"message", "type", "param", "code"}
         # a request that was accepted: hang up after its status (the slot is freed within a frame)
+
+
+# --- the web page in a real browser ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    import shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver")
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.skip("Chromium is not installed (apt-get install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
+                 "--autoplay-policy=no-user-gesture-required",
+                 f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
+    yield browser
+    browser.quit()
+
+
+@pytest.mark.parametrize("fmt", ["pcm", "mp3"])
+def test_web_page_speaks_in_chromium(browser, base, engine, fmt):
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    browser.get(base + "/")
+    wait = WebDriverWait(browser, 30)
+    wait.until(lambda b: len(Select(b.find_element("id", "voice")).options) >= 13)
+    text = browser.find_element("id", "text")
+    text.clear()
+    text.send_keys("Hi there.")
+    Select(browser.find_element("id", "voice")).select_by_value("fable")
+    Select(browser.find_element("id", "format")).select_by_value(fmt)
+    browser.find_element("id", "speak").click()
+    result = wait.until(lambda b: b.execute_script("return window.lastResult && window.lastResult.done "
+                                                   "|| (window.lastResult && window.lastResult.error) ? "
+                                                   "window.lastResult : null"))
+    assert result["error"] is None and result["bytes"] > 0 and result["firstAudioMs"] is not None
+    if fmt == "pcm":  # the tiny model makes 25 frames for so short a text (its minimum budget)
+        assert result["bytes"] == 25 * 2 * engine.tts.codec.cfg.frame_size
+    assert "done" in browser.find_element("id", "status").text
+    wait_idle(engine)
