@@ -299,12 +299,10 @@ def concurrency(tts, n_streams: int, frames: int, seed: int, args) -> Concurrenc
     return Concurrency(n_streams, frames, seconds, n_streams * audio / seconds, seconds / audio)
 
 
-def teacher_forced(model_dir: Path, codes: np.ndarray, args) -> tuple[np.ndarray, np.ndarray]:
+def teacher_forced(model, codes: np.ndarray, args) -> tuple[np.ndarray, np.ndarray]:
     """Codebook-0 logits (N, V) and depth-decoder logits (N, K-1, V) with the given codes fed back."""
     from csm_gguf.generator import Generator
-    from csm_gguf.model import CSMModel
 
-    model = CSMModel(model_dir)
     gen = Generator(model, 1, args.threads, args.gpu_layers, args.kv_type)
     cfg, n = model.config, model.n_codes
     v, k = cfg.audio_vocab_size, cfg.num_codebooks
@@ -352,7 +350,8 @@ def agreement(ref: np.ndarray, q: np.ndarray) -> tuple[float, float]:
     return float((ref.argmax(-1) == q.argmax(-1)).mean()), float(kl.mean())
 
 
-def bench_variant(name: str, model_dir: Path, weights: str, args, reference: dict | None) -> Variant:
+def bench_variant(name: str, model_dir: Path, weights: str, args, reference: dict | None):
+    """The variant's figures, and its CSM (generator closed; model and codec kept for the peers)."""
     from csm_gguf.tts import CSM
 
     with PeakRSS() as rss:
@@ -384,12 +383,11 @@ def bench_variant(name: str, model_dir: Path, weights: str, args, reference: dic
     for s in args.concurrency:
         v.concurrency.append(concurrency(tts, s, args.frames, args.seed, args))
     if reference is not None:
-        c0, rest = teacher_forced(model_dir, reference["codes"], args)
+        c0, rest = teacher_forced(tts.model, reference["codes"], args)
         top1_0, kl_0 = agreement(reference["c0"], c0)
         top1_d, kl_d = agreement(reference["rest"], rest)
         v.quality = Quality(len(c0), top1_0, kl_0, top1_d, kl_d)
-    tts.close()
-    return v
+    return v, tts
 
 
 def quality_reference(ref_dir: Path, args) -> dict:
@@ -397,12 +395,13 @@ def quality_reference(ref_dir: Path, args) -> dict:
     from csm_gguf.generator import Generator
     from csm_gguf.model import CSMModel
 
-    gen = Generator(CSMModel(ref_dir), 1, args.threads, args.gpu_layers, args.kv_type)
+    model = CSMModel(ref_dir)
+    gen = Generator(model, 1, args.threads, args.gpu_layers, args.kv_type)
     try:
         codes = np.stack(list(gen.generate(TEXT, 0, (), sampling(args.quality_frames, args.seed))))
     finally:
         gen.close()
-    c0, rest = teacher_forced(ref_dir, codes, args)
+    c0, rest = teacher_forced(model, codes, args)
     return dict(codes=codes, c0=c0, rest=rest)
 
 
@@ -457,16 +456,14 @@ def transformers_csm(config, codec_config: dict, seed: int):
     return csm.eval()
 
 
-def mimi_figures(tts_dir: Path, codec_config: dict, frames: int, seed: int, peer: bool) -> dict:
+def mimi_figures(tts, frames: int, seed: int, peer: bool) -> dict:
     """Mimi decode, ms per frame: ours streaming (1 frame a step) and batch, transformers' batch decode."""
     import torch
 
-    from csm_gguf.tts import CSM
+    from converter.mimi_keys import MOSHI_MIMI_CONFIG
 
-    tts = CSM(tts_dir)
     codec, n = tts.codec, tts.model.n_codes
     codes = torch.from_numpy(np.random.default_rng(seed).integers(0, n, (1, tts.model.config.num_codebooks, frames)))
-    tts.close()
 
     def per_frame(fn: Callable[[], Any]) -> float:
         fn()  # warm-up
@@ -483,22 +480,21 @@ def mimi_figures(tts_dir: Path, codec_config: dict, frames: int, seed: int, peer
     if peer:
         from converter.random_weights import random_mimi
 
-        hf = random_mimi(codec_config, WEIGHTS_SEED)
+        hf = random_mimi(tts.model.codec_config or MOSHI_MIMI_CONFIG, WEIGHTS_SEED)
         with torch.inference_mode():
             out["transformers_batch_ms"] = per_frame(lambda: hf.decode(codes))
         out["transformers_over_ours_stream"] = out["transformers_batch_ms"] / out["ours_stream_ms"]
     return out
 
 
-def transformers_peer(model_dir: Path, frames: int, seed: int) -> dict:
+def transformers_peer(model, frames: int, seed: int) -> dict:
     """End to end with transformers (fp32 on CPU, bf16 on a GPU): generate `frames` frames, decode them."""
     import torch
-
-    from csm_gguf.model import CSMModel
+    import transformers
 
     from converter.mimi_keys import MOSHI_MIMI_CONFIG
 
-    model = CSMModel(model_dir)
+    transformers.logging.set_verbosity_error()  # config warnings about CSM's token ids beyond the audio vocabulary
     csm = transformers_csm(model.config, model.codec_config or MOSHI_MIMI_CONFIG, WEIGHTS_SEED)
     device, dtype = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
     csm = csm.to(device, dtype)
@@ -683,21 +679,17 @@ def main(argv: list[str] | None = None) -> int:
         ref_dir = Path(args.reference) if args.reference else convert_random(None, "f32")
         print(f"[bench] quality reference: {ref_dir}", file=sys.stderr)
         reference = quality_reference(ref_dir, args)
+    first = None  # the first variant's CSM: the peers are measured against its model and codec
     for name, model_dir, weights in todo:
         print(f"[bench] {name}: {model_dir}", file=sys.stderr)
-        v = bench_variant(name, model_dir, weights, args, reference)
+        v, tts = bench_variant(name, model_dir, weights, args, reference)
         report["variants"].append(asdict(v))
         print(f"[bench] {name}: RTF {v.rtf.median:.2f}, frame {v.stages_ms.frame:.0f} ms, "
               f"floor {v.floor.frame_ms:.0f} ms", file=sys.stderr)
-    first_dir = todo[0][1]
-    from csm_gguf.model import CSMModel
-
-    from converter.mimi_keys import MOSHI_MIMI_CONFIG
-
-    codec_config = CSMModel(first_dir).codec_config or MOSHI_MIMI_CONFIG
-    report["peers"]["mimi"] = mimi_figures(first_dir, codec_config, args.frames, args.seed, args.compare == "transformers")
+        first = first or tts
+    report["peers"]["mimi"] = mimi_figures(first, args.frames, args.seed, args.compare == "transformers")
     if args.compare == "transformers":
-        t = transformers_peer(first_dir, args.peer_frames, args.seed)
+        t = transformers_peer(first.model, args.peer_frames, args.seed)
         t["weights"] = "the same random weights" if todo[0][2] == "random" else "random, same shapes"
         t["speedup"] = [t["frame_ms"] / v["stages_ms"]["frame"] for v in report["variants"]]
         report["peers"]["transformers"] = t
