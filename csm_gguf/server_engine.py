@@ -98,6 +98,7 @@ class Engine:
         self.max_streams = tts.generator.max_streams
         self.max_queue = max_queue
         self.waiting: deque[Job] = deque()
+        self.joining: list[Job] = []  # taken from the queue, their prompts being read
         self.active: list[Job] = []
         self.completed = 0
         self._wake = threading.Condition()
@@ -112,7 +113,7 @@ class Engine:
         pieces = self.tts.pieces(spec.text)
         job = Job(spec, pieces, input_tokens=len(self.tts.model.tokenize(spec.text)))
         with self._wake:
-            if len(self.active) + len(self.waiting) >= self.max_streams + self.max_queue:
+            if len(self.active) + len(self.joining) + len(self.waiting) >= self.max_streams + self.max_queue:
                 raise QueueFull(
                     f"the server is busy: {len(self.active)} requests are being spoken and "
                     f"{len(self.waiting)} wait (CSM_GGUF_MAX_STREAMS={self.max_streams}, "
@@ -124,7 +125,7 @@ class Engine:
 
     def stats(self) -> dict:
         return {
-            "active_streams": len(self.active),
+            "active_streams": len(self.active) + len(self.joining),
             "queue_depth": len(self.waiting),
             "max_streams": self.max_streams,
             "max_queue": self.max_queue,
@@ -147,14 +148,18 @@ class Engine:
                     self._wake.wait()
                 if self._closing:
                     break
-                joining = []
-                while self.waiting and len(self.active) + len(joining) < self.max_streams:
-                    joining.append(self.waiting.popleft())
-            for job in joining:
-                if job.cancelled:
+                while self.waiting and len(self.active) + len(self.joining) < self.max_streams:
+                    self.joining.append(self.waiting.popleft())
+            while self.joining:
+                job = self.joining[0]
+                cancelled = job.cancelled
+                started = not cancelled and self._start_piece(job)  # a failed start ends the job
+                with self._wake:  # from joining to active at once: stats() never counts a job twice
+                    self.joining.pop(0)
+                    if started:
+                        self.active.append(job)
+                if cancelled:
                     self._end(job)
-                elif self._start_piece(job):
-                    self.active.append(job)
             self._step()
         for job in [*self.active, *self.waiting]:
             self._end(job, RuntimeError("the server is shutting down"))

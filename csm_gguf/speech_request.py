@@ -12,7 +12,7 @@ import base64
 import binascii
 import io
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -62,7 +62,6 @@ class SpeechRequest:
     response_format: str = "mp3"
     stream_format: str = "audio"
     stream: bool = True  # False: the whole file with a Content-Length (and a WAV header with real sizes)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def voice_names() -> list[str]:

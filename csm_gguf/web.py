@@ -339,7 +339,9 @@ class WebsocketSession:
                     self.previous = None  # another voice or context: the last sentence is no prompt for it
                 self.fields, self.settings = fields, request
                 if text is not None:
-                    self.add_text(text + "\n")
+                    # a whole request: spoken as over HTTP (in CSM's pieces), after any text still pending
+                    self.add_text("\n")
+                    self.sentences.append(text)
                     self.flushing = True
             else:
                 raise ApiError(400, f"unknown message type {kind!r}: use speech, text or flush", param="type")

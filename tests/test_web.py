@@ -104,7 +104,7 @@ def hang_up(sock: socket.socket) -> None:
 
 def wait_idle(engine, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
-    while engine.active or engine.waiting:
+    while engine.active or engine.joining or engine.waiting:
         assert time.monotonic() < deadline, engine.stats()
         time.sleep(0.01)
     assert len(engine.generator.free_slots) == MAX_STREAMS
@@ -276,16 +276,40 @@ def test_engine_batched_greedy_codes_equal_solo_codes(engine):
 def test_full_queue_answers_429_and_nothing_leaks(base, engine):
     body = {"model": "csm-1b", "input": TEXT, "response_format": "pcm", "max_audio_ms": 60_000}
     socks = [open_stream(base, body) for _ in range(MAX_STREAMS + MAX_QUEUE)]
-    deadline = time.monotonic() + 10
-    while len(engine.active) + len(engine.waiting) < MAX_STREAMS + MAX_QUEUE:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    assert httpx.get(f"{base}/health").json()["queue_depth"] == MAX_QUEUE
-    full = post(base, body)
-    assert full.status_code == 429 and full.json()["error"]["code"] == "queue_full"
-    for sock in socks:
-        hang_up(sock)
+    try:
+        deadline = time.monotonic() + 20
+        while (len(engine.active), len(engine.waiting)) != (MAX_STREAMS, MAX_QUEUE):  # settled between frames
+            assert time.monotonic() < deadline, engine.stats()
+            time.sleep(0.01)
+        health = httpx.get(f"{base}/health").json()
+        assert (health["active_streams"], health["queue_depth"]) == (MAX_STREAMS, MAX_QUEUE)
+        full = post(base, body)
+        assert full.status_code == 429 and full.json()["error"]["code"] == "queue_full", full.text
+        assert full.headers["retry-after"] == "1"
+    finally:
+        for sock in socks:
+            hang_up(sock)
     wait_idle(engine, timeout=20)
+
+
+def test_many_short_jobs_leave_nothing_behind(engine):
+    """Jobs that finish, jobs cancelled while queued and jobs cancelled mid-speech: afterwards every slot
+    is free and the engine holds no job."""
+    from csm_gguf.server_engine import SpeechJob
+
+    jobs = []
+    for i in range(1000):
+        while len(engine.active) + len(engine.joining) + len(engine.waiting) >= MAX_STREAMS + MAX_QUEUE:
+            time.sleep(0.001)
+        job = engine.submit(SpeechJob("Hi.", speaker=i % 5, max_audio_ms=80 if i % 3 else 800, seed=i))
+        if i % 3 == 0:
+            job.cancel()
+        jobs.append(job)
+    for job in jobs:
+        while job.next_frames(timeout=30) is not None:
+            pass
+    wait_idle(engine)
+    assert engine.stats()["free_slots"] == MAX_STREAMS
 
 
 # --- websocket ----------------------------------------------------------------------------------------------
