@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mimi_fixtures import TINY_MIMI_CONFIG, make_tiny_mimi
+
 LLAMA3_SPECIALS = [
     "<|begin_of_text|>",
     "<|end_of_text|>",
@@ -58,20 +60,6 @@ TINY_DECODER = dict(
     max_position_embeddings=33,
     rope_parameters=ROPE,
 )
-TINY_MIMI = dict(
-    hidden_size=32,
-    num_filters=8,
-    upsampling_ratios=[8, 4],
-    codebook_size=64,
-    codebook_dim=16,
-    vector_quantization_hidden_dimension=16,
-    num_quantizers=32,
-    upsample_groups=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=2,
-    intermediate_size=64,
-)
 
 
 def llama3_tokenizer_model() -> str:
@@ -89,15 +77,6 @@ def write_tokenizer_json(path: Path) -> Path:
     return path
 
 
-def randomize_codec(codec: torch.nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for name, buf in codec.named_buffers():
-        if name.endswith("embed_sum"):
-            buf.copy_(torch.randn(buf.shape, generator=g))
-        elif name.endswith("cluster_usage"):
-            buf.copy_(torch.rand(buf.shape, generator=g) + 0.5)
-
-
 def make_tiny_csm(seed: int = 0, untie_decoder_embeddings: bool = False, vocab_size: int = 64):
     """A tiny CsmForConditionalGeneration with random weights (std 0.15 keeps logits from being flat).
 
@@ -107,7 +86,7 @@ def make_tiny_csm(seed: int = 0, untie_decoder_embeddings: bool = False, vocab_s
     config = CsmConfig(
         **{**TINY_CSM, "vocab_size": vocab_size},
         depth_decoder_config={**TINY_DECODER, "vocab_size": vocab_size},
-        codec_config=dict(model_type="mimi", **TINY_MIMI),
+        codec_config=dict(model_type="mimi", **TINY_MIMI_CONFIG),
     )
     torch.manual_seed(seed)
     model = CsmForConditionalGeneration(config).eval()
@@ -126,7 +105,8 @@ def make_tiny_csm(seed: int = 0, untie_decoder_embeddings: bool = False, vocab_s
             )
         else:
             model.depth_decoder.model.embed_tokens.weight = model.backbone_model.embed_tokens.embed_audio_tokens.weight
-        randomize_codec(model.codec_model, seed)
+        # The tiny codec with every weight redrawn (its default init hides bugs; see mimi_fixtures).
+        model.codec_model.load_state_dict(make_tiny_mimi(seed).state_dict())
     return model
 
 
