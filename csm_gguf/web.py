@@ -27,7 +27,7 @@ from flask_sock import Sock
 from simple_websocket import ConnectionClosed
 from werkzeug.exceptions import HTTPException
 
-from .audio import SAMPLE_RATE, StreamEncoder, encode_audio
+from .audio import MEDIA_TYPES, SAMPLE_RATE, StreamEncoder, encode_audio
 from .generator import PromptTooLong, Segment
 from .server_engine import Engine, Job, QueueFull
 from .speech_request import BUILTIN_VOICES, MAX_INPUT_CHARS, MODELS, ApiError, SpeechRequest, parse_speech, voice_names
@@ -132,9 +132,11 @@ def create_app(**overrides: Any) -> Flask:
     @app.get("/")
     def index():
         page = resources.files("csm_gguf").joinpath("static/index.html").read_text()
-        env = [(var, os.environ.get(var, "") if var != "CSM_GGUF_API_KEY" else "(set)" if app.config["API_KEY"] else "",
-                doc) for var, _, doc in SETTINGS]
-        return render_template_string(page, env=env, default_voice=settings.voice, key_needed=bool(app.config["API_KEY"]))
+        key_needed = bool(app.config["API_KEY"])
+        shown = {name: getattr(settings, name) for _, name, _ in SETTINGS}
+        shown.update(model=str(tts.model.path), api_key="(set)" if key_needed else "(none)")
+        env = [(var, shown[name], doc) for var, name, doc in SETTINGS]
+        return render_template_string(page, env=env, default_voice=settings.voice, key_needed=key_needed)
 
     @app.get("/health")
     def health():
@@ -162,17 +164,17 @@ def create_app(**overrides: Any) -> Flask:
         job = submit(req)
         try:
             first = job.next_frames()  # a request that cannot start fails here, with a proper status
-        except BaseException as e:
+        except Exception as e:
             job.cancel()
             raise generation_error(e) from None
         audio = decoded_audio(job, first)
         if req.stream_format == "sse":
             return streamed(sse_events(job, audio, req.response_format), "text/event-stream")
-        encoder = StreamEncoder(req.response_format)
+        media_type = MEDIA_TYPES[req.response_format]
         if not req.stream:
             samples = np.concatenate([np.zeros(0, np.float32), *audio])
-            return Response(encode_audio(samples, req.response_format), mimetype=encoder.media_type)
-        return streamed(encoded(audio, encoder), encoder.media_type)
+            return Response(encode_audio(samples, req.response_format), mimetype=media_type)
+        return streamed(encoded(audio, StreamEncoder(req.response_format)), media_type)
 
     @sock.route("/v1/audio/speech/ws")
     def speech_ws(ws):

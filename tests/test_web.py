@@ -384,7 +384,20 @@ def test_models_voices_health(client, base):
     health = httpx.get(f"{base}/health").json()
     assert health["model_loaded"] and health["queue_depth"] == 0 and health["max_streams"] == MAX_STREAMS
     page = httpx.get(f"{base}/").text
-    assert "CSM_GGUF_MAX_STREAMS" in page and "/v1/audio/speech" in page
+    assert "CSM_GGUF_MAX_STREAMS" in page and "<td>8</td>" in page and "/v1/audio/speech" in page
+
+
+def test_settings_from_environment(monkeypatch):
+    from csm_gguf.web import Settings
+
+    monkeypatch.setenv("CSM_GGUF_MAX_STREAMS", "6")
+    monkeypatch.setenv("CSM_GGUF_GPU_LAYERS", "-1")
+    monkeypatch.setenv("CSM_GGUF_VOICE", "cedar")
+    monkeypatch.setenv("CSM_GGUF_API_KEY", "k")
+    assert Settings.from_env() == Settings(max_streams=6, gpu_layers=-1, voice="cedar", api_key="k")
+    monkeypatch.setenv("CSM_GGUF_QUEUE", "many")
+    with pytest.raises(ValueError, match="CSM_GGUF_QUEUE must be a whole number"):
+        Settings.from_env()
 
 
 OK = {"model": "csm-1b", "input": TEXT, "voice": "alloy"}
