@@ -20,7 +20,7 @@ from simple_websocket import Client as WsClient
 from werkzeug.serving import make_server
 
 from csm_fixtures import random_codes
-from csm_gguf.audio import FORMATS, to_int16
+from csm_gguf.audio import FORMATS, MEDIA_TYPES, to_int16
 from csm_gguf.generator import Segment
 from csm_gguf.tts import Voice
 
@@ -169,8 +169,7 @@ def test_streaming_response_every_format(client, engine, fmt):
     with client.audio.speech.with_streaming_response.create(
         model="csm-1b", voice="nova", input=TEXT, response_format=fmt, extra_body=GREEDY
     ) as response:
-        assert response.headers["content-type"].startswith({"wav": "audio/wav", "pcm": "audio/pcm", "flac": "audio/flac",
-                                                             "mp3": "audio/mpeg", "opus": "audio/ogg"}[fmt])
+        assert response.headers["content-type"].startswith(MEDIA_TYPES[fmt])
         assert "content-length" not in response.headers
         data = b"".join(response.iter_bytes())
     audio = pcm(data) if fmt == "pcm" else sf.read(io.BytesIO(data), dtype="float32")[0]
@@ -466,8 +465,10 @@ def test_unknown_routes_and_methods_answer_in_openai_shape(base):
                                                                                          "code"}
 
 
-VALUES = st.one_of(st.none(), st.booleans(), st.integers(-10, 10**7), st.floats(allow_nan=True), st.text(max_size=8),
-                   st.lists(st.integers(-2, 70), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(-10, 10**7), st.floats(allow_nan=True), st.text(max_size=8),
+    st.lists(st.integers(-2, 70), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+)
 BODIES = st.one_of(
     # always a max_audio_ms, never a valid one above two frames: accepted requests must not keep the test waiting
     st.fixed_dictionaries({"max_audio_ms": st.sampled_from([80, 160.5]) | st.integers(-10, 0)
