@@ -11,7 +11,7 @@ import torch
 
 from converter.mimi_keys import MOSHI_MIMI_CONFIG, mimi_tensors_to_transformers
 from csm_gguf.mimi import Mimi, MimiConfig
-from mimi_fixtures import TINY_MIMI_CONFIG, make_tiny_mimi
+from mimi_fixtures import TINY_MIMI_CONFIG, make_tiny_mimi, runtime_mimi
 
 FRAMES = 300  # > 125 frames = 250 transformer steps: the sliding window is crossed
 HEAD_DIM = TINY_MIMI_CONFIG["hidden_size"] // TINY_MIMI_CONFIG["num_attention_heads"]
@@ -125,8 +125,8 @@ def loaded(layouts, config) -> dict[str, Mimi]:
 
 
 @pytest.fixture(scope="module")
-def mimi(loaded) -> Mimi:
-    return loaded["transformers_state_dict"]
+def mimi(tiny) -> Mimi:
+    return runtime_mimi(tiny)
 
 
 def assert_audio_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
