@@ -83,6 +83,11 @@ def create_app(**overrides: Any) -> Flask:
     if settings.voice not in voice_names():
         raise ValueError(f"CSM_GGUF_VOICE={settings.voice!r} is not a voice; known: {', '.join(voice_names())}")
     codec = tts.codec  # loaded now, not racing in the first requests' threads
+    # Each request thread decodes its own audio while llama.cpp's threads run the engine: one torch
+    # thread per decode keeps them from oversubscribing the cores (which slows small ops ~100x).
+    import torch
+
+    torch.set_num_threads(1)
     engine = Engine(tts, settings.max_queue)
     created = int(os.path.getmtime(tts.model.backbone_path))
 
