@@ -543,6 +543,8 @@ def machine(args) -> dict:
         llama_system_info=llama_cpp.llama_print_system_info().decode().strip(),
         torch=torch.__version__, gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         load_average_start=os.getloadavg(),
+        # Thread settings that change the figures (numpy's BLAS threads fight llama.cpp's for the cores).
+        thread_env={k: v for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_", "OPENBLAS_", "MKL_"))},
     )
 
 
@@ -595,7 +597,7 @@ def plot(report: dict, path: str) -> None:
     ax1.bar([b[0] for b in bars], [b[1] for b in bars], color=["C0"] * len(names) + ["C7"] * len(names) + ["C3"])
     ax1.axhline(1.0, color="k", lw=0.8, ls="--")
     ax1.set_yscale("log")
-    ax1.set_ylabel("real-time factor (s per audio s, log; < 1 is faster than real time)")
+    ax1.set_ylabel("real-time factor (log; < 1: faster than real time)")
     ax1.tick_params(axis="x", rotation=30)
     for i, (_, y) in enumerate(bars):
         ax1.annotate(f"{y:.2f}", (i, y), ha="center", va="bottom", fontsize=8)
@@ -671,6 +673,12 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = dict(command=" ".join(["python", "bench.py", *(argv if argv is not None else sys.argv[1:])]),
                                   machine=machine(args), text=TEXT, settings={}, variants=[], peers={})
     report["settings"] = {k: v for k, v in vars(args).items() if k not in ("json", "plot")}
+    busy, m = os.getloadavg()[0], report["machine"]
+    if busy + m["threads"] > m["usable_cores"] + 0.5:
+        # llama.cpp's workers meet at a barrier after every op: when another process holds a core, each
+        # barrier waits out a scheduler slice and a frame can take 50x longer. Such figures are noise.
+        print(f"[bench] warning: load average {busy:.1f} with {m['threads']} threads on {m['usable_cores']} cores: "
+              f"timings will be inflated; measure on an idle machine or with fewer --threads", file=sys.stderr)
     todo = variants(args)
     reference = None
     if args.quality:
@@ -679,20 +687,22 @@ def main(argv: list[str] | None = None) -> int:
         ref_dir = Path(args.reference) if args.reference else convert_random(None, "f32")
         print(f"[bench] quality reference: {ref_dir}", file=sys.stderr)
         reference = quality_reference(ref_dir, args)
-    first = None  # the first variant's CSM: the peers are measured against its model and codec
-    for name, model_dir, weights in todo:
+    for i, (name, model_dir, weights) in enumerate(todo):
         print(f"[bench] {name}: {model_dir}", file=sys.stderr)
         v, tts = bench_variant(name, model_dir, weights, args, reference)
         report["variants"].append(asdict(v))
         print(f"[bench] {name}: RTF {v.rtf.median:.2f}, frame {v.stages_ms.frame:.0f} ms, "
               f"floor {v.floor.frame_ms:.0f} ms", file=sys.stderr)
-        first = first or tts
-    report["peers"]["mimi"] = mimi_figures(first, args.frames, args.seed, args.compare == "transformers")
-    if args.compare == "transformers":
-        t = transformers_peer(first.model, args.peer_frames, args.seed)
-        t["weights"] = "the same random weights" if todo[0][2] == "random" else "random, same shapes"
+        if i == 0:  # the peers against the first variant's model and codec, then freed before the next
+            report["peers"]["mimi"] = mimi_figures(tts, args.frames, args.seed, args.compare == "transformers")
+            if args.compare == "transformers":
+                t = transformers_peer(tts.model, args.peer_frames, args.seed)
+                t["weights"] = "the same random weights" if weights == "random" else "random, same shapes"
+                report["peers"]["transformers"] = t
+        del tts
+    if "transformers" in report["peers"]:
+        t = report["peers"]["transformers"]
         t["speedup"] = [t["frame_ms"] / v["stages_ms"]["frame"] for v in report["variants"]]
-        report["peers"]["transformers"] = t
     report["machine"]["load_average_end"] = os.getloadavg()
     print(table(report))
     if args.json:
