@@ -174,22 +174,10 @@ class Checkpoint:
             tied = tm.CSM_TENSORS[tm.TIED_FALLBACK[name]][self.fmt]
             source = tied if tied in self.files else source
         data = self.files.get(source)
-        expected = self._shapes()[name]
+        expected = tm.csm_shapes(self.config)[name]
         if data.shape != expected:
             raise CheckpointError(f"{source}: expected shape {expected} from config.json, the checkpoint has {data.shape}")
         return data
-
-    def _shapes(self) -> dict[str, tuple[int, ...]]:
-        c = self.config
-        d, dd, v, k = c.backbone.n_embd, c.decoder.n_embd, c.audio_vocab_size, c.num_codebooks
-        return {
-            "text_embeddings": (c.text_vocab_size, d),
-            "audio_embeddings": (k * v, d),
-            "decoder_audio_embeddings": (k * v, d),
-            "projection": (dd, d),
-            "codebook0_head": (v, d),
-            "audio_head": (k - 1, dd, v),
-        }
 
     def block_tensor(self, model: str, layer: int, gguf_name: str) -> np.ndarray:
         w = self.files.get(tm.block_source_name(model, layer, gguf_name, self.fmt))

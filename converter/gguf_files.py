@@ -17,6 +17,8 @@ from tqdm import tqdm
 
 from csm_gguf.config import TransformerConfig
 
+from .tensor_map import block_shapes
+
 Q = gguf.GGMLQuantizationType
 
 # What each --qtype means for the files: (transformer file base type, llama.cpp ftype or None,
@@ -86,17 +88,7 @@ def llama_tensors(
 ) -> list[TensorSpec]:
     """The tensors of a llama.cpp `llama` model, in the order llama.cpp's own converter writes them."""
     d, hd = cfg.n_embd, cfg.head_dim
-    shapes = {
-        "attn_norm": (d,),
-        "attn_q": (cfg.n_head * hd, d),
-        "attn_k": (cfg.n_head_kv * hd, d),
-        "attn_v": (cfg.n_head_kv * hd, d),
-        "attn_output": (d, cfg.n_head * hd),
-        "ffn_norm": (d,),
-        "ffn_gate": (cfg.n_ff, d),
-        "ffn_down": (d, cfg.n_ff),
-        "ffn_up": (cfg.n_ff, d),
-    }
+    shapes = block_shapes(cfg)
     specs = [
         TensorSpec("token_embd.weight", (n_vocab, d), qtype, token_embd),
         TensorSpec(

@@ -15,6 +15,7 @@ import numpy as np
 
 from csm_gguf.config import CSM_1B, CSMConfig
 
+from . import tensor_map as tm
 from .mimi_keys import MOSHI_MIMI_CONFIG
 
 SOURCE_NAME = "random"
@@ -42,29 +43,13 @@ class RandomCheckpoint:
         return x
 
     def tensor(self, name: str) -> np.ndarray:
-        c = self.config
-        d, dd, v, k = c.backbone.n_embd, c.decoder.n_embd, c.audio_vocab_size, c.num_codebooks
-        shapes = {
-            "text_embeddings": (c.text_vocab_size, d),
-            "audio_embeddings": (k * v, d),
-            "decoder_audio_embeddings": (k * v, d),
-            "projection": (dd, d),
-            "codebook0_head": (v, d),
-            "audio_head": (k - 1, dd, v),
-        }
         # The two audio tables are one tied table, as in the published checkpoints.
         key = "audio_embeddings" if name == "decoder_audio_embeddings" else name
-        return self._draw(key, shapes[name], MATRIX_STD)
+        return self._draw(key, tm.csm_shapes(self.config)[name], MATRIX_STD)
 
     def block_tensor(self, model: str, layer: int, gguf_name: str) -> np.ndarray:
         t = self.config.backbone if model == "backbone" else self.config.decoder
-        d, q, kv = t.n_embd, t.n_head * t.head_dim, t.n_head_kv * t.head_dim
-        shapes = {
-            "attn_norm": (d,), "ffn_norm": (d,),
-            "attn_q": (q, d), "attn_k": (kv, d), "attn_v": (kv, d), "attn_output": (d, q),
-            "ffn_gate": (t.n_ff, d), "ffn_up": (t.n_ff, d), "ffn_down": (d, t.n_ff),
-        }  # fmt: skip
-        shape = shapes[gguf_name]
+        shape = tm.block_shapes(t)[gguf_name]
         key = f"{model}.{layer}.{gguf_name}"
         return self._draw(key, shape, 0.0, 1.0) if len(shape) == 1 else self._draw(key, shape, MATRIX_STD)
 

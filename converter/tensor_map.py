@@ -5,6 +5,8 @@ Rows read left to right: our name -> (original sesame/csm-1b name, transformers 
 
 from __future__ import annotations
 
+from csm_gguf.config import CSMConfig, TransformerConfig
+
 ORIGINAL, TRANSFORMERS = 0, 1
 
 # One transformer block, relative to the block's prefix. Keys are llama.cpp's GGUF block names.
@@ -56,3 +58,25 @@ def block_source_name(model: str, layer: int, gguf_name: str, fmt: int) -> str:
 
 def output_norm_source_name(model: str, fmt: int) -> str:
     return TRANSFORMER_PREFIX[model][fmt] + OUTPUT_NORM[fmt]
+
+
+def block_shapes(t: TransformerConfig) -> dict[str, tuple[int, ...]]:
+    """numpy (row-major) shapes of one block's tensors, by GGUF name."""
+    d, q, kv = t.n_embd, t.n_head * t.head_dim, t.n_head_kv * t.head_dim
+    return {
+        "attn_norm": (d,), "attn_q": (q, d), "attn_k": (kv, d), "attn_v": (kv, d), "attn_output": (d, q),
+        "ffn_norm": (d,), "ffn_gate": (t.n_ff, d), "ffn_down": (d, t.n_ff), "ffn_up": (t.n_ff, d),
+    }  # fmt: skip
+
+
+def csm_shapes(c: CSMConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes of the tensors outside the transformers, by our name (as CSM_TENSORS)."""
+    d, dd, v, k = c.backbone.n_embd, c.decoder.n_embd, c.audio_vocab_size, c.num_codebooks
+    return {
+        "text_embeddings": (c.text_vocab_size, d),
+        "audio_embeddings": (k * v, d),
+        "decoder_audio_embeddings": (k * v, d),
+        "projection": (dd, d),
+        "codebook0_head": (v, d),
+        "audio_head": (k - 1, dd, v),
+    }
