@@ -11,7 +11,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from csm_gguf.model_dir import BACKBONE_FILE, DECODER_FILE, SIDECAR_FILE, SIDECAR_VERSION
+from csm_gguf.model_dir import BACKBONE_FILE, DECODER_FILE, SIDECAR_FILE, SIDECAR_VERSION, TOKENIZER_FILE
 
 from .checkpoint import Checkpoint, CheckpointError, download, open_checkpoint
 from .gguf_files import (
@@ -192,10 +192,10 @@ def write_model_dir(
                 w.add_string("csm.codec_config", json.dumps(codec_config))
                 w.add_array("csm.codec_keys", codec_keys)
 
-        # The sidecar is also a vocab-only llama model, so llama.cpp itself tokenizes at run time.
-        meta = chain(llama_metadata(cfg.backbone, cfg.text_vocab_size, f"{source_name} sidecar", 0, True),
-                     tokenizer_metadata(tok), sidecar_meta)
-        write_gguf(work / SIDECAR_FILE, "llama", meta, sidecar, "sidecar")
+        write_gguf(work / SIDECAR_FILE, "csm", sidecar_meta, sidecar, "sidecar")
+        tokenizer = chain(llama_metadata(cfg.backbone, cfg.text_vocab_size, f"{source_name} tokenizer", 0, True),
+                          tokenizer_metadata(tok))
+        write_gguf(work / TOKENIZER_FILE, "llama", tokenizer, [], "tokenizer")
         _replace_dir(work, out_dir)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)

@@ -112,6 +112,7 @@ def llama_tensors(
 def llama_metadata(
     cfg: TransformerConfig, n_vocab: int, name: str, file_type: int, with_tokenizer: bool = False
 ) -> Callable[[gguf.GGUFWriter], None]:
+    """llama.cpp's hyper-parameter keys (a vocab-only model needs them too)."""
     def add(w: gguf.GGUFWriter) -> None:
         w.add_name(name)
         w.add_file_type(file_type)

@@ -5,7 +5,13 @@ Imports are lazy so that `python -m csm_gguf.say --help` does not pay for llama.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
+
+# numpy's OpenBLAS threads keep spinning after each call and fight llama.cpp's threads for the cores
+# (4x slower generation on 2 cores). Our matrix-vector products are small: one BLAS thread is fastest.
+# This works when csm_gguf is imported before numpy; otherwise set OPENBLAS_NUM_THREADS=1 yourself.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 __version__ = "0.1.0"
 __all__ = ["CSM", "Segment", "Sampling", "SAMPLE_RATE"]

@@ -52,7 +52,7 @@ def load_vocab_only(path: Path):
     params.vocab_only = True
     model = L.llama_model_load_from_file(str(path).encode(), params)
     if not model:
-        raise ValueError(f"llama.cpp could not read the tokenizer in {path}; is the file complete?")
+        raise ValueError(f"llama.cpp could not read the tokenizer in {path}: the file is damaged or incomplete, convert again")
     return model
 
 

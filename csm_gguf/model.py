@@ -10,7 +10,7 @@ import numpy as np
 
 from .config import CSMConfig
 from .llama import load_vocab_only, tokenize
-from .model_dir import BACKBONE_FILE, DECODER_FILE, SIDECAR_FILE, SIDECAR_VERSION, check_model_dir
+from .model_dir import BACKBONE_FILE, DECODER_FILE, SIDECAR_FILE, SIDECAR_VERSION, TOKENIZER_FILE, check_model_dir
 
 Q = gguf.GGMLQuantizationType
 
@@ -68,7 +68,7 @@ class CSMModel:
         self.audio_head = np.ascontiguousarray(RowTable(tensors["audio_head.weight"]).dense(), dtype=np.float32)
         codec_keys = fields["csm.codec_keys"].contents() if "csm.codec_keys" in fields else []
         self._codec_tensors = {key: tensors[f"codec.{i}"] for i, key in enumerate(codec_keys)}
-        self._vocab = load_vocab_only(sidecar_path)
+        self._vocab = load_vocab_only(self.path / TOKENIZER_FILE)
 
     @property
     def has_codec(self) -> bool:

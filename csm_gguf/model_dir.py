@@ -9,8 +9,11 @@ from pathlib import Path
 BACKBONE_FILE = "backbone.gguf"
 DECODER_FILE = "decoder.gguf"
 SIDECAR_FILE = "csm.gguf"
-SIDECAR_VERSION = 1
-MODEL_FILES = (BACKBONE_FILE, DECODER_FILE, SIDECAR_FILE)
+# A vocab-only llama model (like llama.cpp's own ggml-vocab-*.gguf): llama.cpp tokenizes with it. Kept out
+# of the sidecar because gguf-py takes seconds to parse 400k vocabulary strings at every start.
+TOKENIZER_FILE = "tokenizer.gguf"
+SIDECAR_VERSION = 2
+MODEL_FILES = (BACKBONE_FILE, DECODER_FILE, SIDECAR_FILE, TOKENIZER_FILE)
 
 
 def cache_root() -> Path:

@@ -151,7 +151,7 @@ def test_not_a_csm_checkpoint(tmp_path):
         convert(model_path=str(folder), output_dir=tmp_path / "out", qtype="f32")
 
 
-@pytest.mark.parametrize("victim", ["csm.gguf", "backbone.gguf", "decoder.gguf"])
+@pytest.mark.parametrize("victim", ["csm.gguf", "backbone.gguf", "decoder.gguf", "tokenizer.gguf"])
 def test_truncated_gguf_gets_a_clear_error(f32_model, tmp_path, victim):
     from csm_gguf.generator import Generator
 
