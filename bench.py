@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import csm_gguf  # noqa: F401  (first: it limits numpy's BLAS threads before numpy loads)
 import numpy as np
 
 TEXT = "The quick brown fox jumps over the lazy dog, and then it runs far away into the forest."
