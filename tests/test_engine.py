@@ -74,7 +74,7 @@ def test_untied_decoder_embeddings_are_used(tokenizer_json, workdir):
 
 
 # Loose floors: a tiny random model has none of the redundancy that makes real weights quantize well.
-@pytest.mark.parametrize("qtype, min_corr", [("f16", 0.999), ("q8_0", 0.99), ("q4_k", 0.85)])
+@pytest.mark.parametrize("qtype, min_corr", [("f16", 0.999), ("bf16", 0.99), ("q8_0", 0.99), ("q4_k", 0.85)])
 def test_quantized_variants_generate_and_agree_with_f32(converted, f32_model, qtype, min_corr, capsys):
     model_dir = converted(qtype)
     codes = ours(model_dir, sampling=Sampling(temperature=0, max_audio_ms=8 * 80))
