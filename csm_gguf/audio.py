@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import os
-import secrets
 import struct
 import sys
 from math import gcd
@@ -17,6 +16,8 @@ from typing import BinaryIO
 import numpy as np
 import soundfile as sf
 from numpy.lib.stride_tricks import sliding_window_view
+
+from .atomic import write_atomic
 
 SAMPLE_RATE = 24000
 
@@ -202,19 +203,7 @@ def write_audio(path: str | os.PathLike[str], samples: np.ndarray, fmt: str | No
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
         return
-    directory, base = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{base}.{secrets.token_hex(4)}.tmp")
-    # os.open with 0o666 rather than mkstemp's 0o600, so the result gets the usual umask mode.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_atomic(path, data)
 
 
 # Sizes 0xFFFFFFFF: the length is unknown while streaming; soundfile and wave read to the end.

@@ -70,7 +70,6 @@ class Stream:
     rng: np.random.Generator = field(default_factory=np.random.default_rng)
     pending: np.ndarray | None = None  # the backbone's next input row
     done: bool = False
-    frames: int = 0
 
 
 class Generator:
@@ -194,12 +193,13 @@ class Generator:
         v, n_codes, k = cfg.audio_vocab_size, model.n_codes, cfg.num_codebooks
         codes = np.zeros((s, k), dtype=np.int64)
 
+        slots = np.fromiter((st.slot for st in streams), dtype=np.int32, count=s)
         bb = self.backbone
         for j, st in enumerate(streams):
             bb.embd[j] = st.pending
             bb.pos[j] = st.pos
         bb.output[:s] = 1
-        bb.set_seq_ids(np.fromiter((st.slot for st in streams), dtype=np.int32, count=s))
+        bb.set_seq_ids(slots)
         bb.decode(s)
 
         dec = self.decoder
@@ -211,14 +211,12 @@ class Generator:
             dec.embd[2 * j] = out[self._proj]
             dec.embd[2 * j + 1] = model.decoder_inputs[c0]
             dec.pos[2 * j : 2 * j + 2] = (0, 1)
-        dec.output[: 2 * s] = 1
-        dec.set_seq_ids(np.repeat(np.fromiter((st.slot for st in streams), dtype=np.int32, count=s), 2))
+        dec.output[: 2 * s] = 1  # the later one-token-per-stream steps reuse these flags
+        dec.set_seq_ids(np.repeat(slots, 2))
         dec.decode(2 * s)
         self._sample_codebook(streams, codes, 1, lambda j: 2 * j + 1)
 
-        if k > 2:
-            dec.output[:s] = 1
-            dec.set_seq_ids(np.fromiter((st.slot for st in streams), dtype=np.int32, count=s))
+        dec.set_seq_ids(slots)
         for i in range(2, k):
             for j in range(s):
                 dec.embd[j] = model.decoder_inputs[(i - 1) * v + codes[j, i - 1]]
@@ -228,7 +226,6 @@ class Generator:
         self.decode_calls += k
 
         for j, st in enumerate(streams):
-            st.frames += 1
             st.frames_left -= 1
             if not codes[j].any():  # the all-zero frame ends speech; it is neither decoded nor fed back
                 st.done = True

@@ -188,16 +188,15 @@ def run(args) -> int:
 
 
 def save_codes(path: str, codes) -> None:
-    import tempfile
+    import io
 
     import numpy as np
 
-    arr = np.stack(codes) if codes else np.zeros((0, 32), np.int64)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".npy.tmp")
-    with os.fdopen(fd, "wb") as f:
-        np.save(f, arr)
-    os.replace(tmp, path)
+    from .atomic import write_atomic
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.stack(codes) if codes else np.zeros((0, 32), np.int64))
+    write_atomic(path, buffer.getvalue())
 
 
 def main(argv: list[str] | None = None) -> int:

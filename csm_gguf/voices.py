@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import write_atomic
 from .generator import Segment
 from .model_dir import cache_root
 from .tts import Voice
@@ -39,14 +40,9 @@ def save_voice(name: str, voice: Voice) -> Path:
     meta = {"speaker": voice.speaker, "segments": [{"speaker": s.speaker, "text": s.text} for s in voice.segments]}
     arrays = {f"codes_{i}": np.asarray(s.codes, dtype=np.int16) for i, s in enumerate(voice.segments)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    buffer = io.BytesIO()
+    np.savez(buffer, meta=np.array(json.dumps(meta)), **arrays)
+    write_atomic(path, buffer.getvalue())
     return path
 
 
