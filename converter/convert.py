@@ -158,6 +158,9 @@ def write_model_dir(
         table = QTYPES[qtype][2]
         # Text embeddings are the largest table and are read only for prompt tokens: q8_0 halves them.
         text_type = Q.Q8_0 if QTYPES[qtype][1] is not None else table
+        # The heads belong to the depth decoder, the quantization-sensitive part: they follow its precision,
+        # with Q8_0 (ggml's fastest matrix-vector type here) for quantized decoders.
+        head_type = Q.Q8_0 if QTYPES[decoder_qtype][1] is not None else QTYPES[decoder_qtype][2]
         k1 = cfg.num_codebooks - 1
         sidecar = [
             TensorSpec("text_embd.weight", (cfg.text_vocab_size, cfg.backbone.n_embd), text_type,
@@ -166,7 +169,7 @@ def write_model_dir(
                        lambda: ckpt.tensor("audio_embeddings")),
             TensorSpec("decoder_input.weight", (k1 * cfg.audio_vocab_size, cfg.decoder.n_embd), table,
                        lambda: _decoder_inputs(ckpt)),
-            TensorSpec("audio_head.weight", (k1, cfg.audio_vocab_size, cfg.decoder.n_embd), table,
+            TensorSpec("audio_head.weight", (k1, cfg.audio_vocab_size, cfg.decoder.n_embd), head_type,
                        lambda: _audio_head(ckpt)),
         ]
         codec_config: dict | None = None

@@ -12,7 +12,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .llama import ContextOptions, EmbeddingModel
+from .heads import CodebookHeads
+from .llama import ContextOptions, EmbeddingModel, default_threads
 from .model import CSMModel
 
 FRAME_MS = 80
@@ -116,8 +117,8 @@ class Generator:
         self._proj = slice(v, v + d)  # backbone "logits" rows holding projection(h)
         self._offsets = np.arange(cfg.num_codebooks) * v
         self._rows = np.empty(cfg.num_codebooks, dtype=np.int64)
-        self._hidden = np.empty((max_streams, d), dtype=np.float32)
-        self._head_logits = np.empty((max_streams, v), dtype=np.float32)
+        self.heads = CodebookHeads(model.audio_head, model.audio_head_type, d, max_streams,
+                                   n_threads or default_threads())
         self.decode_calls = 0
 
     # --- prompt -------------------------------------------------------------------------------------
@@ -238,11 +239,10 @@ class Generator:
 
     def _sample_codebook(self, streams: Sequence[Stream], codes: np.ndarray, i: int, index) -> None:
         s = len(streams)
-        hidden = self._hidden[:s]
+        x = self.heads.x
         for j in range(s):
-            hidden[j] = self.decoder.hidden(index(j))
-        logits = self._head_logits[:s]
-        np.matmul(hidden, self.model.audio_head[i - 1].T, out=logits)
+            x[j] = self.decoder.hidden(index(j))
+        logits = self.heads.logits(i - 1, s)
         n_codes = self.model.n_codes
         for j, st in enumerate(streams):
             codes[j, i] = sample(logits[j, :n_codes], st.sampling.temperature, st.sampling.top_k, st.rng)
@@ -267,3 +267,4 @@ class Generator:
     def close(self) -> None:
         self.backbone.close()
         self.decoder.close()
+        self.heads.close()

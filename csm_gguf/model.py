@@ -64,8 +64,9 @@ class CSMModel:
         # Read every frame: keep typed (F16/F32) memory maps, summed in float32 on use.
         self.audio_embeddings = RowTable(tensors["audio_embd.weight"]).dense()
         self.decoder_inputs = RowTable(tensors["decoder_input.weight"]).dense()
-        # Heads are matrix-vector products every decoder step: float32 is several times faster in numpy.
-        self.audio_head = np.ascontiguousarray(RowTable(tensors["audio_head.weight"]).dense(), dtype=np.float32)
+        # Kept raw in their stored type: generators multiply them with ggml (heads.py).
+        head = tensors["audio_head.weight"]
+        self.audio_head, self.audio_head_type = head.data, int(head.tensor_type)
         codec_keys = fields["csm.codec_keys"].contents() if "csm.codec_keys" in fields else []
         self._codec_tensors = {key: tensors[f"codec.{i}"] for i, key in enumerate(codec_keys)}
         self._vocab = load_vocab_only(self.path / TOKENIZER_FILE)
