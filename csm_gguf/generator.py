@@ -67,8 +67,9 @@ class Stream:
     slot: int
     sampling: Sampling
     frames_left: int
-    pos: int = 0
+    pos: int = 0  # position of the next backbone input (while the prompt is read: rows read so far)
     rng: np.random.Generator = field(default_factory=np.random.default_rng)
+    prompt: np.ndarray | None = None  # until `Generator.prefill` has read it all
     pending: np.ndarray | None = None  # the backbone's next input row
     done: bool = False
 
@@ -147,8 +148,9 @@ class Generator:
         return np.concatenate(parts, axis=0)
 
     # --- streams ------------------------------------------------------------------------------------
-    def start(self, prompt: np.ndarray, sampling: Sampling) -> Stream:
-        """Claim a sequence slot and run the prompt through the backbone (all but its last row)."""
+    def start(self, prompt: np.ndarray, sampling: Sampling, read_prompt: bool = True) -> Stream:
+        """Claim a sequence slot for a prompt and (unless `read_prompt` is False) run it through the
+        backbone; `prefill` reads it in parts instead, so a server keeps other streams going meanwhile."""
         n = len(prompt)
         limit = self.cfg.backbone.max_seq_len
         if n >= limit:
@@ -164,21 +166,36 @@ class Generator:
             sampling=sampling,
             frames_left=max(frames, 1),
             rng=np.random.default_rng(sampling.seed),
+            prompt=prompt,
         )
         self.backbone.remove_sequence(stream.slot)
+        if read_prompt:
+            self.prefill(stream)
+        return stream
+
+    def prefill(self, stream: Stream, max_rows: int | None = None) -> bool:
+        """Run up to `max_rows` more prompt rows (all but the last, which is the first step's input)
+        through the backbone. True once the whole prompt is read and the stream can step."""
+        prompt = stream.prompt
+        if prompt is None:
+            return True
+        n = len(prompt) - 1
+        end = n if max_rows is None else min(n, stream.pos + max_rows)
         bb = self.backbone
-        for start in range(0, n - 1, bb.n_batch):
-            rows = prompt[start : min(n - 1, start + bb.n_batch)]
-            m = len(rows)
-            bb.embd[:m] = rows
+        for start in range(stream.pos, end, bb.n_batch):
+            m = min(end, start + bb.n_batch) - start
+            bb.embd[:m] = prompt[start : start + m]
             bb.pos[:m] = np.arange(start, start + m)
             bb.output[:m] = 0
             bb.set_seq_ids(np.full(m, stream.slot, dtype=np.int32))
             bb.decode(m)
             self.decode_calls += 1
-        stream.pos = n - 1
+        stream.pos = end
+        if end < n:
+            return False
         stream.pending = np.array(prompt[-1], dtype=np.float32)
-        return stream
+        stream.prompt = None
+        return True
 
     def finish(self, stream: Stream) -> None:
         """Release a stream's slot (finished or abandoned) for the next request."""

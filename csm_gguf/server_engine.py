@@ -18,10 +18,14 @@ from typing import Sequence
 
 import numpy as np
 
-from .generator import Sampling, Segment, Stream
-from .tts import CSM
+from .generator import Segment, Stream
+from .tts import CSM, spoken_context
 
 log = logging.getLogger(__name__)
+
+# Prompt rows read per frame while other requests are speaking: they pause for one decode of this
+# many rows (0.24 s on 2 CPU cores at q4_k, milliseconds on a GPU) instead of a whole prompt.
+PREFILL_ROWS = 32
 
 
 class QueueFull(RuntimeError):
@@ -160,24 +164,38 @@ class Engine:
                         self.active.append(job)
                 if cancelled:
                     self._end(job)
+            self._prefill()
             self._step()
         for job in [*self.active, *self.waiting]:
             self._end(job, RuntimeError("the server is shutting down"))
 
+    def _prefill(self) -> None:
+        """Read the oldest unread prompt: whole when no one is speaking, else PREFILL_ROWS rows."""
+        reading = [job for job in self.active if job.stream.prompt is not None and not job.cancelled]
+        if not reading:
+            return
+        job, others_speaking = reading[0], len(reading) < len(self.active)
+        try:
+            self.generator.prefill(job.stream, PREFILL_ROWS if others_speaking else None)
+        except Exception as e:  # a llama.cpp failure: fail this request, keep serving
+            log.exception("reading a prompt failed")
+            self._end(job, e)
+
     def _step(self) -> None:
         for job in [j for j in self.active if j.cancelled]:
             self._end(job)
-        if not self.active:
+        ready = [job for job in self.active if job.stream.prompt is None]
+        if not ready:
             return
         try:
-            codes = self.generator.step([job.stream for job in self.active])
+            codes = self.generator.step([job.stream for job in ready])
         except Exception as e:  # a llama.cpp failure: fail these requests, keep serving
             log.exception("generation step failed")
-            for job in list(self.active):
+            for job in ready:
                 self._end(job, e)
             return
         now = time.monotonic()
-        for job, frame in zip(list(self.active), codes):
+        for job, frame in zip(ready, codes):
             if frame.any():  # an all-zero frame is the end of speech, not audio
                 job.made.append(frame)
                 job.frames += 1
@@ -190,14 +208,10 @@ class Engine:
         """Claim a slot and read the piece's prompt; on failure the job ends with the error."""
         spec, piece = job.spec, job.pieces[job.piece]
         try:
-            sampling = Sampling(
-                spec.temperature,
-                spec.top_k,
-                None if spec.seed is None else spec.seed + job.piece,  # as CSM.frames does
-                self.tts.frame_budget(piece, spec.max_audio_ms),
-            )
+            sampling = self.tts.piece_sampling(piece, job.piece, spec.temperature, spec.top_k, spec.seed,
+                                               spec.max_audio_ms)
             prompt = self.generator.prompt_embeddings(piece, spec.speaker, [*spec.context, *job.previous])
-            job.stream = self.generator.start(prompt, sampling)
+            job.stream = self.generator.start(prompt, sampling, read_prompt=False)
         except Exception as e:
             job.stream = None
             self._end(job, e)
@@ -209,8 +223,7 @@ class Engine:
         with this one as context, so the voice carries over as in CSM.frames."""
         self.generator.finish(job.stream)
         job.stream = None
-        if job.made:
-            job.previous = [Segment(job.spec.speaker, job.pieces[job.piece], np.stack(job.made))]
+        job.previous = spoken_context(job.previous, job.spec.speaker, job.pieces[job.piece], job.made)
         job.made = []
         job.piece += 1
         if job.piece < len(job.pieces) and not job.cancelled:

@@ -59,6 +59,12 @@ def find_model(model: str | Path | None) -> Path:
     )
 
 
+def spoken_context(previous: list[Segment], speaker: int, piece: str, made: list[np.ndarray]) -> list[Segment]:
+    """The context for the next piece of a long text: the piece just spoken (or, if it made no frames,
+    the context it had), so the voice carries over."""
+    return [Segment(speaker, piece, np.stack(made))] if made else previous
+
+
 class CSM:
     sample_rate = SAMPLE_RATE
 
@@ -125,6 +131,12 @@ class CSM:
         tokens = len(self.model.tokenize(text))
         return max(MIN_FRAMES, FRAMES_PER_TOKEN * tokens) * FRAME_MS
 
+    def piece_sampling(self, piece: str, index: int, temperature: float, top_k: int, seed: int | None,
+                       max_audio_ms: float | None) -> Sampling:
+        """Sampling for piece `index` of a text: the seed advances by piece, so every piece is reproducible."""
+        piece_seed = None if seed is None else seed + index
+        return Sampling(temperature, top_k, piece_seed, self.frame_budget(piece, max_audio_ms))
+
     def pieces(self, text: str) -> list[str]:
         text = text.strip()
         if not text:
@@ -151,14 +163,12 @@ class CSM:
 
             pieces = tqdm(pieces, desc="speaking", unit="piece")
         for i, piece in enumerate(pieces):
-            piece_seed = None if seed is None else seed + i
-            sampling = Sampling(temperature, top_k, piece_seed, self.frame_budget(piece, max_audio_ms))
+            sampling = self.piece_sampling(piece, i, temperature, top_k, seed, max_audio_ms)
             made = []
             for frame in self.generator.generate(piece, speaker, [*context, *previous], sampling):
                 made.append(frame)
                 yield frame
-            if made:
-                previous = [Segment(speaker, piece, np.stack(made))]
+            previous = spoken_context(previous, speaker, piece, made)
 
     def stream(self, text: str, chunk_frames: int = 1, **kwargs) -> Iterator[np.ndarray]:
         """Audio chunks (float32, 24 kHz) as frames are generated; equal to decoding all frames at once."""

@@ -272,6 +272,36 @@ def test_engine_batched_greedy_codes_equal_solo_codes(engine):
     wait_idle(engine)
 
 
+def test_a_long_prompt_is_read_between_the_frames_of_others(engine, monkeypatch):
+    from csm_gguf import server_engine
+    from csm_gguf.server_engine import SpeechJob
+
+    def codes(job) -> np.ndarray:
+        frames = []
+        while (got := job.next_frames(timeout=30)) is not None:
+            frames += got
+        return np.stack(frames)
+
+    rows = 16
+    monkeypatch.setattr(server_engine, "PREFILL_ROWS", rows)
+    backbone = engine.generator.backbone
+    decode, sizes = backbone.decode, []
+    monkeypatch.setattr(backbone, "decode", lambda n: (sizes.append(n), decode(n))[1])
+
+    long_prompt = SpeechJob(TEXT, context=[Segment(1, "Some context.", random_codes(150, 64, seed=3))],
+                            temperature=0, max_audio_ms=800)
+    solo = codes(engine.submit(long_prompt))
+    speaking = engine.submit(SpeechJob(TEXT, temperature=0, max_audio_ms=60 * 80))
+    speaking.next_frames(timeout=30)
+    sizes.clear()
+    joining = engine.submit(long_prompt)
+    np.testing.assert_array_equal(codes(joining), solo)
+    assert len(codes(speaking)) > 20  # still speaking when the other finished
+    assert sum(n for n in sizes if n > 2) >= 150  # the prompt was read in this window (steps decode 1-2 rows)...
+    assert max(sizes) <= rows  # ...in parts, between frames of the speaking stream
+    wait_idle(engine)
+
+
 def test_full_queue_answers_429_and_nothing_leaks(base, engine):
     body = {"model": "csm-1b", "input": TEXT, "response_format": "pcm", "max_audio_ms": 60_000}
     socks = [open_stream(base, body) for _ in range(MAX_STREAMS + MAX_QUEUE)]
