@@ -59,7 +59,8 @@ _SetThreads = C.CFUNCTYPE(None, _p, C.c_int)
 class CodebookHeads:
     """`heads`: raw GGUF data of a (n_heads, n_rows, n_embd) matrix of ggml type `qtype`.
 
-    Write hidden states into `x[:s]`, call `logits(i, s)`, read `(s, n_rows)` logits of head i."""
+    Write hidden states into `x[:s]` (row j starts at `x_address + j * x_row_bytes`), call
+    `logits(i, s)`, read `(s, n_rows)` logits of head i."""
 
     def __init__(self, heads: np.ndarray, qtype: int, n_embd: int, max_streams: int, n_threads: int):
         self._ctx = self._weights_ctx = self._backend = self._weights = self._io = None
@@ -90,6 +91,7 @@ class CodebookHeads:
         base = _buffer_base(self._io)
         self.x = np.ctypeslib.as_array((C.c_float * (max_streams * n_embd)).from_address(base))
         self.x = self.x.reshape(max_streams, n_embd)
+        self.x_address, self.x_row_bytes = base, 4 * n_embd
         self._y = np.ctypeslib.as_array((C.c_float * (max_streams * n_rows)).from_address(base + x_bytes))
         self._y = self._y.reshape(max_streams, n_rows)
 

@@ -6,6 +6,7 @@ numpy views, so the generation loop fills inputs in place and never allocates.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 from dataclasses import dataclass
@@ -66,6 +67,7 @@ class EmbeddingModel:
         if not self.model:
             raise ValueError(f"llama.cpp could not load {path}; the file is damaged or incomplete: convert again")
         self.n_embd = L.llama_model_n_embd(self.model)
+        self._hidden_bytes = 4 * self.n_embd
         self.n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
 
         cparams = L.llama_context_default_params()
@@ -128,6 +130,14 @@ class EmbeddingModel:
 
     def hidden(self, i: int) -> np.ndarray:
         return np.ctypeslib.as_array(L.llama_get_embeddings_ith(self.ctx, i), shape=(self.n_embd,))
+
+    def copy_hidden(self, i: int, address: int) -> None:
+        """Copy output i's hidden state (n_embd float32) to `address`. A third of `hidden`'s cost in the
+        generation loop, where every Python step runs on caches llama.cpp has just emptied."""
+        src = L.llama_get_embeddings_ith(self.ctx, i)
+        if not src:
+            raise RuntimeError(f"llama.cpp has no hidden state for output {i}")
+        ctypes.memmove(address, src, self._hidden_bytes)
 
     def clear(self) -> None:
         L.llama_memory_clear(self.memory, False)
