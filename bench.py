@@ -3,8 +3,8 @@
 For each model variant: real-time factor (generation seconds per audio second), time to first audio
 (streaming, prompt included), frames per second and peak memory over several runs after a warm-up;
 the per-frame stage breakdown; the floor (the same llama.cpp decodes with no pipeline around them);
-optionally batched streams (--concurrency), fidelity against the f32 model (--quality) and
-transformers as a peer (--compare transformers). Without --model it benchmarks a full-size CSM-1B
+optionally batched streams (--concurrency), fidelity against the f32 model (--quality) and peers:
+transformers' CSM and Mimi (--compare transformers), moshi's own streaming Mimi (--compare moshi). Without --model it benchmarks a full-size CSM-1B
 with random weights, converted once into the cache (random weights never end speech: --frames fixes
 the length). Stages are timed by wrapping the generator's calls from outside: about 70 timer pairs per
 80 ms frame, microseconds against the ~100+ ms a frame takes on a CPU.
@@ -15,6 +15,7 @@ the length). Stages are timed by wrapping the generator's calls from outside: ab
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -489,6 +490,55 @@ def mimi_figures(tts, frames: int, seed: int, peer: bool) -> dict:
     return out
 
 
+MOSHI_INSTALL = "pip install --no-deps moshi==0.2.13 einops sentencepiece sphn"
+
+
+def moshi_peer(frames: int, seed: int) -> dict:
+    """Kyutai's moshi Mimi, the reference streaming implementation, against ours on the same random
+    weights: ms per frame decoding one frame per step and in one batch, and the largest difference
+    between the two streams."""
+    import torch
+    from moshi.models import loaders
+
+    from converter.mimi_keys import MOSHI_MIMI_CONFIG, mimi_tensors_to_transformers
+    from csm_gguf.mimi import Mimi, MimiConfig
+
+    torch.manual_seed(seed)
+    theirs = loaders.get_mimi(None, device="cpu", num_codebooks=32).eval()
+    with torch.no_grad():  # moshi starts with empty codebooks: give them random vectors
+        for name, t in theirs.state_dict().items():
+            if name.endswith("embedding_sum"):
+                t.copy_(torch.randn_like(t))
+            elif name.endswith("cluster_usage"):
+                t.copy_(torch.rand_like(t) + 0.5)
+    ours = Mimi.from_state_dict(MimiConfig.from_transformers(MOSHI_MIMI_CONFIG),
+                                mimi_tensors_to_transformers(theirs.state_dict()))
+    codes = torch.from_numpy(np.random.default_rng(seed).integers(0, 2048, (1, 32, frames)))
+
+    def moshi_stream() -> torch.Tensor:
+        with torch.no_grad(), theirs.streaming(1):
+            return torch.cat([theirs.decode(codes[..., i : i + 1]) for i in range(frames)], dim=-1)
+
+    def ours_stream() -> torch.Tensor:
+        state = ours.decoder_state(1)
+        return torch.cat([ours.decode_step(codes[..., i : i + 1], state) for i in range(frames)], dim=-1)
+
+    def moshi_batch() -> torch.Tensor:
+        with torch.no_grad():
+            return theirs.decode(codes)
+
+    out: dict[str, Any] = dict(frames=frames)
+    audio = {}
+    for key, fn in [("moshi_stream_ms", moshi_stream), ("moshi_batch_ms", moshi_batch), ("ours_stream_ms", ours_stream)]:
+        fn()  # warm-up
+        t0 = time.perf_counter()
+        audio[key] = fn()
+        out[key] = (time.perf_counter() - t0) * 1000 / frames
+    out["stream_max_abs_diff"] = float((audio["moshi_stream_ms"] - audio["ours_stream_ms"]).abs().max())
+    out["moshi_over_ours_stream"] = out["moshi_stream_ms"] / out["ours_stream_ms"]
+    return out
+
+
 def transformers_peer(model, frames: int, seed: int) -> dict:
     """End to end with transformers (fp32 on CPU, bf16 on a GPU): generate `frames` frames, decode them."""
     import torch
@@ -580,6 +630,12 @@ def table(report: dict) -> str:
     if m:
         lines.append(f"Mimi decode ms/frame: ours streaming {m['ours_stream_ms']:.1f}, ours batch {m['ours_batch_ms']:.1f}"
                      + (f", transformers batch {m['transformers_batch_ms']:.1f}" if "transformers_batch_ms" in m else ""))
+    if "moshi" in peers:
+        k = peers["moshi"]
+        lines.append(f"moshi's Mimi (the reference streaming decoder), same weights, ms/frame: streaming "
+                     f"{k['moshi_stream_ms']:.1f}, batch {k['moshi_batch_ms']:.1f}; ours streaming "
+                     f"{k['ours_stream_ms']:.1f} ({k['moshi_over_ours_stream']:.1f}x faster), streams differ by at "
+                     f"most {k['stream_max_abs_diff']:.1e}")
     return "\n\n".join(lines)
 
 
@@ -656,13 +712,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "on teacher-forced frames (random weights: the f32 random model is converted too)")
     p.add_argument("--reference", help="the f32 model directory for --quality with --model")
     p.add_argument("--quality-frames", type=int, default=20)
-    p.add_argument("--compare", choices=("transformers",), help="also run transformers' CSM and Mimi (same random weights)")
+    p.add_argument("--compare", action="append", default=[], choices=("transformers", "moshi"),
+                   help="peers (repeatable): transformers' CSM and Mimi on the same random weights; moshi's Mimi "
+                   f"streaming decoder ({MOSHI_INSTALL})")
     p.add_argument("--peer-frames", type=int, default=8, help="frames for the (slow) transformers run (default: %(default)s)")
     p.add_argument("--json", help="write every figure here")
     p.add_argument("--plot", help="draw RTF per variant and the stage breakdown into this PNG (needs matplotlib)")
     args = p.parse_args(argv)
     if args.quality and args.model and not args.reference:
         p.error("--quality with --model needs --reference F32_MODEL_DIR")
+    if "moshi" in args.compare and importlib.util.find_spec("moshi") is None:
+        p.error(f"--compare moshi needs moshi: {MOSHI_INSTALL} (moshi pins an older torch; --no-deps keeps this one)")
     return args
 
 
@@ -696,8 +756,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] {name}: RTF {v.rtf.median:.2f}, frame {v.stages_ms.frame:.0f} ms, "
               f"floor {v.floor.frame_ms:.0f} ms", file=sys.stderr)
         if i == 0:  # the peers against the first variant's model and codec, then freed before the next
-            report["peers"]["mimi"] = mimi_figures(tts, args.frames, args.seed, args.compare == "transformers")
-            if args.compare == "transformers":
+            report["peers"]["mimi"] = mimi_figures(tts, args.frames, args.seed, "transformers" in args.compare)
+            if "moshi" in args.compare:
+                report["peers"]["moshi"] = moshi_peer(args.frames, args.seed)
+            if "transformers" in args.compare:
                 t = transformers_peer(tts.model, args.peer_frames, args.seed)
                 t["weights"] = "the same random weights" if weights == "random" else "random, same shapes"
                 report["peers"]["transformers"] = t

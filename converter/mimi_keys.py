@@ -7,7 +7,8 @@ Layouts accepted, detected from the keys:
   `encoder.encoder_seanet.*`, `encoder.encoder_transformer.*`, `decoder.decoder_seanet.*`, ...;
 - either of those under `codec_model.` (the codec inside a transformers-format CSM checkpoint; the
   checkpoint's other tensors are ignored);
-- moshi's `tokenizer-e351c8d8-checkpoint125.safetensors` (`encoder.model.*`, `*.transformer.*`, `rvq_first`).
+- moshi's `tokenizer-e351c8d8-checkpoint125.safetensors` (`encoder.model.*`, `*.transformer.*`, `rvq_first`),
+  and what today's moshi `MimiModel.state_dict()` holds (the same, with `in_projs.0` / `out_projs.0`).
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ MOSHI_TO_FLAT: list[tuple[str, str]] = [
     ("{side}coder.model.{i}.block.{j}.conv.conv.{p}", "{side}coder.layers.{i}.block.{j}.conv.{p}"),
     ("downsample.conv.conv.conv.weight", "downsample.conv.weight"),
     ("upsample.convtr.convtr.convtr.weight", "upsample.conv.weight"),
-    ("{side}coder_transformer.transformer.layers.{l}.self_attn.out_proj.weight",
+    ("{side}coder_transformer.transformer.layers.{l}.self_attn.{out_proj}.weight",
      "{side}coder_transformer.layers.{l}.self_attn.o_proj.weight"),
     ("{side}coder_transformer.transformer.layers.{l}.norm1.{p}",
      "{side}coder_transformer.layers.{l}.input_layernorm.{p}"),
@@ -97,14 +98,18 @@ MOSHI_TO_FLAT: list[tuple[str, str]] = [
     ("quantizer.{rvq}.vq.layers.{j}._codebook.embedding_sum", "quantizer.{RVQ}.layers.{j}.codebook.embed_sum"),
     ("quantizer.{rvq}.vq.layers.{j}._codebook.cluster_usage", "quantizer.{RVQ}.layers.{j}.codebook.cluster_usage"),
 ]  # fmt: skip
-MOSHI_IN_PROJ = "{side}coder_transformer.transformer.layers.{l}.self_attn.in_proj_weight"
+MOSHI_IN_PROJ = "{side}coder_transformer.transformer.layers.{l}.self_attn.{in_proj}"
 FLAT_QKV = "{side}coder_transformer.layers.{l}.self_attn.{x}_proj.weight"
 RVQ_NAMES = {"rvq_first": "semantic_residual_vector_quantizer", "rvq_rest": "acoustic_residual_vector_quantizer"}
 
 # Codebook "initialized" flags only steer k-means initialisation in training: nothing reads them at runtime.
 UNUSED = re.compile(r".*\.(_codebook\._initialized|codebook\.initialized)")
 
-_FIELDS = {"side": "en|de", "i": r"\d+", "j": r"\d+", "l": r"\d+", "p": "weight|bias", "rvq": "rvq_first|rvq_rest"}
+_FIELDS = {
+    "side": "en|de", "i": r"\d+", "j": r"\d+", "l": r"\d+", "p": "weight|bias", "rvq": "rvq_first|rvq_rest",
+    # the checkpoint's names, or moshi's modules of today (projections in lists of one)
+    "in_proj": r"in_proj_weight|in_projs\.0\.weight", "out_proj": r"out_proj|out_projs\.0",
+}  # fmt: skip
 
 
 def _pattern(template: str) -> re.Pattern[str]:

@@ -70,7 +70,7 @@ class CodebookHeads:
         if n_rows * _row_size(qtype, n_embd) != raw.shape[1]:
             raise ValueError(f"codebook heads of {raw.shape[1]} bytes each are not whole rows of {n_embd}")
         dev = _dev_by_type(_DEVICE_TYPE_CPU)
-        self._backend = _dev_init(dev, None)
+        self._backend = _dev_init(dev, None) if dev else None
         if not self._backend:
             raise RuntimeError("ggml's CPU backend did not start")
         set_threads = _proc_address(_dev_reg(dev), b"ggml_backend_set_n_threads")

@@ -67,3 +67,25 @@ def test_random_weights_are_deterministic_and_shaped():
     assert abs(float(w.std()) - 0.02) < 1e-3
     assert a.tensor("audio_head").shape == (31, 1024, 2051)
     np.testing.assert_array_equal(a.tensor("audio_embeddings")[:3], a.tensor("decoder_audio_embeddings")[:3])
+
+
+def test_compare_moshi_without_moshi_says_how_to_install(monkeypatch, capsys):
+    sys.path.insert(0, str(ROOT))
+    import bench
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "moshi" else real(name, *a))
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(["--compare", "moshi"])
+    assert e.value.code == 2 and "pip install --no-deps moshi" in capsys.readouterr().err
+
+
+def test_moshi_streaming_mimi_equals_ours():
+    """Only where moshi is installed (it pins an older torch, so the test extra cannot carry it):
+    `PYTHONPATH=<pip install --no-deps --target DIR moshi==0.2.13 einops sentencepiece sphn> pytest ...`."""
+    pytest.importorskip("moshi")
+    sys.path.insert(0, str(ROOT))
+    import bench
+
+    figures = bench.moshi_peer(frames=20, seed=0)
+    assert figures["stream_max_abs_diff"] < 1e-5

@@ -15,7 +15,7 @@ from mimi_fixtures import TINY_MIMI_CONFIG, make_tiny_mimi, runtime_mimi
 
 FRAMES = 300  # > 125 frames = 250 transformer steps: the sliding window is crossed
 HEAD_DIM = TINY_MIMI_CONFIG["hidden_size"] // TINY_MIMI_CONFIG["num_attention_heads"]
-LAYOUTS = ["transformers_state_dict", "kyutai_file", "csm_nested", "csm_flat", "moshi"]
+LAYOUTS = ["transformers_state_dict", "kyutai_file", "csm_nested", "csm_flat", "moshi", "moshi_module"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -114,6 +114,12 @@ def layouts(tiny, tmp_path_factory) -> dict[str, dict]:
         "csm_nested": {**others, **{f"codec_model.{k}": v for k, v in nested.items()}},
         "csm_flat": {**others, **{f"codec_model.{k}": v for k, v in flat.items()}},
         "moshi": to_moshi_layout(flat, convtr),
+        # moshi's MimiModel.state_dict() today: the attention projections are lists of one.
+        "moshi_module": {
+            k.replace("self_attn.in_proj_weight", "self_attn.in_projs.0.weight").replace(
+                "self_attn.out_proj.", "self_attn.out_projs.0."): v
+            for k, v in to_moshi_layout(flat, convtr).items()
+        },
     }
 
 
