@@ -152,8 +152,13 @@ class Engine:
                     self._wake.wait()
                 if self._closing:
                     break
+                gone = [job for job in self.waiting if job.cancelled]  # their clients left: free the queue
+                for job in gone:
+                    self.waiting.remove(job)
                 while self.waiting and len(self.active) + len(self.joining) < self.max_streams:
                     self.joining.append(self.waiting.popleft())
+            for job in gone:
+                self._end(job)
             while self.joining:
                 job = self.joining[0]
                 cancelled = job.cancelled

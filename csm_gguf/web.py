@@ -15,6 +15,8 @@ import json
 import logging
 import os
 import queue
+import select
+import socket
 import time
 from collections import deque
 from dataclasses import dataclass, field, fields, replace
@@ -167,12 +169,16 @@ def create_app(**overrides: Any) -> Flask:
             raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
         req = parse(body)
         job = submit(req)
+        environ = request.environ
         try:
-            first = job.next_frames()  # a request that cannot start fails here, with a proper status
+            first = next_frames(job, environ)  # a request that cannot start fails here, with a proper status
+        except ClientGone:
+            job.cancel()
+            return Response(status=499)  # nginx's "client closed request": nobody reads it
         except Exception as e:
             job.cancel()
             raise generation_error(e) from None
-        audio = decoded_audio(job, first)
+        audio = decoded_audio(job, first, environ)
         if req.stream_format == "sse":
             return streamed(sse_events(job, audio, req.response_format), "text/event-stream")
         media_type = MEDIA_TYPES[req.response_format]
@@ -186,15 +192,18 @@ def create_app(**overrides: Any) -> Flask:
         WebsocketSession(ws, codec, parse, submit).run()
 
     # --- streaming ----------------------------------------------------------------------------------------
-    def decoded_audio(job: Job, first: list[np.ndarray] | None) -> Iterator[np.ndarray]:
+    def decoded_audio(job: Job, first: list[np.ndarray] | None, environ: dict) -> Iterator[np.ndarray]:
         """The job's audio as frames arrive, through one streaming Mimi state (no seams). Cancels the
-        job when the consumer stops early (a client that went away)."""
+        job when the consumer stops early or the client goes away (also when nothing is being sent to
+        it yet: a request that waits in the queue, or one answered in a single body)."""
         state = codec.decoder_state(1)
         frames = first
         try:
             while frames is not None:
                 yield decode(codec, state, frames)
-                frames = job.next_frames()
+                frames = next_frames(job, environ)
+        except ClientGone:
+            return
         finally:
             job.cancel()
 
@@ -212,6 +221,36 @@ def create_app(**overrides: Any) -> Flask:
         yield sse({"type": "speech.audio.done", "usage": usage(job)})
 
     return app
+
+
+class ClientGone(Exception):
+    pass
+
+
+def next_frames(job: Job, environ: dict, poll_s: float = 0.25) -> list[np.ndarray] | None:
+    """`job.next_frames()`, looking every `poll_s` while it waits for whether the client is still there."""
+    while True:
+        if client_gone(environ):
+            raise ClientGone
+        try:
+            return job.next_frames(timeout=poll_s)
+        except queue.Empty:
+            pass
+
+
+def client_gone(environ: dict) -> bool:
+    """Whether the client closed its connection: readable with nothing to read. Needs the socket, which
+    werkzeug and gunicorn put in the WSGI environ; other servers only notice when a write fails."""
+    sock = environ.get("werkzeug.socket") or environ.get("gunicorn.socket")
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except ValueError:  # a TLS socket takes no recv flags: no answer here
+        return False
+    except OSError:
+        return True
 
 
 def streamed(chunks: Iterator[bytes], mimetype: str) -> Response:

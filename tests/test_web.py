@@ -217,6 +217,43 @@ def test_first_bytes_leave_early_and_disconnect_frees_the_slot(base, engine):
     wait_idle(engine)
 
 
+def test_a_queued_client_that_hangs_up_is_dropped_before_its_turn(base, engine):
+    from csm_gguf.server_engine import SpeechJob
+
+    busy = [engine.submit(SpeechJob(TEXT, temperature=0, max_audio_ms=60_000)) for _ in range(MAX_STREAMS)]
+    deadline = time.monotonic() + 10
+    while engine.waiting or engine.joining:  # every slot taken by the busy jobs
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    sock = open_stream(base, {"model": "csm-1b", "input": TEXT, "response_format": "pcm"})
+    while not engine.waiting:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    queued = engine.waiting[0]
+    hang_up(sock)
+    while queued in engine.waiting:  # noticed while it waits (not after its first frame) and dropped
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert queued.cancelled and queued.frames == 0 and len(engine.active) == MAX_STREAMS
+    for job in busy:
+        job.cancel()
+    wait_idle(engine)
+    assert queued.frames == 0
+
+
+def test_a_whole_body_request_stops_when_its_client_hangs_up(base, engine):
+    sock = open_stream(base, {"model": "csm-1b", "input": TEXT, "response_format": "wav", "stream": False,
+                              "max_audio_ms": 60_000})
+    deadline = time.monotonic() + 10
+    while not engine.active or not engine.active[0].frames:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    job = engine.active[0]
+    hang_up(sock)
+    wait_idle(engine)
+    assert job.cancelled and job.frames < 100  # 750 frames were allowed
+
+
 # --- many clients ----------------------------------------------------------------------------------------
 
 
