@@ -97,7 +97,7 @@ class CodebookHeads:
 
         n_graphs = n_heads * max_streams
         self._ctx = _init(_InitParams(
-            (max_streams + 2 * n_graphs) * _tensor_overhead() + n_graphs * _graph_overhead(_GRAPH_SIZE, False),
+            (max_streams + n_graphs) * _tensor_overhead() + n_graphs * _graph_overhead(_GRAPH_SIZE, False),
             None, True,
         ))
         self._graphs = {}
