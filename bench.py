@@ -212,7 +212,7 @@ def instrument(tts) -> Profile:
     prof.wrap(gen.backbone, "decode", "backbone")
     prof.wrap(gen.decoder, "decode", "decoder")
     prof.wrap(gen, "_sample_codebook", "heads")
-    prof.wrap(generator_module, "sample", "sample")
+    prof.wrap(generator_module.Sampler, "__call__", "sample")
     prof.wrap(tts.codec, "decode_step", "mimi")
     return prof
 

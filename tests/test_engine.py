@@ -120,19 +120,22 @@ def test_same_seed_same_codes_and_codes_stay_in_codec_range(tokenizer_json, work
 
 
 def test_sampling_draws_from_the_top_k_temperature_softmax():
-    from csm_gguf.generator import sample
+    from csm_gguf.generator import Sampler
 
-    rng = np.random.default_rng(0)
-    logits = (2 * rng.standard_normal(100)).astype(np.float32)
+    logits = (2 * np.random.default_rng(0).standard_normal(100)).astype(np.float32)
     k, temperature, n = 5, 0.7, 20_000
-    draws = np.array([sample(logits, temperature, k, rng) for _ in range(n)])
+    sampler = Sampler(Sampling(temperature=temperature, top_k=k, seed=3), len(logits))
+    draws = np.array([sampler(logits) for _ in range(n)])
     top = np.argsort(logits)[-k:]
     assert set(draws.tolist()) <= set(top.tolist())
     p = np.exp((logits[top] - logits[top].max()) / temperature)
     p /= p.sum()
     freq = np.array([(draws == i).mean() for i in top])
     np.testing.assert_allclose(freq, p, rtol=0, atol=4 * np.sqrt(p * (1 - p) / n).max())
-    assert sample(logits, 0, k, rng) == int(np.argmax(logits))
+
+    again = Sampler(Sampling(temperature=temperature, top_k=k, seed=3), len(logits))
+    np.testing.assert_array_equal([again(logits) for _ in range(100)], draws[:100])  # same seed, same draws
+    assert Sampler(Sampling(temperature=0), len(logits))(logits) == int(np.argmax(logits))
 
 
 def test_prompt_that_does_not_fit_is_refused(f32_model):
