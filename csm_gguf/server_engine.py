@@ -175,16 +175,22 @@ class Engine:
             self._end(job, RuntimeError("the server is shutting down"))
 
     def _prefill(self) -> None:
-        """Read the oldest unread prompt: whole when no one is speaking, else PREFILL_ROWS rows."""
+        """Read unread prompts, oldest first: all of them when no one is speaking (requests that arrive
+        together start together), else PREFILL_ROWS rows in all."""
         reading = [job for job in self.active if job.stream.prompt is not None and not job.cancelled]
-        if not reading:
-            return
-        job, others_speaking = reading[0], len(reading) < len(self.active)
-        try:
-            self.generator.prefill(job.stream, PREFILL_ROWS if others_speaking else None)
-        except Exception as e:  # a llama.cpp failure: fail this request, keep serving
-            log.exception("reading a prompt failed")
-            self._end(job, e)
+        budget = PREFILL_ROWS if len(reading) < len(self.active) else None
+        for job in reading:
+            before = job.stream.pos
+            try:
+                self.generator.prefill(job.stream, budget)
+            except Exception as e:  # a llama.cpp failure: fail this request, keep serving
+                log.exception("reading a prompt failed")
+                self._end(job, e)
+                continue
+            if budget is not None:
+                budget -= job.stream.pos - before
+                if budget <= 0:
+                    break
 
     def _step(self) -> None:
         for job in [j for j in self.active if j.cancelled]:

@@ -339,6 +339,18 @@ def test_a_long_prompt_is_read_between_the_frames_of_others(engine, monkeypatch)
     wait_idle(engine)
 
 
+def test_requests_that_arrive_together_start_together(engine):
+    from csm_gguf.server_engine import SpeechJob
+
+    with engine._wake:  # the engine thread sees all four at once
+        jobs = [engine.submit(SpeechJob(f"Request {i} arrives.", temperature=0, max_audio_ms=800)) for i in range(4)]
+    for job in jobs:
+        while job.next_frames(timeout=30) is not None:
+            pass
+    assert len({job.first_frame for job in jobs}) == 1  # their first frames came from one step
+    wait_idle(engine)
+
+
 def test_full_queue_answers_429_and_nothing_leaks(base, engine):
     body = {"model": "csm-1b", "input": TEXT, "response_format": "pcm", "max_audio_ms": 60_000}
     socks = [open_stream(base, body) for _ in range(MAX_STREAMS + MAX_QUEUE)]
