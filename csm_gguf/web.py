@@ -84,12 +84,15 @@ def create_app(**overrides: Any) -> Flask:
     tts = CSM(settings.model, settings.threads, settings.gpu_layers, settings.kv_type, settings.max_streams)
     if settings.voice not in voice_names():
         raise ValueError(f"CSM_GGUF_VOICE={settings.voice!r} is not a voice; known: {', '.join(voice_names())}")
-    codec = tts.codec  # loaded now, not racing in the first requests' threads
     # Each request thread decodes its own audio while llama.cpp's threads run the engine: one torch
-    # thread per decode keeps them from oversubscribing the cores (which slows small ops ~100x).
+    # thread per decode keeps them from oversubscribing the cores (which slows small ops ~100x). And
+    # set before any torch work: torch and ggml share one OpenMP runtime, and a second thread that has
+    # run a parallel region (here, building the codec) makes its spin-waits back off to sleeping for
+    # every thread, which slowed the engine's frames by 45%.
     import torch
 
     torch.set_num_threads(1)
+    codec = tts.codec  # loaded now, not racing in the first requests' threads
     engine = Engine(tts, settings.max_queue)
     created = int(os.path.getmtime(tts.model.backbone_path))
 
