@@ -86,9 +86,9 @@ def create_app(**overrides: Any) -> Flask:
         raise ValueError(f"CSM_GGUF_VOICE={settings.voice!r} is not a voice; known: {', '.join(voice_names())}")
     # Each request thread decodes its own audio while llama.cpp's threads run the engine: one torch
     # thread per decode keeps them from oversubscribing the cores (which slows small ops ~100x). And
-    # set before any torch work: torch and ggml share one OpenMP runtime, and a second thread that has
-    # run a parallel region (here, building the codec) makes its spin-waits back off to sleeping for
-    # every thread, which slowed the engine's frames by 45%.
+    # set before any torch work: torch and ggml share one OpenMP runtime, and once this thread has run
+    # parallel work with it (building the codec with two threads did), the engine thread's frames took
+    # 45% longer.
     import torch
 
     torch.set_num_threads(1)
