@@ -3,7 +3,8 @@
 For each model variant: real-time factor (generation seconds per audio second), time to first audio
 (streaming, prompt included), frames per second and peak memory over several runs after a warm-up;
 the per-frame stage breakdown; the floor (the same llama.cpp decodes with no pipeline around them);
-optionally batched streams (--concurrency), fidelity against the f32 model (--quality) and peers:
+optionally batched streams (--concurrency), the OpenAI server under concurrent streaming requests
+(--server), fidelity against the f32 model (--quality) and peers:
 transformers' CSM and Mimi (--compare transformers), moshi's own streaming Mimi (--compare moshi).
 Without --model it benchmarks a full-size CSM-1B with random weights, converted once into the cache
 (random weights never end speech: --frames fixes the length). Stages are timed by wrapping the generator's calls from outside: about 70 timer pairs per
@@ -152,6 +153,15 @@ class Concurrency:
 
 
 @dataclass
+class Served:
+    streams: int  # requests sent at once
+    frames: int  # per request
+    seconds: float
+    aggregate_xrt: float
+    first_audio_s: Spread  # per request: to the first audio bytes over HTTP
+
+
+@dataclass
 class Quality:
     frames: int
     codebook0_top1: float
@@ -179,6 +189,7 @@ class Variant:
     generation_over_floor: float  # our frame without Mimi / the floor's: the pipeline's overhead alone
     peak_rss_mib: float
     concurrency: list[Concurrency] = field(default_factory=list)
+    served: list[Served] = field(default_factory=list)
     quality: Quality | None = None
 
 
@@ -353,6 +364,73 @@ def agreement(ref: np.ndarray, q: np.ndarray) -> tuple[float, float]:
     return float((ref.argmax(-1) == q.argmax(-1)).mean()), float(kl.mean())
 
 
+def served(model_dir: Path, counts: list[int], frames: int, args) -> list[Served]:
+    """The OpenAI server as a client sees it: `flask --app csm_gguf.web run` in its own process, then for
+    each n, n streaming requests at once (HTTP, request threads and the engine all included)."""
+    import socket
+    import subprocess
+    import tempfile
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "CSM_GGUF_MODEL": str(model_dir), "CSM_GGUF_MAX_STREAMS": str(max(counts)),
+           "CSM_GGUF_THREADS": str(args.threads), "CSM_GGUF_GPU_LAYERS": str(args.gpu_layers),
+           "CSM_GGUF_KV_TYPE": args.kv_type}
+    env.pop("CSM_GGUF_API_KEY", None)
+    log = tempfile.TemporaryFile()
+    server = subprocess.Popen([sys.executable, "-m", "flask", "--app", "csm_gguf.web", "run", "--port", str(port)],
+                              env=env, stdout=log, stderr=log)
+
+    def request(seed: int, n_frames: int) -> tuple[float, float]:
+        """(seconds to the first audio, seconds of audio) of one streamed pcm request."""
+        body = json.dumps({"model": "csm-1b", "input": TEXT, "response_format": "pcm", "seed": seed,
+                           "max_audio_ms": n_frames * FRAME_MS}).encode()
+        req = urllib.request.Request(f"{base}/v1/audio/speech", body, {"Content-Type": "application/json"})
+        t0, first, size = time.perf_counter(), None, 0
+        with urllib.request.urlopen(req, timeout=600) as response:
+            while chunk := response.read1(1 << 16):
+                first = first or time.perf_counter() - t0
+                size += len(chunk)
+        return first or 0.0, size / 2 / 24_000  # pcm: 16-bit samples at 24 kHz
+
+    out = []
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=5).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    raise RuntimeError(f"the server did not start:\n{log.read().decode()[-3000:]}") from None
+                time.sleep(0.5)
+        request(args.seed, min(frames, 3))  # warm-up
+        for n in counts:
+            results: list[tuple[float, float]] = [(0.0, 0.0)] * n
+
+            def one(i: int) -> None:
+                results[i] = request(args.seed + i, frames)
+
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            seconds = time.perf_counter() - t0
+            audio = sum(a for _, a in results)
+            out.append(Served(n, frames, seconds, audio / seconds, Spread.of([f for f, _ in results])))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+    return out
+
+
 def bench_variant(name: str, model_dir: Path, weights: str, args, reference: dict | None):
     """The variant's figures, and its CSM (generator closed; model and codec kept for the peers)."""
     from csm_gguf.tts import CSM
@@ -385,6 +463,8 @@ def bench_variant(name: str, model_dir: Path, weights: str, args, reference: dic
     )
     for s in args.concurrency:
         v.concurrency.append(concurrency(tts, s, args.frames, args.seed, args))
+    if args.server:
+        v.served = served(model_dir, args.server, args.frames, args)
     if reference is not None:
         c0, rest = teacher_forced(tts.model, reference["codes"], args)
         top1_0, kl_0 = agreement(reference["c0"], c0)
@@ -615,6 +695,11 @@ def table(report: dict) -> str:
     if conc:
         lines.append("| variant | streams | aggregate xRealTime | per-stream RTF |\n|---|---|---|---|\n" + "\n".join(
             f"| {name} | {c['streams']} | {c['aggregate_xrt']:.2f} | {c['per_stream_rtf']:.2f} |" for name, c in conc))
+    served_rows = [(v["name"], x) for v in report["variants"] for x in v["served"]]
+    if served_rows:
+        lines.append("| variant | server requests at once | aggregate xRealTime | first audio (median) |\n|---|---|---|---|\n"
+                     + "\n".join(f"| {name} | {x['streams']} | {x['aggregate_xrt']:.2f} | "
+                                 f"{x['first_audio_s']['median'] * 1000:.0f} ms |" for name, x in served_rows))
     qual = [v for v in report["variants"] if v["quality"]]
     if qual:
         lines.append("| variant | codebook-0 top-1 | codebook-0 KL | decoder top-1 | decoder KL |\n|---|---|---|---|---|\n"
@@ -708,6 +793,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kv-type", default="f16", choices=("f32", "f16", "q8_0"))
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--concurrency", type=csv(int), default=[], help="stream counts to batch, e.g. 1,2,4,8")
+    p.add_argument("--server", type=csv(int), default=[], help="streaming requests to send at once to the "
+                   "OpenAI server, started in its own process, e.g. 1,4")
     p.add_argument("--quality", action="store_true", help="top-1 agreement and KL of each variant vs the f32 model "
                    "on teacher-forced frames (random weights: the f32 random model is converted too)")
     p.add_argument("--reference", help="the f32 model directory for --quality with --model")

@@ -18,7 +18,7 @@ def test_bench_writes_every_figure(converted, f32_model, tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "bench.py", "--model", str(converted("q4_k")), "--model", str(f32_model),
            "--reference", str(f32_model), "--quality", "--quality-frames", "3", "--frames", "4", "--runs", "2",
-           "--concurrency", "1,2", "--compare", "transformers", "--peer-frames", "2", "--json", str(out),
+           "--concurrency", "1,2", "--server", "1,2", "--compare", "transformers", "--peer-frames", "2", "--json", str(out),
            # One thread: llama.cpp's spinning workers crawl when other tests hold the cores.
            "--threads", "1"]
     if importlib.util.find_spec("matplotlib"):
@@ -40,6 +40,9 @@ def test_bench_writes_every_figure(converted, f32_model, tmp_path):
         assert v["floor"]["frame_ms"] > 0 and v["frame_over_floor"] > 0 and v["peak_rss_mib"] > 0
         assert [c["streams"] for c in v["concurrency"]] == [1, 2]
         assert all(c["aggregate_xrt"] > 0 for c in v["concurrency"])
+        assert [x["streams"] for x in v["served"]] == [1, 2]  # through HTTP, from a server process
+        assert all(x["aggregate_xrt"] > 0 for x in v["served"])
+        assert all(0 < t < x["seconds"] for x in v["served"] for t in x["first_audio_s"]["values"])
         q = v["quality"]
         assert q["frames"] == 3 and 0 <= q["codebook0_top1"] <= 1 and 0 <= q["decoder_top1"] <= 1
     # The f32 model against itself: identical distributions.
