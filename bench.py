@@ -343,7 +343,7 @@ def teacher_forced(model, codes: np.ndarray, args) -> tuple[np.ndarray, np.ndarr
                 dec.output[:m] = 1
                 dec.set_seq_ids(np.repeat(slot, m))
                 dec.decode(m)
-                gen.heads.x[0] = dec.hidden(m - 1)
+                dec.copy_hidden(m - 1, gen.heads.x_address)
                 rest[f, i - 1] = gen.heads.logits(i - 1, 1)[0, :n]
             pending, pos = gen.frame_embedding(frame), pos + 1
     finally:

@@ -67,7 +67,6 @@ class Sampler:
         for stage in (L.llama_sampler_init_top_k(sampling.top_k), L.llama_sampler_init_temp(sampling.temperature),
                       L.llama_sampler_init_dist(seed)):
             L.llama_sampler_chain_add(self._chain, stage)  # the chain owns its stages
-        self._n = n
         self._data = (L.llama_token_data * n)()
         self._rows = np.ctypeslib.as_array(self._data)  # fields id, logit, p
         self._ids = np.arange(n, dtype=np.int32)
@@ -80,7 +79,7 @@ class Sampler:
         rows, candidates = self._rows, self._candidates
         rows["id"] = self._ids  # the chain reorders the candidates in place
         rows["logit"] = logits
-        candidates.size, candidates.selected, candidates.sorted = self._n, -1, False
+        candidates.size, candidates.selected, candidates.sorted = len(self._ids), -1, False
         L.llama_sampler_apply(self._chain, self._candidates_ref)
         return int(rows["id"][candidates.selected])
 
@@ -99,9 +98,9 @@ class Stream:
 
     slot: int
     sampling: Sampling
+    sampler: Sampler
     frames_left: int
     pos: int = 0  # position of the next backbone input (while the prompt is read: rows read so far)
-    sampler: Sampler | None = None
     prompt: np.ndarray | None = None  # until `Generator.prefill` has read it all
     pending: np.ndarray | None = None  # the backbone's next input row
     done: bool = False
@@ -235,8 +234,7 @@ class Generator:
         if stream.slot not in self.free_slots:
             self.backbone.remove_sequence(stream.slot)
             self.free_slots.append(stream.slot)
-        if stream.sampler is not None:
-            stream.sampler.close()
+        stream.sampler.close()
         stream.done = True
 
     def step(self, streams: Sequence[Stream]) -> np.ndarray:
@@ -267,7 +265,7 @@ class Generator:
         dec.output[: 2 * s] = 1  # the later one-token-per-stream steps reuse these flags
         dec.set_seq_ids(np.repeat(slots, 2))
         dec.decode(2 * s)
-        self._sample_codebook(streams, codes, 1, lambda j: 2 * j + 1)
+        self._sample_codebook(streams, codes, 1, stride=2)  # each stream's second row
 
         dec.set_seq_ids(slots)
         for i in range(2, k):
@@ -275,7 +273,7 @@ class Generator:
                 dec.embd[j] = model.decoder_inputs[(i - 1) * v + codes[j, i - 1]]
             dec.pos[:s] = i
             dec.decode(s)
-            self._sample_codebook(streams, codes, i, lambda j: j)
+            self._sample_codebook(streams, codes, i)
         self.decode_calls += k
 
         for j, st in enumerate(streams):
@@ -289,11 +287,12 @@ class Generator:
                 st.done = True
         return codes
 
-    def _sample_codebook(self, streams: Sequence[Stream], codes: np.ndarray, i: int, index) -> None:
+    def _sample_codebook(self, streams: Sequence[Stream], codes: np.ndarray, i: int, stride: int = 1) -> None:
+        """Codebook i for every stream, from the decoder output of stream j at row stride * j + stride - 1."""
         s = len(streams)
         heads = self.heads
         for j in range(s):
-            self.decoder.copy_hidden(index(j), heads.x_address + j * heads.x_row_bytes)
+            self.decoder.copy_hidden(stride * j + stride - 1, heads.x_address + j * heads.x_row_bytes)
         logits = heads.logits(i - 1, s)
         n_codes = self.model.n_codes
         for j, st in enumerate(streams):

@@ -93,7 +93,6 @@ class EmbeddingModel:
             L.llama_model_free(self.model)
             raise MemoryError(f"llama.cpp could not create a context for {path} (n_ctx={opts.n_ctx})")
         self.memory = L.llama_get_memory(self.ctx)
-        self.want_hidden = opts.want_hidden
         self.n_batch = opts.n_batch
 
         self.batch = L.llama_batch_init(opts.n_batch, self.n_embd, opts.n_seq_max)
@@ -128,12 +127,10 @@ class EmbeddingModel:
         """Output i's logits: a view into llama.cpp's buffer, valid until the next decode."""
         return np.ctypeslib.as_array(L.llama_get_logits_ith(self.ctx, i), shape=(self.n_vocab,))
 
-    def hidden(self, i: int) -> np.ndarray:
-        return np.ctypeslib.as_array(L.llama_get_embeddings_ith(self.ctx, i), shape=(self.n_embd,))
-
     def copy_hidden(self, i: int, address: int) -> None:
-        """Copy output i's hidden state (n_embd float32) to `address`. A third of `hidden`'s cost in the
-        generation loop, where every Python step runs on caches llama.cpp has just emptied."""
+        """Copy output i's final-normed hidden state (n_embd float32) to `address`: one memmove, a third
+        of what building a numpy view costs in the generation loop, where every Python step runs on
+        caches llama.cpp has just emptied."""
         src = L.llama_get_embeddings_ith(self.ctx, i)
         if not src:
             raise RuntimeError(f"llama.cpp has no hidden state for output {i}")
