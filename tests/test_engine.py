@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import llama_cpp
 import numpy as np
 import pytest
 
@@ -43,6 +44,19 @@ def test_greedy_codes_equal_transformers(f32_model, reference_codes):
     np.testing.assert_array_equal(codes, reference_codes)
 
 
+# GPU builds of llama.cpp (CUDA, Metal): every layer offloaded. CI's CPU build skips these.
+needs_gpu = pytest.mark.skipif(not llama_cpp.llama_supports_gpu_offload(), reason="llama.cpp built without GPU offload")
+ALL_LAYERS = 999
+
+
+@needs_gpu
+def test_offloaded_greedy_codes_equal_cpu_codes(f32_model):
+    """CUDA multiplies F32 weights by one row in F32 but by several rows in TF32 (llama.cpp's choice). One
+    stream has several rows only in its prompt and each frame's first decoder step, so its codes still
+    match the CPU's. Batched streams have several rows in every step: they are not compared bit for bit."""
+    np.testing.assert_array_equal(ours(f32_model, n_gpu_layers=ALL_LAYERS), ours(f32_model))
+
+
 def test_original_format_gives_identical_codes(original_checkpoint, tokenizer_json, codec_folder, workdir,
                                                reference_codes):
     from converter.convert import convert
@@ -73,24 +87,25 @@ def test_untied_decoder_embeddings_are_used(tokenizer_json, workdir):
     np.testing.assert_array_equal(ours(out, ctx=ctx)[:12], reference_greedy_codes(model, emb, 12))
 
 
+def c0_logits(model_dir, n_gpu_layers: int = 0) -> np.ndarray:
+    """Codebook-0 logits of the first frame of TEXT with context()."""
+    gen = Generator(CSMModel(model_dir), kv_type="f32", n_gpu_layers=n_gpu_layers)
+    stream = gen.start(gen.prompt_embeddings(TEXT, 0, context()), GREEDY)
+    bb = gen.backbone
+    bb.embd[0], bb.pos[0], bb.output[0] = stream.pending, stream.pos, 1
+    bb.set_seq_ids(np.array([stream.slot], np.int32))
+    bb.decode(1)
+    out = bb.logits(0)[: gen.model.n_codes].copy()
+    gen.close()
+    return out
+
+
 # Loose floors: a tiny random model has none of the redundancy that makes real weights quantize well.
 @pytest.mark.parametrize("qtype, min_corr", [("f16", 0.999), ("bf16", 0.99), ("q8_0", 0.99), ("q4_k", 0.85)])
 def test_quantized_variants_generate_and_agree_with_f32(converted, f32_model, qtype, min_corr, capsys):
     model_dir = converted(qtype)
     codes = ours(model_dir, sampling=Sampling(temperature=0, max_audio_ms=8 * 80))
     assert codes.shape[1] == 32 and len(codes) > 0
-
-    # Codebook-0 logits of the same prompt, quantized vs f32.
-    def c0_logits(d):
-        gen = Generator(CSMModel(d), kv_type="f32")
-        stream = gen.start(gen.prompt_embeddings(TEXT, 0, context()), GREEDY)
-        bb = gen.backbone
-        bb.embd[0], bb.pos[0], bb.output[0] = stream.pending, stream.pos, 1
-        bb.set_seq_ids(np.array([stream.slot], np.int32))
-        bb.decode(1)
-        out = bb.logits(0)[: gen.model.n_codes].copy()
-        gen.close()
-        return out
 
     ref, q = c0_logits(f32_model), c0_logits(model_dir)
     corr = float(np.corrcoef(ref, q)[0, 1])
@@ -99,6 +114,17 @@ def test_quantized_variants_generate_and_agree_with_f32(converted, f32_model, qt
         print(f"\n{qtype}: codebook-0 logits vs f32: max |diff| {np.abs(ref - q).max():.4f}, "
               f"correlation {corr:.5f}, same top-1: {bool(top1)}")
     assert corr > min_corr
+
+
+@needs_gpu
+@pytest.mark.parametrize("qtype", ["f16", "bf16", "q8_0", "q4_k"])
+def test_quantized_variants_on_gpu_agree_with_cpu(converted, qtype):
+    """The GPU's kernels for each weight type compute what the CPU's do, up to rounding."""
+    model_dir = converted(qtype)
+    cpu, gpu = c0_logits(model_dir), c0_logits(model_dir, ALL_LAYERS)
+    assert np.corrcoef(cpu, gpu)[0, 1] > 0.999
+    codes = ours(model_dir, sampling=Sampling(temperature=0, max_audio_ms=8 * 80), n_gpu_layers=ALL_LAYERS)
+    assert codes.shape[1] == 32 and len(codes) > 0
 
 
 def test_same_seed_same_codes_and_codes_stay_in_codec_range(tokenizer_json, workdir):
