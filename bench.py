@@ -437,7 +437,8 @@ def bench_variant(name: str, model_dir: Path, weights: str, args, reference: dic
 
     with PeakRSS() as rss:
         t0 = time.perf_counter()
-        tts = CSM(model_dir, n_threads=args.threads, n_gpu_layers=args.gpu_layers, kv_type=args.kv_type)
+        tts = CSM(model_dir, n_threads=args.threads, n_gpu_layers=args.gpu_layers, kv_type=args.kv_type,
+                  codec_device=args.codec_device)
         tts.codec  # built lazily: load it now, outside the timed runs
         load_s = time.perf_counter() - t0
         for _ in range(args.warmup):
@@ -549,15 +550,14 @@ def mimi_figures(tts, frames: int, seed: int, peer: bool) -> dict:
     codes = torch.from_numpy(np.random.default_rng(seed).integers(0, n, (1, tts.model.config.num_codebooks, frames)))
 
     def per_frame(fn: Callable[[], Any]) -> float:
-        fn()  # warm-up
+        fn().cpu()  # warm-up
         t0 = time.perf_counter()
-        fn()
+        fn().cpu()  # .cpu(): on a GPU, wait until every queued step has run
         return (time.perf_counter() - t0) * 1000 / frames
 
-    def streaming() -> None:
+    def streaming() -> Any:
         state = codec.decoder_state(1)
-        for i in range(frames):
-            codec.decode_step(codes[..., i : i + 1], state)
+        return [codec.decode_step(codes[..., i : i + 1], state) for i in range(frames)][-1]
 
     out = dict(frames=frames, ours_stream_ms=per_frame(streaming), ours_batch_ms=per_frame(lambda: codec.decode(codes)))
     if peer:
@@ -565,7 +565,7 @@ def mimi_figures(tts, frames: int, seed: int, peer: bool) -> dict:
 
         hf = random_mimi(tts.model.codec_config or MOSHI_MIMI_CONFIG, WEIGHTS_SEED)
         with torch.inference_mode():
-            out["transformers_batch_ms"] = per_frame(lambda: hf.decode(codes))
+            out["transformers_batch_ms"] = per_frame(lambda: hf.decode(codes).audio_values)
         out["transformers_over_ours_stream"] = out["transformers_batch_ms"] / out["ours_stream_ms"]
     return out
 
@@ -790,6 +790,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="warm-up runs (up to 10 frames) first (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all usable cores)")
     p.add_argument("--gpu-layers", type=int, default=0, help="layers offloaded to a GPU build of llama.cpp")
+    p.add_argument("--codec-device", default="cpu", help="torch device of our Mimi codec: cpu (default), cuda")
     p.add_argument("--kv-type", default="f16", choices=("f32", "f16", "q8_0"))
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--concurrency", type=csv(int), default=[], help="stream counts to batch, e.g. 1,2,4,8")

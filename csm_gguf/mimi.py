@@ -500,6 +500,11 @@ class Mimi(nn.Module):
         model.load_state_dict(own, strict=True)
         return model.eval()
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights live (after `.to(device)`); inputs are moved there, outputs stay there."""
+        return self.quantizer.codebooks.device
+
     @torch.inference_mode()
     def decoder_state(self, batch_size: int = 1) -> DecoderState:
         # KV buffers of twice the window: `KVCache.update` compacts them every ~window steps (10 s).
@@ -517,6 +522,7 @@ class Mimi(nn.Module):
     @torch.inference_mode()
     def decode_step(self, codes: Tensor, state: DecoderState) -> Tensor:
         """Decode the next chunk of a stream: codes [B, K, t] -> audio [B, 1, t * frame_size]."""
+        codes = codes.to(self.device)
         if codes.shape[-1] == 0:
             return codes.new_zeros(codes.shape[0], 1, 0, dtype=self.quantizer.codebooks.dtype)
         x = self.upsample(self.quantizer.decode(codes), state.upsample)
@@ -536,7 +542,7 @@ class Mimi(nn.Module):
         """Audio [B, 1, N] -> codes [B, num_quantizers, ceil(N / frame_size)]. Like transformers, every
         strided conv pads its input on the right to a whole number of strides (there is no up-front
         padding of the audio to whole frames)."""
-        x = self.encoder(audio.mT)
+        x = self.encoder(audio.to(self.device).mT)
         x = self.encoder_transformer(x, self.encoder_transformer.init_state(x.shape[0], x.shape[1]))
         return self.quantizer.encode(self.downsample(x))
 

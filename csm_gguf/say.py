@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-codes", metavar="OUT.npy", help="also write the generated codes, shape (frames, 32)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
     p.add_argument("--gpu-layers", type=int, default=0, help="layers to offload on CUDA/Metal builds (99: all)")
+    p.add_argument("--codec-device", default="cpu", help="torch device of the Mimi codec: cpu (default), cuda")
     return p
 
 
@@ -76,7 +77,7 @@ def load_model(args):
         path = find_model(args.model)
     except FileNotFoundError:
         path = first_run_convert(args.model_id)
-    return CSM(path, n_threads=args.threads, n_gpu_layers=args.gpu_layers)
+    return CSM(path, n_threads=args.threads, n_gpu_layers=args.gpu_layers, codec_device=args.codec_device)
 
 
 def first_run_convert(model_id: str) -> Path:

@@ -65,6 +65,17 @@ def spoken_context(previous: list[Segment], speaker: int, piece: str, made: list
     return [Segment(speaker, piece, np.stack(made))] if made else previous
 
 
+def check_torch_device(name: str) -> None:
+    """Fail now, with the fix, if torch cannot put tensors on `name` (e.g. "cuda" on a CPU-only torch)."""
+    import torch
+
+    try:
+        torch.empty(1, device=name)
+    except (RuntimeError, AssertionError) as e:
+        raise ValueError(f"codec device {name!r} is not usable with this torch ({torch.__version__}): {e}. "
+                         "Use a torch build for that device, or the codec device 'cpu'") from None
+
+
 class CSM:
     sample_rate = SAMPLE_RATE
 
@@ -75,9 +86,13 @@ class CSM:
         n_gpu_layers: int = 0,
         kv_type: str = "f16",
         max_streams: int = 1,
+        codec_device: str = "cpu",
     ):
+        if codec_device != "cpu":
+            check_torch_device(codec_device)
         self.model = CSMModel(find_model(model))
         self.generator = Generator(self.model, max_streams, n_threads, n_gpu_layers, kv_type)
+        self.codec_device = codec_device
         self._codec = None
         if n_threads:
             import torch
@@ -95,7 +110,8 @@ class CSM:
             from .mimi import Mimi, MimiConfig
 
             state = {k: torch.from_numpy(v) for k, v in self.model.codec_state_dict().items()}
-            self._codec = Mimi.from_state_dict(MimiConfig.from_transformers(self.model.codec_config), state)
+            codec = Mimi.from_state_dict(MimiConfig.from_transformers(self.model.codec_config), state)
+            self._codec = codec.to(self.codec_device)
         return self._codec
 
     def encode(self, audio: np.ndarray | str | Path) -> np.ndarray:
@@ -106,7 +122,7 @@ class CSM:
 
         samples = load_audio(audio) if isinstance(audio, (str, Path)) else np.asarray(audio, dtype=np.float32)
         codes = self.codec.encode(torch.from_numpy(samples).reshape(1, 1, -1))
-        return codes[0, : self.model.config.num_codebooks].T.numpy().astype(np.int64)
+        return codes[0, : self.model.config.num_codebooks].T.cpu().numpy().astype(np.int64)
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         """Codes (frames, 32) -> audio."""
@@ -114,7 +130,7 @@ class CSM:
 
         if len(codes) == 0:
             return np.zeros(0, dtype=np.float32)
-        return self.codec.decode(torch.from_numpy(np.asarray(codes, dtype=np.int64).T[None]))[0, 0].numpy()
+        return self.codec.decode(torch.from_numpy(np.asarray(codes, dtype=np.int64).T[None]))[0, 0].cpu().numpy()
 
     def segment(self, speaker: int, text: str, audio: np.ndarray | str | Path | None = None,
                 codes: np.ndarray | None = None) -> Segment:
@@ -185,7 +201,7 @@ class CSM:
         def flush() -> np.ndarray:
             codes = torch.from_numpy(np.stack(pending).T[None])
             pending.clear()
-            return codec.decode_step(codes, state)[0, 0].numpy()
+            return codec.decode_step(codes, state)[0, 0].cpu().numpy()
 
         for frame in frames:
             pending.append(frame)

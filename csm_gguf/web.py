@@ -44,6 +44,7 @@ SETTINGS = (
     ("CSM_GGUF_THREADS", "threads", "CPU threads for llama.cpp and the codec (default 0: all cores)"),
     ("CSM_GGUF_GPU_LAYERS", "gpu_layers", "layers offloaded to the GPU (default 0; -1: all)"),
     ("CSM_GGUF_KV_TYPE", "kv_type", "KV cache type: f16 (default), f32, q8_0"),
+    ("CSM_GGUF_CODEC_DEVICE", "codec_device", "torch device of the Mimi codec: cpu (default), cuda"),
     ("CSM_GGUF_API_KEY", "api_key", "if set, requests need 'Authorization: Bearer <key>'"),
     ("CSM_GGUF_MAX_STREAMS", "max_streams", "requests generated together in one batch (default 4)"),
     ("CSM_GGUF_QUEUE", "max_queue", "requests that may wait for a free stream before 429 (default 16)"),
@@ -57,6 +58,7 @@ class Settings:
     threads: int = 0
     gpu_layers: int = 0
     kv_type: str = "f16"
+    codec_device: str = "cpu"
     api_key: str | None = None
     max_streams: int = 4
     max_queue: int = 16
@@ -81,7 +83,8 @@ def create_app(**overrides: Any) -> Flask:
     settings = replace(Settings.from_env(), **overrides)
     if settings.max_streams < 1 or settings.max_queue < 0:
         raise ValueError("CSM_GGUF_MAX_STREAMS must be >= 1 and CSM_GGUF_QUEUE >= 0")
-    tts = CSM(settings.model, settings.threads, settings.gpu_layers, settings.kv_type, settings.max_streams)
+    tts = CSM(settings.model, settings.threads, settings.gpu_layers, settings.kv_type, settings.max_streams,
+              settings.codec_device)
     if settings.voice not in voice_names():
         raise ValueError(f"CSM_GGUF_VOICE={settings.voice!r} is not a voice; known: {', '.join(voice_names())}")
     # Each request thread decodes its own audio while llama.cpp's threads run the engine: one torch
@@ -267,7 +270,7 @@ def streamed(chunks: Iterator[bytes], mimetype: str) -> Response:
 def decode(codec, state, frames: list[np.ndarray]) -> np.ndarray:
     import torch
 
-    return codec.decode_step(torch.from_numpy(np.stack(frames).T[None]), state)[0, 0].numpy()
+    return codec.decode_step(torch.from_numpy(np.stack(frames).T[None]), state)[0, 0].cpu().numpy()
 
 
 def sse(event: dict) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import replace
 
@@ -216,6 +217,17 @@ def test_reset(mimi, reference, one_step):
 def test_batch_items_are_independent(mimi, reference, one_step):
     codes, _ = reference
     assert_audio_close(mimi.decode(codes[1:, :, :50]), one_step[1:, :, : 50 * 64])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch has no CUDA device")
+def test_on_cuda_streams_and_encodes_like_on_cpu(mimi, reference, one_step):
+    codes, _ = reference
+    gpu = copy.deepcopy(mimi).to("cuda")
+    audio = stream(gpu, codes, [1] * FRAMES)  # codes on the CPU: decode_step moves them
+    assert audio.device.type == "cuda"
+    assert_audio_close(audio.cpu(), one_step)
+    cpu_audio = one_step[:, :, : 20 * 64]
+    assert torch.equal(gpu.encode(cpu_audio).cpu(), mimi.encode(cpu_audio))
 
 
 # --- Configs, full size -------------------------------------------------------------------------------------

@@ -46,6 +46,20 @@ def test_api_audio_equals_reference_decode_of_reference_codes(tiny_csm, tts):
     np.testing.assert_allclose(streamed, audio, atol=1e-5 * np.abs(audio).max())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch has no CUDA device")
+def test_codec_on_cuda_gives_the_cpu_audio(f32_model, tts):
+    gpu = CSM(f32_model, kv_type="f32", codec_device="cuda")
+    try:
+        kw = dict(temperature=0, max_audio_ms=12 * 80)
+        audio = tts.generate(TEXT, **kw)
+        tol = 1e-5 * np.abs(audio).max()
+        np.testing.assert_allclose(gpu.generate(TEXT, **kw), audio, atol=tol)
+        np.testing.assert_allclose(np.concatenate(list(gpu.stream(TEXT, chunk_frames=1, **kw))), audio, atol=tol)
+        np.testing.assert_array_equal(gpu.encode(audio), tts.encode(audio))
+    finally:
+        gpu.close()
+
+
 def test_say_writes_the_reference_audio(tiny_csm, tts, f32_model, tmp_path, capsys):
     _, ref_audio = reference_audio(tiny_csm, tts, 12)
     out = tmp_path / "out.wav"
@@ -136,6 +150,9 @@ def test_budget_is_proportional_to_text(tts):
     (["hi", "--context", "0", "words", "{tmp}/missing.wav", "-o", "{tmp}/x.wav"], "missing.wav"),
     (["hi", "--context", "0", "words", "{tmp}/garbage.wav", "-o", "{tmp}/x.wav"], "garbage.wav"),
     (["hi", "-o", "{tmp}/x.aac"], "aac"),
+    (["hi", "--codec-device", "nonsense", "-o", "{tmp}/x.wav"], "codec device 'nonsense' is not usable"),
+    *([(["hi", "--codec-device", "cuda", "-o", "{tmp}/x.wav"], "codec device 'cuda' is not usable")]
+      if not torch.cuda.is_available() else []),
 ])
 def test_bad_input_is_a_clear_error_with_no_output(f32_model, tmp_path, capsys, args, message):
     (tmp_path / "garbage.wav").write_bytes(b"RIFF nonsense")
