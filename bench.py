@@ -213,10 +213,29 @@ def run_once(tts, frames: int, seed: int) -> tuple[float, float, int]:
     return time.perf_counter() - t0, first or 0.0, n
 
 
+def wait_for_decodes(gen) -> None:
+    """On a GPU llama_decode returns before the work is done, and the wait lands in whatever reads the
+    output next. Waiting inside decode puts each step's time in its own stage, and makes the floor
+    wait for every step, as generation must (each step's input depends on the last one's output). On
+    the CPU a decode is already finished when it returns."""
+    import llama_cpp
+
+    for model in (gen.backbone, gen.decoder):
+        if getattr(model, "bench_waits", False):
+            continue
+
+        def decode(n_tokens: int, model=model, run=model.decode) -> None:
+            run(n_tokens)
+            llama_cpp.llama_synchronize(model.ctx)
+
+        model.decode, model.bench_waits = decode, True
+
+
 def instrument(tts) -> Profile:
     from csm_gguf import generator as generator_module
 
     gen, prof = tts.generator, Profile()
+    wait_for_decodes(gen)
     prof.wrap(gen, "prompt_embeddings", "prompt")
     prof.wrap(gen, "start", "prompt")
     prof.wrap(gen, "step", "step")
@@ -245,6 +264,7 @@ def floor(gen, frames: int, prompt_len: int, streams: int = 1) -> Floor:
     """The same llama.cpp decodes as `Generator.step` (same models, contexts and batch shapes), inputs
     filled once, nothing else: what a frame costs with no pipeline at all."""
     bb, dec, k, s = gen.backbone, gen.decoder, gen.cfg.num_codebooks, streams
+    wait_for_decodes(gen)
     rng = np.random.default_rng(0)
     bb.embd[: max(prompt_len, s)] = 0.02 * rng.standard_normal((max(prompt_len, s), bb.n_embd), dtype=np.float32)
     dec.embd[: 2 * s] = 0.02 * rng.standard_normal((2 * s, dec.n_embd), dtype=np.float32)
