@@ -65,6 +65,13 @@ def spoken_context(previous: list[Segment], speaker: int, piece: str, made: list
     return [Segment(speaker, piece, np.stack(made))] if made else previous
 
 
+def decode_frames(codec, state, frames: list[np.ndarray]) -> np.ndarray:
+    """The next audio of a streaming decode (`codec.decoder_state`): frames of 32 codes -> float32 samples."""
+    import torch
+
+    return codec.decode_step(torch.from_numpy(np.stack(frames).T[None]), state)[0, 0].cpu().numpy()
+
+
 def check_torch_device(name: str) -> None:
     """Fail now, with the fix, if torch cannot put tensors on `name` (e.g. "cuda" on a CPU-only torch)."""
     import torch
@@ -192,16 +199,14 @@ class CSM:
 
     def decode_stream(self, frames: Iterable[np.ndarray], chunk_frames: int = 1) -> Iterator[np.ndarray]:
         """Frames of codes -> audio chunks through one streaming codec state (no seams between chunks)."""
-        import torch
-
         codec = self.codec
         state = codec.decoder_state(1)
         pending: list[np.ndarray] = []
 
         def flush() -> np.ndarray:
-            codes = torch.from_numpy(np.stack(pending).T[None])
+            audio = decode_frames(codec, state, pending)
             pending.clear()
-            return codec.decode_step(codes, state)[0, 0].cpu().numpy()
+            return audio
 
         for frame in frames:
             pending.append(frame)

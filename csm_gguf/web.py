@@ -34,7 +34,7 @@ from .generator import PromptTooLong, Segment
 from .server_engine import Engine, Job, QueueFull
 from .speech_request import BUILTIN_VOICES, MAX_INPUT_CHARS, MODELS, ApiError, SpeechRequest, parse_speech, voice_names
 from .text import split_sentences
-from .tts import CSM
+from .tts import CSM, decode_frames
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +206,7 @@ def create_app(**overrides: Any) -> Flask:
         frames = first
         try:
             while frames is not None:
-                yield decode(codec, state, frames)
+                yield decode_frames(codec, state, frames)
                 frames = next_frames(job, environ)
         except ClientGone:
             return
@@ -265,12 +265,6 @@ def streamed(chunks: Iterator[bytes], mimetype: str) -> Response:
     response.headers["Cache-Control"] = "no-cache"
     response.headers["X-Accel-Buffering"] = "no"  # nginx: pass chunks on at once
     return response
-
-
-def decode(codec, state, frames: list[np.ndarray]) -> np.ndarray:
-    import torch
-
-    return codec.decode_step(torch.from_numpy(np.stack(frames).T[None]), state)[0, 0].cpu().numpy()
 
 
 def sse(event: dict) -> bytes:
@@ -447,7 +441,7 @@ class WebsocketSession:
             self.job = None
             return
         self.sentence_frames += frames
-        self.send_audio(u.encoder.feed(decode(self.codec, u.state, frames)))
+        self.send_audio(u.encoder.feed(decode_frames(self.codec, u.state, frames)))
 
     def send_audio(self, data: bytes) -> None:
         if data:
