@@ -84,6 +84,9 @@ class EmbeddingModel:
         cparams.type_k = KV_TYPES[opts.kv_type]
         cparams.type_v = KV_TYPES[opts.kv_type]
         cparams.no_perf = True
+        # A GPU build sends a CPU model's large batches (the prompt) to the GPU unless told not to; there,
+        # F32 products of several rows run in TF32. No layers on the GPU means none of the work either.
+        cparams.op_offload = opts.n_gpu_layers != 0
         # llama.cpp's CPU flash attention rounds queries to F16: with an F32 cache, exactness is the point.
         cparams.flash_attn_type = (
             L.LLAMA_FLASH_ATTN_TYPE_DISABLED if opts.kv_type == "f32" else L.LLAMA_FLASH_ATTN_TYPE_AUTO

@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "proportional to the text)")
     p.add_argument("--save-codes", metavar="OUT.npy", help="also write the generated codes, shape (frames, 32)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
-    p.add_argument("--gpu-layers", type=int, default=0, help="layers to offload on CUDA/Metal builds (99: all)")
+    p.add_argument("--gpu-layers", type=int, default=0,
+                   help="layers to offload on CUDA/Metal builds (99: all; 0: nothing runs on the GPU)")
     p.add_argument("--codec-device", default="cpu", help="torch device of the Mimi codec: cpu (default), cuda")
     return p
 

@@ -49,14 +49,6 @@ needs_gpu = pytest.mark.skipif(not llama_cpp.llama_supports_gpu_offload(), reaso
 ALL_LAYERS = 999
 
 
-@needs_gpu
-def test_offloaded_greedy_codes_equal_cpu_codes(f32_model):
-    """CUDA multiplies F32 weights by one row in F32 but by several rows in TF32 (llama.cpp's choice). One
-    stream has several rows only in its prompt and each frame's first decoder step, so its codes still
-    match the CPU's. Batched streams have several rows in every step: they are not compared bit for bit."""
-    np.testing.assert_array_equal(ours(f32_model, n_gpu_layers=ALL_LAYERS), ours(f32_model))
-
-
 def test_original_format_gives_identical_codes(original_checkpoint, tokenizer_json, codec_folder, workdir,
                                                reference_codes):
     from converter.convert import convert
@@ -117,9 +109,12 @@ def test_quantized_variants_generate_and_agree_with_f32(converted, f32_model, qt
 
 
 @needs_gpu
-@pytest.mark.parametrize("qtype", ["f16", "bf16", "q8_0", "q4_k"])
-def test_quantized_variants_on_gpu_agree_with_cpu(converted, qtype):
-    """The GPU's kernels for each weight type compute what the CPU's do, up to rounding."""
+@pytest.mark.parametrize("qtype", ["f32", "f16", "bf16", "q8_0", "q4_k"])
+def test_weight_types_on_gpu_agree_with_cpu(converted, qtype):
+    """The GPU's kernels for each weight type compute what the CPU's do, up to rounding. Not bit for bit:
+    llama.cpp's CUDA backend multiplies F32 matrices by several rows (a prompt, batched streams) in TF32,
+    so greedy codes part from the CPU's and the reference's after a few frames (frame 12 on an H200). On the
+    CPU of the same build, test_greedy_codes_equal_transformers holds: no offloaded layers, no GPU work."""
     model_dir = converted(qtype)
     cpu, gpu = c0_logits(model_dir), c0_logits(model_dir, ALL_LAYERS)
     assert np.corrcoef(cpu, gpu)[0, 1] > 0.999
