@@ -4,11 +4,11 @@ For each model variant: real-time factor (generation seconds per audio second), 
 (streaming, prompt included), frames per second and peak memory over several runs after a warm-up;
 the per-frame stage breakdown; the floor (the same llama.cpp decodes with no pipeline around them);
 optionally batched streams (--concurrency), the OpenAI server under concurrent streaming requests
-(--server), fidelity against the f32 model (--quality) and peers:
-transformers' CSM and Mimi (--compare transformers), moshi's own streaming Mimi (--compare moshi).
-Without --model it benchmarks a full-size CSM-1B with random weights, converted once into the cache
-(random weights never end speech: --frames fixes the length). Stages are timed by wrapping the generator's calls from outside: about 70 timer pairs per
-80 ms frame, microseconds against the ~100+ ms a frame takes on a CPU.
+(--server), fidelity against the f32 model (--quality) and peers: transformers' CSM and Mimi
+(--compare transformers), moshi's own streaming Mimi (--compare moshi). Without --model it benchmarks
+a full-size CSM-1B with random weights, converted once into the cache (random weights never end
+speech: --frames fixes the length). Stages are timed by wrapping the generator's calls from outside:
+about 70 timer pairs per 80 ms frame, microseconds against the ~100+ ms a frame takes on a CPU.
 
     python bench.py --qtype q4_k,q8_0 --compare transformers --quality --json bench.json --plot bench.png
 """
