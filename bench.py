@@ -398,7 +398,7 @@ def served(model_dir: Path, counts: list[int], frames: int, args) -> list[Served
     base = f"http://127.0.0.1:{port}"
     env = {**os.environ, "CSM_GGUF_MODEL": str(model_dir), "CSM_GGUF_MAX_STREAMS": str(max(counts)),
            "CSM_GGUF_THREADS": str(args.threads), "CSM_GGUF_GPU_LAYERS": str(args.gpu_layers),
-           "CSM_GGUF_KV_TYPE": args.kv_type}
+           "CSM_GGUF_KV_TYPE": args.kv_type, "CSM_GGUF_CODEC_DEVICE": args.codec_device}
     env.pop("CSM_GGUF_API_KEY", None)
     log = tempfile.TemporaryFile()
     server = subprocess.Popen([sys.executable, "-m", "flask", "--app", "csm_gguf.web", "run", "--port", str(port)],
