@@ -12,7 +12,7 @@ Weights come in the kyutai/mimi checkpoint layout (`converter/mimi_keys.py` turn
 it); `Mimi.from_state_dict` maps them onto the modules here, fusing what the checkpoint keeps apart.
 
 Speed on CPU: a 1-frame `decode_step` reads all ~160 MB of decoder weights for 2 transformer steps, so it
-costs about twice a frame of batch decoding; chunks of 2+ frames amortise that. The ops are small: on a
+costs about 2.5x a frame of batch decoding; chunks of 2+ frames amortise that. The ops are small: on a
 machine whose cores are busy with other work, run with torch.set_num_threads(1) (more threads then
 stall on each other).
 """
