@@ -63,7 +63,9 @@ class Sampler:
         if self.greedy:
             return
         self._chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
-        seed = L.LLAMA_DEFAULT_SEED if sampling.seed is None else sampling.seed & 0xFFFFFFFF
+        # llama.cpp seeds are 32-bit and LLAMA_DEFAULT_SEED (0xFFFFFFFF) means "draw a random seed": fold
+        # every seed into 0..0xFFFFFFFE, so each one is reproducible (seeds below 2**32 - 1 stay as they are).
+        seed = L.LLAMA_DEFAULT_SEED if sampling.seed is None else sampling.seed % L.LLAMA_DEFAULT_SEED
         for stage in (L.llama_sampler_init_top_k(sampling.top_k), L.llama_sampler_init_temp(sampling.temperature),
                       L.llama_sampler_init_dist(seed)):
             L.llama_sampler_chain_add(self._chain, stage)  # the chain owns its stages

@@ -162,6 +162,16 @@ def test_sampling_draws_from_the_top_k_temperature_softmax():
     assert Sampler(Sampling(temperature=0), len(logits))(logits) == int(np.argmax(logits))
 
 
+@pytest.mark.parametrize("seed", [2**32 - 1, 2**63 - 1])
+def test_every_seed_is_reproducible(seed):
+    """llama.cpp reads the seed 0xFFFFFFFF as "draw a random one": no seed of ours may turn into it."""
+    from csm_gguf.generator import Sampler
+
+    logits = np.zeros(1000, dtype=np.float32)
+    runs = [Sampler(Sampling(temperature=1.0, top_k=1000, seed=seed), len(logits)) for _ in range(2)]
+    np.testing.assert_array_equal(*[[sampler(logits) for _ in range(20)] for sampler in runs])
+
+
 def test_prompt_that_does_not_fit_is_refused(f32_model):
     gen = Generator(CSMModel(f32_model))
     too_long = [Segment(1, "x", random_codes(2100, 64, seed=2))]
