@@ -181,6 +181,15 @@ class Generator:
         parts.append(self.model.text_embeddings.rows(self.model.prompt_tokens(speaker, text)))
         return np.concatenate(parts, axis=0)
 
+    def prompt_rows(self, text: str, speaker: int, context: Sequence[Segment] = ()) -> int:
+        """The length of `prompt_embeddings(text, speaker, context)`, without building it."""
+        rows = len(self.model.prompt_tokens(speaker, text))
+        for seg in context:
+            rows += len(self.model.prompt_tokens(seg.speaker, seg.text))
+            if seg.codes is not None:
+                rows += len(seg.codes) + 1  # its frames and the EOS frame
+        return rows
+
     # --- streams ------------------------------------------------------------------------------------
     def start(self, prompt: np.ndarray, sampling: Sampling, read_prompt: bool = True) -> Stream:
         """Claim a sequence slot for a prompt and (unless `read_prompt` is False) run it through the

@@ -43,6 +43,9 @@ class SpeechJob:
     top_k: int = 50
     seed: int | None = None
     max_audio_ms: float | None = None
+    # What was just said (a websocket session's last sentence): the first piece's previous piece, so the
+    # context gives way to it if both do not fit.
+    previous: Sequence[Segment] = ()
 
 
 _END = object()
@@ -115,7 +118,7 @@ class Engine:
         """Queue a request; raises QueueFull when all slots and the queue are taken, ValueError for empty
         text."""
         pieces = self.tts.pieces(spec.text)
-        job = Job(spec, pieces, input_tokens=len(self.tts.model.tokenize(spec.text)))
+        job = Job(spec, pieces, input_tokens=len(self.tts.model.tokenize(spec.text)), previous=list(spec.previous))
         with self._wake:
             if len(self.active) + len(self.joining) + len(self.waiting) >= self.max_streams + self.max_queue:
                 raise QueueFull(
@@ -221,7 +224,8 @@ class Engine:
         try:
             sampling = self.tts.piece_sampling(piece, job.piece, spec.temperature, spec.top_k, spec.seed,
                                                spec.max_audio_ms)
-            prompt = self.generator.prompt_embeddings(piece, spec.speaker, [*spec.context, *job.previous])
+            context = self.tts.piece_context(piece, spec.speaker, spec.context, job.previous, sampling)
+            prompt = self.generator.prompt_embeddings(piece, spec.speaker, context)
             job.stream = self.generator.start(prompt, sampling, read_prompt=False)
         except Exception as e:
             job.stream = None

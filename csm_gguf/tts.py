@@ -160,6 +160,21 @@ class CSM:
         piece_seed = None if seed is None else seed + index
         return Sampling(temperature, top_k, piece_seed, self.frame_budget(piece, max_audio_ms))
 
+    def piece_context(self, piece: str, speaker: int, context: Sequence[Segment], previous: Sequence[Segment],
+                      sampling: Sampling) -> list[Segment]:
+        """A piece's context: the caller's segments, then what was just said (the previous piece of a long
+        text). After a previous piece, segments give way, oldest first, while they would leave this piece
+        less room than its usual budget: a context that fit the first piece must not stop a long text
+        half-way. Without one, a context that does not fit is the caller's error (PromptTooLong)."""
+        segments = [*context, *previous]
+        if not previous:
+            return segments
+        room = int(min(sampling.max_audio_ms, self.frame_budget(piece, None)) // FRAME_MS)
+        limit = self.model.config.backbone.max_seq_len
+        while segments and self.generator.prompt_rows(piece, speaker, segments) + room > limit:
+            segments.pop(0)
+        return segments
+
     def pieces(self, text: str) -> list[str]:
         text = text.strip()
         if not text:
@@ -188,7 +203,8 @@ class CSM:
         for i, piece in enumerate(pieces):
             sampling = self.piece_sampling(piece, i, temperature, top_k, seed, max_audio_ms)
             made = []
-            for frame in self.generator.generate(piece, speaker, [*context, *previous], sampling):
+            piece_context = self.piece_context(piece, speaker, context, previous, sampling)
+            for frame in self.generator.generate(piece, speaker, piece_context, sampling):
                 made.append(frame)
                 yield frame
             previous = spoken_context(previous, speaker, piece, made)

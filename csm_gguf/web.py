@@ -189,7 +189,10 @@ def create_app(**overrides: Any) -> Flask:
             return streamed(sse_events(job, audio, req.response_format), "text/event-stream")
         media_type = MEDIA_TYPES[req.response_format]
         if not req.stream:
-            samples = np.concatenate([np.zeros(0, np.float32), *audio])
+            try:
+                samples = np.concatenate([np.zeros(0, np.float32), *audio])
+            except Exception as e:  # a later piece failed; nothing is sent yet, so its own status still can be
+                raise generation_error(e) from None
             return Response(encode_audio(samples, req.response_format), mimetype=media_type)
         return streamed(encoded(audio, StreamEncoder(req.response_format)), media_type)
 
@@ -411,9 +414,9 @@ class WebsocketSession:
 
     def start(self, sentence: str) -> None:
         spec = self.settings.job
-        context = [*spec.context, *([self.previous] if self.previous else [])]
+        previous = [self.previous] if self.previous else []
         try:
-            self.job = self.submit(replace(self.settings, job=replace(spec, text=sentence, context=context)))
+            self.job = self.submit(replace(self.settings, job=replace(spec, text=sentence, previous=previous)))
         except ApiError as e:
             self.error(e)
             return

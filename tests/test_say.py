@@ -136,6 +136,34 @@ def test_long_text_pieces_fit_carry_context_and_join_seamlessly(tts, monkeypatch
     np.testing.assert_allclose(audio, tts.decode(np.stack(frames)), atol=1e-5 * np.abs(audio).max())
 
 
+def test_context_gives_way_to_the_previous_piece_when_both_do_not_fit(tts, monkeypatch):
+    """A context that fits the first piece of a long text, but not with the first piece as context of
+    the second: the second piece drops it and goes on (it used to stop the text with PromptTooLong)."""
+    from csm_gguf.generator import Segment
+
+    text = " ".join(f"This is sentence number {i}, which goes on for a while." for i in range(12))
+    pieces = tts.pieces(text)
+    assert len(pieces) > 1
+    limit = tts.model.config.backbone.max_seq_len
+    empty = Segment(1, "What came before.", np.zeros((0, 32), dtype=np.int64))
+    frames = limit - 8 - tts.generator.prompt_rows(pieces[0], 0, [empty])  # room for 8 frames of piece 1
+    context = [Segment(1, empty.text, np.ones((frames, 32), dtype=np.int64))]
+    assert tts.generator.prompt_rows(pieces[1], 0, [*context, Segment(0, pieces[0])]) > limit
+
+    seen_contexts = []
+    generate = tts.generator.generate
+
+    def spy(piece, speaker, context, sampling):
+        seen_contexts.append([seg.text for seg in context])
+        return generate(piece, speaker, context, sampling)
+
+    monkeypatch.setattr(tts.generator, "generate", spy)
+    made = list(tts.frames(text, context=context, seed=1, max_audio_ms=4 * 80))
+    assert seen_contexts[0] == [empty.text]
+    assert seen_contexts[1:] == [[p] for p in pieces[:-1]]
+    assert len(made) > len(pieces)
+
+
 def test_budget_is_proportional_to_text(tts):
     short, long = tts.frame_budget("Hi.", None), tts.frame_budget("A much longer sentence " * 5, None)
     assert short < long

@@ -132,6 +132,21 @@ def test_long_text_is_spoken_in_pieces_like_generate(client, engine):
     assert_same_audio(pcm(response.content), expected)
 
 
+def test_long_text_goes_on_when_context_and_previous_piece_do_not_fit(base, engine):
+    """A context that fits the first piece but not beside it: later pieces drop the context (this was a
+    500 after the first piece). Not streamed, so a failure would still show as the status."""
+    text = " ".join(f"This is sentence number {i}, which goes on for a while." for i in range(12))
+    pieces = engine.tts.pieces(text)
+    empty = Segment(0, "What came before.", np.zeros((0, 32), dtype=np.int64))
+    frames = engine.tts.model.config.backbone.max_seq_len - 8 - engine.tts.generator.prompt_rows(pieces[0], 0, [empty])
+    body = {"model": "csm-1b", "voice": "alloy", "input": text, "response_format": "pcm", "stream": False,
+            "temperature": 0, "max_audio_ms": 320,
+            "context": [{"speaker": 0, "text": empty.text, "codes": np.ones((frames, 32), int).tolist()}]}
+    response = post(base, body)
+    assert response.status_code == 200, response.text
+    assert len(pcm(response.content)) == 4 * len(pieces) * engine.tts.codec.cfg.frame_size
+
+
 def test_saved_voice_uses_its_prompt(client, engine):
     voices = httpx.get(f"{client.base_url}audio/voices").json()
     assert {"id": "narrator", "name": "narrator", "type": "saved", "speaker_id": None} in voices["voices"]
