@@ -21,16 +21,10 @@ from .audio import FORMATS, AudioError, check_format, load_audio
 from .generator import Segment
 from .server_engine import SpeechJob
 from .tts import CSM
+from .voices import BUILTIN_VOICES, list_voices, load_voice
 
 MAX_INPUT_CHARS = 4096
 MAX_CONTEXT_SEGMENTS = 32
-BUILTIN_VOICES = {
-    name: speaker
-    for speaker, name in enumerate(
-        ("alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "nova", "sage", "shimmer", "verse", "marin",
-         "cedar")
-    )
-}
 MODELS = ("csm-1b", "tts-1", "tts-1-hd", "gpt-4o-mini-tts")
 FIELDS = {
     # OpenAI's fields
@@ -65,8 +59,6 @@ class SpeechRequest:
 
 
 def voice_names() -> list[str]:
-    from .voices import list_voices
-
     return [*BUILTIN_VOICES, *(v for v in list_voices() if v not in BUILTIN_VOICES)]
 
 
@@ -146,12 +138,13 @@ def _voice(voice: Any) -> tuple[int, list[Segment]]:
         raise invalid("voice", "'voice' must be a voice name or {\"id\": name}")
     if voice in BUILTIN_VOICES:
         return BUILTIN_VOICES[voice], []
-    from .voices import list_voices, load_voice
-
     if voice not in list_voices():
         raise invalid("voice", f"unknown voice {voice!r}; known voices: {', '.join(voice_names())}",
                       code="voice_not_found")
-    saved = load_voice(voice)
+    try:
+        saved = load_voice(voice)
+    except ValueError as e:  # a damaged voice file
+        raise invalid("voice", str(e), code="voice_unusable") from None
     return saved.speaker, list(saved.segments)
 
 

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,14 @@ from .model_dir import cache_root
 from .tts import Voice
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# The server's voices without a prompt: OpenAI's names, each a CSM speaker id. Saved voices cannot take them.
+BUILTIN_VOICES = {
+    name: speaker
+    for speaker, name in enumerate(
+        ("alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "nova", "sage", "shimmer", "verse", "marin",
+         "cedar")
+    )
+}
 
 
 def voices_dir() -> Path:
@@ -35,6 +44,9 @@ def list_voices() -> list[str]:
 
 def save_voice(name: str, voice: Voice) -> Path:
     path = _path(name)
+    if name in BUILTIN_VOICES:
+        raise ValueError(f"{name!r} is one of the server's built-in voices (speaker {BUILTIN_VOICES[name]}): "
+                         "save the voice under another name")
     if not voice.segments or any(seg.codes is None for seg in voice.segments):
         raise ValueError("a voice needs at least one context segment with audio")
     meta = {"speaker": voice.speaker, "segments": [{"speaker": s.speaker, "text": s.text} for s in voice.segments]}
@@ -51,10 +63,13 @@ def load_voice(name: str) -> Voice:
     if not path.exists():
         known = ", ".join(list_voices()) or "none saved yet"
         raise ValueError(f"unknown voice {name!r} (known: {known}); save one with --save-voice")
-    with np.load(path, allow_pickle=False) as data:
-        meta = json.loads(str(data["meta"]))
-        segments = [
-            Segment(s["speaker"], s["text"], data[f"codes_{i}"].astype(np.int64))
-            for i, s in enumerate(meta["segments"])
-        ]
-    return Voice(segments=segments, speaker=meta["speaker"])
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(str(data["meta"]))
+            segments = [
+                Segment(int(s["speaker"]), str(s["text"]), data[f"codes_{i}"].astype(np.int64))
+                for i, s in enumerate(meta["segments"])
+            ]
+            return Voice(segments=segments, speaker=int(meta["speaker"]))
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:
+        raise ValueError(f"voice {name!r} is damaged ({path}: {e}); save it again with --save-voice") from None

@@ -32,9 +32,10 @@ from werkzeug.exceptions import HTTPException
 from .audio import MEDIA_TYPES, SAMPLE_RATE, StreamEncoder, encode_audio
 from .generator import PromptTooLong, Segment
 from .server_engine import Engine, Job, QueueFull
-from .speech_request import BUILTIN_VOICES, MAX_INPUT_CHARS, MODELS, ApiError, SpeechRequest, parse_speech, voice_names
+from .speech_request import MAX_INPUT_CHARS, MODELS, ApiError, SpeechRequest, parse_speech, voice_names
 from .text import split_sentences
 from .tts import CSM, decode_frames
+from .voices import BUILTIN_VOICES
 
 log = logging.getLogger(__name__)
 

@@ -147,6 +147,20 @@ def test_long_text_goes_on_when_context_and_previous_piece_do_not_fit(base, engi
     assert len(pcm(response.content)) == 4 * len(pieces) * engine.tts.codec.cfg.frame_size
 
 
+def test_damaged_saved_voice_is_a_400(base):
+    import os
+
+    broken = os.path.join(os.environ["CSM_GGUF_VOICES"], "broken.npz")
+    with open(broken, "wb") as f:
+        f.write(b"not a voice")
+    try:
+        response = post(base, {"model": "csm-1b", "voice": "broken", "input": TEXT})
+        assert response.status_code == 400, response.text
+        assert (response.json()["error"]["param"], response.json()["error"]["code"]) == ("voice", "voice_unusable")
+    finally:
+        os.remove(broken)
+
+
 def test_saved_voice_uses_its_prompt(client, engine):
     voices = httpx.get(f"{client.base_url}audio/voices").json()
     assert {"id": "narrator", "name": "narrator", "type": "saved", "speaker_id": None} in voices["voices"]
