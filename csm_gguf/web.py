@@ -136,7 +136,8 @@ def create_app(**overrides: Any) -> Flask:
     def check_key():
         key = app.config["API_KEY"]
         if key and request.path.startswith("/v1/"):
-            given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+            given = token.strip() if scheme.lower() == "bearer" else ""  # auth schemes ignore case
             given = given or request.args.get("api_key", "")  # browsers cannot set websocket headers
             if not hmac.compare_digest(given.encode(), key.encode()):
                 raise ApiError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
@@ -457,9 +458,10 @@ class WebsocketSession:
     def finish(self) -> None:
         """Everything flushed is spoken: end the audio file and report."""
         self.flushing = False
-        if self.utterance is None:
-            self.ws.send(json.dumps({"type": "done", "sentences": 0, "frames": 0, "audio_seconds": 0.0}))
-            return
-        self.send_audio(self.utterance.encoder.finish())
-        self.ws.send(json.dumps(self.utterance.summary()))
+        u = self.utterance
+        if u is None:  # nothing was spoken: no audio, and the usual report with zeros
+            u = Utterance(StreamEncoder(self.settings.response_format), state=None)
+        else:
+            self.send_audio(u.encoder.finish())
+        self.ws.send(json.dumps(u.summary()))
         self.utterance = None

@@ -471,6 +471,18 @@ def test_websocket_text_in_pieces(base, engine):
         ws.close()
 
 
+def test_websocket_flush_of_nothing_reports_like_any_flush(base):
+    ws = WsClient.connect(base.replace("http", "ws") + "/v1/audio/speech/ws")
+    try:
+        ws.send(json.dumps({"type": "flush"}))
+        audio, done = ws_collect(ws)
+        assert audio == b"" and (done["sentences"], done["frames"], done["bytes"]) == (0, 0, 0)
+        assert done["usage"] == {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
+        assert {"response_format", "sample_rate", "first_audio_ms", "elapsed_ms"} <= set(done)
+    finally:
+        ws.close()
+
+
 def test_websocket_disconnect_mid_stream(base, engine):
     ws = WsClient.connect(base.replace("http", "ws") + "/v1/audio/speech/ws")
     ws.send(json.dumps({"input": TEXT, "response_format": "pcm", "max_audio_ms": 60_000}))
@@ -563,6 +575,8 @@ def test_api_key(server, client, base):
         assert len(ok.audio.speech.create(model="csm-1b", voice="alloy", input="Hi.", response_format="pcm",
                                           extra_body=GREEDY).content) > 0
         assert httpx.get(f"{base}/health").status_code == 200  # health checks need no key
+        lower = post(base, {"model": "csm-1b", "input": "Hi.", **GREEDY}, headers={"Authorization": "bearer secret"})
+        assert lower.status_code == 200  # the scheme's case does not matter (RFC 9110)
     finally:
         app.config["API_KEY"] = None
 
