@@ -9,8 +9,11 @@ import secrets
 def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
     directory, base = os.path.split(os.path.abspath(path))
     tmp = os.path.join(directory, f".{base}.{secrets.token_hex(4)}.tmp")
-    # os.open with 0o666 rather than mkstemp's 0o600, so the result gets the usual umask mode.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        # os.open with 0o666 rather than mkstemp's 0o600, so the result gets the usual umask mode.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as e:  # name the file the caller asked for, not our temporary one
+        raise OSError(e.errno, e.strerror, os.fspath(path)) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -143,7 +143,10 @@ class EmbeddingModel:
         L.llama_memory_clear(self.memory, False)
 
     def remove_sequence(self, seq_id: int) -> None:
-        L.llama_memory_seq_rm(self.memory, seq_id, -1, -1)
+        # After close this is a no-op rather than a use of freed memory: a stream abandoned mid-way (its
+        # generator collected after the model was closed) still releases its sequence on the way out.
+        if self.ctx:
+            L.llama_memory_seq_rm(self.memory, seq_id, -1, -1)
 
     def close(self) -> None:
         if self.ctx:

@@ -58,9 +58,33 @@ def read_text(args) -> str | None:
             return Path(args.input).read_text(encoding="utf-8")
         except OSError as e:
             raise UsageError(f"cannot read --input {args.input}: {e.strerror}") from e
+        except UnicodeDecodeError as e:
+            raise UsageError(f"--input {args.input} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     if args.text == "-":
         return sys.stdin.read()
     return args.text
+
+
+def output_format(args) -> str:
+    from .audio import format_from_path
+
+    if args.format:
+        return args.format
+    if args.output and args.output != "-" and os.path.splitext(args.output)[1]:
+        return format_from_path(args.output)
+    return "wav"
+
+
+def check_writable(path: str, what: str) -> None:
+    """Fail now, not after generating, where `path` cannot be written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if path.endswith(("/", os.sep)) or os.path.isdir(path):
+        raise UsageError(f"{what} {path} is a folder: give a file name")
+    if not os.path.isdir(folder):
+        why = "is not a folder" if os.path.exists(folder) else "does not exist"
+        raise UsageError(f"cannot write {what} {path}: {folder} {why}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write {what} {path}: no permission to write in {folder}")
 
 
 def default_output(text: str, fmt: str) -> str:
@@ -104,12 +128,16 @@ def context_segments(tts, items: list[list[str]]):
         try:
             spk = int(speaker)
         except ValueError:
-            raise UsageError(f"--context speaker must be a whole number, got {speaker!r}") from None
+            spk = -1
+        if spk < 0:
+            raise UsageError(f"--context speaker must be a whole number >= 0, got {speaker!r}")
         if source.endswith(".npy"):
             try:
                 codes = np.load(source, allow_pickle=False)
             except (OSError, ValueError) as e:
                 raise UsageError(f"cannot read codes {source}: {e}") from e
+            if codes.dtype.kind not in "iu":
+                raise UsageError(f"codes {source} hold {codes.dtype} values: codes are whole numbers")
             segments.append(tts.segment(spk, text, codes=codes.astype(np.int64)))
         else:
             segments.append(tts.segment(spk, text, audio=source))
@@ -127,18 +155,23 @@ def run(args) -> int:
         raise UsageError(f"--top-k must be >= 1, got {args.top_k}")
     if not args.temperature >= 0:
         raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
-    if args.max_audio_ms is not None and not args.max_audio_ms > 0:
-        raise UsageError(f"--max-audio-ms must be > 0, got {args.max_audio_ms}")
+    if args.max_audio_ms is not None and not 0 < args.max_audio_ms < math.inf:
+        raise UsageError(f"--max-audio-ms must be a number of milliseconds > 0, got {args.max_audio_ms}")
+    for option, value in (("--seed", args.seed), ("--speaker", args.speaker), ("--threads", args.threads)):
+        if value is not None and value < 0:
+            raise UsageError(f"{option} must be >= 0, got {value}")
     text = read_text(args)
     if args.save_voice is None and not (text and text.strip()):
         raise UsageError("no text to speak: give TEXT, '-' for stdin, or --input FILE")
     if args.save_voice is not None and not args.context:
         raise UsageError("--save-voice needs the voice's audio: --context SPEAKER TRANSCRIPT AUDIO")
 
-    from .audio import StreamEncoder, check_format, format_from_path, write_audio
+    from .audio import StreamEncoder, check_format, write_audio
 
-    fmt = args.format or (format_from_path(args.output) if args.output and args.output != "-" else "wav")
-    check_format(fmt)
+    fmt = check_format(output_format(args))
+    for what, path in (("--output", args.output), ("--save-codes", args.save_codes)):
+        if path and path != "-":
+            check_writable(path, what)
     voice = voices.load_voice(args.voice) if args.voice else None
 
     tts = load_model(args)
@@ -206,7 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (UsageError, ValueError, FileNotFoundError) as e:
+    except BrokenPipeError:  # the reader of stdout left (`| head`): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 141
+    except (UsageError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -77,8 +77,8 @@ def check_torch_device(name: str) -> None:
     import torch
 
     try:
-        torch.empty(1, device=name)
-    except (RuntimeError, AssertionError) as e:
+        torch.zeros(1, device=name).cpu()  # a round trip: the "meta" device makes tensors but holds no data
+    except (RuntimeError, AssertionError, NotImplementedError) as e:
         raise ValueError(f"codec device {name!r} is not usable with this torch ({torch.__version__}): {e}. "
                          "Use a torch build for that device, or the codec device 'cpu'") from None
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -94,6 +97,34 @@ def test_stdout_streams_pcm(f32_model, capfdbinary):
     assert len(out) > 0 and len(out) % 2 == 0
 
 
+def test_output_without_extension_is_wav(f32_model, tmp_path):
+    out = tmp_path / "speech"
+    assert main([TEXT, "--model", str(f32_model), "--seed", "1", "--max-audio-ms", "160", "-o", str(out)]) == 0
+    assert sf.info(out).format == "WAV"
+
+
+def test_reader_leaving_stdout_ends_quietly(f32_model):
+    """`say ... -o - | head -c 10`: the pipe closes early; no traceback."""
+    cmd = [sys.executable, "-m", "csm_gguf.say", TEXT, "--model", str(f32_model), "--seed", "1",
+           "--max-audio-ms", "4000", "-o", "-", "-f", "pcm"]  # 190 kB: more than a pipe holds
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert len(proc.stdout.read(10)) == 10
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "Error" not in err
+
+
+def test_stream_abandoned_after_close_is_harmless(f32_model):
+    """A stream left mid-way and collected after its model was closed used to free its llama.cpp sequence
+    in freed memory: a segfault. In a child process, so a crash fails this test alone."""
+    code = ("import gc; from csm_gguf.tts import CSM\n"
+            f"tts = CSM({str(f32_model)!r}); chunks = tts.stream('Hello.', seed=1, max_audio_ms=800)\n"
+            "next(chunks); tts.close(); del chunks; gc.collect(); print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stderr[-2000:]
+
+
 def test_saved_voice_gives_the_same_codes_as_its_context(f32_model, tts, tmp_path):
     prompt_audio = tmp_path / "prompt.wav"
     sf.write(prompt_audio, 0.3 * np.sin(np.linspace(0, 400, 24000)), 24000)
@@ -181,9 +212,28 @@ def test_budget_is_proportional_to_text(tts):
     (["hi", "--codec-device", "nonsense", "-o", "{tmp}/x.wav"], "codec device 'nonsense' is not usable"),
     *([(["hi", "--codec-device", "cuda", "-o", "{tmp}/x.wav"], "codec device 'cuda' is not usable")]
       if not torch.cuda.is_available() else []),
+    (["hi", "--codec-device", "meta", "-o", "{tmp}/x.wav"], "codec device 'meta' is not usable"),
+    (["hi", "-o", "{tmp}/nowhere/x.wav"], "nowhere does not exist"),
+    (["hi", "-o", "{tmp}/garbage.wav/x.wav"], "garbage.wav is not a folder"),
+    (["hi", "-o", "{tmp}/voices", "-f", "wav"], "is a folder: give a file name"),
+    (["hi", "-o", "{tmp}/x.wav", "--save-codes", "{tmp}/nowhere/c.npy"], "cannot write --save-codes"),
+    (["hi", "--threads", "-3", "-o", "{tmp}/x.wav"], "--threads must be >= 0"),
+    (["hi", "--seed", "-1", "-o", "{tmp}/x.wav"], "--seed must be >= 0"),
+    (["hi", "--speaker", "-5", "-o", "{tmp}/x.wav"], "--speaker must be >= 0"),
+    (["hi", "--context", "-1", "words", "{tmp}/tone.wav", "-o", "{tmp}/x.wav"], "speaker must be a whole number"),
+    (["hi", "--context", "0", "words", "{tmp}/float.npy", "-o", "{tmp}/x.wav"], "codes are whole numbers"),
+    (["hi", "--max-audio-ms", "inf", "-o", "{tmp}/x.wav"], "--max-audio-ms must be"),
+    (["--input", "{tmp}/latin1.txt", "-o", "{tmp}/x.wav"], "latin1.txt is not UTF-8"),
+    (["hi", "--voice", "broken", "-o", "{tmp}/x.wav"], "voice 'broken' is damaged"),
+    (["--save-voice", "alloy", "--context", "0", "words", "{tmp}/tone.wav"], "built-in voices"),
 ])
 def test_bad_input_is_a_clear_error_with_no_output(f32_model, tmp_path, capsys, args, message):
     (tmp_path / "garbage.wav").write_bytes(b"RIFF nonsense")
+    (tmp_path / "latin1.txt").write_bytes("Café au lait.".encode("latin-1"))
+    np.save(tmp_path / "float.npy", np.full((3, 32), 1.5))
+    sf.write(tmp_path / "tone.wav", np.sin(np.arange(24_000) / 10).astype(np.float32), 24_000)
+    (tmp_path / "voices").mkdir()
+    (tmp_path / "voices" / "broken.npz").write_bytes(b"not a voice")
     argv = [a.replace("{tmp}", str(tmp_path)) for a in args] + ["--model", str(f32_model)]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
