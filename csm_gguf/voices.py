@@ -71,5 +71,5 @@ def load_voice(name: str) -> Voice:
                 for i, s in enumerate(meta["segments"])
             ]
             return Voice(segments=segments, speaker=int(meta["speaker"]))
-    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:
+    except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:
         raise ValueError(f"voice {name!r} is damaged ({path}: {e}); save it again with --save-voice") from None

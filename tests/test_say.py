@@ -225,6 +225,7 @@ def test_budget_is_proportional_to_text(tts):
     (["hi", "--max-audio-ms", "inf", "-o", "{tmp}/x.wav"], "--max-audio-ms must be"),
     (["--input", "{tmp}/latin1.txt", "-o", "{tmp}/x.wav"], "latin1.txt is not UTF-8"),
     (["hi", "--voice", "broken", "-o", "{tmp}/x.wav"], "voice 'broken' is damaged"),
+    (["hi", "--voice", "empty", "-o", "{tmp}/x.wav"], "voice 'empty' is damaged"),
     (["--save-voice", "alloy", "--context", "0", "words", "{tmp}/tone.wav"], "built-in voices"),
 ])
 def test_bad_input_is_a_clear_error_with_no_output(f32_model, tmp_path, capsys, args, message):
@@ -234,6 +235,7 @@ def test_bad_input_is_a_clear_error_with_no_output(f32_model, tmp_path, capsys, 
     sf.write(tmp_path / "tone.wav", np.sin(np.arange(24_000) / 10).astype(np.float32), 24_000)
     (tmp_path / "voices").mkdir()
     (tmp_path / "voices" / "broken.npz").write_bytes(b"not a voice")
+    (tmp_path / "voices" / "empty.npz").write_bytes(b"")
     argv = [a.replace("{tmp}", str(tmp_path)) for a in args] + ["--model", str(f32_model)]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
