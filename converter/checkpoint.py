@@ -20,7 +20,8 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be converted; the message says what is wrong and what to do."""
 
 
-def download(repo_id: str, patterns: list[str], token: str | None = None) -> Path:
+def download(repo_id: str, patterns: list[str], token: str | None = None,
+             local_option: str = "--model-path") -> Path:
     """Fetch the files of a hub repo that conversion needs, with huggingface_hub's progress bars."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
@@ -40,12 +41,12 @@ def download(repo_id: str, patterns: list[str], token: str | None = None) -> Pat
     except RepositoryNotFoundError as e:
         raise CheckpointError(
             f"no hub repo {repo_id!r} (or it is private and you are not logged in): check the name, "
-            f"log in with `hf auth login`, or pass a local folder with --model-path"
+            f"log in with `hf auth login`, or pass a local folder with {local_option}"
         ) from e
     except LocalEntryNotFoundError as e:
         raise CheckpointError(
             f"cannot download {repo_id}: the hub is unreachable and it is not in the local cache. "
-            f"Connect to the internet, or pass a downloaded folder with --model-path"
+            f"Connect to the internet, or pass a downloaded copy with {local_option}"
         ) from e
     except HfHubHTTPError as e:
         raise CheckpointError(f"downloading {repo_id} failed: {e}") from e
@@ -74,7 +75,9 @@ class SafetensorsFiles:
         # The index file's name varies (sesame/csm-1b: transformers.safetensors.index.json).
         indexes = sorted(folder.glob("*.safetensors.index.json"))
         if indexes:
-            weight_map = json.loads(indexes[0].read_text())["weight_map"]
+            weight_map = _read_json(indexes[0]).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{indexes[0]} has no weight_map: is it a safetensors index?")
             files = [folder / name for name in sorted(set(weight_map.values()))]
             missing = [f.name for f in files if not f.exists()]
             if missing:
@@ -194,6 +197,16 @@ class Checkpoint:
         return {k: self.files.get(k) for k in self.files.keys() if k.startswith(tm.CODEC_PREFIX)}
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds no JSON object")
+    return data
+
+
 def open_checkpoint(folder: str | Path) -> Checkpoint:
     folder = Path(folder)
     if not folder.is_dir():
@@ -201,20 +214,23 @@ def open_checkpoint(folder: str | Path) -> Checkpoint:
     config_path = folder / "config.json"
     if not config_path.exists():
         raise CheckpointError(f"{folder} has no config.json; is it a CSM checkpoint?")
-    raw = json.loads(config_path.read_text())
+    raw = _read_json(config_path)
     files = SafetensorsFiles(folder)
     keys = set(files.keys())
     if tm.FORMAT_MARKERS[tm.TRANSFORMERS] in keys:
         fmt = tm.TRANSFORMERS
         if "depth_decoder_config" not in raw:
             raise CheckpointError(f"{config_path} lacks depth_decoder_config for a transformers-format CSM")
-        config = CSMConfig(
-            backbone=_transformer_from_hf(raw),
-            decoder=_transformer_from_hf(raw["depth_decoder_config"]),
-            text_vocab_size=raw.get("text_vocab_size", 128256),
-            audio_vocab_size=raw.get("vocab_size", 2051),
-            num_codebooks=raw.get("num_codebooks", 32),
-        )
+        try:
+            config = CSMConfig(
+                backbone=_transformer_from_hf(raw),
+                decoder=_transformer_from_hf(raw["depth_decoder_config"]),
+                text_vocab_size=raw.get("text_vocab_size", 128256),
+                audio_vocab_size=raw.get("vocab_size", 2051),
+                num_codebooks=raw.get("num_codebooks", 32),
+            )
+        except KeyError as e:
+            raise CheckpointError(f"{config_path} lacks {e.args[0]!r} for a transformers-format CSM") from e
         codec_config = raw.get("codec_config")
     elif tm.FORMAT_MARKERS[tm.ORIGINAL] in keys:
         fmt = tm.ORIGINAL

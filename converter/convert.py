@@ -11,7 +11,14 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from csm_gguf.model_dir import BACKBONE_FILE, DECODER_FILE, SIDECAR_FILE, SIDECAR_VERSION, TOKENIZER_FILE
+from csm_gguf.model_dir import (
+    BACKBONE_FILE,
+    DECODER_FILE,
+    MODEL_FILES,
+    SIDECAR_FILE,
+    SIDECAR_VERSION,
+    TOKENIZER_FILE,
+)
 
 from .checkpoint import Checkpoint, CheckpointError, download, open_checkpoint
 from .gguf_files import (
@@ -42,7 +49,7 @@ def _tokenizer_file(folder: Path, model_path: str | None, tokenizer_id: str | No
             raise CheckpointError(f"no tokenizer.json at {tokenizer_path}")
         return tok
     if tokenizer_id:
-        return download(tokenizer_id, ["tokenizer.json"], token) / "tokenizer.json"
+        return download(tokenizer_id, ["tokenizer.json"], token, "--tokenizer-path") / "tokenizer.json"
     if (folder / "tokenizer.json").exists():
         return folder / "tokenizer.json"
     if model_path:
@@ -50,7 +57,7 @@ def _tokenizer_file(folder: Path, model_path: str | None, tokenizer_id: str | No
             f"{folder} has no tokenizer.json: pass --tokenizer-path FILE_OR_DIR or "
             f"--tokenizer-id (e.g. {DEFAULT_TOKENIZER_ID})"
         )
-    return download(DEFAULT_TOKENIZER_ID, ["tokenizer.json"], token) / "tokenizer.json"
+    return download(DEFAULT_TOKENIZER_ID, ["tokenizer.json"], token, "--tokenizer-path") / "tokenizer.json"
 
 
 def _codec_weights(ckpt: Checkpoint, codec: Path | None, token: str | None) -> tuple[dict, dict[str, np.ndarray]]:
@@ -60,9 +67,10 @@ def _codec_weights(ckpt: Checkpoint, codec: Path | None, token: str | None) -> t
     if codec is None:
         tensors = ckpt.codec_tensors()
         if tensors:
-            return ckpt.codec_config or MOSHI_MIMI_CONFIG, mimi_tensors_to_transformers(tensors)
+            return _checked_codec(ckpt.codec_config or MOSHI_MIMI_CONFIG, mimi_tensors_to_transformers(tensors),
+                                  str(ckpt.folder))
         # Original-format checkpoints carry no codec.
-        codec = download(DEFAULT_MIMI_ID, ["*.json", "*.safetensors"], token)
+        codec = download(DEFAULT_MIMI_ID, ["*.json", "*.safetensors"], token, "--mimi-path")
     files = [codec] if codec.is_file() else sorted(codec.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"no .safetensors Mimi weights in {codec}")
@@ -76,7 +84,19 @@ def _codec_weights(ckpt: Checkpoint, codec: Path | None, token: str | None) -> t
     config = json.loads(config_path.read_text()) if config_path.exists() else MOSHI_MIMI_CONFIG
     if config.get("model_type") not in (None, "mimi"):
         config = MOSHI_MIMI_CONFIG
-    return config, mimi_tensors_to_transformers(raw)
+    return _checked_codec(config, mimi_tensors_to_transformers(raw), str(codec))
+
+
+def _checked_codec(config: dict, tensors: dict[str, np.ndarray], source: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """Build the codec as run time will, so weights that are no Mimi (or not the config's) fail now, not
+    at the first `say` after a conversion that reported success."""
+    from csm_gguf.mimi import Mimi, MimiConfig
+
+    try:
+        Mimi.from_state_dict(MimiConfig.from_transformers(config), tensors)
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"the Mimi codec from {source} does not load: {e}") from None
+    return config, tensors
 
 
 def _load_safetensors_f32(path: Path) -> dict[str, np.ndarray]:
@@ -124,6 +144,7 @@ def write_model_dir(
         raise CheckpointError(f"cannot read tokenizer {tokenizer_json}: {e}") from e
 
     out_dir = out_dir.expanduser().resolve()
+    check_output_dir(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     work.chmod(0o755)  # mkdtemp makes it private; a model directory is an ordinary folder
@@ -205,6 +226,25 @@ def write_model_dir(
         raise
 
 
+def check_output_dir(out_dir: Path) -> None:
+    """The model goes to a new folder, an empty one, or replaces a csm-gguf model: never over anything else
+    (replacing a folder deletes what it held)."""
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise ConversionError(f"--output-dir {out_dir} is a file: give a new folder (or a model to replace)")
+        others = sorted(set(os.listdir(out_dir)) - set(MODEL_FILES))
+        if others:
+            raise ConversionError(
+                f"--output-dir {out_dir} is not a csm-gguf model folder (it holds {', '.join(others[:3])}"
+                f"{', ...' if len(others) > 3 else ''}); converting would delete that: give a new or empty folder"
+            )
+    for parent in out_dir.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConversionError(f"--output-dir {out_dir}: {parent} is a file, not a folder")
+            break
+
+
 def _replace_dir(new: Path, target: Path) -> None:
     """Move a finished model into place; an existing model at `target` is replaced only now."""
     if target.exists():
@@ -246,7 +286,7 @@ def convert(
         if not codec_source.exists():
             raise CheckpointError(f"Mimi weights not found at {mimi_path}")
     elif mimi_id:
-        codec_source = download(mimi_id, ["*.json", "*.safetensors"], token)
+        codec_source = download(mimi_id, ["*.json", "*.safetensors"], token, "--mimi-path")
     source_name = model_path and Path(model_path).resolve().name or model_id
     out = Path(output_dir) if output_dir else default_model_dir(source_name, qtype, decoder_qtype)
     codec = _codec_weights(ckpt, codec_source, token)

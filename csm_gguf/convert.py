@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 QTYPE_CHOICES = ("f32", "f16", "bf16", "q8_0", "q4_k")
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     from converter.convert import convert
     from converter.gguf_files import ConversionError
 
+    # `kill` and `timeout` stop a conversion like Ctrl-C does: through its clean-up, leaving no partial model.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         if args.random_weights:
             from converter.random_weights import convert_random
@@ -59,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                 mimi_id=args.mimi_id,
                 mimi_path=args.mimi_path,
             )
-    except (CheckpointError, ConversionError, FileNotFoundError) as e:
+    except (CheckpointError, ConversionError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"model written to {out}")

@@ -38,7 +38,7 @@ def check_model_dir(path: str | Path) -> Path:
     missing = [f for f in MODEL_FILES if not (path / f).exists()]
     if missing:
         raise FileNotFoundError(
-            f"{path} is not a csm-gguf model directory (missing {', '.join(missing)}); "
-            f"convert one with: python -m csm_gguf.convert --output-dir {path}"
+            f"{path} is not a csm-gguf model directory (missing {', '.join(missing)}); convert a checkpoint "
+            f"into a new folder: python -m csm_gguf.convert --model-path CHECKPOINT --output-dir NEW_FOLDER"
         )
     return path

@@ -228,3 +228,100 @@ def test_offline_without_cache_says_what_to_do(monkeypatch, tmp_path):
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(CheckpointError, match="unreachable.*--model-path"):
         download("sesame/csm-1b", ["*.json"])
+
+
+def test_codec_download_offline_names_its_own_option(monkeypatch, tmp_path, original_checkpoint, tokenizer_json):
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(CheckpointError, match="unreachable.*--mimi-path"):
+        convert(model_path=str(original_checkpoint), tokenizer_path=str(tokenizer_json),
+                output_dir=tmp_path / "out", qtype="f32")
+    _no_leftovers(tmp_path, "out")
+
+
+@pytest.mark.parametrize("kind", ["folder", "file", "under a file"])
+def test_output_dir_that_is_not_a_model_is_left_alone(hf_checkpoint, tmp_path, kind):
+    """Replacing a folder deletes it: only a csm-gguf model (or an empty folder) may be replaced."""
+    precious = tmp_path / "precious"
+    if kind == "file":
+        precious.write_text("my thesis")
+        out, match = precious, "is a file"
+    else:
+        precious.mkdir()
+        (precious / "thesis.txt").write_text("my thesis")
+        out = precious if kind == "folder" else precious / "thesis.txt" / "model"
+        match = "not a csm-gguf model folder" if kind == "folder" else "thesis.txt is a file"
+    with pytest.raises(ConversionError, match=match):
+        convert(model_path=str(hf_checkpoint), output_dir=out, qtype="f16")
+    assert (precious.read_text() if kind == "file" else (precious / "thesis.txt").read_text()) == "my thesis"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["precious"]
+
+
+def test_empty_output_dir_is_used(hf_checkpoint, tmp_path):
+    (tmp_path / "empty").mkdir()
+    convert(model_path=str(hf_checkpoint), output_dir=tmp_path / "empty", qtype="f16")
+    assert (tmp_path / "empty" / "csm.gguf").exists()
+
+
+@pytest.mark.parametrize("file, content, match", [
+    ("config.json", "{not json", "cannot read .*config.json"),
+    ("config.json", "[1, 2]", "config.json holds no JSON object"),
+    ("model.safetensors.index.json", "{}", "has no weight_map"),
+])
+def test_unreadable_json_is_a_clear_error(hf_checkpoint, tmp_path, file, content, match):
+    broken = tmp_path / "broken"
+    shutil.copytree(hf_checkpoint, broken)
+    (broken / file).write_text(content)
+    with pytest.raises(CheckpointError, match=match):
+        convert(model_path=str(broken), output_dir=tmp_path / "out", qtype="f32")
+    _no_leftovers(tmp_path, "out")
+
+
+def test_config_without_a_field_names_it(hf_checkpoint, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(hf_checkpoint, broken)
+    config = json.loads((broken / "config.json").read_text())
+    del config["hidden_size"]
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="lacks 'hidden_size'"):
+        convert(model_path=str(broken), output_dir=tmp_path / "out", qtype="f32")
+
+
+def test_weights_that_are_no_mimi_are_refused(original_checkpoint, tokenizer_json, tmp_path):
+    """The CSM's own weights given as the codec used to convert 'successfully' into a model that
+    could not load its codec."""
+    with pytest.raises(CheckpointError, match="Mimi codec from .* does not load"):
+        convert(model_path=str(original_checkpoint), tokenizer_path=str(tokenizer_json),
+                mimi_path=str(original_checkpoint / "model.safetensors"), output_dir=tmp_path / "out", qtype="f32")
+    _no_leftovers(tmp_path, "out")
+
+
+def test_sigterm_mid_conversion_leaves_nothing(hf_checkpoint, tmp_path, monkeypatch):
+    """`kill` / `timeout` stop the CLI through its clean-up, like Ctrl-C (they left a hidden half-written
+    folder). The signal arrives while the first model file is being written."""
+    import os
+    import signal
+
+    import converter.convert as cc
+    from csm_gguf.convert import main
+
+    real_write = cc.write_gguf
+
+    def write_then_die(*args, **kwargs):
+        real_write(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def unhandled(*_):
+        raise AssertionError("the CLI installed no SIGTERM handler")
+
+    monkeypatch.setattr(cc, "write_gguf", write_then_die)
+    previous = signal.signal(signal.SIGTERM, unhandled)  # a regression fails here instead of killing pytest
+    try:
+        with pytest.raises(SystemExit) as e:
+            main(["--model-path", str(hf_checkpoint), "--qtype", "f16", "--output-dir", str(tmp_path / "out")])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert e.value.code == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []
