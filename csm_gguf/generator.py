@@ -7,6 +7,8 @@ steps (likewise batched). A single `generate` call is simply a batch of one stre
 from __future__ import annotations
 
 import ctypes
+import math
+import numbers
 import threading
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -34,6 +36,18 @@ class Segment:
     codes: np.ndarray | None = None
 
 
+def check_codes(codes, codebooks: int, n_codes: int, what: str = "codes") -> np.ndarray:
+    """`codes` as int64 (frames, codebooks), or a ValueError that says which rule they break."""
+    codes = np.asarray(codes)
+    if codes.ndim != 2 or codes.shape[1] != codebooks:
+        raise ValueError(f"{what} must have shape (frames, {codebooks}), got {codes.shape}")
+    if codes.size and codes.dtype.kind not in "iu":
+        raise ValueError(f"{what} must be whole numbers, got {codes.dtype}")
+    if codes.size and (codes.min() < 0 or codes.max() >= n_codes):
+        raise ValueError(f"{what} must lie in 0..{n_codes - 1}")
+    return codes.astype(np.int64, copy=False)
+
+
 @dataclass(frozen=True)
 class Sampling:
     temperature: float = 0.9  # 0: greedy
@@ -46,8 +60,8 @@ class Sampling:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not (isinstance(self.top_k, int) and self.top_k >= 1):
             raise ValueError(f"top_k must be a whole number >= 1, got {self.top_k}")
-        if not self.max_audio_ms > 0:
-            raise ValueError(f"max_audio_ms must be > 0, got {self.max_audio_ms}")
+        if not 0 < self.max_audio_ms < math.inf:
+            raise ValueError(f"max_audio_ms must be a number > 0, got {self.max_audio_ms}")
 
 
 class Sampler:
@@ -166,16 +180,13 @@ class Generator:
         """Context segments (text frames, audio frames, an all-zero EOS frame), then the text to speak."""
         parts = []
         zero = np.zeros(self.cfg.num_codebooks, dtype=np.int64)
+        for who in (speaker, *(seg.speaker for seg in context)):
+            if isinstance(who, bool) or not isinstance(who, numbers.Integral) or who < 0:
+                raise ValueError(f"a speaker id is a whole number >= 0, got {who!r}")
         for seg in context:
             parts.append(self.model.text_embeddings.rows(self.model.prompt_tokens(seg.speaker, seg.text)))
             if seg.codes is not None:
-                codes = np.asarray(seg.codes)
-                if codes.ndim != 2 or codes.shape[1] != self.cfg.num_codebooks:
-                    raise ValueError(
-                        f"context codes must have shape (frames, {self.cfg.num_codebooks}), got {codes.shape}"
-                    )
-                if codes.size and (codes.min() < 0 or codes.max() >= self.model.n_codes):
-                    raise ValueError(f"context codes must lie in 0..{self.model.n_codes - 1}")
+                codes = check_codes(seg.codes, self.cfg.num_codebooks, self.model.n_codes, "context codes")
                 frames = [self.frame_embedding(c) for c in codes] + [self.frame_embedding(zero)]
                 parts.append(np.stack(frames))
         parts.append(self.model.text_embeddings.rows(self.model.prompt_tokens(speaker, text)))
@@ -194,6 +205,7 @@ class Generator:
     def start(self, prompt: np.ndarray, sampling: Sampling, read_prompt: bool = True) -> Stream:
         """Claim a sequence slot for a prompt and (unless `read_prompt` is False) run it through the
         backbone; `prefill` reads it in parts instead, so a server keeps other streams going meanwhile."""
+        self._check_open()
         n = len(prompt)
         limit = self.cfg.backbone.max_seq_len
         if n >= limit:
@@ -222,6 +234,7 @@ class Generator:
         prompt = stream.prompt
         if prompt is None:
             return True
+        self._check_open()
         n = len(prompt) - 1
         end = n if max_rows is None else min(n, stream.pos + max_rows)
         bb = self.backbone
@@ -250,6 +263,7 @@ class Generator:
 
     def step(self, streams: Sequence[Stream]) -> np.ndarray:
         """One frame for every stream: codes of shape (len(streams), 32). Finished streams are marked done."""
+        self._check_open()
         s = len(streams)
         cfg, model = self.cfg, self.model
         v, n_codes, k = cfg.audio_vocab_size, model.n_codes, cfg.num_codebooks
@@ -325,6 +339,10 @@ class Generator:
                     yield frame
             finally:
                 self.finish(stream)
+
+    def _check_open(self) -> None:
+        if not self.backbone.ctx:  # llama.cpp would read freed memory: a segfault, not an error
+            raise RuntimeError("the model is closed: create a new CSM to speak again")
 
     def close(self) -> None:
         self.backbone.close()

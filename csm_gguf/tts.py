@@ -16,7 +16,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .generator import FRAME_MS, Generator, Sampling, Segment
+from .generator import FRAME_MS, Generator, Sampling, Segment, check_codes
 from .model import CSMModel
 from .text import chunk_text
 
@@ -122,12 +122,24 @@ class CSM:
         return self._codec
 
     def encode(self, audio: np.ndarray | str | Path) -> np.ndarray:
-        """24 kHz mono audio (or an audio file) -> codes of shape (frames, 32)."""
+        """24 kHz audio -> codes of shape (frames, 32). An audio file (any rate), or samples: floats in
+        [-1, 1] or integer PCM, mono or (samples, channels) as soundfile reads them (mixed down)."""
         import torch
 
         from .audio import load_audio
 
-        samples = load_audio(audio) if isinstance(audio, (str, Path)) else np.asarray(audio, dtype=np.float32)
+        if isinstance(audio, (str, Path)):
+            samples = load_audio(audio)
+        else:
+            samples = np.asarray(audio)
+            if samples.dtype.kind == "i":  # PCM: int16 full scale is 32768
+                samples = samples / float(np.iinfo(samples.dtype).max + 1)
+            if samples.ndim == 2:
+                samples = samples.mean(axis=1)
+            if samples.ndim != 1 or not samples.size or samples.dtype.kind not in "fi":
+                raise ValueError(f"audio to encode must be samples, mono or (samples, channels), got "
+                                 f"{samples.dtype} of shape {samples.shape}")
+            samples = samples.astype(np.float32)
         codes = self.codec.encode(torch.from_numpy(samples).reshape(1, 1, -1))
         return codes[0, : self.model.config.num_codebooks].T.cpu().numpy().astype(np.int64)
 
@@ -137,7 +149,8 @@ class CSM:
 
         if len(codes) == 0:
             return np.zeros(0, dtype=np.float32)
-        return self.codec.decode(torch.from_numpy(np.asarray(codes, dtype=np.int64).T[None]))[0, 0].cpu().numpy()
+        codes = check_codes(codes, self.model.config.num_codebooks, self.model.n_codes)
+        return self.codec.decode(torch.from_numpy(codes.T[None]))[0, 0].cpu().numpy()
 
     def segment(self, speaker: int, text: str, audio: np.ndarray | str | Path | None = None,
                 codes: np.ndarray | None = None) -> Segment:
@@ -176,6 +189,8 @@ class CSM:
         return segments
 
     def pieces(self, text: str) -> list[str]:
+        if not isinstance(text, str):
+            raise ValueError(f"the text to speak must be a string, got {type(text).__name__}")
         text = text.strip()
         if not text:
             raise ValueError("text is empty: give some words to speak")
@@ -215,6 +230,8 @@ class CSM:
 
     def decode_stream(self, frames: Iterable[np.ndarray], chunk_frames: int = 1) -> Iterator[np.ndarray]:
         """Frames of codes -> audio chunks through one streaming codec state (no seams between chunks)."""
+        if chunk_frames < 1:
+            raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
         codec = self.codec
         state = codec.decoder_state(1)
         pending: list[np.ndarray] = []

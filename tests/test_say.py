@@ -115,12 +115,17 @@ def test_reader_leaving_stdout_ends_quietly(f32_model):
     assert "Traceback" not in err and "Error" not in err
 
 
-def test_stream_abandoned_after_close_is_harmless(f32_model):
-    """A stream left mid-way and collected after its model was closed used to free its llama.cpp sequence
-    in freed memory: a segfault. In a child process, so a crash fails this test alone."""
+def test_closed_model_is_an_error_not_a_crash(f32_model):
+    """Speaking after close, or a stream left mid-way and collected after close, used llama.cpp's freed
+    memory: segfaults. In a child process, so a crash fails this test alone."""
     code = ("import gc; from csm_gguf.tts import CSM\n"
             f"tts = CSM({str(f32_model)!r}); chunks = tts.stream('Hello.', seed=1, max_audio_ms=800)\n"
-            "next(chunks); tts.close(); del chunks; gc.collect(); print('ok')")
+            "next(chunks); tts.close()\n"
+            "for speak in (lambda: next(chunks), lambda: tts.generate('Hi.')):\n"
+            "    try: speak()\n"
+            "    except RuntimeError as e: assert 'closed' in str(e), e\n"
+            "    else: raise AssertionError('spoke after close')\n"
+            "del chunks; gc.collect(); print('ok')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stderr[-2000:]
 
@@ -193,6 +198,31 @@ def test_context_gives_way_to_the_previous_piece_when_both_do_not_fit(tts, monke
     assert seen_contexts[0] == [empty.text]
     assert seen_contexts[1:] == [[p] for p in pieces[:-1]]
     assert len(made) > len(pieces)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda tts: tts.generate(TEXT, speaker=-1), "speaker id is a whole number >= 0"),
+    (lambda tts: tts.generate(TEXT, speaker="a"), "speaker id is a whole number >= 0"),
+    (lambda tts: tts.generate(TEXT, max_audio_ms=float("inf")), "max_audio_ms must be a number > 0"),
+    (lambda tts: tts.generate(None), "must be a string"),
+    (lambda tts: list(tts.stream(TEXT, chunk_frames=0)), "chunk_frames must be >= 1"),
+    (lambda tts: tts.decode(np.zeros(32, dtype=np.int64)), r"shape \(frames, 32\)"),
+    (lambda tts: tts.decode(np.zeros((5, 32)) + 0.5), "whole numbers"),
+    (lambda tts: tts.decode(np.full((5, 32), 64)), r"lie in 0..63"),
+    (lambda tts: tts.encode(np.zeros(0, dtype=np.float32)), "audio to encode must be samples"),
+])
+def test_api_refuses_bad_arguments_clearly(tts, call, match):
+    with pytest.raises(ValueError, match=match):
+        call(tts)
+
+
+def test_encode_takes_pcm_and_stereo_arrays_like_float_mono(tts):
+    mono = (0.5 * np.sin(np.arange(4800) / 7)).astype(np.float32)
+    expected = tts.encode(mono)
+    np.testing.assert_array_equal(tts.encode(np.stack([mono, mono], axis=1)), expected)
+    pcm = np.round(mono * 32768).astype(np.int16)
+    np.testing.assert_array_equal(tts.encode(pcm), tts.encode(pcm / 32768))
+    assert np.abs(pcm / 32768 - mono).max() < 1e-4
 
 
 def test_budget_is_proportional_to_text(tts):
