@@ -209,6 +209,8 @@ def _read_json(path: Path) -> dict:
 
 def open_checkpoint(folder: str | Path) -> Checkpoint:
     folder = Path(folder)
+    if folder.is_file():
+        raise CheckpointError(f"{folder} is a file: give the checkpoint's folder (the one with config.json)")
     if not folder.is_dir():
         raise CheckpointError(f"model folder {folder} does not exist")
     config_path = folder / "config.json"

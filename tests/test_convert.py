@@ -93,6 +93,12 @@ def test_missing_directory(tmp_path):
     _no_leftovers(tmp_path, "out")
 
 
+def test_file_instead_of_folder(hf_checkpoint, tmp_path):
+    with pytest.raises(CheckpointError, match="is a file: give the checkpoint's folder"):
+        convert(model_path=str(hf_checkpoint / "config.json"), output_dir=tmp_path / "out", qtype="f32")
+    _no_leftovers(tmp_path, "out")
+
+
 def test_missing_tensor_loses_nothing(hf_checkpoint, tmp_path):
     from safetensors.torch import load_file, save_file
 
