@@ -252,4 +252,8 @@ def open_checkpoint(folder: str | Path) -> Checkpoint:
             f"{folder} is not a CSM checkpoint: expected {tm.FORMAT_MARKERS[tm.ORIGINAL]!r} (original format) "
             f"or {tm.FORMAT_MARKERS[tm.TRANSFORMERS]!r} (transformers format) among its tensors"
         )
+    for model, t in (("backbone", config.backbone), ("decoder", config.decoder)):
+        if tm.block_source_name(model, t.n_layer, "attn_q", fmt) in keys:  # a missing layer fails on its own
+            raise CheckpointError(f"{config_path} gives the {model} {t.n_layer} layers but the weights have more: "
+                                  f"converting would drop them; correct the config")
     return Checkpoint(folder=folder, fmt=fmt, config=config, files=files, codec_config=codec_config)

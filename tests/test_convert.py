@@ -295,6 +295,16 @@ def test_config_without_a_field_names_it(hf_checkpoint, tmp_path):
         convert(model_path=str(broken), output_dir=tmp_path / "out", qtype="f32")
 
 
+def test_config_with_fewer_layers_than_the_weights_is_refused(hf_checkpoint, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(hf_checkpoint, broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["depth_decoder_config"]["num_hidden_layers"] -= 1
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="gives the decoder 1 layers but the weights have more"):
+        convert(model_path=str(broken), output_dir=tmp_path / "out", qtype="f32")
+
+
 def test_weights_that_are_no_mimi_are_refused(original_checkpoint, tokenizer_json, tmp_path):
     """The CSM's own weights given as the codec used to convert 'successfully' into a model that
     could not load its codec."""
