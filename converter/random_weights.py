@@ -84,7 +84,7 @@ def llama3_tokenizer_json(path: Path) -> Path:
         from .checkpoint import download
         from .convert import DEFAULT_TOKENIZER_ID
 
-        return download(DEFAULT_TOKENIZER_ID, ["tokenizer.json"]) / "tokenizer.json"
+        return download(DEFAULT_TOKENIZER_ID, ["tokenizer.json"], local_option="--tokenizer-path") / "tokenizer.json"
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
     model_file = Path(llama_models.__file__).parent / "llama3" / "tokenizer.model"
@@ -99,20 +99,37 @@ def convert_random(
     config: CSMConfig = CSM_1B,
     codec_config: dict = MOSHI_MIMI_CONFIG,
     seed: int = 0,
+    tokenizer_path: str | None = None,
 ) -> Path:
-    """Write (once; an existing complete directory is reused) a random-weight model directory."""
+    """Write a random-weight model directory, once: the same random model already there is reused."""
     import tempfile
 
-    from csm_gguf.model_dir import MODEL_FILES, default_model_dir
+    from csm_gguf.model_dir import default_model_dir
 
-    from .convert import write_model_dir
+    from .convert import _tokenizer_file, write_model_dir
     from .mimi_keys import mimi_tensors_to_transformers
 
     out = Path(output_dir) if output_dir else default_model_dir(SOURCE_NAME, qtype, decoder_qtype)
-    if all((out / f).exists() for f in MODEL_FILES):
+    if _holds_random_model(out, qtype, decoder_qtype or qtype):
         return out
     codec = (codec_config, mimi_tensors_to_transformers(random_mimi(codec_config, seed).state_dict()))
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = llama3_tokenizer_json(Path(tmp) / "tokenizer.json")
+        tokenizer = (_tokenizer_file(Path(tmp), None, None, tokenizer_path, None) if tokenizer_path
+                     else llama3_tokenizer_json(Path(tmp) / "tokenizer.json"))
         write_model_dir(RandomCheckpoint(config, seed), tokenizer, out, qtype, decoder_qtype, codec, SOURCE_NAME)
     return out
+
+
+def _holds_random_model(folder: Path, qtype: str, decoder_qtype: str) -> bool:
+    import gguf
+
+    from csm_gguf.model_dir import MODEL_FILES, SIDECAR_FILE
+
+    if not all((folder / f).exists() for f in MODEL_FILES):
+        return False
+    try:
+        fields = gguf.GGUFReader(folder / SIDECAR_FILE).fields
+        found = tuple(fields[k].contents() for k in ("csm.source", "csm.qtype", "csm.decoder_qtype"))
+    except (OSError, ValueError, KeyError):  # damaged: write it again
+        return False
+    return found == (SOURCE_NAME, qtype, decoder_qtype)

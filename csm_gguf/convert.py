@@ -21,7 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "uses HF_TOKEN or your hub login; unsloth/csm-1b is an ungated copy)")
     src.add_argument("--model-path", help="local checkpoint folder (config.json + safetensors, single or sharded)")
     src.add_argument("--random-weights", action="store_true",
-                     help="full-size CSM-1B with random weights (for benchmarks; no download)")
+                     help="full-size CSM-1B with random weights, for benchmarks (needs transformers; the tokenizer "
+                     "comes from the llama-models package, --tokenizer-path, or the hub)")
     p.add_argument("--output-dir", help="where to write the model (default: a per-user cache directory)")
     p.add_argument("--qtype", default="q4_k", choices=QTYPE_CHOICES,
                    help="precision of the transformers (q4_k = llama.cpp Q4_K_M; default: %(default)s)")
@@ -47,9 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         if args.random_weights:
+            try:
+                import transformers  # noqa: F401  (its MimiModel draws the random codec: fail before any work)
+            except ImportError as e:
+                raise ConversionError("--random-weights needs transformers: pip install -e '.[convert]'") from e
             from converter.random_weights import convert_random
 
-            out = convert_random(args.output_dir, args.qtype, args.decoder_qtype)
+            out = convert_random(args.output_dir, args.qtype, args.decoder_qtype, tokenizer_path=args.tokenizer_path)
         else:
             out = convert(
                 model_id=None if args.model_path else args.model_id,

@@ -341,3 +341,27 @@ def test_sigterm_mid_conversion_leaves_nothing(hf_checkpoint, tmp_path, monkeypa
         signal.signal(signal.SIGTERM, previous)
     assert e.value.code == 128 + signal.SIGTERM
     assert list(tmp_path.iterdir()) == []
+
+
+def test_random_model_is_reused_only_when_it_is_the_same(f32_model, tokenizer_json, tmp_path):
+    """--random-weights writes once and reuses its own model; another qtype (or anything else) there is
+    not taken for it (it used to reuse any folder holding the four model files)."""
+    from transformers import MimiConfig
+
+    from converter.random_weights import convert_random
+    from mimi_fixtures import TINY_MIMI_CONFIG
+
+    out = tmp_path / "random"
+    kw = dict(config=CSMModel(f32_model).config, codec_config=MimiConfig(**TINY_MIMI_CONFIG).to_dict(),
+              tokenizer_path=str(tokenizer_json))
+    convert_random(out, "f16", **kw)
+    written = (out / "csm.gguf").stat().st_mtime_ns
+    convert_random(out, "f16", **kw)
+    assert (out / "csm.gguf").stat().st_mtime_ns == written
+    convert_random(out, "f32", **kw)
+    assert CSMModel(out).qtype == "f32"
+    (tmp_path / "mine").mkdir()
+    for name in ("backbone.gguf", "decoder.gguf", "csm.gguf", "tokenizer.gguf"):
+        (tmp_path / "mine" / name).write_bytes(b"")
+    convert_random(tmp_path / "mine", "f16", **kw)  # four empty model files: no model, so written over
+    assert CSMModel(tmp_path / "mine").qtype == "f16"
