@@ -797,7 +797,11 @@ def variants(args) -> list[tuple[str, Path, str]]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     def csv(kind: Callable[[str], Any]):
-        return lambda s: [kind(x) for x in s.split(",") if x]
+        def parse(s: str) -> list:
+            return [kind(x) for x in s.split(",") if x]
+
+        parse.__name__ = f"comma-separated {kind.__name__}"  # argparse's "invalid ... value" names it
+        return parse
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", help="model directory to benchmark (repeatable); default: "
@@ -827,6 +831,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", help="write every figure here")
     p.add_argument("--plot", help="draw RTF per variant and the stage breakdown into this PNG (needs matplotlib)")
     args = p.parse_args(argv)
+    from converter.gguf_files import QTYPES
+    from csm_gguf.model_dir import check_model_dir
+
+    for option, values in (("--qtype", args.qtype), ("--decoder-qtype", args.decoder_qtype or [])):
+        for q in values:
+            if q not in QTYPES:
+                p.error(f"{option}: unknown qtype {q!r}; choose from {', '.join(QTYPES)}")
+    for option, value, least in (("--frames", args.frames, 1), ("--runs", args.runs, 1), ("--warmup", args.warmup, 0),
+                                 ("--threads", args.threads, 0), ("--quality-frames", args.quality_frames, 1),
+                                 ("--peer-frames", args.peer_frames, 1),
+                                 *(("--concurrency", n, 1) for n in args.concurrency),
+                                 *(("--server", n, 1) for n in args.server)):
+        if value < least:
+            p.error(f"{option} must be >= {least}, got {value}")
+    for path in [*(args.model or []), *([args.reference] if args.reference else [])]:
+        try:
+            check_model_dir(path)
+        except FileNotFoundError as e:
+            p.error(str(e))
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            p.error(f"{option} {path}: its folder does not exist (checked now, not after the benchmark)")
     if args.quality and args.model and not args.reference:
         p.error("--quality with --model needs --reference F32_MODEL_DIR")
     if "moshi" in args.compare and importlib.util.find_spec("moshi") is None:

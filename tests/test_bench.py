@@ -92,3 +92,19 @@ def test_moshi_streaming_mimi_equals_ours():
 
     figures = bench.moshi_peer(frames=20, seed=0)
     assert figures["stream_max_abs_diff"] < 1e-5
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--qtype", "q9"], "unknown qtype 'q9'"),
+    (["--frames", "0"], "--frames must be >= 1"),
+    (["--runs", "0"], "--runs must be >= 1"),
+    (["--concurrency", "1,0"], "--concurrency must be >= 1"),
+    (["--concurrency", "a"], "invalid comma-separated int value: 'a'"),
+    (["--threads", "-1"], "--threads must be >= 0"),
+    (["--model", "{tmp}"], "is not a csm-gguf model directory"),
+    (["--json", "{tmp}/nowhere/bench.json"], "its folder does not exist"),
+])
+def test_bad_arguments_fail_before_any_work(tmp_path, args, message):
+    cmd = [sys.executable, "bench.py", *(a.replace("{tmp}", str(tmp_path)) for a in args)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
