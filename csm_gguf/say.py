@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", nargs=3, action="append", default=[], metavar=("SPEAKER", "TEXT", "AUDIO"),
                    help="a voice prompt / earlier turn: speaker id, its transcript, and its audio "
                    "(wav/flac/ogg/mp3) or codes (.npy of shape (frames, 32)); repeatable")
-    p.add_argument("--voice", help="a saved voice (see --save-voice, --list-voices)")
+    p.add_argument("--voice", help="a saved voice (see --save-voice, --list-voices), or one of the server's "
+                   "OpenAI voice names (a speaker id without a prompt)")
     p.add_argument("--save-voice", metavar="NAME", help="encode the --context segments and save them as voice NAME")
     p.add_argument("--list-voices", action="store_true", help="list saved voices and exit")
     p.add_argument("--temperature", "-t", type=float, default=0.9, help="sampling temperature; 0 = greedy "
@@ -110,6 +111,11 @@ def first_run_convert(model_id: str) -> Path:
     from converter.checkpoint import CheckpointError
     from converter.convert import convert
 
+    from .model_dir import MODEL_FILES, default_model_dir
+
+    done = default_model_dir(model_id, "q4_k")  # where an earlier first run put it
+    if all((done / f).exists() for f in MODEL_FILES):
+        return done
     print(f"No converted model found: downloading and converting {model_id} (once).", file=sys.stderr)
     try:
         return convert(model_id=model_id, qtype="q4_k")

@@ -59,17 +59,26 @@ def save_voice(name: str, voice: Voice) -> Path:
 
 
 def load_voice(name: str) -> Voice:
+    if name in BUILTIN_VOICES:  # as on the server: the speaker, no prompt
+        return Voice(segments=[], speaker=BUILTIN_VOICES[name])
     path = _path(name)
     if not path.exists():
         known = ", ".join(list_voices()) or "none saved yet"
         raise ValueError(f"unknown voice {name!r} (known: {known}); save one with --save-voice")
     try:
-        with np.load(path, allow_pickle=False) as data:
+        archive = np.load(path, allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise ValueError("an array, not an archive")
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile):
+        raise ValueError(f"voice {name!r} is damaged: {path} is not a voice archive; save it again with "
+                         "--save-voice") from None
+    try:
+        with archive as data:
             meta = json.loads(str(data["meta"]))
             segments = [
                 Segment(int(s["speaker"]), str(s["text"]), data[f"codes_{i}"].astype(np.int64))
                 for i, s in enumerate(meta["segments"])
             ]
             return Voice(segments=segments, speaker=int(meta["speaker"]))
-    except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:
         raise ValueError(f"voice {name!r} is damaged ({path}: {e}); save it again with --save-voice") from None

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 # (environment variable, Settings field, what it sets)
 SETTINGS = (
-    ("CSM_GGUF_MODEL", "model", "converted model directory (default: the newest converted model in the cache)"),
+    ("CSM_GGUF_MODEL", "model", "converted model directory (default: the converted model in the cache, as for say)"),
     ("CSM_GGUF_THREADS", "threads", "CPU threads for llama.cpp and the codec (default 0: all cores)"),
     ("CSM_GGUF_GPU_LAYERS", "gpu_layers", "layers offloaded to the GPU (default 0; -1: all)"),
     ("CSM_GGUF_KV_TYPE", "kv_type", "KV cache type: f16 (default), f32, q8_0"),

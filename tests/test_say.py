@@ -97,6 +97,13 @@ def test_stdout_streams_pcm(f32_model, capfdbinary):
     assert len(out) > 0 and len(out) % 2 == 0
 
 
+def test_openai_voice_name_is_its_speaker(f32_model, tmp_path):
+    common = [TEXT, "--model", str(f32_model), "--seed", "3", "--max-audio-ms", "400"]
+    assert main([*common, "--voice", "echo", "-o", str(tmp_path / "a.wav"), "--save-codes", str(tmp_path / "a.npy")]) == 0
+    assert main([*common, "--speaker", "4", "-o", str(tmp_path / "b.wav"), "--save-codes", str(tmp_path / "b.npy")]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
+
+
 def test_output_without_extension_is_wav(f32_model, tmp_path):
     out = tmp_path / "speech"
     assert main([TEXT, "--model", str(f32_model), "--seed", "1", "--max-audio-ms", "160", "-o", str(out)]) == 0
