@@ -292,3 +292,22 @@ def test_no_model_offline_says_what_to_do(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "unreachable" in err and "--model" in err
     assert list(tmp_path.glob("*.wav")) == []
+
+
+def test_first_run_of_another_model_id_is_converted_once(f32_model, tmp_path, monkeypatch, capsys):
+    """The first run converts --model-id into the cache; later runs find it there (offline here: a second
+    conversion would fail) instead of converting again."""
+    import huggingface_hub.constants as c
+
+    from csm_gguf.model_dir import default_model_dir
+
+    monkeypatch.setenv("CSM_GGUF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("CSM_GGUF_MODEL", raising=False)
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    earlier = default_model_dir("someone/csm-finetune", "q4_k")
+    earlier.parent.mkdir(parents=True)
+    earlier.symlink_to(f32_model, target_is_directory=True)
+    assert main(["Hello", "--model-id", "someone/csm-finetune", "--max-audio-ms", "160",
+                 "-o", str(tmp_path / "a.wav")]) == 0
+    assert "converting" not in capsys.readouterr().err
