@@ -152,6 +152,19 @@ def test_saved_voice_gives_the_same_codes_as_its_context(f32_model, tts, tmp_pat
     np.testing.assert_array_equal(np.load(direct), np.load(via_voice))
 
 
+def record_contexts(tts, monkeypatch) -> list[list[str]]:
+    """The transcripts of the context each piece is generated with, from now on."""
+    seen: list[list[str]] = []
+    generate = tts.generator.generate
+
+    def spy(piece, speaker, context, sampling):
+        seen.append([seg.text for seg in context])
+        return generate(piece, speaker, context, sampling)
+
+    monkeypatch.setattr(tts.generator, "generate", spy)
+    return seen
+
+
 def test_long_text_pieces_fit_carry_context_and_join_seamlessly(tts, monkeypatch):
     sentences = [f"This is sentence number {i}, which says a little more." for i in range(42)]
     text = " ".join(sentences)
@@ -160,14 +173,7 @@ def test_long_text_pieces_fit_carry_context_and_join_seamlessly(tts, monkeypatch
     assert all(len(tts.model.tokenize(p)) <= PIECE_TOKENS for p in pieces)
     assert " ".join(pieces) == text
 
-    seen_contexts = []
-    generate = tts.generator.generate
-
-    def spy(piece, speaker, context, sampling):
-        seen_contexts.append([seg.text for seg in context])
-        return generate(piece, speaker, context, sampling)
-
-    monkeypatch.setattr(tts.generator, "generate", spy)
+    seen_contexts = record_contexts(tts, monkeypatch)
     frames = []
     audio = np.concatenate(list(tts.decode_stream(
         (frames.append(f) or f for f in tts.frames(text, seed=3, max_audio_ms=4 * 80)), chunk_frames=3)))
@@ -193,14 +199,7 @@ def test_context_gives_way_to_the_previous_piece_when_both_do_not_fit(tts, monke
     context = [Segment(1, empty.text, np.ones((frames, 32), dtype=np.int64))]
     assert tts.generator.prompt_rows(pieces[1], 0, [*context, Segment(0, pieces[0])]) > limit
 
-    seen_contexts = []
-    generate = tts.generator.generate
-
-    def spy(piece, speaker, context, sampling):
-        seen_contexts.append([seg.text for seg in context])
-        return generate(piece, speaker, context, sampling)
-
-    monkeypatch.setattr(tts.generator, "generate", spy)
+    seen_contexts = record_contexts(tts, monkeypatch)
     made = list(tts.frames(text, context=context, seed=1, max_audio_ms=4 * 80))
     assert seen_contexts[0] == [empty.text]
     assert seen_contexts[1:] == [[p] for p in pieces[:-1]]
