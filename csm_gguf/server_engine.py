@@ -122,7 +122,7 @@ class Engine:
         with self._wake:
             if len(self.active) + len(self.joining) + len(self.waiting) >= self.max_streams + self.max_queue:
                 raise QueueFull(
-                    f"the server is busy: {len(self.active)} requests are being spoken and "
+                    f"the server is busy: {len(self.active) + len(self.joining)} requests are being spoken and "
                     f"{len(self.waiting)} wait (CSM_GGUF_MAX_STREAMS={self.max_streams}, "
                     f"CSM_GGUF_QUEUE={self.max_queue}); try again shortly"
                 )

@@ -325,6 +325,21 @@ class Utterance:
         }
 
 
+@dataclass
+class Sentence:
+    """A sentence waiting in a websocket session, with the settings it was sent under (a later change of
+    voice or format does not reach back) and the voice it belongs to."""
+
+    text: str
+    settings: SpeechRequest
+    voice: int  # sentences of one voice prompt each other; another voice starts afresh
+
+
+FLUSH = None  # in a session's queue: the end of the file being sent
+VOICE_FIELDS = ("voice", "speaker_id", "context")  # what makes a session's voice (not format or sampling)
+RETRY_S = 0.25  # a full server: a session keeps its sentence and tries again after this long
+
+
 class WebsocketSession:
     """One websocket connection (protocol in the README): settings, text in pieces, flushes; audio
     for each complete sentence as soon as it is spoken, a JSON summary after each flush."""
@@ -333,27 +348,32 @@ class WebsocketSession:
         self.ws, self.codec, self.parse, self.submit = ws, codec, parse, submit
         self.fields: dict[str, Any] = {"model": MODELS[0]}  # settings persist until changed
         self.settings = parse(self.fields, need_input=False)
+        self.voice = 0  # counts changes of VOICE_FIELDS
         self.buffer = ""  # text not yet known to end a sentence
-        self.sentences: deque[str] = deque()
-        self.flushing = False
+        self.queue: deque[Sentence | None] = deque()  # sentences and FLUSHes, in order
+        self.retry_at = 0.0
         self.job: Job | None = None
-        self.sentence = ""
+        self.sentence: Sentence | None = None  # the one being spoken
         self.sentence_frames: list[np.ndarray] = []
-        self.previous: Segment | None = None  # the last sentence: context for the next, one voice throughout
+        self.previous: Sentence | None = None  # the last one spoken, with its codes: context for the next
+        self.previous_codes: np.ndarray | None = None
         self.utterance: Utterance | None = None
 
     def run(self) -> None:
         try:
             while True:
-                message = self.ws.receive(timeout=0 if self.job or self.sentences or self.flushing else None)
+                wait = max(0.0, self.retry_at - time.monotonic()) if self.queue else None
+                message = self.ws.receive(timeout=0 if self.job else wait)
                 if message is not None:
                     self.handle(message)
-                if self.job is None and self.sentences:
-                    self.start(self.sentences.popleft())
+                if self.job is None and self.queue and time.monotonic() >= self.retry_at:
+                    if self.queue[0] is FLUSH:
+                        self.queue.popleft()
+                        self.finish()
+                    else:
+                        self.start(self.queue[0])
                 if self.job is not None:
                     self.pump()
-                elif self.flushing and not self.sentences:
-                    self.finish()
         except ConnectionClosed:
             pass
         finally:
@@ -380,20 +400,20 @@ class WebsocketSession:
                 self.add_text(body["text"])
             elif kind == "flush":
                 self.add_text("\n")
-                self.flushing = True
+                self.queue.append(FLUSH)
             elif kind == "speech":
                 text = body.pop("input", None)
                 fields = {**self.fields, **body}
                 request = self.parse({**fields, "input": text} if text is not None else fields,
                                      need_input=text is not None)
-                if fields != self.fields:
-                    self.previous = None  # another voice or context: the last sentence is no prompt for it
+                if text is not None:
+                    self.add_text("\n")  # text still pending is spoken first, as it was sent
+                if any(fields.get(k) != self.fields.get(k) for k in VOICE_FIELDS):
+                    self.voice += 1
                 self.fields, self.settings = fields, request
                 if text is not None:
-                    # a whole request: spoken as over HTTP (in CSM's pieces), after any text still pending
-                    self.add_text("\n")
-                    self.sentences.append(text)
-                    self.flushing = True
+                    # a whole request: spoken as over HTTP (in CSM's pieces), and the file ends with it
+                    self.queue.extend([Sentence(text, request, self.voice), FLUSH])
             else:
                 raise ApiError(400, f"unknown message type {kind!r}: use speech, text or flush", param="type")
         except ApiError as e:
@@ -401,30 +421,47 @@ class WebsocketSession:
 
     def add_text(self, text: str) -> None:
         self.buffer += text
-        if len(self.buffer) > MAX_INPUT_CHARS:
-            self.error(ApiError(400, f"more than {MAX_INPUT_CHARS} characters without a sentence end: "
-                                     "speaking them now", param="text", code="string_above_max_length"))
-            self.buffer += "\n"
         sentences = split_sentences(self.buffer)
         complete = self.buffer.endswith("\n")
-        self.sentences.extend(sentences if complete else sentences[:-1])
+        self.enqueue(sentences if complete else sentences[:-1])
         if complete or not sentences:
             self.buffer = ""
         else:
             # keep the unfinished sentence and its trailing space (the next piece may start a new word)
             self.buffer = sentences[-1] + (" " if self.buffer[-1].isspace() else "")
+        while len(self.buffer) > MAX_INPUT_CHARS:
+            self.error(ApiError(400, f"more than {MAX_INPUT_CHARS} characters without a sentence end: "
+                                     "speaking them now", param="text", code="string_above_max_length"))
+            cut = self.buffer.rfind(" ", 0, MAX_INPUT_CHARS)  # between words, where there is a space
+            cut = cut if cut > 0 else MAX_INPUT_CHARS
+            self.enqueue([self.buffer[:cut]])
+            self.buffer = self.buffer[cut:].lstrip()
 
-    def start(self, sentence: str) -> None:
-        spec = self.settings.job
-        previous = [self.previous] if self.previous else []
+    def enqueue(self, sentences: list[str]) -> None:
+        self.queue.extend(Sentence(s, self.settings, self.voice) for s in sentences)
+
+    def start(self, sentence: Sentence) -> None:
+        """Submit the next sentence; it leaves the queue unless the server is full (then it waits)."""
+        fmt = sentence.settings.response_format
+        if self.utterance is not None and self.utterance.encoder.format != fmt:
+            self.finish()  # another format: the file being sent ends here
+        previous = []
+        if self.previous is not None and self.previous.voice == sentence.voice:
+            previous = [Segment(self.previous.settings.job.speaker, self.previous.text, self.previous_codes)]
+        settings = sentence.settings
         try:
-            self.job = self.submit(replace(self.settings, job=replace(spec, text=sentence, previous=previous)))
+            self.job = self.submit(replace(settings, job=replace(settings.job, text=sentence.text, previous=previous)))
         except ApiError as e:
+            if e.code == "queue_full":  # keep the sentence: a file must not lose its middle
+                self.retry_at = time.monotonic() + RETRY_S
+                return
+            self.queue.popleft()
             self.error(e)
             return
+        self.queue.popleft()
         self.sentence, self.sentence_frames = sentence, []
         if self.utterance is None:
-            self.utterance = Utterance(StreamEncoder(self.settings.response_format), self.codec.decoder_state(1))
+            self.utterance = Utterance(StreamEncoder(fmt), self.codec.decoder_state(1))
 
     def pump(self) -> None:
         """Send the audio of the frames made so far, waiting briefly for some."""
@@ -439,7 +476,7 @@ class WebsocketSession:
         u = self.utterance
         if frames is None:
             if self.sentence_frames:
-                self.previous = Segment(self.settings.job.speaker, self.sentence, np.stack(self.sentence_frames))
+                self.previous, self.previous_codes = self.sentence, np.stack(self.sentence_frames)
             u.sentences += 1
             u.frames += self.job.frames
             u.input_tokens += self.job.input_tokens
@@ -457,7 +494,6 @@ class WebsocketSession:
 
     def finish(self) -> None:
         """Everything flushed is spoken: end the audio file and report."""
-        self.flushing = False
         u = self.utterance
         if u is None:  # nothing was spoken: no audio, and the usual report with zeros
             u = Utterance(StreamEncoder(self.settings.response_format), state=None)

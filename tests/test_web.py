@@ -483,6 +483,107 @@ def test_websocket_flush_of_nothing_reports_like_any_flush(base):
         ws.close()
 
 
+def record_submits(engine, monkeypatch, refuse: int = 0) -> list[tuple[int, str, list[str]]]:
+    """(speaker, text, previous sentence's text) of each job submitted, from now on; the first `refuse`
+    submits after the first one find the server full."""
+    from csm_gguf.server_engine import QueueFull
+
+    seen, submit, refused = [], engine.submit, []
+
+    def spy(spec):
+        if seen and len(refused) < refuse:
+            refused.append(spec.text)
+            raise QueueFull("the server is busy (test)")
+        seen.append((spec.speaker, spec.text, [seg.text for seg in spec.previous]))
+        return submit(spec)
+
+    monkeypatch.setattr(engine, "submit", spy)
+    return seen
+
+
+def ws_session(base, messages: list[dict], dones: int) -> list[tuple[bytes, dict]]:
+    """Send every message at once, then collect `dones` files with their done messages."""
+    ws = WsClient.connect(base.replace("http", "ws") + "/v1/audio/speech/ws")
+    try:
+        for m in messages:
+            ws.send(json.dumps(m))
+        return [ws_collect(ws) for _ in range(dones)]
+    finally:
+        ws.close()
+
+
+def test_websocket_flushes_sent_at_once_each_get_their_done(base, engine, monkeypatch):
+    seen = record_submits(engine, monkeypatch)
+    files = ws_session(base, [{"voice": "alloy", "response_format": "pcm", **GREEDY},
+                              {"type": "text", "text": "One two three."}, {"type": "flush"}, {"type": "flush"},
+                              {"type": "text", "text": "Four five."}, {"type": "flush"}], dones=3)
+    assert [(done["sentences"], done["frames"]) for _, done in files] == [(1, 10), (0, 0), (1, 10)]
+    frame_bytes = 2 * engine.tts.codec.cfg.frame_size  # pcm: 16-bit samples
+    assert [len(audio) for audio, _ in files] == [10 * frame_bytes, 0, 10 * frame_bytes]
+    assert [text for _, text, _ in seen] == ["One two three.", "Four five."]
+
+
+def test_websocket_voice_change_mid_sentence_starts_afresh(base, engine, monkeypatch):
+    """A sentence takes the settings in force when it is complete (when the next one starts); the previous
+    sentence prompts the next only in the same voice (a format change keeps the voice, and ends the file
+    being sent)."""
+    seen = record_submits(engine, monkeypatch)
+    files = ws_session(base, [{"voice": "alloy", "response_format": "pcm", **GREEDY},
+                              {"type": "text", "text": "First sentence is spoken now. Sec"},
+                              {"voice": "echo"}, {"type": "text", "text": "ond one is here. "},
+                              {"response_format": "wav"}, {"type": "text", "text": "Third in wav."},
+                              {"type": "flush"}], dones=2)
+    assert seen == [(0, "First sentence is spoken now.", []), (4, "Second one is here.", []),
+                    (4, "Third in wav.", ["Second one is here."])]
+    (pcm_audio, first), (wav_audio, second) = files
+    assert (first["response_format"], first["sentences"]) == ("pcm", 1) and not pcm_audio.startswith(b"RIFF")
+    assert (second["response_format"], second["sentences"]) == ("wav", 2) and wav_audio.startswith(b"RIFF")
+
+
+def test_websocket_input_after_pending_text_keeps_each_ones_settings(base, engine, monkeypatch):
+    seen = record_submits(engine, monkeypatch)
+    files = ws_session(base, [{"voice": "alloy", "response_format": "pcm", **GREEDY},
+                              {"type": "text", "text": "Hello there. How are"},
+                              {"input": "Brand new request.", "voice": "echo", "response_format": "wav"}], dones=2)
+    assert [(speaker, text) for speaker, text, _ in seen] == [(0, "Hello there."), (0, "How are"),
+                                                              (4, "Brand new request.")]
+    assert [done["response_format"] for _, done in files] == ["pcm", "wav"]
+    assert files[1][0].startswith(b"RIFF")
+
+
+def test_websocket_waits_for_a_full_server_instead_of_dropping_sentences(base, engine, monkeypatch):
+    seen = record_submits(engine, monkeypatch, refuse=3)
+    ws = WsClient.connect(base.replace("http", "ws") + "/v1/audio/speech/ws")
+    try:
+        for m in [{"voice": "alloy", "response_format": "pcm", **GREEDY},
+                  {"type": "text", "text": "One. Two. Three."}, {"type": "flush"}]:
+            ws.send(json.dumps(m))
+        audio, done = ws_collect(ws)  # an error message here would fail ws_collect
+    finally:
+        ws.close()
+    assert [text for _, text, _ in seen] == ["One.", "Two.", "Three."]
+    assert done["sentences"] == 3 and len(audio) == 2 * done["frames"] * engine.tts.codec.cfg.frame_size
+
+
+def test_websocket_cut_of_endless_text_falls_between_words(base, engine, monkeypatch):
+    seen = record_submits(engine, monkeypatch)
+    words = ["alpha", "beta", "gamma", "delta", "echo", "hotel"]
+    text = " ".join(words[i % len(words)] for i in range(800))  # 4,5k characters, no sentence end
+    ws = WsClient.connect(base.replace("http", "ws") + "/v1/audio/speech/ws")
+    try:
+        ws.send(json.dumps({"voice": "alloy", "response_format": "pcm", "temperature": 0, "max_audio_ms": 80}))
+        for i in range(0, len(text), 500):
+            ws.send(json.dumps({"type": "text", "text": text[i : i + 500]}))
+        assert json.loads(ws.receive(timeout=30))["error"]["code"] == "string_above_max_length"
+        ws.send(json.dumps({"type": "flush"}))
+        ws_collect(ws)
+    finally:
+        ws.close()
+    spoken = [t for _, t, _ in seen]
+    assert len(spoken) == 2 and len(spoken[0]) <= 4096
+    assert " ".join(spoken) == text  # no word cut in two
+
+
 def test_websocket_disconnect_mid_stream(base, engine):
     ws = WsClient.connect(base.replace("http", "ws") + "/v1/audio/speech/ws")
     ws.send(json.dumps({"input": TEXT, "response_format": "pcm", "max_audio_ms": 60_000}))
