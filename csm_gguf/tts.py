@@ -136,7 +136,7 @@ class CSM:
                 samples = samples / float(np.iinfo(samples.dtype).max + 1)
             if samples.ndim == 2:
                 samples = samples.mean(axis=1)
-            if samples.ndim != 1 or not samples.size or samples.dtype.kind not in "fi":
+            if samples.ndim != 1 or not samples.size or samples.dtype.kind != "f":
                 raise ValueError(f"audio to encode must be samples, mono or (samples, channels), got "
                                  f"{samples.dtype} of shape {samples.shape}")
             samples = samples.astype(np.float32)

@@ -355,8 +355,7 @@ class WebsocketSession:
         self.job: Job | None = None
         self.sentence: Sentence | None = None  # the one being spoken
         self.sentence_frames: list[np.ndarray] = []
-        self.previous: Sentence | None = None  # the last one spoken, with its codes: context for the next
-        self.previous_codes: np.ndarray | None = None
+        self.previous: tuple[int, Segment] | None = None  # the last one spoken (its voice, it): the next's context
         self.utterance: Utterance | None = None
 
     def run(self) -> None:
@@ -445,9 +444,7 @@ class WebsocketSession:
         fmt = sentence.settings.response_format
         if self.utterance is not None and self.utterance.encoder.format != fmt:
             self.finish()  # another format: the file being sent ends here
-        previous = []
-        if self.previous is not None and self.previous.voice == sentence.voice:
-            previous = [Segment(self.previous.settings.job.speaker, self.previous.text, self.previous_codes)]
+        previous = [self.previous[1]] if self.previous and self.previous[0] == sentence.voice else []
         settings = sentence.settings
         try:
             self.job = self.submit(replace(settings, job=replace(settings.job, text=sentence.text, previous=previous)))
@@ -476,7 +473,8 @@ class WebsocketSession:
         u = self.utterance
         if frames is None:
             if self.sentence_frames:
-                self.previous, self.previous_codes = self.sentence, np.stack(self.sentence_frames)
+                s = self.sentence
+                self.previous = (s.voice, Segment(s.settings.job.speaker, s.text, np.stack(self.sentence_frames)))
             u.sentences += 1
             u.frames += self.job.frames
             u.input_tokens += self.job.input_tokens
