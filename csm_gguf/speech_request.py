@@ -136,13 +136,11 @@ def _voice(voice: Any) -> tuple[int, list[Segment]]:
                       code="missing_required_parameter")
     if not isinstance(voice, str):
         raise invalid("voice", "'voice' must be a voice name or {\"id\": name}")
-    if voice in BUILTIN_VOICES:
-        return BUILTIN_VOICES[voice], []
-    if voice not in list_voices():
+    if voice not in voice_names():
         raise invalid("voice", f"unknown voice {voice!r}; known voices: {', '.join(voice_names())}",
                       code="voice_not_found")
     try:
-        saved = load_voice(voice)
+        saved = load_voice(voice)  # a built-in name: its speaker and no prompt
     except ValueError as e:  # a damaged voice file
         raise invalid("voice", str(e), code="voice_unusable") from None
     return saved.speaker, list(saved.segments)
