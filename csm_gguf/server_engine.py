@@ -1,6 +1,7 @@
 """The server's engine: one thread owns the llama.cpp contexts and generates every active request's
 next frame in the same llama_decode calls (continuous batching). Requests join and leave between
-frames; beyond `max_streams` they wait in a bounded queue.
+frames; beyond `max_streams` they wait in a bounded queue. A request may follow another (a websocket
+session's next sentence): it then takes over that one's slot when it ends, ahead of the queue.
 
 Request threads only submit jobs and read frames back; they decode audio themselves (each with its
 own streaming Mimi state), so the engine thread does nothing but generate.
@@ -43,9 +44,6 @@ class SpeechJob:
     top_k: int = 50
     seed: int | None = None
     max_audio_ms: float | None = None
-    # What was just said (a websocket session's last sentence): the first piece's previous piece, so the
-    # context gives way to it if both do not fit.
-    previous: Sequence[Segment] = ()
 
 
 _END = object()
@@ -69,6 +67,11 @@ class Job:
     stream: Stream | None = None
     made: list[np.ndarray] = field(default_factory=list)
     previous: list[Segment] = field(default_factory=list)
+    # Following requests (`Engine.submit(after=...)`): the one spoken next in this job's slot, and
+    # whether this job takes its predecessor's last piece as context. `ended` is set under the lock.
+    successor: Job | None = None
+    continues: bool = False
+    ended: bool = False
 
     def cancel(self) -> None:
         # A plain flag: the engine drops the job (and frees its slot) before the next frame.
@@ -114,12 +117,28 @@ class Engine:
         self._thread.start()
 
     # --- request threads ----------------------------------------------------------------------------
-    def submit(self, spec: SpeechJob) -> Job:
+    def submit(self, spec: SpeechJob, after: Job | None = None, continues: bool = False) -> Job:
         """Queue a request; raises QueueFull when all slots and the queue are taken, ValueError for empty
-        text."""
+        text.
+
+        `after`: a request of the same client (a websocket session's sentence). If it has not ended, this
+        one is spoken as soon as it does, in its slot, ahead of the queue: a session's sentences follow
+        each other without the gaps that queueing behind other clients would leave. With `continues`,
+        what `after` said last (its last piece, or the context it had if it said nothing) is this one's
+        previous piece, as between the pieces of a long text: the context gives way to it if both do not
+        fit.
+        """
         pieces = self.tts.pieces(spec.text)
-        job = Job(spec, pieces, input_tokens=len(self.tts.model.tokenize(spec.text)), previous=list(spec.previous))
+        job = Job(spec, pieces, input_tokens=len(self.tts.model.tokenize(spec.text)),
+                  continues=continues and after is not None)
         with self._wake:
+            if after is not None and not after.ended:
+                if after.successor is not None:
+                    raise ValueError("that request already has a successor")
+                after.successor = job
+                return job
+            if job.continues:
+                job.previous = list(after.previous)
             if len(self.active) + len(self.joining) + len(self.waiting) >= self.max_streams + self.max_queue:
                 raise QueueFull(
                     f"the server is busy: {len(self.active) + len(self.joining)} requests are being spoken and "
@@ -251,7 +270,17 @@ class Engine:
         if job.stream is not None:
             self.generator.finish(job.stream)
             job.stream = None
-        if job in self.active:
-            self.active.remove(job)
+        with self._wake:
+            if job in self.active:
+                self.active.remove(job)
+            job.ended = True
+            successor = job.successor
+            if successor is not None:
+                if successor.continues:
+                    successor.previous = list(job.previous)
+                if not self._closing:
+                    self.waiting.appendleft(successor)  # the next admitted, into the slot just freed
         self.completed += 1
         job.out.put(_END if error is None else error)
+        if successor is not None and self._closing:
+            self._end(successor, error)

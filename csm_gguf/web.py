@@ -30,7 +30,7 @@ from simple_websocket import ConnectionClosed
 from werkzeug.exceptions import HTTPException
 
 from .audio import MEDIA_TYPES, SAMPLE_RATE, StreamEncoder, encode_audio
-from .generator import PromptTooLong, Segment
+from .generator import PromptTooLong
 from .server_engine import Engine, Job, QueueFull
 from .speech_request import MAX_INPUT_CHARS, MODELS, ApiError, SpeechRequest, parse_speech, voice_names
 from .text import split_sentences
@@ -108,9 +108,9 @@ def create_app(**overrides: Any) -> Flask:
     def parse(body: Any, need_input: bool = True) -> SpeechRequest:
         return parse_speech(body, tts, settings.voice, need_input)
 
-    def submit(req: SpeechRequest) -> Job:
+    def submit(req: SpeechRequest, after: Job | None = None, continues: bool = False) -> Job:
         try:
-            return engine.submit(req.job)
+            return engine.submit(req.job, after, continues)
         except QueueFull as e:
             raise ApiError(429, str(e), code="queue_full", type="rate_limit_error") from None
 
@@ -333,6 +333,7 @@ class Sentence:
     text: str
     settings: SpeechRequest
     voice: int  # sentences of one voice prompt each other; another voice starts afresh
+    job: Job | None = None  # once submitted (the next sentence is, while the one before is spoken)
 
 
 FLUSH = None  # in a session's queue: the end of the file being sent
@@ -352,10 +353,8 @@ class WebsocketSession:
         self.buffer = ""  # text not yet known to end a sentence
         self.queue: deque[Sentence | None] = deque()  # sentences and FLUSHes, in order
         self.retry_at = 0.0
-        self.job: Job | None = None
-        self.sentence: Sentence | None = None  # the one being spoken
-        self.sentence_frames: list[np.ndarray] = []
-        self.previous: tuple[int, Segment] | None = None  # the last one spoken (its voice, it): the next's context
+        self.job: Job | None = None  # the sentence being spoken
+        self.last: Sentence | None = None  # the last one submitted: the next follows it (and in its voice, says it)
         self.utterance: Utterance | None = None
 
     def run(self) -> None:
@@ -372,12 +371,14 @@ class WebsocketSession:
                     else:
                         self.start(self.queue[0])
                 if self.job is not None:
+                    self.follow()
                     self.pump()
         except ConnectionClosed:
             pass
         finally:
-            if self.job is not None:
-                self.job.cancel()
+            for job in [self.job, *(s.job for s in self.queue if s is not FLUSH)]:
+                if job is not None:
+                    job.cancel()
 
     def error(self, e: ApiError) -> None:
         self.ws.send(json.dumps({"type": "error", **e.body()}))
@@ -439,24 +440,44 @@ class WebsocketSession:
     def enqueue(self, sentences: list[str]) -> None:
         self.queue.extend(Sentence(s, self.settings, self.voice) for s in sentences)
 
+    def submit_sentence(self, sentence: Sentence) -> None:
+        """Submit `sentence` to follow the last one: in its slot if that is still being spoken, and with it
+        as context if in the same voice."""
+        last = self.last
+        settings = replace(sentence.settings, job=replace(sentence.settings.job, text=sentence.text))
+        if last is None:
+            sentence.job = self.submit(settings)
+        else:
+            sentence.job = self.submit(settings, after=last.job, continues=last.voice == sentence.voice)
+        self.last = sentence
+
+    def follow(self) -> None:
+        """Submit the next sentence already waiting, so that it takes over this one's slot: queued behind
+        other clients' requests, it would leave a gap in the audio."""
+        following = next((s for s in self.queue if s is not FLUSH), None)
+        if following is not None and following.job is None:
+            try:
+                self.submit_sentence(following)
+            except ApiError:
+                pass  # submitted again in its turn, which reports the error then
+
     def start(self, sentence: Sentence) -> None:
-        """Submit the next sentence; it leaves the queue unless the server is full (then it waits)."""
+        """Speak the next sentence; it leaves the queue unless the server is full (then it waits)."""
         fmt = sentence.settings.response_format
         if self.utterance is not None and self.utterance.encoder.format != fmt:
             self.finish()  # another format: the file being sent ends here
-        previous = [self.previous[1]] if self.previous and self.previous[0] == sentence.voice else []
-        settings = sentence.settings
-        try:
-            self.job = self.submit(replace(settings, job=replace(settings.job, text=sentence.text, previous=previous)))
-        except ApiError as e:
-            if e.code == "queue_full":  # keep the sentence: a file must not lose its middle
-                self.retry_at = time.monotonic() + RETRY_S
+        if sentence.job is None:
+            try:
+                self.submit_sentence(sentence)
+            except ApiError as e:
+                if e.code == "queue_full":  # keep the sentence: a file must not lose its middle
+                    self.retry_at = time.monotonic() + RETRY_S
+                    return
+                self.queue.popleft()
+                self.error(e)
                 return
-            self.queue.popleft()
-            self.error(e)
-            return
         self.queue.popleft()
-        self.sentence, self.sentence_frames = sentence, []
+        self.job = sentence.job
         if self.utterance is None:
             self.utterance = Utterance(StreamEncoder(fmt), self.codec.decoder_state(1))
 
@@ -472,15 +493,11 @@ class WebsocketSession:
             return
         u = self.utterance
         if frames is None:
-            if self.sentence_frames:
-                s = self.sentence
-                self.previous = (s.voice, Segment(s.settings.job.speaker, s.text, np.stack(self.sentence_frames)))
             u.sentences += 1
             u.frames += self.job.frames
             u.input_tokens += self.job.input_tokens
             self.job = None
             return
-        self.sentence_frames += frames
         self.send_audio(u.encoder.feed(decode_frames(self.codec, u.state, frames)))
 
     def send_audio(self, data: bytes) -> None:

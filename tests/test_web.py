@@ -483,21 +483,33 @@ def test_websocket_flush_of_nothing_reports_like_any_flush(base):
         ws.close()
 
 
-def record_submits(engine, monkeypatch, refuse: int = 0) -> list[tuple[int, str, list[str]]]:
-    """(speaker, text, previous sentence's text) of each job submitted, from now on; the first `refuse`
-    submits after the first one find the server full."""
+def record_submits(engine, monkeypatch, refuse: int = 0) -> list[tuple[int, str]]:
+    """(speaker, text) of each job submitted, from now on; the first `refuse` submits after the first one
+    find the server full."""
     from csm_gguf.server_engine import QueueFull
 
     seen, submit, refused = [], engine.submit, []
 
-    def spy(spec):
-        if seen and len(refused) < refuse:
+    def spy(spec, after=None, continues=False):
+        if seen and len(refused) < refuse and (after is None or after.ended):  # a follower is never refused
             refused.append(spec.text)
             raise QueueFull("the server is busy (test)")
-        seen.append((spec.speaker, spec.text, [seg.text for seg in spec.previous]))
-        return submit(spec)
+        seen.append((spec.speaker, spec.text))
+        return submit(spec, after, continues)
 
     monkeypatch.setattr(engine, "submit", spy)
+    return seen
+
+
+def record_starts(engine, monkeypatch) -> list[tuple[int, str, list[str]]]:
+    """(speaker, text, its previous piece's text) of each piece the engine starts, in order, from now on."""
+    seen, piece_context = [], engine.tts.piece_context
+
+    def spy(piece, speaker, context, previous, sampling):
+        seen.append((speaker, piece, [seg.text for seg in previous]))
+        return piece_context(piece, speaker, context, previous, sampling)
+
+    monkeypatch.setattr(engine.tts, "piece_context", spy)
     return seen
 
 
@@ -520,14 +532,14 @@ def test_websocket_flushes_sent_at_once_each_get_their_done(base, engine, monkey
     assert [(done["sentences"], done["frames"]) for _, done in files] == [(1, 10), (0, 0), (1, 10)]
     frame_bytes = 2 * engine.tts.codec.cfg.frame_size  # pcm: 16-bit samples
     assert [len(audio) for audio, _ in files] == [10 * frame_bytes, 0, 10 * frame_bytes]
-    assert [text for _, text, _ in seen] == ["One two three.", "Four five."]
+    assert [text for _, text in seen] == ["One two three.", "Four five."]
 
 
 def test_websocket_voice_change_mid_sentence_starts_afresh(base, engine, monkeypatch):
     """A sentence takes the settings in force when it is complete (when the next one starts); the previous
     sentence prompts the next only in the same voice (a format change keeps the voice, and ends the file
     being sent)."""
-    seen = record_submits(engine, monkeypatch)
+    seen = record_starts(engine, monkeypatch)
     files = ws_session(base, [{"voice": "alloy", "response_format": "pcm", **GREEDY},
                               {"type": "text", "text": "First sentence is spoken now. Sec"},
                               {"voice": "echo"}, {"type": "text", "text": "ond one is here. "},
@@ -545,8 +557,7 @@ def test_websocket_input_after_pending_text_keeps_each_ones_settings(base, engin
     files = ws_session(base, [{"voice": "alloy", "response_format": "pcm", **GREEDY},
                               {"type": "text", "text": "Hello there. How are"},
                               {"input": "Brand new request.", "voice": "echo", "response_format": "wav"}], dones=2)
-    assert [(speaker, text) for speaker, text, _ in seen] == [(0, "Hello there."), (0, "How are"),
-                                                              (4, "Brand new request.")]
+    assert seen == [(0, "Hello there."), (0, "How are"), (4, "Brand new request.")]
     assert [done["response_format"] for _, done in files] == ["pcm", "wav"]
     assert files[1][0].startswith(b"RIFF")
 
@@ -555,14 +566,44 @@ def test_websocket_waits_for_a_full_server_instead_of_dropping_sentences(base, e
     seen = record_submits(engine, monkeypatch, refuse=3)
     ws = WsClient.connect(base.replace("http", "ws") + "/v1/audio/speech/ws")
     try:
-        for m in [{"voice": "alloy", "response_format": "pcm", **GREEDY},
-                  {"type": "text", "text": "One. Two. Three."}, {"type": "flush"}]:
+        ws.send(json.dumps({"voice": "alloy", "response_format": "pcm", **GREEDY}))
+        ws.send(json.dumps({"type": "text", "text": "One. Two"}))
+        first = ws.receive(timeout=30)
+        wait_idle(engine)  # "Two." comes after "One." ended: it queues like any request (and is refused)
+        for m in [{"type": "text", "text": ". Three."}, {"type": "flush"}]:
             ws.send(json.dumps(m))
         audio, done = ws_collect(ws)  # an error message here would fail ws_collect
     finally:
         ws.close()
-    assert [text for _, text, _ in seen] == ["One.", "Two.", "Three."]
-    assert done["sentences"] == 3 and len(audio) == 2 * done["frames"] * engine.tts.codec.cfg.frame_size
+    assert [text for _, text in seen] == ["One.", "Two.", "Three."]
+    assert done["sentences"] == 3 and len(first + audio) == 2 * done["frames"] * engine.tts.codec.cfg.frame_size
+
+
+def test_websocket_next_sentence_takes_over_its_slot_on_a_full_server(base, engine, monkeypatch):
+    """A sentence already waiting when the one before it ends is spoken next, in its slot: queued behind
+    other clients' requests, it would leave a gap in the session's audio."""
+    from csm_gguf.server_engine import SpeechJob
+
+    others = [engine.submit(SpeechJob(f"Filler number {i}.", temperature=0, max_audio_ms=60_000))
+              for i in range(MAX_STREAMS - 1)]
+    starts = record_starts(engine, monkeypatch)
+    ws = WsClient.connect(base.replace("http", "ws") + "/v1/audio/speech/ws")
+    try:
+        ws.send(json.dumps({"voice": "alloy", "response_format": "pcm", "temperature": 0, "max_audio_ms": 2400}))
+        ws.send(json.dumps({"type": "text", "text": "One is first. Two is next."}))
+        assert isinstance(ws.receive(timeout=30), bytes)  # "One" has the last free slot
+        others.append(engine.submit(SpeechJob("Another client.", temperature=0, max_audio_ms=800)))  # waits
+        ws.send(json.dumps({"type": "flush"}))
+        audio, done = ws_collect(ws)
+    finally:
+        ws.close()
+        for job in others:
+            job.cancel()
+    wait_idle(engine)
+    order = [text for _, text, _ in starts]
+    assert order.index("Two is next.") < order.index("Another client.")
+    assert starts[order.index("Two is next.")] == (0, "Two is next.", ["One is first."])
+    assert done["sentences"] == 2 and done["frames"] == 60
 
 
 def test_websocket_cut_of_endless_text_falls_between_words(base, engine, monkeypatch):
@@ -579,7 +620,7 @@ def test_websocket_cut_of_endless_text_falls_between_words(base, engine, monkeyp
         ws_collect(ws)
     finally:
         ws.close()
-    spoken = [t for _, t, _ in seen]
+    spoken = [t for _, t in seen]
     assert len(spoken) == 2 and len(spoken[0]) <= 4096
     assert " ".join(spoken) == text  # no word cut in two
 
@@ -591,6 +632,16 @@ def test_websocket_disconnect_mid_stream(base, engine):
     assert engine.stats()["active_streams"] == 1
     ws.close()
     wait_idle(engine)
+
+
+def test_websocket_disconnect_cancels_the_sentence_waiting_to_follow(base, engine):
+    ws = WsClient.connect(base.replace("http", "ws") + "/v1/audio/speech/ws")
+    ws.send(json.dumps({"response_format": "pcm", "max_audio_ms": 60_000}))
+    ws.send(json.dumps({"type": "text", "text": "A first sentence. A second one. And"}))
+    assert isinstance(ws.receive(timeout=30), bytes)
+    assert engine.stats()["active_streams"] == 1 and engine.active[0].successor is not None
+    ws.close()
+    wait_idle(engine)  # the second sentence did not start in the first one's slot
 
 
 # --- the other endpoints and errors --------------------------------------------------------------------------
