@@ -4,10 +4,25 @@ from __future__ import annotations
 
 import os
 import secrets
+import stat
 
 
 def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
-    directory, base = os.path.split(os.path.abspath(path))
+    """Write `data` to the file `path`. A regular file is written beside its target and renamed over it,
+    so it appears whole or not at all; a symlink keeps pointing at it. Anything else (a pipe, a device
+    such as /dev/null, a terminal behind /dev/stdout) is written to in place: a rename would replace it."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # nothing there yet (or a dangling link, whose target gets created)
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode):
+        try:
+            with open(path, "wb") as f:
+                f.write(data)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, os.fspath(path)) from None
+        return
+    directory, base = os.path.split(os.path.realpath(path))
     tmp = os.path.join(directory, f".{base}.{secrets.token_hex(4)}.tmp")
     try:
         # os.open with 0o666 rather than mkstemp's 0o600, so the result gets the usual umask mode.
@@ -19,7 +34,7 @@ def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, os.path.join(directory, base))
     except BaseException:
         os.unlink(tmp)
         raise

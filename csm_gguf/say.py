@@ -78,9 +78,13 @@ def output_format(args) -> str:
 
 def check_writable(path: str, what: str) -> None:
     """Fail now, not after generating, where `path` cannot be written."""
-    folder = os.path.dirname(os.path.abspath(path))
     if path.endswith(("/", os.sep)) or os.path.isdir(path):
         raise UsageError(f"{what} {path} is a folder: give a file name")
+    if os.path.exists(path) and not os.path.isfile(path):  # a pipe or a device (/dev/null): written in place
+        if not os.access(path, os.W_OK):
+            raise UsageError(f"cannot write {what} {path}: no permission")
+        return
+    folder = os.path.dirname(os.path.realpath(path))  # a link's target is replaced, in its own folder
     if not os.path.isdir(folder):
         why = "is not a folder" if os.path.exists(folder) else "does not exist"
         raise UsageError(f"cannot write {what} {path}: {folder} {why}")

@@ -1,7 +1,9 @@
 import io
 import os
+import stat
 import struct
 import sys
+import threading
 import wave
 
 import numpy as np
@@ -431,3 +433,22 @@ def test_write_audio_failure_while_replacing_leaves_nothing(tmp_path, monkeypatc
     with pytest.raises(OSError, match="disk gone"):
         write_audio(target, SIGNAL)
     assert os.listdir(tmp_path) == ["keep.wav"] and target.read_bytes() == b"old"
+
+
+def test_write_audio_through_a_link_and_into_a_pipe(tmp_path):
+    """A symlink keeps pointing at its target, which gets the audio; a pipe (like a device such as
+    /dev/null) is written in place, not replaced by a regular file."""
+    wav = encode_audio(SIGNAL, "wav")
+    target, link, fifo = tmp_path / "target.wav", tmp_path / "link.wav", tmp_path / "fifo.wav"
+    target.write_bytes(b"old")
+    link.symlink_to(target)
+    write_audio(link, SIGNAL)
+    assert link.is_symlink() and target.read_bytes() == wav
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    write_audio(fifo, SIGNAL)
+    reader.join(10)
+    assert got == [wav] and stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert sorted(os.listdir(tmp_path)) == ["fifo.wav", "link.wav", "target.wav"]
