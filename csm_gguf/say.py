@@ -141,13 +141,19 @@ def context_segments(tts, items: list[list[str]]):
             spk = -1
         if spk < 0:
             raise UsageError(f"--context speaker must be a whole number >= 0, got {speaker!r}")
-        if source.endswith(".npy"):
+        if source.lower().endswith(".npy"):
             try:
                 codes = np.load(source, allow_pickle=False)
             except (OSError, ValueError) as e:
                 raise UsageError(f"cannot read codes {source}: {e}") from e
+            if not isinstance(codes, np.ndarray):  # np.load gives an archive for .npz content
+                codes.close()
+                raise UsageError(f"{source} is an archive of arrays (a saved voice?), not one array of codes: "
+                                 "give codes saved with --save-codes, or a saved voice with --voice NAME")
             if codes.dtype.kind not in "iu":
                 raise UsageError(f"codes {source} hold {codes.dtype} values: codes are whole numbers")
+            if len(codes) == 0:
+                raise UsageError(f"codes {source} hold no frames: give at least one")
             segments.append(tts.segment(spk, text, codes=codes.astype(np.int64)))
         else:
             segments.append(tts.segment(spk, text, audio=source))
@@ -179,10 +185,14 @@ def run(args) -> int:
     from .audio import StreamEncoder, check_format, write_audio
 
     fmt = check_format(output_format(args))
+    if args.save_codes == "-":
+        raise UsageError("--save-codes needs a file name (.npy): standard output is for the audio (-o -)")
     for what, path in (("--output", args.output), ("--save-codes", args.save_codes)):
         if path and path != "-":
             check_writable(path, what)
     voice = voices.load_voice(args.voice) if args.voice else None
+    if args.save_voice is not None:
+        voices.check_saveable(args.save_voice)  # now, not after loading the model and encoding the audio
 
     tts = load_model(args)
     context = context_segments(tts, args.context)

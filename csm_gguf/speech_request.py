@@ -59,7 +59,7 @@ class SpeechRequest:
 
 
 def voice_names() -> list[str]:
-    return [*BUILTIN_VOICES, *(v for v in list_voices() if v not in BUILTIN_VOICES)]
+    return [*BUILTIN_VOICES, *list_voices()]
 
 
 def parse_speech(body: Any, tts: CSM, default_voice: str = "alloy", need_input: bool = True) -> SpeechRequest:

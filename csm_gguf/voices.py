@@ -37,24 +37,46 @@ def _path(name: str) -> Path:
     return voices_dir() / f"{name}.npz"
 
 
-def list_voices() -> list[str]:
+def _folder() -> Path:
     folder = voices_dir()
-    return sorted(p.stem for p in folder.glob("*.npz")) if folder.is_dir() else []
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"the voices folder {folder} is a file: set CSM_GGUF_VOICES to a folder")
+    return folder
 
 
-def save_voice(name: str, voice: Voice) -> Path:
+def list_voices() -> list[str]:
+    """The saved voices' names (files whose names could not be saved as voices are not voices)."""
+    folder = _folder()
+    if not folder.is_dir():
+        return []
+    names = (p.stem for p in folder.glob("*.npz") if p.is_file())
+    return sorted(name for name in names if NAME.match(name) and name not in BUILTIN_VOICES)
+
+
+def check_saveable(name: str) -> Path:
+    """The file a voice named `name` is saved to, or a ValueError if that name cannot be saved."""
     path = _path(name)
     if name in BUILTIN_VOICES:
         raise ValueError(f"{name!r} is one of the server's built-in voices (speaker {BUILTIN_VOICES[name]}): "
                          "save the voice under another name")
+    _folder()
+    return path
+
+
+def save_voice(name: str, voice: Voice) -> Path:
+    path = check_saveable(name)
     if not voice.segments or any(seg.codes is None for seg in voice.segments):
         raise ValueError("a voice needs at least one context segment with audio")
     meta = {"speaker": voice.speaker, "segments": [{"speaker": s.speaker, "text": s.text} for s in voice.segments]}
     arrays = {f"codes_{i}": np.asarray(s.codes, dtype=np.int16) for i, s in enumerate(voice.segments)}
-    path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     np.savez(buffer, meta=np.array(json.dumps(meta)), **arrays)
-    write_atomic(path, buffer.getvalue())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, buffer.getvalue())
+    except OSError as e:
+        raise ValueError(f"cannot save voice {name!r} in {path.parent} ({e.strerror}): set CSM_GGUF_VOICES to a "
+                         "folder you can write") from None
     return path
 
 

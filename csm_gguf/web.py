@@ -35,7 +35,7 @@ from .server_engine import Engine, Job, QueueFull
 from .speech_request import MAX_INPUT_CHARS, MODELS, ApiError, SpeechRequest, parse_speech, voice_names
 from .text import split_sentences
 from .tts import CSM, decode_frames
-from .voices import BUILTIN_VOICES
+from .voices import BUILTIN_VOICES, load_voice
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +84,11 @@ def create_app(**overrides: Any) -> Flask:
     settings = replace(Settings.from_env(), **overrides)
     if settings.max_streams < 1 or settings.max_queue < 0:
         raise ValueError("CSM_GGUF_MAX_STREAMS must be >= 1 and CSM_GGUF_QUEUE >= 0")
-    tts = CSM(settings.model, settings.threads, settings.gpu_layers, settings.kv_type, settings.max_streams,
-              settings.codec_device)
     if settings.voice not in voice_names():
         raise ValueError(f"CSM_GGUF_VOICE={settings.voice!r} is not a voice; known: {', '.join(voice_names())}")
+    load_voice(settings.voice)  # a damaged one fails now, not in every request that names no voice
+    tts = CSM(settings.model, settings.threads, settings.gpu_layers, settings.kv_type, settings.max_streams,
+              settings.codec_device)
     # Each request thread decodes its own audio while llama.cpp's threads run the engine: one torch
     # thread per decode keeps them from oversubscribing the cores (which slows small ops ~100x). And
     # set before any torch work: torch and ggml share one OpenMP runtime, and once this thread has run

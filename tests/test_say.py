@@ -263,11 +263,17 @@ def test_budget_is_proportional_to_text(tts):
     (["hi", "--voice", "broken", "-o", "{tmp}/x.wav"], "voice 'broken' is damaged"),
     (["hi", "--voice", "empty", "-o", "{tmp}/x.wav"], "voice 'empty' is damaged"),
     (["--save-voice", "alloy", "--context", "0", "words", "{tmp}/tone.wav"], "built-in voices"),
+    (["hi", "--context", "0", "words", "{tmp}/archive.NPY", "-o", "{tmp}/x.wav"], "is an archive of arrays"),
+    (["hi", "--context", "0", "words", "{tmp}/no-frames.npy", "-o", "{tmp}/x.wav"], "hold no frames"),
+    (["hi", "-o", "{tmp}/x.wav", "--save-codes", "-"], "--save-codes needs a file name"),
 ])
 def test_bad_input_is_a_clear_error_with_no_output(f32_model, tmp_path, capsys, args, message):
     (tmp_path / "garbage.wav").write_bytes(b"RIFF nonsense")
     (tmp_path / "latin1.txt").write_bytes("Café au lait.".encode("latin-1"))
     np.save(tmp_path / "float.npy", np.full((3, 32), 1.5))
+    np.save(tmp_path / "no-frames.npy", np.zeros((0, 32), dtype=np.int64))
+    with open(tmp_path / "archive.NPY", "wb") as f:  # what a saved voice holds, under a codes file's name
+        np.savez(f, codes_0=np.zeros((3, 32), dtype=np.int16))
     sf.write(tmp_path / "tone.wav", np.sin(np.arange(24_000) / 10).astype(np.float32), 24_000)
     (tmp_path / "voices").mkdir()
     (tmp_path / "voices" / "broken.npz").write_bytes(b"not a voice")
@@ -277,6 +283,33 @@ def test_bad_input_is_a_clear_error_with_no_output(f32_model, tmp_path, capsys, 
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x.wav").exists() and not (tmp_path / "x.aac").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_voice_names_and_folder_are_checked_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    sf.write(tmp_path / "tone.wav", np.zeros(2400, np.float32), 24_000)
+    no_model = ["--model", str(tmp_path / "no-model")]  # reaching the model would fail on this instead
+    save = ["--context", "0", "words", str(tmp_path / "tone.wav")]
+    assert main(["--save-voice", "my voice", *save, *no_model]) == 2
+    assert "bad voice name 'my voice'" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("CSM_GGUF_VOICES", str(tmp_path / "a-file"))
+    assert main(["--save-voice", "mine", *save, *no_model]) == 2
+    assert "a-file is a file: set CSM_GGUF_VOICES to a folder" in capsys.readouterr().err
+    assert main(["--list-voices"]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_only_usable_names_are_listed_as_voices(tmp_path, monkeypatch):
+    from csm_gguf import voices
+    from csm_gguf.generator import Segment
+    from csm_gguf.tts import Voice
+
+    voices.save_voice("kept", Voice([Segment(0, "Words.", np.zeros((2, 32), dtype=np.int64))], speaker=0))
+    folder = voices.voices_dir()
+    for name in ("with space.npz", ".hidden.npz", "alloy.npz"):
+        (folder / name).write_bytes((folder / "kept.npz").read_bytes())
+    (folder / "folder.npz").mkdir()
+    assert voices.list_voices() == ["kept"]
 
 
 def test_no_model_offline_says_what_to_do(tmp_path, monkeypatch, capsys):

@@ -161,6 +161,17 @@ def test_damaged_saved_voice_is_a_400(base):
         os.remove(broken)
 
 
+def test_server_refuses_to_start_with_an_unusable_default_voice(tmp_path, monkeypatch):
+    from csm_gguf.web import create_app
+
+    monkeypatch.setenv("CSM_GGUF_VOICES", str(tmp_path))
+    (tmp_path / "broken.npz").write_bytes(b"not a voice")
+    with pytest.raises(ValueError, match="voice 'broken' is damaged"):
+        create_app(model=str(tmp_path / "no-model"), voice="broken")  # before the model: it is not reached
+    with pytest.raises(ValueError, match="'with space' is not a voice"):
+        create_app(model=str(tmp_path / "no-model"), voice="with space")
+
+
 def test_saved_voice_uses_its_prompt(client, engine):
     voices = httpx.get(f"{client.base_url}audio/voices").json()
     assert {"id": "narrator", "name": "narrator", "type": "saved", "speaker_id": None} in voices["voices"]
