@@ -16,7 +16,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .generator import FRAME_MS, Generator, Sampling, Segment, check_codes
+from .generator import FRAME_MS, Generator, PromptTooLong, Sampling, Segment, check_codes
 from .model import CSMModel
 from .text import chunk_text
 
@@ -176,14 +176,21 @@ class CSM:
     def piece_context(self, piece: str, speaker: int, context: Sequence[Segment], previous: Sequence[Segment],
                       sampling: Sampling) -> list[Segment]:
         """A piece's context: the caller's segments, then what was just said (the previous piece of a long
-        text). After a previous piece, segments give way, oldest first, while they would leave this piece
-        less room than its usual budget: a context that fit the first piece must not stop a long text
-        half-way. Without one, a context that does not fit is the caller's error (PromptTooLong)."""
+        text). The context must leave the piece room for its usual budget of frames in the model's
+        context. After a previous piece, segments give way, oldest first, until it does: a context that
+        fit the first piece must not stop a long text half-way. Without one, a context that leaves too
+        little room is the caller's error (PromptTooLong): the speech would stop short."""
         segments = [*context, *previous]
-        if not previous:
-            return segments
         room = int(min(sampling.max_audio_ms, self.frame_budget(piece, None)) // FRAME_MS)
         limit = self.model.config.backbone.max_seq_len
+        if not previous:
+            rows = self.generator.prompt_rows(piece, speaker, segments)
+            if rows + room > limit:
+                raise PromptTooLong(
+                    f"the prompt takes {rows} positions and this text may need up to {room} frames more "
+                    f"({room * FRAME_MS / 1000:g} s of speech), but the model's context holds {limit}: "
+                    "shorten the context segments or the text")
+            return segments
         while segments and self.generator.prompt_rows(piece, speaker, segments) + room > limit:
             segments.pop(0)
         return segments

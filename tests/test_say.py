@@ -206,6 +206,19 @@ def test_context_gives_way_to_the_previous_piece_when_both_do_not_fit(tts, monke
     assert len(made) > len(pieces)
 
 
+def test_context_that_leaves_the_text_too_little_room_is_refused(tts):
+    """It used to fit the prompt and stop the speech, silently, when the model's context was full."""
+    from csm_gguf.generator import PromptTooLong, Segment
+
+    limit = tts.model.config.backbone.max_seq_len
+    empty = Segment(1, "What came before.", np.zeros((0, 32), dtype=np.int64))
+    frames = limit - 2 - tts.generator.prompt_rows(TEXT, 0, [empty])  # room for 2 frames
+    context = [Segment(1, empty.text, np.ones((frames, 32), dtype=np.int64))]
+    with pytest.raises(PromptTooLong, match=r"may need up to 25 frames more \(2 s of speech\)"):
+        tts.generate(TEXT, context=context, max_audio_ms=2000)
+    assert len(tts.generate(TEXT, context=context, max_audio_ms=160)) == 2 * tts.codec.cfg.frame_size
+
+
 @pytest.mark.parametrize("call, match", [
     (lambda tts: tts.generate(TEXT, speaker=-1), "speaker id is a whole number >= 0"),
     (lambda tts: tts.generate(TEXT, speaker="a"), "speaker id is a whole number >= 0"),
