@@ -134,12 +134,17 @@ class CSM:
             samples = np.asarray(audio)
             if samples.dtype.kind == "i":  # PCM: int16 full scale is 32768
                 samples = samples / float(np.iinfo(samples.dtype).max + 1)
+            if samples.ndim == 2 and samples.shape[1] > samples.shape[0]:
+                raise ValueError(f"audio of shape {samples.shape} looks like (channels, samples): give "
+                                 "(samples, channels), e.g. audio.T")
             if samples.ndim == 2:
                 samples = samples.mean(axis=1)
             if samples.ndim != 1 or not samples.size or samples.dtype.kind != "f":
                 raise ValueError(f"audio to encode must be samples, mono or (samples, channels), got "
                                  f"{samples.dtype} of shape {samples.shape}")
             samples = samples.astype(np.float32)
+        if not np.isfinite(samples).all():
+            raise ValueError("audio to encode has NaN or infinite samples")
         codes = self.codec.encode(torch.from_numpy(samples).reshape(1, 1, -1))
         return codes[0, : self.model.config.num_codebooks].T.cpu().numpy().astype(np.int64)
 
