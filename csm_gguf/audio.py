@@ -220,7 +220,9 @@ class _DrainSink:
 
     The encoders only append, except that at close libsndfile patches the MP3 info frame at
     the start, which is long sent: that write is dropped, leaving the placeholder frame the
-    encoder wrote first, which decoders play as one frame of silence.
+    encoder wrote first. Without the info frame's gapless data, decoders play that frame and the
+    encoder's delay as silence before the audio (1681 samples, 70 ms), and the last frame's padding
+    after it (up to 576 samples).
     """
 
     def __init__(self) -> None:
