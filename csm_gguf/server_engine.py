@@ -1,7 +1,8 @@
 """The server's engine: one thread owns the llama.cpp contexts and generates every active request's
 next frame in the same llama_decode calls (continuous batching). Requests join and leave between
 frames; beyond `max_streams` they wait in a bounded queue. A request may follow another (a websocket
-session's next sentence): it then takes over that one's slot when it ends, ahead of the queue.
+session's next sentence): when that one ends, it takes over its slot unless requests submitted before it
+are waiting.
 
 Request threads only submit jobs and read frames back; they decode audio themselves (each with its
 own streaming Mimi state), so the engine thread does nothing but generate.
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 # Prompt rows read per frame while other requests are speaking: they pause for one decode of this
 # many rows (0.24 s on 2 CPU cores at q4_k, milliseconds on a GPU) instead of a whole prompt.
 PREFILL_ROWS = 32
+SHUTTING_DOWN = "the server is shutting down"
 
 
 class QueueFull(RuntimeError):
@@ -122,8 +124,10 @@ class Engine:
         text.
 
         `after`: a request of the same client (a websocket session's sentence). If it has not ended, this
-        one is spoken as soon as it does, in its slot, ahead of the queue: a session's sentences follow
-        each other without the gaps that queueing behind other clients would leave. With `continues`,
+        one waits for it, keeping its place in line from now: when `after` ends, this one takes over its
+        slot unless requests submitted before this one are waiting (they go first, in order). A session
+        that sends its next sentence while one is spoken thus goes on without queueing behind requests
+        that came later, and cannot keep a slot from those that came earlier. With `continues`,
         what `after` said last (its last piece, or the context it had if it said nothing) is this one's
         previous piece, as between the pieces of a long text: the context gives way to it if both do not
         fit.
@@ -132,6 +136,8 @@ class Engine:
         job = Job(spec, pieces, input_tokens=len(self.tts.model.tokenize(spec.text)),
                   continues=continues and after is not None)
         with self._wake:
+            if self._closing:
+                raise RuntimeError(SHUTTING_DOWN)
             if after is not None and not after.ended:
                 if after.successor is not None:
                     raise ValueError("that request already has a successor")
@@ -194,7 +200,7 @@ class Engine:
             self._prefill()
             self._step()
         for job in [*self.active, *self.waiting]:
-            self._end(job, RuntimeError("the server is shutting down"))
+            self._end(job, RuntimeError(SHUTTING_DOWN))
 
     def _prefill(self) -> None:
         """Read unread prompts, oldest first: all of them when no one is speaking (requests that arrive
@@ -278,9 +284,11 @@ class Engine:
             if successor is not None:
                 if successor.continues:
                     successor.previous = list(job.previous)
-                if not self._closing:
-                    self.waiting.appendleft(successor)  # the next admitted, into the slot just freed
+                if not self._closing:  # its place in line: after the requests submitted before it
+                    place = next((i for i, w in enumerate(self.waiting) if w.submitted > successor.submitted),
+                                 len(self.waiting))
+                    self.waiting.insert(place, successor)
         self.completed += 1
         job.out.put(_END if error is None else error)
         if successor is not None and self._closing:
-            self._end(successor, error)
+            self._end(successor, RuntimeError(SHUTTING_DOWN))

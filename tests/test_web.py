@@ -601,7 +601,7 @@ def test_websocket_next_sentence_takes_over_its_slot_on_a_full_server(base, engi
     ws = WsClient.connect(base.replace("http", "ws") + "/v1/audio/speech/ws")
     try:
         ws.send(json.dumps({"voice": "alloy", "response_format": "pcm", "temperature": 0, "max_audio_ms": 2400}))
-        ws.send(json.dumps({"type": "text", "text": "One is first. Two is next."}))
+        ws.send(json.dumps({"type": "text", "text": "One is first. Two is next. And"}))  # "Two" is complete
         assert isinstance(ws.receive(timeout=30), bytes)  # "One" has the last free slot
         others.append(engine.submit(SpeechJob("Another client.", temperature=0, max_audio_ms=800)))  # waits
         ws.send(json.dumps({"type": "flush"}))
@@ -614,7 +614,7 @@ def test_websocket_next_sentence_takes_over_its_slot_on_a_full_server(base, engi
     order = [text for _, text, _ in starts]
     assert order.index("Two is next.") < order.index("Another client.")
     assert starts[order.index("Two is next.")] == (0, "Two is next.", ["One is first."])
-    assert done["sentences"] == 2 and done["frames"] == 60
+    assert done["sentences"] == 3 and done["frames"] == 90
 
 
 def test_websocket_cut_of_endless_text_falls_between_words(base, engine, monkeypatch):
@@ -634,6 +634,64 @@ def test_websocket_cut_of_endless_text_falls_between_words(base, engine, monkeyp
     spoken = [t for _, t in seen]
     assert len(spoken) == 2 and len(spoken[0]) <= 4096
     assert " ".join(spoken) == text  # no word cut in two
+
+
+def test_websocket_next_sentence_does_not_overtake_requests_that_came_before_it(base, engine, monkeypatch):
+    """A request that waits since before the session's next sentence was complete goes first: following
+    sentences must not keep a slot from the queue as long as a session sends text."""
+    from csm_gguf.server_engine import SpeechJob
+
+    others = [engine.submit(SpeechJob(f"Filler number {i}.", temperature=0, max_audio_ms=60_000))
+              for i in range(MAX_STREAMS - 1)]
+    starts = record_starts(engine, monkeypatch)
+    ws = WsClient.connect(base.replace("http", "ws") + "/v1/audio/speech/ws")
+    try:
+        ws.send(json.dumps({"voice": "alloy", "response_format": "pcm", "temperature": 0, "max_audio_ms": 2400}))
+        ws.send(json.dumps({"type": "text", "text": "One is first. Two is"}))
+        assert isinstance(ws.receive(timeout=30), bytes)  # "One" has the last free slot
+        others.append(engine.submit(SpeechJob("Another client.", temperature=0, max_audio_ms=800)))  # waits
+        ws.send(json.dumps({"type": "text", "text": " next. And"}))  # "Two" is complete after it came
+        ws.send(json.dumps({"type": "flush"}))
+        audio, done = ws_collect(ws)
+    finally:
+        ws.close()
+        for job in others:
+            job.cancel()
+    wait_idle(engine)
+    order = [text for _, text, _ in starts]
+    assert order.index("Another client.") < order.index("Two is next.")
+    assert done["sentences"] == 3
+
+
+def test_engine_closing_ends_a_following_request_with_the_shutdown_error(f32_model, monkeypatch):
+    """close() landing while the request before it makes its last frame: the follower used to end as a
+    success with no audio, and a request submitted after close() waited forever."""
+    from csm_gguf.server_engine import Engine, SpeechJob
+    from csm_gguf.tts import CSM
+
+    tts = CSM(f32_model, kv_type="f32", max_streams=1)
+    engine = Engine(tts)
+    attached, step = threading.Event(), engine.generator.step
+
+    def closing_step(streams):
+        attached.wait(10)
+        with engine._wake:  # what close() does first, here in the middle of the frame
+            engine._closing = True
+        return step(streams)
+
+    monkeypatch.setattr(engine.generator, "step", closing_step)
+    try:
+        first = engine.submit(SpeechJob("One.", temperature=0, max_audio_ms=80))
+        second = engine.submit(SpeechJob("Two.", temperature=0), after=first)
+        attached.set()
+        assert len(first.next_frames(timeout=10)) == 1 and first.next_frames(timeout=10) is None
+        with pytest.raises(RuntimeError, match="shutting down"):
+            second.next_frames(timeout=10)
+        with pytest.raises(RuntimeError, match="shutting down"):
+            engine.submit(SpeechJob("Three."))
+    finally:
+        engine.close()
+        tts.close()
 
 
 def test_websocket_disconnect_mid_stream(base, engine):
