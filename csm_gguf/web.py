@@ -374,7 +374,7 @@ class WebsocketSession:
                 if self.job is not None:
                     self.follow()
                     self.pump()
-        except ConnectionClosed:
+        except (ConnectionClosed, OSError):  # the client left; a reset can surface as OSError mid-send
             pass
         finally:
             for job in [self.job, *(s.job for s in self.queue if s is not FLUSH)]:
@@ -453,8 +453,9 @@ class WebsocketSession:
         self.last = sentence
 
     def follow(self) -> None:
-        """Submit the next sentence already waiting, so that it takes over this one's slot: queued behind
-        other clients' requests, it would leave a gap in the audio."""
+        """Submit the next sentence already waiting, so that it takes its place in line now and takes over
+        this one's slot (see Engine.submit): queued only once this one ends, behind requests that came
+        meanwhile, it would leave a gap in the audio."""
         following = next((s for s in self.queue if s is not FLUSH), None)
         if following is not None and following.job is None:
             try:

@@ -694,6 +694,32 @@ def test_engine_closing_ends_a_following_request_with_the_shutdown_error(f32_mod
         tts.close()
 
 
+def test_websocket_reset_while_sending_ends_the_session_quietly(engine):
+    """A connection reset surfaces as OSError from send(), not ConnectionClosed: it used to escape the
+    session and be logged as an unexpected server error."""
+    from csm_gguf.speech_request import parse_speech
+    from csm_gguf.web import WebsocketSession
+
+    class ResetSocket:
+        messages = [json.dumps({"response_format": "pcm", "max_audio_ms": 60_000}),
+                    json.dumps({"type": "text", "text": "A first sentence. A second one. And"})]
+
+        def receive(self, timeout=None):
+            return self.messages.pop(0) if self.messages else None
+
+        def send(self, data):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    def parse(body, need_input=True):
+        return parse_speech(body, engine.tts, "alloy", need_input)
+
+    def submit(req, after=None, continues=False):
+        return engine.submit(req.job, after, continues)
+
+    WebsocketSession(ResetSocket(), engine.tts.codec, parse, submit).run()  # returns: the client is gone
+    wait_idle(engine)  # and both sentences were cancelled
+
+
 def test_websocket_disconnect_mid_stream(base, engine):
     ws = WsClient.connect(base.replace("http", "ws") + "/v1/audio/speech/ws")
     ws.send(json.dumps({"input": TEXT, "response_format": "pcm", "max_audio_ms": 60_000}))
