@@ -355,7 +355,7 @@ class WebsocketSession:
         self.queue: deque[Sentence | None] = deque()  # sentences and FLUSHes, in order
         self.retry_at = 0.0
         self.job: Job | None = None  # the sentence being spoken
-        self.last: Sentence | None = None  # the last one submitted: the next follows it (and in its voice, says it)
+        self.last: Sentence | None = None  # the last one submitted: the next follows it (its context, same voice)
         self.utterance: Utterance | None = None
 
     def run(self) -> None:
@@ -442,8 +442,8 @@ class WebsocketSession:
         self.queue.extend(Sentence(s, self.settings, self.voice) for s in sentences)
 
     def submit_sentence(self, sentence: Sentence) -> None:
-        """Submit `sentence` to follow the last one: in its slot if that is still being spoken, and with it
-        as context if in the same voice."""
+        """Submit `sentence` to follow the last one submitted (see Engine.submit), with it as context if in
+        the same voice."""
         last = self.last
         settings = replace(sentence.settings, job=replace(sentence.settings.job, text=sentence.text))
         if last is None:
