@@ -590,9 +590,10 @@ def test_websocket_waits_for_a_full_server_instead_of_dropping_sentences(base, e
     assert done["sentences"] == 3 and len(first + audio) == 2 * done["frames"] * engine.tts.codec.cfg.frame_size
 
 
-def test_websocket_next_sentence_takes_over_its_slot_on_a_full_server(base, engine, monkeypatch):
-    """A sentence already waiting when the one before it ends is spoken next, in its slot: queued behind
-    other clients' requests, it would leave a gap in the session's audio."""
+def session_on_a_full_server(base, engine, monkeypatch, first: str, later: str) -> tuple[list[str], dict]:
+    """A session sends `first` while every other slot is busy with a long request, so its first sentence
+    takes the last slot; then another client's request arrives and waits; then the session sends `later`
+    and a flush. Returns the pieces in the order the engine started them, and the session's done."""
     from csm_gguf.server_engine import SpeechJob
 
     others = [engine.submit(SpeechJob(f"Filler number {i}.", temperature=0, max_audio_ms=60_000))
@@ -601,63 +602,34 @@ def test_websocket_next_sentence_takes_over_its_slot_on_a_full_server(base, engi
     ws = WsClient.connect(base.replace("http", "ws") + "/v1/audio/speech/ws")
     try:
         ws.send(json.dumps({"voice": "alloy", "response_format": "pcm", "temperature": 0, "max_audio_ms": 2400}))
-        ws.send(json.dumps({"type": "text", "text": "One is first. Two is next. And"}))  # "Two" is complete
-        assert isinstance(ws.receive(timeout=30), bytes)  # "One" has the last free slot
+        ws.send(json.dumps({"type": "text", "text": first}))
+        assert isinstance(ws.receive(timeout=30), bytes)  # the first sentence has the last free slot
         others.append(engine.submit(SpeechJob("Another client.", temperature=0, max_audio_ms=800)))  # waits
+        ws.send(json.dumps({"type": "text", "text": later}))
         ws.send(json.dumps({"type": "flush"}))
-        audio, done = ws_collect(ws)
+        _, done = ws_collect(ws)
     finally:
         ws.close()
         for job in others:
             job.cancel()
     wait_idle(engine)
+    return starts, done
+
+
+def test_websocket_next_sentence_takes_over_its_slot_on_a_full_server(base, engine, monkeypatch):
+    """A sentence complete while the one before it is spoken takes over its slot when it ends: queued
+    behind requests that came meanwhile, it would leave a gap in the session's audio."""
+    starts, done = session_on_a_full_server(base, engine, monkeypatch, "One is first. Two is next. And", "")
     order = [text for _, text, _ in starts]
     assert order.index("Two is next.") < order.index("Another client.")
     assert starts[order.index("Two is next.")] == (0, "Two is next.", ["One is first."])
     assert done["sentences"] == 3 and done["frames"] == 90
 
 
-def test_websocket_cut_of_endless_text_falls_between_words(base, engine, monkeypatch):
-    seen = record_submits(engine, monkeypatch)
-    words = ["alpha", "beta", "gamma", "delta", "echo", "hotel"]
-    text = " ".join(words[i % len(words)] for i in range(800))  # 4,5k characters, no sentence end
-    ws = WsClient.connect(base.replace("http", "ws") + "/v1/audio/speech/ws")
-    try:
-        ws.send(json.dumps({"voice": "alloy", "response_format": "pcm", "temperature": 0, "max_audio_ms": 80}))
-        for i in range(0, len(text), 500):
-            ws.send(json.dumps({"type": "text", "text": text[i : i + 500]}))
-        assert json.loads(ws.receive(timeout=30))["error"]["code"] == "string_above_max_length"
-        ws.send(json.dumps({"type": "flush"}))
-        ws_collect(ws)
-    finally:
-        ws.close()
-    spoken = [t for _, t in seen]
-    assert len(spoken) == 2 and len(spoken[0]) <= 4096
-    assert " ".join(spoken) == text  # no word cut in two
-
-
 def test_websocket_next_sentence_does_not_overtake_requests_that_came_before_it(base, engine, monkeypatch):
     """A request that waits since before the session's next sentence was complete goes first: following
     sentences must not keep a slot from the queue as long as a session sends text."""
-    from csm_gguf.server_engine import SpeechJob
-
-    others = [engine.submit(SpeechJob(f"Filler number {i}.", temperature=0, max_audio_ms=60_000))
-              for i in range(MAX_STREAMS - 1)]
-    starts = record_starts(engine, monkeypatch)
-    ws = WsClient.connect(base.replace("http", "ws") + "/v1/audio/speech/ws")
-    try:
-        ws.send(json.dumps({"voice": "alloy", "response_format": "pcm", "temperature": 0, "max_audio_ms": 2400}))
-        ws.send(json.dumps({"type": "text", "text": "One is first. Two is"}))
-        assert isinstance(ws.receive(timeout=30), bytes)  # "One" has the last free slot
-        others.append(engine.submit(SpeechJob("Another client.", temperature=0, max_audio_ms=800)))  # waits
-        ws.send(json.dumps({"type": "text", "text": " next. And"}))  # "Two" is complete after it came
-        ws.send(json.dumps({"type": "flush"}))
-        audio, done = ws_collect(ws)
-    finally:
-        ws.close()
-        for job in others:
-            job.cancel()
-    wait_idle(engine)
+    starts, done = session_on_a_full_server(base, engine, monkeypatch, "One is first. Two is", " next. And")
     order = [text for _, text, _ in starts]
     assert order.index("Another client.") < order.index("Two is next.")
     assert done["sentences"] == 3
