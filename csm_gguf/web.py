@@ -514,7 +514,7 @@ class WebsocketSession:
         u = self.utterance
         if u is None:  # nothing was spoken: no audio, and the usual report with zeros
             u = Utterance(StreamEncoder(self.settings.response_format), state=None)
-        else:
+        elif u.frames:  # else its sentences failed or said nothing: no empty file (a bare wav header)
             self.send_audio(u.encoder.finish())
         self.ws.send(json.dumps(u.summary()))
         self.utterance = None

@@ -482,6 +482,21 @@ def test_websocket_text_in_pieces(base, engine):
         ws.close()
 
 
+def test_websocket_file_whose_sentence_failed_is_no_file(base):
+    """The error, then a done with zeros, as for a flush of nothing: it used to send a bare wav header."""
+    too_long = [{"speaker": 0, "text": "x", "codes": random_codes(2100, 64, 1).tolist()}]
+    ws = WsClient.connect(base.replace("http", "ws") + "/v1/audio/speech/ws")
+    try:
+        ws.send(json.dumps({"response_format": "wav", "context": too_long, **GREEDY}))
+        ws.send(json.dumps({"type": "text", "text": "This will not fit."}))
+        ws.send(json.dumps({"type": "flush"}))
+        assert json.loads(ws.receive(timeout=30))["error"]["code"] == "context_length_exceeded"
+        audio, done = ws_collect(ws)
+        assert audio == b"" and (done["sentences"], done["frames"], done["bytes"]) == (0, 0, 0)
+    finally:
+        ws.close()
+
+
 def test_websocket_flush_of_nothing_reports_like_any_flush(base):
     ws = WsClient.connect(base.replace("http", "ws") + "/v1/audio/speech/ws")
     try:
