@@ -51,7 +51,7 @@ class SpeechJob:
 _END = object()
 
 
-@dataclass
+@dataclass(eq=False)  # jobs are found in the engine's lists by identity: two requests may be alike
 class Job:
     """One request inside the engine. The engine thread pushes frames into `out`; the request thread
     reads them with `next_frames` and calls `cancel` when its client goes away."""
@@ -69,9 +69,11 @@ class Job:
     stream: Stream | None = None
     made: list[np.ndarray] = field(default_factory=list)
     previous: list[Segment] = field(default_factory=list)
-    # Following requests (`Engine.submit(after=...)`): the one spoken next in this job's slot, and
-    # whether this job takes its predecessor's last piece as context. `ended` is set under the lock.
+    # Following requests (`Engine.submit(after=...)`): the one that waits for this job to end, whether
+    # this job waited for another (then it does not count against the queue's size: it is a request
+    # already being served, going on) and takes its last piece as context. `ended` is set under the lock.
     successor: Job | None = None
+    follower: bool = False
     continues: bool = False
     ended: bool = False
 
@@ -127,7 +129,9 @@ class Engine:
         one waits for it, keeping its place in line from now: when `after` ends, this one takes over its
         slot unless requests submitted before this one are waiting (they go first, in order). A session
         that sends its next sentence while one is spoken thus goes on without queueing behind requests
-        that came later, and cannot keep a slot from those that came earlier. With `continues`,
+        that came later, and cannot keep a slot from those that came earlier. Such a follower is never
+        refused and does not count against `max_queue` (followers filling the queue would refuse every
+        new request while sessions talk, however long they waited to retry). With `continues`,
         what `after` said last (its last piece, or the context it had if it said nothing) is this one's
         previous piece, as between the pieces of a long text: the context gives way to it if both do not
         fit.
@@ -141,14 +145,15 @@ class Engine:
             if after is not None and not after.ended:
                 if after.successor is not None:
                     raise ValueError("that request already has a successor")
-                after.successor = job
+                after.successor, job.follower = job, True
                 return job
             if job.continues:
                 job.previous = list(after.previous)
-            if len(self.active) + len(self.joining) + len(self.waiting) >= self.max_streams + self.max_queue:
+            queued = sum(not w.follower for w in self.waiting)
+            if len(self.active) + len(self.joining) + queued >= self.max_streams + self.max_queue:
                 raise QueueFull(
                     f"the server is busy: {len(self.active) + len(self.joining)} requests are being spoken and "
-                    f"{len(self.waiting)} wait (CSM_GGUF_MAX_STREAMS={self.max_streams}, "
+                    f"{queued} wait (CSM_GGUF_MAX_STREAMS={self.max_streams}, "
                     f"CSM_GGUF_QUEUE={self.max_queue}); try again shortly"
                 )
             self.waiting.append(job)

@@ -707,6 +707,34 @@ def test_websocket_reset_while_sending_ends_the_session_quietly(engine):
     wait_idle(engine)  # and both sentences were cancelled
 
 
+def test_waiting_followers_do_not_fill_the_queue_against_new_requests(f32_model):
+    """Sessions that keep talking keep their next sentences in the queue: if those counted against its size,
+    every new request would be refused for as long as the sessions talk."""
+    from csm_gguf.server_engine import Engine, SpeechJob
+    from csm_gguf.tts import CSM
+
+    tts = CSM(f32_model, kv_type="f32", max_streams=1)
+    engine = Engine(tts, max_queue=1)
+    long = dict(temperature=0, max_audio_ms=60_000)
+    jobs = []
+    try:
+        jobs.append(first := engine.submit(SpeechJob("One.", **long)))
+        jobs.append(other := engine.submit(SpeechJob("Another client.", **long)))  # the queue is full
+        jobs.append(follower := engine.submit(SpeechJob("Two.", **long), after=first))
+        first.cancel()  # "Two." joins the queue behind "Another client.", which takes the slot
+        deadline = time.monotonic() + 10
+        while not ([j is other for j in engine.active] == [True] and [*engine.waiting] == [follower]):
+            assert time.monotonic() < deadline, engine.stats()
+            time.sleep(0.01)
+        jobs.append(late := engine.submit(SpeechJob("Three.", **long)))  # it was refused: the server is busy
+        assert [*engine.waiting] == [follower, late]
+    finally:
+        for job in jobs:
+            job.cancel()
+        engine.close()
+        tts.close()
+
+
 def test_websocket_disconnect_mid_stream(base, engine):
     ws = WsClient.connect(base.replace("http", "ws") + "/v1/audio/speech/ws")
     ws.send(json.dumps({"input": TEXT, "response_format": "pcm", "max_audio_ms": 60_000}))
