@@ -10,6 +10,7 @@ import ctypes
 import math
 import numbers
 import threading
+from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -58,8 +59,13 @@ class Sampling:
     def __post_init__(self) -> None:
         if not self.temperature >= 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not (isinstance(self.top_k, int) and self.top_k >= 1):
-            raise ValueError(f"top_k must be a whole number >= 1, got {self.top_k}")
+        if isinstance(self.top_k, bool) or not (isinstance(self.top_k, numbers.Integral) and 1 <= self.top_k < 2**31):
+            raise ValueError(f"top_k must be a whole number from 1 to 2**31 - 1, got {self.top_k!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)):
+            raise ValueError(f"seed must be a whole number, got {self.seed!r}")
+        # numpy integers too, as Python ints (ctypes takes only those)
+        object.__setattr__(self, "top_k", int(self.top_k))
+        object.__setattr__(self, "seed", None if self.seed is None else int(self.seed))
         if not 0 < self.max_audio_ms < math.inf:
             raise ValueError(f"max_audio_ms must be a number > 0, got {self.max_audio_ms}")
 
@@ -123,7 +129,9 @@ class Stream:
 
 
 class Generator:
-    """Owns the two llama.cpp contexts. Not thread-safe: one thread drives it (the server's engine thread)."""
+    """Owns the two llama.cpp contexts. `generate` may be called from several threads (they take turns
+    at each llama.cpp call); the lower-level calls (start, prefill, step, finish) are for one thread
+    that drives every stream, like the server's engine thread."""
 
     def __init__(
         self,
@@ -161,7 +169,9 @@ class Generator:
             ),
         )
         self.free_slots = list(range(max_streams))
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # held for each call into llama.cpp by `generate`, never across a yield
+        self._slot_freed = threading.Condition(self.lock)
+        self._generating: Counter[int] = Counter()  # unfinished `generate` streams per thread
         v, d = cfg.audio_vocab_size, cfg.decoder.n_embd
         self._proj = slice(v, v + d)  # backbone "logits" rows holding projection(h)
         self._offsets = np.arange(cfg.num_codebooks) * v
@@ -216,16 +226,16 @@ class Generator:
         if not self.free_slots:
             raise RuntimeError("no free generation slot")
         frames = min(int(sampling.max_audio_ms // FRAME_MS), limit - n)
-        stream = Stream(
-            slot=self.free_slots.pop(),
-            sampling=sampling,
-            frames_left=max(frames, 1),
-            sampler=Sampler(sampling, self.model.n_codes),
-            prompt=prompt,
-        )
-        self.backbone.remove_sequence(stream.slot)
-        if read_prompt:
-            self.prefill(stream)
+        sampler = Sampler(sampling, self.model.n_codes)
+        stream = Stream(slot=self.free_slots.pop(), sampling=sampling, sampler=sampler, frames_left=max(frames, 1),
+                        prompt=prompt)
+        try:
+            self.backbone.remove_sequence(stream.slot)
+            if read_prompt:
+                self.prefill(stream)
+        except BaseException:  # a failed read (or Ctrl-C during a long prompt) must not keep the slot
+            self.finish(stream)
+            raise
         return stream
 
     def prefill(self, stream: Stream, max_rows: int | None = None) -> bool:
@@ -327,24 +337,44 @@ class Generator:
     def generate(
         self, text: str, speaker: int = 0, context: Sequence[Segment] = (), sampling: Sampling = Sampling()
     ) -> Iterator[np.ndarray]:
-        """Yield frames of 32 codes as they are made, until the end-of-speech frame or the budget."""
+        """Yield frames of 32 codes as they are made, until the end-of-speech frame or the budget.
+
+        Each call holds one of the `max_streams` slots until it ends (or its generator is closed): calls
+        from other threads wait for a free one; in the thread that holds them all, a new call raises."""
         prompt = self.prompt_embeddings(text, speaker, context)
+        me = threading.get_ident()
         with self.lock:
+            while not self.free_slots and self.backbone.ctx:
+                if self._generating[me]:  # waiting for our own unfinished generator would never end
+                    raise RuntimeError(
+                        f"all {self.max_streams} generation slots are held by unfinished streams of this thread "
+                        "(a stream() or frames() not read to its end): close them first, or make the CSM with "
+                        "more max_streams")
+                self._slot_freed.wait()
             stream = self.start(prompt, sampling)
-            try:
-                while not stream.done:
-                    frame = self.step([stream])[0]
-                    if not frame.any():
+            self._generating[me] += 1
+        try:
+            while True:
+                with self.lock:
+                    if stream.done:
                         break
-                    yield frame
-            finally:
+                    frame = self.step([stream])[0]
+                if not frame.any():
+                    break
+                yield frame
+        finally:
+            with self.lock:
                 self.finish(stream)
+                self._generating[me] -= 1
+                self._slot_freed.notify()
 
     def _check_open(self) -> None:
         if not self.backbone.ctx:  # llama.cpp would read freed memory: a segfault, not an error
             raise RuntimeError("the model is closed: create a new CSM to speak again")
 
     def close(self) -> None:
-        self.backbone.close()
-        self.decoder.close()
-        self.heads.close()
+        with self.lock:  # not during another thread's step: it would run on freed memory
+            self.backbone.close()
+            self.decoder.close()
+            self.heads.close()
+            self._slot_freed.notify_all()  # waiting calls find the model closed

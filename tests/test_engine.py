@@ -184,6 +184,9 @@ def test_prompt_that_does_not_fit_is_refused(f32_model):
     (dict(temperature=-1.0), "temperature"),
     (dict(top_k=0), "top_k"),
     (dict(max_audio_ms=0), "max_audio_ms"),
+    (dict(top_k=True), "top_k"),
+    (dict(top_k=2**40), "top_k"),
+    (dict(seed=1.5), "seed"),
 ])
 def test_bad_sampling_values(kwargs, match):
     with pytest.raises(ValueError, match=match):

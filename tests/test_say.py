@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -135,6 +136,50 @@ def test_closed_model_is_an_error_not_a_crash(f32_model):
             "del chunks; gc.collect(); print('ok')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stderr[-2000:]
+
+
+def test_close_during_another_threads_generation_is_an_error_not_a_crash(f32_model):
+    """close() freed llama.cpp's contexts under a step running in another thread: a segfault."""
+    code = ("import threading; from csm_gguf.tts import CSM\n"
+            f"tts = CSM({str(f32_model)!r}); started, errors = threading.Event(), []\n"
+            "def speak():\n"
+            "    try:\n"
+            "        for _ in tts.frames('Hello.', seed=1, max_audio_ms=60_000): started.set()\n"
+            "    except RuntimeError as e: errors.append(str(e))\n"
+            "t = threading.Thread(target=speak); t.start(); started.wait(30); tts.close(); t.join(30)\n"
+            "assert errors and 'closed' in errors[0], errors; print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stderr[-2000:]
+
+
+def test_unfinished_stream_in_this_thread_is_an_error_in_another_a_wait(tts):
+    """A generator left mid-way held the model's lock between frames: the next call in its thread hung for
+    good. Now it raises there, while another thread's call waits for the slot."""
+    expected = tts.generate(TEXT, temperature=0, max_audio_ms=800)
+    frames = tts.frames(TEXT, temperature=0, max_audio_ms=800)
+    first = next(frames)
+    with pytest.raises(RuntimeError, match="held by unfinished streams of this thread"):
+        tts.generate(TEXT, temperature=0, max_audio_ms=800)
+    result = []
+    other = threading.Thread(target=lambda: result.append(tts.generate(TEXT, temperature=0, max_audio_ms=800)))
+    other.start()
+    other.join(0.5)
+    assert other.is_alive() and not result  # waiting for the slot
+    assert len([first, *frames]) == 10
+    other.join(30)
+    np.testing.assert_array_equal(result[0], expected)
+
+
+def test_a_failed_prompt_read_gives_its_slot_back(tts, monkeypatch):
+    """Ctrl-C while a long voice prompt was read kept the only slot: the CSM never spoke again."""
+    def interrupted(stream, max_rows=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tts.generator, "prefill", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tts.generate(TEXT, temperature=0, max_audio_ms=160)
+    monkeypatch.undo()
+    assert len(tts.generate(TEXT, temperature=0, max_audio_ms=160)) == 2 * tts.codec.cfg.frame_size
 
 
 def test_saved_voice_gives_the_same_codes_as_its_context(f32_model, tts, tmp_path):
