@@ -25,9 +25,10 @@ _TITLES = frozenset(
 _BEFORE_NUMBERS = frozenset("no nos nr fig figs vol vols p pp ch sec art eq op".split())
 
 # Where an over-long sentence may be cut, best first: after clause punctuation (kept with the
-# clause before it), between words, and as a last resort between characters.
+# clause before it), between words, and as a last resort between characters. A comma, semicolon or
+# colon ends a clause only before a space (or the end): "1,234" and "example.com:8080" stay whole.
 _CUTS = (
-    re.compile(r"[^,;:—、，；：]*[,;:—、，；：]+\s*|.+"),
+    re.compile(r"(?:[^,;:—、，；：]|[,;:](?=\S))*(?:[,;:]+(?:\s+|$)|[—、，；：]+\s*)|.+"),
     re.compile(r"\S+\s*"),
     re.compile(r"."),
 )

@@ -199,6 +199,15 @@ def test_chunk_cuts_long_sentences_at_clauses_then_words_then_letters():
     ]
 
 
+def test_chunk_does_not_cut_numbers_or_addresses_at_their_punctuation():
+    text = "It was 1,234,567,890 dollars at example.com:8080/x, they said; then it ended."
+    assert chunk_text(text, 30) == [
+        "It was 1,234,567,890 dollars",
+        "at example.com:8080/x,",
+        "they said; then it ended.",
+    ]
+
+
 def test_chunk_uses_the_given_counter():
     text = "Antidisestablishmentarianism is long. So is floccinaucinihilipilification."
     assert chunk_text(text, 30) == [  # by characters
