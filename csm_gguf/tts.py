@@ -249,6 +249,7 @@ class CSM:
         pending: list[np.ndarray] = []
 
         def flush() -> np.ndarray:
+            check_codes(np.stack(pending), self.model.config.num_codebooks, self.model.n_codes, "frames")
             audio = decode_frames(codec, state, pending)
             pending.clear()
             return audio

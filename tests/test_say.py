@@ -273,6 +273,8 @@ def test_context_that_leaves_the_text_too_little_room_is_refused(tts):
     (lambda tts: tts.decode(np.zeros(32, dtype=np.int64)), r"shape \(frames, 32\)"),
     (lambda tts: tts.decode(np.zeros((5, 32)) + 0.5), "whole numbers"),
     (lambda tts: tts.decode(np.full((5, 32), 64)), r"lie in 0..63"),
+    (lambda tts: list(tts.decode_stream([np.zeros(31, dtype=np.int64)])), r"shape \(frames, 32\)"),
+    (lambda tts: list(tts.decode_stream([np.full(32, 64)])), r"lie in 0..63"),
     (lambda tts: tts.encode(np.zeros(0, dtype=np.float32)), "audio to encode must be samples"),
     (lambda tts: tts.encode(np.full(4800, np.nan, dtype=np.float32)), "NaN or infinite samples"),
     (lambda tts: tts.encode(np.zeros((2, 4800), dtype=np.float32)), r"looks like \(channels, samples\)"),
