@@ -251,7 +251,11 @@ def _replace_dir(new: Path, target: Path) -> None:
         old = target.with_name(f".{target.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(target, old)
-        os.replace(new, target)
+        try:
+            os.replace(new, target)
+        except BaseException:  # failed or interrupted: the old model goes back where it was
+            os.replace(old, target)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(new, target)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -365,3 +366,26 @@ def test_random_model_is_reused_only_when_it_is_the_same(f32_model, tokenizer_js
         (tmp_path / "mine" / name).write_bytes(b"")
     convert_random(tmp_path / "mine", "f16", **kw)  # four empty model files: no model, so written over
     assert CSMModel(tmp_path / "mine").qtype == "f16"
+
+
+def test_interrupted_replacement_keeps_the_old_model(tmp_path, monkeypatch):
+    """Between its two renames, an interruption left neither model in place (the old one hidden as .old)."""
+    from converter import convert as conversion
+
+    old, new = tmp_path / "model", tmp_path / ".model.new"
+    old.mkdir()
+    (old / "which").write_text("old")
+    new.mkdir()
+    (new / "which").write_text("new")
+    replace, calls = os.replace, []
+
+    def interrupted(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # the new model's move into place
+            raise KeyboardInterrupt
+        replace(src, dst)
+
+    monkeypatch.setattr(conversion.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        conversion._replace_dir(new, old)
+    assert (old / "which").read_text() == "old" and not (tmp_path / ".model.old").exists()
