@@ -123,33 +123,37 @@ def test_reader_leaving_stdout_ends_quietly(f32_model):
     assert "Traceback" not in err and "Error" not in err
 
 
-def test_closed_model_is_an_error_not_a_crash(f32_model):
-    """Speaking after close, or a stream left mid-way and collected after close, used llama.cpp's freed
-    memory: segfaults. In a child process, so a crash fails this test alone."""
-    code = ("import gc; from csm_gguf.tts import CSM\n"
-            f"tts = CSM({str(f32_model)!r}); chunks = tts.stream('Hello.', seed=1, max_audio_ms=800)\n"
-            "next(chunks); tts.close()\n"
-            "for speak in (lambda: next(chunks), lambda: tts.generate('Hi.')):\n"
-            "    try: speak()\n"
-            "    except RuntimeError as e: assert 'closed' in str(e), e\n"
-            "    else: raise AssertionError('spoke after close')\n"
-            "del chunks; gc.collect(); print('ok')")
+def in_child_process(f32_model, script: str) -> None:
+    """Run `script` (with `tts`, a CSM of the tiny model) in a fresh interpreter; it must print ok. A crash
+    there fails this test alone, not the whole run."""
+    code = f"import gc, threading\nfrom csm_gguf.tts import CSM\ntts = CSM({str(f32_model)!r})\n{script}"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stderr[-2000:]
+
+
+def test_closed_model_is_an_error_not_a_crash(f32_model):
+    """Speaking after close, or a stream left mid-way and collected after close, used llama.cpp's freed
+    memory: segfaults."""
+    in_child_process(f32_model, (
+        "chunks = tts.stream('Hello.', seed=1, max_audio_ms=800)\n"
+        "next(chunks); tts.close()\n"
+        "for speak in (lambda: next(chunks), lambda: tts.generate('Hi.')):\n"
+        "    try: speak()\n"
+        "    except RuntimeError as e: assert 'closed' in str(e), e\n"
+        "    else: raise AssertionError('spoke after close')\n"
+        "del chunks; gc.collect(); print('ok')"))
 
 
 def test_close_during_another_threads_generation_is_an_error_not_a_crash(f32_model):
     """close() freed llama.cpp's contexts under a step running in another thread: a segfault."""
-    code = ("import threading; from csm_gguf.tts import CSM\n"
-            f"tts = CSM({str(f32_model)!r}); started, errors = threading.Event(), []\n"
-            "def speak():\n"
-            "    try:\n"
-            "        for _ in tts.frames('Hello.', seed=1, max_audio_ms=60_000): started.set()\n"
-            "    except RuntimeError as e: errors.append(str(e))\n"
-            "t = threading.Thread(target=speak); t.start(); started.wait(30); tts.close(); t.join(30)\n"
-            "assert errors and 'closed' in errors[0], errors; print('ok')")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stderr[-2000:]
+    in_child_process(f32_model, (
+        "started, errors = threading.Event(), []\n"
+        "def speak():\n"
+        "    try:\n"
+        "        for _ in tts.frames('Hello.', seed=1, max_audio_ms=60_000): started.set()\n"
+        "    except RuntimeError as e: errors.append(str(e))\n"
+        "t = threading.Thread(target=speak); t.start(); started.wait(30); tts.close(); t.join(30)\n"
+        "assert errors and 'closed' in errors[0], errors; print('ok')"))
 
 
 def test_unfinished_stream_in_this_thread_is_an_error_in_another_a_wait(tts):
