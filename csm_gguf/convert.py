@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ConversionError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # cleaned up already (nothing half-written is left): no traceback
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
     print(f"model written to {out}")
     return 0
 

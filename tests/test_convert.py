@@ -318,7 +318,6 @@ def test_weights_that_are_no_mimi_are_refused(original_checkpoint, tokenizer_jso
 def test_sigterm_mid_conversion_leaves_nothing(hf_checkpoint, tmp_path, monkeypatch):
     """`kill` / `timeout` stop the CLI through its clean-up, like Ctrl-C (they left a hidden half-written
     folder). The signal arrives while the first model file is being written."""
-    import os
     import signal
 
     import converter.convert as cc
@@ -366,6 +365,22 @@ def test_random_model_is_reused_only_when_it_is_the_same(f32_model, tokenizer_js
         (tmp_path / "mine" / name).write_bytes(b"")
     convert_random(tmp_path / "mine", "f16", **kw)  # four empty model files: no model, so written over
     assert CSMModel(tmp_path / "mine").qtype == "f16"
+
+
+def test_ctrl_c_mid_conversion_is_quiet_and_leaves_nothing(hf_checkpoint, tmp_path, monkeypatch, capsys):
+    import converter.convert as cc
+    from csm_gguf.convert import main
+
+    real_write = cc.write_gguf
+
+    def write_then_interrupt(*args, **kwargs):
+        real_write(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cc, "write_gguf", write_then_interrupt)
+    assert main(["--model-path", str(hf_checkpoint), "--qtype", "f16", "--output-dir", str(tmp_path / "out")]) == 130
+    assert "interrupted: nothing was written" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_interrupted_replacement_keeps_the_old_model(tmp_path, monkeypatch):
