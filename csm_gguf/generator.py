@@ -169,7 +169,10 @@ class Generator:
             ),
         )
         self.free_slots = list(range(max_streams))
-        self.lock = threading.Lock()  # held for each call into llama.cpp by `generate`, never across a yield
+        # Held for each call into llama.cpp by `generate`, never across a yield. Reentrant: an abandoned
+        # generator in a reference cycle may be finalized (and give its slot back) by a collection that
+        # runs inside this thread's own step.
+        self.lock = threading.RLock()
         self._slot_freed = threading.Condition(self.lock)
         self._generating: Counter[int] = Counter()  # unfinished `generate` streams per thread
         v, d = cfg.audio_vocab_size, cfg.decoder.n_embd
