@@ -40,14 +40,19 @@ DEFAULT_TOKENIZER_ID = "unsloth/Llama-3.2-1B"
 DEFAULT_MIMI_ID = "kyutai/mimi"
 
 
+def tokenizer_at(tokenizer_path: str) -> Path:
+    """The tokenizer.json that --tokenizer-path names: the file, or the one in that folder."""
+    tok = Path(tokenizer_path)
+    tok = tok / "tokenizer.json" if tok.is_dir() else tok
+    if not tok.exists():
+        raise CheckpointError(f"no tokenizer.json at {tokenizer_path}")
+    return tok
+
+
 def _tokenizer_file(folder: Path, model_path: str | None, tokenizer_id: str | None,
                     tokenizer_path: str | None, token: str | None) -> Path:
     if tokenizer_path:
-        tok = Path(tokenizer_path)
-        tok = tok / "tokenizer.json" if tok.is_dir() else tok
-        if not tok.exists():
-            raise CheckpointError(f"no tokenizer.json at {tokenizer_path}")
-        return tok
+        return tokenizer_at(tokenizer_path)
     if tokenizer_id:
         return download(tokenizer_id, ["tokenizer.json"], token, "--tokenizer-path") / "tokenizer.json"
     if (folder / "tokenizer.json").exists():

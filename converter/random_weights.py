@@ -106,7 +106,7 @@ def convert_random(
 
     from csm_gguf.model_dir import default_model_dir
 
-    from .convert import write_model_dir
+    from .convert import tokenizer_at, write_model_dir
     from .mimi_keys import mimi_tensors_to_transformers
 
     out = Path(output_dir) if output_dir else default_model_dir(SOURCE_NAME, qtype, decoder_qtype)
@@ -114,8 +114,10 @@ def convert_random(
         return out
     codec = (codec_config, mimi_tensors_to_transformers(random_mimi(codec_config, seed).state_dict()))
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = Path(tokenizer_path) if tokenizer_path else llama3_tokenizer_json(Path(tmp) / "tokenizer.json")
-        tokenizer = tokenizer / "tokenizer.json" if tokenizer.is_dir() else tokenizer
+        if tokenizer_path:
+            tokenizer = tokenizer_at(tokenizer_path)
+        else:
+            tokenizer = llama3_tokenizer_json(Path(tmp) / "tokenizer.json")
         write_model_dir(RandomCheckpoint(config, seed), tokenizer, out, qtype, decoder_qtype, codec, SOURCE_NAME)
     return out
 
