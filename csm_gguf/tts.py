@@ -65,11 +65,12 @@ def spoken_context(previous: list[Segment], speaker: int, piece: str, made: list
     return [Segment(speaker, piece, np.stack(made))] if made else previous
 
 
-def decode_frames(codec, state, frames: list[np.ndarray]) -> np.ndarray:
-    """The next audio of a streaming decode (`codec.decoder_state`): frames of 32 codes -> float32 samples."""
+def decode_frames(codec, state, frames: list[np.ndarray] | np.ndarray) -> np.ndarray:
+    """The next audio of a streaming decode (`codec.decoder_state`): frames of 32 codes (a list, or an array
+    of shape (frames, 32)) -> float32 samples."""
     import torch
 
-    return codec.decode_step(torch.from_numpy(np.stack(frames).T[None]), state)[0, 0].cpu().numpy()
+    return codec.decode_step(torch.from_numpy(np.asarray(frames).T[None]), state)[0, 0].cpu().numpy()
 
 
 def check_torch_device(name: str) -> None:
@@ -249,8 +250,8 @@ class CSM:
         pending: list[np.ndarray] = []
 
         def flush() -> np.ndarray:
-            check_codes(np.stack(pending), self.model.config.num_codebooks, self.model.n_codes, "frames")
-            audio = decode_frames(codec, state, pending)
+            codes = check_codes(np.stack(pending), self.model.config.num_codebooks, self.model.n_codes, "frames")
+            audio = decode_frames(codec, state, codes)
             pending.clear()
             return audio
 
