@@ -37,6 +37,11 @@ class Segment:
     codes: np.ndarray | None = None
 
 
+def check_speaker(who: object) -> None:
+    if isinstance(who, bool) or not isinstance(who, numbers.Integral) or who < 0:
+        raise ValueError(f"a speaker id is a whole number >= 0, got {who!r}")
+
+
 def check_codes(codes, codebooks: int, n_codes: int, what: str = "codes") -> np.ndarray:
     """`codes` as int64 (frames, codebooks), or a ValueError that says which rule they break."""
     codes = np.asarray(codes)
@@ -194,8 +199,7 @@ class Generator:
         parts = []
         zero = np.zeros(self.cfg.num_codebooks, dtype=np.int64)
         for who in (speaker, *(seg.speaker for seg in context)):
-            if isinstance(who, bool) or not isinstance(who, numbers.Integral) or who < 0:
-                raise ValueError(f"a speaker id is a whole number >= 0, got {who!r}")
+            check_speaker(who)
         for seg in context:
             parts.append(self.model.text_embeddings.rows(self.model.prompt_tokens(seg.speaker, seg.text)))
             if seg.codes is not None:

@@ -21,6 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("text", nargs="?", help="what to say; '-' reads standard input")
     p.add_argument("--input", "-i", metavar="FILE", help="read the text from FILE (any length)")
+    p.add_argument("--dialogue", action="store_true",
+                   help="the text is a conversation: one turn per line, SPEAKER: TEXT, where SPEAKER is a speaker id "
+                   "or a voice name; each turn is spoken after the ones before it")
     p.add_argument("--output", "-o", help="output file, or '-' for stdout (default: named after the text)")
     p.add_argument("--format", "-f", choices=FORMATS, help="audio format (default: from --output's extension, "
                    "else wav); pcm is raw 16-bit little-endian 24 kHz mono")
@@ -162,6 +165,7 @@ def context_segments(tts, items: list[list[str]]):
 
 def run(args) -> int:
     from . import voices
+    from .script import read_script
 
     if args.list_voices:
         names = voices.list_voices()
@@ -179,6 +183,8 @@ def run(args) -> int:
     text = read_text(args)
     if args.save_voice is None and not (text and text.strip()):
         raise UsageError("no text to speak: give TEXT, '-' for stdin, or --input FILE")
+    if args.dialogue and (args.voice or args.speaker is not None):
+        raise UsageError("--voice and --speaker do not apply to --dialogue: each line names its speaker")
     if args.save_voice is not None and not args.context:
         raise UsageError("--save-voice needs the voice's audio: --context SPEAKER TRANSCRIPT AUDIO")
 
@@ -191,6 +197,7 @@ def run(args) -> int:
         if path and path != "-":
             check_writable(path, what)
     voice = voices.load_voice(args.voice) if args.voice else None
+    turns, voice_prompts = read_script(text) if args.dialogue and text and text.strip() else ([], [])
     if args.save_voice is not None:
         voices.check_saveable(args.save_voice)  # now, not after loading the model and encoding the audio
 
@@ -204,6 +211,7 @@ def run(args) -> int:
             return 0
     if voice is not None:
         context = [*voice.segments, *context]
+    context = [*voice_prompts, *context]
     speaker = args.speaker if args.speaker is not None else (voice.speaker if voice else 0)
 
     import numpy as np
@@ -212,8 +220,10 @@ def run(args) -> int:
     codes: list[np.ndarray] = []
 
     def frames():
-        for frame in tts.frames(text, speaker=speaker, context=context, temperature=args.temperature,
-                                top_k=args.top_k, seed=args.seed, max_audio_ms=args.max_audio_ms, progress=True):
+        sampling = dict(context=context, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                        max_audio_ms=args.max_audio_ms, progress=True)
+        made = tts.dialogue_frames(turns, **sampling) if turns else tts.frames(text, speaker=speaker, **sampling)
+        for frame in made:
             codes.append(frame)
             yield frame
 

@@ -16,7 +16,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .generator import FRAME_MS, Generator, PromptTooLong, Sampling, Segment, check_codes
+from .generator import FRAME_MS, Generator, PromptTooLong, Sampling, Segment, check_codes, check_speaker
 from .model import CSMModel
 from .text import chunk_text
 
@@ -60,9 +60,12 @@ def find_model(model: str | Path | None) -> Path:
 
 
 def spoken_context(previous: list[Segment], speaker: int, piece: str, made: list[np.ndarray]) -> list[Segment]:
-    """The context for the next piece of a long text: the piece just spoken (or, if it made no frames,
-    the context it had), so the voice carries over."""
-    return [Segment(speaker, piece, np.stack(made))] if made else previous
+    """What the next piece hears of what was said: the last piece each speaker said, in the order said
+    (for a single speaker, the piece just spoken), so every voice carries over. A piece that made no
+    frames changes nothing."""
+    if not made:
+        return previous
+    return [*(seg for seg in previous if seg.speaker != speaker), Segment(speaker, piece, np.stack(made))]
 
 
 def decode_frames(codec, state, frames: list[np.ndarray] | np.ndarray) -> np.ndarray:
@@ -181,10 +184,11 @@ class CSM:
 
     def piece_context(self, piece: str, speaker: int, context: Sequence[Segment], previous: Sequence[Segment],
                       sampling: Sampling) -> list[Segment]:
-        """A piece's context: the caller's segments, then what was just said (the previous piece of a long
-        text). The context must leave the piece room for its usual budget of frames in the model's
-        context. After a previous piece, segments give way, oldest first, until it does: a context that
-        fit the first piece must not stop a long text half-way. Without one, a context that leaves too
+        """A piece's context: the caller's segments, then what was just said (`spoken_context`: the previous
+        piece of a long text; in a dialogue, each speaker's last piece). The context must leave the piece
+        room for its usual budget of frames in the model's context. After a previous piece, segments give
+        way, oldest first, until it does: a context that fit the first piece must not stop a long text
+        half-way. Without one, a context that leaves too
         little room is the caller's error (PromptTooLong): the speech would stop short."""
         segments = [*context, *previous]
         room = int(min(sampling.max_audio_ms, self.frame_budget(piece, None)) // FRAME_MS)
@@ -222,13 +226,43 @@ class CSM:
     ) -> Iterator[np.ndarray]:
         """Codes (32,) per 80 ms frame as they are made. Long texts are spoken piece by piece, each piece
         with the previous one as context so the voice carries over."""
+        return self.dialogue_frames([(speaker, text)], context, temperature, top_k, seed, max_audio_ms, progress)
+
+    def dialogue_frames(
+        self,
+        turns: Sequence[tuple[int, str]],
+        context: Sequence[Segment] = (),
+        temperature: float = 0.9,
+        top_k: int = 50,
+        seed: int | None = None,
+        max_audio_ms: float | None = None,
+        progress: bool = False,
+    ) -> Iterator[np.ndarray]:
+        """A conversation's codes, frame by frame: turns of (speaker, text), each spoken after `context`
+        and the last piece each speaker said, which is how CSM keeps a conversation's voices and flow.
+        Every turn is checked before anything is generated. Pieces count on from the first turn for
+        the seed (piece i samples with seed + i)."""
+        if isinstance(turns, (str, bytes)) or not isinstance(turns, Sequence):
+            raise ValueError("turns must be a list of (speaker, text) pairs")
+        lines = []  # (speaker, piece) in the order spoken
+        for i, turn in enumerate(turns):
+            if not isinstance(turn, Sequence) or isinstance(turn, str) or len(turn) != 2:
+                raise ValueError(f"turn {i} must be a (speaker, text) pair, got {turn!r}")
+            check_speaker(turn[0])
+            lines += [(turn[0], piece) for piece in self.pieces(turn[1])]
+        if not lines:
+            raise ValueError("no turns to speak: give at least one (speaker, text) pair")
+        return self._speak(lines, context, temperature, top_k, seed, max_audio_ms, progress)
+
+    def _speak(self, lines: list[tuple[int, str]], context: Sequence[Segment], temperature: float, top_k: int,
+               seed: int | None, max_audio_ms: float | None, progress: bool) -> Iterator[np.ndarray]:
         previous: list[Segment] = []
-        pieces = self.pieces(text)
-        if progress and len(pieces) > 1:
+        numbered = enumerate(lines)
+        if progress and len(lines) > 1:
             from tqdm import tqdm
 
-            pieces = tqdm(pieces, desc="speaking", unit="piece")
-        for i, piece in enumerate(pieces):
+            numbered = tqdm(numbered, total=len(lines), desc="speaking", unit="piece")
+        for i, (speaker, piece) in numbered:
             sampling = self.piece_sampling(piece, i, temperature, top_k, seed, max_audio_ms)
             made = []
             piece_context = self.piece_context(piece, speaker, context, previous, sampling)
@@ -263,8 +297,14 @@ class CSM:
             yield flush()
 
     def generate(self, text: str, **kwargs) -> np.ndarray:
-        chunks = list(self.stream(text, chunk_frames=25, **kwargs))
-        return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
+        return self._audio(self.frames(text, **kwargs))
+
+    def dialogue(self, turns: Sequence[tuple[int, str]], **kwargs) -> np.ndarray:
+        """A whole conversation's audio (see `dialogue_frames`), its turns joined in one codec stream."""
+        return self._audio(self.dialogue_frames(turns, **kwargs))
+
+    def _audio(self, frames: Iterable[np.ndarray]) -> np.ndarray:
+        return np.concatenate([np.zeros(0, dtype=np.float32), *self.decode_stream(frames, chunk_frames=25)])
 
     def close(self) -> None:
         self.generator.close()

@@ -32,3 +32,10 @@ def test_voice_prompt(f32_model, tmp_path):
 def test_streaming(f32_model, tmp_path):
     out = run("streaming.py", "--model", str(f32_model), "--max-audio-ms", "800", cwd=tmp_path)
     assert len(out.stdout) > 0 and b"first audio after" in out.stderr
+
+
+def test_dialogue(f32_model, tmp_path):
+    sf.write(tmp_path / "a.wav", 0.2 * np.sin(np.linspace(0, 300, 12000)), 24000)
+    run("dialogue.py", "--voice-0", "a.wav", "A reference.", "--model", str(f32_model), "--max-audio-ms", "400",
+        cwd=tmp_path)
+    assert sf.info(tmp_path / "dialogue.wav").frames > 0

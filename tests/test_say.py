@@ -268,6 +268,113 @@ def test_context_that_leaves_the_text_too_little_room_is_refused(tts):
     assert len(tts.generate(TEXT, context=context, max_audio_ms=160)) == 2 * tts.codec.cfg.frame_size
 
 
+def test_dialogue_turns_hear_each_speakers_last_piece(tts, monkeypatch):
+    """Each turn is spoken after the last thing each speaker said, in the order said; its codes are those of
+    speaking the turn alone with that context, and piece i samples with seed + i."""
+    from csm_gguf.generator import Segment
+
+    turns = [(0, "Did you hear that?"), (1, "Hear what?"), (0, "That noise, just now."), (1, "No.")]
+    kw = dict(max_audio_ms=4 * 80)
+    prompt = Segment(2, "A voice prompt.", np.ones((3, 32), dtype=np.int64))
+    seen = []
+    generate = tts.generator.generate
+
+    def spy(piece, speaker, context, sampling):
+        seen.append([(seg.speaker, seg.text) for seg in context])
+        return generate(piece, speaker, context, sampling)
+
+    monkeypatch.setattr(tts.generator, "generate", spy)
+    made = list(tts.dialogue_frames(turns, context=[prompt], seed=5, **kw))
+    monkeypatch.undo()
+    prompt_seen = (2, prompt.text)
+    texts = [t for _, t in turns]
+    assert seen == [
+        [prompt_seen],
+        [prompt_seen, (0, texts[0])],
+        [prompt_seen, (0, texts[0]), (1, texts[1])],
+        [prompt_seen, (1, texts[1]), (0, texts[2])],
+    ]
+    said: list[Segment] = []  # each speaker's last turn, in the order said
+    total = 0
+    for i, (speaker, text) in enumerate(turns):
+        alone = np.stack(list(tts.frames(text, speaker=speaker, context=[prompt, *said], seed=5 + i, **kw)))
+        np.testing.assert_array_equal(np.stack(made[total : total + len(alone)]), alone)
+        total += len(alone)
+        said = [seg for seg in said if seg.speaker != speaker] + [Segment(speaker, text, alone)]
+    assert total == len(made)
+    audio = tts.dialogue(turns, context=[prompt], seed=5, **kw)
+    assert len(audio) == total * tts.codec.cfg.frame_size
+
+
+@pytest.mark.parametrize("turns, match", [
+    ([(0, "Hello."), (-1, "Hi.")], "speaker id is a whole number >= 0, got -1"),
+    ([(0, "Hello."), (1, "  ")], "text is empty"),
+    ([(0, "Hello."), (1, None)], "must be a string"),
+    ([(0, "Hello."), "Hi."], "turn 1 must be a .speaker, text. pair"),
+    ([], "no turns to speak"),
+    ("0: Hello.", "turns must be a list"),
+])
+def test_dialogue_checks_every_turn_before_speaking(tts, monkeypatch, turns, match):
+    monkeypatch.setattr(tts.generator, "generate", lambda *a: pytest.fail("generated before checking"))
+    with pytest.raises(ValueError, match=match):
+        tts.dialogue(turns)
+
+
+def test_say_dialogue_speaks_the_script_with_its_voices(f32_model, tmp_path):
+    prompt_audio = tmp_path / "prompt.wav"
+    sf.write(prompt_audio, 0.3 * np.sin(np.linspace(0, 400, 24000)), 24000)
+    assert main(["--save-voice", "narrator", "--model", str(f32_model), "--context", "0", "A prompt.",
+                 str(prompt_audio)]) == 0
+    script = tmp_path / "talk.txt"
+    script.write_text("0: Hello there.\n\nnarrator: Who is there?\n0: Just me.\n")
+    codes = tmp_path / "codes.npy"
+    assert main(["--dialogue", "-i", str(script), "--model", str(f32_model), "--seed", "7", "--max-audio-ms", "320",
+                 "-o", str(tmp_path / "talk.wav"), "--save-codes", str(codes)]) == 0
+    # The narrator was saved as speaker 0, which the script's "0" holds: it speaks, prompt and all, as 1.
+    tts = CSM(f32_model)  # as the command makes it
+    try:
+        prompt = tts.segment(1, "A prompt.", audio=prompt_audio)
+        turns = [(0, "Hello there."), (1, "Who is there?"), (0, "Just me.")]
+        expected = np.stack(list(tts.dialogue_frames(turns, context=[prompt], seed=7, max_audio_ms=320)))
+        frame_size = tts.codec.cfg.frame_size
+    finally:
+        tts.close()
+    np.testing.assert_array_equal(np.load(codes), expected)
+    assert sf.info(tmp_path / "talk.wav").frames == len(expected) * frame_size
+
+
+def test_dialogue_script_names_speakers_by_id_or_voice():
+    from csm_gguf import voices
+    from csm_gguf.generator import Segment
+    from csm_gguf.script import read_script
+    from csm_gguf.tts import Voice
+
+    ann = Segment(0, "Ann's prompt.", np.ones((2, 32), dtype=np.int64))
+    bob = [Segment(3, "Bob's prompt.", np.ones((3, 32), dtype=np.int64)),
+           Segment(5, "Someone else.", np.ones((1, 32), dtype=np.int64))]
+    voices.save_voice("ann", Voice([ann], 0))
+    voices.save_voice("bob", Voice(bob, 3))
+    turns, prompts = read_script("ann: Hi.\n\n  0 : Hello: there.\nbob: Yo.\nalloy: Hey.\nann: Bye.\n")
+    # 0 is the script's own; ann (saved as 0) takes the first free id, bob keeps 3, alloy (0) takes 2.
+    assert turns == [(1, "Hi."), (0, "Hello: there."), (3, "Yo."), (2, "Hey."), (1, "Bye.")]
+    assert [(seg.speaker, seg.text, len(seg.codes)) for seg in prompts] == [
+        (1, "Ann's prompt.", 2), (3, "Bob's prompt.", 3), (5, "Someone else.", 1)]
+
+
+@pytest.mark.parametrize("script, match", [
+    ("Hello there.", "dialogue line 1 names no speaker"),
+    ("0: Hi.\n\n1:  ", "dialogue line 3: '1' says nothing"),
+    ("0: Hi.\nnobody: Hey.", "dialogue line 2: unknown voice 'nobody'"),
+    ("Dr Who: Hi.", "dialogue line 1: bad voice name 'Dr Who'"),
+    ("\n  \n", "has no turns"),
+])
+def test_dialogue_script_errors_name_the_line(script, match):
+    from csm_gguf.script import read_script
+
+    with pytest.raises(ValueError, match=match):
+        read_script(script)
+
+
 @pytest.mark.parametrize("call, match", [
     (lambda tts: tts.generate(TEXT, speaker=-1), "speaker id is a whole number >= 0"),
     (lambda tts: tts.generate(TEXT, speaker="a"), "speaker id is a whole number >= 0"),
@@ -332,6 +439,8 @@ def test_budget_is_proportional_to_text(tts):
     (["hi", "--context", "0", "words", "{tmp}/archive.NPY", "-o", "{tmp}/x.wav"], "is an archive of arrays"),
     (["hi", "--context", "0", "words", "{tmp}/no-frames.npy", "-o", "{tmp}/x.wav"], "hold no frames"),
     (["hi", "-o", "{tmp}/x.wav", "--save-codes", "-"], "--save-codes needs a file name"),
+    (["0: hi", "--dialogue", "--voice", "alloy", "-o", "{tmp}/x.wav"], "do not apply to --dialogue"),
+    (["0: hi\nnobody: hey", "--dialogue", "-o", "{tmp}/x.wav"], "dialogue line 2: unknown voice 'nobody'"),
 ])
 def test_bad_input_is_a_clear_error_with_no_output(f32_model, tmp_path, capsys, args, message):
     (tmp_path / "garbage.wav").write_bytes(b"RIFF nonsense")
