@@ -57,16 +57,22 @@ class UsageError(ValueError):
 
 
 def read_text(args) -> str | None:
+    """The text to speak, from the argument, --input or stdin ('-'); files and stdin are UTF-8 (a
+    byte-order mark is dropped)."""
     if args.input:
+        where = f"--input {args.input}"
         try:
-            return Path(args.input).read_text(encoding="utf-8")
+            data = Path(args.input).read_bytes()
         except OSError as e:
-            raise UsageError(f"cannot read --input {args.input}: {e.strerror}") from e
-        except UnicodeDecodeError as e:
-            raise UsageError(f"--input {args.input} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if args.text == "-":
-        return sys.stdin.read()
-    return args.text
+            raise UsageError(f"cannot read {where}: {e.strerror}") from e
+    elif args.text == "-":
+        data, where = sys.stdin.buffer.read(), "standard input"
+    else:
+        return args.text
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{where} is not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def output_format(args) -> str:
@@ -166,6 +172,7 @@ def context_segments(tts, items: list[list[str]]):
 def run(args) -> int:
     from . import voices
     from .script import read_script
+    from .text import is_blank
 
     if args.list_voices:
         names = voices.list_voices()
@@ -181,7 +188,8 @@ def run(args) -> int:
         if value is not None and value < 0:
             raise UsageError(f"{option} must be >= 0, got {value}")
     text = read_text(args)
-    if args.save_voice is None and not (text and text.strip()):
+    has_text = text is not None and not is_blank(text)
+    if args.save_voice is None and not has_text:
         raise UsageError("no text to speak: give TEXT, '-' for stdin, or --input FILE")
     if args.dialogue and (args.voice or args.speaker is not None):
         raise UsageError("--voice and --speaker do not apply to --dialogue: each line names its speaker")
@@ -197,7 +205,7 @@ def run(args) -> int:
         if path and path != "-":
             check_writable(path, what)
     voice = voices.load_voice(args.voice) if args.voice else None
-    turns, voice_prompts = read_script(text) if args.dialogue and text and text.strip() else ([], [])
+    turns, voice_prompts = read_script(text) if args.dialogue and has_text else ([], [])
     if args.save_voice is not None:
         voices.check_saveable(args.save_voice)  # now, not after loading the model and encoding the audio
 
@@ -207,7 +215,7 @@ def run(args) -> int:
         speaker = args.speaker if args.speaker is not None else context[0].speaker
         path = voices.save_voice(args.save_voice, voices.Voice(context, speaker))
         print(f"voice {args.save_voice!r} saved to {path}", file=sys.stderr)
-        if not (text and text.strip()):
+        if not has_text:
             return 0
     if voice is not None:
         context = [*voice.segments, *context]

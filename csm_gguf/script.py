@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 
 from .generator import Segment
+from .text import is_blank
 from .voices import load_voice
 
 _TURN = re.compile(r"(?P<who>[^:\s][^:]*?)\s*:\s*(?P<text>.*)")
@@ -24,13 +25,13 @@ def read_script(script: str) -> tuple[list[tuple[int, str]], list[Segment]]:
     since CSM tells speakers apart only by their ids."""
     lines = []
     for number, line in enumerate(script.splitlines(), 1):
-        if not line.strip():
+        if is_blank(line):
             continue
         match = _TURN.fullmatch(line.strip())
         if not match:
             raise ValueError(f"dialogue line {number} names no speaker: write each turn as SPEAKER: TEXT, "
                              "where SPEAKER is a speaker id or a voice name")
-        if not match["text"]:
+        if is_blank(match["text"]):
             raise ValueError(f"dialogue line {number}: {match['who']!r} says nothing")
         lines.append((number, match["who"], match["text"]))
     if not lines:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Callable
 
 # Sentence ends: runs of . ! ? … (Latin, needing whitespace after) or of the CJK forms
@@ -34,6 +35,12 @@ _CUTS = (
 )
 
 
+def is_blank(text: str) -> bool:
+    """Whether text has nothing to speak: only whitespace and invisible characters (zero-width spaces and
+    joiners, byte-order marks, control characters)."""
+    return all(c.isspace() or unicodedata.category(c) in ("Cf", "Cc") for c in text)
+
+
 def split_sentences(text: str) -> list[str]:
     """Sentences of text, whitespace normalised; line breaks always end a sentence."""
     sentences = []
@@ -45,7 +52,7 @@ def split_sentences(text: str) -> list[str]:
                 sentences.append(line[start : match.end()].strip())
                 start = match.end()
         sentences.append(line[start:].strip())
-    return [s for s in sentences if s]
+    return [s for s in sentences if not is_blank(s)]
 
 
 def _is_sentence_end(line: str, match: re.Match[str]) -> bool:

@@ -18,7 +18,7 @@ import numpy as np
 
 from .generator import FRAME_MS, Generator, PromptTooLong, Sampling, Segment, check_codes, check_speaker
 from .model import CSMModel
-from .text import chunk_text
+from .text import chunk_text, is_blank
 
 SAMPLE_RATE = 24_000
 
@@ -209,7 +209,7 @@ class CSM:
         if not isinstance(text, str):
             raise ValueError(f"the text to speak must be a string, got {type(text).__name__}")
         text = text.strip()
-        if not text:
+        if is_blank(text):
             raise ValueError("text is empty: give some words to speak")
         return chunk_text(text, PIECE_TOKENS, lambda s: len(self.model.tokenize(s)))
 

@@ -380,6 +380,7 @@ def test_dialogue_script_errors_name_the_line(script, match):
     (lambda tts: tts.generate(TEXT, speaker="a"), "speaker id is a whole number >= 0"),
     (lambda tts: tts.generate(TEXT, max_audio_ms=float("inf")), "max_audio_ms must be a number > 0"),
     (lambda tts: tts.generate(None), "must be a string"),
+    (lambda tts: tts.generate("\u200b\u200b "), "text is empty"),
     (lambda tts: list(tts.stream(TEXT, chunk_frames=0)), "chunk_frames must be >= 1"),
     (lambda tts: tts.decode(np.zeros(32, dtype=np.int64)), r"shape \(frames, 32\)"),
     (lambda tts: tts.decode(np.zeros((5, 32)) + 0.5), "whole numbers"),
@@ -412,6 +413,7 @@ def test_budget_is_proportional_to_text(tts):
 
 @pytest.mark.parametrize("args, message", [
     (["", "-o", "{tmp}/x.wav"], "no text"),
+    (["\u200b\ufeff", "-o", "{tmp}/x.wav"], "no text"),
     (["hi", "--voice", "nobody", "-o", "{tmp}/x.wav"], "unknown voice 'nobody'"),
     (["hi", "--temperature", "-1", "-o", "{tmp}/x.wav"], "--temperature must be >= 0"),
     (["hi", "--top-k", "0", "-o", "{tmp}/x.wav"], "--top-k must be >= 1"),
@@ -458,6 +460,20 @@ def test_bad_input_is_a_clear_error_with_no_output(f32_model, tmp_path, capsys, 
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x.wav").exists() and not (tmp_path / "x.aac").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_stdin_and_files_are_utf8_with_or_without_a_byte_order_mark(tmp_path):
+    script = tmp_path / "talk.txt"
+    script.write_bytes("\ufeff0: Café.\r\n1: Oui.\r\n".encode())
+    no_model = ["--model", str(tmp_path / "no-model")]  # reaching the model would fail on this instead
+    for args, stdin in ((["--dialogue", "-i", str(script)], b""), (["--dialogue", "-"], script.read_bytes())):
+        done = subprocess.run([sys.executable, "-m", "csm_gguf.say", *args, "-o", str(tmp_path / "x.wav"), *no_model],
+                              input=stdin, capture_output=True)
+        assert b"dialogue line" not in done.stderr and b"no-model" in done.stderr  # the script was read
+    done = subprocess.run([sys.executable, "-m", "csm_gguf.say", "-", *no_model], input="Café.".encode("latin-1"),
+                          capture_output=True)
+    assert done.returncode == 2
+    assert done.stderr.decode().strip() == "error: standard input is not UTF-8 text (invalid continuation byte at byte 3)"
 
 
 def test_voice_names_and_folder_are_checked_before_the_model_loads(tmp_path, monkeypatch, capsys):

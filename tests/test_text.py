@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from csm_gguf.text import chunk_text, split_sentences
+from csm_gguf.text import chunk_text, is_blank, split_sentences
 
 
 def tokens(text: str) -> int:
@@ -162,6 +162,12 @@ def test_split_keeps_every_character_in_order(text):
     assert _visible("".join(sentences)) == _visible(text)
     for s in sentences:
         assert s and s == " ".join(s.split())
+
+
+def test_invisible_characters_alone_say_nothing():
+    assert is_blank("") and is_blank(" \t\n") and is_blank("\u200b\u200d\ufeff\x00 \u2060")
+    assert not is_blank("\u200bHi") and not is_blank("…") and not is_blank("日本")
+    assert split_sentences("Hello. \u200b\u200b\n\u200b\nBye.") == ["Hello.", "Bye."]
 
 
 # --- chunk_text ------------------------------------------------------------------------

@@ -789,6 +789,7 @@ OK = {"model": "csm-1b", "input": TEXT, "voice": "alloy"}
     ([1, 2], None, "invalid_json"),
     ({"model": "csm-1b", "voice": "alloy"}, "input", "missing_required_parameter"),
     ({**OK, "input": "   "}, "input", "invalid_value"),
+    ({**OK, "input": "\u200b\ufeff \u200d"}, "input", "invalid_value"),  # only invisible characters
     ({**OK, "input": "a" * 4097}, "input", "string_above_max_length"),
     ({**OK, "input": 5}, "input", "invalid_value"),
     ({**OK, "model": "whisper-1"}, "model", "model_not_found"),
