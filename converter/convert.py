@@ -233,7 +233,11 @@ def write_model_dir(
 
 def check_output_dir(out_dir: Path) -> None:
     """The model goes to a new folder, an empty one, or replaces a csm-gguf model: never over anything else
-    (replacing a folder deletes what it held)."""
+    (replacing a folder deletes what it held). It is built beside the folder and renamed into place, so
+    what cannot be renamed, or written beside, is refused now rather than after the work."""
+    if out_dir.is_mount():
+        raise ConversionError(f"--output-dir {out_dir} is a mount point, which cannot be replaced by a finished "
+                              f"model: give a folder inside it, such as {out_dir / 'csm-1b'}")
     if out_dir.exists():
         if not out_dir.is_dir():
             raise ConversionError(f"--output-dir {out_dir} is a file: give a new folder (or a model to replace)")
@@ -247,6 +251,9 @@ def check_output_dir(out_dir: Path) -> None:
         if parent.exists():
             if not parent.is_dir():
                 raise ConversionError(f"--output-dir {out_dir}: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ConversionError(f"--output-dir {out_dir}: cannot write in {parent}, where the model is built "
+                                      "before it moves into place: give a folder in a place you can write")
             break
 
 
@@ -285,6 +292,9 @@ def convert(
     if qtype not in QTYPES or (decoder_qtype is not None and decoder_qtype not in QTYPES):
         bad = qtype if qtype not in QTYPES else decoder_qtype
         raise ConversionError(f"unknown qtype {bad!r}; choose one of {', '.join(QTYPES)}")
+    source_name = model_path and Path(model_path).resolve().name or model_id
+    out = Path(output_dir) if output_dir else default_model_dir(source_name, qtype, decoder_qtype)
+    check_output_dir(out.expanduser().resolve())  # before any download
     token = token or os.environ.get("HF_TOKEN")
     folder = Path(model_path) if model_path else download(model_id, CHECKPOINT_PATTERNS, token)
     ckpt = open_checkpoint(folder)
@@ -296,8 +306,6 @@ def convert(
             raise CheckpointError(f"Mimi weights not found at {mimi_path}")
     elif mimi_id:
         codec_source = download(mimi_id, ["*.json", "*.safetensors"], token, "--mimi-path")
-    source_name = model_path and Path(model_path).resolve().name or model_id
-    out = Path(output_dir) if output_dir else default_model_dir(source_name, qtype, decoder_qtype)
     codec = _codec_weights(ckpt, codec_source, token)
     write_model_dir(ckpt, tokenizer_json, out, qtype, decoder_qtype, codec, source_name)
     return out

@@ -266,6 +266,24 @@ def test_output_dir_that_is_not_a_model_is_left_alone(hf_checkpoint, tmp_path, k
     assert sorted(p.name for p in tmp_path.iterdir()) == ["precious"]
 
 
+@pytest.mark.parametrize("kind", ["mount point", "unwritable parent"])
+def test_output_dir_that_cannot_be_replaced_is_refused_before_the_work(hf_checkpoint, tmp_path, monkeypatch, kind):
+    """A Docker volume as --output-dir: the finished model could not be renamed onto it, so converting
+    used to fail only at the end. (Faked: tests cannot mount, and root may write anywhere.)"""
+    out = tmp_path / "volume"
+    out.mkdir()
+    if kind == "mount point":
+        monkeypatch.setattr(Path, "is_mount", lambda self: self == out)
+        match = "is a mount point, which cannot be replaced by a finished model: give a folder inside it"
+    else:
+        monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)
+        match = f"cannot write in {tmp_path}, where the model is built"
+    monkeypatch.setattr("converter.convert.open_checkpoint", lambda *a: pytest.fail("read the checkpoint anyway"))
+    with pytest.raises(ConversionError, match=match):
+        convert(model_path=str(hf_checkpoint), output_dir=out, qtype="f16")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["volume"]
+
+
 def test_empty_output_dir_is_used(hf_checkpoint, tmp_path):
     (tmp_path / "empty").mkdir()
     convert(model_path=str(hf_checkpoint), output_dir=tmp_path / "empty", qtype="f16")
