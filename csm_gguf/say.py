@@ -139,17 +139,18 @@ def first_run_convert(model_id: str) -> Path:
         ) from e
 
 
+def context_speaker(speaker: str) -> int:
+    if not (speaker.isascii() and speaker.isdigit()):
+        raise UsageError(f"--context speaker must be a whole number >= 0, got {speaker!r}")
+    return int(speaker)
+
+
 def context_segments(tts, items: list[list[str]]):
     import numpy as np
 
     segments = []
     for speaker, text, source in items:
-        try:
-            spk = int(speaker)
-        except ValueError:
-            spk = -1
-        if spk < 0:
-            raise UsageError(f"--context speaker must be a whole number >= 0, got {speaker!r}")
+        spk = context_speaker(speaker)
         if source.lower().endswith(".npy"):
             try:
                 codes = np.load(source, allow_pickle=False)
@@ -193,6 +194,8 @@ def run(args) -> int:
         raise UsageError("no text to speak: give TEXT, '-' for stdin, or --input FILE")
     if args.dialogue and (args.voice or args.speaker is not None):
         raise UsageError("--voice and --speaker do not apply to --dialogue: each line names its speaker")
+    if args.dialogue and args.save_voice is not None:
+        raise UsageError("--save-voice and --dialogue go in separate runs: save the voice, then name it in the script")
     if args.save_voice is not None and not args.context:
         raise UsageError("--save-voice needs the voice's audio: --context SPEAKER TRANSCRIPT AUDIO")
 
@@ -205,7 +208,8 @@ def run(args) -> int:
         if path and path != "-":
             check_writable(path, what)
     voice = voices.load_voice(args.voice) if args.voice else None
-    turns, voice_prompts = read_script(text) if args.dialogue and has_text else ([], [])
+    context_ids = [context_speaker(speaker) for speaker, _, _ in args.context]  # now, not after the model loads
+    turns, voice_prompts = read_script(text, reserved=context_ids) if args.dialogue and has_text else ([], [])
     if args.save_voice is not None:
         voices.check_saveable(args.save_voice)  # now, not after loading the model and encoding the audio
 
@@ -224,7 +228,7 @@ def run(args) -> int:
 
     import numpy as np
 
-    output = args.output or default_output(text, fmt)
+    output = args.output or default_output(" ".join(t for _, t in turns) if turns else text, fmt)
     codes: list[np.ndarray] = []
 
     def frames():

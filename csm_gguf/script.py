@@ -1,5 +1,5 @@
-"""Dialogue scripts: one turn per line, `SPEAKER: text`, where SPEAKER is a CSM speaker id or a voice name
-(a saved voice, or one of the server's built-in names). Blank lines are skipped.
+"""Dialogue scripts: one turn per line, `SPEAKER: text`, where SPEAKER is a CSM speaker id (digits) or a
+voice name (a saved voice, or one of the server's built-in names). Blank lines are skipped.
 
     0: Did you hear that?
     narrator: Hear what?
@@ -8,37 +8,45 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 from .generator import Segment
 from .text import is_blank
 from .voices import load_voice
 
 _TURN = re.compile(r"(?P<who>[^:\s][^:]*?)\s*:\s*(?P<text>.*)")
+_INVISIBLE_START = re.compile(r"^[\s\u200b-\u200d\u2060\ufeff]+")  # zero-width characters, BOMs
 
 
-def read_script(script: str) -> tuple[list[tuple[int, str]], list[Segment]]:
+def read_script(script: str, reserved: Iterable[int] = ()) -> tuple[list[tuple[int, str]], list[Segment]]:
     """The script's turns as (speaker id, text), and the prompt segments of the voices it names (in the
     order they first speak), to go before any other context.
 
-    Each voice speaks with its saved speaker id unless another speaker of the script already has that id
-    (two voices saved with speaker 0): then it takes the smallest free id, and so do its prompt segments,
-    since CSM tells speakers apart only by their ids."""
+    Speaker ids written in the script are used as they are. A voice keeps the ids it was saved with
+    (its own and those of any other speakers in its prompt) unless one is taken, by the script's ids,
+    by `reserved` (the ids of the caller's other context segments) or by a voice that speaks before it:
+    then that id moves to the smallest free one, prompt segments and all, since CSM tells speakers apart
+    only by their ids."""
     lines = []
-    for number, line in enumerate(script.splitlines(), 1):
+    for number, line in enumerate(script.split("\n"), 1):  # numbered as editors do (not at \f or U+2028)
+        line = _INVISIBLE_START.sub("", line).strip()
         if is_blank(line):
             continue
-        match = _TURN.fullmatch(line.strip())
+        match = _TURN.fullmatch(line)
         if not match:
             raise ValueError(f"dialogue line {number} names no speaker: write each turn as SPEAKER: TEXT, "
                              "where SPEAKER is a speaker id or a voice name")
+        who = match["who"]
         if is_blank(match["text"]):
-            raise ValueError(f"dialogue line {number}: {match['who']!r} says nothing")
-        lines.append((number, match["who"], match["text"]))
+            raise ValueError(f"dialogue line {number}: {who!r} says nothing")
+        if re.fullmatch(r"[-+]\d+", who):
+            raise ValueError(f"dialogue line {number}: a speaker id is a whole number >= 0, got {who}")
+        lines.append((number, who, match["text"]))
     if not lines:
         raise ValueError("the dialogue has no turns: write one per line, as SPEAKER: TEXT")
 
     ids = {who: int(who) for _, who, _ in lines if who.isascii() and who.isdigit()}
-    taken = set(ids.values())
+    taken = {*reserved, *ids.values()}
     prompts: list[Segment] = []
     for number, who, _ in lines:
         if who in ids:
@@ -47,11 +55,10 @@ def read_script(script: str) -> tuple[list[tuple[int, str]], list[Segment]]:
             voice = load_voice(who)
         except ValueError as e:
             raise ValueError(f"dialogue line {number}: {e}") from None
-        speaker = voice.speaker
-        if speaker in taken:
-            speaker = min(set(range(len(taken) + 1)) - taken)
-        taken.add(speaker)
-        ids[who] = speaker
-        prompts += [Segment(speaker, seg.text, seg.codes) if seg.speaker == voice.speaker else seg
-                    for seg in voice.segments]
+        moved: dict[int, int] = {}
+        for speaker in dict.fromkeys([voice.speaker, *(seg.speaker for seg in voice.segments)]):
+            moved[speaker] = speaker if speaker not in taken else min(set(range(len(taken) + 1)) - taken)
+            taken.add(moved[speaker])
+        ids[who] = moved[voice.speaker]
+        prompts += [Segment(moved[seg.speaker], seg.text, seg.codes) for seg in voice.segments]
     return [(ids[who], text) for _, who, text in lines], prompts

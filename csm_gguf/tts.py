@@ -226,11 +226,13 @@ class CSM:
     ) -> Iterator[np.ndarray]:
         """Codes (32,) per 80 ms frame as they are made. Long texts are spoken piece by piece, each piece
         with the previous one as context so the voice carries over."""
-        return self.dialogue_frames([(speaker, text)], context, temperature, top_k, seed, max_audio_ms, progress)
+        check_speaker(speaker)
+        lines = [(speaker, piece) for piece in self.pieces(text)]
+        return self._speak(lines, context, temperature, top_k, seed, max_audio_ms, progress)
 
     def dialogue_frames(
         self,
-        turns: Sequence[tuple[int, str]],
+        turns: Iterable[tuple[int, str]],
         context: Sequence[Segment] = (),
         temperature: float = 0.9,
         top_k: int = 50,
@@ -242,28 +244,40 @@ class CSM:
         and the last piece each speaker said, which is how CSM keeps a conversation's voices and flow.
         Every turn is checked before anything is generated. Pieces count on from the first turn for
         the seed (piece i samples with seed + i)."""
-        if isinstance(turns, (str, bytes)) or not isinstance(turns, Sequence):
+        if isinstance(turns, (str, bytes)) or not isinstance(turns, Iterable):
             raise ValueError("turns must be a list of (speaker, text) pairs")
         lines = []  # (speaker, piece) in the order spoken
         for i, turn in enumerate(turns):
             if not isinstance(turn, Sequence) or isinstance(turn, str) or len(turn) != 2:
                 raise ValueError(f"turn {i} must be a (speaker, text) pair, got {turn!r}")
-            check_speaker(turn[0])
-            lines += [(turn[0], piece) for piece in self.pieces(turn[1])]
+            try:
+                check_speaker(turn[0])
+                lines += [(turn[0], piece) for piece in self.pieces(turn[1])]
+            except ValueError as e:
+                raise ValueError(f"turn {i}: {e}") from None
         if not lines:
             raise ValueError("no turns to speak: give at least one (speaker, text) pair")
         return self._speak(lines, context, temperature, top_k, seed, max_audio_ms, progress)
 
     def _speak(self, lines: list[tuple[int, str]], context: Sequence[Segment], temperature: float, top_k: int,
                seed: int | None, max_audio_ms: float | None, progress: bool) -> Iterator[np.ndarray]:
+        """Checks the settings now (a generator would only at its first frame), then speaks the lines."""
+        context = list(context) if isinstance(context, Iterable) and not isinstance(context, (str, bytes)) else None
+        if context is None or not all(isinstance(seg, Segment) for seg in context):
+            raise ValueError("context must be a list of Segments (tts.segment(speaker, text, audio=...))")
+        samplings = [self.piece_sampling(piece, i, temperature, top_k, seed, max_audio_ms)
+                     for i, (_, piece) in enumerate(lines)]
+        return self._generate(lines, context, samplings, progress)
+
+    def _generate(self, lines: list[tuple[int, str]], context: Sequence[Segment], samplings: list[Sampling],
+                  progress: bool) -> Iterator[np.ndarray]:
         previous: list[Segment] = []
-        numbered = enumerate(lines)
+        work = zip(lines, samplings)
         if progress and len(lines) > 1:
             from tqdm import tqdm
 
-            numbered = tqdm(numbered, total=len(lines), desc="speaking", unit="piece")
-        for i, (speaker, piece) in numbered:
-            sampling = self.piece_sampling(piece, i, temperature, top_k, seed, max_audio_ms)
+            work = tqdm(work, total=len(lines), desc="speaking", unit="piece")
+        for (speaker, piece), sampling in work:
             made = []
             piece_context = self.piece_context(piece, speaker, context, previous, sampling)
             for frame in self.generator.generate(piece, speaker, piece_context, sampling):
@@ -299,7 +313,7 @@ class CSM:
     def generate(self, text: str, **kwargs) -> np.ndarray:
         return self._audio(self.frames(text, **kwargs))
 
-    def dialogue(self, turns: Sequence[tuple[int, str]], **kwargs) -> np.ndarray:
+    def dialogue(self, turns: Iterable[tuple[int, str]], **kwargs) -> np.ndarray:
         """A whole conversation's audio (see `dialogue_frames`), its turns joined in one codec stream."""
         return self._audio(self.dialogue_frames(turns, **kwargs))
 

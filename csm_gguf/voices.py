@@ -59,6 +59,9 @@ def check_saveable(name: str) -> Path:
     if name in BUILTIN_VOICES:
         raise ValueError(f"{name!r} is one of the server's built-in voices (speaker {BUILTIN_VOICES[name]}): "
                          "save the voice under another name")
+    if name.isdigit():
+        raise ValueError(f"voice name {name!r} is all digits, which a dialogue script reads as a speaker id: "
+                         "save the voice under a name with a letter in it")
     _folder()
     return path
 
@@ -85,8 +88,9 @@ def load_voice(name: str) -> Voice:
         return Voice(segments=[], speaker=BUILTIN_VOICES[name])
     path = _path(name)
     if not path.exists():
-        known = ", ".join(list_voices()) or "none saved yet"
-        raise ValueError(f"unknown voice {name!r} (known: {known}); save one with --save-voice")
+        saved = ", ".join(list_voices()) or "none yet"
+        raise ValueError(f"unknown voice {name!r} (saved: {saved}; built-in: {', '.join(BUILTIN_VOICES)}); "
+                         "save one with --save-voice")
     try:
         archive = np.load(path, allow_pickle=False)
         if not isinstance(archive, np.lib.npyio.NpzFile):

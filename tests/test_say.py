@@ -306,41 +306,55 @@ def test_dialogue_turns_hear_each_speakers_last_piece(tts, monkeypatch):
     assert len(audio) == total * tts.codec.cfg.frame_size
 
 
-@pytest.mark.parametrize("turns, match", [
-    ([(0, "Hello."), (-1, "Hi.")], "speaker id is a whole number >= 0, got -1"),
-    ([(0, "Hello."), (1, "  ")], "text is empty"),
-    ([(0, "Hello."), (1, None)], "must be a string"),
-    ([(0, "Hello."), "Hi."], "turn 1 must be a .speaker, text. pair"),
-    ([], "no turns to speak"),
-    ("0: Hello.", "turns must be a list"),
+@pytest.mark.parametrize("turns, kwargs, match", [
+    ([(0, "Hello."), (-1, "Hi.")], {}, "turn 1: a speaker id is a whole number >= 0, got -1"),
+    ([(0, "Hello."), (1, "  ")], {}, "turn 1: text is empty"),
+    ([(0, "Hello."), (1, None)], {}, "turn 1: the text to speak must be a string"),
+    ([(0, "Hello."), "Hi."], {}, "turn 1 must be a .speaker, text. pair"),
+    ([], {}, "no turns to speak"),
+    ("0: Hello.", {}, "turns must be a list"),
+    ([(0, "Hello.")], {"context": [(0, "Hi.")]}, "context must be a list of Segments"),
+    ([(0, "Hello.")], {"context": "Hi."}, "context must be a list of Segments"),
+    ([(0, "Hello.")], {"temperature": -1}, "temperature must be >= 0"),
+    ([(0, "Hello.")], {"top_k": 0}, "top_k must be a whole number"),
+    ([(0, "Hello.")], {"max_audio_ms": float("nan")}, "max_audio_ms must be a number > 0"),
 ])
-def test_dialogue_checks_every_turn_before_speaking(tts, monkeypatch, turns, match):
+def test_dialogue_checks_every_turn_and_setting_before_speaking(tts, monkeypatch, turns, kwargs, match):
     monkeypatch.setattr(tts.generator, "generate", lambda *a: pytest.fail("generated before checking"))
     with pytest.raises(ValueError, match=match):
-        tts.dialogue(turns)
+        tts.dialogue_frames(turns, **kwargs)  # at the call, not at the first frame
 
 
-def test_say_dialogue_speaks_the_script_with_its_voices(f32_model, tmp_path):
-    prompt_audio = tmp_path / "prompt.wav"
+def test_dialogue_takes_turns_from_any_iterable(tts):
+    turns = [(0, "Hello."), (1, "Hi.")]
+    kw = dict(seed=3, max_audio_ms=160)
+    assert np.array_equal(tts.dialogue(iter(turns), context=iter([]), **kw), tts.dialogue(turns, **kw))
+
+
+def test_say_dialogue_speaks_the_script_with_its_voices(f32_model, tmp_path, monkeypatch):
+    prompt_audio, other_audio = tmp_path / "prompt.wav", tmp_path / "other.wav"
     sf.write(prompt_audio, 0.3 * np.sin(np.linspace(0, 400, 24000)), 24000)
+    sf.write(other_audio, 0.3 * np.sin(np.linspace(0, 900, 24000)), 24000)
     assert main(["--save-voice", "narrator", "--model", str(f32_model), "--context", "0", "A prompt.",
                  str(prompt_audio)]) == 0
     script = tmp_path / "talk.txt"
     script.write_text("0: Hello there.\n\nnarrator: Who is there?\n0: Just me.\n")
     codes = tmp_path / "codes.npy"
+    monkeypatch.chdir(tmp_path)  # the audio file is named after what is said
     assert main(["--dialogue", "-i", str(script), "--model", str(f32_model), "--seed", "7", "--max-audio-ms", "320",
-                 "-o", str(tmp_path / "talk.wav"), "--save-codes", str(codes)]) == 0
-    # The narrator was saved as speaker 0, which the script's "0" holds: it speaks, prompt and all, as 1.
+                 "--context", "1", "Another voice.", str(other_audio), "--save-codes", str(codes)]) == 0
+    # The narrator was saved as speaker 0, which the script's "0" holds, and 1 is the --context segment's:
+    # it speaks, prompt and all, as 2. Voice prompts come before --context segments.
     tts = CSM(f32_model)  # as the command makes it
     try:
-        prompt = tts.segment(1, "A prompt.", audio=prompt_audio)
-        turns = [(0, "Hello there."), (1, "Who is there?"), (0, "Just me.")]
-        expected = np.stack(list(tts.dialogue_frames(turns, context=[prompt], seed=7, max_audio_ms=320)))
+        context = [tts.segment(2, "A prompt.", audio=prompt_audio), tts.segment(1, "Another voice.", audio=other_audio)]
+        turns = [(0, "Hello there."), (2, "Who is there?"), (0, "Just me.")]
+        expected = np.stack(list(tts.dialogue_frames(turns, context=context, seed=7, max_audio_ms=320)))
         frame_size = tts.codec.cfg.frame_size
     finally:
         tts.close()
     np.testing.assert_array_equal(np.load(codes), expected)
-    assert sf.info(tmp_path / "talk.wav").frames == len(expected) * frame_size
+    assert sf.info(tmp_path / "hello-there-who-is-there-just.wav").frames == len(expected) * frame_size
 
 
 def test_dialogue_script_names_speakers_by_id_or_voice():
@@ -349,16 +363,20 @@ def test_dialogue_script_names_speakers_by_id_or_voice():
     from csm_gguf.script import read_script
     from csm_gguf.tts import Voice
 
-    ann = Segment(0, "Ann's prompt.", np.ones((2, 32), dtype=np.int64))
-    bob = [Segment(3, "Bob's prompt.", np.ones((3, 32), dtype=np.int64)),
-           Segment(5, "Someone else.", np.ones((1, 32), dtype=np.int64))]
-    voices.save_voice("ann", Voice([ann], 0))
-    voices.save_voice("bob", Voice(bob, 3))
-    turns, prompts = read_script("ann: Hi.\n\n  0 : Hello: there.\nbob: Yo.\nalloy: Hey.\nann: Bye.\n")
-    # 0 is the script's own; ann (saved as 0) takes the first free id, bob keeps 3, alloy (0) takes 2.
-    assert turns == [(1, "Hi."), (0, "Hello: there."), (3, "Yo."), (2, "Hey."), (1, "Bye.")]
-    assert [(seg.speaker, seg.text, len(seg.codes)) for seg in prompts] == [
-        (1, "Ann's prompt.", 2), (3, "Bob's prompt.", 3), (5, "Someone else.", 1)]
+    def prompt(speaker: int, text: str) -> Segment:
+        return Segment(speaker, text, np.ones((2, 32), dtype=np.int64))
+
+    voices.save_voice("ann", Voice([prompt(0, "Ann.")], 0))
+    voices.save_voice("bob", Voice([prompt(3, "Bob."), prompt(5, "Someone Bob talks to.")], 3))
+    voices.save_voice("duo", Voice([prompt(1, "Duo."), prompt(2, "Duo's partner.")], 1))
+    script = "ann: Hi.\n\n  0 : Hello: there.\nbob: Yo.\nduo: Hey.\n\u200balloy: Ho.\nann: Bye.\n"
+    turns, prompts = read_script(script, reserved=[5])
+    # 0 is the script's and 5 another context segment's. Each voice keeps its ids where they are free,
+    # else takes the smallest free ones, its other speakers too: ann 0 -> 1; bob keeps 3, his partner
+    # 5 -> 2; duo 1 -> 4 and its partner 2 -> 6; alloy (built in as 0) -> 7.
+    assert turns == [(1, "Hi."), (0, "Hello: there."), (3, "Yo."), (4, "Hey."), (7, "Ho."), (1, "Bye.")]
+    assert [(seg.speaker, seg.text) for seg in prompts] == [
+        (1, "Ann."), (3, "Bob."), (2, "Someone Bob talks to."), (4, "Duo."), (6, "Duo's partner.")]
 
 
 @pytest.mark.parametrize("script, match", [
@@ -366,6 +384,8 @@ def test_dialogue_script_names_speakers_by_id_or_voice():
     ("0: Hi.\n\n1:  ", "dialogue line 3: '1' says nothing"),
     ("0: Hi.\nnobody: Hey.", "dialogue line 2: unknown voice 'nobody'"),
     ("Dr Who: Hi.", "dialogue line 1: bad voice name 'Dr Who'"),
+    ("0: Hi.\n-1: Yo.", "dialogue line 2: a speaker id is a whole number >= 0, got -1"),
+    ("0: Hi,\u2028there.\fOK.\nAlloy: Yo.", r"dialogue line 2: unknown voice 'Alloy' \(saved: none yet; built-in: alloy,"),
     ("\n  \n", "has no turns"),
 ])
 def test_dialogue_script_errors_name_the_line(script, match):
@@ -443,6 +463,9 @@ def test_budget_is_proportional_to_text(tts):
     (["hi", "-o", "{tmp}/x.wav", "--save-codes", "-"], "--save-codes needs a file name"),
     (["0: hi", "--dialogue", "--voice", "alloy", "-o", "{tmp}/x.wav"], "do not apply to --dialogue"),
     (["0: hi\nnobody: hey", "--dialogue", "-o", "{tmp}/x.wav"], "dialogue line 2: unknown voice 'nobody'"),
+    (["0: hi", "--dialogue", "--save-voice", "v", "--context", "0", "words", "{tmp}/tone.wav", "-o", "{tmp}/x.wav"],
+     "--save-voice and --dialogue go in separate runs"),
+    (["--save-voice", "42", "--context", "0", "words", "{tmp}/tone.wav"], "is all digits"),
 ])
 def test_bad_input_is_a_clear_error_with_no_output(f32_model, tmp_path, capsys, args, message):
     (tmp_path / "garbage.wav").write_bytes(b"RIFF nonsense")
