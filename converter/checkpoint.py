@@ -192,6 +192,15 @@ class Checkpoint:
     def output_norm(self, model: str) -> np.ndarray:
         return self.files.get(tm.output_norm_source_name(model, self.fmt))
 
+    def unused_tensors(self) -> list[str]:
+        """Tensors that no part of the conversion reads: weights a fine-tune added that CSM has no place for."""
+        used = {names[self.fmt] for names in tm.CSM_TENSORS.values()}
+        for model, t in (("backbone", self.config.backbone), ("decoder", self.config.decoder)):
+            used.add(tm.output_norm_source_name(model, self.fmt))
+            used.update(tm.block_source_name(model, layer, name, self.fmt)
+                        for layer in range(t.n_layer) for name in tm.BLOCK_TENSORS)
+        return sorted(k for k in self.files.keys() if k not in used and not k.startswith(tm.CODEC_PREFIX))
+
     def codec_tensors(self) -> dict[str, np.ndarray]:
         """The Mimi weights stored inside a transformers-format checkpoint (prefixed keys)."""
         return {k: self.files.get(k) for k in self.files.keys() if k.startswith(tm.CODEC_PREFIX)}
@@ -214,11 +223,18 @@ def open_checkpoint(folder: str | Path) -> Checkpoint:
     if not folder.is_dir():
         raise CheckpointError(f"model folder {folder} does not exist")
     config_path = folder / "config.json"
+    if not config_path.exists() and (folder / "adapter_config.json").exists():
+        raise CheckpointError(f"{folder} is a LoRA/PEFT adapter, not a whole model: merge it into its base model "
+                              "(peft's merge_and_unload), save that with save_pretrained, and convert it")
     if not config_path.exists():
         raise CheckpointError(f"{folder} has no config.json; is it a CSM checkpoint?")
     raw = _read_json(config_path)
     files = SafetensorsFiles(folder)
     keys = set(files.keys())
+    lora = sorted(k for k in keys if ".lora_" in k)
+    if lora:
+        raise CheckpointError(f"{folder} holds LoRA weights that are not merged ({lora[0]}, ...): merge them into "
+                              "the base weights (peft's merge_and_unload), save with save_pretrained, and convert that")
     if tm.FORMAT_MARKERS[tm.TRANSFORMERS] in keys:
         fmt = tm.TRANSFORMERS
         if "depth_decoder_config" not in raw:

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import gguf
@@ -298,6 +299,10 @@ def convert(
     token = token or os.environ.get("HF_TOKEN")
     folder = Path(model_path) if model_path else download(model_id, CHECKPOINT_PATTERNS, token)
     ckpt = open_checkpoint(folder)
+    unused = ckpt.unused_tensors()
+    if unused:
+        warnings.warn(f"tensors of the checkpoint that are not part of CSM are left out ({len(unused)}): "
+                      f"{', '.join(unused[:5])}{', ...' if len(unused) > 5 else ''}", stacklevel=2)
     tokenizer_json = _tokenizer_file(folder, model_path, tokenizer_id, tokenizer_path, token)
     codec_source = None
     if mimi_path:

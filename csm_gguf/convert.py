@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import warnings
 
 QTYPE_CHOICES = ("f32", "f16", "bf16", "q8_0", "q4_k")
 
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # `kill` and `timeout` stop a conversion like Ctrl-C does: through its clean-up, leaving no partial model.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    warnings.showwarning = lambda message, *_: print(f"warning: {message}", file=sys.stderr)
     try:
         if args.random_weights:
             try:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from converter.checkpoint import CheckpointError, download
 from converter.convert import convert
@@ -123,6 +124,50 @@ def test_wrong_shape(hf_checkpoint, tmp_path):
     save_file(state, str(broken / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"lm_head.weight: expected shape \(64, 256\)"):
         convert(model_path=str(broken), output_dir=tmp_path / "out", qtype="f32")
+    _no_leftovers(tmp_path, "out")
+
+
+def test_both_formats_use_every_tensor(hf_checkpoint, original_checkpoint):
+    from converter.checkpoint import open_checkpoint
+
+    assert open_checkpoint(hf_checkpoint).unused_tensors() == []
+    assert open_checkpoint(original_checkpoint).unused_tensors() == []
+
+
+def test_tensors_left_out_are_named(hf_checkpoint, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from csm_gguf.convert import main
+
+    extra = tmp_path / "extra"
+    shutil.copytree(hf_checkpoint, extra)
+    state = load_file(str(extra / "model.safetensors"))
+    state["backbone_model.layers.0.self_attn.q_norm.weight"] = torch.ones(8)  # a fine-tune's addition
+    save_file(state, str(extra / "model.safetensors"))
+    assert main(["--model-path", str(extra), "--qtype", "f16", "--output-dir", str(tmp_path / "out")]) == 0
+    assert ("warning: tensors of the checkpoint that are not part of CSM are left out (1): "
+            "backbone_model.layers.0.self_attn.q_norm.weight\n") in capsys.readouterr().err
+
+
+def test_lora_adapters_are_refused_with_the_fix(hf_checkpoint, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    save_file({"base_model.model.backbone_model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 64)},
+              str(adapter / "adapter_model.safetensors"))
+    with pytest.raises(CheckpointError, match="is a LoRA/PEFT adapter, not a whole model: merge it"):
+        convert(model_path=str(adapter), output_dir=tmp_path / "out", qtype="f32")
+    unmerged = tmp_path / "unmerged"
+    shutil.copytree(hf_checkpoint, unmerged)
+    state = load_file(str(unmerged / "model.safetensors"))
+    q = state.pop("backbone_model.layers.0.self_attn.q_proj.weight")
+    state["backbone_model.layers.0.self_attn.q_proj.base_layer.weight"] = q
+    state["backbone_model.layers.0.self_attn.q_proj.lora_A.default.weight"] = torch.zeros(4, q.shape[1])
+    save_file(state, str(unmerged / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="holds LoRA weights that are not merged"):
+        convert(model_path=str(unmerged), output_dir=tmp_path / "out", qtype="f32")
     _no_leftovers(tmp_path, "out")
 
 
