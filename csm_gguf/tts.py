@@ -5,6 +5,7 @@
     audio = tts.generate("Hello there.")      # float32 numpy array at tts.sample_rate
     for chunk in tts.stream("Hello there."):  # audio as it is made, one 80 ms frame at a time
         ...
+    audio = tts.dialogue([(0, "Hi."), (1, "Hello.")])  # a conversation: each turn after those before it
 """
 
 from __future__ import annotations
@@ -188,8 +189,8 @@ class CSM:
         piece of a long text; in a dialogue, each speaker's last piece). The context must leave the piece
         room for its usual budget of frames in the model's context. After a previous piece, segments give
         way, oldest first, until it does: a context that fit the first piece must not stop a long text
-        half-way. Without one, a context that leaves too
-        little room is the caller's error (PromptTooLong): the speech would stop short."""
+        half-way. Without one, a context that leaves too little room is the caller's error
+        (PromptTooLong): the speech would stop short."""
         segments = [*context, *previous]
         room = int(min(sampling.max_audio_ms, self.frame_budget(piece, None)) // FRAME_MS)
         limit = self.model.config.backbone.max_seq_len
