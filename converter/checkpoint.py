@@ -14,6 +14,9 @@ from . import tensor_map as tm
 
 UNGATED_COPY = "unsloth/csm-1b"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
+ADAPTER_FILE = "adapter_model.safetensors"
+# RoPE tables that some savers keep with the weights; the GGUF models compute their own.
+ROPE_BUFFERS = (".inv_freq", "pos_embeddings.cache")
 
 
 class CheckpointError(ValueError):
@@ -83,7 +86,9 @@ class SafetensorsFiles:
             if missing:
                 raise CheckpointError(f"{indexes[0].name} lists shards that are missing in {folder}: {missing}")
             return files
-        files = sorted(folder.glob("*.safetensors"))
+        # PEFT's adapter file: beside a merged model (save_pretrained of the merge into the adapter's folder)
+        # it is not part of the model; alone, open_checkpoint says what to do with it.
+        files = sorted(f for f in folder.glob("*.safetensors") if f.name != ADAPTER_FILE)
         if files:
             return files
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -199,7 +204,8 @@ class Checkpoint:
             used.add(tm.output_norm_source_name(model, self.fmt))
             used.update(tm.block_source_name(model, layer, name, self.fmt)
                         for layer in range(t.n_layer) for name in tm.BLOCK_TENSORS)
-        return sorted(k for k in self.files.keys() if k not in used and not k.startswith(tm.CODEC_PREFIX))
+        return sorted(k for k in self.files.keys()
+                      if k not in used and not k.startswith(tm.CODEC_PREFIX) and not k.endswith(ROPE_BUFFERS))
 
     def codec_tensors(self) -> dict[str, np.ndarray]:
         """The Mimi weights stored inside a transformers-format checkpoint (prefixed keys)."""
@@ -223,7 +229,9 @@ def open_checkpoint(folder: str | Path) -> Checkpoint:
     if not folder.is_dir():
         raise CheckpointError(f"model folder {folder} does not exist")
     config_path = folder / "config.json"
-    if not config_path.exists() and (folder / "adapter_config.json").exists():
+    only_adapter = (folder / ADAPTER_FILE).exists() and not any(
+        f.name != ADAPTER_FILE for f in [*folder.glob("*.safetensors"), *folder.glob("*.safetensors.index.json")])
+    if only_adapter or (not config_path.exists() and (folder / "adapter_config.json").exists()):
         raise CheckpointError(f"{folder} is a LoRA/PEFT adapter, not a whole model: merge it into its base model "
                               "(peft's merge_and_unload), save that with save_pretrained, and convert it")
     if not config_path.exists():
@@ -231,10 +239,11 @@ def open_checkpoint(folder: str | Path) -> Checkpoint:
     raw = _read_json(config_path)
     files = SafetensorsFiles(folder)
     keys = set(files.keys())
-    lora = sorted(k for k in keys if ".lora_" in k)
-    if lora:
-        raise CheckpointError(f"{folder} holds LoRA weights that are not merged ({lora[0]}, ...): merge them into "
-                              "the base weights (peft's merge_and_unload), save with save_pretrained, and convert that")
+    adapters = sorted(k for k in keys if ".lora_" in k or ".base_layer." in k)  # any PEFT tuner wraps a base_layer
+    if adapters:
+        raise CheckpointError(f"{folder} holds adapter (LoRA/PEFT) weights that are not merged ({adapters[0]}, ...): "
+                              "merge them into the base weights (peft's merge_and_unload), save with save_pretrained, "
+                              "and convert that")
     if tm.FORMAT_MARKERS[tm.TRANSFORMERS] in keys:
         fmt = tm.TRANSFORMERS
         if "depth_decoder_config" not in raw:

@@ -106,12 +106,13 @@ def convert_random(
 
     from csm_gguf.model_dir import default_model_dir
 
-    from .convert import tokenizer_at, write_model_dir
+    from .convert import check_output_dir, tokenizer_at, write_model_dir
     from .mimi_keys import mimi_tensors_to_transformers
 
     out = Path(output_dir) if output_dir else default_model_dir(SOURCE_NAME, qtype, decoder_qtype)
     if _holds_random_model(out, qtype, decoder_qtype or qtype):
         return out
+    check_output_dir(out.expanduser().resolve())  # before drawing any weights
     codec = (codec_config, mimi_tensors_to_transformers(random_mimi(codec_config, seed).state_dict()))
     with tempfile.TemporaryDirectory() as tmp:
         if tokenizer_path:

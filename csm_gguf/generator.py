@@ -66,8 +66,9 @@ class Sampling:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if isinstance(self.top_k, bool) or not (isinstance(self.top_k, numbers.Integral) and 1 <= self.top_k < 2**31):
             raise ValueError(f"top_k must be a whole number from 1 to 2**31 - 1, got {self.top_k!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)):
-            raise ValueError(f"seed must be a whole number, got {self.seed!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)
+                                      or self.seed < 0):
+            raise ValueError(f"seed must be a whole number >= 0, got {self.seed!r}")
         # numpy integers too, as Python ints (ctypes takes only those)
         object.__setattr__(self, "top_k", int(self.top_k))
         object.__setattr__(self, "seed", None if self.seed is None else int(self.seed))

@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
         "into the cache if no model is given or found.",
     )
     p.add_argument("text", nargs="?", help="what to say; '-' reads standard input")
-    p.add_argument("--input", "-i", metavar="FILE", help="read the text from FILE (any length)")
+    p.add_argument("--input", "-i", metavar="FILE", help="read the text from FILE (UTF-8, any length; '-': stdin)")
     p.add_argument("--dialogue", action="store_true",
                    help="the text is a conversation: one turn per line, SPEAKER: TEXT, where SPEAKER is a speaker id "
                    "or a voice name; each turn is spoken after the ones before it")
@@ -59,20 +59,33 @@ class UsageError(ValueError):
 def read_text(args) -> str | None:
     """The text to speak, from the argument, --input or stdin ('-'); files and stdin are UTF-8 (a
     byte-order mark is dropped)."""
-    if args.input:
-        where = f"--input {args.input}"
+    from .text import is_unicode
+
+    if args.input and args.text is not None:
+        raise UsageError("give the text either as TEXT or with --input, not both")
+    source = args.input or args.text
+    if source is None:
+        return None
+    if source == "-":
+        if sys.stdin is None:
+            raise UsageError("cannot read standard input: it is closed")
+        data, where = sys.stdin.buffer.read(), "standard input"
+    elif args.input:
+        where = f"--input {source}"
         try:
-            data = Path(args.input).read_bytes()
+            data = Path(source).read_bytes()
         except OSError as e:
             raise UsageError(f"cannot read {where}: {e.strerror}") from e
-    elif args.text == "-":
-        data, where = sys.stdin.buffer.read(), "standard input"
+    elif not is_unicode(source):
+        raise UsageError("TEXT is not valid UTF-8 in this terminal's encoding: pass it in a UTF-8 file with --input")
     else:
-        return args.text
+        return source
+    if b"\x00" in data:
+        raise UsageError(f"{where} holds NUL bytes, so it is not UTF-8 text (UTF-16?): save it as UTF-8")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise UsageError(f"{where} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise UsageError(f"{where} is not UTF-8 text ({e.reason} at byte {e.start}): save it as UTF-8") from None
 
 
 def output_format(args) -> str:

@@ -8,14 +8,21 @@ voice name (a saved voice, or one of the server's built-in names). Blank lines a
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Iterable
 
 from .generator import Segment
 from .text import is_blank
 from .voices import load_voice
 
-_TURN = re.compile(r"(?P<who>[^:\s][^:]*?)\s*:\s*(?P<text>.*)")
-_INVISIBLE_START = re.compile(r"^[\s\u200b-\u200d\u2060\ufeff]+")  # zero-width characters, BOMs
+_TURN = re.compile(r"(?P<who>[^:]*?)\s*:\s*(?P<text>.*)")
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")  # as editors number lines (not at \f or U+2028)
+
+
+def _visible(text: str) -> str:
+    """text without invisible format characters (zero-width spaces, BOMs, direction marks), which pasted
+    text carries around speaker names."""
+    return "".join(c for c in text if unicodedata.category(c) != "Cf").strip()
 
 
 def read_script(script: str, reserved: Iterable[int] = ()) -> tuple[list[tuple[int, str]], list[Segment]]:
@@ -28,15 +35,14 @@ def read_script(script: str, reserved: Iterable[int] = ()) -> tuple[list[tuple[i
     then that id moves to the smallest free one, prompt segments and all, since CSM tells speakers apart
     only by their ids."""
     lines = []
-    for number, line in enumerate(script.split("\n"), 1):  # numbered as editors do (not at \f or U+2028)
-        line = _INVISIBLE_START.sub("", line).strip()
+    for number, line in enumerate(_LINE_BREAK.split(script), 1):
         if is_blank(line):
             continue
-        match = _TURN.fullmatch(line)
-        if not match:
+        match = _TURN.fullmatch(line.strip())
+        who = _visible(match["who"]) if match else ""
+        if not who:
             raise ValueError(f"dialogue line {number} names no speaker: write each turn as SPEAKER: TEXT, "
                              "where SPEAKER is a speaker id or a voice name")
-        who = match["who"]
         if is_blank(match["text"]):
             raise ValueError(f"dialogue line {number}: {who!r} says nothing")
         if re.fullmatch(r"[-+]\d+", who):

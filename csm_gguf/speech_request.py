@@ -20,7 +20,7 @@ import numpy as np
 from .audio import FORMATS, AudioError, check_format, load_audio
 from .generator import Segment
 from .server_engine import SpeechJob
-from .text import is_blank
+from .text import is_blank, is_unicode
 from .tts import CSM
 from .voices import BUILTIN_VOICES, list_voices, load_voice
 
@@ -87,6 +87,8 @@ def parse_speech(body: Any, tts: CSM, default_voice: str = "alloy", need_input: 
         raise invalid("input", "'input' must be a string")
     if need_input and is_blank(text):
         raise invalid("input", "'input' is empty: give some words to speak")
+    if not is_unicode(text):
+        raise invalid("input", "'input' holds lone surrogates, which are not Unicode text")
     if len(text) > MAX_INPUT_CHARS:
         raise invalid("input", f"'input' has {len(text)} characters; at most {MAX_INPUT_CHARS} are allowed",
                       code="string_above_max_length")
@@ -183,8 +185,9 @@ def _context(context: Any, tts: CSM) -> list[Segment]:
             raise invalid(where, f"{where} must be an object with speaker, text and audio or codes")
         speaker = _integer(seg, "speaker", 0, 0, 1_000_000)
         text = seg.get("text")
-        if not isinstance(text, str) or is_blank(text) or len(text) > MAX_INPUT_CHARS:
-            raise invalid(f"{where}.text", f"{where}.text must be the transcript, at most {MAX_INPUT_CHARS} characters")
+        if not isinstance(text, str) or is_blank(text) or not is_unicode(text) or len(text) > MAX_INPUT_CHARS:
+            raise invalid(f"{where}.text", f"{where}.text must be the transcript: Unicode text, not empty, at most "
+                          f"{MAX_INPUT_CHARS} characters")
         if (seg.get("audio") is None) == (seg.get("codes") is None):
             raise invalid(where, f"{where} needs exactly one of 'audio' (base64 of an audio file) or 'codes'")
         if seg.get("audio") is not None:

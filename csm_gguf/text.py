@@ -41,6 +41,16 @@ def is_blank(text: str) -> bool:
     return all(c.isspace() or unicodedata.category(c) in ("Cf", "Cc") for c in text)
 
 
+def is_unicode(text: str) -> bool:
+    """False for text holding lone surrogates (how Python keeps bytes that were not UTF-8, e.g. in a
+    command line's arguments), which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def split_sentences(text: str) -> list[str]:
     """Sentences of text, whitespace normalised; line breaks always end a sentence."""
     sentences = []

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 
 from .generator import FRAME_MS, Generator, PromptTooLong, Sampling, Segment, check_codes, check_speaker
 from .model import CSMModel
-from .text import chunk_text, is_blank
+from .text import chunk_text, is_blank, is_unicode
 
 SAMPLE_RATE = 24_000
 
@@ -180,7 +181,8 @@ class CSM:
     def piece_sampling(self, piece: str, index: int, temperature: float, top_k: int, seed: int | None,
                        max_audio_ms: float | None) -> Sampling:
         """Sampling for piece `index` of a text: the seed advances by piece, so every piece is reproducible."""
-        piece_seed = None if seed is None else seed + index
+        whole = isinstance(seed, numbers.Integral) and not isinstance(seed, bool)
+        piece_seed = seed + index if whole else seed  # anything else: Sampling says what a seed must be
         return Sampling(temperature, top_k, piece_seed, self.frame_budget(piece, max_audio_ms))
 
     def piece_context(self, piece: str, speaker: int, context: Sequence[Segment], previous: Sequence[Segment],
@@ -212,6 +214,9 @@ class CSM:
         text = text.strip()
         if is_blank(text):
             raise ValueError("text is empty: give some words to speak")
+        if not is_unicode(text):
+            raise ValueError("the text holds characters that are not Unicode (lone surrogates, from bytes that "
+                             "were not UTF-8): give UTF-8 text")
         return chunk_text(text, PIECE_TOKENS, lambda s: len(self.model.tokenize(s)))
 
     def frames(
@@ -266,6 +271,10 @@ class CSM:
         context = list(context) if isinstance(context, Iterable) and not isinstance(context, (str, bytes)) else None
         if context is None or not all(isinstance(seg, Segment) for seg in context):
             raise ValueError("context must be a list of Segments (tts.segment(speaker, text, audio=...))")
+        for seg in context:
+            check_speaker(seg.speaker)
+            if seg.codes is not None:
+                check_codes(seg.codes, self.model.config.num_codebooks, self.model.n_codes, "context codes")
         samplings = [self.piece_sampling(piece, i, temperature, top_k, seed, max_audio_ms)
                      for i, (_, piece) in enumerate(lines)]
         return self._generate(lines, context, samplings, progress)

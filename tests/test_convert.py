@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -143,6 +144,7 @@ def test_tensors_left_out_are_named(hf_checkpoint, tmp_path, capsys):
     shutil.copytree(hf_checkpoint, extra)
     state = load_file(str(extra / "model.safetensors"))
     state["backbone_model.layers.0.self_attn.q_norm.weight"] = torch.ones(8)  # a fine-tune's addition
+    state["backbone_model.rotary_emb.inv_freq"] = torch.ones(4)  # a RoPE table: computed by llama.cpp, no warning
     save_file(state, str(extra / "model.safetensors"))
     assert main(["--model-path", str(extra), "--qtype", "f16", "--output-dir", str(tmp_path / "out")]) == 0
     assert ("warning: tensors of the checkpoint that are not part of CSM are left out (1): "
@@ -166,9 +168,32 @@ def test_lora_adapters_are_refused_with_the_fix(hf_checkpoint, tmp_path):
     state["backbone_model.layers.0.self_attn.q_proj.base_layer.weight"] = q
     state["backbone_model.layers.0.self_attn.q_proj.lora_A.default.weight"] = torch.zeros(4, q.shape[1])
     save_file(state, str(unmerged / "model.safetensors"))
-    with pytest.raises(CheckpointError, match="holds LoRA weights that are not merged"):
+    with pytest.raises(CheckpointError, match="holds adapter .LoRA/PEFT. weights that are not merged"):
         convert(model_path=str(unmerged), output_dir=tmp_path / "out", qtype="f32")
+    ia3 = state.pop("backbone_model.layers.0.self_attn.q_proj.lora_A.default.weight")  # another tuner, same wrapping
+    state["backbone_model.layers.0.self_attn.q_proj.ia3_l.default"] = torch.ones(ia3.shape[1])
+    save_file(state, str(unmerged / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="q_proj.base_layer.weight, ...\\): merge them"):
+        convert(model_path=str(unmerged), output_dir=tmp_path / "out", qtype="f32")
+    shutil.copy(hf_checkpoint / "config.json", adapter)  # an adapter with its base model's config beside it
+    with pytest.raises(CheckpointError, match="is a LoRA/PEFT adapter, not a whole model"):
+        convert(model_path=str(adapter), output_dir=tmp_path / "out", qtype="f32")
     _no_leftovers(tmp_path, "out")
+
+
+def test_adapter_file_beside_a_merged_model_is_not_read(hf_checkpoint, tmp_path):
+    """merge_and_unload().save_pretrained(adapter_folder) leaves the adapter's files beside the merged model."""
+    from safetensors.torch import save_file
+
+    merged = tmp_path / "merged"
+    shutil.copytree(hf_checkpoint, merged)
+    (merged / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    save_file({"base_model.model.backbone_model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 64)},
+              str(merged / "adapter_model.safetensors"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and no tensor is left out
+        convert(model_path=str(merged), output_dir=tmp_path / "out", qtype="f16")
+    assert (tmp_path / "out" / "csm.gguf").exists()
 
 
 def test_unknown_qtype_via_cli(hf_checkpoint, tmp_path, capsys):
@@ -428,6 +453,15 @@ def test_random_model_is_reused_only_when_it_is_the_same(f32_model, tokenizer_js
         (tmp_path / "mine" / name).write_bytes(b"")
     convert_random(tmp_path / "mine", "f16", **kw)  # four empty model files: no model, so written over
     assert CSMModel(tmp_path / "mine").qtype == "f16"
+
+
+def test_random_model_output_dir_is_checked_before_drawing_weights(tmp_path, monkeypatch):
+    from converter.random_weights import convert_random
+
+    monkeypatch.setattr("converter.random_weights.random_mimi", lambda *a: pytest.fail("drew the weights first"))
+    (tmp_path / "a-file").write_text("mine")
+    with pytest.raises(ConversionError, match="is a file"):
+        convert_random(tmp_path / "a-file", "f16")
 
 
 def test_ctrl_c_mid_conversion_is_quiet_and_leaves_nothing(hf_checkpoint, tmp_path, monkeypatch, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -12,6 +13,7 @@ import soundfile as sf
 import torch
 
 from csm_gguf.audio import to_int16
+from csm_gguf.generator import Segment
 from csm_gguf.say import main
 from csm_gguf.tts import CSM, PIECE_TOKENS
 from reference import reference_greedy_codes, reference_prompt_embeddings
@@ -318,6 +320,8 @@ def test_dialogue_turns_hear_each_speakers_last_piece(tts, monkeypatch):
     ([(0, "Hello.")], {"temperature": -1}, "temperature must be >= 0"),
     ([(0, "Hello.")], {"top_k": 0}, "top_k must be a whole number"),
     ([(0, "Hello.")], {"max_audio_ms": float("nan")}, "max_audio_ms must be a number > 0"),
+    ([(0, "Hello.")], {"context": [Segment(-1, "Hi.")]}, "speaker id is a whole number >= 0"),
+    ([(0, "Hello.")], {"context": [Segment(1, "Hi.", np.zeros((2, 31), dtype=np.int64))]}, "context codes"),
 ])
 def test_dialogue_checks_every_turn_and_setting_before_speaking(tts, monkeypatch, turns, kwargs, match):
     monkeypatch.setattr(tts.generator, "generate", lambda *a: pytest.fail("generated before checking"))
@@ -369,7 +373,8 @@ def test_dialogue_script_names_speakers_by_id_or_voice():
     voices.save_voice("ann", Voice([prompt(0, "Ann.")], 0))
     voices.save_voice("bob", Voice([prompt(3, "Bob."), prompt(5, "Someone Bob talks to.")], 3))
     voices.save_voice("duo", Voice([prompt(1, "Duo."), prompt(2, "Duo's partner.")], 1))
-    script = "ann: Hi.\n\n  0 : Hello: there.\nbob: Yo.\nduo: Hey.\n\u200balloy: Ho.\nann: Bye.\n"
+    # Pasted text: invisible marks around names, and old Mac line ends.
+    script = "ann: Hi.\n\n  0 : Hello: there.\rbob\u200b: Yo.\nduo: Hey.\n\u200balloy: Ho.\r\n\u200eann: Bye.\n"
     turns, prompts = read_script(script, reserved=[5])
     # 0 is the script's and 5 another context segment's. Each voice keeps its ids where they are free,
     # else takes the smallest free ones, its other speakers too: ann 0 -> 1; bob keeps 3, his partner
@@ -385,6 +390,7 @@ def test_dialogue_script_names_speakers_by_id_or_voice():
     ("0: Hi.\nnobody: Hey.", "dialogue line 2: unknown voice 'nobody'"),
     ("Dr Who: Hi.", "dialogue line 1: bad voice name 'Dr Who'"),
     ("0: Hi.\n-1: Yo.", "dialogue line 2: a speaker id is a whole number >= 0, got -1"),
+    ("0: Hi.\r\u200b: Yo.", "dialogue line 2 names no speaker"),
     ("0: Hi,\u2028there.\fOK.\nAlloy: Yo.", r"dialogue line 2: unknown voice 'Alloy' \(saved: none yet; built-in: alloy,"),
     ("\n  \n", "has no turns"),
 ])
@@ -401,6 +407,9 @@ def test_dialogue_script_errors_name_the_line(script, match):
     (lambda tts: tts.generate(TEXT, max_audio_ms=float("inf")), "max_audio_ms must be a number > 0"),
     (lambda tts: tts.generate(None), "must be a string"),
     (lambda tts: tts.generate("\u200b\u200b "), "text is empty"),
+    (lambda tts: tts.generate("caf\udce9"), "characters that are not Unicode"),
+    (lambda tts: tts.generate(TEXT, seed=-1), "seed must be a whole number >= 0"),
+    (lambda tts: tts.generate(TEXT, seed="1"), "seed must be a whole number >= 0"),
     (lambda tts: list(tts.stream(TEXT, chunk_frames=0)), "chunk_frames must be >= 1"),
     (lambda tts: tts.decode(np.zeros(32, dtype=np.int64)), r"shape \(frames, 32\)"),
     (lambda tts: tts.decode(np.zeros((5, 32)) + 0.5), "whole numbers"),
@@ -434,6 +443,9 @@ def test_budget_is_proportional_to_text(tts):
 @pytest.mark.parametrize("args, message", [
     (["", "-o", "{tmp}/x.wav"], "no text"),
     (["\u200b\ufeff", "-o", "{tmp}/x.wav"], "no text"),
+    (["caf\udce9", "-o", "{tmp}/x.wav"], "TEXT is not valid UTF-8"),  # what Python makes of latin-1 argv bytes
+    (["hi", "--input", "{tmp}/latin1.txt", "-o", "{tmp}/x.wav"], "either as TEXT or with --input, not both"),
+    (["--input", "{tmp}/utf16.txt", "-o", "{tmp}/x.wav"], "holds NUL bytes, so it is not UTF-8 text (UTF-16?)"),
     (["hi", "--voice", "nobody", "-o", "{tmp}/x.wav"], "unknown voice 'nobody'"),
     (["hi", "--temperature", "-1", "-o", "{tmp}/x.wav"], "--temperature must be >= 0"),
     (["hi", "--top-k", "0", "-o", "{tmp}/x.wav"], "--top-k must be >= 1"),
@@ -470,6 +482,7 @@ def test_budget_is_proportional_to_text(tts):
 def test_bad_input_is_a_clear_error_with_no_output(f32_model, tmp_path, capsys, args, message):
     (tmp_path / "garbage.wav").write_bytes(b"RIFF nonsense")
     (tmp_path / "latin1.txt").write_bytes("Café au lait.".encode("latin-1"))
+    (tmp_path / "utf16.txt").write_bytes("Hi.".encode("utf-16-le"))
     np.save(tmp_path / "float.npy", np.full((3, 32), 1.5))
     np.save(tmp_path / "no-frames.npy", np.zeros((0, 32), dtype=np.int64))
     with open(tmp_path / "archive.NPY", "wb") as f:  # what a saved voice holds, under a codes file's name
@@ -489,14 +502,19 @@ def test_stdin_and_files_are_utf8_with_or_without_a_byte_order_mark(tmp_path):
     script = tmp_path / "talk.txt"
     script.write_bytes("\ufeff0: Café.\r\n1: Oui.\r\n".encode())
     no_model = ["--model", str(tmp_path / "no-model")]  # reaching the model would fail on this instead
-    for args, stdin in ((["--dialogue", "-i", str(script)], b""), (["--dialogue", "-"], script.read_bytes())):
+    for args, stdin in ((["--dialogue", "-i", str(script)], b""), (["--dialogue", "-"], script.read_bytes()),
+                        (["--dialogue", "-i", "-"], script.read_bytes())):
         done = subprocess.run([sys.executable, "-m", "csm_gguf.say", *args, "-o", str(tmp_path / "x.wav"), *no_model],
                               input=stdin, capture_output=True)
         assert b"dialogue line" not in done.stderr and b"no-model" in done.stderr  # the script was read
     done = subprocess.run([sys.executable, "-m", "csm_gguf.say", "-", *no_model], input="Café.".encode("latin-1"),
                           capture_output=True)
     assert done.returncode == 2
-    assert done.stderr.decode().strip() == "error: standard input is not UTF-8 text (invalid continuation byte at byte 3)"
+    assert done.stderr.decode().strip() == ("error: standard input is not UTF-8 text (invalid continuation byte at "
+                                            "byte 3): save it as UTF-8")
+    done = subprocess.run([sys.executable, "-m", "csm_gguf.say", "-", *no_model], preexec_fn=lambda: os.close(0),
+                          capture_output=False, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert (done.returncode, done.stderr) == (2, b"error: cannot read standard input: it is closed\n")
 
 
 def test_voice_names_and_folder_are_checked_before_the_model_loads(tmp_path, monkeypatch, capsys):

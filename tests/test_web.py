@@ -790,6 +790,7 @@ OK = {"model": "csm-1b", "input": TEXT, "voice": "alloy"}
     ({"model": "csm-1b", "voice": "alloy"}, "input", "missing_required_parameter"),
     ({**OK, "input": "   "}, "input", "invalid_value"),
     ({**OK, "input": "\u200b\ufeff \u200d"}, "input", "invalid_value"),  # only invisible characters
+    ({**OK, "input": "caf\ud800"}, "input", "invalid_value"),  # a lone surrogate: not Unicode text
     ({**OK, "input": "a" * 4097}, "input", "string_above_max_length"),
     ({**OK, "input": 5}, "input", "invalid_value"),
     ({**OK, "model": "whisper-1"}, "model", "model_not_found"),
