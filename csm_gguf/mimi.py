@@ -15,14 +15,20 @@ Speed on CPU: a 1-frame `decode_step` reads all ~160 MB of decoder weights for 2
 costs about 2.5x a frame of batch decoding; chunks of 2+ frames amortise that. The ops are small: on a
 machine whose cores are busy with other work, run with torch.set_num_threads(1) (more threads then
 stall on each other).
+
+On CUDA a step is launch-bound (a few thousand small kernels), so each stream's 1-frame step is recorded
+as a CUDA graph and replayed: the streaming state lives entirely in tensors updated in place, the
+keys and values in a ring of slots, so every step is the same kernels on the same buffers.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from collections.abc import Callable, Mapping
-from typing import Any
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -106,6 +112,9 @@ class MimiConfig:
 
 
 # --- Streaming state ------------------------------------------------------------------------------------
+# Every buffer is updated in place and keeps its address, and nothing about the stream (its position
+# included) lives in Python: a step is the same sequence of kernels every time, which a CUDA graph can
+# replay (`DecoderState.graph`).
 
 
 @dataclass
@@ -130,44 +139,21 @@ class ConvTrState:
 
 @dataclass
 class KVCache:
-    """Keys and values of past steps. Steps [0, length) of the buffers are valid, oldest first."""
+    """One layer's keys and values in a ring of slots: step p sits in slot p % slots."""
 
-    keys: Tensor  # [B, heads, capacity, head_dim]
+    keys: Tensor  # [B, heads, slots, head_dim]
     values: Tensor
-    length: int = 0
-
-    def update(self, k: Tensor, v: Tensor, window: int) -> tuple[Tensor, Tensor]:
-        """Append a chunk's keys/values and return those its queries may see: the chunk and up to
-        window - 1 older steps. The buffer is compacted only when full, so most calls copy nothing."""
-        t = k.shape[2]
-        if self.length + t > self.keys.shape[2]:
-            keep = min(self.length, window - 1)  # older steps are out of every future query's window
-            old_k = self.keys[:, :, self.length - keep : self.length].clone()
-            old_v = self.values[:, :, self.length - keep : self.length].clone()
-            if keep + t > self.keys.shape[2]:  # a chunk larger than the buffer: grow it
-                shape = (*self.keys.shape[:2], keep + t, self.keys.shape[3])
-                self.keys, self.values = self.keys.new_empty(shape), self.values.new_empty(shape)
-            self.keys[:, :, :keep], self.values[:, :, :keep] = old_k, old_v
-            self.length = keep
-        self.keys[:, :, self.length : self.length + t] = k
-        self.values[:, :, self.length : self.length + t] = v
-        self.length += t
-        start = max(0, self.length - (window - 1 + t))
-        return self.keys[:, :, start : self.length], self.values[:, :, start : self.length]
-
-    def reset(self) -> None:
-        self.length = 0
 
 
 @dataclass
 class TransformerState:
     caches: list[KVCache]  # one per layer
-    position: int = 0  # absolute step index of the next input (its RoPE position)
+    slot_steps: Tensor  # [slots]: the step each ring slot holds (-window while empty: out of every window)
+    position: Tensor  # []: the next input's step (its RoPE position)
 
     def reset(self) -> None:
-        self.position = 0
-        for cache in self.caches:
-            cache.reset()
+        self.slot_steps.fill_(-len(self.slot_steps))
+        self.position.zero_()
 
 
 @dataclass
@@ -183,6 +169,16 @@ class SEANetDecoderState:
 
 
 @dataclass
+class StepGraph:
+    """A 1-frame decode step recorded as a CUDA graph: one launch instead of a few thousand small kernels,
+    which is what a streaming step costs on a GPU. It reads `codes` and writes `audio`, both fixed."""
+
+    graph: torch.cuda.CUDAGraph
+    codes: Tensor  # [B, K, 1]
+    audio: Tensor  # [B, 1, frame_size]
+
+
+@dataclass
 class DecoderState:
     """Everything `Mimi.decode_step` carries from one chunk of frames to the next."""
 
@@ -190,12 +186,19 @@ class DecoderState:
     transformer: TransformerState
     seanet: SEANetDecoderState
     frames: int = 0  # frames decoded so far
+    graph: StepGraph | None = None  # on CUDA: the 1-frame step, captured once (it survives `reset`)
 
     def reset(self) -> None:
         self.upsample.reset()
         self.transformer.reset()
         self.seanet.reset()
         self.frames = 0
+
+    def buffers(self) -> list[Tensor]:
+        t, s = self.transformer, self.seanet
+        convs = [s.conv_in, *(c for block in s.res for c in block), s.conv_out]
+        return [self.upsample.tail, *(c.tail for c in s.ups), *(c.context for c in convs), t.slot_steps,
+                t.position, *(kv for cache in t.caches for kv in (cache.keys, cache.values))]
 
 
 # --- Convolutions -----------------------------------------------------------------------------------------
@@ -241,7 +244,7 @@ class Conv(nn.Module):
             x = F.pad(x.mT, (self.pad, -x.shape[1] % self.stride), mode=self.pad_mode).mT
         elif self.pad:
             x = torch.cat([state.context, x], dim=1)
-            state.context = x[:, x.shape[1] - self.pad :]
+            state.context.copy_(x[:, x.shape[1] - self.pad :])
         t = (x.shape[1] - self.pad - 1) // self.stride + 1
         y = _linear(x[:, : (t - 1) * self.stride + 1 : self.stride], self.weight[0], self.bias)
         for j in range(1, len(self.weight)):
@@ -277,7 +280,7 @@ class ConvTr(nn.Module):
             y = _linear(x, self.weight.flatten(0, 1))
         y = y.reshape(b, t, 2, self.stride * self.c_out)  # [..., (first half, second half), (tap, channel)]
         out = y[:, :, 0] + torch.cat([state.tail, y[:, :-1, 1]], dim=1)
-        state.tail = y[:, -1:, 1]
+        state.tail.copy_(y[:, -1:, 1])
         out = out.view(b, t * self.stride, self.c_out)
         return out if self.bias is None else out + self.bias
 
@@ -389,12 +392,13 @@ class TransformerLayer(nn.Module):
         self.fc1 = nn.Linear(d, cfg.intermediate_size, bias=False)
         self.fc2 = nn.Linear(cfg.intermediate_size, d, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: KVCache) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: KVCache, slots: Tensor) -> Tensor:
         b, t, _ = x.shape
         qkv = _linear(self.norm1(x), self.qkv.weight)
         q, k, v = qkv.view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        k, v = cache.update(_rope(k, cos, sin), v, self.window)
-        a = F.scaled_dot_product_attention(_rope(q, cos, sin), k, v, attn_mask=mask)
+        cache.keys.index_copy_(2, slots, _rope(k, cos, sin))
+        cache.values.index_copy_(2, slots, v)
+        a = F.scaled_dot_product_attention(_rope(q, cos, sin), cache.keys, cache.values, attn_mask=mask)
         x = x + _linear(a.transpose(1, 2).reshape(b, t, -1), self.out.weight)
         return x + _linear(F.gelu(_linear(self.norm2(x), self.fc1.weight)), self.fc2.weight)
 
@@ -409,24 +413,36 @@ class Transformer(nn.Module):
         inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def init_state(self, batch: int, capacity: int) -> TransformerState:
-        shape = (batch, self.heads, capacity, self.head_dim)
+    def init_state(self, batch: int) -> TransformerState:
+        # Two windows of slots: a chunk of up to window + 1 steps finds every key its queries may see.
+        slots = 2 * self.window
+        shape = (batch, self.heads, slots, self.head_dim)
         w = self.layers[0].qkv.weight
-        return TransformerState([KVCache(w.new_zeros(shape), w.new_zeros(shape)) for _ in self.layers])
+        state = TransformerState(
+            caches=[KVCache(w.new_zeros(shape), w.new_zeros(shape)) for _ in self.layers],
+            slot_steps=torch.empty(slots, dtype=torch.int64, device=w.device),
+            position=torch.zeros((), dtype=torch.int64, device=w.device),
+        )
+        state.reset()
+        return state
 
     def forward(self, x: Tensor, state: TransformerState) -> Tensor:
+        chunks = [self._chunk(c, state) for c in x.split(self.window, dim=1)]
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)
+
+    def _chunk(self, x: Tensor, state: TransformerState) -> Tensor:
         t = x.shape[1]
-        positions = torch.arange(state.position, state.position + t, device=x.device, dtype=torch.float32)
-        freqs = positions[:, None] * self.inv_freq
-        cos, sin = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
-        # Every layer's cache has the same length, so one mask serves all: query i (step n - t + i of the
-        # n visible keys) sees key j when 0 <= (n - t + i) - j < window.
-        n = min(state.caches[0].length, self.window - 1) + t
-        lag = torch.arange(n - t, n, device=x.device)[:, None] - torch.arange(n, device=x.device)
+        steps = state.position + torch.arange(t, device=x.device)
+        slots = steps % len(state.slot_steps)
+        state.slot_steps.index_copy_(0, slots, steps)
+        # Query i (step steps[i]) sees the slot holding step s when 0 <= steps[i] - s < window.
+        lag = steps[:, None] - state.slot_steps
         mask = (lag >= 0) & (lag < self.window)
+        freqs = steps[:, None].float() * self.inv_freq
+        cos, sin = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
         for layer, cache in zip(self.layers, state.caches):
-            x = layer(x, cos, sin, mask, cache)
-        state.position += t
+            x = layer(x, cos, sin, mask, cache, slots)
+        state.position.add_(t)
         return x
 
 
@@ -476,6 +492,11 @@ def _quantize_residual(x: Tensor, codebooks: Tensor) -> Tensor:
 
 
 class Mimi(nn.Module):
+    # Held while CUDA work is issued. A graph capture must not overlap other CUDA work in the process (its
+    # device-wide sync fails while another stream is being captured, llama.cpp's included): callers that
+    # drive llama.cpp from other threads set their own lock here (`CSM` does). By default one for all.
+    cuda_lock: ClassVar[AbstractContextManager] = threading.RLock()
+
     def __init__(self, cfg: MimiConfig):
         super().__init__()
         self.cfg = cfg
@@ -509,10 +530,9 @@ class Mimi(nn.Module):
 
     @torch.inference_mode()
     def decoder_state(self, batch_size: int = 1) -> DecoderState:
-        # KV buffers of twice the window: `KVCache.update` compacts them every ~window steps (10 s).
         return DecoderState(
             upsample=self.upsample.init_state(batch_size),
-            transformer=self.decoder_transformer.init_state(batch_size, 2 * self.cfg.sliding_window),
+            transformer=self.decoder_transformer.init_state(batch_size),
             seanet=self.decoder.init_state(batch_size),
         )
 
@@ -524,13 +544,50 @@ class Mimi(nn.Module):
     @torch.inference_mode()
     def decode_step(self, codes: Tensor, state: DecoderState) -> Tensor:
         """Decode the next chunk of a stream: codes [B, K, t] -> audio [B, 1, t * frame_size]."""
-        codes = codes.to(self.device)
         if codes.shape[-1] == 0:
-            return codes.new_zeros(codes.shape[0], 1, 0, dtype=self.quantizer.codebooks.dtype)
+            return self.quantizer.codebooks.new_zeros(codes.shape[0], 1, 0)
+        if self.device.type != "cuda":
+            audio = self._step(codes.to(self.device), state)
+        else:
+            # The 1-frame steps after a stream's first are replayed from a CUDA graph; the first runs as it
+            # is, so that recording the graph (about three steps' time, once per state) is not in the
+            # first audio.
+            with self.cuda_lock:
+                codes = codes.to(self.device)
+                graphed = codes.shape[-1] == 1 and (state.graph is not None or state.frames > 0)
+                audio = self._replay(codes, state) if graphed else self._step(codes, state)
+        state.frames += codes.shape[-1]
+        return audio
+
+    def _step(self, codes: Tensor, state: DecoderState) -> Tensor:
         x = self.upsample(self.quantizer.decode(codes), state.upsample)
         x = self.decoder_transformer(x, state.transformer)
-        state.frames += codes.shape[-1]
         return self.decoder(x, state.seanet).mT
+
+    def _replay(self, codes: Tensor, state: DecoderState) -> Tensor:
+        if state.graph is None or state.graph.codes.shape != codes.shape:
+            state.graph = self._capture(codes, state)
+        state.graph.codes.copy_(codes)
+        state.graph.graph.replay()
+        return state.graph.audio.clone()  # the next replay overwrites it
+
+    def _capture(self, codes: Tensor, state: DecoderState) -> StepGraph:
+        """Record `_step` on `state`'s buffers. A capture runs nothing, but it must follow warm-up runs on
+        a side stream, which would advance the stream: they run on the buffers' contents, then these go
+        back."""
+        saved = [b.clone() for b in state.buffers()]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._step(codes, state)
+        torch.cuda.current_stream().wait_stream(side)
+        for buffer, value in zip(state.buffers(), saved):
+            buffer.copy_(value)
+        graph, static_codes = torch.cuda.CUDAGraph(), codes.clone()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            audio = self._step(static_codes, state)
+        return StepGraph(graph, static_codes, audio)
 
     @torch.inference_mode()
     def decode(self, codes: Tensor, chunk: int = 25) -> Tensor:
@@ -544,9 +601,10 @@ class Mimi(nn.Module):
         """Audio [B, 1, N] -> codes [B, num_quantizers, ceil(N / frame_size)]. Like transformers, every
         strided conv pads its input on the right to a whole number of strides (there is no up-front
         padding of the audio to whole frames)."""
-        x = self.encoder(audio.to(self.device).mT)
-        x = self.encoder_transformer(x, self.encoder_transformer.init_state(x.shape[0], x.shape[1]))
-        return self.quantizer.encode(self.downsample(x))
+        with self.cuda_lock if self.device.type == "cuda" else nullcontext():
+            x = self.encoder(audio.to(self.device).mT)
+            x = self.encoder_transformer(x, self.encoder_transformer.init_state(x.shape[0]))
+            return self.quantizer.encode(self.downsample(x))
 
 
 # --- Checkpoint layout ------------------------------------------------------------------------------------

@@ -124,6 +124,7 @@ class CSM:
 
             state = {k: torch.from_numpy(v) for k, v in self.model.codec_state_dict().items()}
             codec = Mimi.from_state_dict(MimiConfig.from_transformers(self.model.codec_config), state)
+            codec.cuda_lock = self.generator.lock  # no graph capture while llama.cpp runs in another thread
             self._codec = codec.to(self.codec_device)
         return self._codec
 

@@ -198,7 +198,8 @@ def test_streaming_matches_batch(mimi, reference, one_step, chunk):
 
 def test_streaming_irregular_chunks(mimi, reference, one_step):
     codes, _ = reference
-    # The 130-frame chunk comes after 152 frames of history: the KV buffer (2 windows) must grow.
+    # The 140- and 130-frame chunks are 280 and 260 transformer steps, more than the 250-step window (and
+    # the ring of keys holds 500): the transformer takes them a window at a time.
     chunks = [3, 1, 140, 7, 1, 2, 130, 1, 15]
     assert sum(chunks) == FRAMES
     assert_audio_close(stream(mimi, codes, chunks), one_step)
@@ -217,6 +218,62 @@ def test_reset(mimi, reference, one_step):
 def test_batch_items_are_independent(mimi, reference, one_step):
     codes, _ = reference
     assert_audio_close(mimi.decode(codes[1:, :, :50]), one_step[1:, :, : 50 * 64])
+
+
+def test_state_lists_every_buffer(mimi):
+    """A CUDA graph's capture saves and restores `buffers()` around its warm-up steps: a buffer missing from
+    the list would be left advanced, and the stream would skip ahead."""
+
+    def tensors(obj) -> list[torch.Tensor]:
+        if isinstance(obj, torch.Tensor):
+            return [obj]
+        if isinstance(obj, list):
+            return [t for item in obj for t in tensors(item)]
+        if hasattr(obj, "__dataclass_fields__"):
+            return [t for name in obj.__dataclass_fields__ for t in tensors(getattr(obj, name))]
+        return []
+
+    state = mimi.decoder_state(2)
+    listed = state.buffers()
+    assert len(listed) == len({id(t) for t in listed})
+    assert {id(t) for t in listed} == {id(t) for t in tensors(state)}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch has no CUDA device")
+def test_cuda_graph_replays_the_one_frame_step(mimi, reference, one_step):
+    """On CUDA a 1-frame step is captured once per state and replayed: across a reset, 2-frame steps run
+    eagerly in between, and more than a window of steps (the ring of keys wraps)."""
+    codes, _ = reference
+    gpu = copy.deepcopy(mimi).to("cuda")
+    state = gpu.decoder_state(2)
+    gpu.decode_step(random_codes(1, batch=2, seed=3), state)
+    assert state.graph is None  # a stream's first frame is decoded as it is
+    gpu.decode_step(random_codes(1, batch=2, seed=4), state)
+    graph = state.graph
+    assert graph is not None
+    gpu.reset(state)
+    chunks = [1] * 140 + [2] + [1] * (FRAMES - 142)
+    audio = torch.cat([gpu.decode_step(c, state) for c in codes.split(chunks, dim=-1)], dim=-1)
+    assert state.graph is graph
+    assert_audio_close(audio.cpu(), one_step)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch has no CUDA device")
+def test_cuda_graphs_of_streams_in_several_threads(mimi, reference, one_step):
+    """The server decodes each request's stream in its own thread: captures and replays run side by side."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    codes, _ = reference
+    gpu = copy.deepcopy(mimi).to("cuda")
+
+    def one_stream(i: int) -> torch.Tensor:
+        with torch.inference_mode():
+            return stream(gpu, codes[i % 2 : i % 2 + 1, :, :40], [1] * 40).cpu()
+
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(one_stream, range(8)))
+    for i, audio in enumerate(outs):
+        assert_audio_close(audio, one_step[i % 2 : i % 2 + 1, :, : 40 * 64])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch has no CUDA device")
