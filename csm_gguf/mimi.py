@@ -148,7 +148,7 @@ class KVCache:
 @dataclass
 class TransformerState:
     caches: list[KVCache]  # one per layer
-    slot_steps: Tensor  # [slots]: the step each ring slot holds (-window while empty: out of every window)
+    slot_steps: Tensor  # [slots]: the step each slot holds (while empty, -slots: out of every window)
     position: Tensor  # []: the next input's step (its RoPE position)
 
     def reset(self) -> None:
@@ -403,6 +403,12 @@ class TransformerLayer(nn.Module):
         return x + _linear(F.gelu(_linear(self.norm2(x), self.fc1.weight)), self.fc2.weight)
 
 
+# Steps the transformer takes at once; longer inputs go in pieces. Every step attends over all of the
+# ring's window + CHUNK_STEPS - 1 slots (masked): a larger value costs every streaming step, a smaller one
+# re-reads the weights more often for long inputs. 64 holds a 25-frame batch-decode chunk (50 steps).
+CHUNK_STEPS = 64
+
+
 class Transformer(nn.Module):
     """Causal transformer over [B, T, hidden] with a sliding window of `sliding_window` steps."""
 
@@ -414,8 +420,8 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def init_state(self, batch: int) -> TransformerState:
-        # Two windows of slots: a chunk of up to window + 1 steps finds every key its queries may see.
-        slots = 2 * self.window
+        # A piece of up to CHUNK_STEPS steps then finds every key its queries may see (window - 1 back).
+        slots = self.window + CHUNK_STEPS - 1
         shape = (batch, self.heads, slots, self.head_dim)
         w = self.layers[0].qkv.weight
         state = TransformerState(
@@ -427,7 +433,7 @@ class Transformer(nn.Module):
         return state
 
     def forward(self, x: Tensor, state: TransformerState) -> Tensor:
-        chunks = [self._chunk(c, state) for c in x.split(self.window, dim=1)]
+        chunks = [self._chunk(c, state) for c in x.split(CHUNK_STEPS, dim=1)]
         return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)
 
     def _chunk(self, x: Tensor, state: TransformerState) -> Tensor:

@@ -198,8 +198,8 @@ def test_streaming_matches_batch(mimi, reference, one_step, chunk):
 
 def test_streaming_irregular_chunks(mimi, reference, one_step):
     codes, _ = reference
-    # The 140- and 130-frame chunks are 280 and 260 transformer steps, more than the 250-step window (and
-    # the ring of keys holds 500): the transformer takes them a window at a time.
+    # The 140- and 130-frame chunks are 280 and 260 transformer steps, more than the 250-step window and
+    # the ring of keys: the transformer takes them in pieces.
     chunks = [3, 1, 140, 7, 1, 2, 130, 1, 15]
     assert sum(chunks) == FRAMES
     assert_audio_close(stream(mimi, codes, chunks), one_step)
