@@ -16,9 +16,10 @@ costs about 2.5x a frame of batch decoding; chunks of 2+ frames amortise that. T
 machine whose cores are busy with other work, run with torch.set_num_threads(1) (more threads then
 stall on each other).
 
-On CUDA a step is launch-bound (a few thousand small kernels), so each stream's 1-frame step is recorded
-as a CUDA graph and replayed: the streaming state lives entirely in tensors updated in place, the
-keys and values in a ring of slots, so every step is the same kernels on the same buffers.
+On CUDA a step is launch-bound (a few thousand small kernels). A stream decoded one frame at a time can
+have its step recorded as a CUDA graph and replayed (`decoder_state(cuda_graph=True)`): the streaming
+state lives entirely in tensors updated in place, the keys and values in a ring of slots, so every step
+is the same kernels on the same buffers.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import threading
 from dataclasses import dataclass
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -114,7 +115,7 @@ class MimiConfig:
 # --- Streaming state ------------------------------------------------------------------------------------
 # Every buffer is updated in place and keeps its address, and nothing about the stream (its position
 # included) lives in Python: a step is the same sequence of kernels every time, which a CUDA graph can
-# replay (`DecoderState.graph`).
+# replay (`DecoderState.cuda_graph`).
 
 
 @dataclass
@@ -154,6 +155,9 @@ class TransformerState:
     def reset(self) -> None:
         self.slot_steps.fill_(-len(self.slot_steps))
         self.position.zero_()
+        for cache in self.caches:  # masked slots still enter the products: no stale inf or NaN
+            cache.keys.zero_()
+            cache.values.zero_()
 
 
 @dataclass
@@ -186,7 +190,8 @@ class DecoderState:
     transformer: TransformerState
     seanet: SEANetDecoderState
     frames: int = 0  # frames decoded so far
-    graph: StepGraph | None = None  # on CUDA: the 1-frame step, captured once (it survives `reset`)
+    cuda_graph: bool = False  # on CUDA, replay 1-frame steps from a graph (see `Mimi.decoder_state`)
+    graph: StepGraph | None = None  # that graph, recorded once (it survives `reset`)
 
     def reset(self) -> None:
         self.upsample.reset()
@@ -497,11 +502,15 @@ def _quantize_residual(x: Tensor, codebooks: Tensor) -> Tensor:
 # --- The codec --------------------------------------------------------------------------------------------
 
 
+_RECORDING = threading.Lock()
+
+
 class Mimi(nn.Module):
-    # Held while CUDA work is issued. A graph capture must not overlap other CUDA work in the process (its
-    # device-wide sync fails while another stream is being captured, llama.cpp's included): callers that
-    # drive llama.cpp from other threads set their own lock here (`CSM` does). By default one for all.
-    cuda_lock: ClassVar[AbstractContextManager] = threading.RLock()
+    # Held while a CUDA graph is recorded. Recording starts with a device-wide sync, which fails while any
+    # other stream is being captured: another recording (one at a time, all instances share _RECORDING),
+    # or llama.cpp's own graphs, which it records inside its calls. A caller that drives llama.cpp sets
+    # the lock it holds around those calls here (`CSM` does).
+    cuda_lock: AbstractContextManager = nullcontext()
 
     def __init__(self, cfg: MimiConfig):
         super().__init__()
@@ -535,11 +544,15 @@ class Mimi(nn.Module):
         return self.quantizer.codebooks.device
 
     @torch.inference_mode()
-    def decoder_state(self, batch_size: int = 1) -> DecoderState:
+    def decoder_state(self, batch_size: int = 1, cuda_graph: bool = False) -> DecoderState:
+        """A fresh stream. With `cuda_graph`, on CUDA, its 1-frame steps after the first are replayed from a
+        CUDA graph recorded at the second (about three steps' time, once): a stream decoded one frame at a
+        time, in the thread that drives llama.cpp or under `cuda_lock`, so the recording meets no other."""
         return DecoderState(
             upsample=self.upsample.init_state(batch_size),
             transformer=self.decoder_transformer.init_state(batch_size),
             seanet=self.decoder.init_state(batch_size),
+            cuda_graph=cuda_graph,
         )
 
     @torch.inference_mode()
@@ -550,18 +563,12 @@ class Mimi(nn.Module):
     @torch.inference_mode()
     def decode_step(self, codes: Tensor, state: DecoderState) -> Tensor:
         """Decode the next chunk of a stream: codes [B, K, t] -> audio [B, 1, t * frame_size]."""
+        codes = codes.to(self.device)
         if codes.shape[-1] == 0:
             return self.quantizer.codebooks.new_zeros(codes.shape[0], 1, 0)
-        if self.device.type != "cuda":
-            audio = self._step(codes.to(self.device), state)
-        else:
-            # The 1-frame steps after a stream's first are replayed from a CUDA graph; the first runs as it
-            # is, so that recording the graph (about three steps' time, once per state) is not in the
-            # first audio.
-            with self.cuda_lock:
-                codes = codes.to(self.device)
-                graphed = codes.shape[-1] == 1 and (state.graph is not None or state.frames > 0)
-                audio = self._replay(codes, state) if graphed else self._step(codes, state)
+        graphed = state.cuda_graph and codes.is_cuda and codes.shape[-1] == 1
+        graphed = graphed and (state.graph is not None or state.frames > 0)
+        audio = self._replay(codes, state) if graphed else self._step(codes, state)
         state.frames += codes.shape[-1]
         return audio
 
@@ -572,24 +579,26 @@ class Mimi(nn.Module):
 
     def _replay(self, codes: Tensor, state: DecoderState) -> Tensor:
         if state.graph is None or state.graph.codes.shape != codes.shape:
-            state.graph = self._capture(codes, state)
+            with self.cuda_lock, _RECORDING:
+                state.graph = self._record(codes, state)
         state.graph.codes.copy_(codes)
         state.graph.graph.replay()
         return state.graph.audio.clone()  # the next replay overwrites it
 
-    def _capture(self, codes: Tensor, state: DecoderState) -> StepGraph:
-        """Record `_step` on `state`'s buffers. A capture runs nothing, but it must follow warm-up runs on
-        a side stream, which would advance the stream: they run on the buffers' contents, then these go
-        back."""
+    def _record(self, codes: Tensor, state: DecoderState) -> StepGraph:
+        """Record `_step` on `state`'s buffers. Recording runs nothing, but it must follow warm-up runs on a
+        side stream, which would advance the stream: they run on the buffers' contents, then these go back."""
         saved = [b.clone() for b in state.buffers()]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._step(codes, state)
-        torch.cuda.current_stream().wait_stream(side)
-        for buffer, value in zip(state.buffers(), saved):
-            buffer.copy_(value)
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._step(codes, state)
+            torch.cuda.current_stream().wait_stream(side)
+        finally:
+            for buffer, value in zip(state.buffers(), saved):
+                buffer.copy_(value)
         graph, static_codes = torch.cuda.CUDAGraph(), codes.clone()
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             audio = self._step(static_codes, state)
@@ -607,10 +616,9 @@ class Mimi(nn.Module):
         """Audio [B, 1, N] -> codes [B, num_quantizers, ceil(N / frame_size)]. Like transformers, every
         strided conv pads its input on the right to a whole number of strides (there is no up-front
         padding of the audio to whole frames)."""
-        with self.cuda_lock if self.device.type == "cuda" else nullcontext():
-            x = self.encoder(audio.to(self.device).mT)
-            x = self.encoder_transformer(x, self.encoder_transformer.init_state(x.shape[0]))
-            return self.quantizer.encode(self.downsample(x))
+        x = self.encoder(audio.to(self.device).mT)
+        x = self.encoder_transformer(x, self.encoder_transformer.init_state(x.shape[0]))
+        return self.quantizer.encode(self.downsample(x))
 
 
 # --- Checkpoint layout ------------------------------------------------------------------------------------

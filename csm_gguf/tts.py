@@ -124,7 +124,7 @@ class CSM:
 
             state = {k: torch.from_numpy(v) for k, v in self.model.codec_state_dict().items()}
             codec = Mimi.from_state_dict(MimiConfig.from_transformers(self.model.codec_config), state)
-            codec.cuda_lock = self.generator.lock  # no graph capture while llama.cpp runs in another thread
+            codec.cuda_lock = self.generator.lock  # no graph is recorded while llama.cpp runs in another thread
             self._codec = codec.to(self.codec_device)
         return self._codec
 
@@ -305,7 +305,9 @@ class CSM:
         if chunk_frames < 1:
             raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
         codec = self.codec
-        state = codec.decoder_state(1)
+        # One frame at a time on CUDA: replayed from a graph. Every llama.cpp call of this CSM holds the lock
+        # the recording takes, so none of its own graphs is being recorded meanwhile.
+        state = codec.decoder_state(1, cuda_graph=chunk_frames == 1)
         pending: list[np.ndarray] = []
 
         def flush() -> np.ndarray:

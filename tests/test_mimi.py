@@ -181,8 +181,8 @@ def one_step(mimi, reference) -> torch.Tensor:
     return mimi.decode(codes, chunk=FRAMES)  # the whole sequence as a single streaming step
 
 
-def stream(mimi: Mimi, codes: torch.Tensor, chunks: list[int]) -> torch.Tensor:
-    state = mimi.decoder_state(codes.shape[0])
+def stream(mimi: Mimi, codes: torch.Tensor, chunks: list[int], cuda_graph: bool = False) -> torch.Tensor:
+    state = mimi.decoder_state(codes.shape[0], cuda_graph=cuda_graph)
     out = [mimi.decode_step(c, state) for c in codes.split(chunks, dim=-1)]
     for c, audio in zip(codes.split(chunks, dim=-1), out):
         assert audio.shape[-1] == c.shape[-1] * mimi.cfg.frame_size
@@ -209,6 +209,8 @@ def test_reset(mimi, reference, one_step):
     codes, _ = reference
     state = mimi.decoder_state(2)
     mimi.decode_step(random_codes(30, batch=2, seed=3), state)
+    with torch.inference_mode():  # a slot the next steps do not fill: masked, but it enters the products
+        state.transformer.caches[0].keys[:, :, -1] = float("nan")
     mimi.reset(state)
     assert state.frames == 0
     out = torch.cat([mimi.decode_step(c, state) for c in codes[..., :20].split(4, dim=-1)], dim=-1)
@@ -245,7 +247,8 @@ def test_cuda_graph_replays_the_one_frame_step(mimi, reference, one_step):
     eagerly in between, and more than a window of steps (the ring of keys wraps)."""
     codes, _ = reference
     gpu = copy.deepcopy(mimi).to("cuda")
-    state = gpu.decoder_state(2)
+    assert gpu.decoder_state(2).cuda_graph is False  # only when asked for
+    state = gpu.decoder_state(2, cuda_graph=True)
     gpu.decode_step(random_codes(1, batch=2, seed=3), state)
     assert state.graph is None  # a stream's first frame is decoded as it is
     gpu.decode_step(random_codes(1, batch=2, seed=4), state)
@@ -260,7 +263,7 @@ def test_cuda_graph_replays_the_one_frame_step(mimi, reference, one_step):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch has no CUDA device")
 def test_cuda_graphs_of_streams_in_several_threads(mimi, reference, one_step):
-    """The server decodes each request's stream in its own thread: captures and replays run side by side."""
+    """Streams decoded in several threads: recordings take turns, replays run side by side."""
     from concurrent.futures import ThreadPoolExecutor
 
     codes, _ = reference
@@ -268,7 +271,7 @@ def test_cuda_graphs_of_streams_in_several_threads(mimi, reference, one_step):
 
     def one_stream(i: int) -> torch.Tensor:
         with torch.inference_mode():
-            return stream(gpu, codes[i % 2 : i % 2 + 1, :, :40], [1] * 40).cpu()
+            return stream(gpu, codes[i % 2 : i % 2 + 1, :, :40], [1] * 40, cuda_graph=True).cpu()
 
     with ThreadPoolExecutor(4) as pool:
         outs = list(pool.map(one_stream, range(8)))

@@ -52,6 +52,18 @@ def test_api_audio_equals_reference_decode_of_reference_codes(tiny_csm, tts):
     np.testing.assert_allclose(streamed, audio, atol=1e-5 * np.abs(audio).max())
 
 
+def test_only_streams_of_single_frames_ask_for_a_cuda_graph(tts, monkeypatch):
+    """A graph replays 1-frame steps, and recording one costs about three steps: `say` (5-frame chunks) and
+    `generate` (25) would record one only for a last chunk of one frame."""
+    asked = []
+    make = tts.codec.decoder_state
+    monkeypatch.setattr(tts.codec, "decoder_state", lambda *a, **k: asked.append(k.get("cuda_graph")) or make(*a, **k))
+    list(tts.stream(TEXT, chunk_frames=1, max_audio_ms=160))
+    list(tts.stream(TEXT, chunk_frames=5, max_audio_ms=160))
+    tts.generate(TEXT, max_audio_ms=160)
+    assert asked == [True, False, False]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch has no CUDA device")
 def test_codec_on_cuda_gives_the_cpu_audio(f32_model, tts):
     gpu = CSM(f32_model, kv_type="f32", codec_device="cuda")
