@@ -150,7 +150,7 @@ def write_model_dir(
         raise CheckpointError(f"cannot read tokenizer {tokenizer_json}: {e}") from e
 
     out_dir = out_dir.expanduser().resolve()
-    check_output_dir(out_dir)
+    check_output_dir(out_dir)  # the callers checked before their slow work; the folder may have changed since
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     work.chmod(0o755)  # mkdtemp makes it private; a model directory is an ordinary folder
