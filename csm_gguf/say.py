@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: %(default)s)")
     p.add_argument("--top-k", type=int, default=50, help="sample among the K likeliest codes (default: %(default)s)")
     p.add_argument("--seed", type=int, help="random seed: the same seed gives the same speech")
+    p.add_argument("--speed", type=float, default=1.0, help="faster (up to 4) or slower (down to 0.25) speech at "
+                   "the same pitch, by time-stretching the audio (default: %(default)s)")
     p.add_argument("--max-audio-ms", type=float, help="cut each piece of speech at this length (default: "
                    "proportional to the text)")
     p.add_argument("--save-codes", metavar="OUT.npy", help="also write the generated codes, shape (frames, 32)")
@@ -186,6 +188,7 @@ def context_segments(tts, items: list[list[str]]):
 def run(args) -> int:
     from . import voices
     from .script import read_script
+    from .tempo import MAX_SPEED, MIN_SPEED
     from .text import is_blank
 
     if args.list_voices:
@@ -198,6 +201,8 @@ def run(args) -> int:
         raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
     if args.max_audio_ms is not None and not 0 < args.max_audio_ms < math.inf:
         raise UsageError(f"--max-audio-ms must be a number of milliseconds > 0, got {args.max_audio_ms}")
+    if not MIN_SPEED <= args.speed <= MAX_SPEED:
+        raise UsageError(f"--speed must be from {MIN_SPEED} to {MAX_SPEED} (1 = as spoken), got {args.speed}")
     for option, value in (("--seed", args.seed), ("--speaker", args.speaker), ("--threads", args.threads)):
         if value is not None and value < 0:
             raise UsageError(f"{option} must be >= 0, got {value}")
@@ -257,7 +262,7 @@ def run(args) -> int:
     if output == "-":
         encoder = StreamEncoder(fmt)
         out = sys.stdout.buffer
-        for chunk in tts.decode_stream(frames(), chunk_frames=5):
+        for chunk in tts.decode_stream(frames(), chunk_frames=5, speed=args.speed):
             out.write(encoder.feed(chunk))
             out.flush()
             chunks.append(len(chunk))
@@ -265,7 +270,7 @@ def run(args) -> int:
         out.flush()
         n_samples = sum(chunks)
     else:
-        audio = np.concatenate([np.zeros(0, np.float32), *tts.decode_stream(frames(), chunk_frames=5)])
+        audio = np.concatenate([np.zeros(0, np.float32), *tts.decode_stream(frames(), chunk_frames=5, speed=args.speed)])
         write_audio(output, audio, fmt)
         n_samples = len(audio)
     wall = time.perf_counter() - start

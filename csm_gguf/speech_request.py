@@ -20,6 +20,7 @@ import numpy as np
 from .audio import FORMATS, AudioError, check_format, load_audio
 from .generator import Segment
 from .server_engine import SpeechJob
+from .tempo import MAX_SPEED, MIN_SPEED
 from .text import is_blank, is_unicode
 from .tts import CSM
 from .voices import BUILTIN_VOICES, list_voices, load_voice
@@ -57,6 +58,7 @@ class SpeechRequest:
     response_format: str = "mp3"
     stream_format: str = "audio"
     stream: bool = True  # False: the whole file with a Content-Length (and a WAV header with real sizes)
+    speed: float = 1.0  # applied to the audio (csm_gguf.tempo): CSM itself speaks at its own pace
 
 
 def voice_names() -> list[str]:
@@ -112,10 +114,7 @@ def parse_speech(body: Any, tts: CSM, default_voice: str = "alloy", need_input: 
     if not isinstance(stream, bool):
         raise invalid("stream", "'stream' must be true or false")
 
-    speed = _number(body, "speed", 1.0, 0.25, 4.0)
-    if speed != 1.0:
-        raise invalid("speed", "'speed' other than 1.0 is not supported: CSM speaks at its own pace",
-                      code="unsupported_value")
+    speed = _number(body, "speed", 1.0, MIN_SPEED, MAX_SPEED)
 
     speaker, segments = _voice(body.get("voice", default_voice))
     if "speaker_id" in body and body["speaker_id"] is not None:
@@ -128,7 +127,7 @@ def parse_speech(body: Any, tts: CSM, default_voice: str = "alloy", need_input: 
     segments = [*segments, *_context(body.get("context"), tts)]
 
     job = SpeechJob(text, speaker, segments, temperature, top_k, seed, max_audio_ms)
-    return SpeechRequest(job, fmt, stream_format, stream)
+    return SpeechRequest(job, fmt, stream_format, stream, speed)
 
 
 def _voice(voice: Any) -> tuple[int, list[Segment]]:

@@ -5,6 +5,7 @@
     audio = tts.generate("Hello there.")      # float32 numpy array at tts.sample_rate
     for chunk in tts.stream("Hello there."):  # audio as it is made, one 80 ms frame at a time
         ...
+    audio = tts.generate("Hello there.", speed=1.2)  # faster, at the same pitch
     audio = tts.dialogue([(0, "Hi."), (1, "Hello.")])  # a conversation: each turn after those before it
 """
 
@@ -20,6 +21,7 @@ import numpy as np
 
 from .generator import FRAME_MS, Generator, PromptTooLong, Sampling, Segment, check_codes, check_speaker
 from .model import CSMModel
+from .tempo import TimeStretch, check_speed
 from .text import chunk_text, is_blank, is_unicode
 
 SAMPLE_RATE = 24_000
@@ -76,6 +78,11 @@ def decode_frames(codec, state, frames: list[np.ndarray] | np.ndarray) -> np.nda
     import torch
 
     return codec.decode_step(torch.from_numpy(np.asarray(frames).T[None]), state)[0, 0].cpu().numpy()
+
+
+def _nonempty(audio: np.ndarray) -> Iterator[np.ndarray]:
+    if len(audio):  # a time-stretch may need more input before its next samples
+        yield audio
 
 
 def check_torch_device(name: str) -> None:
@@ -296,14 +303,23 @@ class CSM:
                 yield frame
             previous = spoken_context(previous, speaker, piece, made)
 
-    def stream(self, text: str, chunk_frames: int = 1, **kwargs) -> Iterator[np.ndarray]:
-        """Audio chunks (float32, 24 kHz) as frames are generated; equal to decoding all frames at once."""
-        return self.decode_stream(self.frames(text, **kwargs), chunk_frames)
+    def stream(self, text: str, chunk_frames: int = 1, speed: float = 1.0, **kwargs) -> Iterator[np.ndarray]:
+        """Audio chunks (float32, 24 kHz) as frames are generated; equal to decoding all frames at once.
+        `speed` (0.25 to 4) makes the speech faster or slower at the same pitch (see csm_gguf.tempo)."""
+        frames = self.frames(text, **kwargs)
+        return self.decode_stream(frames, chunk_frames, speed)
 
-    def decode_stream(self, frames: Iterable[np.ndarray], chunk_frames: int = 1) -> Iterator[np.ndarray]:
-        """Frames of codes -> audio chunks through one streaming codec state (no seams between chunks)."""
-        if chunk_frames < 1:
-            raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
+    def decode_stream(self, frames: Iterable[np.ndarray], chunk_frames: int = 1,
+                      speed: float = 1.0) -> Iterator[np.ndarray]:
+        """Frames of codes -> audio chunks through one streaming codec state (no seams between chunks),
+        time-stretched to `speed` unless it is 1."""
+        if isinstance(chunk_frames, bool) or not isinstance(chunk_frames, int) or chunk_frames < 1:
+            raise ValueError(f"chunk_frames must be a whole number >= 1, got {chunk_frames!r}")
+        stretch = None if check_speed(speed) == 1.0 else TimeStretch(speed)
+        return self._decode_stream(frames, chunk_frames, stretch)
+
+    def _decode_stream(self, frames: Iterable[np.ndarray], chunk_frames: int,
+                       stretch: TimeStretch | None) -> Iterator[np.ndarray]:
         codec = self.codec
         # One frame at a time on CUDA: replayed from a graph. Every llama.cpp call of this CSM holds the lock
         # the recording takes, so none of its own graphs is being recorded meanwhile.
@@ -314,24 +330,28 @@ class CSM:
             codes = check_codes(np.stack(pending), self.model.config.num_codebooks, self.model.n_codes, "frames")
             audio = decode_frames(codec, state, codes)
             pending.clear()
-            return audio
+            return audio if stretch is None else stretch.feed(audio)
 
         for frame in frames:
             pending.append(frame)
             if len(pending) >= chunk_frames:
-                yield flush()
+                yield from _nonempty(flush())
         if pending:
-            yield flush()
+            yield from _nonempty(flush())
+        if stretch is not None:
+            yield from _nonempty(stretch.finish())
 
-    def generate(self, text: str, **kwargs) -> np.ndarray:
-        return self._audio(self.frames(text, **kwargs))
+    def generate(self, text: str, speed: float = 1.0, **kwargs) -> np.ndarray:
+        """The whole speech (float32, 24 kHz); `speed` as for `stream`."""
+        return self._audio(self.frames(text, **kwargs), speed)
 
-    def dialogue(self, turns: Iterable[tuple[int, str]], **kwargs) -> np.ndarray:
+    def dialogue(self, turns: Iterable[tuple[int, str]], speed: float = 1.0, **kwargs) -> np.ndarray:
         """A whole conversation's audio (see `dialogue_frames`), its turns joined in one codec stream."""
-        return self._audio(self.dialogue_frames(turns, **kwargs))
+        return self._audio(self.dialogue_frames(turns, **kwargs), speed)
 
-    def _audio(self, frames: Iterable[np.ndarray]) -> np.ndarray:
-        return np.concatenate([np.zeros(0, dtype=np.float32), *self.decode_stream(frames, chunk_frames=25)])
+    def _audio(self, frames: Iterable[np.ndarray], speed: float) -> np.ndarray:
+        chunks = self.decode_stream(frames, chunk_frames=25, speed=speed)
+        return np.concatenate([np.zeros(0, dtype=np.float32), *chunks])
 
     def close(self) -> None:
         self.generator.close()

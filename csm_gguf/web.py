@@ -33,6 +33,7 @@ from .audio import MEDIA_TYPES, SAMPLE_RATE, StreamEncoder, encode_audio
 from .generator import PromptTooLong
 from .server_engine import Engine, Job, QueueFull
 from .speech_request import MAX_INPUT_CHARS, MODELS, ApiError, SpeechRequest, parse_speech, voice_names
+from .tempo import TimeStretch
 from .text import split_sentences
 from .tts import CSM, decode_frames
 from .voices import BUILTIN_VOICES, load_voice
@@ -188,6 +189,8 @@ def create_app(**overrides: Any) -> Flask:
             job.cancel()
             raise generation_error(e) from None
         audio = decoded_audio(job, first, environ)
+        if req.speed != 1.0:
+            audio = stretched(audio, req.speed)
         if req.stream_format == "sse":
             return streamed(sse_events(job, audio, req.response_format), "text/event-stream")
         media_type = MEDIA_TYPES[req.response_format]
@@ -273,6 +276,17 @@ def streamed(chunks: Iterator[bytes], mimetype: str) -> Response:
     return response
 
 
+def stretched(audio: Iterator[np.ndarray], speed: float) -> Iterator[np.ndarray]:
+    """The audio at `speed` (csm_gguf.tempo), chunk by chunk; closing this closes `audio`."""
+    stretch = TimeStretch(speed)
+    try:
+        for chunk in audio:
+            yield stretch.feed(chunk)
+        yield stretch.finish()
+    finally:
+        audio.close()
+
+
 def sse(event: dict) -> bytes:
     return f"data: {json.dumps(event)}\n\n".encode()
 
@@ -303,10 +317,12 @@ class Utterance:
 
     encoder: StreamEncoder
     state: Any
+    stretch: TimeStretch | None = None  # from the first sentence at a speed other than 1, to the end
     started: float = field(default_factory=time.monotonic)
     first_audio: float | None = None
     sentences: int = 0
     frames: int = 0
+    samples: int = 0
     input_tokens: int = 0
     bytes: int = 0
 
@@ -315,7 +331,7 @@ class Utterance:
             "type": "done",
             "sentences": self.sentences,
             "frames": self.frames,
-            "audio_seconds": round(self.frames * 0.08, 3),
+            "audio_seconds": round(self.samples / SAMPLE_RATE, 3),
             "bytes": self.bytes,
             "response_format": self.encoder.format,
             "sample_rate": SAMPLE_RATE,
@@ -482,6 +498,11 @@ class WebsocketSession:
         self.job = sentence.job
         if self.utterance is None:
             self.utterance = Utterance(StreamEncoder(fmt), self.codec.decoder_state(1))
+        u, speed = self.utterance, sentence.settings.speed
+        if u.stretch is not None:
+            u.stretch.speed = speed
+        elif speed != 1.0:  # from here on, through the end of the file: stopping it would leave a gap
+            u.stretch = TimeStretch(speed)
 
     def pump(self) -> None:
         """Send the audio of the frames made so far, waiting briefly for some."""
@@ -500,7 +521,12 @@ class WebsocketSession:
             u.input_tokens += self.job.input_tokens
             self.job = None
             return
-        self.send_audio(u.encoder.feed(decode_frames(self.codec, u.state, frames)))
+        audio = decode_frames(self.codec, u.state, frames)
+        self.send_samples(audio if u.stretch is None else u.stretch.feed(audio))
+
+    def send_samples(self, audio: np.ndarray) -> None:
+        self.utterance.samples += len(audio)
+        self.send_audio(self.utterance.encoder.feed(audio))
 
     def send_audio(self, data: bytes) -> None:
         if data:
@@ -515,6 +541,8 @@ class WebsocketSession:
         if u is None:  # nothing was spoken: no audio, and the usual report with zeros
             u = Utterance(StreamEncoder(self.settings.response_format), state=None)
         elif u.frames:  # else its sentences failed or said nothing: no empty file (a bare wav header)
+            if u.stretch is not None:
+                self.send_samples(u.stretch.finish())
             self.send_audio(u.encoder.finish())
         self.ws.send(json.dumps(u.summary()))
         self.utterance = None

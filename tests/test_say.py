@@ -15,6 +15,7 @@ import torch
 from csm_gguf.audio import to_int16
 from csm_gguf.generator import Segment
 from csm_gguf.say import main
+from csm_gguf.tempo import change_speed
 from csm_gguf.tts import CSM, PIECE_TOKENS
 from reference import reference_greedy_codes, reference_prompt_embeddings
 
@@ -50,6 +51,27 @@ def test_api_audio_equals_reference_decode_of_reference_codes(tiny_csm, tts):
     # One frame at a time through the streaming codec gives the same samples.
     streamed = np.concatenate(list(tts.stream(TEXT, chunk_frames=1, temperature=0, max_audio_ms=12 * 80)))
     np.testing.assert_allclose(streamed, audio, atol=1e-5 * np.abs(audio).max())
+
+
+def test_speed_stretches_the_same_speech(tts):
+    kw = dict(temperature=0, max_audio_ms=12 * 80)
+    audio = tts.generate(TEXT, **kw)
+    fast = tts.generate(TEXT, speed=1.5, **kw)
+    assert len(fast) == round(len(audio) / 1.5)
+    np.testing.assert_array_equal(fast, change_speed(audio, 1.5))  # chunking does not change a stretch
+    slow = np.concatenate(list(tts.stream(TEXT, chunk_frames=3, speed=0.5, **kw)))
+    assert len(slow) == 2 * len(audio)
+
+
+def test_say_speed(f32_model, tts, tmp_path):
+    common = [TEXT, "--model", str(f32_model), "--seed", "2", "--max-audio-ms", "800", "--format", "wav"]
+    assert main([*common, "--speed", "2", "-o", str(tmp_path / "a.wav"), "--save-codes", str(tmp_path / "a.npy")]) == 0
+    audio, rate = sf.read(tmp_path / "a.wav", dtype="int16")
+    codes = np.load(tmp_path / "a.npy")
+    # say decodes five frames at a time; the same chunks give the same audio to stretch
+    expected = np.concatenate(list(tts.decode_stream(codes, chunk_frames=5, speed=2)))
+    assert len(expected) == len(codes) * tts.codec.cfg.frame_size // 2
+    np.testing.assert_array_equal(audio, to_int16(expected))
 
 
 def test_only_streams_of_single_frames_ask_for_a_cuda_graph(tts, monkeypatch):
@@ -422,7 +444,9 @@ def test_dialogue_script_errors_name_the_line(script, match):
     (lambda tts: tts.generate("caf\udce9"), "characters that are not Unicode"),
     (lambda tts: tts.generate(TEXT, seed=-1), "seed must be a whole number >= 0"),
     (lambda tts: tts.generate(TEXT, seed="1"), "seed must be a whole number >= 0"),
-    (lambda tts: list(tts.stream(TEXT, chunk_frames=0)), "chunk_frames must be >= 1"),
+    (lambda tts: tts.stream(TEXT, chunk_frames=0), "chunk_frames must be a whole number >= 1"),
+    (lambda tts: tts.stream(TEXT, speed=0), "speed must be a number from 0.25 to 4.0"),
+    (lambda tts: tts.generate(TEXT, speed="fast"), "speed must be a number from 0.25 to 4.0"),
     (lambda tts: tts.decode(np.zeros(32, dtype=np.int64)), r"shape \(frames, 32\)"),
     (lambda tts: tts.decode(np.zeros((5, 32)) + 0.5), "whole numbers"),
     (lambda tts: tts.decode(np.full((5, 32), 64)), r"lie in 0..63"),
@@ -478,6 +502,7 @@ def test_budget_is_proportional_to_text(tts):
     (["hi", "--context", "-1", "words", "{tmp}/tone.wav", "-o", "{tmp}/x.wav"], "speaker must be a whole number"),
     (["hi", "--context", "0", "words", "{tmp}/float.npy", "-o", "{tmp}/x.wav"], "codes are whole numbers"),
     (["hi", "--max-audio-ms", "inf", "-o", "{tmp}/x.wav"], "--max-audio-ms must be"),
+    (["hi", "--speed", "4.5", "-o", "{tmp}/x.wav"], "--speed must be from 0.25 to 4.0"),
     (["--input", "{tmp}/latin1.txt", "-o", "{tmp}/x.wav"], "latin1.txt is not UTF-8"),
     (["hi", "--voice", "broken", "-o", "{tmp}/x.wav"], "voice 'broken' is damaged"),
     (["hi", "--voice", "empty", "-o", "{tmp}/x.wav"], "voice 'empty' is damaged"),

@@ -22,6 +22,7 @@ from werkzeug.serving import make_server
 from csm_fixtures import random_codes
 from csm_gguf.audio import FORMATS, MEDIA_TYPES, to_int16
 from csm_gguf.generator import Segment
+from csm_gguf.tempo import change_speed
 from csm_gguf.tts import Voice
 
 TEXT = "Hello there, how are you doing today?"
@@ -227,6 +228,20 @@ def test_streamed_equals_whole_file(base, engine):
     a, _ = sf.read(io.BytesIO(streamed.content), dtype="float32")
     b, _ = sf.read(io.BytesIO(whole.content), dtype="float32")
     np.testing.assert_allclose(a, b, atol=1 / 32768)
+
+
+def test_speed_stretches_the_speech(client, engine):
+    """OpenAI's `speed`: the same speech, time-stretched (csm_gguf.tempo) as it streams."""
+    expected = change_speed(reference(engine, speaker=5, **GREEDY), 1.6)  # fable
+    with client.audio.speech.with_streaming_response.create(
+        model="tts-1", voice="fable", input=TEXT, response_format="pcm", speed=1.6, extra_body=GREEDY
+    ) as response:
+        audio = pcm(response.read())
+    assert len(audio) == round(10 * engine.tts.codec.cfg.frame_size / 1.6)
+    # The server decodes frames in the chunks they arrive in, which rounds a little differently; that
+    # may move a window of the stretch, which then differs where it lies.
+    close = np.abs(np.rint(audio * 32768) - to_int16(expected)) <= 1
+    assert close.mean() > 0.9
 
 
 def test_sse_events(client, base):
@@ -561,6 +576,18 @@ def test_websocket_flushes_sent_at_once_each_get_their_done(base, engine, monkey
     assert [text for _, text in seen] == ["One two three.", "Four five."]
 
 
+def test_websocket_speed_applies_from_its_sentence_on(base, engine):
+    files = ws_session(base, [{"voice": "alloy", "response_format": "pcm", **GREEDY},
+                              {"type": "text", "text": "One two three. Four"},  # the first is complete
+                              {"type": "speech", "speed": 2},
+                              {"type": "text", "text": " five."}, {"type": "flush"}], dones=1)
+    (audio, done), frame = files[0], engine.tts.codec.cfg.frame_size
+    assert done["frames"] == 20 and done["bytes"] == len(audio)
+    # 10 frames as spoken, then 10 at double speed, through one stretch from the change to the end
+    assert len(audio) == 2 * round(10 * frame + 10 * frame / 2)
+    assert done["audio_seconds"] == round(len(audio) / 2 / 24_000, 3)
+
+
 def test_websocket_voice_change_mid_sentence_starts_afresh(base, engine, monkeypatch):
     """A sentence takes the settings in force when it is complete (when the next one starts); the previous
     sentence prompts the next only in the same voice (a format change keeps the voice, and ends the file
@@ -800,7 +827,8 @@ OK = {"model": "csm-1b", "input": TEXT, "voice": "alloy"}
     ({**OK, "response_format": "aac"}, "response_format", "unsupported_value"),
     ({**OK, "response_format": "ogg"}, "response_format", "unsupported_value"),
     ({**OK, "stream_format": "json"}, "stream_format", "invalid_value"),
-    ({**OK, "speed": 1.5}, "speed", "unsupported_value"),
+    ({**OK, "speed": 0.2}, "speed", "out_of_range"),
+    ({**OK, "speed": "fast"}, "speed", "invalid_value"),
     ({**OK, "speed": 9}, "speed", "out_of_range"),
     ({**OK, "temperature": -1}, "temperature", "out_of_range"),
     ({**OK, "temperature": "hot"}, "temperature", "invalid_value"),
@@ -920,12 +948,15 @@ def test_web_page_speaks_in_chromium(browser, base, engine, fmt):
     text.send_keys("Hi there.")
     Select(browser.find_element("id", "voice")).select_by_value("fable")
     Select(browser.find_element("id", "format")).select_by_value(fmt)
+    speed = browser.find_element("id", "speed")
+    speed.clear()
+    speed.send_keys("2" if fmt == "pcm" else "1")
     browser.find_element("id", "speak").click()
     result = wait.until(lambda b: b.execute_script("return window.lastResult && window.lastResult.done "
                                                    "|| (window.lastResult && window.lastResult.error) ? "
                                                    "window.lastResult : null"))
     assert result["error"] is None and result["bytes"] > 0 and result["firstAudioMs"] is not None
     if fmt == "pcm":  # the tiny model makes 25 frames for so short a text (its minimum budget)
-        assert result["bytes"] == 25 * 2 * engine.tts.codec.cfg.frame_size
+        assert result["bytes"] == 25 * 2 * engine.tts.codec.cfg.frame_size // 2  # at speed 2
     assert "done" in browser.find_element("id", "status").text
     wait_idle(engine)
