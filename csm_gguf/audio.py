@@ -57,6 +57,11 @@ _SOUNDFILE = {
 _ZERO_CROSSINGS = 24
 _KAISER_BETA = 8.6
 _ROLLOFF = 0.94
+# Filters are built this many phases at a time: a rate prime to 24 kHz has one phase per output sample
+# of a second, each up to 1640 taps long.
+_PHASE_BLOCK = 256
+# Sample rates read: a file claiming a rate outside these (libsndfile takes any header) is no recording.
+MIN_RATE, MAX_RATE = 1000, 768_000
 
 AudioSource = str | os.PathLike[str] | BinaryIO
 
@@ -96,10 +101,18 @@ def load_audio(source: AudioSource) -> np.ndarray:
             raise _read_error(name, "it is a directory")
         if os.path.isfile(name) and os.path.getsize(name) == 0:
             raise _read_error(name, "the file is empty")
+        try:
+            open(name, "rb").close()
+        except PermissionError:
+            raise _read_error(name, "no permission to read it") from None
     else:
         name = getattr(source, "name", None) or "<file object>"
     try:
-        data, rate = sf.read(source, dtype="float32", always_2d=True)
+        with sf.SoundFile(source) as f:
+            if not MIN_RATE <= f.samplerate <= MAX_RATE:
+                raise _read_error(name, f"its header gives a sample rate of {f.samplerate} Hz, outside "
+                                        f"{MIN_RATE}..{MAX_RATE}")
+            data, rate = f.read(dtype="float32", always_2d=True), f.samplerate
     except sf.LibsndfileError as e:
         raise _read_error(name, e.error_string.rstrip(".")) from e
     if not len(data):
@@ -125,29 +138,50 @@ def resample(samples: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
     cutoff = _ROLLOFF * 0.5 * min(1.0, up / down)  # cycles per input sample
     half = _ZERO_CROSSINGS / (2 * cutoff)  # kernel half-width in input samples
     reach = int(np.ceil(half))
-    # Output m = a*up + b sits at input time a*down + start[b] + frac[b]: one filter per b.
-    position = np.arange(up) * down
-    start, frac = position // up, (position % up) / up
-    u = frac[:, None] + reach - np.arange(2 * reach + 2)  # distance to each input tap
-    window = np.i0(_KAISER_BETA * np.sqrt(np.clip(1 - (u / half) ** 2, 0, None)))
-    taps = np.where(np.abs(u) <= half, np.sinc(2 * cutoff * u) * window, 0.0)
-    # Unit sum per phase: exact DC gain, so no phase-dependent ripple on slow signals.
-    taps = (taps / taps.sum(axis=1, keepdims=True)).astype(np.float32)
+    # Output m = a*up + b sits at input time a*down + start[b] + frac[b]: one filter per phase b.
     windows = sliding_window_view(np.pad(x, (reach, reach + 1)), 2 * reach + 2)
     y = np.empty(n_out, dtype=np.float32)
-    for b in range(min(up, n_out)):
-        out = y[b::up]
-        out[:] = windows[start[b] :: down][: len(out)] @ taps[b]
+    phases = min(up, n_out)  # a short signal needs only its first phases
+    for first in range(0, phases, _PHASE_BLOCK):
+        b = np.arange(first, min(first + _PHASE_BLOCK, phases))
+        start, frac = b * down // up, (b * down % up) / up
+        u = frac[:, None] + reach - np.arange(2 * reach + 2)  # distance to each input tap
+        window = np.i0(_KAISER_BETA * np.sqrt(np.clip(1 - (u / half) ** 2, 0, None)))
+        taps = np.where(np.abs(u) <= half, np.sinc(2 * cutoff * u) * window, 0.0)
+        # Unit sum per phase: exact DC gain, so no phase-dependent ripple on slow signals.
+        taps = (taps / taps.sum(axis=1, keepdims=True)).astype(np.float32)
+        for phase, phase_start, phase_taps in zip(b, start, taps):
+            out = y[phase::up]
+            out[:] = windows[phase_start::down][: len(out)] @ phase_taps
     return y
 
 
+def as_float(samples) -> np.ndarray:
+    """Samples as float32: floats as they are (full scale 1), integer PCM scaled to [-1, 1) (int16: by
+    32768; unsigned: centred first, as 8-bit WAV is). int64 is refused: a list of Python ints becomes
+    int64, and whether it meant 16- or 32-bit PCM cannot be told."""
+    x = np.asarray(samples)
+    if x.dtype.kind == "f":
+        return x.astype(np.float32, copy=False)
+    if x.dtype.kind not in "iu" or x.dtype.itemsize > 4:
+        raise AudioError(f"audio samples must be floats in [-1, 1] or 8- to 32-bit integer PCM, got {x.dtype}: "
+                         "convert them, e.g. np.asarray(samples, dtype=np.int16)")
+    scale = 2.0 ** (8 * x.dtype.itemsize - 1)
+    return ((x - scale if x.dtype.kind == "u" else x) / scale).astype(np.float32)
+
+
+def _clipped(x: np.ndarray) -> np.ndarray:
+    # NaN becomes silence: LAME aborts the whole process on a NaN sample.
+    return np.clip(np.nan_to_num(x, nan=0.0), -1.0, 1.0)
+
+
 def to_int16(samples: np.ndarray) -> np.ndarray:
-    """Float samples to int16, clipped to [-1, 1] and rounded to nearest (1.0 -> 32767)."""
-    return np.rint(np.clip(samples, -1.0, 1.0) * 32767).astype(np.int16)
+    """Float samples to int16, clipped to [-1, 1] and rounded to nearest (1.0 -> 32767); NaN -> 0."""
+    return np.rint(_clipped(np.asarray(samples, dtype=np.float32)) * 32767).astype(np.int16)
 
 
 def _mono(samples: np.ndarray) -> np.ndarray:
-    x = np.asarray(samples, dtype=np.float32)
+    x = as_float(samples)
     if x.ndim != 1:
         raise AudioError(f"expected mono samples as a 1-D array, got shape {x.shape}")
     return x
@@ -165,7 +199,7 @@ def _open_encoder(file: object, fmt: str) -> sf.SoundFile:
 def _write_samples(f: sf.SoundFile, x: np.ndarray) -> None:
     # PCM containers get our own int16 rounding (libsndfile does not clip floats by default);
     # the lossy codecs take floats, clipped the same way.
-    f.write(to_int16(x) if f.subtype == "PCM_16" else np.clip(x, -1.0, 1.0))
+    f.write(to_int16(x) if f.subtype == "PCM_16" else _clipped(x))
 
 
 # libsndfile writes no decodable FLAC/MP3/Opus file for zero samples: one silent sample keeps

@@ -112,6 +112,28 @@ def test_to_int16_clips_and_rounds():
     x = np.array([-3.0, -1.0, -0.5, 0.0, 0.49 / 32767, 0.51 / 32767, -0.51 / 32767, 1.0, 1.5])
     assert to_int16(x).tolist() == [-32767, -32767, -16384, 0, 0, 1, -1, 32767, 32767]
     assert to_int16(x).dtype == np.int16
+    assert to_int16(np.array([np.nan, np.inf, -np.inf])).tolist() == [0, 32767, -32767]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_nan_samples_are_written_as_silence(fmt):
+    """LAME aborted the whole process (a server with it) on one NaN sample."""
+    x = tone(440)
+    x[3000:3010] = np.nan
+    silenced = np.nan_to_num(x, nan=0.0)
+    same = (lambda a, b: np.array_equal(decode(a)[0], decode(b)[0])) if fmt == "opus" else bytes.__eq__  # Ogg serials
+    assert same(encode_audio(x, fmt), encode_audio(silenced, fmt))
+    assert same(b"".join(stream(fmt, x)), b"".join(stream(fmt, silenced)))
+
+
+def test_integer_pcm_is_scaled_not_clipped():
+    x = tone(440)
+    pcm16 = np.round(x * 32767).astype(np.int16)
+    assert encode_audio(pcm16, "wav") == encode_audio(pcm16 / 32768, "wav")
+    u8 = np.round(x * 127 + 128).astype(np.uint8)  # 8-bit WAV's unsigned samples
+    np.testing.assert_allclose(audio.as_float(u8), x, atol=1 / 128)
+    with pytest.raises(AudioError, match="int64"):
+        audio.as_float(np.array([1000, -2000]))  # a list of Python ints: 16- or 32-bit PCM?
 
 
 # --- whole-file encoding ---------------------------------------------------------------
@@ -368,6 +390,28 @@ def test_load_garbage(tmp_path):
         load_audio(io.BytesIO(b""))
     with pytest.raises(AudioError, match="directory"):
         load_audio(tmp_path)
+
+
+@pytest.mark.parametrize("rate", [7, 10_000_019, 2**31 - 1])
+def test_load_refuses_rates_no_recording_has(tmp_path, rate):
+    """libsndfile takes any rate from a header; at 2**31 - 1 Hz the resampler's filters needed 817 GiB."""
+    path = tmp_path / "odd.wav"
+    sf.write(path, np.zeros(10, np.int16), 8000)
+    data = bytearray(path.read_bytes())
+    data[24:28] = struct.pack("<I", rate)  # the header's sample rate
+    path.write_bytes(bytes(data))
+    with pytest.raises(AudioError, match=f"sample rate of {rate} Hz, outside 1000..768000"):
+        load_audio(path)
+
+
+def test_resample_builds_only_the_filters_it_uses():
+    """A rate prime to 24 kHz has 24000 filter phases; ten samples need ten of them."""
+    resample(np.zeros(10, np.float32), 767_999, SAMPLE_RATE)  # 24000 phases of 1640 taps: 300 MB at once
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(audio, "_PHASE_BLOCK", 7)  # blocks of phases give the same filters
+        x = np.random.default_rng(0).standard_normal(3000).astype(np.float32)
+        blocked = resample(x, 22_051, SAMPLE_RATE)
+    np.testing.assert_array_equal(blocked, resample(x, 22_051, SAMPLE_RATE))
 
 
 def test_load_file_without_samples(tmp_path):
