@@ -161,28 +161,36 @@ def context_speaker(speaker: str) -> int:
 
 
 def context_segments(tts, items: list[list[str]]):
-    import numpy as np
-
     segments = []
     for speaker, text, source in items:
         spk = context_speaker(speaker)
-        if source.lower().endswith(".npy"):
-            try:
-                codes = np.load(source, allow_pickle=False)
-            except (OSError, ValueError) as e:
-                raise UsageError(f"cannot read codes {source}: {e}") from e
-            if not isinstance(codes, np.ndarray):  # np.load gives an archive for .npz content
-                codes.close()
-                raise UsageError(f"{source} is an archive of arrays (a saved voice?), not one array of codes: "
-                                 "give codes saved with --save-codes, or a saved voice with --voice NAME")
-            if codes.dtype.kind not in "iu":
-                raise UsageError(f"codes {source} hold {codes.dtype} values: codes are whole numbers")
-            if len(codes) == 0:
-                raise UsageError(f"codes {source} hold no frames: give at least one")
-            segments.append(tts.segment(spk, text, codes=codes.astype(np.int64)))
-        else:
-            segments.append(tts.segment(spk, text, audio=source))
+        try:
+            if source.lower().endswith(".npy"):
+                segments.append(tts.segment(spk, text, codes=read_codes(source)))
+            else:
+                segments.append(tts.segment(spk, text, audio=source))
+        except ValueError as e:
+            raise UsageError(str(e) if source in str(e) else f"--context {source}: {e}") from e
     return segments
+
+
+def read_codes(path: str):
+    import numpy as np
+
+    try:
+        codes = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise UsageError(f"cannot read codes {path}: {e or 'the file is empty'}; give a .npy file written by "
+                         "--save-codes") from e
+    if not isinstance(codes, np.ndarray):  # np.load gives an archive for .npz content
+        codes.close()
+        raise UsageError(f"{path} is an archive of arrays (a saved voice?), not one array of codes: "
+                         "give codes saved with --save-codes, or a saved voice with --voice NAME")
+    if codes.dtype.kind not in "iu":
+        raise UsageError(f"codes {path} hold {codes.dtype} values: codes are whole numbers")
+    if codes.size == 0:
+        raise UsageError(f"codes {path} hold no frames: give at least one")
+    return codes
 
 
 def run(args) -> int:

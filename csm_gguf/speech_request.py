@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .audio import FORMATS, AudioError, check_format, load_audio
+from .audio import FORMATS, AudioError, check_format
 from .generator import Segment
 from .server_engine import SpeechJob
 from .tempo import MAX_SPEED, MIN_SPEED
@@ -190,7 +190,12 @@ def _context(context: Any, tts: CSM) -> list[Segment]:
         if (seg.get("audio") is None) == (seg.get("codes") is None):
             raise invalid(where, f"{where} needs exactly one of 'audio' (base64 of an audio file) or 'codes'")
         if seg.get("audio") is not None:
-            codes = _encode_audio(seg["audio"], f"{where}.audio", tts)
+            param = f"{where}.audio"
+            audio = io.BytesIO(_base64(seg["audio"], param))
+            try:
+                segments.append(tts.segment(speaker, text, audio=audio))
+            except (ValueError, RuntimeError) as e:  # libsndfile's and the codec's complaints about the file
+                raise invalid(param, f"{param}: {e}") from None
         else:
             try:
                 codes = np.asarray(seg["codes"])
@@ -201,19 +206,17 @@ def _context(context: Any, tts: CSM) -> list[Segment]:
             if not ok:
                 raise invalid(f"{where}.codes", f"{where}.codes must be a list of frames, each {k} whole numbers "
                               f"from 0 to {n_codes - 1}")
-            codes = codes.astype(np.int64)
-        segments.append(Segment(speaker, text, codes))
+            segments.append(Segment(speaker, text, codes.astype(np.int64)))
     return segments
 
 
-def _encode_audio(data: Any, param: str, tts: CSM) -> np.ndarray:
+def _base64(data: Any, param: str) -> bytes:
+    """Base64, also as `base64` prints it (in lines) or in a data: URI."""
     if not isinstance(data, str):
         raise invalid(param, f"{param} must be a base64 string of an audio file")
+    if data.startswith("data:") and ";base64," in data[:100]:
+        data = data.split(";base64,", 1)[1]
     try:
-        raw = base64.b64decode(data, validate=True)
+        return base64.b64decode("".join(data.split()), validate=True)
     except (binascii.Error, ValueError):
-        raise invalid(param, f"{param} is not valid base64") from None
-    try:
-        return tts.encode(load_audio(io.BytesIO(raw)))
-    except (ValueError, RuntimeError) as e:  # libsndfile's and the codec's complaints about the file
-        raise invalid(param, f"{param}: {e}") from None
+        raise invalid(param, f"{param} is not valid base64 (of an audio file)") from None

@@ -15,7 +15,7 @@ import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import BinaryIO, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -135,47 +135,60 @@ class CSM:
             self._codec = codec.to(self.codec_device)
         return self._codec
 
-    def encode(self, audio: np.ndarray | str | Path) -> np.ndarray:
-        """24 kHz audio -> codes of shape (frames, 32). An audio file (any rate), or samples: floats in
-        [-1, 1] or integer PCM, mono or (samples, channels) as soundfile reads them (mixed down)."""
+    def encode(self, audio: np.ndarray | str | os.PathLike | BinaryIO) -> np.ndarray:
+        """24 kHz audio -> codes of shape (frames, 32). An audio file (a path or a binary file object; any
+        rate), or samples: floats in [-1, 1] or integer PCM, mono or (samples, channels) as soundfile reads
+        them (mixed down)."""
         import torch
 
-        from .audio import load_audio
+        samples = self._samples(audio)
+        codes = self.codec.encode(torch.from_numpy(samples).reshape(1, 1, -1))
+        return codes[0, : self.model.config.num_codebooks].T.cpu().numpy().astype(np.int64)
 
-        if isinstance(audio, (str, Path)):
+    def _samples(self, audio: np.ndarray | str | os.PathLike | BinaryIO) -> np.ndarray:
+        from .audio import as_float, load_audio
+
+        if isinstance(audio, (str, os.PathLike)) or hasattr(audio, "read"):
             samples = load_audio(audio)
         else:
             samples = np.asarray(audio)
-            if samples.dtype.kind == "i":  # PCM: int16 full scale is 32768
-                samples = samples / float(np.iinfo(samples.dtype).max + 1)
-            if samples.ndim == 2 and samples.shape[1] > samples.shape[0]:
+            if samples.ndim == 2 and samples.shape[1] > samples.shape[0] > 0:
                 raise ValueError(f"audio of shape {samples.shape} looks like (channels, samples): give "
                                  "(samples, channels), e.g. audio.T")
-            if samples.ndim == 2:
-                samples = samples.mean(axis=1)
-            if samples.ndim != 1 or not samples.size or samples.dtype.kind != "f":
+            if samples.ndim not in (1, 2) or not samples.size:
                 raise ValueError(f"audio to encode must be samples, mono or (samples, channels), got "
                                  f"{samples.dtype} of shape {samples.shape}")
-            samples = samples.astype(np.float32)
+            samples = as_float(samples)
+            if samples.ndim == 2:
+                samples = samples.mean(axis=1)
         if not np.isfinite(samples).all():
             raise ValueError("audio to encode has NaN or infinite samples")
-        codes = self.codec.encode(torch.from_numpy(samples).reshape(1, 1, -1))
-        return codes[0, : self.model.config.num_codebooks].T.cpu().numpy().astype(np.int64)
+        return samples
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         """Codes (frames, 32) -> audio."""
         import torch
 
-        if len(codes) == 0:
-            return np.zeros(0, dtype=np.float32)
         codes = check_codes(codes, self.model.config.num_codebooks, self.model.n_codes)
+        if not len(codes):
+            return np.zeros(0, dtype=np.float32)
         return self.codec.decode(torch.from_numpy(codes.T[None]))[0, 0].cpu().numpy()
 
-    def segment(self, speaker: int, text: str, audio: np.ndarray | str | Path | None = None,
+    def segment(self, speaker: int, text: str, audio: np.ndarray | str | os.PathLike | BinaryIO | None = None,
                 codes: np.ndarray | None = None) -> Segment:
-        """A context segment from audio (encoded here) or from codes."""
+        """A context segment from audio (encoded here, as for `encode`) or from codes, checked now."""
+        check_speaker(speaker)
+        if (audio is None) == (codes is None):
+            raise ValueError("a context segment needs its audio or its codes (one of them)")
         if audio is not None:
-            codes = self.encode(audio)
+            samples = self._samples(audio)
+            # Checked before encoding, which for minutes of audio takes minutes and gigabytes.
+            seconds, limit = len(samples) / SAMPLE_RATE, self.model.config.backbone.max_seq_len * FRAME_MS / 1000
+            if seconds > limit:
+                raise ValueError(f"the context audio is {seconds:.1f} s long, more than the {limit:g} s of audio the "
+                                 "model's whole context holds: cut it (a voice prompt needs 5 to 30 s)")
+            codes = self.encode(samples)
+        codes = check_codes(codes, self.model.config.num_codebooks, self.model.n_codes, "context codes")
         return Segment(speaker, text, codes)
 
     # --- generation ---------------------------------------------------------------------------------

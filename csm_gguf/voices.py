@@ -71,7 +71,10 @@ def save_voice(name: str, voice: Voice) -> Path:
     if not voice.segments or any(seg.codes is None for seg in voice.segments):
         raise ValueError("a voice needs at least one context segment with audio")
     meta = {"speaker": voice.speaker, "segments": [{"speaker": s.speaker, "text": s.text} for s in voice.segments]}
-    arrays = {f"codes_{i}": np.asarray(s.codes, dtype=np.int16) for i, s in enumerate(voice.segments)}
+    codes = [np.asarray(s.codes) for s in voice.segments]
+    if any(c.dtype.kind not in "iu" or c.size and not 0 <= c.min() <= c.max() <= np.iinfo(np.int16).max for c in codes):
+        raise ValueError("voice codes must be whole numbers from 0 to 32767 (check them with tts.segment)")
+    arrays = {f"codes_{i}": c.astype(np.int16) for i, c in enumerate(codes)}
     buffer = io.BytesIO()
     np.savez(buffer, meta=np.array(json.dumps(meta)), **arrays)
     try:

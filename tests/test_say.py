@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -455,10 +456,37 @@ def test_dialogue_script_errors_name_the_line(script, match):
     (lambda tts: tts.encode(np.zeros(0, dtype=np.float32)), "audio to encode must be samples"),
     (lambda tts: tts.encode(np.full(4800, np.nan, dtype=np.float32)), "NaN or infinite samples"),
     (lambda tts: tts.encode(np.zeros((2, 4800), dtype=np.float32)), r"looks like \(channels, samples\)"),
+    (lambda tts: tts.encode(np.zeros((0, 2), dtype=np.float32)), r"got float32 of shape \(0, 2\)"),
+    (lambda tts: tts.encode([1000, -2000, 3000]), "int64: convert them"),
+    (lambda tts: tts.decode(np.int64(3)), r"shape \(frames, 32\), got \(\)"),
+    (lambda tts: tts.decode(np.zeros((0, 5), dtype=np.int64)), r"shape \(frames, 32\), got \(0, 5\)"),
 ])
 def test_api_refuses_bad_arguments_clearly(tts, call, match):
     with pytest.raises(ValueError, match=match):
         call(tts)
+
+
+def test_context_audio_longer_than_the_context_is_refused_before_encoding(tts, monkeypatch):
+    """Five minutes of reference audio took 3 minutes and 10 GB to encode, then did not fit."""
+    monkeypatch.setattr(tts, "encode", lambda *a: pytest.fail("encoded"))
+    seconds = tts.model.config.backbone.max_seq_len * 0.08
+    with pytest.raises(ValueError, match=f"more than the {seconds:g} s of audio the model's whole context holds"):
+        tts.segment(0, "Words.", audio=np.zeros(round((seconds + 0.1) * 24_000), np.float32))
+
+
+def test_a_voice_is_saved_with_its_codes_or_not_at_all():
+    from csm_gguf import voices
+
+    with pytest.raises(ValueError, match="from 0 to 32767"):  # int16 storage would wrap 70000 to 4464
+        voices.save_voice("wide", voices.Voice([Segment(0, "Words.", np.full((2, 32), 70_000))]))
+    assert voices.list_voices() == []
+
+
+def test_segment_checks_its_codes(tts):
+    with pytest.raises(ValueError, match="context codes must lie in 0..63"):
+        tts.segment(0, "Words.", codes=np.full((5, 32), 64))
+    with pytest.raises(ValueError, match="audio or its codes"):
+        tts.segment(0, "Words.")
 
 
 def test_encode_takes_pcm_and_stereo_arrays_like_float_mono(tts):
@@ -467,6 +495,12 @@ def test_encode_takes_pcm_and_stereo_arrays_like_float_mono(tts):
     np.testing.assert_array_equal(tts.encode(np.stack([mono, mono], axis=1)), expected)
     pcm = np.round(mono * 32768).astype(np.int16)
     np.testing.assert_array_equal(tts.encode(pcm), tts.encode(pcm / 32768))
+    u8 = np.round(mono * 127 + 128).astype(np.uint8)  # 8-bit WAV's unsigned samples
+    np.testing.assert_array_equal(tts.encode(u8), tts.encode((u8 - 128.0) / 128))
+    wav = io.BytesIO()
+    sf.write(wav, mono, 24_000, format="WAV", subtype="FLOAT")
+    wav.seek(0)
+    np.testing.assert_array_equal(tts.encode(wav), expected)  # a file object, like a path
     assert np.abs(pcm / 32768 - mono).max() < 1e-4
 
 
@@ -509,6 +543,11 @@ def test_budget_is_proportional_to_text(tts):
     (["--save-voice", "alloy", "--context", "0", "words", "{tmp}/tone.wav"], "built-in voices"),
     (["hi", "--context", "0", "words", "{tmp}/archive.NPY", "-o", "{tmp}/x.wav"], "is an archive of arrays"),
     (["hi", "--context", "0", "words", "{tmp}/no-frames.npy", "-o", "{tmp}/x.wav"], "hold no frames"),
+    (["hi", "--context", "0", "words", "{tmp}/zero-bytes.npy", "-o", "{tmp}/x.wav"], "zero-bytes.npy: No data left"),
+    (["hi", "--context", "0", "words", "{tmp}/scalar.npy", "-o", "{tmp}/x.wav"],
+     "scalar.npy: context codes must have shape (frames, 32), got ()"),
+    (["--save-voice", "v", "--context", "0", "words", "{tmp}/wrapping.npy"], "wrapping.npy: context codes must lie in"),
+    (["hi", "--context", "0", "words", "{tmp}/nan.wav", "-o", "{tmp}/x.wav"], "nan.wav: audio to encode has NaN"),
     (["hi", "-o", "{tmp}/x.wav", "--save-codes", "-"], "--save-codes needs a file name"),
     (["0: hi", "--dialogue", "--voice", "alloy", "-o", "{tmp}/x.wav"], "do not apply to --dialogue"),
     (["0: hi\nnobody: hey", "--dialogue", "-o", "{tmp}/x.wav"], "dialogue line 2: unknown voice 'nobody'"),
@@ -522,6 +561,10 @@ def test_bad_input_is_a_clear_error_with_no_output(f32_model, tmp_path, capsys, 
     (tmp_path / "utf16.txt").write_bytes("Hi.".encode("utf-16-le"))
     np.save(tmp_path / "float.npy", np.full((3, 32), 1.5))
     np.save(tmp_path / "no-frames.npy", np.zeros((0, 32), dtype=np.int64))
+    (tmp_path / "zero-bytes.npy").write_bytes(b"")
+    np.save(tmp_path / "scalar.npy", np.int64(5))
+    np.save(tmp_path / "wrapping.npy", np.full((5, 32), 65541))  # int16 storage made it 5, silently
+    sf.write(tmp_path / "nan.wav", np.full(2400, np.nan, np.float32), 24_000, subtype="FLOAT")
     with open(tmp_path / "archive.NPY", "wb") as f:  # what a saved voice holds, under a codes file's name
         np.savez(f, codes_0=np.zeros((3, 32), dtype=np.int16))
     sf.write(tmp_path / "tone.wav", np.sin(np.arange(24_000) / 10).astype(np.float32), 24_000)
@@ -532,6 +575,7 @@ def test_bad_input_is_a_clear_error_with_no_output(f32_model, tmp_path, capsys, 
     assert main(argv) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x.wav").exists() and not (tmp_path / "x.aac").exists()
+    assert not (tmp_path / "voices" / "v.npz").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 

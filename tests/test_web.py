@@ -30,6 +30,15 @@ GREEDY = {"temperature": 0, "max_audio_ms": 800}  # 10 frames
 MAX_STREAMS, MAX_QUEUE = 8, 2
 
 
+def _wav(samples: np.ndarray) -> str:
+    data = io.BytesIO()
+    sf.write(data, samples, 24_000, format="WAV")
+    return base64.b64encode(data.getvalue()).decode()
+
+
+LONG_WAV = _wav(np.zeros(24_000 * 200, np.int16))  # 200 s: more than the whole context holds
+
+
 @pytest.fixture(scope="module")
 def server(f32_model, tmp_path_factory):
     import os
@@ -191,9 +200,13 @@ def test_context_segments_as_codes_and_audio(client, engine):
     codes = random_codes(8, 64, seed=3)
     wav = io.BytesIO()
     sf.write(wav, engine.tts.decode(codes), 24_000, format="WAV")
+    b64 = base64.b64encode(wav.getvalue()).decode()
     segments = {
         "codes": {"speaker": 1, "text": "Earlier words.", "codes": codes.tolist()},
-        "audio": {"speaker": 1, "text": "Earlier words.", "audio": base64.b64encode(wav.getvalue()).decode()},
+        "audio": {"speaker": 1, "text": "Earlier words.", "audio": b64},
+        # as the `base64` command prints it, and as a data: URI
+        "lines": {"speaker": 1, "text": "Earlier words.", "audio": base64.encodebytes(wav.getvalue()).decode()},
+        "uri": {"speaker": 1, "text": "Earlier words.", "audio": "data:audio/wav;base64," + b64},
     }
     for kind, segment in segments.items():
         response = client.audio.speech.create(model="csm-1b", voice="alloy", input=TEXT, response_format="pcm",
@@ -844,6 +857,7 @@ OK = {"model": "csm-1b", "input": TEXT, "voice": "alloy"}
     ({**OK, "context": [{"speaker": 0, "text": "hi", "codes": [[99] * 32]}]}, "context[0].codes", "invalid_value"),
     ({**OK, "context": [{"speaker": 0, "text": "hi", "audio": "!!"}]}, "context[0].audio", "invalid_value"),
     ({**OK, "context": [{"speaker": 0, "text": "hi", "audio": "aGVsbG8="}]}, "context[0].audio", "invalid_value"),
+    ({**OK, "context": [{"speaker": 0, "text": "hi", "audio": LONG_WAV}]}, "context[0].audio", "invalid_value"),
     ({**OK, "context": [{"speaker": 0, "text": "x", "codes": random_codes(2100, 64, 1).tolist()}]}, "context",
      "context_length_exceeded"),
     ({**OK, "colour": "blue"}, "colour", "unknown_parameter"),
