@@ -122,7 +122,7 @@ class MimiConfig:
 class ConvState:
     """A causal conv's last inputs: the left context of the next chunk (zeros = the causal left pad)."""
 
-    context: Tensor  # [B, k_eff - 1, C_in]
+    context: Tensor  # [B, k_eff - stride, C_in]
 
     def reset(self) -> None:
         self.context.zero_()
@@ -158,6 +158,14 @@ class TransformerState:
         for cache in self.caches:  # masked slots still enter the products: no stale inf or NaN
             cache.keys.zero_()
             cache.values.zero_()
+
+
+@dataclass
+class SEANetEncoderState:
+    conv_in: ConvState
+    res: list[list[ConvState]]  # per block, one per residual unit
+    downs: list[ConvState]  # one per down-sampling block
+    conv_out: ConvState
 
 
 @dataclass
@@ -230,7 +238,8 @@ class Conv(nn.Module):
 
     Without a state it pads a whole signal like transformers' MimiConv1d: on the left by k_eff - stride
     (zeros, or copies of the first step), on the right to complete the last stride. With a state it
-    streams (stride 1 only, which is all the decoder has): the stored context replaces the left pad.
+    streams: the stored context replaces the left (zero) pad, and every chunk but the signal's last must
+    be a whole number of strides.
     """
 
     def __init__(self, c_in: int, c_out: int, kernel: int, stride: int = 1, dilation: int = 1,
@@ -247,9 +256,12 @@ class Conv(nn.Module):
     def forward(self, x: Tensor, state: ConvState | None = None) -> Tensor:
         if state is None:
             x = F.pad(x.mT, (self.pad, -x.shape[1] % self.stride), mode=self.pad_mode).mT
-        elif self.pad:
-            x = torch.cat([state.context, x], dim=1)
-            state.context.copy_(x[:, x.shape[1] - self.pad :])
+        else:
+            if x.shape[1] % self.stride:  # the signal's last chunk: its last stride completed as above
+                x = F.pad(x.mT, (0, -x.shape[1] % self.stride)).mT
+            if self.pad:
+                x = torch.cat([state.context, x], dim=1)
+                state.context.copy_(x[:, x.shape[1] - self.pad :])
         t = (x.shape[1] - self.pad - 1) // self.stride + 1
         y = _linear(x[:, : (t - 1) * self.stride + 1 : self.stride], self.weight[0], self.bias)
         for j in range(1, len(self.weight)):
@@ -318,7 +330,7 @@ class EncoderBlock(nn.Module):
 
 
 class SEANetEncoder(nn.Module):
-    """Audio [B, N, 1] -> [B, N / hop, hidden] (batch only)."""
+    """Audio [B, N, 1] -> [B, ceil(N / hop), hidden], streaming (chunks of whole hops but the last)."""
 
     def __init__(self, cfg: MimiConfig):
         super().__init__()
@@ -327,13 +339,21 @@ class SEANetEncoder(nn.Module):
         self.blocks = nn.ModuleList(EncoderBlock(cfg, cfg.num_filters * 2**i, r) for i, r in enumerate(ratios))
         self.conv_out = Conv(cfg.num_filters * 2 ** len(ratios), cfg.hidden_size, cfg.last_kernel_size)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.conv_in(x)
-        for block in self.blocks:
-            for res in block.res:
-                x = res(x)
-            x = block.down(F.elu(x))
-        return self.conv_out(F.elu(x))
+    def init_state(self, batch: int) -> SEANetEncoderState:
+        return SEANetEncoderState(
+            conv_in=self.conv_in.init_state(batch),
+            res=[[res.init_state(batch) for res in block.res] for block in self.blocks],
+            downs=[block.down.init_state(batch) for block in self.blocks],
+            conv_out=self.conv_out.init_state(batch),
+        )
+
+    def forward(self, x: Tensor, state: SEANetEncoderState) -> Tensor:
+        x = self.conv_in(x, state.conv_in)
+        for block, res_states, down_state in zip(self.blocks, state.res, state.downs):
+            for res, res_state in zip(block.res, res_states):
+                x = res(x, res_state)
+            x = block.down(F.elu(x), down_state)
+        return self.conv_out(F.elu(x), state.conv_out)
 
 
 class DecoderBlock(nn.Module):
@@ -612,11 +632,15 @@ class Mimi(nn.Module):
         return torch.cat([self.decode_step(c, state) for c in codes.split(chunk, dim=-1)], dim=-1)
 
     @torch.inference_mode()
-    def encode(self, audio: Tensor) -> Tensor:
+    def encode(self, audio: Tensor, chunk_frames: int = 25) -> Tensor:
         """Audio [B, 1, N] -> codes [B, num_quantizers, ceil(N / frame_size)]. Like transformers, every
         strided conv pads its input on the right to a whole number of strides (there is no up-front
-        padding of the audio to whole frames)."""
-        x = self.encoder(audio.to(self.device).mT)
+        padding of the audio to whole frames). The SEANet encoder streams `chunk_frames` frames of audio
+        at a time: at the audio's rate its activations take 256 bytes a sample, 1.1 GB a minute at once."""
+        audio = audio.to(self.device).mT
+        state = self.encoder.init_state(audio.shape[0])
+        chunks = audio.split(chunk_frames * self.cfg.frame_size, dim=1)
+        x = torch.cat([self.encoder(c, state) for c in chunks], dim=1)
         x = self.encoder_transformer(x, self.encoder_transformer.init_state(x.shape[0]))
         return self.quantizer.encode(self.downsample(x))
 
