@@ -102,7 +102,9 @@ def load_audio(source: AudioSource) -> np.ndarray:
         if os.path.isfile(name) and os.path.getsize(name) == 0:
             raise _read_error(name, "the file is empty")
         try:
-            open(name, "rb").close()
+            with open(name, "rb") as f:
+                if not os.path.isfile(name):  # a pipe (/dev/stdin, <(...)): libsndfile seeks in FLAC and MP3
+                    source = io.BytesIO(f.read())
         except PermissionError:
             raise _read_error(name, "no permission to read it") from None
     else:

@@ -2,6 +2,7 @@ import io
 import os
 import stat
 import struct
+import subprocess
 import sys
 import threading
 import wave
@@ -412,6 +413,16 @@ def test_resample_builds_only_the_filters_it_uses():
         x = np.random.default_rng(0).standard_normal(3000).astype(np.float32)
         blocked = resample(x, 22_051, SAMPLE_RATE)
     np.testing.assert_array_equal(blocked, resample(x, 22_051, SAMPLE_RATE))
+
+
+@pytest.mark.parametrize("ext", ["flac", "mp3"])
+def test_load_from_a_pipe(tmp_path, ext):
+    """`--context 0 words /dev/stdin` fed by a pipe: libsndfile lost sync in a FLAC it could not seek."""
+    path = tmp_path / f"tone.{ext}"
+    sf.write(path, tone(440), SAMPLE_RATE)
+    code = "from csm_gguf.audio import load_audio; print(len(load_audio('/dev/stdin')))"
+    done = subprocess.run([sys.executable, "-c", code], input=path.read_bytes(), capture_output=True, timeout=60)
+    assert done.stdout.decode().strip() == str(len(load_audio(path))), done.stderr.decode()[-500:]
 
 
 def test_load_file_without_samples(tmp_path):
