@@ -71,6 +71,24 @@ def test_streaming_in_any_chunks_equals_the_whole_signal(speed):
     np.testing.assert_array_equal(np.concatenate(out), change_speed(audio, speed))
 
 
+@pytest.mark.parametrize("n, speed", [(15, 1.2), (25, 2.0), (1001, 0.4)])
+def test_one_sample_at_a_time_equals_the_whole_signal(n, speed):
+    """n / speed ending in .5: lengths summed chunk by chunk in floats rounded the other way."""
+    audio = np.random.default_rng(n).standard_normal(n).astype(np.float32)
+    stretch = TimeStretch(speed)
+    out = np.concatenate([*(stretch.feed(audio[i : i + 1]) for i in range(n)), stretch.finish()])
+    np.testing.assert_array_equal(out, change_speed(audio, speed))
+
+
+def test_a_change_of_speed_takes_the_stream_on_without_a_gap():
+    stretch = TimeStretch(0.25)
+    slow = stretch.feed(voiced(1.0))
+    stretch.speed = 4.0  # the windows from here on: they still hold about 40 ms of what was fed
+    out = np.concatenate([slow, stretch.finish()])
+    assert len(out) > 3.9 * RATE
+    assert harmonic_residual(out[: len(out) - WINDOW // 4], 173.3) < 0.01  # no silence at the end
+
+
 def test_speed_one_gives_the_input_back():
     audio = np.random.default_rng(2).standard_normal(10_000).astype(np.float32)
     assert change_speed(audio, 1.0) is not None and np.array_equal(change_speed(audio, 1.0), audio)
@@ -79,10 +97,23 @@ def test_speed_one_gives_the_input_back():
     np.testing.assert_allclose(out, audio, atol=1e-6)
 
 
-@pytest.mark.parametrize("speed", [0.2, 4.5, float("nan"), "2", True, None])
+@pytest.mark.parametrize("speed", [0.2, 4.5, float("nan"), "2", True, None, 0])
 def test_bad_speeds_are_refused(speed):
     with pytest.raises(ValueError, match="speed must be a number from 0.25 to 4.0"):
         TimeStretch(speed)
+    stretch = TimeStretch(1.5)
+    with pytest.raises(ValueError, match="speed must be a number from 0.25 to 4.0"):
+        stretch.speed = speed
+    assert stretch.speed == 1.5
+
+
+def test_any_real_number_is_a_speed():
+    assert TimeStretch(np.float32(1.5)).speed == 1.5 and TimeStretch(np.int64(2)).speed == 2.0
+
+
+def test_only_mono_audio_is_stretched():
+    with pytest.raises(ValueError, match="1-D array; got shape"):
+        change_speed(np.zeros((100, 2), np.float32), 1.0)
 
 
 def test_a_finished_stretch_takes_no_more_audio():
