@@ -152,10 +152,11 @@ def _number(body: dict, name: str, default: float | None, low: float, high: floa
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == math.inf:
         raise invalid(name, f"'{name}' must be a number from {low:g} to {high:g}")
-    if not low <= value <= high:
-        raise invalid(name, f"'{name}' is {value:g}; it must lie from {low:g} to {high:g}", code="out_of_range")
+    if not low <= value <= high:  # exact for ints of any size (JSON allows any number of digits)
+        shown = f"{value:g}" if isinstance(value, float) or abs(value) < 10**15 else "a number that large"
+        raise invalid(name, f"'{name}' is {shown}; it must lie from {low:g} to {high:g}", code="out_of_range")
     return float(value)
 
 

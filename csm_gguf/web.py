@@ -435,6 +435,9 @@ class WebsocketSession:
                 raise ApiError(400, f"unknown message type {kind!r}: use speech, text or flush", param="type")
         except ApiError as e:
             self.error(e)
+        except Exception as e:  # a bug of ours: said, as over HTTP, and the session goes on
+            log.exception("unexpected error in a websocket message")
+            self.error(ApiError(500, f"internal error: {e}", type="server_error"))
 
     def add_text(self, text: str) -> None:
         self.buffer += text

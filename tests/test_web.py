@@ -24,6 +24,7 @@ from csm_gguf.audio import FORMATS, MEDIA_TYPES, to_int16
 from csm_gguf.generator import Segment
 from csm_gguf.tempo import change_speed
 from csm_gguf.tts import Voice
+from csm_gguf.web import WebsocketSession
 
 TEXT = "Hello there, how are you doing today?"
 GREEDY = {"temperature": 0, "max_audio_ms": 800}  # 10 frames
@@ -601,6 +602,23 @@ def test_websocket_speed_applies_from_its_sentence_on(base, engine):
     assert done["audio_seconds"] == round(len(audio) / 2 / 24_000, 3)
 
 
+def test_websocket_bad_messages_are_answered_and_the_session_goes_on(base, engine, monkeypatch):
+    ws = WsClient.connect(base.replace("http", "ws") + "/v1/audio/speech/ws")
+    try:
+        ws.send(json.dumps({"type": "speech", "speed": 10**400}))  # an OverflowError closed the connection
+        assert json.loads(ws.receive(timeout=10))["error"]["param"] == "speed"
+        with monkeypatch.context() as m:
+            m.setattr(WebsocketSession, "add_text", lambda *a: 1 / 0)  # any bug of ours in a message
+            ws.send(json.dumps({"type": "text", "text": "Hi."}))
+            error = json.loads(ws.receive(timeout=10))["error"]
+        assert error["type"] == "server_error" and "division by zero" in error["message"]
+        ws.send(json.dumps({"input": TEXT, "response_format": "pcm", **GREEDY}))
+        audio, done = ws_collect(ws)
+        assert done["frames"] == 10 and len(audio) == done["bytes"] > 0
+    finally:
+        ws.close()
+
+
 def test_websocket_voice_change_mid_sentence_starts_afresh(base, engine, monkeypatch):
     """A sentence takes the settings in force when it is complete (when the next one starts); the previous
     sentence prompts the next only in the same voice (a format change keeps the voice, and ends the file
@@ -841,6 +859,8 @@ OK = {"model": "csm-1b", "input": TEXT, "voice": "alloy"}
     ({**OK, "response_format": "ogg"}, "response_format", "unsupported_value"),
     ({**OK, "stream_format": "json"}, "stream_format", "invalid_value"),
     ({**OK, "speed": 0.2}, "speed", "out_of_range"),
+    ({**OK, "speed": 10**400}, "speed", "out_of_range"),  # JSON numbers have any number of digits
+    ({**OK, "temperature": -(10**400)}, "temperature", "out_of_range"),
     ({**OK, "speed": "fast"}, "speed", "invalid_value"),
     ({**OK, "speed": 9}, "speed", "out_of_range"),
     ({**OK, "temperature": -1}, "temperature", "out_of_range"),
