@@ -266,19 +266,19 @@ def run(args) -> int:
             yield frame
 
     start = time.perf_counter()
-    chunks = []
+    audio_chunks = tts.decode_stream(frames(), chunk_frames=5, speed=args.speed)
     if output == "-":
         encoder = StreamEncoder(fmt)
         out = sys.stdout.buffer
-        for chunk in tts.decode_stream(frames(), chunk_frames=5, speed=args.speed):
+        n_samples = 0
+        for chunk in audio_chunks:
             out.write(encoder.feed(chunk))
             out.flush()
-            chunks.append(len(chunk))
+            n_samples += len(chunk)
         out.write(encoder.finish())
         out.flush()
-        n_samples = sum(chunks)
     else:
-        audio = np.concatenate([np.zeros(0, np.float32), *tts.decode_stream(frames(), chunk_frames=5, speed=args.speed)])
+        audio = np.concatenate([np.zeros(0, np.float32), *audio_chunks])
         write_audio(output, audio, fmt)
         n_samples = len(audio)
     wall = time.perf_counter() - start
