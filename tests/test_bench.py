@@ -52,6 +52,7 @@ def test_bench_writes_every_figure(converted, f32_model, tmp_path):
 
     mimi = report["peers"]["mimi"]
     assert mimi["ours_stream_ms"] > 0 and mimi["transformers_batch_ms"] > 0
+    assert set(mimi["ours_stream_chunk_ms"]) == {"2", "5"} and min(mimi["ours_stream_chunk_ms"].values()) > 0
     t = report["peers"]["transformers"]
     assert t["frames"] == 2 and t["rtf"] > 0 and len(t["speedup"]) == 2
     if "--plot" in cmd:
