@@ -62,8 +62,8 @@ class Sampling:
     max_audio_ms: float = 90_000
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature}")
         if isinstance(self.top_k, bool) or not (isinstance(self.top_k, numbers.Integral) and 1 <= self.top_k < 2**31):
             raise ValueError(f"top_k must be a whole number from 1 to 2**31 - 1, got {self.top_k!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)

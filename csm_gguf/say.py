@@ -149,8 +149,9 @@ def first_run_convert(model_id: str) -> Path:
         return convert(model_id=model_id, qtype="q4_k")
     except CheckpointError as e:
         raise UsageError(
-            f"{e}\nOr convert a local checkpoint yourself (python -m csm_gguf.convert --model-path DIR) "
-            f"and pass --model DIR"
+            f"the first run could not convert {model_id}: {e}\nThe options named are those of "
+            "python -m csm_gguf.convert: run it yourself (--model-path DIR for a local checkpoint), then pass "
+            "its output to say with --model DIR"
         ) from e
 
 
@@ -203,10 +204,10 @@ def run(args) -> int:
         names = voices.list_voices()
         print("\n".join(names) if names else f"no saved voices in {voices.voices_dir()}")
         return 0
-    if args.top_k < 1:
-        raise UsageError(f"--top-k must be >= 1, got {args.top_k}")
-    if not args.temperature >= 0:
-        raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if not 1 <= args.top_k < 2**31:
+        raise UsageError(f"--top-k must be from 1 to {2**31 - 1}, got {args.top_k}")
+    if not 0 <= args.temperature < math.inf:
+        raise UsageError(f"--temperature must be a number >= 0 (0 = greedy), got {args.temperature}")
     if args.max_audio_ms is not None and not 0 < args.max_audio_ms < math.inf:
         raise UsageError(f"--max-audio-ms must be a number of milliseconds > 0, got {args.max_audio_ms}")
     if not MIN_SPEED <= args.speed <= MAX_SPEED:

@@ -97,6 +97,20 @@ def check_torch_device(name: str) -> None:
 
 
 class CSM:
+    """CSM-1B text to speech from a converted model directory.
+
+    model: the directory (default: $CSM_GGUF_MODEL, else the converted model in the cache).
+    n_threads: CPU threads for llama.cpp, and for torch in this whole process (0: all usable cores for
+        llama.cpp, and torch keeps its own setting).
+    n_gpu_layers: layers offloaded on CUDA/Metal builds of llama.cpp (0: nothing runs on the GPU; 99: all).
+    kv_type: the KV cache's type, "f16", "f32" or "q8_0".
+    max_streams: calls that may generate at once, from several threads (see the README).
+    codec_device: the torch device of the Mimi codec, "cpu" or "cuda".
+
+    Audio in and out is 24 kHz mono float32 (`sample_rate`); arrays given to `encode` or `segment` must be
+    at that rate (files are resampled).
+    """
+
     sample_rate = SAMPLE_RATE
 
     def __init__(

@@ -39,11 +39,13 @@ from .tts import CSM, decode_frames
 from .voices import BUILTIN_VOICES, load_voice
 
 log = logging.getLogger(__name__)
+WEBSOCKET_PATH = "/v1/audio/speech/ws"
 
 # (environment variable, Settings field, what it sets)
 SETTINGS = (
     ("CSM_GGUF_MODEL", "model", "converted model directory (default: the converted model in the cache, as for say)"),
-    ("CSM_GGUF_THREADS", "threads", "CPU threads for llama.cpp and the codec (default 0: all cores)"),
+    ("CSM_GGUF_THREADS", "threads", "CPU threads for llama.cpp (default 0: all cores; the codec decodes each "
+                                    "request on one thread, in that request's thread)"),
     ("CSM_GGUF_GPU_LAYERS", "gpu_layers", "layers offloaded to the GPU (default 0; -1: all)"),
     ("CSM_GGUF_KV_TYPE", "kv_type", "KV cache type: f16 (default), f32, q8_0"),
     ("CSM_GGUF_CODEC_DEVICE", "codec_device", "torch device of the Mimi codec: cpu (default), cuda"),
@@ -140,7 +142,8 @@ def create_app(**overrides: Any) -> Flask:
         if key and request.path.startswith("/v1/"):
             scheme, _, token = request.headers.get("Authorization", "").partition(" ")
             given = token.strip() if scheme.lower() == "bearer" else ""  # auth schemes ignore case
-            given = given or request.args.get("api_key", "")  # browsers cannot set websocket headers
+            if request.path == WEBSOCKET_PATH:  # browsers cannot set websocket headers; elsewhere a key in the
+                given = given or request.args.get("api_key", "")  # URL would only end up in access logs
             if not hmac.compare_digest(given.encode(), key.encode()):
                 raise ApiError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
                                code="invalid_api_key")
@@ -202,7 +205,7 @@ def create_app(**overrides: Any) -> Flask:
             return Response(encode_audio(samples, req.response_format), mimetype=media_type)
         return streamed(encoded(audio, StreamEncoder(req.response_format)), media_type)
 
-    @sock.route("/v1/audio/speech/ws")
+    @sock.route(WEBSOCKET_PATH)
     def speech_ws(ws):
         WebsocketSession(ws, codec, parse, submit).run()
 

@@ -2,6 +2,7 @@
 and answers in tone. Optionally give each speaker a voice from a recording and its transcript.
 
     python examples/dialogue.py [--voice-0 A.wav "What A says."] [--voice-1 B.wav "What B says."] [--model DIR]
+                                [--output dialogue.wav] [--max-audio-ms MS]
 """
 
 import argparse

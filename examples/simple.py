@@ -1,6 +1,6 @@
 """Speak one sentence to a WAV file.
 
-    python examples/simple.py [--model DIR] [--output hello.wav]
+    python examples/simple.py [--model DIR] [--output hello.wav] [--max-audio-ms MS]
 """
 
 import argparse

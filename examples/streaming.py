@@ -1,6 +1,6 @@
 """Stream speech as it is generated: frames of codes -> audio chunks -> raw PCM on stdout.
 
-    python examples/streaming.py [--model DIR] | aplay -f S16_LE -r 24000 -c 1
+    python examples/streaming.py [--model DIR] [--max-audio-ms MS] | aplay -f S16_LE -r 24000 -c 1
 """
 
 import argparse
@@ -25,4 +25,4 @@ for chunk in tts.stream("Streaming starts with the very first frame.", chunk_fra
         first = time.perf_counter() - start
     sys.stdout.buffer.write(to_int16(chunk).tobytes())
     sys.stdout.buffer.flush()
-print(f"first audio after {first:.3f} s", file=sys.stderr)
+print("no audio: the model ended at once" if first is None else f"first audio after {first:.3f} s", file=sys.stderr)

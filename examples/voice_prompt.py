@@ -1,6 +1,7 @@
 """Clone a voice from a reference recording and its transcript.
 
-    python examples/voice_prompt.py REFERENCE.wav "What the reference says." [--model DIR]
+    python examples/voice_prompt.py REFERENCE.wav "What the reference says." [--model DIR] [--output cloned.wav]
+                                    [--max-audio-ms MS]
 """
 
 import argparse

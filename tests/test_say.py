@@ -352,7 +352,8 @@ def test_dialogue_turns_hear_each_speakers_last_piece(tts, monkeypatch):
     ("0: Hello.", {}, "turns must be a list"),
     ([(0, "Hello.")], {"context": [(0, "Hi.")]}, "context must be a list of Segments"),
     ([(0, "Hello.")], {"context": "Hi."}, "context must be a list of Segments"),
-    ([(0, "Hello.")], {"temperature": -1}, "temperature must be >= 0"),
+    ([(0, "Hello.")], {"temperature": -1}, "temperature must be a number >= 0"),
+    ([(0, "Hello.")], {"temperature": float("inf")}, "temperature must be a number >= 0"),
     ([(0, "Hello.")], {"top_k": 0}, "top_k must be a whole number"),
     ([(0, "Hello.")], {"max_audio_ms": float("nan")}, "max_audio_ms must be a number > 0"),
     ([(0, "Hello.")], {"context": [Segment(-1, "Hi.")]}, "speaker id is a whole number >= 0"),
@@ -517,8 +518,10 @@ def test_budget_is_proportional_to_text(tts):
     (["hi", "--input", "{tmp}/latin1.txt", "-o", "{tmp}/x.wav"], "either as TEXT or with --input, not both"),
     (["--input", "{tmp}/utf16.txt", "-o", "{tmp}/x.wav"], "holds NUL bytes, so it is not UTF-8 text (UTF-16?)"),
     (["hi", "--voice", "nobody", "-o", "{tmp}/x.wav"], "unknown voice 'nobody'"),
-    (["hi", "--temperature", "-1", "-o", "{tmp}/x.wav"], "--temperature must be >= 0"),
-    (["hi", "--top-k", "0", "-o", "{tmp}/x.wav"], "--top-k must be >= 1"),
+    (["hi", "--temperature", "-1", "-o", "{tmp}/x.wav"], "--temperature must be a number >= 0"),
+    (["hi", "--temperature", "inf", "-o", "{tmp}/x.wav"], "--temperature must be a number >= 0"),
+    (["hi", "--top-k", "0", "-o", "{tmp}/x.wav"], "--top-k must be from 1 to 2147483647"),
+    (["hi", "--top-k", "99999999999", "-o", "{tmp}/x.wav"], "--top-k must be from 1"),  # not top_k, after loading
     (["hi", "--context", "0", "words", "{tmp}/missing.wav", "-o", "{tmp}/x.wav"], "missing.wav"),
     (["hi", "--context", "0", "words", "{tmp}/garbage.wav", "-o", "{tmp}/x.wav"], "garbage.wav"),
     (["hi", "-o", "{tmp}/x.aac"], "aac"),
@@ -635,7 +638,7 @@ def test_no_model_offline_says_what_to_do(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["Hello"]) == 2
     err = capsys.readouterr().err
-    assert "unreachable" in err and "--model" in err
+    assert "unreachable" in err and "python -m csm_gguf.convert" in err and "--model DIR" in err
     assert list(tmp_path.glob("*.wav")) == []
 
 

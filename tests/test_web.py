@@ -903,6 +903,14 @@ def test_api_key(server, client, base):
         assert httpx.get(f"{base}/health").status_code == 200  # health checks need no key
         lower = post(base, {"model": "csm-1b", "input": "Hi.", **GREEDY}, headers={"Authorization": "bearer secret"})
         assert lower.status_code == 200  # the scheme's case does not matter (RFC 9110)
+        assert httpx.get(f"{base}/v1/models?api_key=secret").status_code == 401  # a key in a URL: websockets only
+        ws = WsClient.connect(base.replace("http", "ws") + "/v1/audio/speech/ws?api_key=secret")
+        try:
+            ws.send(json.dumps({"input": "Hi.", "response_format": "pcm", **GREEDY}))
+            audio, done = ws_collect(ws)
+            assert done["frames"] == 10 and len(audio) > 0
+        finally:
+            ws.close()
     finally:
         app.config["API_KEY"] = None
 
