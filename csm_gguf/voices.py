@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import write_atomic
-from .generator import Segment
+from .generator import FRAME_MS, Segment
 from .model_dir import cache_root
 from .tts import Voice
 
@@ -84,6 +84,18 @@ def save_voice(name: str, voice: Voice) -> Path:
         raise ValueError(f"cannot save voice {name!r} in {path.parent} ({e.strerror}): set CSM_GGUF_VOICES to a "
                          "folder you can write") from None
     return path
+
+
+def describe(name: str) -> str:
+    """One line on a saved voice: its speaker, how long its prompt is, and how its transcript begins."""
+    try:
+        voice = load_voice(name)
+    except ValueError as e:
+        return f"{name}: {e}"
+    seconds = sum(len(s.codes) for s in voice.segments) * FRAME_MS / 1000
+    text = " ".join(s.text for s in voice.segments)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    return f"{name}: speaker {voice.speaker}, {len(voice.segments)} prompt segment(s), {seconds:.1f} s, {text!r}"
 
 
 def load_voice(name: str) -> Voice:

@@ -223,7 +223,7 @@ def test_a_failed_prompt_read_gives_its_slot_back(tts, monkeypatch):
     assert len(tts.generate(TEXT, temperature=0, max_audio_ms=160)) == 2 * tts.codec.cfg.frame_size
 
 
-def test_saved_voice_gives_the_same_codes_as_its_context(f32_model, tts, tmp_path):
+def test_saved_voice_gives_the_same_codes_as_its_context(f32_model, tts, tmp_path, capsys):
     prompt_audio = tmp_path / "prompt.wav"
     sf.write(prompt_audio, 0.3 * np.sin(np.linspace(0, 400, 24000)), 24000)
     direct, via_voice = tmp_path / "direct.npy", tmp_path / "voice.npy"
@@ -232,7 +232,10 @@ def test_saved_voice_gives_the_same_codes_as_its_context(f32_model, tts, tmp_pat
                  "--speaker", "2", "-o", str(tmp_path / "a.wav"), "--save-codes", str(direct)]) == 0
     assert main(["--save-voice", "narrator", "--model", str(f32_model), "--speaker", "2",
                  "--context", "2", "A prompt.", str(prompt_audio)]) == 0
+    capsys.readouterr()
     assert main(["--list-voices"]) == 0
+    # 1 s of audio is 375 of the tiny codec's 64-sample frames, 80 ms each to CSM
+    assert capsys.readouterr().out == "narrator: speaker 2, 1 prompt segment(s), 30.0 s, 'A prompt.'\n"
     assert main(["Say this.", *common, "--voice", "narrator", "-o", str(tmp_path / "b.wav"),
                  "--save-codes", str(via_voice)]) == 0
     np.testing.assert_array_equal(np.load(direct), np.load(via_voice))
