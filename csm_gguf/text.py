@@ -65,6 +65,20 @@ def split_sentences(text: str) -> list[str]:
     return [s for s in sentences if not is_blank(s)]
 
 
+def take_sentences(text: str, final: bool = False) -> tuple[list[str], str]:
+    """For text still arriving: the sentences known to be complete (followed by the start of another, or
+    a line break; with final, all of them), and the rest, to be continued by the text to come."""
+    sentences = split_sentences(text)
+    last = text.splitlines(keepends=True)[-1:]
+    # Nothing is unfinished where the text ends in a line break (any: "\n", "\r", "\u2028"...) or after one.
+    if final or not sentences or last[0].splitlines() != last or last[0] != text and is_blank(last[0]):
+        return sentences, ""
+    # The unfinished sentence, with its trailing space (the next text may start a new word). While it is
+    # only opening quotes or brackets, the one before is not known to be complete either: "Hi. (and so)".
+    keep = 2 if len(sentences) > 1 and not sentences[-1].strip(_OPENERS) else 1
+    return sentences[:-keep], " ".join(sentences[-keep:]) + (" " if text[-1].isspace() else "")
+
+
 def _is_sentence_end(line: str, match: re.Match[str]) -> bool:
     end, stop = match["end"], match.end()
     following = line[stop : stop + 1]

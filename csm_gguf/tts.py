@@ -7,6 +7,8 @@
         ...
     audio = tts.generate("Hello there.", speed=1.2)  # faster, at the same pitch
     audio = tts.dialogue([(0, "Hi."), (1, "Hello.")])  # a conversation: each turn after those before it
+    for chunk in tts.stream_text(llm_tokens):  # text as it arrives: each sentence spoken once complete
+        ...
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 from .generator import FRAME_MS, Generator, PromptTooLong, Sampling, Segment, check_codes, check_speaker
 from .model import CSMModel
 from .tempo import TimeStretch, check_speed
-from .text import chunk_text, is_blank, is_unicode
+from .text import chunk_text, is_blank, is_unicode, take_sentences
 
 SAMPLE_RATE = 24_000
 
@@ -78,6 +80,23 @@ def decode_frames(codec, state, frames: list[np.ndarray] | np.ndarray) -> np.nda
     import torch
 
     return codec.decode_step(torch.from_numpy(np.asarray(frames).T[None]), state)[0, 0].cpu().numpy()
+
+
+def _sentences(chunks: Iterable[str]) -> Iterator[str]:
+    """The sentences of text arriving in chunks, each as soon as it is known to be complete."""
+    rest = ""
+    for chunk in chunks:
+        if not isinstance(chunk, str):
+            raise ValueError(f"the text to speak must come as strings, got {type(chunk).__name__}")
+        sentences, rest = take_sentences(rest + chunk)
+        yield from sentences
+    yield from take_sentences(rest, final=True)[0]
+
+
+def _progress(work: list) -> Iterator:
+    from tqdm import tqdm
+
+    yield from tqdm(work, desc="speaking", unit="piece")
 
 
 def _nonempty(audio: np.ndarray) -> Iterator[np.ndarray]:
@@ -303,6 +322,12 @@ class CSM:
     def _speak(self, lines: list[tuple[int, str]], context: Sequence[Segment], temperature: float, top_k: int,
                seed: int | None, max_audio_ms: float | None, progress: bool) -> Iterator[np.ndarray]:
         """Checks the settings now (a generator would only at its first frame), then speaks the lines."""
+        context = self._checked_context(context)
+        work = [(speaker, piece, self.piece_sampling(piece, i, temperature, top_k, seed, max_audio_ms))
+                for i, (speaker, piece) in enumerate(lines)]
+        return self._generate(_progress(work) if progress and len(work) > 1 else work, context)
+
+    def _checked_context(self, context: Sequence[Segment]) -> list[Segment]:
         context = list(context) if isinstance(context, Iterable) and not isinstance(context, (str, bytes)) else None
         if context is None or not all(isinstance(seg, Segment) for seg in context):
             raise ValueError("context must be a list of Segments (tts.segment(speaker, text, audio=...))")
@@ -310,25 +335,46 @@ class CSM:
             check_speaker(seg.speaker)
             if seg.codes is not None:
                 check_codes(seg.codes, self.model.config.num_codebooks, self.model.n_codes, "context codes")
-        samplings = [self.piece_sampling(piece, i, temperature, top_k, seed, max_audio_ms)
-                     for i, (_, piece) in enumerate(lines)]
-        return self._generate(lines, context, samplings, progress)
+        return context
 
-    def _generate(self, lines: list[tuple[int, str]], context: Sequence[Segment], samplings: list[Sampling],
-                  progress: bool) -> Iterator[np.ndarray]:
+    def _generate(self, work: Iterable[tuple[int, str, Sampling]],
+                  context: Sequence[Segment]) -> Iterator[np.ndarray]:
+        """Frames of each (speaker, piece, sampling) in turn, each piece after what was said before it."""
         previous: list[Segment] = []
-        work = zip(lines, samplings)
-        if progress and len(lines) > 1:
-            from tqdm import tqdm
-
-            work = tqdm(work, total=len(lines), desc="speaking", unit="piece")
-        for (speaker, piece), sampling in work:
+        for speaker, piece, sampling in work:
             made = []
             piece_context = self.piece_context(piece, speaker, context, previous, sampling)
             for frame in self.generator.generate(piece, speaker, piece_context, sampling):
                 made.append(frame)
                 yield frame
             previous = spoken_context(previous, speaker, piece, made)
+
+    def stream_text(
+        self,
+        text: Iterable[str],
+        speaker: int = 0,
+        context: Sequence[Segment] = (),
+        temperature: float = 0.9,
+        top_k: int = 50,
+        seed: int | None = None,
+        max_audio_ms: float | None = None,
+        chunk_frames: int = 1,
+        speed: float = 1.0,
+    ) -> Iterator[np.ndarray]:
+        """Speech for text that arrives in pieces, such as an LLM's tokens: audio chunks as for `stream`.
+        Each sentence is spoken as soon as it is complete (once the next one begins, at a line break, or
+        at the end of the text), with the sentence before it as context, so speech can start long before
+        the text ends. `text` is only read on between sentences. Piece i samples with seed + i."""
+        check_speaker(speaker)
+        if isinstance(text, (str, bytes)) or not isinstance(text, Iterable):
+            raise ValueError("text must be an iterable of strings (an LLM's tokens, lines...); for one string "
+                             "use stream()")
+        context = self._checked_context(context)
+        Sampling(temperature, top_k, seed, FRAME_MS if max_audio_ms is None else max_audio_ms)  # its checks, now
+        pieces = ((speaker, piece) for sentence in _sentences(text) for piece in self.pieces(sentence))
+        work = ((speaker, piece, self.piece_sampling(piece, i, temperature, top_k, seed, max_audio_ms))
+                for i, (speaker, piece) in enumerate(pieces))
+        return self.decode_stream(self._generate(work, context), chunk_frames, speed)
 
     def stream(self, text: str, chunk_frames: int = 1, speed: float = 1.0, **kwargs) -> Iterator[np.ndarray]:
         """Audio chunks (float32, 24 kHz) as frames are generated; equal to decoding all frames at once.

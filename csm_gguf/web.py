@@ -34,7 +34,7 @@ from .generator import PromptTooLong
 from .server_engine import Engine, Job, QueueFull
 from .speech_request import MAX_INPUT_CHARS, MODELS, ApiError, SpeechRequest, parse_speech, voice_names
 from .tempo import TimeStretch
-from .text import split_sentences
+from .text import take_sentences
 from .tts import CSM, decode_frames
 from .voices import BUILTIN_VOICES, load_voice
 
@@ -443,15 +443,8 @@ class WebsocketSession:
             self.error(ApiError(500, f"internal error: {e}", type="server_error"))
 
     def add_text(self, text: str) -> None:
-        self.buffer += text
-        sentences = split_sentences(self.buffer)
-        complete = self.buffer.endswith("\n")
-        self.enqueue(sentences if complete else sentences[:-1])
-        if complete or not sentences:
-            self.buffer = ""
-        else:
-            # keep the unfinished sentence and its trailing space (the next piece may start a new word)
-            self.buffer = sentences[-1] + (" " if self.buffer[-1].isspace() else "")
+        sentences, self.buffer = take_sentences(self.buffer + text)
+        self.enqueue(sentences)
         while len(self.buffer) > MAX_INPUT_CHARS:
             self.error(ApiError(400, f"more than {MAX_INPUT_CHARS} characters without a sentence end: "
                                      "speaking them now", param="text", code="string_above_max_length"))

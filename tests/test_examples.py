@@ -12,9 +12,9 @@ import soundfile as sf
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-def run(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(EXAMPLES / script), *args], cwd=cwd, capture_output=True,
-                          timeout=300, check=True)
+def run(script: str, *args: str, cwd: Path, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(EXAMPLES / script), *args], cwd=cwd, input=stdin,
+                          capture_output=True, timeout=300, check=True)
 
 
 def test_simple(f32_model, tmp_path):
@@ -39,3 +39,9 @@ def test_dialogue(f32_model, tmp_path):
     run("dialogue.py", "--voice-0", "a.wav", "A reference.", "--model", str(f32_model), "--max-audio-ms", "400",
         cwd=tmp_path)
     assert sf.info(tmp_path / "dialogue.wav").frames > 0
+
+
+def test_speak_as_it_comes(f32_model, tmp_path):
+    out = run("speak_as_it_comes.py", "--model", str(f32_model), "--max-audio-ms", "400", cwd=tmp_path,
+              stdin="First sentence. Second one, café.".encode())
+    assert len(out.stdout) > 0 and len(out.stdout) % 2 == 0

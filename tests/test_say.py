@@ -75,6 +75,37 @@ def test_say_speed(f32_model, tts, tmp_path):
     np.testing.assert_array_equal(audio, to_int16(expected))
 
 
+def test_text_in_pieces_is_spoken_sentence_by_sentence_as_it_comes(tts):
+    sentences = ["Hello there.", "How are you doing today?", "Fine, thanks."]
+    pulled = []
+
+    def tokens():  # an LLM's output, a few characters at a time
+        text = " ".join(sentences)
+        for i in range(0, len(text), 3):
+            pulled.append(i)
+            yield text[i : i + 3]
+
+    kw = dict(temperature=0.9, seed=5, max_audio_ms=4 * 80)
+    chunks = tts.stream_text(tokens(), speaker=1, chunk_frames=2, **kw)
+    first = next(chunks)
+    assert len(pulled) < len(" ".join(sentences)) // 3  # speaking before the text has all come
+    audio = np.concatenate([first, *chunks])
+    # as a dialogue of one speaker: each sentence after the one before it, piece i with seed + i
+    expected = tts.decode_stream(tts.dialogue_frames([(1, s) for s in sentences], **kw), chunk_frames=2)
+    np.testing.assert_array_equal(audio, np.concatenate(list(expected)))
+
+
+def test_stream_text_checks_its_settings_at_the_call(tts):
+    with pytest.raises(ValueError, match="iterable of strings"):
+        tts.stream_text("Hello.")
+    with pytest.raises(ValueError, match="temperature must be"):
+        tts.stream_text(iter(["Hello."]), temperature=-1)
+    with pytest.raises(ValueError, match="speed must be"):
+        tts.stream_text(iter(["Hello."]), speed=9)
+    with pytest.raises(ValueError, match="must come as strings, got int"):
+        list(tts.stream_text(iter(["Hello. ", 5]), max_audio_ms=160))
+
+
 def test_only_streams_of_single_frames_ask_for_a_cuda_graph(tts, monkeypatch):
     """A graph replays 1-frame steps, and recording one costs about three steps: `say` (5-frame chunks) and
     `generate` (25) would record one only for a last chunk of one frame."""

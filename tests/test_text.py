@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from csm_gguf.text import chunk_text, is_blank, split_sentences
+from csm_gguf.text import chunk_text, is_blank, split_sentences, take_sentences
 
 
 def tokens(text: str) -> int:
@@ -278,3 +278,27 @@ def test_chunk_cuts_between_words_and_packs_greedily(words, max_units, count):
     assert " ".join(chunks).split() == words
     for a, b in zip(chunks, chunks[1:]):
         assert count(a + " " + b) > max_units
+
+
+def incremental_sentences(chunks: list[str]) -> list[str]:
+    done, rest = [], ""
+    for chunk in chunks:
+        sentences, rest = take_sentences(rest + chunk)
+        done += sentences
+    return done + take_sentences(rest, final=True)[0]
+
+
+@settings(max_examples=300, deadline=None)
+@given(TEXTS, st.lists(st.integers(0, 200), max_size=12))
+def test_sentences_of_text_in_pieces_are_those_of_the_whole(text, cuts):
+    """Text arriving in pieces (a websocket, an LLM's tokens) is cut into the same sentences."""
+    cuts = sorted(c % (len(text) + 1) for c in cuts)
+    chunks = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+    assert incremental_sentences(chunks) == split_sentences(text)
+
+
+@pytest.mark.parametrize("text", ["Hi. (and so) it went.", "Mr. Smith is here. Yes.", "「行こう。」と言った。次。",
+                                  "No. 5 is on p. 12. Fine.", "He said \"Stop.\" Then left.",
+                                  "Line one\u2028line two\rthree\r\nfour \n \n five"])
+def test_sentences_of_text_one_character_at_a_time(text):
+    assert incremental_sentences(list(text)) == split_sentences(text)
