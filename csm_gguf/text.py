@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from bisect import bisect_right
 from collections.abc import Callable
+from itertools import accumulate
 
-# Sentence ends: runs of . ! ? … (Latin, needing whitespace after) or of the CJK forms
+# Sentence ends: runs of . ! ? … and the full stops and question marks of other scripts that put a space
+# after them (Devanagari । ॥, Arabic and Urdu ؟ ۔, Armenian ։, Ethiopic ።, Burmese ။), or of the CJK forms
 # (CJK text has no spaces), then any closing quotes or brackets.
+_SPACED_ENDS = ".!?…।॥؟۔։።။"
 _CJK_ENDS = "。！？｡"
 _CJK_CLOSERS = "」』）】》〉"
 _CLOSERS = "\"'”’»)]}" + _CJK_CLOSERS
 _OPENERS = "\"'“‘«([{¿¡「『（【《〈"
-_END = re.compile(rf"(?P<end>[.!?…{_CJK_ENDS}]+)[{re.escape(_CLOSERS)}]*")
+_END = re.compile(rf"(?P<end>[{_SPACED_ENDS}{_CJK_ENDS}]+)[{re.escape(_CLOSERS)}]*")
 _NEXT_LETTER = re.compile(rf" *[{re.escape(_OPENERS)}]*(.?)")
 _INITIALS = re.compile(r"(?:[^\W\d_]\.)*[^\W\d_]")  # J, U.S, e.g, p.m
 
@@ -53,33 +57,54 @@ def is_unicode(text: str) -> bool:
 
 def split_sentences(text: str) -> list[str]:
     """Sentences of text, whitespace normalised; line breaks always end a sentence."""
-    sentences = []
-    for line in text.splitlines():
-        line = " ".join(line.split())
-        start = 0
-        for match in _END.finditer(line):
-            if _is_sentence_end(line, match):
-                sentences.append(line[start : match.end()].strip())
-                start = match.end()
-        sentences.append(line[start:].strip())
-    return [s for s in sentences if not is_blank(s)]
+    return [s for line in text.splitlines() for s, _ in _split_line(line) if not is_blank(s)]
+
+
+def _split_line(line: str) -> list[tuple[str, int]]:
+    """A line's sentences, whitespace normalised (blank ones too), each with where it ends in the line."""
+    words = list(re.finditer(r"\S+", line))
+    text = " ".join(w[0] for w in words)
+    starts = list(accumulate((len(w[0]) + 1 for w in words[:-1]), initial=0))  # of each word in text
+
+    def in_line(position: int) -> int:  # a position inside or at the end of a word of text
+        i = bisect_right(starts, position) - 1
+        return words[i].start() + position - starts[i]
+
+    sentences, start = [], 0
+    for match in _END.finditer(text):
+        if _is_sentence_end(text, match, start):
+            sentences.append((text[start : match.end()].strip(), in_line(match.end())))
+            start = match.end()
+    sentences.append((text[start:].strip(), len(line)))
+    return sentences
 
 
 def take_sentences(text: str, final: bool = False) -> tuple[list[str], str]:
     """For text still arriving: the sentences known to be complete (followed by the start of another, or
-    a line break; with final, all of them), and the rest, to be continued by the text to come."""
+    a line break; with final, all of them), and the rest of the text, which the text to come continues."""
     sentences = split_sentences(text)
-    last = text.splitlines(keepends=True)[-1:]
-    # Nothing is unfinished where the text ends in a line break (any: "\n", "\r", "\u2028"...) or after one.
-    if final or not sentences or last[0].splitlines() != last or last[0] != text and is_blank(last[0]):
+    lines = text.splitlines(keepends=True)
+    last = lines[-1] if lines else ""
+    if final or last.splitlines() != [last]:  # the text ends in a line break (any: \n, \r, \u2028...)
         return sentences, ""
-    # The unfinished sentence, with its trailing space (the next text may start a new word). While it is
-    # only opening quotes or brackets, the one before is not known to be complete either: "Hi. (and so)".
-    keep = 2 if len(sentences) > 1 and not sentences[-1].strip(_OPENERS) else 1
-    return sentences[:-keep], " ".join(sentences[-keep:]) + (" " if text[-1].isspace() else "")
+    # The unfinished sentence is the last line's last. While it is only opening quotes or brackets, the one
+    # before it on that line is not known to be complete either: "Hi. (" may go on "and so)".
+    on_line = [(s, end) for s, end in _split_line(last) if not is_blank(s)]
+    keep = 2 if len(on_line) > 1 and not on_line[-1][0].strip(_OPENERS) else min(len(on_line), 1)
+    done_on_line = len(on_line) - keep
+    rest = last[on_line[done_on_line - 1][1] :] if done_on_line else last
+    return sentences[: len(sentences) - keep], rest
 
 
-def _is_sentence_end(line: str, match: re.Match[str]) -> bool:
+def cut_between_words(text: str, limit: int) -> tuple[str, str]:
+    """The first at most `limit` characters of text that has no sentence end, cut at a space where it has
+    one, and the rest: how text too long to wait for its sentence's end is spoken."""
+    cut = text.rfind(" ", 0, limit)
+    cut = cut if cut > 0 else limit
+    return text[:cut], text[cut:].lstrip()
+
+
+def _is_sentence_end(line: str, match: re.Match[str], start: int) -> bool:
     end, stop = match["end"], match.end()
     following = line[stop : stop + 1]
     if any(c in _CJK_ENDS for c in end):
@@ -92,7 +117,7 @@ def _is_sentence_end(line: str, match: re.Match[str]) -> bool:
         return False
     if end != ".":
         return True
-    word = line[line.rfind(" ", 0, match.start()) + 1 : match.start()]
+    word = line[max(line.rfind(" ", 0, match.start()) + 1, start) : match.start()]  # "ペンです。Dr. Smith"
     word = word.lstrip(_OPENERS).lower()
     if word in _TITLES or _INITIALS.fullmatch(word):
         return False

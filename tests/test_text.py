@@ -145,6 +145,12 @@ _ATOMS = [
     ":",
     ";",
     "Supercalifragilistic",
+    "\r\n",
+    "\u2028",
+    "「",
+    "Dr.",
+    "नमस्ते।",
+    "؟",
 ]
 TEXTS = st.lists(
     st.tuples(st.sampled_from(_ATOMS), st.sampled_from(["", " ", "  ", "\t"])), max_size=60
@@ -288,13 +294,35 @@ def incremental_sentences(chunks: list[str]) -> list[str]:
     return done + take_sentences(rest, final=True)[0]
 
 
+# Zero-width characters alone make blank sentences, which are dropped (not spoken), as whole texts have them.
+TEXTS_WITH_INVISIBLES = st.lists(
+    st.tuples(st.sampled_from([*_ATOMS, "\u200b", "\ufeff"]), st.sampled_from(["", " ", "\t"])), max_size=60
+).map(lambda parts: "".join(a + s for a, s in parts))
+
+
 @settings(max_examples=300, deadline=None)
-@given(TEXTS, st.lists(st.integers(0, 200), max_size=12))
+@given(TEXTS_WITH_INVISIBLES, st.lists(st.integers(0, 200), max_size=12))
 def test_sentences_of_text_in_pieces_are_those_of_the_whole(text, cuts):
     """Text arriving in pieces (a websocket, an LLM's tokens) is cut into the same sentences."""
     cuts = sorted(c % (len(text) + 1) for c in cuts)
     chunks = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
     assert incremental_sentences(chunks) == split_sentences(text)
+
+
+@pytest.mark.parametrize("chunks", [
+    ['He said:\n"', 'Go home."'],  # the line break ended "He said:", whatever follows
+    ["Shopping list:\n(", "eggs and milk)"],
+    ["Hello. ", "\u200b", "World."],  # the space before the zero-width one is kept
+    ["}\x85("],
+])
+def test_sentences_of_text_in_these_pieces_are_those_of_the_whole(chunks):
+    assert incremental_sentences(chunks) == split_sentences("".join(chunks))
+
+
+def test_sentence_ends_of_other_scripts():
+    assert split_sentences("यह एक वाक्य है। यह दूसरा है।") == ["यह एक वाक्य है।", "यह दूसरा है।"]
+    assert split_sentences("هل أنت بخير؟ نعم.") == ["هل أنت بخير؟", "نعم."]
+    assert split_sentences("これはペンです。Dr. Smith came.") == ["これはペンです。", "Dr. Smith came."]
 
 
 @pytest.mark.parametrize("text", ["Hi. (and so) it went.", "Mr. Smith is here. Yes.", "「行こう。」と言った。次。",
