@@ -24,7 +24,7 @@ import numpy as np
 from .generator import FRAME_MS, Generator, PromptTooLong, Sampling, Segment, check_codes, check_speaker
 from .model import CSMModel
 from .tempo import TimeStretch, check_speed
-from .text import chunk_text, is_blank, is_unicode, take_sentences
+from .text import chunk_text, cut_between_words, is_blank, is_unicode, split_sentences, take_sentences
 
 SAMPLE_RATE = 24_000
 
@@ -35,6 +35,9 @@ PIECE_TOKENS = 60
 # 3 frames per token; this leaves room for slow speakers and pauses).
 FRAMES_PER_TOKEN = 8
 MIN_FRAMES = 25
+# Text arriving without a sentence end is spoken once this long (`stream_text`): more than a piece, so the
+# wait costs no prosody, and short enough that nothing waits for ever (nor re-splits ever longer text).
+UNFINISHED_CHARS = 1000
 
 
 @dataclass
@@ -83,13 +86,17 @@ def decode_frames(codec, state, frames: list[np.ndarray] | np.ndarray) -> np.nda
 
 
 def _sentences(chunks: Iterable[str]) -> Iterator[str]:
-    """The sentences of text arriving in chunks, each as soon as it is known to be complete."""
+    """The sentences of text arriving in chunks, each as soon as it is known to be complete, or once it is
+    UNFINISHED_CHARS long (its words so far)."""
     rest = ""
     for chunk in chunks:
         if not isinstance(chunk, str):
             raise ValueError(f"the text to speak must come as strings, got {type(chunk).__name__}")
         sentences, rest = take_sentences(rest + chunk)
         yield from sentences
+        while len(rest) > UNFINISHED_CHARS:
+            head, rest = cut_between_words(rest, UNFINISHED_CHARS)
+            yield from split_sentences(head)
     yield from take_sentences(rest, final=True)[0]
 
 
@@ -337,9 +344,10 @@ class CSM:
                 check_codes(seg.codes, self.model.config.num_codebooks, self.model.n_codes, "context codes")
         return context
 
-    def _generate(self, work: Iterable[tuple[int, str, Sampling]],
-                  context: Sequence[Segment]) -> Iterator[np.ndarray]:
-        """Frames of each (speaker, piece, sampling) in turn, each piece after what was said before it."""
+    def _generate(self, work: Iterable[tuple[int, str, Sampling]], context: Sequence[Segment],
+                  piece_ends: bool = False) -> Iterator[np.ndarray | None]:
+        """Frames of each (speaker, piece, sampling) in turn, each piece after what was said before it; with
+        piece_ends, a None after each piece."""
         previous: list[Segment] = []
         for speaker, piece, sampling in work:
             made = []
@@ -348,6 +356,8 @@ class CSM:
                 made.append(frame)
                 yield frame
             previous = spoken_context(previous, speaker, piece, made)
+            if piece_ends:
+                yield None
 
     def stream_text(
         self,
@@ -374,7 +384,8 @@ class CSM:
         pieces = ((speaker, piece) for sentence in _sentences(text) for piece in self.pieces(sentence))
         work = ((speaker, piece, self.piece_sampling(piece, i, temperature, top_k, seed, max_audio_ms))
                 for i, (speaker, piece) in enumerate(pieces))
-        return self.decode_stream(self._generate(work, context), chunk_frames, speed)
+        # Each piece's last frames are decoded when it ends, not with the next: the text may stall there.
+        return self.decode_stream(self._generate(work, context, piece_ends=True), chunk_frames, speed)
 
     def stream(self, text: str, chunk_frames: int = 1, speed: float = 1.0, **kwargs) -> Iterator[np.ndarray]:
         """Audio chunks (float32, 24 kHz) as frames are generated; equal to decoding all frames at once.
@@ -382,16 +393,16 @@ class CSM:
         frames = self.frames(text, **kwargs)
         return self.decode_stream(frames, chunk_frames, speed)
 
-    def decode_stream(self, frames: Iterable[np.ndarray], chunk_frames: int = 1,
+    def decode_stream(self, frames: Iterable[np.ndarray | None], chunk_frames: int = 1,
                       speed: float = 1.0) -> Iterator[np.ndarray]:
         """Frames of codes -> audio chunks through one streaming codec state (no seams between chunks),
-        time-stretched to `speed` unless it is 1."""
+        time-stretched to `speed` unless it is 1. A None among the frames decodes those pending at once."""
         if isinstance(chunk_frames, bool) or not isinstance(chunk_frames, int) or chunk_frames < 1:
             raise ValueError(f"chunk_frames must be a whole number >= 1, got {chunk_frames!r}")
         stretch = None if check_speed(speed) == 1.0 else TimeStretch(speed)
         return self._decode_stream(frames, chunk_frames, stretch)
 
-    def _decode_stream(self, frames: Iterable[np.ndarray], chunk_frames: int,
+    def _decode_stream(self, frames: Iterable[np.ndarray | None], chunk_frames: int,
                        stretch: TimeStretch | None) -> Iterator[np.ndarray]:
         codec = self.codec
         # One frame at a time on CUDA: replayed from a graph. Every llama.cpp call of this CSM holds the lock
@@ -406,6 +417,10 @@ class CSM:
             return audio if stretch is None else stretch.feed(audio)
 
         for frame in frames:
+            if frame is None:  # decode what is pending now (see stream_text)
+                if pending:
+                    yield from _nonempty(flush())
+                continue
             pending.append(frame)
             if len(pending) >= chunk_frames:
                 yield from _nonempty(flush())

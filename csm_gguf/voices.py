@@ -6,13 +6,12 @@ import io
 import json
 import os
 import re
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from .atomic import write_atomic
-from .generator import FRAME_MS, Segment
+from .generator import FRAME_MS, Segment, check_speaker
 from .model_dir import cache_root
 from .tts import Voice
 
@@ -98,6 +97,14 @@ def describe(name: str) -> str:
     return f"{name}: speaker {voice.speaker}, {len(voice.segments)} prompt segment(s), {seconds:.1f} s, {text!r}"
 
 
+def _segment(meta: dict, codes: np.ndarray) -> Segment:
+    if codes.ndim != 2 or codes.dtype.kind not in "iu":
+        raise ValueError(f"codes of shape {codes.shape} and type {codes.dtype}, not frames of whole numbers")
+    segment = Segment(int(meta["speaker"]), str(meta["text"]), codes.astype(np.int64))
+    check_speaker(segment.speaker)
+    return segment
+
+
 def load_voice(name: str) -> Voice:
     if name in BUILTIN_VOICES:  # as on the server: the speaker, no prompt
         return Voice(segments=[], speaker=BUILTIN_VOICES[name])
@@ -109,17 +116,12 @@ def load_voice(name: str) -> Voice:
     try:
         archive = np.load(path, allow_pickle=False)
         if not isinstance(archive, np.lib.npyio.NpzFile):
-            raise ValueError("an array, not an archive")
-    except (OSError, EOFError, ValueError, zipfile.BadZipFile):
-        raise ValueError(f"voice {name!r} is damaged: {path} is not a voice archive; save it again with "
-                         "--save-voice") from None
-    try:
+            raise ValueError("an array, not a voice archive")
         with archive as data:
             meta = json.loads(str(data["meta"]))
-            segments = [
-                Segment(int(s["speaker"]), str(s["text"]), data[f"codes_{i}"].astype(np.int64))
-                for i, s in enumerate(meta["segments"])
-            ]
-            return Voice(segments=segments, speaker=int(meta["speaker"]))
-    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:
+            segments = [_segment(s, data[f"codes_{i}"]) for i, s in enumerate(meta["segments"])]
+            voice = Voice(segments=segments, speaker=int(meta["speaker"]))
+            check_speaker(voice.speaker)
+            return voice
+    except Exception as e:  # a damaged file fails in any of zipfile's, zlib's, json's or numpy's ways
         raise ValueError(f"voice {name!r} is damaged ({path}: {e}); save it again with --save-voice") from None

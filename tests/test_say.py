@@ -17,7 +17,7 @@ from csm_gguf.audio import to_int16
 from csm_gguf.generator import Segment
 from csm_gguf.say import main
 from csm_gguf.tempo import change_speed
-from csm_gguf.tts import CSM, PIECE_TOKENS
+from csm_gguf.tts import CSM, PIECE_TOKENS, UNFINISHED_CHARS
 from reference import reference_greedy_codes, reference_prompt_embeddings
 
 TEXT = "Hello there, how are you doing today?"
@@ -90,9 +90,39 @@ def test_text_in_pieces_is_spoken_sentence_by_sentence_as_it_comes(tts):
     first = next(chunks)
     assert len(pulled) < len(" ".join(sentences)) // 3  # speaking before the text has all come
     audio = np.concatenate([first, *chunks])
-    # as a dialogue of one speaker: each sentence after the one before it, piece i with seed + i
-    expected = tts.decode_stream(tts.dialogue_frames([(1, s) for s in sentences], **kw), chunk_frames=2)
-    np.testing.assert_array_equal(audio, np.concatenate(list(expected)))
+    # as a dialogue of one speaker: each sentence after the one before it, piece i with seed + i (decoded in
+    # other chunks: each sentence's last frames are decoded when it ends)
+    expected = np.concatenate(list(tts.decode_stream(tts.dialogue_frames([(1, s) for s in sentences], **kw))))
+    assert len(audio) == len(expected)
+    np.testing.assert_allclose(audio, expected, atol=1e-5 * np.abs(expected).max())
+
+
+def test_stream_text_speaks_a_finished_sentence_whole_before_reading_on(tts):
+    """A stalled LLM must not hold back the end of a sentence it has finished."""
+    made, heard = [], []
+
+    def text():
+        yield "One two three. Four"  # the first sentence is complete: the next has begun
+        heard.append(sum(len(chunk) for chunk in made))
+        yield " five."
+
+    kw = dict(temperature=0, max_audio_ms=6 * 80)
+    made += tts.stream_text(text(), chunk_frames=25, **kw)
+    assert heard == [len(tts.generate("One two three.", **kw))]
+
+
+def test_stream_text_does_not_wait_for_ever_for_a_sentence_end(tts):
+    pulled = []
+
+    def words():  # 10,000 characters and no sentence end
+        for i in range(2000):
+            pulled.append(i)
+            yield "word "
+
+    chunks = tts.stream_text(words(), max_audio_ms=160)
+    next(chunks)
+    assert len(pulled) * len("word ") <= UNFINISHED_CHARS + len("word ")
+    chunks.close()
 
 
 def test_stream_text_checks_its_settings_at_the_call(tts):
@@ -660,6 +690,33 @@ def test_only_usable_names_are_listed_as_voices(tmp_path, monkeypatch):
         (folder / name).write_bytes((folder / "kept.npz").read_bytes())
     (folder / "folder.npz").mkdir()
     assert voices.list_voices() == ["kept"]
+
+
+def test_damaged_voices_are_listed_as_damaged(tmp_path, capsys):
+    """A damaged voice fails in numpy's, zipfile's, zlib's or json's ways: each was a traceback that
+    listed nothing."""
+    import json
+    import zipfile
+
+    from csm_gguf import voices
+    from csm_gguf.tts import Voice
+
+    voices.save_voice("good", Voice([Segment(0, "Words.", np.zeros((2, 32), dtype=np.int64))], speaker=0))
+    folder = voices.voices_dir()
+    meta = lambda speaker: np.array(json.dumps({"speaker": speaker, "segments": [{"speaker": 0, "text": "x"}]}))
+    np.savez(folder / "scalar.npz", meta=meta(0), codes_0=np.int16(3))
+    with open(folder / "infinite.npz", "wb") as f:  # json reads Infinity; int() of it overflows
+        np.savez(f, meta=np.array('{"speaker": Infinity, "segments": []}'))
+    np.savez_compressed(folder / "inflate.npz", meta=meta(0), codes_0=np.zeros((50, 32), np.int16))
+    data = bytearray((folder / "inflate.npz").read_bytes())
+    data[60:70] = b"\xff" * 10  # inside the first member's deflate stream
+    (folder / "inflate.npz").write_bytes(bytes(data))
+    with zipfile.ZipFile(folder / "method.npz", "w") as z:  # a compression method numpy cannot read
+        z.writestr("meta.npy", b"x", compress_type=zipfile.ZIP_LZMA)
+    assert main(["--list-voices"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["good", "infinite", "inflate", "method", "scalar"]
+    assert lines[0].startswith("good: speaker 0") and all("is damaged" in line for line in lines[1:])
 
 
 def test_no_model_offline_says_what_to_do(tmp_path, monkeypatch, capsys):
