@@ -34,7 +34,7 @@ from .generator import PromptTooLong
 from .server_engine import Engine, Job, QueueFull
 from .speech_request import MAX_INPUT_CHARS, MODELS, ApiError, SpeechRequest, parse_speech, voice_names
 from .tempo import TimeStretch
-from .text import cut_between_words, take_sentences
+from .text import cut_between_words, is_blank, take_sentences
 from .tts import CSM, decode_frames
 from .voices import BUILTIN_VOICES, load_voice
 
@@ -446,10 +446,11 @@ class WebsocketSession:
         sentences, self.buffer = take_sentences(self.buffer + text)
         self.enqueue(sentences)
         while len(self.buffer) > MAX_INPUT_CHARS:
-            self.error(ApiError(400, f"more than {MAX_INPUT_CHARS} characters without a sentence end: "
-                                     "speaking them now", param="text", code="string_above_max_length"))
             head, self.buffer = cut_between_words(self.buffer, MAX_INPUT_CHARS)
-            self.enqueue([head])
+            if not is_blank(head):  # blank text waits (kept as sent) for words to follow, up to here
+                self.error(ApiError(400, f"more than {MAX_INPUT_CHARS} characters without a sentence end: "
+                                         "speaking them now", param="text", code="string_above_max_length"))
+                self.enqueue([head])
 
     def enqueue(self, sentences: list[str]) -> None:
         self.queue.extend(Sentence(s, self.settings, self.voice) for s in sentences)

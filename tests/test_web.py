@@ -619,6 +619,24 @@ def test_websocket_bad_messages_are_answered_and_the_session_goes_on(base, engin
         ws.close()
 
 
+def test_websocket_text_without_sentence_ends_is_cut_between_words(base, engine, monkeypatch):
+    seen = record_submits(engine, monkeypatch)
+    ws = WsClient.connect(base.replace("http", "ws") + "/v1/audio/speech/ws")
+    try:
+        ws.send(json.dumps({"voice": "alloy", "response_format": "pcm", **GREEDY}))
+        ws.send(json.dumps({"type": "text", "text": " " * 5000}))  # blank: waits for words, no error
+        ws.send(json.dumps({"type": "text", "text": "word " * 1000}))
+        ws.send(json.dumps({"type": "flush"}))
+        error = json.loads(ws.receive(timeout=30))["error"]
+        assert error["code"] == "string_above_max_length"
+        audio, done = ws_collect(ws)
+    finally:
+        ws.close()
+    texts = [text for _, text in seen]
+    assert done["sentences"] == 2 and len(texts) == 2
+    assert " ".join(" ".join(texts).split()) == " ".join(["word"] * 1000)  # every word, once, in order
+
+
 def test_websocket_voice_change_mid_sentence_starts_afresh(base, engine, monkeypatch):
     """A sentence takes the settings in force when it is complete (when the next one starts); the previous
     sentence prompts the next only in the same voice (a format change keeps the voice, and ends the file
