@@ -222,7 +222,7 @@ class CSM:
             raise ValueError("a context segment needs its audio or its codes (one of them)")
         if audio is not None:
             samples = self._samples(audio)
-            # Checked before encoding, which for minutes of audio takes minutes and gigabytes.
+            # Checked before encoding, which for minutes of audio takes minutes.
             seconds, limit = len(samples) / SAMPLE_RATE, self.model.config.backbone.max_seq_len * FRAME_MS / 1000
             if seconds > limit:
                 raise ValueError(f"the context audio is {seconds:.1f} s long, more than the {limit:g} s of audio the "
