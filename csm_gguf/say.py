@@ -267,6 +267,7 @@ def run(args) -> int:
             codes.append(frame)
             yield frame
 
+    tts.codec  # loaded now (seconds, the first time), so the real-time factor below counts only speaking
     start = time.perf_counter()
     audio_chunks = tts.decode_stream(frames(), chunk_frames=5, speed=args.speed)
     if output == "-":

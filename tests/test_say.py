@@ -162,6 +162,20 @@ def test_codec_on_cuda_gives_the_cpu_audio(f32_model, tts):
         gpu.close()
 
 
+def test_real_time_factor_leaves_out_loading_the_codec(f32_model, tmp_path, monkeypatch, capsys):
+    """The codec loads on first use, which took 2-4 s with the full-size one: the summary line counted it."""
+    import re
+    import time
+
+    from csm_gguf.mimi import Mimi
+
+    load = Mimi.from_state_dict
+    monkeypatch.setattr(Mimi, "from_state_dict", classmethod(lambda cls, *a: (time.sleep(3), load(*a))[1]))
+    assert main([TEXT, "--model", str(f32_model), "--max-audio-ms", "160", "-o", str(tmp_path / "a.wav")]) == 0
+    wall = float(re.search(r"audio in ([\d.]+) s", capsys.readouterr().err)[1])
+    assert wall < 3
+
+
 def test_say_writes_the_reference_audio(tiny_csm, tts, f32_model, tmp_path, capsys):
     _, ref_audio = reference_audio(tiny_csm, tts, 12)
     out = tmp_path / "out.wav"
