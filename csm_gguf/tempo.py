@@ -83,10 +83,10 @@ class TimeStretch:
         self._ended = True
         return self._run()
 
-    def _nominal(self, window: int | None = None) -> float:
-        """Window's nominal centre in the input (the next window's by default)."""
+    def _nominal(self) -> float:
+        """The next window's nominal centre in the input."""
         first, centre = self._since
-        return centre + ((self._windows if window is None else window) - first) * self._speed * HOP
+        return centre + (self._windows - first) * self._speed * HOP
 
     def _length(self) -> int:
         # The output centre of the current speed's first window, and the input from its centre on at
