@@ -13,6 +13,7 @@ n samples comes out as round(n / speed) samples. `change_speed` does a whole sig
 from __future__ import annotations
 
 import numbers
+from collections.abc import Generator, Iterator
 
 import numpy as np
 
@@ -148,6 +149,20 @@ class TimeStretch:
 
     def _slice(self, at: int, n: int) -> np.ndarray:
         return self._input[at - self._start : at - self._start + n]
+
+
+def stretched(chunks: Generator[np.ndarray, None, None], speed: float) -> Iterator[np.ndarray]:
+    """A stream of audio chunks at `speed`, as they come (a chunk that brings no output yet is left out);
+    closing this closes `chunks`."""
+    stretch = TimeStretch(speed)
+    try:
+        for chunk in chunks:
+            if len(out := stretch.feed(chunk)):
+                yield out
+        if len(out := stretch.finish()):
+            yield out
+    finally:
+        chunks.close()
 
 
 def change_speed(audio: np.ndarray, speed: float) -> np.ndarray:

@@ -23,7 +23,7 @@ import numpy as np
 
 from .generator import FRAME_MS, Generator, PromptTooLong, Sampling, Segment, check_codes, check_speaker
 from .model import CSMModel
-from .tempo import TimeStretch, check_speed
+from .tempo import check_speed, stretched
 from .text import chunk_text, cut_between_words, is_blank, is_unicode, split_sentences, take_sentences
 
 SAMPLE_RATE = 24_000
@@ -104,11 +104,6 @@ def _progress(work: list) -> Iterator:
     from tqdm import tqdm
 
     yield from tqdm(work, desc="speaking", unit="piece")
-
-
-def _nonempty(audio: np.ndarray) -> Iterator[np.ndarray]:
-    if len(audio):  # a time-stretch may need more input before its next samples
-        yield audio
 
 
 def check_torch_device(name: str) -> None:
@@ -399,11 +394,10 @@ class CSM:
         time-stretched to `speed` unless it is 1. A None among the frames decodes those pending at once."""
         if isinstance(chunk_frames, bool) or not isinstance(chunk_frames, int) or chunk_frames < 1:
             raise ValueError(f"chunk_frames must be a whole number >= 1, got {chunk_frames!r}")
-        stretch = None if check_speed(speed) == 1.0 else TimeStretch(speed)
-        return self._decode_stream(frames, chunk_frames, stretch)
+        audio = self._decode_stream(frames, chunk_frames)
+        return audio if check_speed(speed) == 1.0 else stretched(audio, speed)
 
-    def _decode_stream(self, frames: Iterable[np.ndarray | None], chunk_frames: int,
-                       stretch: TimeStretch | None) -> Iterator[np.ndarray]:
+    def _decode_stream(self, frames: Iterable[np.ndarray | None], chunk_frames: int) -> Iterator[np.ndarray]:
         codec = self.codec
         # One frame at a time on CUDA: replayed from a graph. Every llama.cpp call of this CSM holds the lock
         # the recording takes, so none of its own graphs is being recorded meanwhile.
@@ -414,20 +408,18 @@ class CSM:
             codes = check_codes(np.stack(pending), self.model.config.num_codebooks, self.model.n_codes, "frames")
             audio = decode_frames(codec, state, codes)
             pending.clear()
-            return audio if stretch is None else stretch.feed(audio)
+            return audio
 
         for frame in frames:
             if frame is None:  # decode what is pending now (see stream_text)
                 if pending:
-                    yield from _nonempty(flush())
+                    yield flush()
                 continue
             pending.append(frame)
             if len(pending) >= chunk_frames:
-                yield from _nonempty(flush())
+                yield flush()
         if pending:
-            yield from _nonempty(flush())
-        if stretch is not None:
-            yield from _nonempty(stretch.finish())
+            yield flush()
 
     def generate(self, text: str, speed: float = 1.0, **kwargs) -> np.ndarray:
         """The whole speech (float32, 24 kHz); `speed` as for `stream`."""

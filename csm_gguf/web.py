@@ -33,7 +33,7 @@ from .audio import MEDIA_TYPES, SAMPLE_RATE, StreamEncoder, encode_audio
 from .generator import PromptTooLong
 from .server_engine import Engine, Job, QueueFull
 from .speech_request import MAX_INPUT_CHARS, MODELS, ApiError, SpeechRequest, parse_speech, voice_names
-from .tempo import TimeStretch
+from .tempo import TimeStretch, stretched
 from .text import cut_between_words, is_blank, take_sentences
 from .tts import CSM, decode_frames
 from .voices import BUILTIN_VOICES, load_voice
@@ -277,17 +277,6 @@ def streamed(chunks: Iterator[bytes], mimetype: str) -> Response:
     response.headers["Cache-Control"] = "no-cache"
     response.headers["X-Accel-Buffering"] = "no"  # nginx: pass chunks on at once
     return response
-
-
-def stretched(audio: Iterator[np.ndarray], speed: float) -> Iterator[np.ndarray]:
-    """The audio at `speed` (csm_gguf.tempo), chunk by chunk; closing this closes `audio`."""
-    stretch = TimeStretch(speed)
-    try:
-        for chunk in audio:
-            yield stretch.feed(chunk)
-        yield stretch.finish()
-    finally:
-        audio.close()
 
 
 def sse(event: dict) -> bytes:
