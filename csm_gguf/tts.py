@@ -325,9 +325,13 @@ class CSM:
                seed: int | None, max_audio_ms: float | None, progress: bool) -> Iterator[np.ndarray]:
         """Checks the settings now (a generator would only at its first frame), then speaks the lines."""
         context = self._checked_context(context)
-        work = [(speaker, piece, self.piece_sampling(piece, i, temperature, top_k, seed, max_audio_ms))
-                for i, (speaker, piece) in enumerate(lines)]
+        work = list(self._with_samplings(lines, temperature, top_k, seed, max_audio_ms))
         return self._generate(_progress(work) if progress and len(work) > 1 else work, context)
+
+    def _with_samplings(self, lines: Iterable[tuple[int, str]], temperature: float, top_k: int, seed: int | None,
+                        max_audio_ms: float | None) -> Iterator[tuple[int, str, Sampling]]:
+        for i, (speaker, piece) in enumerate(lines):
+            yield speaker, piece, self.piece_sampling(piece, i, temperature, top_k, seed, max_audio_ms)
 
     def _checked_context(self, context: Sequence[Segment]) -> list[Segment]:
         context = list(context) if isinstance(context, Iterable) and not isinstance(context, (str, bytes)) else None
@@ -377,8 +381,7 @@ class CSM:
         context = self._checked_context(context)
         Sampling(temperature, top_k, seed, FRAME_MS if max_audio_ms is None else max_audio_ms)  # its checks, now
         pieces = ((speaker, piece) for sentence in _sentences(text) for piece in self.pieces(sentence))
-        work = ((speaker, piece, self.piece_sampling(piece, i, temperature, top_k, seed, max_audio_ms))
-                for i, (speaker, piece) in enumerate(pieces))
+        work = self._with_samplings(pieces, temperature, top_k, seed, max_audio_ms)
         # Each piece's last frames are decoded when it ends, not with the next: the text may stall there.
         return self.decode_stream(self._generate(work, context, piece_ends=True), chunk_frames, speed)
 
