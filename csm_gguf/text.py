@@ -82,18 +82,17 @@ def _split_line(line: str) -> list[tuple[str, int]]:
 def take_sentences(text: str, final: bool = False) -> tuple[list[str], str]:
     """For text still arriving: the sentences known to be complete (followed by the start of another, or
     a line break; with final, all of them), and the rest of the text, which the text to come continues."""
-    sentences = split_sentences(text)
     lines = text.splitlines(keepends=True)
     last = lines[-1] if lines else ""
     if final or last.splitlines() != [last]:  # the text ends in a line break (any: \n, \r, \u2028...)
-        return sentences, ""
+        return split_sentences(text), ""
     # The unfinished sentence is the last line's last. While it is only opening quotes or brackets, the one
     # before it on that line is not known to be complete either: "Hi. (" may go on "and so)".
     on_line = [(s, end) for s, end in _split_line(last) if not is_blank(s)]
     keep = 2 if len(on_line) > 1 and not on_line[-1][0].strip(_OPENERS) else min(len(on_line), 1)
     done_on_line = len(on_line) - keep
     rest = last[on_line[done_on_line - 1][1] :] if done_on_line else last
-    return sentences[: len(sentences) - keep], rest
+    return split_sentences("".join(lines[:-1])) + [s for s, _ in on_line[:done_on_line]], rest
 
 
 def cut_between_words(text: str, limit: int) -> tuple[str, str]:
