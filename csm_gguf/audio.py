@@ -1,7 +1,8 @@
 """Audio in and out: reading voice prompts, encoding speech whole or while it is generated.
 
-Speech is 24 kHz mono float32 in [-1, 1]. Everything goes through soundfile (libsndfile);
-libsndfile has no AAC encoder, so the OpenAI API's "aac" is refused with a clear error.
+Speech is 24 kHz mono float32 in [-1, 1]. Everything goes through soundfile (libsndfile), but for
+what libsndfile lacks: AAC output and reading other formats (m4a, webm, ...) take ffmpeg when it is
+installed (`ffmpeg.py`).
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from .atomic import write_atomic
 
 SAMPLE_RATE = 24000
 
-FORMATS = ("wav", "flac", "mp3", "opus", "pcm")
+FORMATS = ("wav", "flac", "mp3", "opus", "aac", "pcm")
 MEDIA_TYPES = {
     "wav": "audio/wav",
     "flac": "audio/flac",
     "mp3": "audio/mpeg",
     "opus": "audio/ogg",
+    "aac": "audio/aac",
     "pcm": "audio/pcm",
 }
 _EXTENSIONS = {
@@ -35,10 +37,11 @@ _EXTENSIONS = {
     ".mp3": "mp3",
     ".opus": "opus",
     ".ogg": "opus",
+    ".aac": "aac",
     ".pcm": "pcm",
     ".raw": "pcm",
 }
-_READABLE = "wav, flac, ogg (vorbis or opus), mp3"
+_READABLE = "wav, flac, ogg (vorbis or opus), mp3; with ffmpeg installed, also m4a, aac, webm and others"
 
 # soundfile container, subtype and options per encoded format. MP3 is constant bitrate
 # (about 64 kbit/s): a streamed MP3 cannot get its VBR info frame patched in at the end, and
@@ -71,13 +74,14 @@ class AudioError(ValueError):
 
 
 def check_format(fmt: str) -> str:
-    """Returns fmt if it is one of FORMATS, else raises an AudioError naming them."""
-    if fmt in FORMATS:
-        return fmt
-    why = " (libsndfile has no AAC encoder)" if fmt == "aac" else ""
-    raise AudioError(
-        f"unsupported audio format {fmt!r}{why}; supported formats: {', '.join(FORMATS)}"
-    )
+    """Returns fmt if it is one of FORMATS (and, for aac, ffmpeg is installed), else raises an AudioError."""
+    if fmt not in FORMATS:
+        raise AudioError(f"unsupported audio format {fmt!r}; supported formats: {', '.join(FORMATS)}")
+    if fmt == "aac":
+        from . import ffmpeg
+
+        ffmpeg.require("AAC output")
+    return fmt
 
 
 def format_from_path(path: str | os.PathLike[str]) -> str:
@@ -92,7 +96,8 @@ def format_from_path(path: str | os.PathLike[str]) -> str:
 
 
 def load_audio(source: AudioSource) -> np.ndarray:
-    """Reads wav/flac/ogg/mp3 from a path or binary file object as 24 kHz mono float32."""
+    """Reads wav/flac/ogg/mp3 (with ffmpeg installed: also m4a, aac, webm, ...) from a path or binary
+    file object as 24 kHz mono float32."""
     if isinstance(source, (str, os.PathLike)):
         name = os.fspath(source)
         if not os.path.exists(name):
@@ -109,17 +114,34 @@ def load_audio(source: AudioSource) -> np.ndarray:
             raise _read_error(name, "no permission to read it") from None
     else:
         name = getattr(source, "name", None) or "<file object>"
+        if not source.seekable():  # libsndfile seeks, and ffmpeg may need to read it again
+            source = io.BytesIO(source.read())
+    start = None if isinstance(source, (str, os.PathLike)) else source.tell()
     try:
-        with sf.SoundFile(source) as f:
-            if not MIN_RATE <= f.samplerate <= MAX_RATE:
-                raise _read_error(name, f"its header gives a sample rate of {f.samplerate} Hz, outside "
-                                        f"{MIN_RATE}..{MAX_RATE}")
-            data, rate = f.read(dtype="float32", always_2d=True), f.samplerate
+        data, rate = _read_soundfile(source, name)
     except sf.LibsndfileError as e:
-        raise _read_error(name, e.error_string.rstrip(".")) from e
+        from . import ffmpeg
+
+        if ffmpeg.find() is None:
+            raise _read_error(name, e.error_string.rstrip(".")) from e
+        if start is not None:
+            source.seek(start)
+        try:
+            wav = ffmpeg.decode_to_wav(source, name)
+        except ffmpeg.ReadError as ffmpeg_error:
+            raise _read_error(name, f"{e.error_string.rstrip('.')} (ffmpeg: {ffmpeg_error})") from e
+        data, rate = _read_soundfile(io.BytesIO(wav), name)
     if not len(data):
         raise _read_error(name, "it contains no audio")
     return resample(data.mean(axis=1), rate, SAMPLE_RATE)
+
+
+def _read_soundfile(source: str | BinaryIO, name: str) -> tuple[np.ndarray, int]:
+    with sf.SoundFile(source) as f:
+        if not MIN_RATE <= f.samplerate <= MAX_RATE:
+            raise _read_error(name, f"its header gives a sample rate of {f.samplerate} Hz, outside "
+                                    f"{MIN_RATE}..{MAX_RATE}")
+        return f.read(dtype="float32", always_2d=True), f.samplerate
 
 
 def _read_error(name: str, problem: str) -> AudioError:
@@ -217,6 +239,10 @@ def encode_audio(samples: np.ndarray, fmt: str) -> bytes:
         return _pcm_bytes(x)
     if not len(x) and fmt != "wav":
         x = _NOT_EMPTY
+    if fmt == "aac":
+        from . import ffmpeg
+
+        return ffmpeg.encode_aac(_clipped(x))
     buffer = io.BytesIO()
     with _open_encoder(buffer, fmt) as f:
         _write_samples(f, x)
@@ -300,9 +326,10 @@ class StreamEncoder:
     """Encodes speech while it is generated: feed() returns the bytes ready so far, finish()
     the rest; their concatenation is one valid file.
 
-    wav, pcm, mp3 and opus stream (opus in pages of about a second). flac is buffered until
-    finish(): a FLAC stream's header cannot be patched after it is sent, and libsndfile cannot
-    read a FLAC file whose header leaves the length unknown.
+    wav, pcm, mp3, aac and opus stream (opus in pages of about a second; aac through ffmpeg, its
+    bytes a chunk behind). flac is buffered until finish(): a FLAC stream's header cannot be patched
+    after it is sent, and libsndfile cannot read a FLAC file whose header leaves the length unknown.
+    An encoder given up before finish() should be closed (aac: it stops ffmpeg).
     """
 
     def __init__(self, fmt: str) -> None:
@@ -312,6 +339,7 @@ class StreamEncoder:
         self._pending: list[np.ndarray] = []
         self._sink = _DrainSink() if fmt in ("mp3", "opus") else None
         self._encoder = _open_encoder(self._sink, fmt) if self._sink else None
+        self._aac = None  # ffmpeg, started by the first samples
         self._written = 0
         self._finished = False
 
@@ -320,9 +348,13 @@ class StreamEncoder:
         if self._finished:
             raise RuntimeError("StreamEncoder.feed() after finish()")
         x = _mono(samples)
+        self._written += len(x)
+        if self.format == "aac":
+            aac = self._aac_stream()
+            aac.write(_clipped(x))
+            return aac.take()
         if self._encoder is not None:
             _write_samples(self._encoder, x)
-            self._written += len(x)
             return self._sink.drain()
         if self.format == "flac":
             self._pending.append(x.copy())
@@ -334,6 +366,10 @@ class StreamEncoder:
         if self._finished:
             raise RuntimeError("StreamEncoder.finish() called twice")
         self._finished = True
+        if self.format == "aac":
+            if not self._written:
+                self._aac_stream().write(_NOT_EMPTY)
+            return self._aac.finish()
         if self._encoder is not None:
             if not self._written:
                 _write_samples(self._encoder, _NOT_EMPTY)
@@ -342,6 +378,19 @@ class StreamEncoder:
         if self.format == "flac":
             return encode_audio(np.concatenate([np.zeros(0, np.float32), *self._pending]), "flac")
         return self._take_prefix()
+
+    def close(self) -> None:
+        """Gives up an unfinished stream (a client gone): stops ffmpeg for aac; the rest need nothing."""
+        self._finished = True
+        if self._aac is not None:
+            self._aac.close()
+
+    def _aac_stream(self):
+        if self._aac is None:
+            from .ffmpeg import AacStream
+
+            self._aac = AacStream()
+        return self._aac
 
     def _take_prefix(self) -> bytes:
         prefix, self._prefix = self._prefix, b""

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-FORMATS = ("wav", "flac", "mp3", "opus", "pcm")
+FORMATS = ("wav", "flac", "mp3", "opus", "aac", "pcm")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,14 +26,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "or a voice name; each turn is spoken after the ones before it")
     p.add_argument("--output", "-o", help="output file, or '-' for stdout (default: named after the text)")
     p.add_argument("--format", "-f", choices=FORMATS, help="audio format (default: from --output's extension, "
-                   "else wav); pcm is raw 16-bit little-endian 24 kHz mono")
+                   "else wav); pcm is raw 16-bit little-endian 24 kHz mono; aac needs ffmpeg")
     p.add_argument("--model", "-m", help="converted model directory (default: $CSM_GGUF_MODEL, else the cache)")
     p.add_argument("--model-id", default="sesame/csm-1b",
                    help="hub model to convert on first run when no model is found (default: %(default)s)")
     p.add_argument("--speaker", type=int, default=None, help="CSM speaker id (default: 0, or the voice's)")
     p.add_argument("--context", nargs=3, action="append", default=[], metavar=("SPEAKER", "TEXT", "AUDIO"),
                    help="a voice prompt / earlier turn: speaker id, its transcript, and its audio "
-                   "(wav/flac/ogg/mp3) or codes (.npy of shape (frames, 32)); repeatable")
+                   "(wav/flac/ogg/mp3; m4a and others with ffmpeg installed) or codes (.npy of shape (frames, 32)); "
+                   "repeatable")
     p.add_argument("--voice", help="a saved voice (see --save-voice, --list-voices), or one of the server's "
                    "OpenAI voice names (a speaker id without a prompt)")
     p.add_argument("--save-voice", metavar="NAME", help="encode the --context segments and save them as voice NAME")
@@ -274,12 +275,15 @@ def run(args) -> int:
         encoder = StreamEncoder(fmt)
         out = sys.stdout.buffer
         n_samples = 0
-        for chunk in audio_chunks:
-            out.write(encoder.feed(chunk))
+        try:
+            for chunk in audio_chunks:
+                out.write(encoder.feed(chunk))
+                out.flush()
+                n_samples += len(chunk)
+            out.write(encoder.finish())
             out.flush()
-            n_samples += len(chunk)
-        out.write(encoder.finish())
-        out.flush()
+        finally:
+            encoder.close()
     else:
         audio = np.concatenate([np.zeros(0, np.float32), *audio_chunks])
         write_audio(output, audio, fmt)

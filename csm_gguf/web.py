@@ -29,6 +29,7 @@ from flask_sock import Sock
 from simple_websocket import ConnectionClosed
 from werkzeug.exceptions import HTTPException
 
+from . import ffmpeg
 from .audio import MEDIA_TYPES, SAMPLE_RATE, StreamEncoder, encode_audio
 from .generator import PromptTooLong
 from .server_engine import Engine, Job, QueueFull
@@ -156,7 +157,8 @@ def create_app(**overrides: Any) -> Flask:
         shown = {name: getattr(settings, name) for _, name, _ in SETTINGS}
         shown.update(model=str(tts.model.path), api_key="(set)" if key_needed else "(none)")
         env = [(var, shown[name], doc) for var, name, doc in SETTINGS]
-        return render_template_string(page, env=env, default_voice=settings.voice, key_needed=key_needed)
+        return render_template_string(page, env=env, default_voice=settings.voice, key_needed=key_needed,
+                                      aac=ffmpeg.find() is not None)
 
     @app.get("/health")
     def health():
@@ -226,11 +228,14 @@ def create_app(**overrides: Any) -> Flask:
             job.cancel()
 
     def encoded(audio: Iterator[np.ndarray], encoder: StreamEncoder) -> Iterator[bytes]:
-        for chunk in audio:
-            data = encoder.feed(chunk)
-            if data:
-                yield data
-        yield encoder.finish()
+        try:
+            for chunk in audio:
+                data = encoder.feed(chunk)
+                if data:
+                    yield data
+            yield encoder.finish()
+        finally:
+            encoder.close()
 
     def sse_events(job: Job, audio: Iterator[np.ndarray], fmt: str) -> Iterator[bytes]:
         for data in encoded(audio, StreamEncoder(fmt)):
@@ -388,6 +393,8 @@ class WebsocketSession:
             for job in [self.job, *(s.job for s in self.queue if s is not FLUSH)]:
                 if job is not None:
                     job.cancel()
+            if self.utterance is not None:
+                self.utterance.encoder.close()
 
     def error(self, e: ApiError) -> None:
         self.ws.send(json.dumps({"type": "error", **e.body()}))
@@ -531,5 +538,6 @@ class WebsocketSession:
             if u.stretch is not None:
                 self.send_samples(u.stretch.finish())
             self.send_audio(u.encoder.finish())
+        u.encoder.close()
         self.ws.send(json.dumps(u.summary()))
         self.utterance = None

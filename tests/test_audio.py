@@ -1,3 +1,4 @@
+import gc
 import io
 import os
 import stat
@@ -5,13 +6,14 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 import wave
 
 import numpy as np
 import pytest
 import soundfile as sf
 
-from csm_gguf import audio
+from csm_gguf import audio, ffmpeg
 from csm_gguf.audio import (
     FORMATS,
     MEDIA_TYPES,
@@ -26,6 +28,8 @@ from csm_gguf.audio import (
     to_int16,
     write_audio,
 )
+
+from audio_fixtures import EVERY_FORMAT, needs_ffmpeg
 
 # An MPEG-2 layer III frame at 24 kHz holds 576 samples. A streamed MP3 cannot carry the
 # gapless info frame, so it decodes longer than its input by the placeholder frame (576),
@@ -48,8 +52,15 @@ def amplitude(x: np.ndarray, freq: float, rate: int = SAMPLE_RATE) -> float:
 
 
 def decode(data: bytes, dtype: str = "float32"):
+    if data[:2] == b"\xff\xf1":  # ADTS AAC (MPEG-4, no CRC): libsndfile cannot read it
+        data = ffmpeg.decode_to_wav(io.BytesIO(data), "aac")
     with sf.SoundFile(io.BytesIO(data)) as f:
         return f.read(dtype=dtype), f.samplerate, f.channels
+
+
+# ADTS AAC carries no gapless info: it decodes with the encoder's 1024 priming samples first and the
+# last frame (1024 samples) padded out.
+AAC_FRAME = 1024
 
 
 # A 2.003 s signal: not a whole number of codec frames, with a tone and a clipped burst.
@@ -61,12 +72,13 @@ SIGNAL[1000:1100] *= 3
 
 
 def test_formats_and_media_types():
-    assert FORMATS == ("wav", "flac", "mp3", "opus", "pcm")
+    assert FORMATS == ("wav", "flac", "mp3", "opus", "aac", "pcm")
     assert MEDIA_TYPES == {
         "wav": "audio/wav",
         "flac": "audio/flac",
         "mp3": "audio/mpeg",
         "opus": "audio/ogg",
+        "aac": "audio/aac",
         "pcm": "audio/pcm",
     }
 
@@ -80,6 +92,7 @@ def test_formats_and_media_types():
         ("a.mp3", "mp3"),
         ("a.opus", "opus"),
         ("a.ogg", "opus"),
+        ("a.aac", "aac"),
         ("a.pcm", "pcm"),
         ("a.raw", "pcm"),
     ],
@@ -88,21 +101,22 @@ def test_format_from_path(path, fmt):
     assert format_from_path(path) == fmt
 
 
-@pytest.mark.parametrize("path", ["speech.aac", "speech", "speech.wav.txt"])
+@pytest.mark.parametrize("path", ["speech.m4a", "speech", "speech.wav.txt"])
 def test_format_from_path_unknown(path):
     with pytest.raises(AudioError, match=r"(?s)" + path.replace(".", r"\.") + ".*\\.wav.*\\.mp3"):
         format_from_path(path)
 
 
-def test_aac_is_refused_with_the_supported_formats():
+def test_aac_without_ffmpeg_is_refused_naming_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no ffmpeg on it
     for call in (
         lambda: check_format("aac"),
         lambda: encode_audio(SIGNAL, "aac"),
         lambda: StreamEncoder("aac"),
     ):
-        with pytest.raises(AudioError, match="'aac'.*AAC.*wav, flac, mp3, opus, pcm"):
+        with pytest.raises(AudioError, match="AAC output needs ffmpeg, which is not on PATH: .*apt-get install ffmpeg"):
             call()
-    with pytest.raises(ValueError, match="'ogg'"):
+    with pytest.raises(ValueError, match="'ogg'.*wav, flac, mp3, opus, aac, pcm"):
         check_format("ogg")
 
 
@@ -116,7 +130,7 @@ def test_to_int16_clips_and_rounds():
     assert to_int16(np.array([np.nan, np.inf, -np.inf])).tolist() == [0, 32767, -32767]
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", EVERY_FORMAT)
 def test_nan_samples_are_written_as_silence(fmt):
     """LAME aborted the whole process (a server with it) on one NaN sample."""
     x = tone(440)
@@ -167,6 +181,18 @@ def test_encode_lossy_round_trip(fmt):
     assert amplitude(y[2000:], 880) < 0.01
 
 
+@needs_ffmpeg
+def test_encode_aac_round_trip():
+    data = encode_audio(SIGNAL, "aac")
+    assert data[:2] == b"\xff\xf1"  # ADTS, what the OpenAI API's aac is
+    y, rate, channels = decode(data)
+    assert (rate, channels) == (SAMPLE_RATE, 1)
+    assert len(SIGNAL) + AAC_FRAME <= len(y) <= len(SIGNAL) + 2 * AAC_FRAME
+    assert np.abs(y[: AAC_FRAME // 2]).max() < 0.01  # the priming samples
+    assert amplitude(y[3000:], 440) == pytest.approx(0.5, rel=0.05)
+    assert amplitude(y[3000:], 880) < 0.01
+
+
 def test_encode_mp3_is_constant_bitrate():
     # libsndfile estimates a stream's length from the first frame's bitrate: VBR would cut
     # streamed MP3s short. Every frame header of a CBR stream names the same bitrate.
@@ -177,10 +203,11 @@ def test_encode_mp3_is_constant_bitrate():
     assert len(headers) == 1
 
 
-@pytest.mark.parametrize("fmt", ["wav", "flac", "mp3", "opus"])
+@pytest.mark.parametrize("fmt", ["wav", "flac", "mp3", "opus", pytest.param("aac", marks=needs_ffmpeg)])
 def test_encode_empty_gives_a_decodable_file(fmt):
     y, rate, _ = decode(encode_audio(np.zeros(0, np.float32), fmt))
-    assert rate == SAMPLE_RATE and len(y) <= 1 and np.abs(y).max(initial=0) < 1e-6
+    assert rate == SAMPLE_RATE and len(y) <= (2 * AAC_FRAME if fmt == "aac" else 1)
+    assert np.abs(y).max(initial=0) < 1e-6
     assert encode_audio(np.zeros(0, np.float32), "pcm") == b""
 
 
@@ -270,13 +297,44 @@ def test_stream_opus_pages_and_exact_length():
     assert amplitude(y[3000:], 440) == pytest.approx(0.5, rel=0.05)
 
 
+@needs_ffmpeg
+def test_stream_aac_is_the_whole_file_and_comes_before_finish():
+    assert b"".join(stream("aac")) == encode_audio(SIGNAL, "aac")
+    encoder = StreamEncoder("aac")
+    sent = encoder.feed(tone(440, seconds=1.0))
+    deadline = time.monotonic() + 10
+    while not sent and time.monotonic() < deadline:  # ffmpeg answers a moment after it is fed
+        time.sleep(0.01)
+        sent = encoder.feed(np.zeros(0, np.float32))
+    assert len(sent) > 2000  # most of a second at 64 kbit/s, before finish()
+    rest = encoder.finish()
+    assert sent + rest == encode_audio(tone(440, seconds=1.0), "aac")
+
+
+@needs_ffmpeg
+def test_given_up_aac_streams_end_ffmpeg():
+    closed = StreamEncoder("aac")
+    closed.feed(SIGNAL)
+    process = closed._aac._process
+    closed.close()
+    assert process.poll() is not None
+    closed.close()  # twice is harmless, as after finish()
+    # One dropped without close() (a client gone mid-stream): once collected, its ffmpeg is stopped.
+    dropped = StreamEncoder("aac")
+    dropped.feed(SIGNAL)
+    process = dropped._aac._process
+    del dropped
+    gc.collect()
+    assert process.wait(timeout=10) is not None
+
+
 def test_stream_flac_is_buffered_until_finish():
     chunks = stream("flac")
     assert not any(chunks[:-1])
     assert chunks[-1] == encode_audio(SIGNAL, "flac")
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", EVERY_FORMAT)
 def test_stream_of_nothing_is_a_valid_file(fmt):
     encoder = StreamEncoder(fmt)
     data = encoder.feed(np.zeros(0, np.float32)) + encoder.finish()
@@ -284,7 +342,8 @@ def test_stream_of_nothing_is_a_valid_file(fmt):
         assert data == b""
         return
     y, rate, _ = decode(data)
-    assert rate == SAMPLE_RATE and len(y) <= 1
+    assert rate == SAMPLE_RATE and len(y) <= (2 * AAC_FRAME if fmt == "aac" else 1)
+    assert np.abs(y).max(initial=0) < 1e-6
 
 
 def test_stream_refuses_use_after_finish():
@@ -369,6 +428,59 @@ def test_load_other_formats_and_rates(tmp_path, name, rate, options):
     assert amplitude(x[2000:46000], 440) == pytest.approx(0.5, rel=0.05)
 
 
+def ffmpeg_convert(source, target, *options):
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(source), *options, str(target)], check=True)
+
+
+class Unseekable(io.BytesIO):
+    def seekable(self) -> bool:
+        return False
+
+
+@needs_ffmpeg
+@pytest.mark.parametrize("name, options", [("voice.m4a", ["-c:a", "aac"]), ("voice.webm", ["-c:a", "libopus"]),
+                                           ("voice.aac", [])])
+def test_load_what_libsndfile_cannot_read_through_ffmpeg(tmp_path, name, options):
+    wav, path = tmp_path / "voice.wav", tmp_path / name
+    sf.write(wav, np.stack([tone(440, 48000, 2.0), tone(440, 48000, 2.0, amp=0.1)], axis=1), 48000)  # stereo
+    ffmpeg_convert(wav, path, *options)
+    with pytest.raises(sf.LibsndfileError):
+        sf.read(path)
+    x = load_audio(path)
+    assert 2 * SAMPLE_RATE <= len(x) <= 2 * SAMPLE_RATE + 2 * AAC_FRAME  # codecs pad to whole frames
+    assert amplitude(x[3000:45000], 440) == pytest.approx(0.3, rel=0.05)  # the channels' mean
+    data = path.read_bytes()
+    np.testing.assert_array_equal(load_audio(io.BytesIO(data)), x)
+    np.testing.assert_array_equal(load_audio(Unseekable(data)), x)
+    shifted = io.BytesIO(b"junk" + data)
+    shifted.seek(4)  # read from where the file object stands
+    np.testing.assert_array_equal(load_audio(shifted), x)
+
+
+@needs_ffmpeg
+def test_ffmpeg_reads_no_playlists(tmp_path):
+    """A playlist sent as a voice prompt would have ffmpeg open other files (or URLs) for the sender."""
+    secret = tmp_path / "secret.aac"
+    ffmpeg_convert(_write_wav(tmp_path / "s.wav"), secret)
+    playlist = tmp_path / "voice.m3u8"
+    playlist.write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:2,\nfile:{secret}\n#EXT-X-ENDLIST\n")
+    with pytest.raises(AudioError, match="voice.m3u8: Format not recognised \\(ffmpeg: "):
+        load_audio(playlist)
+
+
+def test_load_without_ffmpeg_names_it(tmp_path, monkeypatch):
+    path = tmp_path / "voice.m4a"
+    path.write_bytes(b"\x00\x00\x00\x20ftypM4A " + bytes(100))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(AudioError, match="voice.m4a: Format not recognised. .*with ffmpeg installed, also m4a"):
+        load_audio(path)
+
+
+def _write_wav(path):
+    sf.write(path, tone(440, seconds=2.0), SAMPLE_RATE)
+    return path
+
+
 def test_load_missing_file(tmp_path):
     path = tmp_path / "nope.wav"
     with pytest.raises(AudioError, match=f"{path}: no such file.*wav, flac, ogg.*mp3"):
@@ -435,7 +547,7 @@ def test_load_file_without_samples(tmp_path):
 # --- writing ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", EVERY_FORMAT)
 def test_write_audio_by_extension(tmp_path, fmt):
     path = tmp_path / f"out.{fmt}"
     write_audio(path, SIGNAL)
@@ -470,7 +582,7 @@ def test_write_audio_failure_leaves_nothing(tmp_path):
     target = tmp_path / "keep.wav"
     target.write_bytes(b"old")
     with pytest.raises(AudioError):
-        write_audio(tmp_path / "x.aac", SIGNAL)
+        write_audio(tmp_path / "x.m4a", SIGNAL)
     with pytest.raises(AudioError):
         write_audio(target, np.zeros((2, 10)))
     assert os.listdir(tmp_path) == ["keep.wav"] and target.read_bytes() == b"old"

@@ -13,11 +13,12 @@ import pytest
 import soundfile as sf
 import torch
 
-from csm_gguf.audio import to_int16
+from csm_gguf.audio import load_audio, to_int16
 from csm_gguf.generator import Segment
 from csm_gguf.say import main
 from csm_gguf.tempo import change_speed
 from csm_gguf.tts import CSM, PIECE_TOKENS, UNFINISHED_CHARS
+from audio_fixtures import needs_ffmpeg
 from reference import reference_greedy_codes, reference_prompt_embeddings
 
 TEXT = "Hello there, how are you doing today?"
@@ -188,19 +189,29 @@ def test_say_writes_the_reference_audio(tiny_csm, tts, f32_model, tmp_path, caps
     assert "real-time factor" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("fmt", ["wav", "flac", "mp3", "opus", "pcm"])
+@pytest.mark.parametrize("fmt", ["wav", "flac", "mp3", "opus", pytest.param("aac", marks=needs_ffmpeg), "pcm"])
 def test_every_format(f32_model, tmp_path, fmt):
     out = tmp_path / f"speech.{fmt}"
     assert main([TEXT, "--model", str(f32_model), "--seed", "1", "--max-audio-ms", "2000", "-o", str(out)]) == 0
     frames = 2000 // 80
     if fmt == "pcm":
         samples = len(out.read_bytes()) // 2
+    elif fmt == "aac":
+        assert out.read_bytes()[:2] == b"\xff\xf1"  # ADTS
+        samples = len(load_audio(out))
     else:
         info = sf.info(out)
         assert info.samplerate == 24000 and info.channels == 1
         samples = info.frames
     expected = frames * CSM(f32_model).codec.cfg.frame_size
-    assert abs(samples - expected) <= 2304  # mp3/opus frames pad a little
+    assert abs(samples - expected) <= 2304  # mp3/opus/aac frames pad a little
+
+
+def test_aac_without_ffmpeg_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert main(["hi", "--model", str(tmp_path / "no-model"), "-o", str(tmp_path / "x.aac")]) == 2
+    assert "AAC output needs ffmpeg, which is not on PATH" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
 
 
 def test_stdout_streams_pcm(f32_model, capfdbinary):
@@ -602,7 +613,7 @@ def test_budget_is_proportional_to_text(tts):
     (["hi", "--top-k", "99999999999", "-o", "{tmp}/x.wav"], "--top-k must be from 1"),  # not top_k, after loading
     (["hi", "--context", "0", "words", "{tmp}/missing.wav", "-o", "{tmp}/x.wav"], "missing.wav"),
     (["hi", "--context", "0", "words", "{tmp}/garbage.wav", "-o", "{tmp}/x.wav"], "garbage.wav"),
-    (["hi", "-o", "{tmp}/x.aac"], "aac"),
+    (["hi", "-o", "{tmp}/x.m4a"], "unknown audio extension '.m4a'"),
     (["hi", "--codec-device", "nonsense", "-o", "{tmp}/x.wav"], "codec device 'nonsense' is not usable"),
     *([(["hi", "--codec-device", "cuda", "-o", "{tmp}/x.wav"], "codec device 'cuda' is not usable")]
       if not torch.cuda.is_available() else []),

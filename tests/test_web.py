@@ -5,9 +5,11 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import socket
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -19,8 +21,9 @@ from hypothesis import strategies as st
 from simple_websocket import Client as WsClient
 from werkzeug.serving import make_server
 
+from audio_fixtures import EVERY_FORMAT, needs_ffmpeg
 from csm_fixtures import random_codes
-from csm_gguf.audio import FORMATS, MEDIA_TYPES, to_int16
+from csm_gguf.audio import FORMATS, MEDIA_TYPES, load_audio, to_int16
 from csm_gguf.generator import Segment
 from csm_gguf.tempo import change_speed
 from csm_gguf.tts import Voice
@@ -218,7 +221,7 @@ def test_context_segments_as_codes_and_audio(client, engine):
         assert_same_audio(pcm(response.content), expected)
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", EVERY_FORMAT)
 def test_streaming_response_every_format(client, engine, fmt):
     expected = reference(engine, speaker=7, **GREEDY)  # nova
     with client.audio.speech.with_streaming_response.create(
@@ -227,7 +230,7 @@ def test_streaming_response_every_format(client, engine, fmt):
         assert response.headers["content-type"].startswith(MEDIA_TYPES[fmt])
         assert "content-length" not in response.headers
         data = b"".join(response.iter_bytes())
-    audio = pcm(data) if fmt == "pcm" else sf.read(io.BytesIO(data), dtype="float32")[0]
+    audio = pcm(data) if fmt == "pcm" else load_audio(io.BytesIO(data))
     if fmt in ("wav", "pcm", "flac"):
         assert_same_audio(audio, expected)
     else:  # lossy: a file that decodes to sound
@@ -284,6 +287,42 @@ def test_first_bytes_leave_early_and_disconnect_frees_the_slot(base, engine):
     assert engine.stats()["active_streams"] == 1  # audio arrived while the request is still being generated
     hang_up(sock)  # the client goes away mid-stream
     wait_idle(engine)
+
+
+def running_ffmpeg_children() -> int:
+    """This process's ffmpeg children that have not exited (Linux's /proc)."""
+    count = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            head, _, rest = stat.read_text().rpartition(")")
+        except OSError:  # gone meanwhile
+            continue
+        state, ppid = rest.split()[:2]
+        count += head.endswith("(ffmpeg") and int(ppid) == os.getpid() and state != "Z"
+    return count
+
+
+@needs_ffmpeg
+def test_an_aac_stream_whose_client_hangs_up_stops_its_ffmpeg(base, engine):
+    sock = open_stream(base, {"model": "csm-1b", "input": TEXT, "response_format": "aac", "max_audio_ms": 60_000})
+    received = b""
+    while b"\r\n\r\n" not in received or received.endswith(b"\r\n\r\n"):
+        received += sock.recv(65536)
+    assert b"Content-Type: audio/aac" in received and running_ffmpeg_children() == 1
+    hang_up(sock)
+    wait_idle(engine)
+    deadline = time.monotonic() + 10
+    while running_ffmpeg_children():
+        assert time.monotonic() < deadline, "ffmpeg still runs for a client that left"
+        time.sleep(0.05)
+
+
+def test_aac_without_ffmpeg_is_a_400_naming_it(base, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    response = post(base, {"model": "csm-1b", "input": TEXT, "response_format": "aac"})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "response_format" and "AAC output needs ffmpeg, which is not on PATH" in error["message"]
 
 
 def test_a_queued_client_that_hangs_up_is_dropped_before_its_turn(base, engine):
@@ -577,6 +616,26 @@ def ws_session(base, messages: list[dict], dones: int) -> list[tuple[bytes, dict
         return [ws_collect(ws) for _ in range(dones)]
     finally:
         ws.close()
+
+
+@needs_ffmpeg
+def test_websocket_aac_is_one_file_and_a_client_gone_stops_its_ffmpeg(base, engine):
+    files = ws_session(base, [{"voice": "alloy", "response_format": "aac", **GREEDY},
+                              {"type": "text", "text": "One two three. Four five."}, {"type": "flush"}], dones=1)
+    (audio, done), frame = files[0], engine.tts.codec.cfg.frame_size
+    assert done["frames"] == 20 and done["bytes"] == len(audio) and audio[:2] == b"\xff\xf1"
+    assert 20 * frame <= len(load_audio(io.BytesIO(audio))) <= 20 * frame + 2048  # ADTS: priming, padding
+    assert running_ffmpeg_children() == 0  # finished with the file
+    ws = WsClient.connect(base.replace("http", "ws") + "/v1/audio/speech/ws")
+    ws.send(json.dumps({"input": TEXT, "response_format": "aac", "max_audio_ms": 60_000}))
+    while not isinstance(ws.receive(timeout=30), bytes):
+        pass
+    ws.close()
+    wait_idle(engine)
+    deadline = time.monotonic() + 10
+    while running_ffmpeg_children():
+        assert time.monotonic() < deadline, "ffmpeg still runs for a client that left"
+        time.sleep(0.05)
 
 
 def test_websocket_flushes_sent_at_once_each_get_their_done(base, engine, monkeypatch):
@@ -873,7 +932,6 @@ OK = {"model": "csm-1b", "input": TEXT, "voice": "alloy"}
     ({"input": TEXT, "voice": "alloy"}, "model", "missing_required_parameter"),
     ({**OK, "voice": "nobody"}, "voice", "voice_not_found"),
     ({**OK, "voice": {"id": "nobody"}}, "voice", "voice_not_found"),
-    ({**OK, "response_format": "aac"}, "response_format", "unsupported_value"),
     ({**OK, "response_format": "ogg"}, "response_format", "unsupported_value"),
     ({**OK, "stream_format": "json"}, "stream_format", "invalid_value"),
     ({**OK, "speed": 0.2}, "speed", "out_of_range"),
