@@ -1,5 +1,6 @@
 """The OpenAI speech request: its fields checked one by one into a SpeechRequest, or an ApiError that
-names the field. Shared by the HTTP endpoint and the websocket.
+names the field. Shared by the HTTP endpoint and the websocket. Also the request that saves a voice
+(`parse_voice`).
 
 Voices: the OpenAI voice names map to CSM speaker ids (CSM-1B is a base model: without a voice prompt
 a speaker id picks no fixed voice, only keeps one speaker apart from another); saved voices (see
@@ -13,7 +14,8 @@ import binascii
 import io
 import math
 from dataclasses import dataclass
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -22,8 +24,8 @@ from .generator import Segment
 from .server_engine import SpeechJob
 from .tempo import MAX_SPEED, MIN_SPEED
 from .text import is_blank, is_unicode
-from .tts import CSM
-from .voices import BUILTIN_VOICES, list_voices, load_voice
+from .tts import CSM, Voice
+from .voices import BUILTIN_VOICES, check_saveable, list_voices, load_voice
 
 MAX_INPUT_CHARS = 4096
 MAX_CONTEXT_SEGMENTS = 32
@@ -34,6 +36,12 @@ FIELDS = {
     # ours, through extra_body
     "speaker_id", "temperature", "top_k", "seed", "max_audio_ms", "context", "stream",
 }
+
+
+# POST /v1/audio/voices, multipart/form-data: OpenAI's fields, then ours (CSM reads a voice prompt with
+# its words). OpenAI's `consent` (a consent recording's id) is accepted, not checked.
+VOICE_FIELDS = {"name", "audio_sample", "consent", "type", "transcript", "speaker_id"}
+MAX_VOICE_UPLOAD = 32 * 2**20  # bytes: half a minute of 48 kHz stereo wav is 11 MB
 
 
 class ApiError(Exception):
@@ -128,6 +136,45 @@ def parse_speech(body: Any, tts: CSM, default_voice: str = "alloy", need_input: 
 
     job = SpeechJob(text, speaker, segments, temperature, top_k, seed, max_audio_ms)
     return SpeechRequest(job, fmt, stream_format, stream, speed)
+
+
+def parse_voice(form: Mapping[str, str], files: Mapping[str, Any], tts: CSM) -> tuple[str, Voice]:
+    """The name and the voice (its sample encoded) that a voice upload asks to save; ApiError for the first
+    bad field, checked before the (slow) encoding."""
+    unknown = sorted((set(form) | set(files)) - VOICE_FIELDS)
+    if unknown:
+        raise invalid(unknown[0], f"unrecognized request argument: {unknown[0]!r}; known: {', '.join(sorted(VOICE_FIELDS))}")
+    if form.get("type", "audio_sample") != "audio_sample":
+        raise invalid("type", "CSM makes a voice from an audio sample and its transcript: 'type' must be "
+                      "'audio_sample' (a voice cannot be made from a text prompt)", code="unsupported_value")
+    name = form.get("name")
+    if not name:
+        raise invalid("name", "'name' is required: the voice's name, which is also its id",
+                      code="missing_required_parameter")
+    try:
+        check_saveable(name)
+    except ValueError as e:
+        raise invalid("name", str(e)) from None
+    if name in list_voices():
+        raise ApiError(409, f"voice {name!r} exists: delete it first (DELETE /v1/audio/voices/{name})", param="name",
+                       code="voice_exists")
+    transcript = form.get("transcript")
+    if transcript is None or is_blank(transcript) or not is_unicode(transcript) or len(transcript) > MAX_INPUT_CHARS:
+        raise invalid("transcript", "'transcript' is required: the words spoken in audio_sample, up to "
+                      f"{MAX_INPUT_CHARS} characters (CSM reads a voice prompt together with its text)",
+                      code="missing_required_parameter" if transcript is None else "invalid_value")
+    speaker = form.get("speaker_id", "0")
+    if not (speaker.isascii() and speaker.isdigit()) or int(speaker) > 1_000_000:
+        raise invalid("speaker_id", "'speaker_id' must be a whole number from 0 to 1000000")
+    sample: BinaryIO | None = files.get("audio_sample")  # a file object
+    if sample is None:
+        raise invalid("audio_sample", "'audio_sample' is required: the voice's recording, sent as a file "
+                      "(multipart/form-data)", code="missing_required_parameter")
+    try:
+        segment = tts.segment(int(speaker), transcript, audio=sample)
+    except (ValueError, RuntimeError) as e:  # the audio file's and the codec's complaints
+        raise invalid("audio_sample", f"audio_sample: {e}") from None
+    return name, Voice([segment], segment.speaker)
 
 
 def _voice(voice: Any) -> tuple[int, list[Segment]]:

@@ -85,6 +85,20 @@ def save_voice(name: str, voice: Voice) -> Path:
     return path
 
 
+def delete_voice(name: str) -> bool:
+    """Removes a saved voice; False if there is none of that name."""
+    if name not in list_voices():
+        return False
+    path = _path(name)
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise ValueError(f"cannot delete voice {name!r} ({path}: {e.strerror})") from None
+    return True
+
+
 def describe(name: str) -> str:
     """One line on a saved voice: its speaker, how long its prompt is, and how its transcript begins."""
     try:

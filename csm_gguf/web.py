@@ -17,6 +17,7 @@ import os
 import queue
 import select
 import socket
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field, fields, replace
@@ -33,11 +34,12 @@ from . import ffmpeg
 from .audio import MEDIA_TYPES, SAMPLE_RATE, StreamEncoder, encode_audio
 from .generator import PromptTooLong
 from .server_engine import Engine, Job, QueueFull
-from .speech_request import MAX_INPUT_CHARS, MODELS, ApiError, SpeechRequest, parse_speech, voice_names
+from .speech_request import (MAX_INPUT_CHARS, MAX_VOICE_UPLOAD, MODELS, ApiError, SpeechRequest, parse_speech,
+                             parse_voice, voice_names)
 from .tempo import TimeStretch, stretched
 from .text import cut_between_words, is_blank, take_sentences
 from .tts import CSM, decode_frames
-from .voices import BUILTIN_VOICES, load_voice
+from .voices import BUILTIN_VOICES, delete_voice, list_voices, load_voice, save_voice
 
 log = logging.getLogger(__name__)
 WEBSOCKET_PATH = "/v1/audio/speech/ws"
@@ -170,11 +172,48 @@ def create_app(**overrides: Any) -> Flask:
                 "data": [{"id": m, "object": "model", "created": created, "owned_by": "sesame"} for m in MODELS]}
 
     @app.get("/v1/audio/voices")
-    def voices():
+    def voice_list():
         return {"voices": [
             {"id": name, "name": name, "type": "builtin" if name in BUILTIN_VOICES else "saved",
              "speaker_id": BUILTIN_VOICES.get(name)} for name in voice_names()
         ], "default": settings.voice}
+
+    voices_lock = threading.Lock()  # between a voice's "is the name free" and its saving or deletion
+
+    @app.post("/v1/audio/voices")
+    def add_voice():
+        if request.mimetype != "multipart/form-data":
+            raise ApiError(400, "send the voice as multipart/form-data: name, audio_sample (the recording, as a "
+                           "file) and transcript (its words)", code="invalid_request")
+        request.max_content_length = MAX_VOICE_UPLOAD
+        files = {key: upload.stream for key, upload in request.files.items()}
+        name, voice = parse_voice(request.form, files, tts)
+        with voices_lock:
+            if name in list_voices():  # saved meanwhile, by another request
+                raise ApiError(409, f"voice {name!r} exists: delete it first", param="name", code="voice_exists")
+            try:
+                save_voice(name, voice)
+            except ValueError as e:  # the voices folder cannot be written: the server's setup, not the request
+                raise ApiError(500, str(e), type="server_error") from None
+        return {"id": name, "object": "audio.voice", "name": name, "created_at": int(time.time()),
+                "type": "audio_sample"}
+
+    @app.delete("/v1/audio/voices/<name>")
+    def remove_voice(name: str):
+        if name in BUILTIN_VOICES:
+            raise ApiError(400, f"{name!r} is a built-in voice; only saved voices can be deleted", param="voice_id")
+        if name == settings.voice:
+            raise ApiError(409, f"{name!r} is this server's default voice (CSM_GGUF_VOICE): it cannot be deleted "
+                           "while the server runs", param="voice_id", code="voice_in_use")
+        with voices_lock:
+            try:
+                deleted = delete_voice(name)
+            except ValueError as e:  # the file would not go: the server's setup
+                raise ApiError(500, str(e), type="server_error") from None
+        if not deleted:
+            raise ApiError(404, f"no saved voice {name!r}; saved: {', '.join(list_voices()) or 'none'}",
+                           param="voice_id", code="voice_not_found")
+        return {"id": name, "object": "audio.voice", "deleted": True}
 
     @app.post("/v1/audio/speech")
     def speech():

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -26,7 +27,9 @@ from csm_fixtures import random_codes
 from csm_gguf.audio import FORMATS, MEDIA_TYPES, load_audio, to_int16
 from csm_gguf.generator import Segment
 from csm_gguf.tempo import change_speed
+from csm_gguf.speech_request import MAX_VOICE_UPLOAD
 from csm_gguf.tts import Voice
+from csm_gguf.voices import voices_dir
 from csm_gguf.web import WebsocketSession
 
 TEXT = "Hello there, how are you doing today?"
@@ -198,6 +201,97 @@ def test_saved_voice_uses_its_prompt(client, engine):
     assert_same_audio(pcm(response.content), expected)
     plain = reference(engine, speaker=3, **GREEDY)
     assert not np.allclose(expected, plain)  # the prompt made a difference
+
+
+def voice_wav(engine) -> bytes:
+    wav = io.BytesIO()
+    sf.write(wav, engine.tts.decode(random_codes(8, 64, seed=5)), 24_000, format="WAV")
+    return wav.getvalue()
+
+
+def test_voices_are_made_from_a_sample_used_and_deleted(client, base, engine):
+    sample = voice_wav(engine)
+    made = client.audio.voices.create(name="lena", audio_sample=("lena.wav", sample, "audio/wav"), consent="cons_1",
+                                      extra_body={"transcript": "A sample of my voice.", "speaker_id": 5})
+    assert (made.id, made.name, made.object, made.type) == ("lena", "lena", "audio.voice", "audio_sample")
+    assert abs(made.created_at - time.time()) < 60
+    listed = httpx.get(f"{base}/v1/audio/voices").json()["voices"]
+    assert {"id": "lena", "name": "lena", "type": "saved", "speaker_id": None} in listed
+    response = client.audio.speech.create(model="csm-1b", voice="lena", input=TEXT, response_format="pcm",
+                                          extra_body=GREEDY)
+    segment = engine.tts.segment(5, "A sample of my voice.", audio=io.BytesIO(sample))
+    assert_same_audio(pcm(response.content), reference(engine, speaker=5, context=[segment], **GREEDY))
+    with pytest.raises(openai.ConflictError, match="voice 'lena' exists: delete it first"):
+        client.audio.voices.create(name="lena", audio_sample=("lena.wav", sample), consent="cons_1",
+                                   extra_body={"transcript": "Again."})
+    deleted = client.audio.voices.delete("lena")
+    assert (deleted.id, deleted.deleted) == ("lena", True)
+    assert "lena" not in [v["id"] for v in httpx.get(f"{base}/v1/audio/voices").json()["voices"]]
+    with pytest.raises(openai.NotFoundError, match="no saved voice 'lena'"):
+        client.audio.voices.delete("lena")
+
+
+@needs_ffmpeg
+def test_a_voice_from_a_phone_recording(client, engine, tmp_path):
+    wav, m4a = tmp_path / "v.wav", tmp_path / "v.m4a"
+    wav.write_bytes(voice_wav(engine))
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-i", str(wav), "-c:a", "aac", str(m4a)], check=True)
+    with m4a.open("rb") as f:
+        made = client.audio.voices.create(name="memo", audio_sample=f, consent="cons_1",
+                                          extra_body={"transcript": "A sample of my voice."})
+    assert made.id == "memo"
+    client.audio.voices.delete("memo")
+
+
+@pytest.mark.parametrize("form, files, param, status, message", [
+    ({"name": "v1", "transcript": "Words."}, {}, "audio_sample", 400, "'audio_sample' is required"),
+    ({"name": "v1"}, {"audio_sample": True}, "transcript", 400, "'transcript' is required: the words spoken"),
+    ({"name": "v1", "transcript": "  "}, {"audio_sample": True}, "transcript", 400, "'transcript' is required"),
+    ({"transcript": "Words."}, {"audio_sample": True}, "name", 400, "'name' is required"),
+    ({"name": "a b", "transcript": "Words."}, {"audio_sample": True}, "name", 400, "bad voice name 'a b'"),
+    ({"name": "alloy", "transcript": "Words."}, {"audio_sample": True}, "name", 400, "built-in voices"),
+    ({"name": "narrator", "transcript": "Words."}, {"audio_sample": True}, "name", 409, "voice 'narrator' exists"),
+    ({"name": "v1", "transcript": "Words.", "speaker_id": "-1"}, {"audio_sample": True}, "speaker_id", 400,
+     "'speaker_id' must be a whole number"),
+    ({"name": "v1", "transcript": "Words.", "type": "prompt"}, {"audio_sample": True}, "type", 400,
+     "cannot be made from a text prompt"),
+    ({"name": "v1", "transcript": "Words.", "prompt": "warm"}, {"audio_sample": True}, "prompt", 400,
+     "unrecognized request argument: 'prompt'"),
+    ({"name": "v1", "transcript": "Words."}, {"audio_sample": b"not audio"}, "audio_sample", 400,
+     "audio_sample: cannot read audio from"),
+])
+def test_bad_voice_uploads_are_refused_and_save_nothing(base, engine, form, files, param, status, message):
+    sample = voice_wav(engine)
+    parts = [(k, (None, v)) for k, v in form.items()] + [(k, ("v.wav", sample if v is True else v))
+                                                         for k, v in files.items()]
+    response = httpx.post(f"{base}/v1/audio/voices", files=parts)  # multipart, with or without a file
+    error = response.json()["error"]
+    assert (response.status_code, error["param"]) == (status, param) and message in error["message"], error
+    assert sorted(p.name for p in voices_dir().iterdir()) == ["narrator.npz"]
+
+
+def test_voice_uploads_need_multipart_and_a_size_limit(base):
+    response = httpx.post(f"{base}/v1/audio/voices", json={"name": "v1", "transcript": "Words."})
+    assert response.status_code == 400 and "multipart/form-data" in response.json()["error"]["message"]
+    too_big = httpx.post(f"{base}/v1/audio/voices", data={"name": "v1", "transcript": "Words."},
+                         files={"audio_sample": ("v.wav", bytes(MAX_VOICE_UPLOAD + 1))})
+    assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "request_entity_too_large"
+    assert sorted(p.name for p in voices_dir().iterdir()) == ["narrator.npz"]
+
+
+def test_built_in_and_default_voices_cannot_be_deleted(base, f32_model):
+    response = httpx.delete(f"{base}/v1/audio/voices/alloy")
+    assert response.status_code == 400 and "built-in voice" in response.json()["error"]["message"]
+    assert httpx.delete(f"{base}/v1/audio/voices/no%20such").status_code == 404
+    from csm_gguf.web import create_app
+
+    app = create_app(model=str(f32_model), voice="narrator", kv_type="f32")
+    try:
+        response = app.test_client().delete("/v1/audio/voices/narrator")
+    finally:
+        app.extensions["csm"].close()
+    assert response.status_code == 409 and "this server's default voice" in response.json["error"]["message"]
+    assert (voices_dir() / "narrator.npz").exists()
 
 
 def test_context_segments_as_codes_and_audio(client, engine):
