@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-voice", metavar="NAME", help="encode the --context segments and save them as voice NAME")
     p.add_argument("--list-voices", action="store_true", help="list saved voices (speaker, prompt length, transcript) "
                    "and exit")
+    p.add_argument("--delete-voice", metavar="NAME", help="delete the saved voice NAME and exit")
     p.add_argument("--temperature", "-t", type=float, default=0.9, help="sampling temperature; 0 = greedy "
                    "(default: %(default)s)")
     p.add_argument("--top-k", type=int, default=50, help="sample among the K likeliest codes (default: %(default)s)")
@@ -205,6 +206,12 @@ def run(args) -> int:
     if args.list_voices:
         names = voices.list_voices()
         print("\n".join(map(voices.describe, names)) if names else f"no saved voices in {voices.voices_dir()}")
+        return 0
+    if args.delete_voice is not None:
+        if not voices.delete_voice(args.delete_voice):
+            saved = ", ".join(voices.list_voices()) or "none"
+            raise UsageError(f"no saved voice {args.delete_voice!r} in {voices.voices_dir()} (saved: {saved})")
+        print(f"voice {args.delete_voice!r} deleted", file=sys.stderr)
         return 0
     if not 1 <= args.top_k < 2**31:
         raise UsageError(f"--top-k must be from 1 to {2**31 - 1}, got {args.top_k}")

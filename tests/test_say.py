@@ -325,6 +325,11 @@ def test_saved_voice_gives_the_same_codes_as_its_context(f32_model, tts, tmp_pat
     assert main(["Say this.", *common, "--voice", "narrator", "-o", str(tmp_path / "b.wav"),
                  "--save-codes", str(via_voice)]) == 0
     np.testing.assert_array_equal(np.load(direct), np.load(via_voice))
+    assert main(["--delete-voice", "narrator"]) == 0
+    assert main(["--list-voices"]) == 0
+    assert "no saved voices" in capsys.readouterr().out
+    assert main(["--delete-voice", "narrator"]) == 2
+    assert "no saved voice 'narrator'" in capsys.readouterr().err
 
 
 def record_contexts(tts, monkeypatch) -> list[list[str]]:
