@@ -24,7 +24,7 @@ from werkzeug.serving import make_server
 
 from audio_fixtures import EVERY_FORMAT, needs_ffmpeg
 from csm_fixtures import random_codes
-from csm_gguf.audio import FORMATS, MEDIA_TYPES, load_audio, to_int16
+from csm_gguf.audio import FORMATS, MEDIA_TYPES, SAMPLE_RATE, load_audio, to_int16
 from csm_gguf.generator import Segment
 from csm_gguf.tempo import change_speed
 from csm_gguf.speech_request import MAX_VOICE_UPLOAD
@@ -1141,6 +1141,7 @@ def browser(tmp_path_factory):
     options.binary_location = chromium
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
                  "--autoplay-policy=no-user-gesture-required",
+                 "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",  # a microphone that beeps
                  f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
         options.add_argument(flag)
     browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
@@ -1172,3 +1173,45 @@ def test_web_page_speaks_in_chromium(browser, base, engine, fmt):
         assert result["bytes"] == 25 * 2 * engine.tts.codec.cfg.frame_size // 2  # at speed 2
     assert "done" in browser.find_element("id", "status").text
     wait_idle(engine)
+
+
+def save_voice_in_page(browser, name: str, transcript: str) -> str:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    for field, value in (("voice-name", name), ("voice-text", transcript)):
+        browser.find_element("id", field).clear()
+        browser.find_element("id", field).send_keys(value)
+    browser.execute_script("window.lastVoice = null")
+    browser.find_element("id", "save-voice").click()
+    return WebDriverWait(browser, 60).until(lambda b: b.execute_script("return window.lastVoice"))
+
+
+def test_web_page_adds_a_voice_from_a_file_and_from_the_microphone(browser, base, engine, tmp_path, monkeypatch):
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from csm_gguf.voices import load_voice
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no ffmpeg for the server: the page sends WAV (the browser runs)
+
+    frame = engine.tts.codec.cfg.frame_size
+    stereo = tmp_path / "stereo48k.wav"  # the page sends 24 kHz mono
+    sf.write(stereo, np.stack([np.sin(np.arange(96_000) / 9), np.zeros(96_000)], axis=1).astype(np.float32), 48_000)
+    browser.get(base + "/")
+    wait = WebDriverWait(browser, 30)
+    wait.until(lambda b: len(Select(b.find_element("id", "voice")).options) >= 13)
+    browser.find_element("id", "voice-file").send_keys(str(stereo))
+    assert save_voice_in_page(browser, "from-file", "Words from a file.") == "saved voice from-file"
+    assert Select(browser.find_element("id", "voice")).first_selected_option.get_attribute("value") == "from-file"
+    (segment,) = load_voice("from-file").segments
+    assert segment.text == "Words from a file." and abs(len(segment.codes) - 2 * SAMPLE_RATE // frame) <= 1
+
+    browser.find_element("id", "record").click()
+    wait.until(lambda b: b.find_element("id", "voice-status").text == "recording…")
+    time.sleep(1.5)
+    browser.find_element("id", "record").click()
+    wait.until(lambda b: b.find_element("id", "voice-status").text.startswith("recorded"))
+    assert save_voice_in_page(browser, "from-mic", "Beep beep.") == "saved voice from-mic"
+    assert len(load_voice("from-mic").segments[0].codes) > SAMPLE_RATE // frame  # over a second
+    assert save_voice_in_page(browser, "", "No name.").startswith("error: 'name' is required")
+    for name in ("from-file", "from-mic"):
+        assert httpx.delete(f"{base}/v1/audio/voices/{name}").status_code == 200
