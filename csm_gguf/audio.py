@@ -8,6 +8,7 @@ installed (`ffmpeg.py`).
 from __future__ import annotations
 
 import io
+import math
 import os
 import struct
 import sys
@@ -95,9 +96,13 @@ def format_from_path(path: str | os.PathLike[str]) -> str:
     return _EXTENSIONS[ext]
 
 
-def load_audio(source: AudioSource) -> np.ndarray:
+def load_audio(source: AudioSource, max_seconds: float | None = None) -> np.ndarray:
     """Reads wav/flac/ogg/mp3 (with ffmpeg installed: also m4a, aac, webm, ...) from a path or binary
-    file object as 24 kHz mono float32."""
+    file object as 24 kHz mono float32.
+
+    With `max_seconds`, reading stops a second past it: a caller that refuses longer audio learns that it
+    is longer without decoding all of it (a small file of compressed silence can hold hours).
+    """
     if isinstance(source, (str, os.PathLike)):
         name = os.fspath(source)
         if not os.path.exists(name):
@@ -117,31 +122,38 @@ def load_audio(source: AudioSource) -> np.ndarray:
         if not source.seekable():  # libsndfile seeks, and ffmpeg may need to read it again
             source = io.BytesIO(source.read())
     start = None if isinstance(source, (str, os.PathLike)) else source.tell()
+    if start is not None and source.seek(0, io.SEEK_END) == start:
+        raise _read_error(name, "it is empty")
+    if start is not None:
+        source.seek(start)
+    limit = None if max_seconds is None else max_seconds + 1
     try:
-        data, rate = _read_soundfile(source, name)
+        data, rate = _read_soundfile(source, name, limit)
     except sf.LibsndfileError as e:
         from . import ffmpeg
 
         if ffmpeg.find() is None:
-            raise _read_error(name, e.error_string.rstrip(".")) from e
+            problem = e.error_string.rstrip(".")
+            raise _read_error(name, f"{problem} (other formats need ffmpeg, which is not installed here)") from e
         if start is not None:
             source.seek(start)
         try:
-            wav = ffmpeg.decode_to_wav(source, name)
+            wav = ffmpeg.decode_to_wav(source, name, limit)
         except ffmpeg.ReadError as ffmpeg_error:
             raise _read_error(name, f"{e.error_string.rstrip('.')} (ffmpeg: {ffmpeg_error})") from e
-        data, rate = _read_soundfile(io.BytesIO(wav), name)
+        data, rate = _read_soundfile(io.BytesIO(wav), name, limit)
     if not len(data):
         raise _read_error(name, "it contains no audio")
     return resample(data.mean(axis=1), rate, SAMPLE_RATE)
 
 
-def _read_soundfile(source: str | BinaryIO, name: str) -> tuple[np.ndarray, int]:
+def _read_soundfile(source: str | BinaryIO, name: str, max_seconds: float | None) -> tuple[np.ndarray, int]:
     with sf.SoundFile(source) as f:
         if not MIN_RATE <= f.samplerate <= MAX_RATE:
             raise _read_error(name, f"its header gives a sample rate of {f.samplerate} Hz, outside "
                                     f"{MIN_RATE}..{MAX_RATE}")
-        return f.read(dtype="float32", always_2d=True), f.samplerate
+        frames = -1 if max_seconds is None else math.ceil(max_seconds * f.samplerate)
+        return f.read(frames, dtype="float32", always_2d=True), f.samplerate
 
 
 def _read_error(name: str, problem: str) -> AudioError:

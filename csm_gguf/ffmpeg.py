@@ -47,9 +47,13 @@ def require(purpose: str) -> str:
     return path
 
 
-def _failure(what: str, stderr: bytes) -> AudioError:
+def _last_line(stderr: bytes, returncode: int) -> str:
     lines = [line for line in stderr.decode(errors="replace").splitlines() if line.strip()]
-    return AudioError(f"ffmpeg could not {what}: {lines[-1] if lines else 'it failed without saying why'}")
+    return lines[-1] if lines else f"it exited with status {returncode} without saying why"
+
+
+def _failure(what: str, stderr: bytes, returncode: int) -> AudioError:
+    return AudioError(f"ffmpeg could not {what}: {_last_line(stderr, returncode)}")
 
 
 def _raw(samples: np.ndarray) -> bytes:
@@ -60,7 +64,7 @@ def encode_aac(samples: np.ndarray) -> bytes:
     """24 kHz mono float samples in [-1, 1] as an ADTS AAC file."""
     run = subprocess.run([require("AAC output"), *_QUIET, *_AAC_ENCODE], input=_raw(samples), capture_output=True)
     if run.returncode:
-        raise _failure("encode AAC", run.stderr)
+        raise _failure("encode AAC", run.stderr, run.returncode)
     return run.stdout
 
 
@@ -124,9 +128,9 @@ class AacStream:
             process.kill()  # subprocess keeps an unfinished Popen (and its stdin) alive: ffmpeg would wait
 
     def _error(self) -> AudioError:
-        self._process.wait()
+        returncode = self._process.wait()
         self._errors.seek(0)
-        return _failure("encode AAC", self._errors.read())
+        return _failure("encode AAC", self._errors.read(), returncode)
 
 
 def _collect(stdout: BinaryIO, output: bytearray, lock: threading.Lock) -> None:
@@ -139,9 +143,10 @@ class ReadError(Exception):
     """What ffmpeg said when it could not read a file."""
 
 
-def decode_to_wav(source: str | os.PathLike[str] | BinaryIO, name: str) -> bytes:
-    """An audio file ffmpeg can read, as a float WAV file (its own rate and channels). File objects go
-    through a temporary file: MP4 files often keep their index at the end, which a pipe cannot reach."""
+def decode_to_wav(source: str | os.PathLike[str] | BinaryIO, name: str, max_seconds: float | None = None) -> bytes:
+    """An audio file ffmpeg can read, as a float WAV file (its own rate and channels), of at most
+    `max_seconds`. File objects go through a temporary file: MP4 files often keep their index at the end,
+    which a pipe cannot reach."""
     exe = require(f"reading {name} (a format libsndfile cannot read)")
     with tempfile.NamedTemporaryFile(suffix=".audio") as tmp:
         if isinstance(source, (str, os.PathLike)):
@@ -152,11 +157,11 @@ def decode_to_wav(source: str | os.PathLike[str] | BinaryIO, name: str) -> bytes
             path = tmp.name
         run = subprocess.run(
             [exe, *_QUIET, "-nostdin", "-format_whitelist", _READ_FORMATS, "-i", "file:" + path,
-             "-map", "0:a:0", "-c:a", "pcm_f32le", "-f", "wav", "pipe:1"],
+             "-map", "0:a:0", *([] if max_seconds is None else ["-t", f"{max_seconds:.3f}"]),
+             "-c:a", "pcm_f32le", "-f", "wav", "pipe:1"],
             capture_output=True, stdin=subprocess.DEVNULL,
         )  # fmt: skip
     if run.returncode:
-        lines = [line for line in run.stderr.decode(errors="replace").splitlines() if line.strip()]
-        said = lines[-1].replace(f"file:{path}: ", "") if lines else "it failed without saying why"
-        raise ReadError(said)
+        said = _last_line(run.stderr, run.returncode).replace(f"file:{path}: ", "")
+        raise ReadError("it has no audio stream" if b"matches no streams" in run.stderr else said)
     return run.stdout

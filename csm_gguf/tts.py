@@ -180,11 +180,12 @@ class CSM:
         codes = self.codec.encode(torch.from_numpy(samples).reshape(1, 1, -1))
         return codes[0, : self.model.config.num_codebooks].T.cpu().numpy().astype(np.int64)
 
-    def _samples(self, audio: np.ndarray | str | os.PathLike | BinaryIO) -> np.ndarray:
+    def _samples(self, audio: np.ndarray | str | os.PathLike | BinaryIO, max_seconds: float | None = None
+                 ) -> np.ndarray:
         from .audio import as_float, load_audio
 
         if isinstance(audio, (str, os.PathLike)) or hasattr(audio, "read"):
-            samples = load_audio(audio)
+            samples = load_audio(audio, max_seconds)  # files: read no further than needed to refuse them
         else:
             samples = np.asarray(audio)
             if samples.ndim == 2 and samples.shape[1] > samples.shape[0] > 0:
@@ -216,12 +217,12 @@ class CSM:
         if (audio is None) == (codes is None):
             raise ValueError("a context segment needs its audio or its codes (one of them)")
         if audio is not None:
-            samples = self._samples(audio)
             # Checked before encoding, which for minutes of audio takes minutes.
-            seconds, limit = len(samples) / SAMPLE_RATE, self.model.config.backbone.max_seq_len * FRAME_MS / 1000
-            if seconds > limit:
-                raise ValueError(f"the context audio is {seconds:.1f} s long, more than the {limit:g} s of audio the "
-                                 "model's whole context holds: cut it (a voice prompt needs 5 to 30 s)")
+            limit = self.model.config.backbone.max_seq_len * FRAME_MS / 1000
+            samples = self._samples(audio, max_seconds=limit)
+            if len(samples) > limit * SAMPLE_RATE:
+                raise ValueError(f"the context audio lasts more than the {limit:g} s of audio the model's whole "
+                                 "context holds: cut it (a voice prompt needs 5 to 30 s)")
             codes = self.encode(samples)
         codes = check_codes(codes, self.model.config.num_codebooks, self.model.n_codes, "context codes")
         return Segment(speaker, text, codes)

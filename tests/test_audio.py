@@ -472,13 +472,42 @@ def test_load_without_ffmpeg_names_it(tmp_path, monkeypatch):
     path = tmp_path / "voice.m4a"
     path.write_bytes(b"\x00\x00\x00\x20ftypM4A " + bytes(100))
     monkeypatch.setenv("PATH", str(tmp_path))
-    with pytest.raises(AudioError, match="voice.m4a: Format not recognised. .*with ffmpeg installed, also m4a"):
+    with pytest.raises(AudioError, match="voice.m4a: Format not recognised \\(other formats need ffmpeg, which is not installed here\\)"):
         load_audio(path)
 
 
 def _write_wav(path):
     sf.write(path, tone(440, seconds=2.0), SAMPLE_RATE)
     return path
+
+
+def test_load_stops_a_second_past_max_seconds(tmp_path):
+    """An hour of compressed silence is a small file: a caller that refuses long audio must not decode it all."""
+    flac = tmp_path / "ten-minutes.flac"
+    sf.write(flac, np.zeros(600 * 8000, np.int16), 8000)
+    assert len(load_audio(flac, max_seconds=10)) == 11 * SAMPLE_RATE
+    assert len(load_audio(io.BytesIO(flac.read_bytes()), max_seconds=2.5)) == 3.5 * SAMPLE_RATE
+    assert len(load_audio(flac)) == 600 * SAMPLE_RATE
+
+
+@needs_ffmpeg
+def test_load_through_ffmpeg_stops_a_second_past_max_seconds(tmp_path):
+    webm = tmp_path / "hour.webm"
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-f", "lavfi", "-i", "anullsrc=r=48000:cl=stereo", "-t", "3600",
+                    "-c:a", "libopus", "-b:a", "6k", str(webm)], check=True)
+    assert webm.stat().st_size < 3_000_000
+    started = time.monotonic()
+    assert abs(len(load_audio(webm, max_seconds=10)) - 11 * SAMPLE_RATE) < SAMPLE_RATE / 50  # opus skips a little
+    assert time.monotonic() - started < 10  # all of it took over 15 s and 4 GB
+
+
+@needs_ffmpeg
+def test_load_a_video_without_sound_says_so(tmp_path):
+    video = tmp_path / "video.mp4"
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-f", "lavfi", "-i", "color=size=32x32:duration=1", str(video)],
+                   check=True)
+    with pytest.raises(AudioError, match="video.mp4: Format not recognised \\(ffmpeg: it has no audio stream\\)"):
+        load_audio(video)
 
 
 def test_load_missing_file(tmp_path):
