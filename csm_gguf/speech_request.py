@@ -14,8 +14,7 @@ import binascii
 import io
 import math
 from dataclasses import dataclass
-from collections.abc import Mapping
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -26,6 +25,9 @@ from .tempo import MAX_SPEED, MIN_SPEED
 from .text import is_blank, is_unicode
 from .tts import CSM, Voice
 from .voices import BUILTIN_VOICES, check_saveable, list_voices, load_voice
+
+if TYPE_CHECKING:
+    from werkzeug.datastructures import FileStorage, MultiDict
 
 MAX_INPUT_CHARS = 4096
 MAX_CONTEXT_SEGMENTS = 32
@@ -42,6 +44,9 @@ FIELDS = {
 # its words). OpenAI's `consent` (a consent recording's id) is accepted, not checked.
 VOICE_FIELDS = {"name", "audio_sample", "consent", "type", "transcript", "speaker_id"}
 MAX_VOICE_UPLOAD = 32 * 2**20  # bytes: half a minute of 48 kHz stereo wav is 11 MB
+# A speech request's body: its context audio (base64) can be the whole context, 164 s: 42 MB as 48 kHz
+# stereo wav.
+MAX_SPEECH_REQUEST = 64 * 2**20
 
 
 class ApiError(Exception):
@@ -138,12 +143,19 @@ def parse_speech(body: Any, tts: CSM, default_voice: str = "alloy", need_input: 
     return SpeechRequest(job, fmt, stream_format, stream, speed)
 
 
-def parse_voice(form: Mapping[str, str], files: Mapping[str, Any], tts: CSM) -> tuple[str, Voice]:
+def parse_voice(form: MultiDict[str, str], files: MultiDict[str, FileStorage], tts: CSM) -> tuple[str, Voice]:
     """The name and the voice (its sample encoded) that a voice upload asks to save; ApiError for the first
     bad field, checked before the (slow) encoding."""
+    repeated = sorted(k for k in {*form, *files} if len(form.getlist(k)) + len(files.getlist(k)) > 1)
+    if repeated:
+        raise invalid(repeated[0], f"'{repeated[0]}' was sent more than once: send it once")
     unknown = sorted((set(form) | set(files)) - VOICE_FIELDS)
     if unknown:
         raise invalid(unknown[0], f"unrecognized request argument: {unknown[0]!r}; known: {', '.join(sorted(VOICE_FIELDS))}")
+    misplaced = sorted(set(files) - {"audio_sample"}) or sorted(set(form) & {"audio_sample"})
+    if misplaced:
+        kind = "a text field, not a file" if misplaced[0] != "audio_sample" else "a file, not a text field"
+        raise invalid(misplaced[0], f"send '{misplaced[0]}' as {kind} (multipart/form-data)")
     if form.get("type", "audio_sample") != "audio_sample":
         raise invalid("type", "CSM makes a voice from an audio sample and its transcript: 'type' must be "
                       "'audio_sample' (a voice cannot be made from a text prompt)", code="unsupported_value")
@@ -159,17 +171,21 @@ def parse_voice(form: Mapping[str, str], files: Mapping[str, Any], tts: CSM) -> 
         raise ApiError(409, f"voice {name!r} exists: delete it first (DELETE /v1/audio/voices/{name})", param="name",
                        code="voice_exists")
     transcript = form.get("transcript")
+    if transcript is not None and "\ufffd" in transcript:  # what the form parser makes of bytes that are not UTF-8
+        raise invalid("transcript", "'transcript' must be UTF-8 text: it holds bytes that are not")
     if transcript is None or is_blank(transcript) or not is_unicode(transcript) or len(transcript) > MAX_INPUT_CHARS:
         raise invalid("transcript", "'transcript' is required: the words spoken in audio_sample, up to "
                       f"{MAX_INPUT_CHARS} characters (CSM reads a voice prompt together with its text)",
                       code="missing_required_parameter" if transcript is None else "invalid_value")
     speaker = form.get("speaker_id", "0")
-    if not (speaker.isascii() and speaker.isdigit()) or int(speaker) > 1_000_000:
+    if not (speaker.isascii() and speaker.isdigit() and len(speaker) <= 7) or int(speaker) > 1_000_000:
         raise invalid("speaker_id", "'speaker_id' must be a whole number from 0 to 1000000")
-    sample: BinaryIO | None = files.get("audio_sample")  # a file object
-    if sample is None:
+    upload = files.get("audio_sample")
+    if upload is None:
         raise invalid("audio_sample", "'audio_sample' is required: the voice's recording, sent as a file "
                       "(multipart/form-data)", code="missing_required_parameter")
+    sample = io.BytesIO(upload.read())  # at most MAX_VOICE_UPLOAD
+    sample.name = upload.filename or "the uploaded file"  # for messages
     try:
         segment = tts.segment(int(speaker), transcript, audio=sample)
     except (ValueError, RuntimeError) as e:  # the audio file's and the codec's complaints
@@ -180,6 +196,8 @@ def parse_voice(form: Mapping[str, str], files: Mapping[str, Any], tts: CSM) -> 
 def _voice(voice: Any) -> tuple[int, list[Segment]]:
     if isinstance(voice, dict):
         voice = voice.get("id")
+    if isinstance(voice, str) and voice in BUILTIN_VOICES:  # a speaker and no prompt: nothing to read
+        return BUILTIN_VOICES[voice], []
     if voice is None:
         raise invalid("voice", "'voice' is required: one of " + ", ".join(voice_names()),
                       code="missing_required_parameter")
@@ -240,6 +258,7 @@ def _context(context: Any, tts: CSM) -> list[Segment]:
         if seg.get("audio") is not None:
             param = f"{where}.audio"
             audio = io.BytesIO(_base64(seg["audio"], param))
+            audio.name = "the base64 audio"  # for messages
             try:
                 segments.append(tts.segment(speaker, text, audio=audio))
             except (ValueError, RuntimeError) as e:  # libsndfile's and the codec's complaints about the file

@@ -15,7 +15,7 @@ from .generator import FRAME_MS, Segment, check_speaker
 from .model_dir import cache_root
 from .tts import Voice
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # fullmatch: "$" would let a final newline in
 # The server's voices without a prompt: OpenAI's names, each a CSM speaker id. Saved voices cannot take them.
 BUILTIN_VOICES = {
     name: speaker
@@ -31,7 +31,7 @@ def voices_dir() -> Path:
 
 
 def _path(name: str) -> Path:
-    if not NAME.match(name):
+    if not NAME.fullmatch(name):
         raise ValueError(f"bad voice name {name!r}: use letters, digits, '-', '_' or '.' (at most 64)")
     return voices_dir() / f"{name}.npz"
 
@@ -49,7 +49,7 @@ def list_voices() -> list[str]:
     if not folder.is_dir():
         return []
     names = (p.stem for p in folder.glob("*.npz") if p.is_file())
-    return sorted(name for name in names if NAME.match(name) and name not in BUILTIN_VOICES)
+    return sorted(name for name in names if NAME.fullmatch(name) and name not in BUILTIN_VOICES)
 
 
 def check_saveable(name: str) -> Path:

@@ -34,8 +34,8 @@ from . import ffmpeg
 from .audio import MEDIA_TYPES, SAMPLE_RATE, StreamEncoder, encode_audio
 from .generator import PromptTooLong
 from .server_engine import Engine, Job, QueueFull
-from .speech_request import (MAX_INPUT_CHARS, MAX_VOICE_UPLOAD, MODELS, ApiError, SpeechRequest, parse_speech,
-                             parse_voice, voice_names)
+from .speech_request import (MAX_INPUT_CHARS, MAX_SPEECH_REQUEST, MAX_VOICE_UPLOAD, MODELS, ApiError,
+                             SpeechRequest, parse_speech, parse_voice, voice_names)
 from .tempo import TimeStretch, stretched
 from .text import cut_between_words, is_blank, take_sentences
 from .tts import CSM, decode_frames
@@ -110,6 +110,7 @@ def create_app(**overrides: Any) -> Flask:
     app = Flask(__name__)
     app.extensions["csm"] = engine
     app.config["API_KEY"] = settings.api_key
+    app.config["MAX_CONTENT_LENGTH"] = MAX_SPEECH_REQUEST
     sock = Sock(app)
 
     def parse(body: Any, need_input: bool = True) -> SpeechRequest:
@@ -132,7 +133,12 @@ def create_app(**overrides: Any) -> Flask:
 
     @app.errorhandler(HTTPException)
     def http_error(e: HTTPException):
-        return api_error(ApiError(e.code or 500, e.description or e.name, code=e.name.lower().replace(" ", "_")))
+        message = e.description or e.name
+        if e.code == 413:
+            message = (f"a voice upload is at most {MAX_VOICE_UPLOAD >> 20} MiB: send a shorter or compressed "
+                       "recording (5 to 30 s is plenty)" if request.path == "/v1/audio/voices" else
+                       f"a request is at most {MAX_SPEECH_REQUEST >> 20} MiB: send shorter context audio")
+        return api_error(ApiError(e.code or 500, message, code=e.name.lower().replace(" ", "_")))
 
     @app.errorhandler(Exception)
     def server_error(e: Exception):
@@ -175,8 +181,14 @@ def create_app(**overrides: Any) -> Flask:
     def voice_list():
         return {"voices": [
             {"id": name, "name": name, "type": "builtin" if name in BUILTIN_VOICES else "saved",
-             "speaker_id": BUILTIN_VOICES.get(name)} for name in voice_names()
+             "speaker_id": speaker_of(name)} for name in voice_names()
         ], "default": settings.voice}
+
+    def speaker_of(name: str) -> int | None:
+        try:
+            return load_voice(name).speaker
+        except ValueError:  # damaged
+            return None
 
     voices_lock = threading.Lock()  # between a voice's "is the name free" and its saving or deletion
 
@@ -186,8 +198,7 @@ def create_app(**overrides: Any) -> Flask:
             raise ApiError(400, "send the voice as multipart/form-data: name, audio_sample (the recording, as a "
                            "file) and transcript (its words)", code="invalid_request")
         request.max_content_length = MAX_VOICE_UPLOAD
-        files = {key: upload.stream for key, upload in request.files.items()}
-        name, voice = parse_voice(request.form, files, tts)
+        name, voice = parse_voice(request.form, request.files, tts)
         with voices_lock:
             if name in list_voices():  # saved meanwhile, by another request
                 raise ApiError(409, f"voice {name!r} exists: delete it first", param="name", code="voice_exists")

@@ -651,6 +651,7 @@ def test_budget_is_proportional_to_text(tts):
     (["0: hi", "--dialogue", "--save-voice", "v", "--context", "0", "words", "{tmp}/tone.wav", "-o", "{tmp}/x.wav"],
      "--save-voice and --dialogue go in separate runs"),
     (["--save-voice", "42", "--context", "0", "words", "{tmp}/tone.wav"], "is all digits"),
+    (["--save-voice", "alloy\n", "--context", "0", "words", "{tmp}/tone.wav"], "bad voice name 'alloy\\n'"),
 ])
 def test_bad_input_is_a_clear_error_with_no_output(f32_model, tmp_path, capsys, args, message):
     (tmp_path / "garbage.wav").write_bytes(b"RIFF nonsense")

@@ -27,7 +27,7 @@ from csm_fixtures import random_codes
 from csm_gguf.audio import FORMATS, MEDIA_TYPES, SAMPLE_RATE, load_audio, to_int16
 from csm_gguf.generator import Segment
 from csm_gguf.tempo import change_speed
-from csm_gguf.speech_request import MAX_VOICE_UPLOAD
+from csm_gguf.speech_request import MAX_SPEECH_REQUEST, MAX_VOICE_UPLOAD
 from csm_gguf.tts import Voice
 from csm_gguf.voices import voices_dir
 from csm_gguf.web import WebsocketSession
@@ -44,6 +44,9 @@ def _wav(samples: np.ndarray) -> str:
 
 
 LONG_WAV = _wav(np.zeros(24_000 * 200, np.int16))  # 200 s: more than the whole context holds
+_flac = io.BytesIO()
+sf.write(_flac, np.zeros(8000 * 600, np.int16), 8000, format="FLAC")
+LONG_FLAC = _flac.getvalue()  # ten minutes of silence in 30 kB: refused without decoding it all
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +194,7 @@ def test_server_refuses_to_start_with_an_unusable_default_voice(tmp_path, monkey
 
 def test_saved_voice_uses_its_prompt(client, engine):
     voices = httpx.get(f"{client.base_url}audio/voices").json()
-    assert {"id": "narrator", "name": "narrator", "type": "saved", "speaker_id": None} in voices["voices"]
+    assert {"id": "narrator", "name": "narrator", "type": "saved", "speaker_id": 3} in voices["voices"]
     response = client.audio.speech.create(model="csm-1b", voice="narrator", input=TEXT, response_format="pcm",
                                           extra_body=GREEDY)
     from csm_gguf.voices import load_voice
@@ -216,7 +219,7 @@ def test_voices_are_made_from_a_sample_used_and_deleted(client, base, engine):
     assert (made.id, made.name, made.object, made.type) == ("lena", "lena", "audio.voice", "audio_sample")
     assert abs(made.created_at - time.time()) < 60
     listed = httpx.get(f"{base}/v1/audio/voices").json()["voices"]
-    assert {"id": "lena", "name": "lena", "type": "saved", "speaker_id": None} in listed
+    assert {"id": "lena", "name": "lena", "type": "saved", "speaker_id": 5} in listed
     response = client.audio.speech.create(model="csm-1b", voice="lena", input=TEXT, response_format="pcm",
                                           extra_body=GREEDY)
     segment = engine.tts.segment(5, "A sample of my voice.", audio=io.BytesIO(sample))
@@ -258,16 +261,36 @@ def test_a_voice_from_a_phone_recording(client, engine, tmp_path):
     ({"name": "v1", "transcript": "Words.", "prompt": "warm"}, {"audio_sample": True}, "prompt", 400,
      "unrecognized request argument: 'prompt'"),
     ({"name": "v1", "transcript": "Words."}, {"audio_sample": b"not audio"}, "audio_sample", 400,
-     "audio_sample: cannot read audio from"),
+     "audio_sample: cannot read audio from v.wav: Format not recognised"),
+    ({"name": "v1", "transcript": "Words."}, {"audio_sample": b""}, "audio_sample", 400, "v.wav: it is empty"),
+    ({"name": "alloy\n", "transcript": "Words."}, {"audio_sample": True}, "name", 400, "bad voice name 'alloy\\n'"),
+    ({"name": "v1", "transcript": "Words.", "speaker_id": "1" * 5000}, {"audio_sample": True}, "speaker_id", 400,
+     "'speaker_id' must be a whole number"),
+    ({"name": "v1", "transcript": b"hi \xff there"}, {"audio_sample": True}, "transcript", 400,
+     "'transcript' must be UTF-8 text"),
+    ({"name": "v1"}, {"audio_sample": True, "transcript": b"Words."}, "transcript", 400,
+     "send 'transcript' as a text field, not a file"),
+    ({"name": "v1", "transcript": "Words.", "audio_sample": "text"}, {}, "audio_sample", 400,
+     "send 'audio_sample' as a file, not a text field"),
+    ({"name": ["v1", "v2"], "transcript": "Words."}, {"audio_sample": True}, "name", 400, "'name' was sent more than"),
+    ({"name": "v1", "transcript": "Words."}, {"audio_sample": "long"}, "audio_sample", 400,
+     "audio_sample: the context audio lasts more than the"),
 ])
 def test_bad_voice_uploads_are_refused_and_save_nothing(base, engine, form, files, param, status, message):
-    sample = voice_wav(engine)
-    parts = [(k, (None, v)) for k, v in form.items()] + [(k, ("v.wav", sample if v is True else v))
-                                                         for k, v in files.items()]
+    sample = {True: voice_wav(engine), "long": LONG_FLAC}
+    parts = [(k, (None, v)) for k, vs in form.items() for v in (vs if isinstance(vs, list) else [vs])]
+    parts += [(k, ("v.wav", sample.get(v, v))) for k, v in files.items()]
     response = httpx.post(f"{base}/v1/audio/voices", files=parts)  # multipart, with or without a file
     error = response.json()["error"]
     assert (response.status_code, error["param"]) == (status, param) and message in error["message"], error
     assert sorted(p.name for p in voices_dir().iterdir()) == ["narrator.npz"]
+
+
+def test_built_in_voices_need_no_voices_folder(base, tmp_path, monkeypatch):
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setenv("CSM_GGUF_VOICES", str(tmp_path / "a-file"))  # broken while the server runs
+    response = post(base, {"model": "csm-1b", "input": TEXT, "voice": "alloy", "response_format": "pcm", **GREEDY})
+    assert response.status_code == 200 and response.content
 
 
 def test_voice_uploads_need_multipart_and_a_size_limit(base):
@@ -276,6 +299,9 @@ def test_voice_uploads_need_multipart_and_a_size_limit(base):
     too_big = httpx.post(f"{base}/v1/audio/voices", data={"name": "v1", "transcript": "Words."},
                          files={"audio_sample": ("v.wav", bytes(MAX_VOICE_UPLOAD + 1))})
     assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "request_entity_too_large"
+    assert "a voice upload is at most 32 MiB: send a shorter or compressed recording" in too_big.text
+    speech = post(base, {"model": "csm-1b", "input": TEXT, "voice": "alloy", "pad": "x" * MAX_SPEECH_REQUEST})
+    assert speech.status_code == 413 and "a request is at most 64 MiB: send shorter context audio" in speech.text
     assert sorted(p.name for p in voices_dir().iterdir()) == ["narrator.npz"]
 
 
