@@ -168,8 +168,7 @@ def parse_voice(form: MultiDict[str, str], files: MultiDict[str, FileStorage], t
     except ValueError as e:
         raise invalid("name", str(e)) from None
     if name in list_voices():
-        raise ApiError(409, f"voice {name!r} exists: delete it first (DELETE /v1/audio/voices/{name})", param="name",
-                       code="voice_exists")
+        raise voice_exists(name)
     transcript = form.get("transcript")
     if transcript is not None and "\ufffd" in transcript:  # what the form parser makes of bytes that are not UTF-8
         raise invalid("transcript", "'transcript' must be UTF-8 text: it holds bytes that are not")
@@ -191,6 +190,11 @@ def parse_voice(form: MultiDict[str, str], files: MultiDict[str, FileStorage], t
     except (ValueError, RuntimeError) as e:  # the audio file's and the codec's complaints
         raise invalid("audio_sample", f"audio_sample: {e}") from None
     return name, Voice([segment], segment.speaker)
+
+
+def voice_exists(name: str) -> ApiError:
+    return ApiError(409, f"voice {name!r} exists: delete it first (DELETE /v1/audio/voices/{name})", param="name",
+                    code="voice_exists")
 
 
 def _voice(voice: Any) -> tuple[int, list[Segment]]:

@@ -35,7 +35,7 @@ from .audio import MEDIA_TYPES, SAMPLE_RATE, StreamEncoder, encode_audio
 from .generator import PromptTooLong
 from .server_engine import Engine, Job, QueueFull
 from .speech_request import (MAX_INPUT_CHARS, MAX_SPEECH_REQUEST, MAX_VOICE_UPLOAD, MODELS, ApiError,
-                             SpeechRequest, parse_speech, parse_voice, voice_names)
+                             SpeechRequest, parse_speech, parse_voice, voice_exists, voice_names)
 from .tempo import TimeStretch, stretched
 from .text import cut_between_words, is_blank, take_sentences
 from .tts import CSM, decode_frames
@@ -177,18 +177,18 @@ def create_app(**overrides: Any) -> Flask:
         return {"object": "list",
                 "data": [{"id": m, "object": "model", "created": created, "owned_by": "sesame"} for m in MODELS]}
 
+    def speaker_of(name: str) -> int | None:
+        try:
+            return load_voice(name).speaker
+        except ValueError:  # damaged
+            return None
+
     @app.get("/v1/audio/voices")
     def voice_list():
         return {"voices": [
             {"id": name, "name": name, "type": "builtin" if name in BUILTIN_VOICES else "saved",
              "speaker_id": speaker_of(name)} for name in voice_names()
         ], "default": settings.voice}
-
-    def speaker_of(name: str) -> int | None:
-        try:
-            return load_voice(name).speaker
-        except ValueError:  # damaged
-            return None
 
     voices_lock = threading.Lock()  # between a voice's "is the name free" and its saving or deletion
 
@@ -201,7 +201,7 @@ def create_app(**overrides: Any) -> Flask:
         name, voice = parse_voice(request.form, request.files, tts)
         with voices_lock:
             if name in list_voices():  # saved meanwhile, by another request
-                raise ApiError(409, f"voice {name!r} exists: delete it first", param="name", code="voice_exists")
+                raise voice_exists(name)
             try:
                 save_voice(name, voice)
             except ValueError as e:  # the voices folder cannot be written: the server's setup, not the request
