@@ -45,3 +45,25 @@ def test_speak_as_it_comes(f32_model, tmp_path):
     out = run("speak_as_it_comes.py", "--model", str(f32_model), "--max-audio-ms", "400", cwd=tmp_path,
               stdin="First sentence. Second one, café.".encode())
     assert len(out.stdout) > 0 and len(out.stdout) % 2 == 0
+
+
+def test_server_client(f32_model, tmp_path, monkeypatch):
+    import threading
+
+    from werkzeug.serving import make_server
+
+    from csm_gguf.web import create_app
+
+    monkeypatch.setenv("CSM_GGUF_VOICES", str(tmp_path / "voices"))
+    app = create_app(model=str(f32_model), kv_type="f32")
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        sf.write(tmp_path / "ref.wav", 0.2 * np.sin(np.linspace(0, 300, 12000)), 24000)
+        run("server_client.py", "ref.wav", "A reference.", "--base-url", f"http://127.0.0.1:{server.server_port}/v1",
+            "--max-audio-ms", "400", cwd=tmp_path)
+    finally:
+        server.shutdown()
+        app.extensions["csm"].close()
+    assert sf.info(tmp_path / "out.mp3").frames > 0
+    assert not list((tmp_path / "voices").iterdir())  # deleted again
