@@ -203,11 +203,18 @@ def run(args) -> int:
     from .tempo import MAX_SPEED, MIN_SPEED
     from .text import is_blank
 
+    if args.list_voices or args.delete_voice is not None:
+        alone = "--list-voices" if args.list_voices else "--delete-voice"
+        if args.text is not None or args.input is not None or args.save_voice is not None or (
+                args.list_voices and args.delete_voice is not None):
+            raise UsageError(f"{alone} runs on its own: give it without text, --input or other voice options")
     if args.list_voices:
         names = voices.list_voices()
         print("\n".join(map(voices.describe, names)) if names else f"no saved voices in {voices.voices_dir()}")
         return 0
     if args.delete_voice is not None:
+        if args.delete_voice in voices.BUILTIN_VOICES:
+            raise UsageError(f"{args.delete_voice!r} is a built-in voice; only saved voices can be deleted")
         if not voices.delete_voice(args.delete_voice):
             saved = ", ".join(voices.list_voices()) or "none"
             raise UsageError(f"no saved voice {args.delete_voice!r} in {voices.voices_dir()} (saved: {saved})")
@@ -248,6 +255,9 @@ def run(args) -> int:
     turns, voice_prompts = read_script(text, reserved=context_ids) if args.dialogue and has_text else ([], [])
     if args.save_voice is not None:
         voices.check_saveable(args.save_voice)  # now, not after loading the model and encoding the audio
+        if args.save_voice in voices.list_voices():
+            raise UsageError(f"voice {args.save_voice!r} exists: delete it first (--delete-voice "
+                             f"{args.save_voice}), or save under another name")
 
     tts = load_model(args)
     context = context_segments(tts, args.context)

@@ -652,6 +652,11 @@ def test_budget_is_proportional_to_text(tts):
      "--save-voice and --dialogue go in separate runs"),
     (["--save-voice", "42", "--context", "0", "words", "{tmp}/tone.wav"], "is all digits"),
     (["--save-voice", "alloy\n", "--context", "0", "words", "{tmp}/tone.wav"], "bad voice name 'alloy\\n'"),
+    (["--save-voice", "broken", "--context", "0", "words", "{tmp}/tone.wav"],
+     "voice 'broken' exists: delete it first (--delete-voice broken)"),
+    (["hi", "--delete-voice", "broken", "-o", "{tmp}/x.wav"], "--delete-voice runs on its own"),
+    (["--list-voices", "--delete-voice", "broken"], "--list-voices runs on its own"),
+    (["--delete-voice", "alloy"], "'alloy' is a built-in voice; only saved voices can be deleted"),
 ])
 def test_bad_input_is_a_clear_error_with_no_output(f32_model, tmp_path, capsys, args, message):
     (tmp_path / "garbage.wav").write_bytes(b"RIFF nonsense")
