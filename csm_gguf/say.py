@@ -1,4 +1,4 @@
-"""python -m csm_gguf.say "TEXT": speech to a file (or stdout), with voices, sampling controls and long texts."""
+"""python -m csm_gguf.say "TEXT": speech to a file, stdout or the speakers; voices, sampling, long texts."""
 
 from __future__ import annotations
 
@@ -24,7 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dialogue", action="store_true",
                    help="the text is a conversation: one turn per line, SPEAKER: TEXT, where SPEAKER is a speaker id "
                    "or a voice name; each turn is spoken after the ones before it")
-    p.add_argument("--output", "-o", help="output file, or '-' for stdout (default: named after the text)")
+    p.add_argument("--output", "-o", help="output file, or '-' for stdout (default: named after the text; with "
+                   "--play, none)")
+    p.add_argument("--play", "-p", action="store_true", help="play the speech while it is made (through pw-play, "
+                   "paplay, aplay, ffplay or sox's play, or $CSM_GGUF_PLAYER)")
     p.add_argument("--format", "-f", choices=FORMATS, help="audio format (default: from --output's extension, "
                    "else wav); pcm is raw 16-bit little-endian 24 kHz mono; aac needs ffmpeg")
     p.add_argument("--model", "-m", help="converted model directory (default: $CSM_GGUF_MODEL, else the cache)")
@@ -242,7 +245,8 @@ def run(args) -> int:
     if args.save_voice is not None and not args.context:
         raise UsageError("--save-voice needs the voice's audio: --context SPEAKER TRANSCRIPT AUDIO")
 
-    from .audio import StreamEncoder, check_format, write_audio
+    from .audio import check_format
+    from .player import Player, find_player
 
     fmt = check_format(output_format(args))
     if args.save_codes == "-":
@@ -259,6 +263,10 @@ def run(args) -> int:
             raise UsageError(f"voice {args.save_voice!r} exists: delete it first (--delete-voice "
                              f"{args.save_voice}), or save under another name")
 
+    if args.play and args.output == "-":
+        raise UsageError("--play and -o - cannot share standard output's audio: give -o a file, or pipe to a player")
+    player_command = find_player() if args.play else None  # now, not after loading the model
+
     tts = load_model(args)
     context = context_segments(tts, args.context)
     if args.save_voice is not None:
@@ -274,7 +282,10 @@ def run(args) -> int:
 
     import numpy as np
 
-    output = args.output or default_output(" ".join(t for _, t in turns) if turns else text, fmt)
+    if args.output or not args.play:
+        output = args.output or default_output(" ".join(t for _, t in turns) if turns else text, fmt)
+    else:
+        output = None  # heard, not kept
     codes: list[np.ndarray] = []
 
     def frames():
@@ -286,9 +297,36 @@ def run(args) -> int:
             yield frame
 
     tts.codec  # loaded now (seconds, the first time), so the real-time factor below counts only speaking
+    player = Player(player_command) if player_command else None
+    try:
+        n_samples, wall = speak(tts.decode_stream(frames(), chunk_frames=5, speed=args.speed), output, fmt, player)
+        if args.save_codes:
+            save_codes(args.save_codes, codes)
+        seconds = n_samples / tts.sample_rate
+        rtf = wall / seconds if seconds else float("inf")
+        where = f" -> {output}" if output and output != "-" else ""
+        print(f"{seconds:.2f} s of audio in {wall:.2f} s (real-time factor {rtf:.2f}){where}", file=sys.stderr)
+        if player:
+            player.finish()  # the rest is heard before the command ends
+    finally:
+        if player:
+            player.close()
+    return 0
+
+
+def speak(audio_chunks, output: str | None, fmt: str, player) -> tuple[int, float]:
+    """Consumes the speech into `output` (a file, "-" for stdout, or None) and the player; returns the
+    samples and the seconds they took to make."""
+    import numpy as np
+
+    from .audio import StreamEncoder, write_audio
+
     start = time.perf_counter()
-    audio_chunks = tts.decode_stream(frames(), chunk_frames=5, speed=args.speed)
-    if output == "-":
+    if player:
+        audio_chunks = _heard(audio_chunks, player)
+    if output is None:
+        n_samples = sum(len(chunk) for chunk in audio_chunks)
+    elif output == "-":
         encoder = StreamEncoder(fmt)
         out = sys.stdout.buffer
         n_samples = 0
@@ -305,14 +343,13 @@ def run(args) -> int:
         audio = np.concatenate([np.zeros(0, np.float32), *audio_chunks])
         write_audio(output, audio, fmt)
         n_samples = len(audio)
-    wall = time.perf_counter() - start
-    if args.save_codes:
-        save_codes(args.save_codes, codes)
-    seconds = n_samples / tts.sample_rate
-    rtf = wall / seconds if seconds else float("inf")
-    where = "" if output == "-" else f" -> {output}"
-    print(f"{seconds:.2f} s of audio in {wall:.2f} s (real-time factor {rtf:.2f}){where}", file=sys.stderr)
-    return 0
+    return n_samples, time.perf_counter() - start
+
+
+def _heard(chunks, player):
+    for chunk in chunks:
+        player.feed(chunk)
+        yield chunk
 
 
 def save_codes(path: str, codes) -> None:

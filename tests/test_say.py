@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -205,6 +206,57 @@ def test_every_format(f32_model, tmp_path, fmt):
         samples = info.frames
     expected = frames * CSM(f32_model).codec.cfg.frame_size
     assert abs(samples - expected) <= 2304  # mp3/opus/aac frames pad a little
+
+
+def fake_player(folder, name: str = "aplay") -> None:
+    """A player on PATH (alone there) that keeps what it is given: its arguments, the PCM, then a mark once
+    its input ended (a second later, as if still playing)."""
+    folder.mkdir(exist_ok=True)
+    script = folder / name
+    script.write_text(f"""#!{sys.executable}
+import sys, time
+open("{folder}/args", "w").write(" ".join(sys.argv[1:]))
+open("{folder}/pcm", "wb").write(sys.stdin.buffer.read())
+time.sleep(1)
+open("{folder}/done", "w").write("")
+""")
+    script.chmod(0o755)
+
+
+def test_play_plays_what_would_be_written(f32_model, tmp_path, monkeypatch, capsys):
+    common = [TEXT, "--model", str(f32_model), "--seed", "1", "--max-audio-ms", "800"]
+    assert main([*common, "-o", str(tmp_path / "x.wav")]) == 0
+    written, _ = sf.read(tmp_path / "x.wav", dtype="int16")
+    bin_ = tmp_path / "bin"
+    fake_player(bin_)
+    monkeypatch.setenv("PATH", str(bin_))
+    monkeypatch.chdir(tmp_path)
+    assert main([*common, "--play"]) == 0
+    assert (bin_ / "done").exists()  # the command ended after the playing
+    assert (bin_ / "args").read_text() == "-q -t raw -f S16_LE -r 24000 -c 1"
+    np.testing.assert_array_equal(np.frombuffer((bin_ / "pcm").read_bytes(), "<i2"), written)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin", "x.wav"]  # heard, not kept
+    assert main([*common, "--play", "-o", str(tmp_path / "y.wav")]) == 0  # heard and kept
+    np.testing.assert_array_equal(sf.read(tmp_path / "y.wav", dtype="int16")[0], written)
+    capsys.readouterr()
+
+
+def test_play_with_a_chosen_player_or_none(f32_model, tmp_path, monkeypatch, capsys):
+    common = [TEXT, "--model", str(f32_model), "--max-audio-ms", "400", "--play"]
+    fake_player(tmp_path / "bin", "my-player")
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    monkeypatch.setenv("CSM_GGUF_PLAYER", "my-player --fast")
+    assert main(common) == 0
+    assert (tmp_path / "bin" / "args").read_text() == "--fast" and (tmp_path / "bin" / "pcm").stat().st_size > 0
+    monkeypatch.setenv("CSM_GGUF_PLAYER", "nonesuch")
+    assert main(common) == 2
+    assert "CSM_GGUF_PLAYER='nonesuch': 'nonesuch' is not a program on PATH" in capsys.readouterr().err
+    monkeypatch.delenv("CSM_GGUF_PLAYER")
+    assert main(common) == 2 and "no audio player found: install one of pw-play" in capsys.readouterr().err
+    assert main([*common, "-o", "-"]) == 2 and "--play and -o -" in capsys.readouterr().err
+    (tmp_path / "bin" / "true").symlink_to(shutil.which("true", path="/usr/bin:/bin"))
+    monkeypatch.setenv("CSM_GGUF_PLAYER", "true")  # a player that leaves at once: speaking goes on, unheard
+    assert main([*common, "-o", str(tmp_path / "x.wav")]) == 0 and sf.info(tmp_path / "x.wav").frames > 0
 
 
 def test_aac_without_ffmpeg_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):

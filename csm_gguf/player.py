@@ -1,0 +1,88 @@
+"""Playing speech while it is made, through an audio player program reading raw PCM from a pipe.
+
+The player is the first of PLAYERS on PATH, or the command in $CSM_GGUF_PLAYER (which must read 16-bit
+little-endian 24 kHz mono PCM from standard input). Audio goes to it through a queue and a thread, so
+generating never waits for playback.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import shlex
+import shutil
+import subprocess
+import threading
+import numpy as np
+
+from .audio import SAMPLE_RATE, to_int16
+
+RATE = str(SAMPLE_RATE)
+# Each reads 16-bit little-endian mono PCM at 24 kHz from stdin. PipeWire's, PulseAudio's and ALSA's
+# own players first (Linux), then ffplay (ffmpeg) and sox's play (also macOS, from Homebrew).
+PLAYERS = {
+    "pw-play": ["--format", "s16", "--rate", RATE, "--channels", "1", "-"],
+    "paplay": ["--raw", "--format=s16le", f"--rate={RATE}", "--channels=1"],
+    "aplay": ["-q", "-t", "raw", "-f", "S16_LE", "-r", RATE, "-c", "1"],
+    "ffplay": ["-nodisp", "-autoexit", "-loglevel", "error", "-f", "s16le", "-ar", RATE, "-ac", "1", "-i", "-"],
+    "play": ["-q", "-t", "raw", "-r", RATE, "-e", "signed", "-b", "16", "-c", "1", "-"],
+}
+
+
+def find_player() -> list[str]:
+    """The command that plays speech here, or a ValueError that says how to get one."""
+    chosen = os.environ.get("CSM_GGUF_PLAYER", "").strip()
+    if chosen:
+        command = shlex.split(chosen)
+        if shutil.which(command[0]) is None:
+            raise ValueError(f"CSM_GGUF_PLAYER={chosen!r}: {command[0]!r} is not a program on PATH")
+        return command
+    for program, arguments in PLAYERS.items():
+        path = shutil.which(program)
+        if path:
+            return [path, *arguments]
+    raise ValueError(f"no audio player found: install one of {', '.join(PLAYERS)} (play is sox's), or set "
+                     "CSM_GGUF_PLAYER to a command that plays 16-bit 24 kHz mono PCM from standard input")
+
+
+class Player:
+    """One player process for one stream of speech: `feed` never blocks, `finish` waits for the end."""
+
+    def __init__(self, command: list[str]) -> None:
+        self.name = os.path.basename(command[0])
+        self._process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL)
+        self._chunks: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._write, name="player", daemon=True)
+        self._writer.start()
+
+    def feed(self, samples: np.ndarray) -> None:
+        self._chunks.put(to_int16(samples).astype("<i2").tobytes())
+
+    def finish(self) -> None:
+        """Waits until everything fed has played."""
+        self._chunks.put(None)
+        self._writer.join()
+        self._process.wait()
+
+    def close(self) -> None:
+        """Stops playing now."""
+        if self._process.poll() is None:
+            self._process.kill()
+        self._chunks.put(None)
+        self._writer.join()
+        self._process.wait()
+
+    def _write(self) -> None:
+        try:
+            while (chunk := self._chunks.get()) is not None:
+                self._process.stdin.write(chunk)
+                self._process.stdin.flush()
+        except (BrokenPipeError, ValueError):  # the player is gone (closed, or failed): the rest goes unheard
+            pass
+        finally:
+            try:
+                self._process.stdin.close()
+            except BrokenPipeError:
+                pass
+
