@@ -28,6 +28,7 @@ _READ_FORMATS = ",".join([
     "amr", "asf", "ac3", "eac3", "wv",
 ])  # fmt: skip
 _QUIET = ["-hide_banner", "-nostats", "-loglevel", "error"]
+DECODE_TIMEOUT_S = 300  # reading a voice prompt (at most minutes of audio) takes seconds
 # Raw samples in: nothing to probe, and probing would hold back the first 5 s of a stream.
 _AAC_ENCODE = [
     "-probesize", "32", "-analyzeduration", "0", "-f", "f32le", "-ar", str(SAMPLE_RATE), "-ac", "1", "-i", "pipe:0",
@@ -144,9 +145,10 @@ class ReadError(Exception):
 
 
 def decode_to_wav(source: str | os.PathLike[str] | BinaryIO, name: str, max_seconds: float | None = None) -> bytes:
-    """An audio file ffmpeg can read, as a float WAV file (its own rate and channels), of at most
-    `max_seconds`. File objects go through a temporary file: MP4 files often keep their index at the end,
-    which a pipe cannot reach."""
+    """An audio file ffmpeg can read, as a 24 kHz mono float WAV file of at most `max_seconds`: its channels
+    averaged and resampled by ffmpeg, as a small file can hold minutes of many channels (Opus allows 255).
+    File objects go through a temporary file: MP4 files often keep their index at the end, which a pipe
+    cannot reach."""
     exe = require(f"reading {name} (a format libsndfile cannot read)")
     with tempfile.NamedTemporaryFile(suffix=".audio") as tmp:
         if isinstance(source, (str, os.PathLike)):
@@ -155,13 +157,36 @@ def decode_to_wav(source: str | os.PathLike[str] | BinaryIO, name: str, max_seco
             shutil.copyfileobj(source, tmp)
             tmp.flush()
             path = tmp.name
-        run = subprocess.run(
-            [exe, *_QUIET, "-nostdin", "-format_whitelist", _READ_FORMATS, "-i", "file:" + path,
-             "-map", "0:a:0", *([] if max_seconds is None else ["-t", f"{max_seconds:.3f}"]),
-             "-c:a", "pcm_f32le", "-f", "wav", "pipe:1"],
-            capture_output=True, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+        safe = ["-protocol_whitelist", "file", "-format_whitelist", _READ_FORMATS]
+        channels = _channels(safe, path)
+        # The mean of the channels, as for the files libsndfile reads (ffmpeg's own downmix weighs them
+        # unevenly: 0.71 each for stereo); without ffprobe, that downmix.
+        mix = ["-af", "pan=mono|c0=" + "+".join(f"{1 / channels:.9g}*c{i}" for i in range(channels))] if channels else []
+        try:
+            run = subprocess.run(
+                [exe, *_QUIET, "-nostdin", *safe, "-i", "file:" + path, "-map", "0:a:0",
+                 *([] if max_seconds is None else ["-t", f"{max_seconds:.3f}"]), *mix,
+                 "-ac", "1", "-ar", str(SAMPLE_RATE), "-c:a", "pcm_f32le", "-f", "wav", "pipe:1"],
+                capture_output=True, stdin=subprocess.DEVNULL, timeout=DECODE_TIMEOUT_S,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:  # a file made to stall the decoder holds no thread for ever
+            raise ReadError(f"decoding took over {DECODE_TIMEOUT_S} s") from None
     if run.returncode:
         said = _last_line(run.stderr, run.returncode).replace(f"file:{path}: ", "")
         raise ReadError("it has no audio stream" if b"matches no streams" in run.stderr else said)
     return run.stdout
+
+
+def _channels(safe: list[str], path: str) -> int | None:
+    """The first audio stream's channel count, by ffprobe (None where it is missing or cannot tell)."""
+    probe = shutil.which("ffprobe")
+    if probe is None:
+        return None
+    try:
+        run = subprocess.run([probe, "-v", "error", *safe, "-select_streams", "a:0", "-show_entries",
+                              "stream=channels", "-of", "csv=p=0", "file:" + path], capture_output=True,
+                             stdin=subprocess.DEVNULL, timeout=DECODE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return None
+    text = run.stdout.decode(errors="replace").strip()
+    return int(text) if run.returncode == 0 and text.isdigit() and 0 < int(text) <= 255 else None
