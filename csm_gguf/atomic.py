@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import stat
 
 
-def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+def write_atomic(path: str | os.PathLike[str], data: bytes, replace: bool = True) -> None:
     """Write `data` to the file `path`. A regular file is written beside its target and renamed over it,
     so it appears whole or not at all; a symlink keeps pointing at it. Anything else (a pipe, a device
-    such as /dev/null, a terminal behind /dev/stdout) is written to in place: a rename would replace it."""
+    such as /dev/null, a terminal behind /dev/stdout) is written to in place: a rename would replace it.
+
+    With replace=False a file already at `path` stays, and FileExistsError is raised; the new file is
+    hard-linked into place, which is atomic, so of two processes writing the same name one wins."""
     try:
         mode = os.stat(path).st_mode
     except OSError:  # nothing there yet (or a dangling link, whose target gets created)
         mode = None
+    if mode is not None and not replace:
+        raise FileExistsError(errno.EEXIST, "file exists", os.fspath(path))
     if mode is not None and not stat.S_ISREG(mode):
         try:
             with open(path, "wb") as f:
@@ -34,7 +40,24 @@ def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(directory, base))
+        target = os.path.join(directory, base)
+        if replace:
+            os.replace(tmp, target)
+        else:
+            _link(tmp, target)
+            os.unlink(tmp)
     except BaseException:
-        os.unlink(tmp)
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
         raise
+
+
+def _link(tmp: str, target: str) -> None:
+    try:
+        os.link(tmp, target)
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links: check, then rename (a race is then possible)
+        if os.path.lexists(target):
+            raise FileExistsError(errno.EEXIST, "file exists", target) from None
+        os.replace(tmp, target)

@@ -13,15 +13,16 @@ import shlex
 import shutil
 import subprocess
 import threading
+
 import numpy as np
 
 from .audio import SAMPLE_RATE, to_int16
 
 RATE = str(SAMPLE_RATE)
-# Each reads 16-bit little-endian mono PCM at 24 kHz from stdin. PipeWire's, PulseAudio's and ALSA's
-# own players first (Linux), then ffplay (ffmpeg) and sox's play (also macOS, from Homebrew).
+# Each reads 16-bit little-endian mono PCM at 24 kHz from stdin. PulseAudio's (which PipeWire serves
+# too) and ALSA's own players first (Linux), then ffplay (ffmpeg) and sox's play (also macOS, from
+# Homebrew). PipeWire's pw-play is left out: only recent versions read raw PCM.
 PLAYERS = {
-    "pw-play": ["--format", "s16", "--rate", RATE, "--channels", "1", "-"],
     "paplay": ["--raw", "--format=s16le", f"--rate={RATE}", "--channels=1"],
     "aplay": ["-q", "-t", "raw", "-f", "S16_LE", "-r", RATE, "-c", "1"],
     "ffplay": ["-nodisp", "-autoexit", "-loglevel", "error", "-f", "s16le", "-ar", RATE, "-ac", "1", "-i", "-"],
@@ -46,12 +47,12 @@ def find_player() -> list[str]:
 
 
 class Player:
-    """One player process for one stream of speech: `feed` never blocks, `finish` waits for the end."""
+    """One player process for one stream of speech: `feed` never blocks, `finish` waits for the end. The
+    player's own messages (a missing sound device, say) go to stderr as it writes them."""
 
     def __init__(self, command: list[str]) -> None:
         self.name = os.path.basename(command[0])
-        self._process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.DEVNULL)
+        self._process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
         self._chunks: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._writer = threading.Thread(target=self._write, name="player", daemon=True)
         self._writer.start()
@@ -60,10 +61,12 @@ class Player:
         self._chunks.put(to_int16(samples).astype("<i2").tobytes())
 
     def finish(self) -> None:
-        """Waits until everything fed has played."""
+        """Waits until everything fed has played; a ValueError if the player failed."""
         self._chunks.put(None)
         self._writer.join()
-        self._process.wait()
+        if status := self._process.wait():
+            raise ValueError(f"the audio player {self.name} failed (exit status {status}): see its message above, "
+                             "or set CSM_GGUF_PLAYER to another player")
 
     def close(self) -> None:
         """Stops playing now."""
@@ -85,4 +88,3 @@ class Player:
                 self._process.stdin.close()
             except BrokenPipeError:
                 pass
-

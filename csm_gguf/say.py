@@ -8,6 +8,7 @@ import os
 import re
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 FORMATS = ("wav", "flac", "mp3", "opus", "aac", "pcm")
@@ -26,8 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "or a voice name; each turn is spoken after the ones before it")
     p.add_argument("--output", "-o", help="output file, or '-' for stdout (default: named after the text; with "
                    "--play, none)")
-    p.add_argument("--play", "-p", action="store_true", help="play the speech while it is made (through pw-play, "
-                   "paplay, aplay, ffplay or sox's play, or $CSM_GGUF_PLAYER)")
+    p.add_argument("--play", "-p", action="store_true", help="play the speech while it is made (through paplay, "
+                   "aplay, ffplay or sox's play, or $CSM_GGUF_PLAYER)")
     p.add_argument("--format", "-f", choices=FORMATS, help="audio format (default: from --output's extension, "
                    "else wav); pcm is raw 16-bit little-endian 24 kHz mono; aac needs ffmpeg")
     p.add_argument("--model", "-m", help="converted model directory (default: $CSM_GGUF_MODEL, else the cache)")
@@ -208,16 +209,15 @@ def run(args) -> int:
 
     if args.list_voices or args.delete_voice is not None:
         alone = "--list-voices" if args.list_voices else "--delete-voice"
-        if args.text is not None or args.input is not None or args.save_voice is not None or (
-                args.list_voices and args.delete_voice is not None):
-            raise UsageError(f"{alone} runs on its own: give it without text, --input or other voice options")
+        others = [args.text, args.input, args.output, args.save_voice, args.voice, args.context or None]
+        if any(x is not None for x in others) or (args.list_voices and args.delete_voice is not None):
+            raise UsageError(f"{alone} runs on its own: give it without text, --input, --output or other voice "
+                             "options")
     if args.list_voices:
         names = voices.list_voices()
         print("\n".join(map(voices.describe, names)) if names else f"no saved voices in {voices.voices_dir()}")
         return 0
     if args.delete_voice is not None:
-        if args.delete_voice in voices.BUILTIN_VOICES:
-            raise UsageError(f"{args.delete_voice!r} is a built-in voice; only saved voices can be deleted")
         if not voices.delete_voice(args.delete_voice):
             saved = ", ".join(voices.list_voices()) or "none"
             raise UsageError(f"no saved voice {args.delete_voice!r} in {voices.voices_dir()} (saved: {saved})")
@@ -248,7 +248,7 @@ def run(args) -> int:
     from .audio import check_format
     from .player import Player, find_player
 
-    fmt = check_format(output_format(args))
+    fmt = check_format(output_format(args)) if args.output or not args.play else None  # None: heard, not written
     if args.save_codes == "-":
         raise UsageError("--save-codes needs a file name (.npy): standard output is for the audio (-o -)")
     for what, path in (("--output", args.output), ("--save-codes", args.save_codes)):
@@ -258,10 +258,8 @@ def run(args) -> int:
     context_ids = [context_speaker(speaker) for speaker, _, _ in args.context]  # now, not after the model loads
     turns, voice_prompts = read_script(text, reserved=context_ids) if args.dialogue and has_text else ([], [])
     if args.save_voice is not None:
-        voices.check_saveable(args.save_voice)  # now, not after loading the model and encoding the audio
-        if args.save_voice in voices.list_voices():
-            raise UsageError(f"voice {args.save_voice!r} exists: delete it first (--delete-voice "
-                             f"{args.save_voice}), or save under another name")
+        with taken_name_explained():
+            voices.check_saveable(args.save_voice)  # now, not after loading the model and encoding the audio
 
     if args.play and args.output == "-":
         raise UsageError("--play and -o - cannot share standard output's audio: give -o a file, or pipe to a player")
@@ -271,7 +269,8 @@ def run(args) -> int:
     context = context_segments(tts, args.context)
     if args.save_voice is not None:
         speaker = args.speaker if args.speaker is not None else context[0].speaker
-        path = voices.save_voice(args.save_voice, voices.Voice(context, speaker))
+        with taken_name_explained():  # saved meanwhile, by another program
+            path = voices.save_voice(args.save_voice, voices.Voice(context, speaker))
         print(f"voice {args.save_voice!r} saved to {path}", file=sys.stderr)
         if not has_text:
             return 0
@@ -350,6 +349,16 @@ def _heard(chunks, player):
     for chunk in chunks:
         player.feed(chunk)
         yield chunk
+
+
+@contextmanager
+def taken_name_explained():
+    from .voices import VoiceExists
+
+    try:
+        yield
+    except VoiceExists as e:
+        raise UsageError(f"{e}: delete it first (--delete-voice {e.name}), or save under another name") from None
 
 
 def save_codes(path: str, codes) -> None:

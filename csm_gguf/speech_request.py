@@ -24,7 +24,7 @@ from .server_engine import SpeechJob
 from .tempo import MAX_SPEED, MIN_SPEED
 from .text import is_blank, is_unicode
 from .tts import CSM, Voice
-from .voices import BUILTIN_VOICES, check_saveable, list_voices, load_voice
+from .voices import BUILTIN_VOICES, VoiceExists, VoicesFolderError, check_saveable, list_voices, load_voice
 
 if TYPE_CHECKING:
     from werkzeug.datastructures import FileStorage, MultiDict
@@ -164,18 +164,23 @@ def parse_voice(form: MultiDict[str, str], files: MultiDict[str, FileStorage], t
         raise invalid("name", "'name' is required: the voice's name, which is also its id",
                       code="missing_required_parameter")
     try:
-        check_saveable(name)
+        check_saveable(name)  # now, not after encoding the sample
+    except VoiceExists:
+        raise voice_exists(name) from None
+    except VoicesFolderError as e:
+        raise ApiError(500, str(e), type="server_error") from None
     except ValueError as e:
         raise invalid("name", str(e)) from None
-    if name in list_voices():
-        raise voice_exists(name)
     transcript = form.get("transcript")
     if transcript is not None and "\ufffd" in transcript:  # what the form parser makes of bytes that are not UTF-8
         raise invalid("transcript", "'transcript' must be UTF-8 text: it holds bytes that are not")
-    if transcript is None or is_blank(transcript) or not is_unicode(transcript) or len(transcript) > MAX_INPUT_CHARS:
-        raise invalid("transcript", "'transcript' is required: the words spoken in audio_sample, up to "
-                      f"{MAX_INPUT_CHARS} characters (CSM reads a voice prompt together with its text)",
+    if transcript is None or is_blank(transcript) or not is_unicode(transcript):
+        raise invalid("transcript", "'transcript' is required: the words spoken in audio_sample (CSM reads a voice "
+                      "prompt together with its text)",
                       code="missing_required_parameter" if transcript is None else "invalid_value")
+    if len(transcript) > MAX_INPUT_CHARS:
+        raise invalid("transcript", f"'transcript' is {len(transcript)} characters long; at most {MAX_INPUT_CHARS}",
+                      code="string_above_max_length")
     speaker = form.get("speaker_id", "0")
     if not (speaker.isascii() and speaker.isdigit() and len(speaker) <= 7) or int(speaker) > 1_000_000:
         raise invalid("speaker_id", "'speaker_id' must be a whole number from 0 to 1000000")
@@ -211,7 +216,7 @@ def _voice(voice: Any) -> tuple[int, list[Segment]]:
         raise invalid("voice", f"unknown voice {voice!r}; known voices: {', '.join(voice_names())}",
                       code="voice_not_found")
     try:
-        saved = load_voice(voice)  # a built-in name: its speaker and no prompt
+        saved = load_voice(voice)
     except ValueError as e:  # a damaged voice file
         raise invalid("voice", str(e), code="voice_unusable") from None
     return saved.speaker, list(saved.segments)

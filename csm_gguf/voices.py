@@ -26,6 +26,18 @@ BUILTIN_VOICES = {
 }
 
 
+class VoiceExists(ValueError):
+    """A voice of that name is saved already: voices are not replaced, only deleted."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"voice {name!r} exists")
+        self.name = name
+
+
+class VoicesFolderError(ValueError):
+    """The voices folder cannot be used: the setup's problem, not the request's."""
+
+
 def voices_dir() -> Path:
     return Path(os.environ.get("CSM_GGUF_VOICES") or cache_root() / "voices").expanduser()
 
@@ -39,7 +51,7 @@ def _path(name: str) -> Path:
 def _folder() -> Path:
     folder = voices_dir()
     if folder.exists() and not folder.is_dir():
-        raise ValueError(f"the voices folder {folder} is a file: set CSM_GGUF_VOICES to a folder")
+        raise VoicesFolderError(f"the voices folder {folder} is a file: set CSM_GGUF_VOICES to a folder")
     return folder
 
 
@@ -53,7 +65,8 @@ def list_voices() -> list[str]:
 
 
 def check_saveable(name: str) -> Path:
-    """The file a voice named `name` is saved to, or a ValueError if that name cannot be saved."""
+    """The file a voice named `name` is saved to, or a ValueError if that name cannot be saved (VoiceExists
+    if it is taken)."""
     path = _path(name)
     if name in BUILTIN_VOICES:
         raise ValueError(f"{name!r} is one of the server's built-in voices (speaker {BUILTIN_VOICES[name]}): "
@@ -62,6 +75,8 @@ def check_saveable(name: str) -> Path:
         raise ValueError(f"voice name {name!r} is all digits, which a dialogue script reads as a speaker id: "
                          "save the voice under a name with a letter in it")
     _folder()
+    if path.exists():
+        raise VoiceExists(name)
     return path
 
 
@@ -78,15 +93,19 @@ def save_voice(name: str, voice: Voice) -> Path:
     np.savez(buffer, meta=np.array(json.dumps(meta)), **arrays)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, buffer.getvalue())
+        write_atomic(path, buffer.getvalue(), replace=False)  # of two saving the same name, one wins
+    except FileExistsError:
+        raise VoiceExists(name) from None
     except OSError as e:
-        raise ValueError(f"cannot save voice {name!r} in {path.parent} ({e.strerror}): set CSM_GGUF_VOICES to a "
-                         "folder you can write") from None
+        raise VoicesFolderError(f"cannot save voice {name!r} in {path.parent} ({e.strerror}): set CSM_GGUF_VOICES "
+                                "to a folder you can write") from None
     return path
 
 
 def delete_voice(name: str) -> bool:
     """Removes a saved voice; False if there is none of that name."""
+    if name in BUILTIN_VOICES:
+        raise ValueError(f"{name!r} is a built-in voice; only saved voices can be deleted")
     if name not in list_voices():
         return False
     path = _path(name)
@@ -95,7 +114,7 @@ def delete_voice(name: str) -> bool:
     except FileNotFoundError:
         return False
     except OSError as e:
-        raise ValueError(f"cannot delete voice {name!r} ({path}: {e.strerror})") from None
+        raise VoicesFolderError(f"cannot delete voice {name!r} ({path}: {e.strerror})") from None
     return True
 
 

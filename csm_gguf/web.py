@@ -17,7 +17,6 @@ import os
 import queue
 import select
 import socket
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field, fields, replace
@@ -39,7 +38,8 @@ from .speech_request import (MAX_INPUT_CHARS, MAX_SPEECH_REQUEST, MAX_VOICE_UPLO
 from .tempo import TimeStretch, stretched
 from .text import cut_between_words, is_blank, take_sentences
 from .tts import CSM, decode_frames
-from .voices import BUILTIN_VOICES, delete_voice, list_voices, load_voice, save_voice
+from .voices import (BUILTIN_VOICES, VoiceExists, VoicesFolderError, delete_voice, list_voices, load_voice,
+                     save_voice)
 
 log = logging.getLogger(__name__)
 WEBSOCKET_PATH = "/v1/audio/speech/ws"
@@ -111,6 +111,7 @@ def create_app(**overrides: Any) -> Flask:
     app.extensions["csm"] = engine
     app.config["API_KEY"] = settings.api_key
     app.config["MAX_CONTENT_LENGTH"] = MAX_SPEECH_REQUEST
+    app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": MAX_SPEECH_REQUEST}  # closes with 1009 beyond
     sock = Sock(app)
 
     def parse(body: Any, need_input: bool = True) -> SpeechRequest:
@@ -177,20 +178,12 @@ def create_app(**overrides: Any) -> Flask:
         return {"object": "list",
                 "data": [{"id": m, "object": "model", "created": created, "owned_by": "sesame"} for m in MODELS]}
 
-    def speaker_of(name: str) -> int | None:
-        try:
-            return load_voice(name).speaker
-        except ValueError:  # damaged
-            return None
-
     @app.get("/v1/audio/voices")
     def voice_list():
         return {"voices": [
             {"id": name, "name": name, "type": "builtin" if name in BUILTIN_VOICES else "saved",
              "speaker_id": speaker_of(name)} for name in voice_names()
         ], "default": settings.voice}
-
-    voices_lock = threading.Lock()  # between a voice's "is the name free" and its saving or deletion
 
     @app.post("/v1/audio/voices")
     def add_voice():
@@ -199,28 +192,26 @@ def create_app(**overrides: Any) -> Flask:
                            "file) and transcript (its words)", code="invalid_request")
         request.max_content_length = MAX_VOICE_UPLOAD
         name, voice = parse_voice(request.form, request.files, tts)
-        with voices_lock:
-            if name in list_voices():  # saved meanwhile, by another request
-                raise voice_exists(name)
-            try:
-                save_voice(name, voice)
-            except ValueError as e:  # the voices folder cannot be written: the server's setup, not the request
-                raise ApiError(500, str(e), type="server_error") from None
+        try:
+            save_voice(name, voice)
+        except VoiceExists:  # saved meanwhile, by another request or program
+            raise voice_exists(name) from None
+        except VoicesFolderError as e:  # the server's setup, not the request
+            raise ApiError(500, str(e), type="server_error") from None
         return {"id": name, "object": "audio.voice", "name": name, "created_at": int(time.time()),
                 "type": "audio_sample"}
 
     @app.delete("/v1/audio/voices/<name>")
     def remove_voice(name: str):
-        if name in BUILTIN_VOICES:
-            raise ApiError(400, f"{name!r} is a built-in voice; only saved voices can be deleted", param="voice_id")
-        if name == settings.voice:
+        if name == settings.voice and name not in BUILTIN_VOICES:
             raise ApiError(409, f"{name!r} is this server's default voice (CSM_GGUF_VOICE): it cannot be deleted "
                            "while the server runs", param="voice_id", code="voice_in_use")
-        with voices_lock:
-            try:
-                deleted = delete_voice(name)
-            except ValueError as e:  # the file would not go: the server's setup
-                raise ApiError(500, str(e), type="server_error") from None
+        try:
+            deleted = delete_voice(name)
+        except VoicesFolderError as e:  # the file would not go: the server's setup
+            raise ApiError(500, str(e), type="server_error") from None
+        except ValueError as e:  # a built-in voice
+            raise ApiError(400, str(e), param="voice_id") from None
         if not deleted:
             raise ApiError(404, f"no saved voice {name!r}; saved: {', '.join(list_voices()) or 'none'}",
                            param="voice_id", code="voice_not_found")
@@ -294,6 +285,13 @@ def create_app(**overrides: Any) -> Flask:
         yield sse({"type": "speech.audio.done", "usage": usage(job)})
 
     return app
+
+
+def speaker_of(name: str) -> int | None:
+    try:
+        return load_voice(name).speaker
+    except ValueError:  # damaged
+        return None
 
 
 class ClientGone(Exception):

@@ -6,6 +6,7 @@
 """
 
 import argparse
+import os
 
 from openai import OpenAI
 
@@ -20,7 +21,8 @@ args = parser.parse_args()
 client = OpenAI(base_url=args.base_url, api_key="unused")  # or the server's CSM_GGUF_API_KEY
 with open(args.reference_audio, "rb") as sample:
     # CSM reads a voice prompt together with its words: the transcript goes along (extra_body).
-    voice = client.audio.voices.create(name="example-voice", audio_sample=sample, consent="not-checked",
+    # A name of its own: a run cut short before the delete below leaves its voice behind.
+    voice = client.audio.voices.create(name=f"example-{os.getpid()}", audio_sample=sample, consent="not-checked",
                                        extra_body={"transcript": args.transcript})
 try:
     extra = {"max_audio_ms": args.max_audio_ms} if args.max_audio_ms else {}

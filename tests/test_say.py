@@ -252,11 +252,18 @@ def test_play_with_a_chosen_player_or_none(f32_model, tmp_path, monkeypatch, cap
     assert main(common) == 2
     assert "CSM_GGUF_PLAYER='nonesuch': 'nonesuch' is not a program on PATH" in capsys.readouterr().err
     monkeypatch.delenv("CSM_GGUF_PLAYER")
-    assert main(common) == 2 and "no audio player found: install one of pw-play" in capsys.readouterr().err
+    assert main(common) == 2 and "no audio player found: install one of paplay" in capsys.readouterr().err
     assert main([*common, "-o", "-"]) == 2 and "--play and -o -" in capsys.readouterr().err
     (tmp_path / "bin" / "true").symlink_to(shutil.which("true", path="/usr/bin:/bin"))
     monkeypatch.setenv("CSM_GGUF_PLAYER", "true")  # a player that leaves at once: speaking goes on, unheard
     assert main([*common, "-o", str(tmp_path / "x.wav")]) == 0 and sf.info(tmp_path / "x.wav").frames > 0
+    (tmp_path / "bin" / "false").symlink_to(shutil.which("false", path="/usr/bin:/bin"))
+    monkeypatch.setenv("CSM_GGUF_PLAYER", "false")  # a player that fails (no sound device, say): said, not hidden
+    assert main([*common, "-o", str(tmp_path / "y.wav")]) == 2 and sf.info(tmp_path / "y.wav").frames > 0
+    assert "the audio player false failed (exit status 1)" in capsys.readouterr().err
+    monkeypatch.delenv("CSM_GGUF_PLAYER")
+    fake_player(tmp_path / "bin")  # an aplay, and no ffmpeg: -f aac needs none when nothing is written
+    assert main([*common, "-f", "aac"]) == 0
 
 
 def test_aac_without_ffmpeg_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):

@@ -20,6 +20,7 @@ import soundfile as sf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from simple_websocket import Client as WsClient
+from simple_websocket import ConnectionClosed
 from werkzeug.serving import make_server
 
 from audio_fixtures import EVERY_FORMAT, needs_ffmpeg
@@ -234,6 +235,20 @@ def test_voices_are_made_from_a_sample_used_and_deleted(client, base, engine):
         client.audio.voices.delete("lena")
 
 
+def test_one_of_several_saving_the_same_name_wins(base, engine):
+    from concurrent.futures import ThreadPoolExecutor
+
+    sample = voice_wav(engine)
+
+    def save(i: int) -> int:
+        return httpx.post(f"{base}/v1/audio/voices", data={"name": "same", "transcript": f"Take {i}."},
+                          files={"audio_sample": ("v.wav", sample)}, timeout=60).status_code
+
+    with ThreadPoolExecutor(4) as pool:
+        assert sorted(pool.map(save, range(4))) == [200, 409, 409, 409]
+    assert httpx.delete(f"{base}/v1/audio/voices/same").status_code == 200
+
+
 @needs_ffmpeg
 def test_a_voice_from_a_phone_recording(client, engine, tmp_path):
     wav, m4a = tmp_path / "v.wav", tmp_path / "v.m4a"
@@ -284,6 +299,17 @@ def test_bad_voice_uploads_are_refused_and_save_nothing(base, engine, form, file
     error = response.json()["error"]
     assert (response.status_code, error["param"]) == (status, param) and message in error["message"], error
     assert sorted(p.name for p in voices_dir().iterdir()) == ["narrator.npz"]
+
+
+def test_websocket_messages_have_the_size_limit_too(server, base, monkeypatch):
+    app = server[0]
+    assert app.config["SOCK_SERVER_OPTIONS"]["max_message_size"] == MAX_SPEECH_REQUEST
+    monkeypatch.setitem(app.config["SOCK_SERVER_OPTIONS"], "max_message_size", 1000)
+    ws = WsClient.connect(base.replace("http", "ws") + "/v1/audio/speech/ws")
+    ws.send(json.dumps({"type": "text", "text": "x" * 2000}))
+    with pytest.raises(ConnectionClosed) as closed:
+        ws.receive(timeout=10)
+    assert closed.value.reason == 1009  # message too big
 
 
 def test_built_in_voices_need_no_voices_folder(base, tmp_path, monkeypatch):
@@ -422,19 +448,23 @@ def running_ffmpeg_children() -> int:
     return count
 
 
+def ffmpeg_children_end() -> None:
+    deadline = time.monotonic() + 10
+    while running_ffmpeg_children():
+        assert time.monotonic() < deadline, "ffmpeg still runs for a client that left"
+        time.sleep(0.05)
+
+
 @needs_ffmpeg
 def test_an_aac_stream_whose_client_hangs_up_stops_its_ffmpeg(base, engine):
     sock = open_stream(base, {"model": "csm-1b", "input": TEXT, "response_format": "aac", "max_audio_ms": 60_000})
     received = b""
     while b"\r\n\r\n" not in received or received.endswith(b"\r\n\r\n"):
         received += sock.recv(65536)
-    assert b"Content-Type: audio/aac" in received and running_ffmpeg_children() == 1
+    assert b"Content-Type: audio/aac" in received and running_ffmpeg_children() >= 1
     hang_up(sock)
     wait_idle(engine)
-    deadline = time.monotonic() + 10
-    while running_ffmpeg_children():
-        assert time.monotonic() < deadline, "ffmpeg still runs for a client that left"
-        time.sleep(0.05)
+    ffmpeg_children_end()
 
 
 def test_aac_without_ffmpeg_is_a_400_naming_it(base, tmp_path, monkeypatch):
@@ -752,10 +782,7 @@ def test_websocket_aac_is_one_file_and_a_client_gone_stops_its_ffmpeg(base, engi
         pass
     ws.close()
     wait_idle(engine)
-    deadline = time.monotonic() + 10
-    while running_ffmpeg_children():
-        assert time.monotonic() < deadline, "ffmpeg still runs for a client that left"
-        time.sleep(0.05)
+    ffmpeg_children_end()
 
 
 def test_websocket_flushes_sent_at_once_each_get_their_done(base, engine, monkeypatch):
