@@ -13,13 +13,16 @@ import os
 import struct
 import sys
 from math import gcd
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 import soundfile as sf
 from numpy.lib.stride_tricks import sliding_window_view
 
 from .atomic import write_atomic
+
+if TYPE_CHECKING:
+    from .ffmpeg import AacStream
 
 SAMPLE_RATE = 24000
 
@@ -354,7 +357,7 @@ class StreamEncoder:
         self._pending: list[np.ndarray] = []
         self._sink = _DrainSink() if fmt in ("mp3", "opus") else None
         self._encoder = _open_encoder(self._sink, fmt) if self._sink else None
-        self._aac = None  # ffmpeg, started by the first samples
+        self._aac: AacStream | None = None  # ffmpeg, started by the first samples
         self._written = 0
         self._finished = False
 
@@ -400,7 +403,7 @@ class StreamEncoder:
         if self._aac is not None:
             self._aac.close()
 
-    def _aac_stream(self):
+    def _aac_stream(self) -> AacStream:
         if self._aac is None:
             from .ffmpeg import AacStream
 
