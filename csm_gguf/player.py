@@ -2,7 +2,8 @@
 
 The player is the first of PLAYERS on PATH, or the command in $CSM_GGUF_PLAYER (which must read 16-bit
 little-endian 24 kHz mono PCM from standard input). Audio goes to it through a queue and a thread, so
-generating never waits for playback.
+generating never waits for playback; where it is made slower than real time, `Playout` holds it back in
+growing stretches rather than letting it stutter.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import shlex
 import shutil
 import subprocess
 import threading
+import time
 
 import numpy as np
 
@@ -46,6 +48,29 @@ def find_player() -> list[str]:
                      "CSM_GGUF_PLAYER to a command that plays 16-bit 24 kHz mono PCM from standard input")
 
 
+class Playout:
+    """When to hand the audio held so far to the player. While it keeps up, at once. Once the player has run
+    dry (the speech is made slower than real time), only when twice as much as the last time is held
+    (1 s, 2 s, 4 s...): a few longer pauses instead of a gap after every chunk."""
+
+    def __init__(self) -> None:
+        self.held = 0.0  # seconds of audio not yet handed over
+        self.wait_for = 0.0  # seconds to hold before handing over after running dry
+        self.ends_at: float | None = None  # when what was handed over ends playing (None: stopped)
+        self.dry = 0  # times the player ran dry
+
+    def add(self, seconds: float, now: float) -> bool:
+        """`seconds` more audio at time `now`: True if everything held should go to the player now."""
+        self.held += seconds
+        if self.ends_at is not None and now > self.ends_at:
+            self.ends_at, self.wait_for, self.dry = None, max(1.0, 2 * self.wait_for), self.dry + 1
+        if self.ends_at is None and self.held < self.wait_for:
+            return False
+        self.ends_at = max(self.ends_at or now, now) + self.held
+        self.held = 0.0
+        return True
+
+
 class Player:
     """One player process for one stream of speech: `feed` never blocks, `finish` waits for the end. The
     player's own messages (a missing sound device, say) go to stderr as it writes them."""
@@ -77,10 +102,15 @@ class Player:
         self._process.wait()
 
     def _write(self) -> None:
+        playout, held = Playout(), []
         try:
             while (chunk := self._chunks.get()) is not None:
-                self._process.stdin.write(chunk)
-                self._process.stdin.flush()
+                held.append(chunk)
+                if playout.add(len(chunk) / (2 * SAMPLE_RATE), time.monotonic()):
+                    self._process.stdin.write(b"".join(held))
+                    self._process.stdin.flush()
+                    held.clear()
+            self._process.stdin.write(b"".join(held))
         except (BrokenPipeError, ValueError):  # the player is gone (closed, or failed): the rest goes unheard
             pass
         finally:

@@ -266,6 +266,21 @@ def test_play_with_a_chosen_player_or_none(f32_model, tmp_path, monkeypatch, cap
     assert main([*common, "-f", "aac"]) == 0
 
 
+@pytest.mark.parametrize("rtf, most_dry", [(0.3, 0), (1.2, 4), (2.0, 5)])
+def test_playout_holds_speech_made_slower_than_real_time_in_growing_stretches(rtf, most_dry):
+    """say --play's 0.4 s chunks (5 frames), made at `rtf` seconds per second of audio, for 60 s of speech:
+    the player runs dry a few times, not after each of the 150 chunks, and everything is handed over."""
+    from csm_gguf.player import Playout
+
+    playout, now, released, held = Playout(), 0.0, 0.0, 0.0
+    for _ in range(150):
+        now += 0.4 * rtf
+        held += 0.4
+        if playout.add(0.4, now):
+            released, held = released + held, 0.0
+    assert playout.dry <= most_dry and released + held == pytest.approx(60.0)
+
+
 def test_aac_without_ffmpeg_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PATH", str(tmp_path))
     assert main(["hi", "--model", str(tmp_path / "no-model"), "-o", str(tmp_path / "x.aac")]) == 2
