@@ -248,7 +248,8 @@ def run(args) -> int:
     from .audio import check_format
     from .player import Player, find_player
 
-    fmt = check_format(output_format(args)) if args.output or not args.play else None  # None: heard, not written
+    written = bool(args.output) or not args.play  # --play alone: heard, not kept
+    fmt = check_format(output_format(args)) if written else None
     if args.save_codes == "-":
         raise UsageError("--save-codes needs a file name (.npy): standard output is for the audio (-o -)")
     for what, path in (("--output", args.output), ("--save-codes", args.save_codes)):
@@ -281,10 +282,7 @@ def run(args) -> int:
 
     import numpy as np
 
-    if args.output or not args.play:
-        output = args.output or default_output(" ".join(t for _, t in turns) if turns else text, fmt)
-    else:
-        output = None  # heard, not kept
+    output = (args.output or default_output(" ".join(t for _, t in turns) if turns else text, fmt)) if written else None
     codes: list[np.ndarray] = []
 
     def frames():
