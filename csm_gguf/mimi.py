@@ -222,15 +222,30 @@ class DecoderState:
 
 
 def _linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.linear, but for up to 32 rows (streaming chunks, a few streams at once) computed as (w @ x.T).T.
-    A streaming step reads each weight once, from memory rather than cache: MKL then streams it near
-    bandwidth, where F.linear's kernel took up to twice as long (measured with cold caches; F.linear
-    wins again from ~200 rows)."""
-    if x.numel() > 32 * x.shape[-1]:
-        return F.linear(x, w, bias)
-    rows = x.reshape(-1, x.shape[-1])
-    y = w @ rows.T if bias is None else torch.addmm(bias[:, None], w, rows.T)
-    return y.T.contiguous().view(*x.shape[:-1], w.shape[0])
+    """x @ w.T (+ bias): x [..., K] with w [N, K], or x [..., blocks, K_b] with w kept as K-blocks
+    [blocks, N, K_b] (a conv's taps; a long K split, which streams faster).
+
+    A streaming step has up to 32 rows (short chunks, a few streams at once) and reads each weight once,
+    from memory rather than cache, so what counts is how near memory bandwidth MKL streams the weight:
+    (w @ x.T).T does (F.linear's kernel took up to twice as long, measured with cold caches; it wins again
+    from ~200 rows), and for K-blocks one batched product does (separate products, or one over a long K,
+    were up to a fifth slower)."""
+    lead = x.shape[: x.dim() - w.dim() + 1]
+    rows = x.reshape(-1, *x.shape[len(lead) :])  # [R, K] or [R, blocks, K_b]
+    if len(rows) > 32:
+        if w.dim() == 2:
+            y = F.linear(rows, w, bias)
+        else:
+            y = F.linear(rows[:, 0], w[0], bias)
+            for j in range(1, len(w)):
+                y += F.linear(rows[:, j], w[j])
+        return y.view(*lead, -1)
+    if w.dim() == 2:
+        y = w @ rows.T if bias is None else torch.addmm(bias[:, None], w, rows.T)
+    else:
+        y = torch.bmm(w, rows.permute(1, 2, 0)).sum(0)
+        y = y if bias is None else y.add_(bias[:, None])
+    return y.T.contiguous().view(*lead, -1)
 
 
 class Conv(nn.Module):
@@ -262,12 +277,12 @@ class Conv(nn.Module):
             if self.pad:
                 x = torch.cat([state.context, x], dim=1)
                 state.context.copy_(x[:, x.shape[1] - self.pad :])
+        x = x.contiguous()
+        b, _, c = x.shape
         t = (x.shape[1] - self.pad - 1) // self.stride + 1
-        y = _linear(x[:, : (t - 1) * self.stride + 1 : self.stride], self.weight[0], self.bias)
-        for j in range(1, len(self.weight)):
-            start = j * self.dilation
-            y += _linear(x[:, start : start + (t - 1) * self.stride + 1 : self.stride], self.weight[j])
-        return y
+        # taps[:, i, j] = x[:, i * stride + j * dilation]: output i's inputs, one per tap (a view)
+        taps = x.as_strided((b, t, len(self.weight), c), (x.stride(0), self.stride * c, self.dilation * c, 1))
+        return _linear(taps, self.weight, self.bias)
 
 
 class ConvTr(nn.Module):
@@ -314,7 +329,7 @@ class ResBlock(nn.Module):
         return self.conv1.init_state(batch)
 
     def forward(self, x: Tensor, state: ConvState | None = None) -> Tensor:
-        return x + self.conv2(F.elu(self.conv1(F.elu(x), state)))
+        return self.conv2(F.elu(self.conv1(F.elu(x), state), inplace=True)).add_(x)
 
 
 def _res_blocks(cfg: MimiConfig, dim: int) -> nn.ModuleList:
@@ -352,8 +367,8 @@ class SEANetEncoder(nn.Module):
         for block, res_states, down_state in zip(self.blocks, state.res, state.downs):
             for res, res_state in zip(block.res, res_states):
                 x = res(x, res_state)
-            x = block.down(F.elu(x), down_state)
-        return self.conv_out(F.elu(x), state.conv_out)
+            x = block.down(F.elu(x, inplace=True), down_state)
+        return self.conv_out(F.elu(x, inplace=True), state.conv_out)
 
 
 class DecoderBlock(nn.Module):
@@ -385,47 +400,51 @@ class SEANetDecoder(nn.Module):
     def forward(self, x: Tensor, state: SEANetDecoderState) -> Tensor:
         x = self.conv_in(x, state.conv_in)
         for block, up_state, res_states in zip(self.blocks, state.ups, state.res):
-            x = block.up(F.elu(x), up_state)
+            x = block.up(F.elu(x, inplace=True), up_state)
             for res, res_state in zip(block.res, res_states):
                 x = res(x, res_state)
-        return self.conv_out(F.elu(x), state.conv_out)
+        return self.conv_out(F.elu(x, inplace=True), state.conv_out)
 
 
 # --- Transformer ------------------------------------------------------------------------------------------
 
 
-def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    # Mimi's RoPE rotates interleaved pairs (x0, x1), (x2, x3), ... The checkpoint's q/k rows are
-    # permuted so each head holds the pairs' first elements then their second elements, which turns
-    # the same rotation into this "rotate half" form (as in transformers).
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-
-
 class TransformerLayer(nn.Module):
     """Pre-norm layer: LayerNorm, attention, LayerNorm, GELU MLP. The checkpoint's layer scales are folded
-    into `out` and `fc2`, and q, k, v are one matmul."""
+    into `out` and `fc2`, q, k, v are one matmul, and fc2 is kept as K-blocks (see `_linear`)."""
 
     def __init__(self, cfg: MimiConfig):
         super().__init__()
         d, inner = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim
-        self.heads, self.head_dim, self.window = cfg.num_attention_heads, cfg.head_dim, cfg.sliding_window
+        self.heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
         self.norm1 = nn.LayerNorm(d, eps=cfg.norm_eps)
+        # q's rows are scaled by 1 / sqrt(head_dim) (exact for 64: a power of two), and q's and k's rows
+        # hold RoPE's pairs side by side, as Mimi was trained (the checkpoint's order is transformers').
         self.qkv = nn.Linear(d, 3 * inner, bias=False)
         self.out = nn.Linear(inner, d, bias=False)
         self.norm2 = nn.LayerNorm(d, eps=cfg.norm_eps)
         self.fc1 = nn.Linear(d, cfg.intermediate_size, bias=False)
-        self.fc2 = nn.Linear(cfg.intermediate_size, d, bias=False)
+        blocks = _k_blocks(cfg)
+        self.fc2 = nn.Parameter(torch.empty(blocks, d, cfg.intermediate_size // blocks))
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: KVCache, slots: Tensor) -> Tensor:
+    def forward(self, x: Tensor, rotation: Tensor, mask: Tensor, cache: KVCache, slots: Tensor) -> Tensor:
         b, t, _ = x.shape
-        qkv = _linear(self.norm1(x), self.qkv.weight)
-        q, k, v = qkv.view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        cache.keys.index_copy_(2, slots, _rope(k, cos, sin))
-        cache.values.index_copy_(2, slots, v)
-        a = F.scaled_dot_product_attention(_rope(q, cos, sin), cache.keys, cache.values, attn_mask=mask)
-        x = x + _linear(a.transpose(1, 2).reshape(b, t, -1), self.out.weight)
-        return x + _linear(F.gelu(_linear(self.norm2(x), self.fc1.weight)), self.fc2.weight)
+        qkv = _linear(self.norm1(x), self.qkv.weight).view(b, t, 3, self.heads, self.head_dim)
+        # RoPE rotates each (even, odd) pair of q and k: a complex product with e^(i * angle)
+        qk = torch.view_as_complex(qkv[:, :, :2].unflatten(-1, (-1, 2))) * rotation
+        q, k = torch.view_as_real(qk).flatten(-2).transpose(1, 3).unbind(2)  # [B, heads, t, head_dim]
+        cache.keys.index_copy_(2, slots, k)
+        cache.values.index_copy_(2, slots, qkv[:, :, 2].transpose(1, 2))
+        weights = torch.matmul(q, cache.keys.mT).add_(mask).softmax(-1)
+        a = torch.matmul(weights, cache.values).transpose(1, 2).reshape(b, t, -1)
+        x = _linear(a, self.out.weight).add_(x)  # in place: into the product's fresh buffer
+        h = F.gelu(_linear(self.norm2(x), self.fc1.weight))
+        return _linear(h.unflatten(-1, (len(self.fc2), -1)), self.fc2).add_(x)
+
+
+def _k_blocks(cfg: MimiConfig) -> int:
+    """fc2's K-blocks: of hidden_size each (4 for Mimi), where that divides."""
+    return cfg.intermediate_size // cfg.hidden_size if cfg.intermediate_size % cfg.hidden_size == 0 else 1
 
 
 # Steps the transformer takes at once; longer inputs go in pieces. Every step attends over all of the
@@ -468,11 +487,12 @@ class Transformer(nn.Module):
         state.slot_steps.index_copy_(0, slots, steps)
         # Query i (step steps[i]) sees the slot holding step s when 0 <= steps[i] - s < window.
         lag = steps[:, None] - state.slot_steps
-        mask = (lag >= 0) & (lag < self.window)
-        freqs = steps[:, None].float() * self.inv_freq
-        cos, sin = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
+        mask = torch.zeros(lag.shape, dtype=x.dtype, device=x.device)
+        mask.masked_fill_((lag < 0) | (lag >= self.window), float("-inf"))
+        angles = steps[:, None].to(x.dtype) * self.inv_freq
+        rotation = torch.polar(torch.ones_like(angles), angles)[:, None, None]  # [t, 1, 1, head_dim / 2]
         for layer, cache in zip(self.layers, state.caches):
-            x = layer(x, cos, sin, mask, cache, slots)
+            x = layer(x, rotation, mask, cache, slots)
         state.position.add_(t)
         return x
 
@@ -489,19 +509,17 @@ class SplitRVQ(nn.Module):
         self.n_semantic = cfg.num_semantic_quantizers
         self.register_buffer("codebooks", torch.zeros(cfg.num_quantizers, cfg.codebook_size, cfg.codebook_dim))
         self.semantic_in = nn.Linear(cfg.hidden_size, cfg.codebook_dim, bias=False)
-        self.semantic_out = nn.Linear(cfg.codebook_dim, cfg.hidden_size, bias=False)
         self.acoustic_in = nn.Linear(cfg.hidden_size, cfg.codebook_dim, bias=False)
-        self.acoustic_out = nn.Linear(cfg.codebook_dim, cfg.hidden_size, bias=False)
+        # Both RVQs' output projections side by side: their sum is one product.
+        self.out = nn.Linear(2 * cfg.codebook_dim, cfg.hidden_size, bias=False)
 
     def decode(self, codes: Tensor) -> Tensor:
         """[B, K, T] codes -> [B, T, hidden] latents (K may be fewer than the codebooks)."""
         k, n, dim = codes.shape[1], self.codebooks.shape[1], self.codebooks.shape[2]
         offsets = torch.arange(k, device=codes.device)[:, None] * n
         vectors = F.embedding(codes + offsets, self.codebooks.view(-1, dim))  # [B, K, T, dim]
-        out = self.semantic_out(vectors[:, : self.n_semantic].sum(1))
-        if k > self.n_semantic:
-            out = out + self.acoustic_out(vectors[:, self.n_semantic :].sum(1))
-        return out
+        sums = [vectors[:, : self.n_semantic].sum(1), vectors[:, self.n_semantic :].sum(1)]  # no acoustic: 0
+        return _linear(torch.cat(sums, dim=-1), self.out.weight)
 
     def encode(self, x: Tensor) -> Tensor:
         """[B, T, hidden] latents -> [B, K, T] codes. Both RVQs quantize the same latent."""
@@ -652,8 +670,13 @@ def _same(w: Tensor) -> Tensor:
     return w
 
 
-def _concat_rows(*ws: Tensor) -> Tensor:
-    return torch.cat(ws)
+def _qkv_rows(q: Tensor, k: Tensor, v: Tensor, head_dim: int) -> Tensor:
+    # transformers' checkpoints hold each head's RoPE pairs as halves (first elements, then second
+    # elements): put each pair side by side again, and scale q as attention would (TransformerLayer).
+    def pairs(w: Tensor) -> Tensor:
+        return w.unflatten(0, (-1, 2, head_dim // 2)).transpose(1, 2).flatten(0, 2)
+
+    return torch.cat([pairs(q) / math.sqrt(head_dim), pairs(k), v])
 
 
 def _scaled_rows(w: Tensor, scale: Tensor) -> Tensor:
@@ -662,6 +685,10 @@ def _scaled_rows(w: Tensor, scale: Tensor) -> Tensor:
 
 def _conv1x1_as_linear(w: Tensor) -> Tensor:
     return w[..., 0]
+
+
+def _conv1x1_columns(*ws: Tensor) -> Tensor:
+    return torch.cat([w[..., 0] for w in ws], dim=1)  # [W1 W2] [x1; x2] == W1 x1 + W2 x2
 
 
 def _conv_taps(w: Tensor) -> Tensor:
@@ -713,18 +740,24 @@ def checkpoint_table(cfg: MimiConfig) -> list[tuple[str, Callable[..., Tensor], 
     conv("downsample", "downsample.conv", bias=False)
     conv("upsample", "upsample.conv", bias=False, taps=_convtr_taps)
 
+    def qkv_rows(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return _qkv_rows(q, k, v, cfg.head_dim)
+
+    def fc2_blocks(w: Tensor, scale: Tensor) -> Tensor:
+        return _scaled_rows(w, scale).unflatten(1, (_k_blocks(cfg), -1)).transpose(0, 1).contiguous()
+
     for side in ("encoder_transformer", "decoder_transformer"):
         for i in range(cfg.num_hidden_layers):
             p = f"{side}.layers.{i}"  # the same prefix on both sides
             table += [
                 (f"{p}.norm1.weight", _same, [f"{p}.input_layernorm.weight"]),
                 (f"{p}.norm1.bias", _same, [f"{p}.input_layernorm.bias"]),
-                (f"{p}.qkv.weight", _concat_rows, [f"{p}.self_attn.{x}_proj.weight" for x in "qkv"]),
+                (f"{p}.qkv.weight", qkv_rows, [f"{p}.self_attn.{x}_proj.weight" for x in "qkv"]),
                 (f"{p}.out.weight", _scaled_rows, [f"{p}.self_attn.o_proj.weight", f"{p}.self_attn_layer_scale.scale"]),
                 (f"{p}.norm2.weight", _same, [f"{p}.post_attention_layernorm.weight"]),
                 (f"{p}.norm2.bias", _same, [f"{p}.post_attention_layernorm.bias"]),
                 (f"{p}.fc1.weight", _same, [f"{p}.mlp.fc1.weight"]),
-                (f"{p}.fc2.weight", _scaled_rows, [f"{p}.mlp.fc2.weight", f"{p}.mlp_layer_scale.scale"]),
+                (f"{p}.fc2", fc2_blocks, [f"{p}.mlp.fc2.weight", f"{p}.mlp_layer_scale.scale"]),
             ]
 
     rvqs = {
@@ -734,7 +767,7 @@ def checkpoint_table(cfg: MimiConfig) -> list[tuple[str, Callable[..., Tensor], 
     stats = []
     for ours, (theirs, n) in rvqs.items():
         table.append((f"quantizer.{ours}_in.weight", _conv1x1_as_linear, [f"{theirs}.input_proj.weight"]))
-        table.append((f"quantizer.{ours}_out.weight", _conv1x1_as_linear, [f"{theirs}.output_proj.weight"]))
         stats += [f"{theirs}.layers.{j}.codebook.{s}" for j in range(n) for s in ("embed_sum", "cluster_usage")]
+    table.append(("quantizer.out.weight", _conv1x1_columns, [f"{theirs}.output_proj.weight" for theirs, _ in rvqs.values()]))
     table.append(("quantizer.codebooks", _codebooks, stats))
     return table
