@@ -11,21 +11,23 @@ like transformers' MimiModel.
 Weights come in the kyutai/mimi checkpoint layout (`converter/mimi_keys.py` turns the other layouts into
 it); `Mimi.from_state_dict` maps them onto the modules here, fusing what the checkpoint keeps apart.
 
-Speed on CPU: a 1-frame `decode_step` reads all ~160 MB of decoder weights for 2 transformer steps, so it
-costs about 2.5x a frame of batch decoding; chunks of 2+ frames amortise that. The ops are small: on a
-machine whose cores are busy with other work, run with torch.set_num_threads(1) (more threads then
-stall on each other).
-
-On CUDA a step is launch-bound (a few thousand small kernels). A stream decoded one frame at a time can
-have its step recorded as a CUDA graph and replayed (`decoder_state(cuda_graph=True)`): the streaming
-state lives entirely in tensors updated in place, the keys and values in a ring of slots, so every step
-is the same kernels on the same buffers.
+The streaming state lives entirely in tensors updated in place (the keys and values in a ring of slots),
+so every step of a given shape is the same ops on the same buffers, which can be recorded once and
+replayed without Python:
+- On CPU a 1-frame `decode_step` reads all ~160 MB of decoder weights for 2 transformer steps, about 2.5x
+  a frame of batch decoding (chunks of 2+ frames amortise that), and its ~2000 small ops spent 13% of the
+  step in Python. Steps of up to `TRACED_FRAMES` frames are therefore replayed from a TorchScript trace,
+  recorded at a shape's second step. On a machine whose cores are busy with other work, run with
+  torch.set_num_threads(1) (more threads then stall on each other).
+- On CUDA a step is launch-bound (a few thousand small kernels). A stream decoded one frame at a time can
+  have its step recorded as a CUDA graph and replayed (`decoder_state(cuda_graph=True)`).
 """
 
 from __future__ import annotations
 
 import math
 import threading
+import warnings
 from dataclasses import dataclass
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
@@ -542,6 +544,22 @@ def _quantize_residual(x: Tensor, codebooks: Tensor) -> Tensor:
 
 _RECORDING = threading.Lock()
 
+# CPU steps of up to this many frames are replayed from a trace (see `Mimi._traced_step`): there Python's
+# share of a step is large; a larger chunk, such as `decode`'s 25 frames, runs as it is.
+TRACED_FRAMES = 8
+_TRACING = threading.Lock()  # held while a step is traced: one at a time, so each shape is traced once
+
+
+class StepTraces(dict):
+    """A Mimi's traced CPU steps by the codes' shape [B, K, t] and dtype; None: seen once, not traced yet.
+    A copy of the Mimi starts without them: they hold the original's weights (and cannot be pickled)."""
+
+    def __deepcopy__(self, memo: dict) -> StepTraces:
+        return StepTraces()
+
+    def __reduce__(self) -> tuple:
+        return StepTraces, ()
+
 
 class Mimi(nn.Module):
     # Held while a CUDA graph is recorded. Recording starts with a device-wide sync, which fails while any
@@ -561,6 +579,8 @@ class Mimi(nn.Module):
         self.upsample = ConvTr(d, d, 2 * s, s, groups=cfg.upsample_groups, bias=False)
         self.decoder_transformer = Transformer(cfg)
         self.decoder = SEANetDecoder(cfg)
+        self.requires_grad_(False)  # inference only (a trace takes the weights as constants)
+        self._traces = StepTraces()
 
     @classmethod
     def from_state_dict(cls, cfg: MimiConfig, tensors: Mapping[str, Any]) -> Mimi:
@@ -606,7 +626,12 @@ class Mimi(nn.Module):
             return self.quantizer.codebooks.new_zeros(codes.shape[0], 1, 0)
         graphed = state.cuda_graph and codes.is_cuda and codes.shape[-1] == 1
         graphed = graphed and (state.graph is not None or state.frames > 0)
-        audio = self._replay(codes, state) if graphed else self._step(codes, state)
+        if graphed:
+            audio = self._replay(codes, state)
+        elif codes.device.type == "cpu" and codes.shape[-1] <= TRACED_FRAMES:
+            audio = self._traced_step(codes, state)
+        else:
+            audio = self._step(codes, state)
         state.frames += codes.shape[-1]
         return audio
 
@@ -614,6 +639,40 @@ class Mimi(nn.Module):
         x = self.upsample(self.quantizer.decode(codes), state.upsample)
         x = self.decoder_transformer(x, state.transformer)
         return self.decoder(x, state.seanet).mT
+
+    def _traced_step(self, codes: Tensor, state: DecoderState) -> Tensor:
+        """`_step` on CPU, from the second step of its shape on replayed from a TorchScript trace, which
+        takes the state's buffers as inputs and so serves every stream of that shape. A shape's first step
+        runs as it is, so a one-off chunk (a stream's last) costs no trace (about 0.1 s)."""
+        key = (*codes.shape, codes.dtype)
+        traced = self._traces.get(key)
+        if traced is None:
+            with _TRACING:
+                seen, traced = key in self._traces, self._traces.get(key)
+                if seen and traced is None:
+                    self._traces[key], audio = self._trace(codes, state)
+                    return audio
+                self._traces[key] = traced
+            if traced is None:
+                return self._step(codes, state)
+        return traced(codes, *state.buffers())
+
+    def _trace(self, codes: Tensor, state: DecoderState) -> tuple[Callable[..., Tensor], Tensor]:
+        """Record `_step` on `state`; recording runs the step, whose audio comes back too."""
+        audio = []
+
+        def step(codes: Tensor, *buffers: Tensor) -> Tensor:  # the buffers are `state`'s, as inputs
+            audio.append(self._step(codes, state))
+            return audio[-1]
+
+        with warnings.catch_warnings():  # torch.jit.trace's own notes: on shapes, which are fixed here
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(step, (codes, *state.buffers()), check_trace=False)
+        return traced, audio[0]
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> Mimi:
+        self._traces.clear()  # moved or converted: the traces hold the old weights
+        return super()._apply(fn, recurse)
 
     def _replay(self, codes: Tensor, state: DecoderState) -> Tensor:
         if state.graph is None or state.graph.codes.shape != codes.shape:

@@ -242,6 +242,50 @@ def test_state_lists_every_buffer(mimi):
     assert {id(t) for t in listed} == {id(t) for t in tensors(state)}
 
 
+def test_cpu_steps_replay_a_trace(mimi, reference, one_step, monkeypatch):
+    """On CPU a shape's first step runs as it is and its second is traced; from then on every stream of
+    that shape replays the trace, never `_step`: two streams interleaved, across a reset and more than a
+    window of steps, each equal to the batch decode."""
+    codes, _ = reference
+    fresh = copy.deepcopy(mimi)  # a copy starts without the original's traces
+    assert len(fresh._traces) == 0
+    key = (1, 32, 1, torch.int64)
+    first, second = fresh.decoder_state(1), fresh.decoder_state(1)
+    fresh.decode_step(codes[:1, :, :1], first)
+    assert fresh._traces == {key: None}  # a one-off chunk costs no trace
+    fresh.decode_step(codes[:1, :, 1:2], first)
+    assert isinstance(fresh._traces[key], torch.jit.ScriptFunction)
+
+    def eager(*args):
+        raise AssertionError("a 1-frame step ran eagerly after its trace")
+
+    monkeypatch.setattr(fresh, "_step", eager)
+    fresh.reset(first)
+    streams = [first, second]
+    audio = [[fresh.decode_step(codes[b : b + 1, :, i : i + 1], streams[b]) for b in (0, 1)] for i in range(FRAMES)]
+    for b in (0, 1):
+        assert_audio_close(torch.cat([frame[b] for frame in audio], dim=-1), one_step[b : b + 1])
+    fresh.float()  # converted (or moved): the traces hold the old weights
+    assert len(fresh._traces) == 0
+
+
+def test_cpu_traces_of_streams_in_several_threads(mimi, reference, one_step):
+    """Streams decoded in several threads: each shape is traced once, replays run side by side."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    codes, _ = reference
+    fresh = copy.deepcopy(mimi)
+
+    def one_stream(i: int) -> torch.Tensor:
+        return stream(fresh, codes[i % 2 : i % 2 + 1, :, :40], [1] * 40)
+
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(one_stream, range(8)))
+    for i, audio in enumerate(outs):
+        assert_audio_close(audio, one_step[i % 2 : i % 2 + 1, :, : 40 * 64])
+    assert list(fresh._traces) == [(1, 32, 1, torch.int64)]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch has no CUDA device")
 def test_cuda_graph_replays_the_one_frame_step(mimi, reference, one_step):
     """On CUDA a 1-frame step is captured once per state and replayed: across a reset, 2-frame steps run
