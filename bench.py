@@ -560,9 +560,21 @@ def transformers_csm(config, codec_config: dict, seed: int):
     return csm.eval()
 
 
-def mimi_figures(tts, frames: int, seed: int, peer: bool) -> dict:
-    """Mimi decode, ms per frame: ours streaming (1 frame a step, and in chunks of 2 and 5: fewer reads of
-    the weights for a chunk's worth of latency) and batch, transformers' batch decode."""
+def ms_per_frame(fn: Callable[[], Any], frames: int, runs: int) -> tuple[float, Any]:
+    """The median ms per frame of `runs` calls of fn (a decode of `frames` frames) after one to warm up
+    (which also records a CUDA graph or traces a CPU step), and the last call's result."""
+    fn().cpu()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        out = fn().cpu()  # .cpu(): on a GPU, wait until every queued step has run
+        times.append((time.perf_counter() - t0) * 1000 / frames)
+    return statistics.median(times), out
+
+
+def mimi_figures(tts, frames: int, seed: int, peer: bool, runs: int) -> dict:
+    """Mimi decode, ms per frame (median of `runs`): ours streaming (1 frame a step, and in chunks of 2 and
+    5: fewer reads of the weights for a chunk's worth of latency) and batch, transformers' batch decode."""
     import torch
 
     from converter.mimi_keys import MOSHI_MIMI_CONFIG
@@ -571,22 +583,20 @@ def mimi_figures(tts, frames: int, seed: int, peer: bool) -> dict:
     codes = torch.from_numpy(np.random.default_rng(seed).integers(0, n, (1, tts.model.config.num_codebooks, frames)))
 
     def per_frame(fn: Callable[[], Any]) -> float:
-        fn().cpu()  # warm-up
-        t0 = time.perf_counter()
-        fn().cpu()  # .cpu(): on a GPU, wait until every queued step has run
-        return (time.perf_counter() - t0) * 1000 / frames
+        return ms_per_frame(fn, frames, runs)[0]
 
     state = codec.decoder_state(1, cuda_graph=True)  # as tts.stream decodes (on CUDA: a replayed graph)
 
     def streaming() -> Any:
-        codec.reset(state)  # on CUDA the warm-up run records the graph, the timed one replays it
+        codec.reset(state)  # on CUDA the warm-up run records the graph, the timed ones replay it
         return [codec.decode_step(codes[..., i : i + 1], state) for i in range(frames)][-1]
 
     def chunks_of(size: int) -> Callable[[], Any]:
         state = codec.decoder_state(1)
         return lambda: [codec.reset(state), *(codec.decode_step(c, state) for c in codes.split(size, dim=-1))][-1]
 
-    out = dict(frames=frames, ours_stream_ms=per_frame(streaming), ours_batch_ms=per_frame(lambda: codec.decode(codes)),
+    out = dict(frames=frames, runs=runs, ours_stream_ms=per_frame(streaming),
+               ours_batch_ms=per_frame(lambda: codec.decode(codes)),
                ours_stream_chunk_ms={str(size): per_frame(chunks_of(size)) for size in (2, 5)})
     if peer:
         from converter.random_weights import random_mimi
@@ -601,10 +611,10 @@ def mimi_figures(tts, frames: int, seed: int, peer: bool) -> dict:
 MOSHI_INSTALL = "pip install --no-deps moshi==0.2.13 einops sentencepiece sphn"
 
 
-def moshi_peer(frames: int, seed: int) -> dict:
+def moshi_peer(frames: int, seed: int, runs: int) -> dict:
     """Kyutai's moshi Mimi, the reference streaming implementation, against ours on the same random
-    weights: ms per frame decoding one frame per step and in one batch, and the largest difference
-    between the two streams."""
+    weights: ms per frame (median of `runs`) decoding one frame per step and in one batch, and the
+    largest difference between the two streams."""
     import torch
     from moshi.models import loaders
 
@@ -635,13 +645,10 @@ def moshi_peer(frames: int, seed: int) -> dict:
         with torch.no_grad():
             return theirs.decode(codes)
 
-    out: dict[str, Any] = dict(frames=frames)
+    out: dict[str, Any] = dict(frames=frames, runs=runs)
     audio = {}
     for key, fn in [("moshi_stream_ms", moshi_stream), ("moshi_batch_ms", moshi_batch), ("ours_stream_ms", ours_stream)]:
-        fn()  # warm-up
-        t0 = time.perf_counter()
-        audio[key] = fn()
-        out[key] = (time.perf_counter() - t0) * 1000 / frames
+        out[key], audio[key] = ms_per_frame(fn, frames, runs)
     out["stream_max_abs_diff"] = float((audio["moshi_stream_ms"] - audio["ours_stream_ms"]).abs().max())
     out["moshi_over_ours_stream"] = out["moshi_stream_ms"] / out["ours_stream_ms"]
     return out
@@ -742,8 +749,8 @@ def table(report: dict) -> str:
     m = peers.get("mimi")
     if m:
         chunked = ", ".join(f"{ms:.1f} in chunks of {size}" for size, ms in m["ours_stream_chunk_ms"].items())
-        lines.append(f"Mimi decode ms/frame: ours streaming {m['ours_stream_ms']:.1f} (a frame at a time; {chunked}), "
-                     f"ours batch {m['ours_batch_ms']:.1f}"
+        lines.append(f"Mimi decode ms/frame (median of {m['runs']} runs): ours streaming {m['ours_stream_ms']:.1f} "
+                     f"(a frame at a time; {chunked}), ours batch {m['ours_batch_ms']:.1f}"
                      + (f", transformers batch {m['transformers_batch_ms']:.1f}" if "transformers_batch_ms" in m else ""))
     if "moshi" in peers:
         k = peers["moshi"]
@@ -820,7 +827,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "(f32, f16, bf16, q8_0, q4_k; default: q4_k)")
     p.add_argument("--decoder-qtype", type=csv(str), help="depth-decoder qtypes to sweep with each --qtype")
     p.add_argument("--frames", type=int, default=50, help="frames (80 ms each) per run (default: %(default)s)")
-    p.add_argument("--runs", type=int, default=3, help="timed runs per variant (default: %(default)s)")
+    p.add_argument("--runs", type=int, default=3,
+                   help="timed runs per variant, and of each Mimi figure (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up runs (up to 10 frames) first (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all usable cores)")
     p.add_argument("--gpu-layers", type=int, default=0, help="layers offloaded to a GPU build of llama.cpp")
@@ -900,9 +908,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] {name}: RTF {v.rtf.median:.2f}, frame {v.stages_ms.frame:.0f} ms, "
               f"floor {v.floor.frame_ms:.0f} ms", file=sys.stderr)
         if i == 0:  # the peers against the first variant's model and codec, then freed before the next
-            report["peers"]["mimi"] = mimi_figures(tts, args.frames, args.seed, "transformers" in args.compare)
+            peer = "transformers" in args.compare
+            report["peers"]["mimi"] = mimi_figures(tts, args.frames, args.seed, peer, args.runs)
             if "moshi" in args.compare:
-                report["peers"]["moshi"] = moshi_peer(args.frames, args.seed)
+                report["peers"]["moshi"] = moshi_peer(args.frames, args.seed, args.runs)
             if "transformers" in args.compare:
                 t = transformers_peer(tts.model, args.peer_frames, args.seed)
                 t["weights"] = "the same random weights" if weights == "random" else "random, same shapes"

@@ -91,7 +91,7 @@ def test_moshi_streaming_mimi_equals_ours():
     sys.path.insert(0, str(ROOT))
     import bench
 
-    figures = bench.moshi_peer(frames=20, seed=0)
+    figures = bench.moshi_peer(frames=20, seed=0, runs=1)
     assert figures["stream_max_abs_diff"] < 1e-5
 
 
