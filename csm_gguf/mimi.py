@@ -614,6 +614,15 @@ class Mimi(nn.Module):
         )
 
     @torch.inference_mode()
+    def warm_up(self, batch_size: int = 1, frames: int = 1) -> None:
+        """Make steps of `frames` frames for `batch_size` streams ready now, on a scratch stream: on CPU
+        their trace (about 0.1 s), which a first stream would otherwise wait for at its second step."""
+        state = self.decoder_state(batch_size)
+        codes = torch.zeros(batch_size, self.cfg.num_quantizers, frames, dtype=torch.long)
+        for _ in range(2):
+            self.decode_step(codes, state)
+
+    @torch.inference_mode()
     def reset(self, state: DecoderState) -> None:
         """Make `state` start a new stream (keeping its buffers)."""
         state.reset()

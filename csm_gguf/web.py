@@ -104,6 +104,7 @@ def create_app(**overrides: Any) -> Flask:
 
     torch.set_num_threads(1)
     codec = tts.codec  # loaded now, not racing in the first requests' threads
+    codec.warm_up()  # streams decode a frame at a time: that step's CPU trace is made now, not in a request
     engine = Engine(tts, settings.max_queue)
     created = int(os.path.getmtime(tts.model.backbone_path))
 

@@ -269,6 +269,12 @@ def test_cpu_steps_replay_a_trace(mimi, reference, one_step, monkeypatch):
     assert len(fresh._traces) == 0
 
 
+def test_warm_up_traces_the_step_before_any_stream(mimi):
+    fresh = copy.deepcopy(mimi)
+    fresh.warm_up(2, frames=3)
+    assert isinstance(fresh._traces[(2, 32, 3, torch.int64)], torch.jit.ScriptFunction)
+
+
 def test_cpu_traces_of_streams_in_several_threads(mimi, reference, one_step):
     """Streams decoded in several threads: each shape is traced once, replays run side by side."""
     from concurrent.futures import ThreadPoolExecutor

@@ -134,6 +134,14 @@ def wait_idle(engine, timeout: float = 5.0) -> None:
 # --- the OpenAI client ---------------------------------------------------------------------------------
 
 
+def test_one_frame_step_is_traced_at_start(engine):
+    """(First in this module, before any request decodes.) A stream's second frame would otherwise wait
+    for the CPU trace of the codec's step, about 0.1 s."""
+    import torch
+
+    assert isinstance(engine.tts.codec._traces[(1, 32, 1, torch.int64)], torch.jit.ScriptFunction)
+
+
 def test_create_equals_generate(client, engine):
     response = client.audio.speech.create(model="csm-1b", voice="echo", input=TEXT, response_format="wav",
                                           extra_body=GREEDY)
