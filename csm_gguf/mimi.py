@@ -432,9 +432,9 @@ class TransformerLayer(nn.Module):
     def forward(self, x: Tensor, rotation: Tensor, mask: Tensor, cache: KVCache, slots: Tensor) -> Tensor:
         b, t, _ = x.shape
         qkv = _linear(self.norm1(x), self.qkv.weight).view(b, t, 3, self.heads, self.head_dim)
-        # RoPE rotates each (even, odd) pair of q and k: a complex product with e^(i * angle)
-        qk = torch.view_as_complex(qkv[:, :, :2].unflatten(-1, (-1, 2))) * rotation
-        q, k = torch.view_as_real(qk).flatten(-2).transpose(1, 3).unbind(2)  # [B, heads, t, head_dim]
+        # RoPE rotates each (even, odd) pair of q and k: a complex product with e^(i * angle), in float32
+        qk = torch.view_as_complex(qkv[:, :, :2].float().unflatten(-1, (-1, 2))) * rotation
+        q, k = torch.view_as_real(qk).flatten(-2).to(x.dtype).transpose(1, 3).unbind(2)  # [B, heads, t, head_dim]
         cache.keys.index_copy_(2, slots, k)
         cache.values.index_copy_(2, slots, qkv[:, :, 2].transpose(1, 2))
         weights = torch.matmul(q, cache.keys.mT).add_(mask).softmax(-1)
@@ -491,7 +491,7 @@ class Transformer(nn.Module):
         lag = steps[:, None] - state.slot_steps
         mask = torch.zeros(lag.shape, dtype=x.dtype, device=x.device)
         mask.masked_fill_((lag < 0) | (lag >= self.window), float("-inf"))
-        angles = steps[:, None].to(x.dtype) * self.inv_freq
+        angles = steps[:, None].float() * self.inv_freq.float()
         rotation = torch.polar(torch.ones_like(angles), angles)[:, None, None]  # [t, 1, 1, head_dim / 2]
         for layer, cache in zip(self.layers, state.caches):
             x = layer(x, rotation, mask, cache, slots)
@@ -544,21 +544,30 @@ def _quantize_residual(x: Tensor, codebooks: Tensor) -> Tensor:
 
 _RECORDING = threading.Lock()
 
-# CPU steps of up to this many frames are replayed from a trace (see `Mimi._traced_step`): there Python's
-# share of a step is large; a larger chunk, such as `decode`'s 25 frames, runs as it is.
-TRACED_FRAMES = 8
+# CPU steps of up to this many frames are replayed from a trace (see `Mimi._traced_step`): Python's share of
+# a step is 13% for one frame, 9% for two, 3% for five; a larger chunk runs as it is.
+TRACED_FRAMES = 2
 _TRACING = threading.Lock()  # held while a step is traced: one at a time, so each shape is traced once
+_UNTRACED = object()  # a shape's entry when tracing is off (PYTORCH_JIT=0): its steps run as they are
+# The tracer's notes on this module are all about shapes, which are fixed per trace here.
+warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"csm_gguf\.mimi")
 
 
 class StepTraces(dict):
     """A Mimi's traced CPU steps by the codes' shape [B, K, t] and dtype; None: seen once, not traced yet.
-    A copy of the Mimi starts without them: they hold the original's weights (and cannot be pickled)."""
+    A copy of the Mimi starts without them: they hold the original's weights (and cannot be pickled).
+    Moving or converting the Mimi, or loading weights into it, drops them; so must swapping parameters
+    by hand."""
 
     def __deepcopy__(self, memo: dict) -> StepTraces:
         return StepTraces()
 
     def __reduce__(self) -> tuple:
         return StepTraces, ()
+
+
+def _drop_traces(mimi: Mimi, incompatible_keys: Any) -> None:
+    mimi._traces.clear()
 
 
 class Mimi(nn.Module):
@@ -581,6 +590,7 @@ class Mimi(nn.Module):
         self.decoder = SEANetDecoder(cfg)
         self.requires_grad_(False)  # inference only (a trace takes the weights as constants)
         self._traces = StepTraces()
+        self.register_load_state_dict_post_hook(_drop_traces)  # load_state_dict(assign=True) swaps them
 
     @classmethod
     def from_state_dict(cls, cfg: MimiConfig, tensors: Mapping[str, Any]) -> Mimi:
@@ -614,13 +624,16 @@ class Mimi(nn.Module):
         )
 
     @torch.inference_mode()
-    def warm_up(self, batch_size: int = 1, frames: int = 1) -> None:
-        """Make steps of `frames` frames for `batch_size` streams ready now, on a scratch stream: on CPU
-        their trace (about 0.1 s), which a first stream would otherwise wait for at its second step."""
-        state = self.decoder_state(batch_size)
-        codes = torch.zeros(batch_size, self.cfg.num_quantizers, frames, dtype=torch.long)
-        for _ in range(2):
-            self.decode_step(codes, state)
+    def warm_up(self, batch_size: int = 1, codebooks: int | None = None) -> None:
+        """Make the CPU traces of steps of 1 to `TRACED_FRAMES` frames for `batch_size` streams now, on a
+        scratch stream, rather than at a stream's second step of each (0.1-0.3 s each). No-op off the CPU."""
+        if self.device.type != "cpu":
+            return
+        for frames in range(1, TRACED_FRAMES + 1):
+            state = self.decoder_state(batch_size)
+            codes = torch.zeros(batch_size, codebooks or self.cfg.num_quantizers, frames, dtype=torch.long)
+            for _ in range(2):
+                self.decode_step(codes, state)
 
     @torch.inference_mode()
     def reset(self, state: DecoderState) -> None:
@@ -652,7 +665,7 @@ class Mimi(nn.Module):
     def _traced_step(self, codes: Tensor, state: DecoderState) -> Tensor:
         """`_step` on CPU, from the second step of its shape on replayed from a TorchScript trace, which
         takes the state's buffers as inputs and so serves every stream of that shape. A shape's first step
-        runs as it is, so a one-off chunk (a stream's last) costs no trace (about 0.1 s)."""
+        runs as it is, so a one-off chunk (a stream's last) costs no trace (0.1-0.3 s)."""
         key = (*codes.shape, codes.dtype)
         traced = self._traces.get(key)
         if traced is None:
@@ -662,22 +675,29 @@ class Mimi(nn.Module):
                     self._traces[key], audio = self._trace(codes, state)
                     return audio
                 self._traces[key] = traced
-            if traced is None:
-                return self._step(codes, state)
+        if traced is None or traced is _UNTRACED:
+            return self._step(codes, state)
         return traced(codes, *state.buffers())
 
-    def _trace(self, codes: Tensor, state: DecoderState) -> tuple[Callable[..., Tensor], Tensor]:
-        """Record `_step` on `state`; recording runs the step, whose audio comes back too."""
-        audio = []
+    def _trace(self, codes: Tensor, state: DecoderState) -> tuple[Any, Tensor]:
+        """Record `_step` on `state`; recording runs the step, whose audio comes back too. The trace is then
+        replayed twice on copies of the buffers: TorchScript optimizes a function in its first two calls,
+        which took 5-7x a step, and they should not fall in a stream."""
+        held, audio = [state], []
 
         def step(codes: Tensor, *buffers: Tensor) -> Tensor:  # the buffers are `state`'s, as inputs
-            audio.append(self._step(codes, state))
+            audio.append(self._step(codes, held[0]))
             return audio[-1]
 
-        with warnings.catch_warnings():  # torch.jit.trace's own notes: on shapes, which are fixed here
-            warnings.simplefilter("ignore")
-            traced = torch.jit.trace(step, (codes, *state.buffers()), check_trace=False)
-        return traced, audio[0]
+        traced = torch.jit.trace(step, (codes, *state.buffers()), check_trace=False)
+        recorded = audio.pop() if audio else None
+        held.clear()  # the trace keeps its Python function, but not the stream
+        if not isinstance(traced, torch.jit.ScriptFunction):  # tracing is off: trace gave `step` back uncalled
+            return _UNTRACED, self._step(codes, state) if recorded is None else recorded
+        scratch = [buffer.clone() for buffer in state.buffers()]
+        for _ in range(2):
+            traced(codes, *scratch)
+        return traced, recorded
 
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> Mimi:
         self._traces.clear()  # moved or converted: the traces hold the old weights

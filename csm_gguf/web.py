@@ -104,7 +104,7 @@ def create_app(**overrides: Any) -> Flask:
 
     torch.set_num_threads(1)
     codec = tts.codec  # loaded now, not racing in the first requests' threads
-    codec.warm_up()  # streams decode a frame at a time: that step's CPU trace is made now, not in a request
+    codec.warm_up(codebooks=tts.model.config.num_codebooks)  # the CPU traces are made now, not in requests
     engine = Engine(tts, settings.max_queue)
     created = int(os.path.getmtime(tts.model.backbone_path))
 

@@ -269,10 +269,44 @@ def test_cpu_steps_replay_a_trace(mimi, reference, one_step, monkeypatch):
     assert len(fresh._traces) == 0
 
 
-def test_warm_up_traces_the_step_before_any_stream(mimi):
+def test_warm_up_traces_the_steps_before_any_stream(mimi):
     fresh = copy.deepcopy(mimi)
-    fresh.warm_up(2, frames=3)
-    assert isinstance(fresh._traces[(2, 32, 3, torch.int64)], torch.jit.ScriptFunction)
+    fresh.warm_up(2)
+    assert all(isinstance(fresh._traces[(2, 32, t, torch.int64)], torch.jit.ScriptFunction) for t in (1, 2))
+    fresh.load_state_dict(fresh.state_dict(), assign=True)  # new parameters: the traces hold the old ones
+    assert len(fresh._traces) == 0
+
+
+def test_a_trace_does_not_hold_the_stream_it_was_made_on(mimi):
+    import gc
+    import weakref
+
+    fresh = copy.deepcopy(mimi)
+    state = fresh.decoder_state(1)
+    for i in range(2):
+        fresh.decode_step(random_codes(1, batch=1, seed=i), state)
+    assert isinstance(fresh._traces[(1, 32, 1, torch.int64)], torch.jit.ScriptFunction)
+    keys = weakref.ref(state.transformer.caches[0].keys)
+    del state
+    gc.collect()
+    assert keys() is None
+
+
+def test_streams_run_as_they_are_where_tracing_is_off(mimi, reference, one_step, monkeypatch):
+    """PYTORCH_JIT=0 makes torch.jit.trace hand back the function untraced and uncalled."""
+    codes, _ = reference
+    fresh = copy.deepcopy(mimi)
+    monkeypatch.setattr(torch.jit, "trace", lambda fn, *args, **kwargs: fn)
+    assert_audio_close(stream(fresh, codes, [1] * FRAMES), one_step)
+    assert fresh._traces[(2, 32, 1, torch.int64)] is not None
+
+
+def test_half_precision_codecs_still_decode(mimi, reference, one_step):
+    codes, _ = reference
+    for dtype, tolerance in ((torch.float16, 1e-2), (torch.bfloat16, 5e-2)):
+        audio = stream(copy.deepcopy(mimi).to(dtype), codes[..., :20], [1] * 20).float()
+        expected = one_step[..., : 20 * 64]
+        assert (audio - expected).abs().max() <= tolerance * expected.abs().max()
 
 
 def test_cpu_traces_of_streams_in_several_threads(mimi, reference, one_step):
