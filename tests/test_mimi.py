@@ -224,8 +224,9 @@ def test_batch_items_are_independent(mimi, reference, one_step):
 
 
 def test_state_lists_every_buffer(mimi):
-    """A CUDA graph's capture saves and restores `buffers()` around its warm-up steps: a buffer missing from
-    the list would be left advanced, and the stream would skip ahead."""
+    """A CUDA graph's capture saves and restores `buffers()` around its warm-up steps, and a CPU trace takes
+    them as its inputs: a buffer missing from the list would be left advanced (the stream would skip
+    ahead), or baked into the trace (every stream of that shape would share it)."""
 
     def tensors(obj) -> list[torch.Tensor]:
         if isinstance(obj, torch.Tensor):
