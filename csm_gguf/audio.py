@@ -12,7 +12,6 @@ import math
 import os
 import struct
 import sys
-from math import gcd
 from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
@@ -174,7 +173,7 @@ def resample(samples: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
     x = np.asarray(samples, dtype=np.float32)
     if orig_rate == new_rate:
         return x
-    g = gcd(orig_rate, new_rate)
+    g = math.gcd(orig_rate, new_rate)
     up, down = new_rate // g, orig_rate // g
     n_out = -(-len(x) * up // down)
     cutoff = _ROLLOFF * 0.5 * min(1.0, up / down)  # cycles per input sample
