@@ -18,20 +18,24 @@ replayed without Python:
   a frame of batch decoding (chunks of 2+ frames amortise that), and its ~2000 small ops spent 13% of the
   step in Python. Steps of up to `TRACED_FRAMES` frames are therefore replayed from a TorchScript trace,
   recorded at a shape's second step. On a machine whose cores are busy with other work, run with
-  torch.set_num_threads(1) (more threads then stall on each other).
+  torch.set_num_threads(1) (more threads then stall on each other). On x86-64 the SEANet decoder's
+  compute-bound products run on oneDNN's packed copies of their weights, made at the first CPU step
+  (`PackedWeight`; not with torch.backends.mkldnn.enabled = False).
 - On CUDA a step is launch-bound (a few thousand small kernels). A stream decoded one frame at a time can
   have its step recorded as a CUDA graph and replayed (`decoder_state(cuda_graph=True)`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import platform
 import threading
 import warnings
 from dataclasses import dataclass
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any
+from typing import Any, List, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -250,6 +254,54 @@ def _linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
     return y.T.contiguous().view(*lead, -1)
 
 
+# oneDNN's packed weights. After the SEANet decoder's first up-sampling every product has 16+ rows a frame (1920
+# at the end) and a weight of at most 6 MB: bound by compute, not memory. There MKL reached 55-100 GFLOP/s of this
+# machine's 185, and oneDNN, with each weight laid out once in its own blocked format, 130-170: a 1-frame step
+# ran 7-8% faster. The products before stay MKL's, which streams big weights faster at a step's 1-2 rows.
+
+
+@functools.cache
+def _can_pack() -> bool:
+    """The packed products are torch's own (private) mkldnn ops, measured on x86-64 only."""
+    return (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))  # fmt: skip
+
+
+class PackedWeight:
+    """oneDNN's copy of a CPU float32 weight [N, K], blocked for its kernels: an opaque tensor, which a trace
+    takes as an input (it cannot hold one as a constant) and which cannot be pickled. A copy of its module
+    starts without one."""
+
+    def __init__(self) -> None:
+        self.tensor: Tensor | None = None
+
+    def pack(self, w: Tensor) -> None:
+        self.tensor = torch.ops.mkldnn._reorder_linear_weight(w, 16)  # rows expected: any works
+
+    def __deepcopy__(self, memo: dict) -> PackedWeight:
+        return PackedWeight()
+
+    def __reduce__(self) -> tuple:
+        return PackedWeight, ()
+
+
+def _onednn_product(x: Tensor, w: Tensor, bias: Optional[Tensor]) -> Tensor:
+    no_scalars = torch.jit.annotate(List[Optional[Union[int, float, complex]]], [])  # of a post-op: none
+    return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", no_scalars, "")
+
+
+# A conv's taps are copied side by side for a packed product (im2col): from ~2000 rows on that cost what the
+# product saved, or more.
+IM2COL_ROWS = 1024
+
+
+@functools.cache
+def _packed_product() -> Callable[[Tensor, Tensor, Tensor | None], Tensor]:
+    """x [..., K] @ w.T (+ bias) for a `PackedWeight` w, scripted: a trace records the call to it, where it cannot
+    record the op's (empty) list of scalars."""
+    return torch.jit.script(_onednn_product)
+
+
 class Conv(nn.Module):
     """Causal Conv1d on [B, T, C], as a sum over kernel taps of matrix products with shifted inputs.
 
@@ -266,6 +318,10 @@ class Conv(nn.Module):
         self.bias = nn.Parameter(torch.empty(c_out)) if bias else None
         self.stride, self.dilation, self.pad_mode = stride, dilation, pad_mode
         self.pad = (kernel - 1) * dilation + 1 - stride
+        self.packed = PackedWeight()  # see `Mimi._pack`
+
+    def pack(self) -> None:
+        self.packed.pack(self.weight.permute(1, 0, 2).flatten(1))  # [C_out, taps * C_in]
 
     def init_state(self, batch: int) -> ConvState:
         return ConvState(self.weight.new_zeros(batch, self.pad, self.weight.shape[2]))
@@ -284,6 +340,9 @@ class Conv(nn.Module):
         t = (x.shape[1] - self.pad - 1) // self.stride + 1
         # taps[:, i, j] = x[:, i * stride + j * dilation]: output i's inputs, one per tap (a view)
         taps = x.as_strided((b, t, len(self.weight), c), (x.stride(0), self.stride * c, self.dilation * c, 1))
+        if self.packed.tensor is not None and (len(self.weight) == 1 or b * t <= IM2COL_ROWS):
+            # im2col: the taps side by side, copied (oneDNN took 15x as long to read them from the view)
+            return _packed_product()(taps.flatten(2).contiguous(), self.packed.tensor, self.bias)
         return _linear(taps, self.weight, self.bias)
 
 
@@ -302,6 +361,10 @@ class ConvTr(nn.Module):
         self.weight = nn.Parameter(torch.empty(kernel, 1 if self.depthwise else c_out, c_in))
         self.bias = nn.Parameter(torch.empty(c_out)) if bias else None
         self.stride, self.c_out = stride, c_out
+        self.packed = PackedWeight()  # see `Mimi._pack`
+
+    def pack(self) -> None:
+        self.packed.pack(self.weight.flatten(0, 1))
 
     def init_state(self, batch: int) -> ConvTrState:
         return ConvTrState(self.weight.new_zeros(batch, 1, self.stride * self.c_out))
@@ -310,6 +373,8 @@ class ConvTr(nn.Module):
         b, t, _ = x.shape
         if self.depthwise:
             y = x[:, :, None, :] * self.weight[:, 0]
+        elif self.packed.tensor is not None:
+            y = _packed_product()(x, self.packed.tensor, None)
         else:
             y = _linear(x, self.weight.flatten(0, 1))
         y = y.reshape(b, t, 2, self.stride * self.c_out)  # [..., (first half, second half), (tap, channel)]
@@ -556,8 +621,8 @@ warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"csm
 class StepTraces(dict):
     """A Mimi's traced CPU steps by the codes' shape [B, K, t] and dtype; None: seen once, not traced yet.
     A copy of the Mimi starts without them: they hold the original's weights (and cannot be pickled).
-    Moving or converting the Mimi, or loading weights into it, drops them; so must swapping parameters
-    by hand."""
+    Moving or converting the Mimi, or loading weights into it, drops them and the packed weights; so must
+    swapping parameters by hand."""
 
     def __deepcopy__(self, memo: dict) -> StepTraces:
         return StepTraces()
@@ -566,8 +631,10 @@ class StepTraces(dict):
         return StepTraces, ()
 
 
-def _drop_traces(mimi: Mimi, incompatible_keys: Any) -> None:
+def _drop_weight_copies(mimi: Mimi, incompatible_keys: Any = None) -> None:
     mimi._traces.clear()
+    for conv in mimi._packable():
+        conv.packed.tensor = None
 
 
 class Mimi(nn.Module):
@@ -590,7 +657,7 @@ class Mimi(nn.Module):
         self.decoder = SEANetDecoder(cfg)
         self.requires_grad_(False)  # inference only (a trace takes the weights as constants)
         self._traces = StepTraces()
-        self.register_load_state_dict_post_hook(_drop_traces)  # load_state_dict(assign=True) swaps them
+        self.register_load_state_dict_post_hook(_drop_weight_copies)  # load_state_dict(assign=True) swaps them
 
     @classmethod
     def from_state_dict(cls, cfg: MimiConfig, tensors: Mapping[str, Any]) -> Mimi:
@@ -646,6 +713,8 @@ class Mimi(nn.Module):
         codes = codes.to(self.device)
         if codes.shape[-1] == 0:
             return self.quantizer.codebooks.new_zeros(codes.shape[0], 1, 0)
+        if codes.device.type == "cpu":
+            self._pack()
         graphed = state.cuda_graph and codes.is_cuda and codes.shape[-1] == 1
         graphed = graphed and (state.graph is not None or state.frames > 0)
         if graphed:
@@ -662,6 +731,27 @@ class Mimi(nn.Module):
         x = self.decoder_transformer(x, state.transformer)
         return self.decoder(x, state.seanet).mT
 
+    def _packable(self) -> list[Conv | ConvTr]:
+        d = self.decoder
+        convs = [m for block in d.blocks for m in (block.up, *(c for res in block.res for c in (res.conv1, res.conv2)))]
+        return convs[1:] + [d.conv_out]  # after the first up-sampling: 16+ rows a frame, compute-bound
+
+    def _pack(self) -> None:
+        """Pack the weights oneDNN multiplies faster, on CPU in float32, before the first trace (the traces
+        take them as inputs: see `_packed_weights`)."""
+        convs = self._packable()
+        if not convs or convs[0].packed.tensor is not None or self._traces:
+            return
+        w = convs[0].weight
+        if w.device.type == "cpu" and w.dtype == torch.float32 and torch.backends.mkldnn.enabled and _can_pack():
+            with _TRACING:
+                if convs[0].packed.tensor is None and not self._traces:
+                    for conv in reversed(convs):  # the first last: who sees it packed sees all packed
+                        conv.pack()
+
+    def _packed_weights(self) -> list[Tensor]:
+        return [conv.packed.tensor for conv in self._packable() if conv.packed.tensor is not None]
+
     def _traced_step(self, codes: Tensor, state: DecoderState) -> Tensor:
         """`_step` on CPU, from the second step of its shape on replayed from a TorchScript trace, which
         takes the state's buffers as inputs and so serves every stream of that shape. A shape's first step
@@ -677,30 +767,30 @@ class Mimi(nn.Module):
                 self._traces[key] = traced
         if traced is None or traced is _UNTRACED:
             return self._step(codes, state)
-        return traced(codes, *state.buffers())
+        return traced(codes, *state.buffers(), *self._packed_weights())
 
     def _trace(self, codes: Tensor, state: DecoderState) -> tuple[Any, Tensor]:
         """Record `_step` on `state`; recording runs the step, whose audio comes back too. The trace is then
         replayed twice on copies of the buffers: TorchScript optimizes a function in its first two calls,
         which took 5-7x a step, and they should not fall in a stream."""
-        held, audio = [state], []
+        held, audio, packed = [state], [], self._packed_weights()
 
-        def step(codes: Tensor, *buffers: Tensor) -> Tensor:  # the buffers are `state`'s, as inputs
+        def step(codes: Tensor, *inputs: Tensor) -> Tensor:  # inputs: `state`'s buffers and `packed`, which it uses
             audio.append(self._step(codes, held[0]))
             return audio[-1]
 
-        traced = torch.jit.trace(step, (codes, *state.buffers()), check_trace=False)
+        traced = torch.jit.trace(step, (codes, *state.buffers(), *packed), check_trace=False)
         recorded = audio.pop() if audio else None
         held.clear()  # the trace keeps its Python function, but not the stream
         if not isinstance(traced, torch.jit.ScriptFunction):  # tracing is off: trace gave `step` back uncalled
             return _UNTRACED, self._step(codes, state) if recorded is None else recorded
         scratch = [buffer.clone() for buffer in state.buffers()]
         for _ in range(2):
-            traced(codes, *scratch)
+            traced(codes, *scratch, *packed)
         return traced, recorded
 
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> Mimi:
-        self._traces.clear()  # moved or converted: the traces hold the old weights
+        _drop_weight_copies(self)  # moved or converted: they hold the old weights
         return super()._apply(fn, recurse)
 
     def _replay(self, codes: Tensor, state: DecoderState) -> Tensor:

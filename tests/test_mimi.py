@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 import re
 from dataclasses import replace
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from converter.mimi_keys import MOSHI_MIMI_CONFIG, mimi_tensors_to_transformers
-from csm_gguf.mimi import Mimi, MimiConfig
+from csm_gguf.mimi import Mimi, MimiConfig, _can_pack
 from mimi_fixtures import TINY_MIMI_CONFIG, make_tiny_mimi, runtime_mimi
 
 FRAMES = 300  # > 125 frames = 250 transformer steps: the sliding window is crossed
@@ -266,8 +267,8 @@ def test_cpu_steps_replay_a_trace(mimi, reference, one_step, monkeypatch):
     audio = [[fresh.decode_step(codes[b : b + 1, :, i : i + 1], streams[b]) for b in (0, 1)] for i in range(FRAMES)]
     for b in (0, 1):
         assert_audio_close(torch.cat([frame[b] for frame in audio], dim=-1), one_step[b : b + 1])
-    fresh.float()  # converted (or moved): the traces hold the old weights
-    assert len(fresh._traces) == 0
+    fresh.float()  # converted (or moved): the traces and packed weights hold the old weights
+    assert len(fresh._traces) == 0 and fresh._packed_weights() == []
 
 
 def test_warm_up_traces_the_steps_before_any_stream(mimi):
@@ -275,7 +276,7 @@ def test_warm_up_traces_the_steps_before_any_stream(mimi):
     fresh.warm_up(2)
     assert all(isinstance(fresh._traces[(2, 32, t, torch.int64)], torch.jit.ScriptFunction) for t in (1, 2))
     fresh.load_state_dict(fresh.state_dict(), assign=True)  # new parameters: the traces hold the old ones
-    assert len(fresh._traces) == 0
+    assert len(fresh._traces) == 0 and fresh._packed_weights() == []
 
 
 def test_a_trace_does_not_hold_the_stream_it_was_made_on(mimi):
@@ -300,6 +301,25 @@ def test_streams_run_as_they_are_where_tracing_is_off(mimi, reference, one_step,
     monkeypatch.setattr(torch.jit, "trace", lambda fn, *args, **kwargs: fn)
     assert_audio_close(stream(fresh, codes, [1] * FRAMES), one_step)
     assert fresh._traces[(2, 32, 1, torch.int64)] is not None
+
+
+@pytest.mark.skipif(not _can_pack(), reason="oneDNN's packed products are used on x86-64 only")
+def test_cpu_products_on_packed_weights(mimi, reference, one_step, monkeypatch):
+    """On CPU the decoder's compute-bound products run on oneDNN's packed copies of their weights, made at
+    a codec's first step (the other tests decode with them). A pickled or copied codec starts without them
+    (they are opaque tensors) and makes them again; with oneDNN off the plain weights decode alike."""
+    codes, _ = reference
+    assert len(mimi._packed_weights()) == len(mimi._packable()) > 0
+    unpickled = pickle.loads(pickle.dumps(mimi))
+    assert unpickled._packed_weights() == []
+    assert_audio_close(stream(unpickled, codes[..., :40], [1] * 40), one_step[..., : 40 * 64])
+    assert len(unpickled._packed_weights()) == len(mimi._packable())
+
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    plain = copy.deepcopy(mimi)
+    assert_audio_close(stream(plain, codes[..., :40], [1] * 40), one_step[..., : 40 * 64])
+    assert_audio_close(plain.decode(codes[..., :40], chunk=5), one_step[..., : 40 * 64])
+    assert plain._packed_weights() == []
 
 
 def test_half_precision_codecs_still_decode(mimi, reference, one_step):
