@@ -276,7 +276,7 @@ class PackedWeight:
         self.tensor: Tensor | None = None
 
     def pack(self, w: Tensor) -> None:
-        self.tensor = torch.ops.mkldnn._reorder_linear_weight(w, 16)  # rows expected: any works
+        self.tensor = torch.ops.mkldnn._reorder_linear_weight(w, 16)  # laid out for ~16 rows; any number works
 
     def __deepcopy__(self, memo: dict) -> PackedWeight:
         return PackedWeight()
