@@ -263,8 +263,9 @@ def _linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
 @functools.cache
 def _can_pack() -> bool:
     """The packed products are torch's own (private) mkldnn ops, measured on x86-64 only."""
+    ops = ("_reorder_linear_weight", "_linear_pointwise")
     return (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))  # fmt: skip
+            and all(hasattr(torch.ops.mkldnn, op) for op in ops))
 
 
 class PackedWeight:
@@ -633,7 +634,7 @@ class StepTraces(dict):
 
 def _drop_weight_copies(mimi: Mimi, incompatible_keys: Any = None) -> None:
     mimi._traces.clear()
-    for conv in mimi._packable():
+    for conv in mimi._packable:
         conv.packed.tensor = None
 
 
@@ -655,6 +656,9 @@ class Mimi(nn.Module):
         self.upsample = ConvTr(d, d, 2 * s, s, groups=cfg.upsample_groups, bias=False)
         self.decoder_transformer = Transformer(cfg)
         self.decoder = SEANetDecoder(cfg)
+        # The decoder's convs after its first up-sampling: 16+ rows a frame, compute-bound (see `_pack`).
+        convs = [m for b in self.decoder.blocks for m in (b.up, *(c for res in b.res for c in (res.conv1, res.conv2)))]
+        self._packable: tuple[Conv | ConvTr, ...] = (*convs[1:], self.decoder.conv_out)
         self.requires_grad_(False)  # inference only (a trace takes the weights as constants)
         self._traces = StepTraces()
         self.register_load_state_dict_post_hook(_drop_weight_copies)  # load_state_dict(assign=True) swaps them
@@ -713,14 +717,13 @@ class Mimi(nn.Module):
         codes = codes.to(self.device)
         if codes.shape[-1] == 0:
             return self.quantizer.codebooks.new_zeros(codes.shape[0], 1, 0)
-        if codes.device.type == "cpu":
-            self._pack()
         graphed = state.cuda_graph and codes.is_cuda and codes.shape[-1] == 1
         graphed = graphed and (state.graph is not None or state.frames > 0)
         if graphed:
             audio = self._replay(codes, state)
-        elif codes.device.type == "cpu" and codes.shape[-1] <= TRACED_FRAMES:
-            audio = self._traced_step(codes, state)
+        elif codes.device.type == "cpu":
+            self._pack()
+            audio = self._traced_step(codes, state) if codes.shape[-1] <= TRACED_FRAMES else self._step(codes, state)
         else:
             audio = self._step(codes, state)
         state.frames += codes.shape[-1]
@@ -731,15 +734,10 @@ class Mimi(nn.Module):
         x = self.decoder_transformer(x, state.transformer)
         return self.decoder(x, state.seanet).mT
 
-    def _packable(self) -> list[Conv | ConvTr]:
-        d = self.decoder
-        convs = [m for block in d.blocks for m in (block.up, *(c for res in block.res for c in (res.conv1, res.conv2)))]
-        return convs[1:] + [d.conv_out]  # after the first up-sampling: 16+ rows a frame, compute-bound
-
     def _pack(self) -> None:
         """Pack the weights oneDNN multiplies faster, on CPU in float32, before the first trace (the traces
         take them as inputs: see `_packed_weights`)."""
-        convs = self._packable()
+        convs = self._packable
         if not convs or convs[0].packed.tensor is not None or self._traces:
             return
         w = convs[0].weight
@@ -750,7 +748,7 @@ class Mimi(nn.Module):
                         conv.pack()
 
     def _packed_weights(self) -> list[Tensor]:
-        return [conv.packed.tensor for conv in self._packable() if conv.packed.tensor is not None]
+        return [conv.packed.tensor for conv in self._packable if conv.packed.tensor is not None]
 
     def _traced_step(self, codes: Tensor, state: DecoderState) -> Tensor:
         """`_step` on CPU, from the second step of its shape on replayed from a TorchScript trace, which

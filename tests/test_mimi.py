@@ -309,11 +309,11 @@ def test_cpu_products_on_packed_weights(mimi, reference, one_step, monkeypatch):
     a codec's first step (the other tests decode with them). A pickled or copied codec starts without them
     (they are opaque tensors) and makes them again; with oneDNN off the plain weights decode alike."""
     codes, _ = reference
-    assert len(mimi._packed_weights()) == len(mimi._packable()) > 0
+    assert len(mimi._packed_weights()) == len(mimi._packable) > 0
     unpickled = pickle.loads(pickle.dumps(mimi))
     assert unpickled._packed_weights() == []
     assert_audio_close(stream(unpickled, codes[..., :40], [1] * 40), one_step[..., : 40 * 64])
-    assert len(unpickled._packed_weights()) == len(mimi._packable())
+    assert len(unpickled._packed_weights()) == len(mimi._packable)
 
     monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
     plain = copy.deepcopy(mimi)
