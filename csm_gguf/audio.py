@@ -12,28 +12,16 @@ import math
 import os
 import struct
 import sys
-from typing import TYPE_CHECKING, BinaryIO
+from typing import BinaryIO
 
 import numpy as np
 import soundfile as sf
 from numpy.lib.stride_tricks import sliding_window_view
 
+from . import ffmpeg
 from .atomic import write_atomic
-
-if TYPE_CHECKING:
-    from .ffmpeg import AacStream
-
-SAMPLE_RATE = 24000
-
-FORMATS = ("wav", "flac", "mp3", "opus", "aac", "pcm")
-MEDIA_TYPES = {
-    "wav": "audio/wav",
-    "flac": "audio/flac",
-    "mp3": "audio/mpeg",
-    "opus": "audio/ogg",
-    "aac": "audio/aac",
-    "pcm": "audio/pcm",
-}
+from .ffmpeg import AacStream
+from .formats import FORMATS, MEDIA_TYPES, SAMPLE_RATE, AudioError  # noqa: F401 (audio's vocabulary, used here)
 _EXTENSIONS = {
     ".wav": "wav",
     ".flac": "flac",
@@ -72,17 +60,11 @@ MIN_RATE, MAX_RATE = 1000, 192_000
 AudioSource = str | os.PathLike[str] | BinaryIO
 
 
-class AudioError(ValueError):
-    """An audio file that cannot be read or written, or an unsupported format."""
-
-
 def check_format(fmt: str) -> str:
     """Returns fmt if it is one of FORMATS (and, for aac, ffmpeg is installed), else raises an AudioError."""
     if fmt not in FORMATS:
         raise AudioError(f"unsupported audio format {fmt!r}; supported formats: {', '.join(FORMATS)}")
     if fmt == "aac":
-        from . import ffmpeg
-
         ffmpeg.require("AAC output")
     return fmt
 
@@ -132,8 +114,6 @@ def load_audio(source: AudioSource, max_seconds: float | None = None) -> np.ndar
     try:
         data, rate = _read_soundfile(source, name, read_seconds)
     except sf.LibsndfileError as e:
-        from . import ffmpeg
-
         if ffmpeg.find() is None:
             problem = e.error_string.rstrip(".")
             raise _read_error(name, f"{problem} (other formats need ffmpeg, which is not installed here)") from e
@@ -257,8 +237,6 @@ def encode_audio(samples: np.ndarray, fmt: str) -> bytes:
     if not len(x) and fmt != "wav":
         x = _NOT_EMPTY
     if fmt == "aac":
-        from . import ffmpeg
-
         return ffmpeg.encode_aac(_clipped(x))
     buffer = io.BytesIO()
     with _open_encoder(buffer, fmt) as f:
@@ -404,8 +382,6 @@ class StreamEncoder:
 
     def _aac_stream(self) -> AacStream:
         if self._aac is None:
-            from .ffmpeg import AacStream
-
             self._aac = AacStream()
         return self._aac
 

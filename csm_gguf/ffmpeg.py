@@ -16,7 +16,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from .audio import SAMPLE_RATE, AudioError
+from .formats import SAMPLE_RATE, AudioError
 
 AAC_BITRATE = "64k"  # mono speech; about what the MP3 output uses
 INSTALL_HINT = "install it (apt-get install ffmpeg, brew install ffmpeg, or https://ffmpeg.org/download.html)"
