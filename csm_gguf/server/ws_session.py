@@ -1,0 +1,237 @@
+"""A websocket speech session's scheduling (its messages: ws_protocol): settings, text in sentences,
+flushes; each complete sentence spoken as soon as it can be, its audio sent as it is made, a summary after
+each flush. The sentences of one voice follow one another in the engine (Engine.submit's `after`)."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from collections import deque
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+from simple_websocket import ConnectionClosed
+
+from ..audio import StreamEncoder
+from ..generator import Segment
+from ..tempo import TimeStretch
+from ..text import cut_between_words, is_blank, take_sentences
+from ..tts import decode_frames
+from .engine import Job
+from .errors import ApiError, generation_error
+from .limits import MAX_INPUT_CHARS
+from .schemas import MODELS, ContextAudio, SpeechRequest
+from .services import Services
+from .ws_protocol import Flush, Speech, Summary, Text, error_message, parse_message, voice_changed
+
+log = logging.getLogger(__name__)
+
+FLUSH = None  # in a session's queue: the end of the file being sent
+RETRY_S = 0.25  # a full server: a session keeps its sentence and tries again after this long
+
+
+@dataclass
+class Utterance:
+    """Websocket audio from the first sentence to a flush: one decoder state and one encoder, so the
+    sentences join without seams into one file."""
+
+    encoder: StreamEncoder
+    state: Any
+    summary: Summary
+    stretch: TimeStretch | None = None  # from the first sentence at a speed other than 1, to the end
+
+
+@dataclass
+class Sentence:
+    """A sentence waiting in a websocket session, with the settings it was sent under (a later change of
+    voice or format does not reach back) and the voice it belongs to."""
+
+    text: str
+    settings: SpeechRequest
+    voice: int  # sentences of one voice prompt each other; another voice starts afresh
+    job: Job | None = None  # once submitted (the next sentence is, while the one before is spoken)
+
+
+class WebsocketSession:
+    """One websocket connection: its settings, the sentences waiting, the one being spoken."""
+
+    def __init__(self, ws, services: Services):
+        self.ws, self.services, self.codec = ws, services, services.codec
+        self.fields: dict[str, Any] = {"model": MODELS[0]}  # settings persist until changed
+        self.settings = services.parse(self.fields, need_input=False)
+        self.encoded: dict[ContextAudio, Segment] = {}  # the settings' context audio, encoded once
+        self.voice = 0  # counts changes of ws_protocol.VOICE_FIELDS
+        self.buffer = ""  # text not yet known to end a sentence
+        self.queue: deque[Sentence | None] = deque()  # sentences and FLUSHes, in order
+        self.retry_at = 0.0
+        self.job: Job | None = None  # the sentence being spoken
+        self.last: Sentence | None = None  # the last one submitted: the next follows it (its context, same voice)
+        self.utterance: Utterance | None = None
+
+    def run(self) -> None:
+        try:
+            while True:
+                wait = max(0.0, self.retry_at - time.monotonic()) if self.queue else None
+                message = self.ws.receive(timeout=0 if self.job else wait)
+                if message is not None:
+                    self.handle(message)
+                if self.job is None and self.queue and time.monotonic() >= self.retry_at:
+                    if self.queue[0] is FLUSH:
+                        self.queue.popleft()
+                        self.finish()
+                    else:
+                        self.start(self.queue[0])
+                if self.job is not None:
+                    self.follow()
+                    self.pump()
+        except (ConnectionClosed, OSError):  # the client left; a reset can surface as OSError mid-send
+            pass
+        finally:
+            for job in [self.job, *(s.job for s in self.queue if s is not FLUSH)]:
+                if job is not None:
+                    job.cancel()
+            if self.utterance is not None:
+                self.utterance.encoder.close()
+
+    def error(self, e: ApiError) -> None:
+        self.ws.send(error_message(e))
+
+    def handle(self, message: str | bytes) -> None:
+        try:
+            parsed = parse_message(message)
+            if isinstance(parsed, Text):
+                self.add_text(parsed.text)
+            elif isinstance(parsed, Flush):
+                self.add_text("\n")
+                self.queue.append(FLUSH)
+            else:
+                self.change(parsed)
+        except ApiError as e:
+            self.error(e)
+        except Exception as e:  # a bug of ours: said, as over HTTP, and the session goes on
+            log.exception("unexpected error in a websocket message")
+            self.error(ApiError(500, f"internal error: {e}", type="server_error"))
+
+    def change(self, message: Speech) -> None:
+        """New settings, checked whole before they apply; with input, a whole request spoken with them (as
+        over HTTP, in CSM's pieces), and the file ends with it."""
+        text, fields = message.input, {**self.fields, **message.fields}
+        checked = self.services.check({**fields, "input": text} if text is not None else fields,
+                                      need_input=text is not None)
+        request = self.services.encode(checked, self.encoded)
+        self.encoded = {a: self.encoded[a] for a in checked.job.context if isinstance(a, ContextAudio)}
+        if text is not None:
+            self.add_text("\n")  # text still pending is spoken first, as it was sent
+        if voice_changed(self.fields, fields):
+            self.voice += 1
+        self.fields, self.settings = fields, request
+        if text is not None:
+            self.queue.extend([Sentence(text, request, self.voice), FLUSH])
+
+    def add_text(self, text: str) -> None:
+        sentences, self.buffer = take_sentences(self.buffer + text)
+        self.enqueue(sentences)
+        while len(self.buffer) > MAX_INPUT_CHARS:
+            head, self.buffer = cut_between_words(self.buffer, MAX_INPUT_CHARS)
+            if not is_blank(head):  # blank text waits (kept as sent) for words to follow, up to here
+                self.error(ApiError(400, f"more than {MAX_INPUT_CHARS} characters without a sentence end: "
+                                         "speaking them now", param="text", code="string_above_max_length"))
+                self.enqueue([head])
+
+    def enqueue(self, sentences: list[str]) -> None:
+        self.queue.extend(Sentence(s, self.settings, self.voice) for s in sentences)
+
+    def submit_sentence(self, sentence: Sentence) -> None:
+        """Submit `sentence` to follow the last one submitted (see Engine.submit), with it as context if in
+        the same voice."""
+        last = self.last
+        settings = replace(sentence.settings, job=replace(sentence.settings.job, text=sentence.text))
+        if last is None:
+            sentence.job = self.services.submit(settings)
+        else:
+            sentence.job = self.services.submit(settings, after=last.job, continues=last.voice == sentence.voice)
+        self.last = sentence
+
+    def follow(self) -> None:
+        """Submit the next sentence already waiting, so that it takes its place in line now and takes over
+        this one's slot (see Engine.submit): queued only once this one ends, behind requests that came
+        meanwhile, it would leave a gap in the audio."""
+        following = next((s for s in self.queue if s is not FLUSH), None)
+        if following is not None and following.job is None:
+            try:
+                self.submit_sentence(following)
+            except ApiError:
+                pass  # submitted again in its turn, which reports the error then
+
+    def start(self, sentence: Sentence) -> None:
+        """Speak the next sentence; it leaves the queue unless the server is full (then it waits)."""
+        fmt = sentence.settings.response_format
+        if self.utterance is not None and self.utterance.encoder.format != fmt:
+            self.finish()  # another format: the file being sent ends here
+        if sentence.job is None:
+            try:
+                self.submit_sentence(sentence)
+            except ApiError as e:
+                if e.code == "queue_full":  # keep the sentence: a file must not lose its middle
+                    self.retry_at = time.monotonic() + RETRY_S
+                    return
+                self.queue.popleft()
+                self.error(e)
+                return
+        self.queue.popleft()
+        self.job = sentence.job
+        if self.utterance is None:
+            self.utterance = Utterance(StreamEncoder(fmt), self.codec.decoder_state(1),
+                                       Summary(fmt, started=time.monotonic()))
+        u, speed = self.utterance, sentence.settings.speed
+        if u.stretch is not None:
+            u.stretch.speed = speed
+        elif speed != 1.0:  # from here on, through the end of the file: stopping it would leave a gap
+            u.stretch = TimeStretch(speed)
+
+    def pump(self) -> None:
+        """Send the audio of the frames made so far, waiting briefly for some."""
+        try:
+            frames = self.job.next_frames(timeout=0.05)
+        except queue.Empty:
+            return
+        except Exception as e:
+            self.job = None
+            self.error(generation_error(e))
+            return
+        u = self.utterance
+        if frames is None:
+            u.summary.sentences += 1
+            u.summary.frames += self.job.frames
+            u.summary.input_tokens += self.job.input_tokens
+            self.job = None
+            return
+        audio = decode_frames(self.codec, u.state, frames)
+        self.send_samples(audio if u.stretch is None else u.stretch.feed(audio))
+
+    def send_samples(self, audio: np.ndarray) -> None:
+        self.utterance.summary.samples += len(audio)
+        self.send_audio(self.utterance.encoder.feed(audio))
+
+    def send_audio(self, data: bytes) -> None:
+        if data:
+            summary = self.utterance.summary
+            summary.first_audio = summary.first_audio or time.monotonic()
+            summary.bytes += len(data)
+            self.ws.send(data)
+
+    def finish(self) -> None:
+        """Everything flushed is spoken: end the audio file and report."""
+        u = self.utterance
+        if u is None:  # nothing was spoken: no audio, and the usual report with zeros
+            fmt = self.settings.response_format
+            u = Utterance(StreamEncoder(fmt), None, Summary(fmt, started=time.monotonic()))
+        elif u.summary.frames:  # else its sentences failed or said nothing: no empty file (a bare wav header)
+            if u.stretch is not None:
+                self.send_samples(u.stretch.finish())
+            self.send_audio(u.encoder.finish())
+        u.encoder.close()
+        self.ws.send(u.summary.message(time.monotonic()))
+        self.utterance = None
