@@ -24,7 +24,7 @@ import numpy as np
 from .generator import FRAME_MS, Generator, PromptTooLong, Sampling, Segment, check_codes, check_speaker
 from .model import CSMModel
 from .tempo import check_speed, stretched
-from .text import chunk_text, cut_between_words, is_blank, is_unicode, split_sentences, take_sentences
+from .text import chunk_text, is_blank, is_unicode, take_sentences, take_sentences_within
 
 SAMPLE_RATE = 24_000
 
@@ -92,11 +92,8 @@ def _sentences(chunks: Iterable[str]) -> Iterator[str]:
     for chunk in chunks:
         if not isinstance(chunk, str):
             raise ValueError(f"the text to speak must come as strings, got {type(chunk).__name__}")
-        sentences, rest = take_sentences(rest + chunk)
+        sentences, rest = take_sentences_within(rest + chunk, UNFINISHED_CHARS)
         yield from sentences
-        while len(rest) > UNFINISHED_CHARS:
-            head, rest = cut_between_words(rest, UNFINISHED_CHARS)
-            yield from split_sentences(head)
     yield from take_sentences(rest, final=True)[0]
 
 
