@@ -346,7 +346,11 @@ def test_audio_streams_out_and_a_client_that_leaves_frees_its_stream(unlimited, 
     assert job.cancelled and job.frames < 100  # its budget was hundreds of frames a piece
 
 
-def test_a_streaming_client_that_leaves_cancels_its_following_sentences(unlimited, engine):
+def test_a_streaming_client_that_leaves_cancels_its_following_sentences(unlimited, engine, monkeypatch):
+    jobs = []
+    submit = engine.submit
+    monkeypatch.setattr(engine, "submit", lambda *a, **kw: jobs.append(submit(*a, **kw)) or jobs[-1])
+
     async def leave_early():
         async with unlimited.client() as client:
             await client.write_event(SynthesizeStart().event())
@@ -355,7 +359,9 @@ def test_a_streaming_client_that_leaves_cancels_its_following_sentences(unlimite
             assert engine.stats()["active_streams"] == 1 and engine.active[0].successor is not None
 
     run(leave_early())
-    wait_idle(engine)  # the second sentence did not start in the first one's slot
+    wait_idle(engine)
+    assert len(jobs) == 2 and all(job.cancelled for job in jobs)
+    assert jobs[1].frames == 0  # the second sentence did not start in the first one's slot
 
 
 def test_an_all_zero_frame_ends_the_audio(greedy, engine, monkeypatch):
