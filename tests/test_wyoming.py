@@ -14,31 +14,26 @@ from functools import partial
 
 import numpy as np
 import pytest
-
 from csm_fixtures import random_codes
-from csm_gguf.generator import Segment
-from csm_gguf.tts import Voice
-
-wyoming = pytest.importorskip("wyoming")
-
-from wyoming.audio import AudioChunk, AudioStart, AudioStop  # noqa: E402
-from wyoming.client import AsyncTcpClient  # noqa: E402
-from wyoming.error import Error  # noqa: E402
-from wyoming.event import Event  # noqa: E402
-from wyoming.info import Describe, Info  # noqa: E402
-from wyoming.server import AsyncTcpServer  # noqa: E402
-from wyoming.tts import (  # noqa: E402
+from wyoming.audio import AudioChunk, AudioStart
+from wyoming.client import AsyncTcpClient
+from wyoming.error import Error
+from wyoming.event import Event
+from wyoming.info import Describe, Info
+from wyoming.server import AsyncTcpServer
+from wyoming.tts import (
     Synthesize,
     SynthesizeChunk,
     SynthesizeStart,
     SynthesizeStop,
-    SynthesizeStopped,
     SynthesizeVoice,
 )
 
-from csm_gguf.voices import BUILTIN_VOICES  # noqa: E402
-from csm_gguf.wyoming_server.handler import WyomingHandler  # noqa: E402
-from csm_gguf.wyoming_server.service import Sampling, WyomingService  # noqa: E402
+from csm_gguf.generator import Segment
+from csm_gguf.tts import Voice
+from csm_gguf.voices import BUILTIN_VOICES
+from csm_gguf.wyoming_server.handler import WyomingHandler
+from csm_gguf.wyoming_server.service import Sampling, WyomingService
 
 TEXT = "Hello there, how are you doing today?"
 GREEDY = {"temperature": 0, "max_audio_ms": 800}  # 10 frames a piece
@@ -269,6 +264,25 @@ def test_two_clients_at_once_share_the_engine(greedy, engine):
     for events, alone in zip(both, solo):
         assert_same_pcm(pcm_of(events), alone)
     assert together_calls < 0.75 * serial_calls  # their frames were generated in the same decode calls
+    wait_idle(engine)
+
+
+def test_a_full_server_makes_a_request_wait_for_a_slot_rather_than_fail(greedy, unlimited, engine):
+    """Wyoming has no "busy" answer that clients retry: the request waits, as a websocket's sentence does."""
+    long_text = " ".join(f"This is sentence number {i}, which goes on for a while." for i in range(8))
+    hogs = [engine.submit(unlimited.service.request(None, text=long_text).job)
+            for _ in range(engine.max_streams + engine.max_queue)]  # every slot and the whole queue
+
+    async def wait_then_free():
+        waiting = asyncio.ensure_future(synthesize(greedy, TEXT))
+        await asyncio.sleep(1.0)
+        assert not waiting.done() and engine.stats()["queue_depth"] == engine.max_queue
+        for job in hogs:
+            job.cancel()
+        return await waiting
+
+    events = run(wait_then_free())
+    assert [e.type for e in events][-1] == "audio-stop" and len(pcm_of(events)) == 10 * frame_bytes(engine)
     wait_idle(engine)
 
 

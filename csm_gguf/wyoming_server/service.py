@@ -11,12 +11,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..audio import pcm_bytes
-from ..tts import CSM, decode_frames
 from ..server.engine import Engine, Job, SpeechJob
 from ..server.errors import ApiError
 from ..server.schemas import MODELS, SpeechRequest, parse_speech
 from ..server.settings import Settings
 from ..server.startup import start_engine
+from ..tts import CSM, decode_frames
 
 WAIT_S = 1.0  # a thread waiting for a job's frames looks up this often (its job may have been let go)
 
