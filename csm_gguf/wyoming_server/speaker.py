@@ -118,6 +118,9 @@ class Speaker:
                 self.queue.popleft()
         except (ConnectionError, OSError):  # the client left while audio was sent to it
             self.close()
+        except Exception:  # a bug of ours: nothing more is spoken on this connection, nothing left generating
+            log.exception("speaking a Wyoming request failed")
+            self.close()
 
     async def _speak(self, speech: Speech) -> None:
         while speech.job is None and not speech.failed:
