@@ -249,20 +249,30 @@ def test_the_next_sentence_follows_the_one_being_spoken(greedy, engine, monkeypa
 # --- several clients ---------------------------------------------------------------------------------------
 
 
-def test_two_clients_at_once_share_the_engine(greedy, engine):
-    requests = [("The first client says something.", "ash"), ("The second one says something else.", "nova")]
+def test_two_clients_at_once_share_the_engine(unlimited, engine):
+    requests = [("The first client says something here.", "ash"), ("The second client says something else.", "nova")]
     calls = engine.generator.decode_calls
-    solo = [pcm_of(run(synthesize(greedy, text, voice))) for text, voice in requests]
+    solo = [pcm_of(run(synthesize(unlimited, text, voice))) for text, voice in requests]
     serial_calls = engine.generator.decode_calls - calls
 
     async def together():
-        return await asyncio.gather(*(synthesize(greedy, text, voice) for text, voice in requests))
+        clients = [unlimited.client() for _ in requests]
+        for client in clients:
+            await client.connect()
+        try:
+            for client, (text, voice) in zip(clients, requests):  # both asked before either is answered
+                await client.write_event(Synthesize(text, voice=SynthesizeVoice(name=voice)).event())
+            return await asyncio.gather(*(read_until(client, "audio-stop", "error") for client in clients))
+        finally:
+            for client in clients:
+                await client.disconnect()
 
     calls = engine.generator.decode_calls
     both = run(together())
     together_calls = engine.generator.decode_calls - calls
     for events, alone in zip(both, solo):
         assert_same_pcm(pcm_of(events), alone)
+    print(f"decode calls: {serial_calls} one after the other, {together_calls} together")
     assert together_calls < 0.75 * serial_calls  # their frames were generated in the same decode calls
     wait_idle(engine)
 
