@@ -135,10 +135,10 @@ class Speaker:
         started = False
         try:
             while (audio := await self.service.next_audio(speech.job, state)) is not None:
-                if audio and not started:
-                    await self.write(AudioStart(SAMPLE_RATE, WIDTH, CHANNELS).event())
-                    started = True
-                if audio:
+                if audio:  # b"": none yet
+                    if not started:
+                        await self.write(AudioStart(SAMPLE_RATE, WIDTH, CHANNELS).event())
+                        started = True
                     await self.write(AudioChunk(SAMPLE_RATE, WIDTH, CHANNELS, audio).event())
                 await self.submit_waiting()  # those the server refused so far, as it frees up
         except (ConnectionError, OSError):
