@@ -208,7 +208,8 @@ def _mono(samples: np.ndarray) -> np.ndarray:
     return x
 
 
-def _pcm_bytes(x: np.ndarray) -> bytes:
+def pcm_bytes(x: np.ndarray) -> bytes:
+    """Float samples as raw 16-bit little-endian PCM (the `pcm` format; Wyoming's audio chunks)."""
     return to_int16(x).astype("<i2").tobytes()
 
 
@@ -233,7 +234,7 @@ def encode_audio(samples: np.ndarray, fmt: str) -> bytes:
     fmt = check_format(fmt)
     x = _mono(samples)
     if fmt == "pcm":
-        return _pcm_bytes(x)
+        return pcm_bytes(x)
     if not len(x) and fmt != "wav":
         x = _NOT_EMPTY
     if fmt == "aac":
@@ -354,7 +355,7 @@ class StreamEncoder:
         if self.format == "flac":
             self._pending.append(x.copy())
             return b""
-        return self._take_prefix() + _pcm_bytes(x)
+        return self._take_prefix() + pcm_bytes(x)
 
     def finish(self) -> bytes:
         """Ends the stream; returns the remaining bytes."""

@@ -46,21 +46,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list-voices", action="store_true", help="list saved voices (speaker, prompt length, transcript) "
                    "and exit")
     p.add_argument("--delete-voice", metavar="NAME", help="delete the saved voice NAME and exit")
-    p.add_argument("--temperature", "-t", type=float, default=TEMPERATURE.default, help="sampling temperature; "
-                   "0 = greedy (default: %(default)s)")
-    p.add_argument("--top-k", type=int, default=TOP_K.default, help="sample among the K likeliest codes "
-                   "(default: %(default)s)")
-    p.add_argument("--seed", type=int, help="random seed: the same seed gives the same speech")
+    add_sampling_arguments(p)
     p.add_argument("--speed", type=float, default=1.0, help="faster (up to 4) or slower (down to 0.25) speech at "
                    "the same pitch, by time-stretching the audio (default: %(default)s)")
-    p.add_argument("--max-audio-ms", type=float, help="cut each piece of speech at this length (default: "
-                   "proportional to the text)")
     p.add_argument("--save-codes", metavar="OUT.npy", help="also write the generated codes, shape (frames, 32)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
     p.add_argument("--gpu-layers", type=int, default=0,
                    help="layers to offload on CUDA/Metal builds (99: all; 0: nothing runs on the GPU)")
     p.add_argument("--codec-device", default="cpu", help="torch device of the Mimi codec: cpu (default), cuda")
     return p
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    """--temperature, --top-k, --seed, --max-audio-ms: say's, and the Wyoming server's for every request."""
+    p.add_argument("--temperature", "-t", type=float, default=TEMPERATURE.default, help="sampling temperature; "
+                   "0 = greedy (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=TOP_K.default, help="sample among the K likeliest codes "
+                   "(default: %(default)s)")
+    p.add_argument("--seed", type=int, help="random seed: the same seed gives the same speech")
+    p.add_argument("--max-audio-ms", type=float, help="cut each piece of speech at this length (default: "
+                   "proportional to the text)")
 
 
 class UsageError(ValueError):

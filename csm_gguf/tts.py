@@ -25,7 +25,7 @@ from .model import CSMModel
 from .plan import Context, Piece, TokenCounts, plan_pieces, split_text
 from .sampling import MAX_AUDIO_MS, SEED, TEMPERATURE, TOP_K, Sampling
 from .tempo import check_speed, stretched
-from .text import cut_between_words, split_sentences, take_sentences
+from .text import take_sentences, take_sentences_within
 
 SAMPLE_RATE = 24_000
 
@@ -77,11 +77,8 @@ def _sentences(chunks: Iterable[str]) -> Iterator[str]:
     for chunk in chunks:
         if not isinstance(chunk, str):
             raise ValueError(f"the text to speak must come as strings, got {type(chunk).__name__}")
-        sentences, rest = take_sentences(rest + chunk)
+        sentences, rest = take_sentences_within(rest + chunk, UNFINISHED_CHARS)
         yield from sentences
-        while len(rest) > UNFINISHED_CHARS:
-            head, rest = cut_between_words(rest, UNFINISHED_CHARS)
-            yield from split_sentences(head)
     yield from take_sentences(rest, final=True)[0]
 
 

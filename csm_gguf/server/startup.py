@@ -1,0 +1,39 @@
+"""What every way of serving speech does first: check the settings, load the model and its codec, warm
+the codec up and start the engine. Shared by the HTTP server (app.py) and the Wyoming server; imports no
+web framework."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..tts import CSM
+from ..voices import load_voice
+from .engine import Engine
+from .schemas import voice_names
+from .settings import Settings
+
+
+def check_settings(settings: Settings) -> None:
+    """ValueError naming the setting, before the (slow) model load."""
+    if settings.max_streams < 1 or settings.max_queue < 0:
+        raise ValueError("CSM_GGUF_MAX_STREAMS must be >= 1 and CSM_GGUF_QUEUE >= 0")
+    if settings.voice not in voice_names():
+        raise ValueError(f"CSM_GGUF_VOICE={settings.voice!r} is not a voice; known: {', '.join(voice_names())}")
+    load_voice(settings.voice)  # a damaged one fails now, not in every request that names no voice
+
+
+def start_engine(settings: Settings) -> tuple[CSM, Any, Engine]:
+    """The model, its codec (loaded and warmed up) and the engine, running."""
+    tts = CSM(settings.model, settings.threads, settings.gpu_layers, settings.kv_type, settings.max_streams,
+              settings.codec_device)
+    # Each request thread decodes its own audio while llama.cpp's threads run the engine: one torch
+    # thread per decode keeps them from oversubscribing the cores (which slows small ops ~100x). And
+    # set before any torch work: torch and ggml share one OpenMP runtime, and once this thread has run
+    # parallel work with it (building the codec with two threads did), the engine thread's frames took
+    # 45% longer.
+    import torch
+
+    torch.set_num_threads(1)
+    codec = tts.codec  # loaded now, not racing in the first requests' threads
+    codec.warm_up(codebooks=tts.model.config.num_codebooks)  # the CPU traces are made now, not in requests
+    return tts, codec, Engine(tts.generator, settings.max_queue)
