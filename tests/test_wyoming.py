@@ -100,8 +100,8 @@ def unlimited(app):
     server.close()
 
 
-def frame_bytes(engine) -> int:
-    return 2 * engine.tts.codec.cfg.frame_size  # 1920 samples for Mimi, fewer for the tiny codec
+def frame_bytes(app) -> int:
+    return 2 * app.extensions["csm_gguf"].codec.cfg.frame_size  # 1920 samples for Mimi, fewer for the tiny codec
 
 
 def wait_idle(engine, timeout: float = 5.0) -> None:
@@ -181,7 +181,7 @@ def test_synthesize_equals_the_http_servers_pcm(app, greedy, engine):
     chunks = [AudioChunk.from_event(e) for e in events[1:-1]]
     assert all((c.rate, c.width, c.channels) == (24_000, 2, 1) for c in chunks)
     audio = pcm_of(events)
-    assert len(audio) == 10 * frame_bytes(engine)
+    assert len(audio) == 10 * frame_bytes(app)
     assert_same_pcm(audio, http_pcm(app, TEXT, "echo"))
     wait_idle(engine)
 
@@ -221,8 +221,8 @@ def test_streamed_text_is_spoken_sentence_by_sentence_before_the_stop(app, greed
     assert kinds.count("audio-start") == kinds.count("audio-stop") == 3 and kinds[-1] == "synthesize-stopped"
     first = pcm_of(before_stop[: [e.type for e in before_stop].index("audio-stop")])
     assert_same_pcm(first, http_pcm(app, "Hello there.", "onyx"))  # the first sentence, alone as over HTTP
-    assert len(pcm_of(before_stop)) == 20 * frame_bytes(engine)
-    assert len(pcm_of(after_stop)) == 10 * frame_bytes(engine)  # "I am", at the stop; the copy is ignored
+    assert len(pcm_of(before_stop)) == 20 * frame_bytes(app)
+    assert len(pcm_of(after_stop)) == 10 * frame_bytes(app)  # "I am", at the stop; the copy is ignored
     wait_idle(engine)
 
 
@@ -278,7 +278,7 @@ def test_two_clients_at_once_share_the_engine(unlimited, engine):
     wait_idle(engine)
 
 
-def test_a_full_server_makes_a_request_wait_for_a_slot_rather_than_fail(greedy, unlimited, engine):
+def test_a_full_server_makes_a_request_wait_for_a_slot_rather_than_fail(greedy, unlimited, engine, app):
     """Wyoming has no "busy" answer that clients retry: the request waits, as a websocket's sentence does."""
     long_text = " ".join(f"This is sentence number {i}, which goes on for a while." for i in range(8))
     hogs = [engine.submit(unlimited.service.request(None, text=long_text).job)
@@ -293,14 +293,14 @@ def test_a_full_server_makes_a_request_wait_for_a_slot_rather_than_fail(greedy, 
         return await waiting
 
     events = run(wait_then_free())
-    assert [e.type for e in events][-1] == "audio-stop" and len(pcm_of(events)) == 10 * frame_bytes(engine)
+    assert [e.type for e in events][-1] == "audio-stop" and len(pcm_of(events)) == 10 * frame_bytes(app)
     wait_idle(engine)
 
 
 # --- errors ----------------------------------------------------------------------------------------------------
 
 
-def test_bad_events_are_answered_with_errors_and_the_connection_goes_on(greedy, engine):
+def test_bad_events_are_answered_with_errors_and_the_connection_goes_on(greedy, engine, app):
     async def misbehave():
         answers = []
         async with greedy.client() as client:
@@ -334,7 +334,7 @@ def test_bad_events_are_answered_with_errors_and_the_connection_goes_on(greedy, 
     assert "unknown voice 'nobody'" in errors[0].text and "alloy" in errors[0].text
     assert "empty" in errors[1].text
     assert "synthesize-start first" in errors[8].text
-    assert len(audio) == 10 * frame_bytes(engine)
+    assert len(audio) == 10 * frame_bytes(app)
     wait_idle(engine)
 
 
@@ -389,7 +389,7 @@ def test_a_streaming_client_that_leaves_cancels_its_following_sentences(unlimite
     assert jobs[1].frames == 0  # the second sentence did not start in the first one's slot
 
 
-def test_an_all_zero_frame_ends_the_audio(greedy, engine, monkeypatch):
+def test_an_all_zero_frame_ends_the_audio(greedy, engine, monkeypatch, app):
     """The end of speech: after its second frame, each stream makes the all-zero frame."""
     step = engine.generator.step
     made: dict[int, int] = {}
@@ -405,7 +405,7 @@ def test_an_all_zero_frame_ends_the_audio(greedy, engine, monkeypatch):
 
     monkeypatch.setattr(engine.generator, "step", ending_step)
     events = run(synthesize(greedy, TEXT))
-    assert events[-1].type == "audio-stop" and len(pcm_of(events)) == 2 * frame_bytes(engine)
+    assert events[-1].type == "audio-stop" and len(pcm_of(events)) == 2 * frame_bytes(app)
 
 
 # --- the command ---------------------------------------------------------------------------------------------
