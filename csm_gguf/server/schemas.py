@@ -173,7 +173,8 @@ def parse_voice(form: MultiDict[str, str], files: MultiDict[str, FileStorage], t
         raise invalid(repeated[0], f"'{repeated[0]}' was sent more than once: send it once")
     unknown = sorted((set(form) | set(files)) - VOICE_FIELDS)
     if unknown:
-        raise invalid(unknown[0], f"unrecognized request argument: {unknown[0]!r}; known: {', '.join(sorted(VOICE_FIELDS))}")
+        known = ", ".join(sorted(VOICE_FIELDS))
+        raise invalid(unknown[0], f"unrecognized request argument: {unknown[0]!r}; known: {known}")
     misplaced = sorted(set(files) - {"audio_sample"}) or sorted(set(form) & {"audio_sample"})
     if misplaced:
         kind = "a text field, not a file" if misplaced[0] != "audio_sample" else "a file, not a text field"
@@ -250,10 +251,12 @@ def _value(body: dict, setting: Setting) -> Any:
     if value is None:
         return setting.default
     number = (int,) if setting.whole else (int, float)
-    if isinstance(value, bool) or not isinstance(value, number) or (isinstance(value, float) and not math.isfinite(value)):
+    finite = not isinstance(value, float) or math.isfinite(value)
+    if isinstance(value, bool) or not isinstance(value, number) or not finite:
         raise invalid(name, f"'{name}' must be {setting.rule()}")
     if not setting.allows(value):  # exact for ints of any size (JSON allows any number of digits)
-        shown = f"{value:g}" if isinstance(value, float) or abs(value) < 10**15 else "a number that large"
+        shown = "a number that large" if isinstance(value, int) and abs(value) >= 10**15 else (
+            str(value) if setting.whole else f"{value:g}")
         where = "lie " if setting.bounds().startswith("from") else "be "
         raise invalid(name, f"'{name}' is {shown}; it must {where}{setting.bounds()}", code="out_of_range")
     return value if setting.whole else float(value)
