@@ -10,7 +10,7 @@ from typing import Any
 from flask import Flask
 
 from ..tts import CSM
-from ..voices import load_voice
+from ..voices import load_voice, max_voices
 from .engine import Engine
 from .errors import register_error_handlers
 from .limits import MAX_SPEECH_REQUEST
@@ -27,6 +27,7 @@ def create_app(**overrides: Any) -> Flask:
     if settings.voice not in voice_names():
         raise ValueError(f"CSM_GGUF_VOICE={settings.voice!r} is not a voice; known: {', '.join(voice_names())}")
     load_voice(settings.voice)  # a damaged one fails now, not in every request that names no voice
+    max_voices()  # a bad CSM_GGUF_MAX_VOICES fails now, not at the first upload
     app = Flask("csm_gguf.web")
     app.extensions[EXTENSION] = start_services(settings)
     app.config["API_KEY"] = settings.api_key
