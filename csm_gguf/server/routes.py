@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import hmac
-import json
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -14,16 +13,17 @@ from typing import Any
 import numpy as np
 from flask import Blueprint, Response, current_app, render_template_string, request
 from flask_sock import Sock
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from .. import ffmpeg
 from ..audio import MEDIA_TYPES, StreamEncoder, encode_audio
 from ..tempo import stretched
 from ..tts import CSM
 from ..voices import BUILTIN_VOICES, VoiceExists, VoicesFolderError, delete_voice, list_voices, load_voice, save_voice
-from .engine import Engine, Job, QueueFull
+from .engine import Engine, Job, Place, QueueFull
 from .errors import VOICES_PATH, ApiError, generation_error
-from .limits import MAX_VOICE_UPLOAD
-from .schemas import MODELS, SpeechRequest, parse_speech, parse_voice, voice_exists, voice_names
+from .limits import MAX_SPEECH_REQUEST, MAX_VOICE_UPLOAD
+from .schemas import MODELS, SpeechRequest, parse_json, parse_speech, parse_voice, voice_exists, voice_names
 from .settings import SETTINGS, Settings
 from .streaming import ClientGone, decoded_audio, encoded, next_frames, sse_events, streamed
 from .ws_session import WebsocketSession
@@ -48,11 +48,27 @@ class Services:
     def parse(self, body: Any, need_input: bool = True) -> SpeechRequest:
         return parse_speech(body, self.tts, self.settings.voice, need_input)
 
-    def submit(self, req: SpeechRequest, after: Job | None = None, continues: bool = False) -> Job:
+    def place(self) -> Place:
+        """A place in line, taken before the request is read (see Engine.place); 429 if there is none."""
         try:
+            return self.engine.place()
+        except Exception as e:
+            raise engine_error(e) from None
+
+    def submit(self, req: SpeechRequest, after: Job | None = None, continues: bool = False,
+               place: Place | None = None) -> Job:
+        try:
+            if place is not None:
+                return self.engine.submit_in(place, req.job)
             return self.engine.submit(req.job, after, continues)
-        except QueueFull as e:
-            raise ApiError(429, str(e), code="queue_full", type="rate_limit_error") from None
+        except Exception as e:  # text the engine refuses is the request's fault: a 400, as any other
+            raise engine_error(e) from None
+
+
+def engine_error(e: Exception) -> ApiError:
+    if isinstance(e, QueueFull):
+        return ApiError(429, str(e), code="queue_full", type="rate_limit_error")
+    return generation_error(e)
 
 
 def services() -> Services:
@@ -118,13 +134,12 @@ def add_voice():
         raise ApiError(400, "send the voice as multipart/form-data: name, audio_sample (the recording, as a "
                        "file) and transcript (its words)", code="invalid_request")
     request.max_content_length = MAX_VOICE_UPLOAD
-    name, voice = parse_voice(request.form, request.files, services().tts)
+    with services().place():  # as a speech request: refused (429) before the upload is read and encoded
+        name, voice = parse_voice(request.form, request.files, services().tts)
     try:
-        save_voice(name, voice)
+        save_voice(name, voice)  # VoicesFull and VoicesFolderError have their handlers (errors.py)
     except VoiceExists:  # saved meanwhile, by another request or program
         raise voice_exists(name) from None
-    except VoicesFolderError as e:  # the server's setup, not the request
-        raise ApiError(500, str(e), type="server_error") from None
     return {"id": name, "object": "audio.voice", "name": name, "created_at": int(time.time()),
             "type": "audio_sample"}
 
@@ -136,8 +151,8 @@ def remove_voice(name: str):
                        "while the server runs", param="voice_id", code="voice_in_use")
     try:
         deleted = delete_voice(name)
-    except VoicesFolderError as e:  # the file would not go: the server's setup
-        raise ApiError(500, str(e), type="server_error") from None
+    except VoicesFolderError:  # the file would not go: the server's setup (its handler says so)
+        raise
     except ValueError as e:  # a built-in voice
         raise ApiError(400, str(e), param="voice_id") from None
     if not deleted:
@@ -149,12 +164,9 @@ def remove_voice(name: str):
 @bp.post("/v1/audio/speech")
 def speech():
     s = services()
-    try:
-        body = json.loads(request.get_data())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
-    req = s.parse(body)
-    job = s.submit(req)
+    with s.place() as place:  # a request the server would refuse is refused before its body is read
+        req = s.parse(parse_json(speech_body()))
+        job = s.submit(req, place=place)
     environ = request.environ
     try:
         first = next_frames(job, environ)  # a request that cannot start fails here, with a proper status
@@ -177,6 +189,17 @@ def speech():
             raise generation_error(e) from None
         return Response(encode_audio(samples, req.response_format), mimetype=media_type)
     return streamed(encoded(audio, StreamEncoder(req.response_format)), media_type)
+
+
+def speech_body() -> bytes:
+    """The body, at most MAX_SPEECH_REQUEST bytes (a 413 beyond), with or without a Content-Length: werkzeug
+    cuts a chunked body at the request's limit without a word, so the limit is one byte more and the body
+    that reaches it is refused here."""
+    request.max_content_length = MAX_SPEECH_REQUEST + 1
+    data = request.get_data(cache=False)
+    if len(data) > MAX_SPEECH_REQUEST:
+        raise RequestEntityTooLarge()
+    return data
 
 
 @sock.route(WEBSOCKET_PATH, bp=bp)

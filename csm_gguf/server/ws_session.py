@@ -16,12 +16,13 @@ from simple_websocket import ConnectionClosed
 
 from ..audio import SAMPLE_RATE, StreamEncoder
 from ..tempo import TimeStretch
-from ..text import cut_between_words, is_blank, take_sentences
+from ..text import cut_between_words, is_blank, is_unicode, take_sentences
 from ..tts import decode_frames
+from ..voices import VoicesFolderError
 from .engine import Job
-from .errors import ApiError, generation_error
+from .errors import ApiError, folder_error, generation_error
 from .limits import MAX_INPUT_CHARS
-from .schemas import MODELS, SpeechRequest
+from .schemas import MODELS, SpeechRequest, parse_json
 
 log = logging.getLogger(__name__)
 
@@ -93,19 +94,14 @@ class WebsocketSession:
     def run(self) -> None:
         try:
             while True:
-                wait = max(0.0, self.retry_at - time.monotonic()) if self.queue else None
-                message = self.ws.receive(timeout=0 if self.job else wait)
-                if message is not None:
-                    self.handle(message)
-                if self.job is None and self.queue and time.monotonic() >= self.retry_at:
-                    if self.queue[0] is FLUSH:
-                        self.queue.popleft()
-                        self.finish()
-                    else:
-                        self.start(self.queue[0])
-                if self.job is not None:
-                    self.follow()
-                    self.pump()
+                try:
+                    self.step()
+                except (ConnectionClosed, OSError):
+                    raise
+                except Exception as e:  # a bug of ours: said, as over HTTP, and the session goes on without it
+                    log.exception("unexpected error in a websocket session")
+                    self.drop_failed()
+                    self.error(ApiError(500, f"internal error: {e}", type="server_error"))
         except (ConnectionClosed, OSError):  # the client left; a reset can surface as OSError mid-send
             pass
         finally:
@@ -115,6 +111,36 @@ class WebsocketSession:
             if self.utterance is not None:
                 self.utterance.encoder.close()
 
+    def step(self) -> None:
+        """Take a message if there is one, start what is next in line, and send what is spoken."""
+        wait = max(0.0, self.retry_at - time.monotonic()) if self.queue else None
+        message = self.ws.receive(timeout=0 if self.job else wait)
+        if message is not None:
+            self.handle(message)
+        if self.job is None and self.queue and time.monotonic() >= self.retry_at:
+            if self.queue[0] is FLUSH:
+                self.queue.popleft()
+                self.finish()
+            else:
+                self.start(self.queue[0])
+        if self.job is not None:
+            self.follow()
+            self.pump()
+
+    def drop_failed(self) -> None:
+        """After an unexpected error in `step`: drop what failed (the sentence being spoken or started, else
+        the file being finished), so that the session goes on with the rest of its queue."""
+        if self.job is not None:
+            self.job.cancel()
+            self.job = None
+        elif self.queue and self.queue[0] is not FLUSH:
+            failed = self.queue.popleft()
+            if failed.job is not None:
+                failed.job.cancel()
+        elif self.utterance is not None:
+            self.utterance.encoder.close()
+            self.utterance = None
+
     def error(self, e: ApiError) -> None:
         self.ws.send(json.dumps({"type": "error", **e.body()}))
 
@@ -122,16 +148,15 @@ class WebsocketSession:
         try:
             if isinstance(message, bytes):
                 raise ApiError(400, "send JSON text messages, not binary", code="invalid_json")
-            try:
-                body = json.loads(message)
-            except ValueError as e:
-                raise ApiError(400, f"the message is not valid JSON: {e}", code="invalid_json") from None
+            body = parse_json(message, "the message")
             if not isinstance(body, dict):
                 raise ApiError(400, "a message must be a JSON object", code="invalid_json")
             kind = body.pop("type", "speech")
             if kind == "text":
                 if set(body) != {"text"} or not isinstance(body["text"], str):
                     raise ApiError(400, 'a text message is {"type": "text", "text": "..."}', param="text")
+                if not is_unicode(body["text"]):
+                    raise ApiError(400, "'text' holds lone surrogates, which are not Unicode text", param="text")
                 self.add_text(body["text"])
             elif kind == "flush":
                 self.add_text("\n")
@@ -153,6 +178,8 @@ class WebsocketSession:
                 raise ApiError(400, f"unknown message type {kind!r}: use speech, text or flush", param="type")
         except ApiError as e:
             self.error(e)
+        except VoicesFolderError as e:  # the server's setup: said without its paths
+            self.error(folder_error(e))
         except Exception as e:  # a bug of ours: said, as over HTTP, and the session goes on
             log.exception("unexpected error in a websocket message")
             self.error(ApiError(500, f"internal error: {e}", type="server_error"))
