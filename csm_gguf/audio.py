@@ -80,6 +80,16 @@ def format_from_path(path: str | os.PathLike[str]) -> str:
     return _EXTENSIONS[ext]
 
 
+def _read_piped(f: BinaryIO, name: str) -> bytes:
+    """All of a pipe or device, held to be decoded: at most MAX_PIPED_AUDIO_BYTES (/dev/zero never ends)."""
+    from .bounded import MAX_PIPED_AUDIO_BYTES, TooLarge, read_at_most
+
+    try:
+        return read_at_most(f, MAX_PIPED_AUDIO_BYTES, "the audio read from it", "give a shorter recording, in a file")
+    except TooLarge as e:
+        raise _read_error(name, str(e)) from None
+
+
 def load_audio(source: AudioSource, max_seconds: float | None = None) -> np.ndarray:
     """Reads wav/flac/ogg/mp3 (with ffmpeg installed: also m4a, aac, webm, ...) from a path or binary
     file object as 24 kHz mono float32.
@@ -98,13 +108,13 @@ def load_audio(source: AudioSource, max_seconds: float | None = None) -> np.ndar
         try:
             with open(name, "rb") as f:
                 if not os.path.isfile(name):  # a pipe (/dev/stdin, <(...)): libsndfile seeks in FLAC and MP3
-                    source = io.BytesIO(f.read())
+                    source = io.BytesIO(_read_piped(f, name))
         except PermissionError:
             raise _read_error(name, "no permission to read it") from None
     else:
         name = getattr(source, "name", None) or "<file object>"
         if not source.seekable():  # libsndfile seeks, and ffmpeg may need to read it again
-            source = io.BytesIO(source.read())
+            source = io.BytesIO(_read_piped(source, name))
     start = None if isinstance(source, (str, os.PathLike)) else source.tell()
     if start is not None and source.seek(0, io.SEEK_END) == start:
         raise _read_error(name, "it is empty")

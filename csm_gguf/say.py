@@ -74,7 +74,7 @@ class UsageError(ValueError):
 
 def read_text(args) -> str | None:
     """The text to speak, from the argument, --input or stdin ('-'); files and stdin are UTF-8 (a
-    byte-order mark is dropped)."""
+    byte-order mark is dropped), at most MAX_TEXT_BYTES."""
     from .text import is_unicode
 
     if args.input and args.text is not None:
@@ -85,23 +85,42 @@ def read_text(args) -> str | None:
     if source == "-":
         if sys.stdin is None:
             raise UsageError("cannot read standard input: it is closed")
-        data, where = sys.stdin.buffer.read(), "standard input"
-    elif args.input:
+        return read_utf8(sys.stdin.buffer, "standard input")
+    if args.input:
         where = f"--input {source}"
         try:
-            data = Path(source).read_bytes()
+            with open(source, "rb") as f:
+                return read_utf8(f, where)
         except OSError as e:
             raise UsageError(f"cannot read {where}: {e.strerror}") from e
-    elif not is_unicode(source):
+    if not is_unicode(source):
         raise UsageError("TEXT is not valid UTF-8 in this terminal's encoding: pass it in a UTF-8 file with --input")
-    else:
-        return source
-    if b"\x00" in data:
-        raise UsageError(f"{where} holds NUL bytes, so it is not UTF-8 text (UTF-16?): save it as UTF-8")
+    return source
+
+
+def read_utf8(f, where: str) -> str:
+    """UTF-8 text from `f`, checked piece by piece as it is read: NUL bytes (UTF-16, or a device such as
+    /dev/zero) and bytes that are not UTF-8 stop it at once, and so does a text past MAX_TEXT_BYTES."""
+    import codecs
+
+    from .bounded import MAX_TEXT_BYTES, TooLarge, pieces
+
+    decoder, text, read, start = codecs.getincrementaldecoder("utf-8-sig")(), [], 0, 0
     try:
-        return data.decode("utf-8-sig")
+        for piece in pieces(f, MAX_TEXT_BYTES, where, "split it into several files"):
+            if b"\x00" in piece:
+                raise UsageError(f"{where} holds NUL bytes, so it is not UTF-8 text (UTF-16?): save it as UTF-8")
+            start = read - len(decoder.getstate()[0])  # decoding resumes at the bytes held back last time
+            read += len(piece)
+            text.append(decoder.decode(piece))
+        start = read - len(decoder.getstate()[0])
+        text.append(decoder.decode(b"", final=True))
     except UnicodeDecodeError as e:
-        raise UsageError(f"{where} is not UTF-8 text ({e.reason} at byte {e.start}): save it as UTF-8") from None
+        at = start + e.start
+        raise UsageError(f"{where} is not UTF-8 text ({e.reason} at byte {at}): save it as UTF-8") from None
+    except TooLarge as e:
+        raise UsageError(str(e)) from None
+    return "".join(text)
 
 
 def output_format(args) -> str:

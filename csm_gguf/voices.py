@@ -6,6 +6,7 @@ import io
 import json
 import os
 import re
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,25 @@ class VoiceExists(ValueError):
 
 class VoicesFolderError(ValueError):
     """The voices folder cannot be used: the setup's problem, not the request's."""
+
+
+class VoicesFull(ValueError):
+    """The voices folder holds as many voices as its limit (CSM_GGUF_MAX_VOICES) allows."""
+
+
+# How many voices the folder may hold, declared once: the server's users can add voices, and each file
+# is at most ~140 kB from the server (its codes fill at most the model's context), so 100 voices is
+# at most 14 MB.
+MAX_VOICES = ("CSM_GGUF_MAX_VOICES", 100)
+_saving = threading.Lock()  # the count checked and the file written as one step (within a process)
+
+
+def max_voices() -> int:
+    var, default = MAX_VOICES
+    raw = os.environ.get(var) or str(default)
+    if not (raw.isascii() and raw.isdigit()):
+        raise VoicesFolderError(f"{var} must be a whole number >= 0 (the most saved voices), got {raw!r}")
+    return int(raw)
 
 
 def voices_dir() -> Path:
@@ -77,10 +97,20 @@ def check_saveable(name: str) -> Path:
     _folder()
     if path.exists():
         raise VoiceExists(name)
+    saved, limit = len(list_voices()), max_voices()
+    if saved >= limit:
+        var = MAX_VOICES[0]
+        raise VoicesFull(f"{saved} voices are saved, the most {var}={limit} allows: delete one first, or raise {var}")
     return path
 
 
 def save_voice(name: str, voice: Voice) -> Path:
+    """Saves `voice` as `name`: whole or not at all, and not past the folder's limit (VoicesFull)."""
+    with _saving:
+        return _save(name, voice)
+
+
+def _save(name: str, voice: Voice) -> Path:
     path = check_saveable(name)
     if not voice.segments or any(seg.codes is None for seg in voice.segments):
         raise ValueError("a voice needs at least one context segment with audio")
@@ -157,4 +187,5 @@ def load_voice(name: str) -> Voice:
             check_speaker(voice.speaker)
             return voice
     except Exception as e:  # a damaged file fails in any of zipfile's, zlib's, json's or numpy's ways
-        raise ValueError(f"voice {name!r} is damaged ({path}: {e}); save it again with --save-voice") from None
+        reason = str(e).replace(str(path), path.name)  # named by the voice: a server shows this to its clients
+        raise ValueError(f"voice {name!r} is damaged ({reason}): delete it and save it again") from None

@@ -36,6 +36,28 @@ class QueueFull(RuntimeError):
     """Every generation slot is busy and the waiting queue is full."""
 
 
+class Place:
+    """A place in line taken before a request is read (`Engine.place`): a request the server would refuse
+    is refused before its body is read and its context audio decoded, so that the memory of requests being
+    read is bounded by the slots and the queue, not by the number of clients. `Engine.submit_in` turns it
+    into the request's job; `release` gives it back (once)."""
+
+    def __init__(self, engine: Engine):
+        self.engine, self.held = engine, True
+
+    def release(self) -> None:
+        with self.engine._wake:
+            if self.held:
+                self.held = False
+                self.engine.reserved -= 1
+
+    def __enter__(self) -> Place:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 @dataclass(frozen=True)
 class SpeechJob:
     """What to say and how: the engine's view of one request."""
@@ -127,6 +149,7 @@ class Engine:
         self.waiting: deque[Job] = deque()
         self.joining: list[Job] = []  # taken from the queue, their prompts being read
         self.active: list[Job] = []
+        self.reserved = 0  # places taken by requests still being read (Place)
         self.completed = 0
         self._wake = threading.Condition()
         self._closing = False
@@ -134,6 +157,33 @@ class Engine:
         self._thread.start()
 
     # --- request threads ----------------------------------------------------------------------------
+    def place(self) -> Place:
+        """A place in line for a request about to be read; QueueFull now if there is none (see Place)."""
+        with self._wake:
+            if self._closing:
+                raise RuntimeError(SHUTTING_DOWN)
+            self._check_room()
+            self.reserved += 1
+        return Place(self)
+
+    def _check_room(self) -> None:
+        """QueueFull unless a new request fits: requests spoken, waiting or being read, against the slots
+        and the queue (followers are not counted: see submit)."""
+        queued = sum(not w.follower for w in self.waiting)
+        if len(self.active) + len(self.joining) + queued + self.reserved >= self.max_streams + self.max_queue:
+            raise QueueFull(
+                f"the server is busy: {len(self.active) + len(self.joining)} requests are being spoken and "
+                f"{queued + self.reserved} wait (CSM_GGUF_MAX_STREAMS={self.max_streams}, "
+                f"CSM_GGUF_QUEUE={self.max_queue}); try again shortly"
+            )
+
+    def submit_in(self, place: Place, spec: SpeechJob) -> Job:
+        """`submit`, in the place taken for the request: the place is given back and taken by the job under
+        one hold of the lock (which submit takes again), so no other request can take it in between."""
+        with self._wake:
+            place.release()
+            return self.submit(spec)
+
     def submit(self, spec: SpeechJob, after: Job | None = None, continues: bool = False) -> Job:
         """Queue a request; raises QueueFull when all slots and the queue are taken, ValueError for empty
         text or bad settings.
@@ -160,13 +210,7 @@ class Engine:
                 return job
             if job.continues:
                 job.context.previous = list(after.context.previous)
-            queued = sum(not w.follower for w in self.waiting)
-            if len(self.active) + len(self.joining) + queued >= self.max_streams + self.max_queue:
-                raise QueueFull(
-                    f"the server is busy: {len(self.active) + len(self.joining)} requests are being spoken and "
-                    f"{queued} wait (CSM_GGUF_MAX_STREAMS={self.max_streams}, "
-                    f"CSM_GGUF_QUEUE={self.max_queue}); try again shortly"
-                )
+            self._check_room()
             self.waiting.append(job)
             self._wake.notify()
         return job

@@ -8,3 +8,6 @@ MAX_VOICE_UPLOAD = 32 * 2**20  # bytes: half a minute of 48 kHz stereo wav is 11
 # stereo wav.
 MAX_SPEECH_REQUEST = 64 * 2**20
 MAX_SPEAKER = 1_000_000  # speaker ids: any CSM takes, within reason
+# Nesting of a request's JSON: a speech request needs 5 levels (body, context, segment, codes, frame).
+# Deeper JSON is refused before anything recurses through it (Python's json parser stops near 1000).
+MAX_JSON_DEPTH = 32

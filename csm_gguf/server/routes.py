@@ -5,21 +5,21 @@
 from __future__ import annotations
 
 import hmac
-import json
 import time
 from importlib import resources
 
 import numpy as np
 from flask import Blueprint, Response, current_app, render_template_string, request
 from flask_sock import Sock
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from .. import ffmpeg
 from ..audio import MEDIA_TYPES, StreamEncoder, encode_audio
 from ..tempo import stretched
 from ..voices import BUILTIN_VOICES, VoiceExists, VoicesFolderError, delete_voice, list_voices, load_voice, save_voice
 from .errors import VOICES_PATH, ApiError, generation_error
-from .limits import MAX_VOICE_UPLOAD
-from .schemas import MODELS, parse_voice, voice_exists, voice_names
+from .limits import MAX_SPEECH_REQUEST, MAX_VOICE_UPLOAD
+from .schemas import MODELS, parse_json, parse_voice, voice_exists, voice_names
 from .services import EXTENSION, Services
 from .settings import SETTINGS
 from .streaming import ClientGone, decoded_audio, encoded, next_frames, sse_events, streamed
@@ -94,13 +94,12 @@ def add_voice():
         raise ApiError(400, "send the voice as multipart/form-data: name, audio_sample (the recording, as a "
                        "file) and transcript (its words)", code="invalid_request")
     request.max_content_length = MAX_VOICE_UPLOAD
-    name, voice = parse_voice(request.form, request.files, services().tts)
+    with services().place():  # as a speech request: refused (429) before the upload is read and encoded
+        name, voice = parse_voice(request.form, request.files, services().tts)
     try:
-        save_voice(name, voice)
+        save_voice(name, voice)  # VoicesFull and VoicesFolderError have their handlers (errors.py)
     except VoiceExists:  # saved meanwhile, by another request or program
         raise voice_exists(name) from None
-    except VoicesFolderError as e:  # the server's setup, not the request
-        raise ApiError(500, str(e), type="server_error") from None
     return {"id": name, "object": "audio.voice", "name": name, "created_at": int(time.time()),
             "type": "audio_sample"}
 
@@ -112,8 +111,8 @@ def remove_voice(name: str):
                        "while the server runs", param="voice_id", code="voice_in_use")
     try:
         deleted = delete_voice(name)
-    except VoicesFolderError as e:  # the file would not go: the server's setup
-        raise ApiError(500, str(e), type="server_error") from None
+    except VoicesFolderError:  # the file would not go: the server's setup (its handler says so)
+        raise
     except ValueError as e:  # a built-in voice
         raise ApiError(400, str(e), param="voice_id") from None
     if not deleted:
@@ -125,12 +124,9 @@ def remove_voice(name: str):
 @bp.post("/v1/audio/speech")
 def speech():
     s = services()
-    try:
-        body = json.loads(request.get_data())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
-    req = s.parse(body)
-    job = s.submit(req)
+    with s.place() as place:  # a request the server would refuse is refused before its body is read
+        req = s.parse(parse_json(speech_body()))
+        job = s.submit(req, place=place)
     environ = request.environ
     try:
         first = next_frames(job, environ)  # a request that cannot start fails here, with a proper status
@@ -153,6 +149,17 @@ def speech():
             raise generation_error(e) from None
         return Response(encode_audio(samples, req.response_format), mimetype=media_type)
     return streamed(encoded(audio, StreamEncoder(req.response_format)), media_type)
+
+
+def speech_body() -> bytes:
+    """The body, at most MAX_SPEECH_REQUEST bytes (a 413 beyond), with or without a Content-Length: werkzeug
+    cuts a chunked body at the request's limit without a word, so the limit is one byte more and the body
+    that reaches it is refused here."""
+    request.max_content_length = MAX_SPEECH_REQUEST + 1
+    data = request.get_data(cache=False)
+    if len(data) > MAX_SPEECH_REQUEST:
+        raise RequestEntityTooLarge()
+    return data
 
 
 @sock.route(WEBSOCKET_PATH, bp=bp)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 import math
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -19,16 +20,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..audio import FORMATS, AudioError, check_format
-from ..generator import Segment
+from ..generator import Segment, check_codes
 from ..sampling import SETTINGS as SAMPLING_SETTINGS
 from ..sampling import Setting
 from ..tempo import MAX_SPEED, MIN_SPEED
 from ..text import is_blank, is_unicode
 from ..tts import CSM, Voice
-from ..voices import BUILTIN_VOICES, VoiceExists, VoicesFolderError, check_saveable, list_voices, load_voice
+from ..voices import BUILTIN_VOICES, VoiceExists, VoicesFolderError, VoicesFull, check_saveable, list_voices, load_voice
 from .engine import SpeechJob
 from .errors import ApiError, invalid
-from .limits import MAX_CONTEXT_SEGMENTS, MAX_INPUT_CHARS, MAX_SPEAKER
+from .limits import MAX_CONTEXT_SEGMENTS, MAX_INPUT_CHARS, MAX_JSON_DEPTH, MAX_SPEAKER
 
 if TYPE_CHECKING:
     from werkzeug.datastructures import FileStorage, MultiDict
@@ -76,6 +77,34 @@ def voice_names() -> list[str]:
     return [*BUILTIN_VOICES, *list_voices()]
 
 
+def parse_json(data: bytes | str, what: str = "the request body") -> Any:
+    """A request's JSON (an HTTP body or a websocket message), or an ApiError (400) that says what is wrong
+    with it: not JSON, not UTF-8, or nested deeper than MAX_JSON_DEPTH."""
+    try:
+        value = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:  # UnicodeDecodeError is a ValueError, named for the reader
+        raise ApiError(400, f"{what} is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:  # Python's parser gives up near 1000 levels
+        too_deep = True
+    else:
+        too_deep = not _nested_at_most(value, MAX_JSON_DEPTH)
+    if too_deep:
+        raise ApiError(400, f"{what} nests arrays and objects more than {MAX_JSON_DEPTH} levels deep (a speech "
+                       "request needs 5)", code="invalid_json")
+    return value
+
+
+def _nested_at_most(value: Any, depth: int) -> bool:
+    """Whether `value` nests lists and dicts at most `depth` levels deep, found level by level (no recursion)."""
+    level = [value] if isinstance(value, (dict, list)) else []
+    for _ in range(depth):
+        level = [child for v in level for child in (v.values() if isinstance(v, dict) else v)
+                 if isinstance(child, (dict, list))]
+        if not level:
+            return True
+    return False
+
+
 def parse_speech(body: Any, tts: CSM, default_voice: str = "alloy", need_input: bool = True) -> SpeechRequest:
     """The request as the engine needs it, but for encoding its context audio (`encode_context`); ApiError
     (400) for the first bad field. need_input=False for a websocket session's settings, whose text comes
@@ -93,7 +122,7 @@ def parse_speech(body: Any, tts: CSM, default_voice: str = "alloy", need_input: 
         raise invalid("instructions", f"'instructions' must be a string of at most {MAX_INPUT_CHARS} characters")
     fmt, stream_format, stream = _output(body)
     speed = _value(body, SPEED)
-    speaker, segments = _voice(body.get("voice", default_voice))
+    speaker, segments = _voice(body.get("voice", default_voice), tts)
     if "speaker_id" in body and body["speaker_id"] is not None:
         speaker = _value(body, SPEAKER_ID)
     temperature, top_k, seed, max_audio_ms = (_value(body, setting) for setting in SAMPLING_SETTINGS)
@@ -190,8 +219,8 @@ def parse_voice(form: MultiDict[str, str], files: MultiDict[str, FileStorage], t
         check_saveable(name)  # now, not after encoding the sample
     except VoiceExists:
         raise voice_exists(name) from None
-    except VoicesFolderError as e:
-        raise ApiError(500, str(e), type="server_error") from None
+    except (VoicesFolderError, VoicesFull):  # the server's: their handlers answer (errors.py)
+        raise
     except ValueError as e:
         raise invalid("name", str(e)) from None
     transcript = form.get("transcript")
@@ -225,7 +254,7 @@ def voice_exists(name: str) -> ApiError:
                     code="voice_exists")
 
 
-def _voice(voice: Any) -> tuple[int, list[Segment]]:
+def _voice(voice: Any, tts: CSM) -> tuple[int, list[Segment]]:
     if isinstance(voice, dict):
         voice = voice.get("id")
     if isinstance(voice, str) and voice in BUILTIN_VOICES:  # a speaker and no prompt: nothing to read
@@ -242,7 +271,14 @@ def _voice(voice: Any) -> tuple[int, list[Segment]]:
         saved = load_voice(voice)
     except ValueError as e:  # a damaged voice file
         raise invalid("voice", str(e), code="voice_unusable") from None
-    return saved.speaker, list(saved.segments)
+    k, n_codes = tts.model.config.num_codebooks, tts.model.n_codes
+    try:
+        segments = [replace(s, codes=check_codes(s.codes, k, n_codes, f"the codes of voice {voice!r}"))
+                    for s in saved.segments]
+    except ValueError as e:  # checked now: in the engine, it would be a failed generation, not a voice's fault
+        raise invalid("voice", f"{e}: it was saved for another model, or damaged; delete it and save it again",
+                      code="voice_unusable") from None
+    return saved.speaker, segments
 
 
 def _value(body: dict, setting: Setting) -> Any:

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..generator import Segment
 from ..tts import CSM
-from .engine import Engine, Job, QueueFull
+from .engine import Engine, Job, Place, QueueFull
 from .errors import ApiError, generation_error
 from .schemas import ContextAudio, SpeechRequest, encode_context, parse_speech
 from .settings import Settings
@@ -35,10 +35,24 @@ class Services:
     def parse(self, body: Any, need_input: bool = True) -> SpeechRequest:
         return self.encode(self.check(body, need_input))
 
-    def submit(self, req: SpeechRequest, after: Job | None = None, continues: bool = False) -> Job:
+    def place(self) -> Place:
+        """A place in line, taken before the request is read (see Engine.place); 429 if there is none."""
         try:
+            return self.engine.place()
+        except Exception as e:
+            raise engine_error(e) from None
+
+    def submit(self, req: SpeechRequest, after: Job | None = None, continues: bool = False,
+               place: Place | None = None) -> Job:
+        try:
+            if place is not None:
+                return self.engine.submit_in(place, req.job)
             return self.engine.submit(req.job, after, continues)
-        except QueueFull as e:
-            raise ApiError(429, str(e), code="queue_full", type="rate_limit_error") from None
-        except ValueError as e:  # the request's own fault, in case the schema let it through
-            raise generation_error(e) from None
+        except Exception as e:  # text the engine refuses is the request's fault: a 400, as any other
+            raise engine_error(e) from None
+
+
+def engine_error(e: Exception) -> ApiError:
+    if isinstance(e, QueueFull):
+        return ApiError(429, str(e), code="queue_full", type="rate_limit_error")
+    return generation_error(e)

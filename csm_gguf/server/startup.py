@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..tts import CSM
-from ..voices import load_voice
+from ..voices import load_voice, max_voices
 from .engine import Engine
 from .schemas import voice_names
 from .settings import Settings
@@ -20,6 +20,7 @@ def check_settings(settings: Settings) -> None:
     if settings.voice not in voice_names():
         raise ValueError(f"CSM_GGUF_VOICE={settings.voice!r} is not a voice; known: {', '.join(voice_names())}")
     load_voice(settings.voice)  # a damaged one fails now, not in every request that names no voice
+    max_voices()  # a bad CSM_GGUF_MAX_VOICES fails now, not at the first upload
 
 
 def start_engine(settings: Settings) -> tuple[CSM, Any, Engine]:

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 from ..audio import SAMPLE_RATE
+from ..text import is_unicode
 from .engine import usage
 from .errors import ApiError
+from .schemas import parse_json
 
 VOICE_FIELDS = ("voice", "speaker_id", "context")  # what makes a session's voice (not format or sampling)
 
@@ -45,16 +47,15 @@ def parse_message(message: str | bytes) -> Message:
     A speech message's fields are checked by the session, against its settings (schemas.parse_speech)."""
     if isinstance(message, bytes):
         raise ApiError(400, "send JSON text messages, not binary", code="invalid_json")
-    try:
-        body = json.loads(message)
-    except ValueError as e:
-        raise ApiError(400, f"the message is not valid JSON: {e}", code="invalid_json") from None
+    body = parse_json(message, "the message")
     if not isinstance(body, dict):
         raise ApiError(400, "a message must be a JSON object", code="invalid_json")
     kind = body.pop("type", "speech")
     if kind == "text":
         if set(body) != {"text"} or not isinstance(body["text"], str):
             raise ApiError(400, 'a text message is {"type": "text", "text": "..."}', param="text")
+        if not is_unicode(body["text"]):
+            raise ApiError(400, "'text' holds lone surrogates, which are not Unicode text", param="text")
         return Text(body["text"])
     if kind == "flush":
         return Flush()

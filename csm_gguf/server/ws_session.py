@@ -19,8 +19,9 @@ from ..generator import Segment
 from ..tempo import TimeStretch
 from ..text import cut_between_words, is_blank, take_sentences
 from ..tts import decode_frames
+from ..voices import VoicesFolderError
 from .engine import Job
-from .errors import ApiError, generation_error
+from .errors import ApiError, folder_error, generation_error
 from .limits import MAX_INPUT_CHARS
 from .schemas import MODELS, ContextAudio, SpeechRequest
 from .services import Services
@@ -73,19 +74,14 @@ class WebsocketSession:
     def run(self) -> None:
         try:
             while True:
-                wait = max(0.0, self.retry_at - time.monotonic()) if self.queue else None
-                message = self.ws.receive(timeout=0 if self.job else wait)
-                if message is not None:
-                    self.handle(message)
-                if self.job is None and self.queue and time.monotonic() >= self.retry_at:
-                    if self.queue[0] is FLUSH:
-                        self.queue.popleft()
-                        self.finish()
-                    else:
-                        self.start(self.queue[0])
-                if self.job is not None:
-                    self.follow()
-                    self.pump()
+                try:
+                    self.step()
+                except (ConnectionClosed, OSError):
+                    raise
+                except Exception as e:  # a bug of ours: said, as over HTTP, and the session goes on without it
+                    log.exception("unexpected error in a websocket session")
+                    self.drop_failed()
+                    self.error(ApiError(500, f"internal error: {e}", type="server_error"))
         except (ConnectionClosed, OSError):  # the client left; a reset can surface as OSError mid-send
             pass
         finally:
@@ -94,6 +90,36 @@ class WebsocketSession:
                     job.cancel()
             if self.utterance is not None:
                 self.utterance.encoder.close()
+
+    def step(self) -> None:
+        """Take a message if there is one, start what is next in line, and send what is spoken."""
+        wait = max(0.0, self.retry_at - time.monotonic()) if self.queue else None
+        message = self.ws.receive(timeout=0 if self.job else wait)
+        if message is not None:
+            self.handle(message)
+        if self.job is None and self.queue and time.monotonic() >= self.retry_at:
+            if self.queue[0] is FLUSH:
+                self.queue.popleft()
+                self.finish()
+            else:
+                self.start(self.queue[0])
+        if self.job is not None:
+            self.follow()
+            self.pump()
+
+    def drop_failed(self) -> None:
+        """After an unexpected error in `step`: drop what failed (the sentence being spoken or started, else
+        the file being finished), so that the session goes on with the rest of its queue."""
+        if self.job is not None:
+            self.job.cancel()
+            self.job = None
+        elif self.queue and self.queue[0] is not FLUSH:
+            failed = self.queue.popleft()
+            if failed.job is not None:
+                failed.job.cancel()
+        elif self.utterance is not None:
+            self.utterance.encoder.close()
+            self.utterance = None
 
     def error(self, e: ApiError) -> None:
         self.ws.send(error_message(e))
@@ -110,6 +136,8 @@ class WebsocketSession:
                 self.change(parsed)
         except ApiError as e:
             self.error(e)
+        except VoicesFolderError as e:  # the server's setup: said without its paths
+            self.error(folder_error(e))
         except Exception as e:  # a bug of ours: said, as over HTTP, and the session goes on
             log.exception("unexpected error in a websocket message")
             self.error(ApiError(500, f"internal error: {e}", type="server_error"))
