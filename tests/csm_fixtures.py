@@ -75,7 +75,8 @@ def tiktoken_encoding():
     import tiktoken
     from tiktoken.load import load_tiktoken_bpe
 
-    pattern = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    pattern = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
     return tiktoken.Encoding("llama3", pat_str=pattern,
                              mergeable_ranks=load_tiktoken_bpe(llama3_tokenizer_model()), special_tokens={})
 

@@ -9,19 +9,15 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import threading
-
 import httpx
 import numpy as np
 import pytest
 from simple_websocket import Client as WsClient
-from werkzeug.serving import make_server
 
 from csm_gguf.generator import Generator, Sampling, Segment
 from csm_gguf.model import CSMModel
 from csm_gguf.tts import CSM
-from eos_fixtures import end_at  # noqa: F401 (a fixture)
+from server_fixtures import loopback_server
 
 TEXT = "Hello there, how are you doing today?"
 LONG_TEXT = " ".join(f"This is sentence number {i}, which goes on for a while." for i in range(12))
@@ -115,20 +111,8 @@ def test_each_piece_of_a_long_text_ends_and_the_next_one_still_runs(tts, end_at,
 
 @pytest.fixture(scope="module")
 def server(f32_model, tmp_path_factory):
-    from csm_gguf.web import create_app
-
-    old = os.environ.get("CSM_GGUF_VOICES")
-    os.environ["CSM_GGUF_VOICES"] = str(tmp_path_factory.mktemp("eos-voices"))
-    app = create_app(model=str(f32_model), max_streams=2, max_queue=2, kv_type="f32")
-    srv = make_server("127.0.0.1", 0, app, threaded=True)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield app.extensions["csm"], f"http://127.0.0.1:{srv.server_port}"
-    srv.shutdown()
-    app.extensions["csm"].close()
-    if old is None:
-        del os.environ["CSM_GGUF_VOICES"]
-    else:
-        os.environ["CSM_GGUF_VOICES"] = old
+    with loopback_server(f32_model, tmp_path_factory.mktemp("eos-voices"), max_streams=2, max_queue=2) as srv:
+        yield srv
 
 
 BODY = {"model": "csm-1b", "input": TEXT, "voice": "alloy", "response_format": "pcm", "temperature": 0,
