@@ -9,6 +9,11 @@ from typing import Iterator
 
 from werkzeug.serving import make_server
 
+try:  # the server's modules are moving into a package; tests import its engine's names from here
+    from csm_gguf.server.engine import SpeechJob  # noqa: F401
+except ImportError:
+    from csm_gguf.server_engine import SpeechJob  # noqa: F401
+
 
 @contextmanager
 def loopback_server(model_dir, voices_dir, **settings) -> Iterator[tuple[object, str]]:

@@ -15,11 +15,10 @@ import pytest
 import soundfile as sf
 
 from csm_gguf.generator import Sampling
-from csm_gguf.server_engine import SpeechJob
 from csm_gguf.speech_request import parse_speech
 from csm_gguf.tts import CSM
 from csm_gguf.voices import BUILTIN_VOICES
-from server_fixtures import loopback_server
+from server_fixtures import SpeechJob, loopback_server
 
 # OpenAI's voices in its documented order, each a CSM speaker id (its index): the mapping clients see.
 VOICES = {"alloy": 0, "ash": 1, "ballad": 2, "coral": 3, "echo": 4, "fable": 5, "onyx": 6, "nova": 7, "sage": 8,

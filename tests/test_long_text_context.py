@@ -7,9 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from csm_gguf.server_engine import SpeechJob
 from csm_gguf.tts import CSM
-from server_fixtures import loopback_server
+from server_fixtures import SpeechJob, loopback_server
 
 TEXT = " ".join(f"This is sentence number {i}, which goes on for a while." for i in range(12))
 PER_PIECE = 3  # frames: every piece's budget (a sampled all-zero frame among 32 codes is never seen here)
@@ -64,3 +63,7 @@ def test_server_engine(server, monkeypatch):
     while (got := job.next_frames(timeout=60)) is not None:
         frames += got
     assert_each_piece_heard_the_one_before(contexts, engine.tts.pieces(TEXT), frames)
+    # The same frames as CSM.frames: piece i sampled with seed + i, after the same context.
+    assert not (engine.active or engine.waiting)  # idle: its CSM may be borrowed
+    monkeypatch.undo()
+    np.testing.assert_array_equal(frames, list(engine.tts.frames(TEXT, speaker=5, seed=2, max_audio_ms=PER_PIECE * 80)))
