@@ -4,6 +4,7 @@ catch each? Not collected by pytest (no test_ prefix). From the repository root:
     PYTHONPATH=$PWD python tests/mutate.py            # every mutation; a report at the end
     PYTHONPATH=$PWD python tests/mutate.py 3 7        # only these (numbers as --list shows them)
     PYTHONPATH=$PWD python tests/mutate.py --list
+    PYTHONPATH=$PWD python tests/mutate.py --every-test 5    # not stopping at the first failing test
 
 Each mutation replaces exact text (each `old` must occur exactly once in its file: a refactor that moves
 or rewrites the line makes the script say so, rather than test the unmutated code). The file is restored
@@ -21,12 +22,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def first_of(*paths: str) -> str:
+    """The first of these files that exists (modules that are moving: their new places first)."""
+    return next((p for p in paths if (ROOT / p).exists()), paths[-1])
+
+
 TARGETS = {
     "generator": "csm_gguf/generator.py",
     "tts": "csm_gguf/tts.py",
-    "engine": "csm_gguf/server/engine.py" if (ROOT / "csm_gguf/server/engine.py").exists()
-    else "csm_gguf/server_engine.py",
+    "engine": first_of("csm_gguf/server/engine.py", "csm_gguf/server_engine.py"),
     "tensor_map": "converter/tensor_map.py",
+    # beyond the four the pass is about: what pins the defaults and reads RoPE
+    "speech_request": first_of("csm_gguf/server/speech_request.py", "csm_gguf/server/request.py",
+                               "csm_gguf/speech_request.py"),
+    "web": first_of("csm_gguf/server/web.py", "csm_gguf/server/app.py", "csm_gguf/web.py"),
+    "voices": "csm_gguf/voices.py",
+    "checkpoint": "converter/checkpoint.py",
 }
 # Fast subsets, the likeliest to fail first (pytest runs with -x).
 SHAPE = "tests/test_real_model_shape.py::test_greedy_codes_equal_transformers_with_a_wider_vocabulary"
@@ -50,13 +63,16 @@ class Mutation:
 
 
 M = Mutation
+GREEDY_EOS = f"{EOS}::test_the_step_that_draws_it_ends_the_stream_without_feeding_it_back"
 MUTATIONS = [
     # --- generator.py -----------------------------------------------------------------------------------
     M("generator", "audio embedding rows strided by the codec's size, not the vocabulary's",
-      [("self._offsets = np.arange(cfg.num_codebooks) * v", "self._offsets = np.arange(cfg.num_codebooks) * model.n_codes")],
+      [("self._offsets = np.arange(cfg.num_codebooks) * v",
+        "self._offsets = np.arange(cfg.num_codebooks) * model.n_codes")],
       [SHAPE]),
     M("generator", "decoder input rows strided by the codec's size",
-      [("model.decoder_inputs[(i - 1) * v + codes[j, i - 1]]", "model.decoder_inputs[(i - 1) * n_codes + codes[j, i - 1]]")],
+      [("model.decoder_inputs[(i - 1) * v + codes[j, i - 1]]",
+        "model.decoder_inputs[(i - 1) * n_codes + codes[j, i - 1]]")],
       [SHAPE]),
     M("generator", "projection(h) read from the rows after the codec's codes, not the vocabulary's",
       [("self._proj = slice(v, v + d)", "self._proj = slice(model.n_codes, model.n_codes + d)")],
@@ -69,10 +85,10 @@ MUTATIONS = [
       [SHAPE]),
     M("generator", "the end-of-speech frame does not mark the stream done",
       [("                st.done = True\n                continue", "                continue")],
-      [f"{EOS}::test_the_step_that_draws_it_ends_the_stream_without_feeding_it_back", EOS]),
+      [GREEDY_EOS, EOS]),
     M("generator", "the end-of-speech frame is fed back as the next input",
       [("                st.done = True\n                continue", "                st.done = True")],
-      [f"{EOS}::test_the_step_that_draws_it_ends_the_stream_without_feeding_it_back"]),
+      [GREEDY_EOS]),
     M("generator", "generate passes the end-of-speech frame on",
       [("                if not frame.any():\n                    break\n", "")],
       [EOS]),
@@ -114,7 +130,8 @@ MUTATIONS = [
         "        \"\"\"Codes (32,)")],
       [DEFAULTS]),
     M("tts", "a piece's budget is the smaller of the floor and the text's share",
-      [("return max(MIN_FRAMES, FRAMES_PER_TOKEN * tokens) * FRAME_MS", "return min(MIN_FRAMES, FRAMES_PER_TOKEN * tokens) * FRAME_MS")],
+      [("return max(MIN_FRAMES, FRAMES_PER_TOKEN * tokens) * FRAME_MS",
+        "return min(MIN_FRAMES, FRAMES_PER_TOKEN * tokens) * FRAME_MS")],
       [BUDGET]),
     M("tts", "chunks of chunk_frames + 1 frames",
       [("            if len(pending) >= chunk_frames:", "            if len(pending) > chunk_frames:")],
@@ -133,7 +150,8 @@ MUTATIONS = [
       [("        job.made = []\n", "")],
       [f"{LONG}::test_server_engine"]),
     M("engine", "the next piece does not hear the previous one",
-      [("        job.previous = spoken_context(job.previous, job.spec.speaker, job.pieces[job.piece], job.made)\n", "")],
+      [("        job.previous = spoken_context(job.previous, job.spec.speaker, job.pieces[job.piece], job.made)\n",
+        "")],
       [f"{LONG}::test_server_engine"]),
     M("engine", "every piece samples with piece 0's seed",
       [("piece_sampling(piece, job.piece, spec.temperature", "piece_sampling(piece, 0, spec.temperature")],
@@ -153,16 +171,35 @@ MUTATIONS = [
        ('"ffn_up": ("mlp.w3.weight"', '"ffn_up": ("mlp.w1.weight"')],
       [ORIGINAL]),
     M("tensor_map", "transformers format: the two norms of a block swapped",
-      [('"attn_norm": ("sa_norm.scale", "input_layernorm.weight")', '"attn_norm": ("sa_norm.scale", "post_attention_layernorm.weight")'),
-       ('"ffn_norm": ("mlp_norm.scale", "post_attention_layernorm.weight")', '"ffn_norm": ("mlp_norm.scale", "input_layernorm.weight")')],
+      [('"attn_norm": ("sa_norm.scale", "input_layernorm.weight")',
+        '"attn_norm": ("sa_norm.scale", "post_attention_layernorm.weight")'),
+       ('"ffn_norm": ("mlp_norm.scale", "post_attention_layernorm.weight")',
+        '"ffn_norm": ("mlp_norm.scale", "input_layernorm.weight")')],
       [SHAPE]),
     M("tensor_map", "the depth decoder reads the backbone's audio embeddings (untied fine-tunes)",
       [('("audio_embeddings.weight", "depth_decoder.model.embed_tokens.weight")',
         '("audio_embeddings.weight", "backbone_model.embed_tokens.embed_audio_tokens.weight")')],
       [UNTIED]),
     M("tensor_map", "original format: the decoder's output norm read as the backbone's name",
-      [('OUTPUT_NORM: tuple[str, str] = ("norm.scale", "norm.weight")', 'OUTPUT_NORM: tuple[str, str] = ("norm.weight", "norm.weight")')],
+      [('OUTPUT_NORM: tuple[str, str] = ("norm.scale", "norm.weight")',
+        'OUTPUT_NORM: tuple[str, str] = ("norm.weight", "norm.weight")')],
       [ORIGINAL]),
+    # --- beyond the four: defaults and RoPE ---------------------------------------------------------------
+    M("speech_request", "a request without response_format gets wav",
+      [('fmt = body.get("response_format", "mp3")', 'fmt = body.get("response_format", "wav")')],
+      [DEFAULTS]),
+    M("speech_request", "a request without temperature gets 1.0",
+      [('_number(body, "temperature", 0.9,', '_number(body, "temperature", 1.0,')],
+      [DEFAULTS]),
+    M("voices", "marin and cedar swapped",
+      [('"marin",\n         "cedar")', '"cedar",\n         "marin")')],
+      [DEFAULTS]),
+    M("web", "eight streams by default",
+      [("    max_streams: int = 4\n", "    max_streams: int = 8\n")],
+      [DEFAULTS]),
+    M("checkpoint", "transformers' RoPE read with torchtune's original context (8192), not the config's",
+      [('original_context=rope["original_max_position_embeddings"],\n', "")],
+      [SHAPE]),
 ]
 
 
@@ -175,18 +212,23 @@ def mutated(text: str, edits: list[tuple[str, str]]) -> str:
     return text
 
 
-def run_tests(tests: list[str]) -> tuple[bool, float]:
-    """(whether they failed, seconds)."""
+def run_tests(tests: list[str], stop_at_first: bool = True) -> tuple[list[str], float]:
+    """(the tests that failed, as pytest names them, or ["timeout"]; seconds)."""
     start = time.monotonic()
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "no:warnings", *tests]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider", "-p", "no:warnings", *tests]
+    if stop_at_first:
+        cmd.insert(3, "-x")
     try:
-        failed = subprocess.run(cmd, cwd=ROOT, capture_output=True, timeout=TIMEOUT_S).returncode != 0
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        failed = True
+        return ["timeout"], time.monotonic() - start
+    failed = [line.split()[1] for line in done.stdout.splitlines() if line.startswith(("FAILED ", "ERROR "))]
+    if done.returncode != 0 and not failed:
+        failed = [f"pytest exit {done.returncode}"]
     return failed, time.monotonic() - start
 
 
-def run(numbers: list[int]) -> int:
+def run(numbers: list[int], stop_at_first: bool = True) -> int:
     results = []
     for n in numbers:
         m = MUTATIONS[n]
@@ -201,11 +243,13 @@ def run(numbers: list[int]) -> int:
             continue
         try:
             path.write_text(text)
-            caught, seconds = run_tests(m.tests)
+            failed, seconds = run_tests(m.tests, stop_at_first)
         finally:
             path.write_text(original)
-        verdict = "caught" if caught else "SURVIVED"
+        verdict = "caught" if failed else "SURVIVED"
         print(f"[{n:2}] {verdict:8} {seconds:5.0f}s  {m.target}: {m.what}", flush=True)
+        for name in failed:
+            print(f"       by {name}", flush=True)
         results.append((n, verdict))
     caught = sum(v == "caught" for _, v in results)
     valid = sum(v != "invalid" for _, v in results)
@@ -221,7 +265,9 @@ def main(argv: list[str]) -> int:
         for n, m in enumerate(MUTATIONS):
             print(f"[{n:2}] {m.target}: {m.what}")
         return 0
-    return run([int(a) for a in argv] or list(range(len(MUTATIONS))))
+    every = "--every-test" in argv  # run each subset whole: every test that catches the mutation
+    numbers = [int(a) for a in argv if a != "--every-test"]
+    return run(numbers or list(range(len(MUTATIONS))), stop_at_first=not every)
 
 
 if __name__ == "__main__":
