@@ -14,6 +14,7 @@ from csm_fixtures import (
     save_transformers_format,
     write_tokenizer_json,
 )
+from eos_fixtures import end_at  # noqa: F401 (a fixture: end of speech on demand)
 
 warnings.filterwarnings("ignore", message=".*rope_parameters.*")
 

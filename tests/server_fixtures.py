@@ -10,7 +10,9 @@ import os
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 import numpy as np
@@ -24,6 +26,7 @@ from werkzeug.serving import make_server
 from csm_gguf.audio import to_int16
 from csm_gguf.generator import Segment
 from csm_gguf.plan import Context
+from csm_gguf.server.services import EXTENSION, Services
 from csm_gguf.tts import Voice
 
 TEXT = "Hello there, how are you doing today?"
@@ -207,3 +210,25 @@ def ws_session(base, messages: list[dict], dones: int) -> list[tuple[bytes, dict
         return [ws_collect(ws) for _ in range(dones)]
     finally:
         ws.close()
+
+
+@contextmanager
+def loopback_server(model_dir, voices_dir, **settings) -> Iterator[tuple[Services, str]]:
+    """(the app's Services, its base URL) while a server of its own runs (for tests that need settings of
+    their own); voices are saved in `voices_dir`."""
+    from csm_gguf.web import create_app
+
+    old = os.environ.get("CSM_GGUF_VOICES")
+    os.environ["CSM_GGUF_VOICES"] = str(voices_dir)
+    app = create_app(model=str(model_dir), kv_type="f32", **settings)
+    srv = make_server("127.0.0.1", 0, app, threaded=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield app.extensions[EXTENSION], f"http://127.0.0.1:{srv.server_port}"
+    finally:
+        srv.shutdown()
+        app.extensions[EXTENSION].engine.close()
+        if old is None:
+            del os.environ["CSM_GGUF_VOICES"]
+        else:
+            os.environ["CSM_GGUF_VOICES"] = old

@@ -17,7 +17,7 @@ import torch
 from converter.checkpoint import CheckpointError, download
 from converter.convert import convert
 from converter.gguf_files import ConversionError
-from csm_fixtures import llama3_tokenizer_model
+from csm_fixtures import tiktoken_encoding
 from csm_gguf.model import CSMModel
 
 TRICKY = [
@@ -30,15 +30,6 @@ TRICKY = [
     "Emoji 🎉🚀 and combining é vs é",
     "don't I'll we've they're it's",
 ]
-
-
-def tiktoken_encoding():
-    import tiktoken
-    from tiktoken.load import load_tiktoken_bpe
-
-    pattern = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-    return tiktoken.Encoding("llama3", pat_str=pattern,
-                             mergeable_ranks=load_tiktoken_bpe(llama3_tokenizer_model()), special_tokens={})
 
 
 def test_token_ids_equal_tiktoken(f32_model):
