@@ -11,6 +11,7 @@ from flask import Flask
 
 from ..tts import CSM
 from ..voices import load_voice
+from . import drain, health, metrics, ws_guard
 from .engine import Engine
 from .errors import register_error_handlers
 from .limits import MAX_SPEECH_REQUEST
@@ -24,6 +25,8 @@ def create_app(**overrides: Any) -> Flask:
     settings = replace(Settings.from_env(), **overrides)
     if settings.max_streams < 1 or settings.max_queue < 0:
         raise ValueError("CSM_GGUF_MAX_STREAMS must be >= 1 and CSM_GGUF_QUEUE >= 0")
+    if settings.drain_s < 0 or settings.max_websockets < 0 or settings.ws_idle_s < 1:
+        raise ValueError("CSM_GGUF_DRAIN_S and CSM_GGUF_MAX_WEBSOCKETS must be >= 0 and CSM_GGUF_WS_IDLE_S >= 1")
     if settings.voice not in voice_names():
         raise ValueError(f"CSM_GGUF_VOICE={settings.voice!r} is not a voice; known: {', '.join(voice_names())}")
     load_voice(settings.voice)  # a damaged one fails now, not in every request that names no voice
@@ -34,7 +37,18 @@ def create_app(**overrides: Any) -> Flask:
     app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": MAX_SPEECH_REQUEST}  # closes with 1009 beyond
     register_error_handlers(app)
     app.register_blueprint(bp)
+    serve_replicas(app, settings)
     return app
+
+
+def serve_replicas(app: Flask, settings: Settings) -> None:
+    """What running as one of several replicas needs: health probes, a graceful drain on SIGTERM, bounded
+    websockets and metrics."""
+    engine = app.extensions[EXTENSION].engine
+    draining = drain.install(app, engine, settings)
+    slots = ws_guard.install(app, settings, draining)
+    app.register_blueprint(health.bp)
+    metrics.install(app, engine, draining, slots)
 
 
 def start_services(settings: Settings) -> Services:

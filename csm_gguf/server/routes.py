@@ -26,6 +26,7 @@ from .limits import MAX_VOICE_UPLOAD
 from .schemas import MODELS, SpeechRequest, parse_speech, parse_voice, voice_exists, voice_names
 from .settings import SETTINGS, Settings
 from .streaming import ClientGone, decoded_audio, encoded, next_frames, sse_events, streamed
+from .ws_guard import guard
 from .ws_session import WebsocketSession
 
 WEBSOCKET_PATH = "/v1/audio/speech/ws"
@@ -182,4 +183,4 @@ def speech():
 @sock.route(WEBSOCKET_PATH, bp=bp)
 def speech_ws(ws):
     s = services()
-    WebsocketSession(ws, s.codec, s.parse, s.submit).run()
+    WebsocketSession(guard(ws), s.codec, s.parse, s.submit).run()  # idle timeout and drain: ws_guard
