@@ -74,6 +74,9 @@ class LiveGauges:
         yield GaugeMetricFamily("csm_gguf_active_streams", "requests being generated", stats["active_streams"])
         yield GaugeMetricFamily("csm_gguf_queued_requests", "requests waiting for a stream", stats["queue_depth"])
         yield GaugeMetricFamily("csm_gguf_max_streams", "CSM_GGUF_MAX_STREAMS", stats["max_streams"])
+        yield GaugeMetricFamily("csm_gguf_requests_in_flight", "requests from their arrival to the end of their "
+                                "response (streams and websockets included; probes and scrapes not)",
+                                self.drain.in_flight)
         yield GaugeMetricFamily("csm_gguf_websocket_sessions", "websocket sessions open", self.slots.open)
         yield GaugeMetricFamily("csm_gguf_draining", "1 while the server drains (SIGTERM)", int(self.drain.draining))
 
