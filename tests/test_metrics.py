@@ -5,7 +5,6 @@ processes in test_replicas.py)."""
 from __future__ import annotations
 
 import json
-import socket
 import sys
 import threading
 import time
@@ -13,9 +12,8 @@ import time
 import httpx
 import pytest
 from flask import Flask
-from prometheus_client.parser import text_string_to_metric_families
+from replica_fixtures import close_quietly, closed_with, scrape, upgrade_status
 from simple_websocket import Client as WsClient
-from simple_websocket import ConnectionClosed
 from werkzeug.serving import make_server
 
 from csm_gguf.server import metrics
@@ -42,14 +40,6 @@ def server(f32_model, tmp_path_factory):
 @pytest.fixture
 def base(server):
     return server[1]
-
-
-def scrape(base: str) -> dict[tuple[str, tuple], float]:
-    """/metrics as {(sample name, sorted labels): value}."""
-    response = httpx.get(f"{base}/metrics", timeout=10)
-    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(response.text) for s in family.samples}
 
 
 def delta(after: dict, before: dict, name: str, **labels) -> float:
@@ -110,30 +100,6 @@ def ws_url(base: str) -> str:
     return base.replace("http", "ws") + "/v1/audio/speech/ws"
 
 
-def upgrade_status(base: str) -> tuple[int, dict]:
-    """The status line and headers a websocket upgrade gets, read raw (a refused one is no websocket)."""
-    port = int(base.rsplit(":", 1)[1])
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(b"GET /v1/audio/speech/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += sock.recv(4096)
-    lines = head.split(b"\r\n\r\n")[0].decode().split("\r\n")
-    headers = dict(line.split(": ", 1) for line in lines[1:])
-    return int(lines[0].split()[1]), headers
-
-
-def closed_with(ws, within: float) -> tuple[int, str]:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        try:
-            ws.receive(timeout=0.2)
-        except ConnectionClosed:
-            return ws.close_reason, ws.close_message
-    raise AssertionError(f"still open after {within} s")
-
-
 def test_websockets_have_a_limit_and_idle_ones_are_closed(base):
     opened = [WsClient.connect(ws_url(base)) for _ in range(MAX_WEBSOCKETS)]
     try:
@@ -154,14 +120,7 @@ def test_websockets_have_a_limit_and_idle_ones_are_closed(base):
         assert upgrade_status(base)[0] == 101  # the closed ones' slots are free again
     finally:
         for ws in opened:
-            close(ws)
-
-
-def close(ws) -> None:
-    try:
-        ws.close()
-    except ConnectionClosed:  # closed by the server already
-        pass
+            close_quietly(ws)
 
 
 def test_drain_refuses_new_work_and_lets_streams_finish(server):
