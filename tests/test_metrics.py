@@ -124,7 +124,7 @@ def test_websockets_have_a_limit_and_idle_ones_are_closed(base):
 
 
 def test_drain_refuses_new_work_and_lets_streams_finish(server):
-    """(Last in this module: a drain does not end.) While a stream is spoken, draining turns readiness
+    """(Last on the module's server: a drain does not end.) While a stream is spoken, draining turns readiness
     503 and refuses new requests with Retry-After; the stream finishes whole, and idle websockets close."""
     app, base = server
     drain = app.extensions["csm_gguf.drain"]
@@ -147,3 +147,30 @@ def test_drain_refuses_new_work_and_lets_streams_finish(server):
     assert b"".join(received) == whole  # greedy: the same speech as before the drain, all of it
     assert closed_with(idle, 3)[0] == 1001
     assert drain.wait() and drain.in_flight == 0
+
+
+def test_readiness_says_when_the_engine_stopped():
+    from types import SimpleNamespace
+
+    from csm_gguf.server import health
+
+    app = Flask("bare")
+    app.extensions["csm_gguf.drain"] = Drain(1)
+    app.extensions["csm_gguf"] = SimpleNamespace(engine=SimpleNamespace(running=False))
+    app.register_blueprint(health.bp)
+    response = app.test_client().get("/health/ready")
+    assert response.status_code == 503 and response.json == {"status": "engine stopped"}
+    assert app.test_client().get("/health/live").status_code == 200
+
+
+def test_gunicorn_settings_that_would_undo_the_drain_or_stall_health_are_warned(caplog):
+    from types import SimpleNamespace
+
+    from csm_gguf.server.drain import check_gunicorn
+    from csm_gguf.server.settings import Settings
+
+    check_gunicorn(SimpleNamespace(graceful_timeout=40, threads=32), Settings())  # deploy/'s command
+    assert not caplog.records
+    check_gunicorn(SimpleNamespace(graceful_timeout=30, threads=28), Settings())  # gunicorn's default timeout
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2 and "--graceful-timeout (30 s)" in messages[0] and "--threads (28)" in messages[1]
