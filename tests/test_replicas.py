@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import shutil
 import signal
 import socket
 import sys
@@ -58,6 +59,8 @@ def settings(f32_model: Path, voices: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def cluster(f32_model, tmp_path_factory):
+    if shutil.which("nginx") is None:
+        pytest.skip("nginx is not installed (apt-get install nginx; .ci/run installs it)")
     tmp = tmp_path_factory.mktemp("replicas")
     voices = tmp / "voices"
     env = server_env(**settings(f32_model, voices))
