@@ -173,9 +173,7 @@ def load_voice(name: str) -> Voice:
         return Voice(segments=[], speaker=BUILTIN_VOICES[name])
     path = _path(name)
     if not path.exists():
-        saved = ", ".join(list_voices()) or "none yet"
-        raise ValueError(f"unknown voice {name!r} (saved: {saved}; built-in: {', '.join(BUILTIN_VOICES)}); "
-                         "save one with --save-voice")
+        raise _unknown(name)
     try:
         archive = np.load(path, allow_pickle=False)
         if not isinstance(archive, np.lib.npyio.NpzFile):
@@ -186,6 +184,14 @@ def load_voice(name: str) -> Voice:
             voice = Voice(segments=segments, speaker=int(meta["speaker"]))
             check_speaker(voice.speaker)
             return voice
+    except FileNotFoundError:  # deleted meanwhile (by another replica sharing the folder, say)
+        raise _unknown(name) from None
     except Exception as e:  # a damaged file fails in any of zipfile's, zlib's, json's or numpy's ways
         reason = str(e).replace(str(path), path.name)  # named by the voice: a server shows this to its clients
         raise ValueError(f"voice {name!r} is damaged ({reason}): delete it and save it again") from None
+
+
+def _unknown(name: str) -> ValueError:
+    saved = ", ".join(list_voices()) or "none yet"
+    return ValueError(f"unknown voice {name!r} (saved: {saved}; built-in: {', '.join(BUILTIN_VOICES)}); "
+                      "save one with --save-voice")

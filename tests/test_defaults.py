@@ -15,7 +15,7 @@ import pytest
 import soundfile as sf
 
 from csm_gguf.generator import Sampling
-from csm_gguf.speech_request import parse_speech
+from csm_gguf.server.schemas import parse_speech
 from csm_gguf.tts import CSM
 from csm_gguf.voices import BUILTIN_VOICES
 from server_fixtures import loopback_server
@@ -89,8 +89,7 @@ def pcm(data: bytes) -> np.ndarray:
 
 
 def test_a_request_without_response_format_is_mp3(server):
-    services, base = server
-    engine = services.engine
+    _, base = server
     response = speak(base, {**MINIMAL, "voice": "alloy", "max_audio_ms": 400, "seed": 1})
     assert response.headers["content-type"] == "audio/mpeg"
     data = response.content

@@ -150,8 +150,7 @@ def test_http_long_text_pieces_each_end_there(server, end_at):
 
 
 def test_sse_usage_counts_the_frames_before_it(server, end_at):
-    services, base = server
-    engine = services.engine
+    _, base = server
     end_at(END)
     response = httpx.post(f"{base}/v1/audio/speech", json={**BODY, "stream_format": "sse"}, timeout=60)
     events = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: ")]

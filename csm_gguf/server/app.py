@@ -9,6 +9,7 @@ from typing import Any
 
 from flask import Flask
 
+from . import drain, health, metrics, ws_guard
 from .errors import register_error_handlers
 from .limits import MAX_SPEECH_REQUEST
 from .routes import bp
@@ -28,7 +29,18 @@ def create_app(**overrides: Any) -> Flask:
     app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": MAX_SPEECH_REQUEST}  # closes with 1009 beyond
     register_error_handlers(app)
     app.register_blueprint(bp)
+    serve_replicas(app, settings)
     return app
+
+
+def serve_replicas(app: Flask, settings: Settings) -> None:
+    """What running as one of several replicas needs: health probes, a graceful drain on SIGTERM, bounded
+    websockets and metrics."""
+    engine = app.extensions[EXTENSION].engine
+    draining = drain.install(app, engine, settings)
+    slots = ws_guard.install(app, settings, draining)
+    app.register_blueprint(health.bp)
+    metrics.install(app, engine, draining, slots)
 
 
 def start_services(settings: Settings) -> Services:

@@ -16,7 +16,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -151,6 +151,8 @@ class Engine:
         self.active: list[Job] = []
         self.reserved = 0  # places taken by requests still being read (Place)
         self.completed = 0
+        # Called on the engine thread as each job ends, with the error that ended it (or None): metrics.
+        self.on_end: Callable[[Job, BaseException | None], None] | None = None
         self._wake = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="csm-engine", daemon=True)
@@ -234,6 +236,11 @@ class Engine:
             "decode_calls": self.generator.decode_calls,
             "requests_completed": self.completed,
         }
+
+    @property
+    def running(self) -> bool:
+        """Whether the engine thread is serving (not closed, not died)."""
+        return self._thread.is_alive() and not self._closing
 
     def close(self) -> None:
         with self._wake:
@@ -355,5 +362,10 @@ class Engine:
                     self.waiting.insert(place, successor)
         self.completed += 1
         job.out.put(_END if error is None else error)
+        if self.on_end is not None:
+            try:
+                self.on_end(job, error)
+            except Exception:  # an observer's bug must not stop generation
+                log.exception("the engine's on_end hook failed")
         if successor is not None and self._closing:
             self._end(successor, RuntimeError(SHUTTING_DOWN))

@@ -23,6 +23,7 @@ from .schemas import MODELS, parse_json, parse_voice, voice_exists, voice_names
 from .services import EXTENSION, Services
 from .settings import SETTINGS
 from .streaming import ClientGone, decoded_audio, encoded, next_frames, sse_events, streamed
+from .ws_guard import guard
 from .ws_session import WebsocketSession
 
 WEBSOCKET_PATH = "/v1/audio/speech/ws"
@@ -164,4 +165,4 @@ def speech_body() -> bytes:
 
 @sock.route(WEBSOCKET_PATH, bp=bp)
 def speech_ws(ws):
-    WebsocketSession(ws, services()).run()
+    WebsocketSession(guard(ws), services()).run()  # idle timeout and drain: ws_guard

@@ -17,6 +17,8 @@ def check_settings(settings: Settings) -> None:
     """ValueError naming the setting, before the (slow) model load."""
     if settings.max_streams < 1 or settings.max_queue < 0:
         raise ValueError("CSM_GGUF_MAX_STREAMS must be >= 1 and CSM_GGUF_QUEUE >= 0")
+    if settings.drain_s < 0 or settings.max_websockets < 0 or settings.ws_idle_s < 1:
+        raise ValueError("CSM_GGUF_DRAIN_S and CSM_GGUF_MAX_WEBSOCKETS must be >= 0 and CSM_GGUF_WS_IDLE_S >= 1")
     if settings.voice not in voice_names():
         raise ValueError(f"CSM_GGUF_VOICE={settings.voice!r} is not a voice; known: {', '.join(voice_names())}")
     load_voice(settings.voice)  # a damaged one fails now, not in every request that names no voice
