@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -58,9 +60,22 @@ class Mimi(nn.Module):
         if missing:
             raise KeyError(f"Mimi checkpoint lacks {len(missing)} tensors, e.g. {missing[:5]}")
         with torch.no_grad():
-            own = {name: make(*(torch.as_tensor(tensors[s]).float() for s in sources)) for name, make, sources in table}
-        model = cls(cfg)
-        model.load_state_dict(own, strict=True)
+            own = {name: make(*(torch.as_tensor(tensors[s]).float() for s in sources)).clone(
+                memory_format=torch.contiguous_format) for name, make, sources in table}  # its own, whatever `make`
+        return cls.from_runtime_tensors(cfg, own)
+
+    @classmethod
+    def from_runtime_tensors(cls, cfg: MimiConfig, tensors: Mapping[str, Tensor | np.ndarray]) -> Mimi:
+        """Build around tensors (or numpy arrays: read-only memory maps are fine) already in this codec's own
+        layout and dtype, `state_dict()`'s, as the converter stores them: the modules are made without storage
+        and take the tensors themselves as their weights, so nothing is initialized, copied or reordered. The
+        weights are only ever read. Keys or shapes other than the config's raise RuntimeError."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        with warnings.catch_warnings():  # the codec never writes its weights: a read-only map serves
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            own = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in tensors.items()}
+        model.load_state_dict(own, strict=True, assign=True)
         return model.eval()
 
     @property

@@ -62,7 +62,9 @@ class Transformer(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(TransformerLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.heads, self.head_dim, self.window = cfg.num_attention_heads, cfg.head_dim, cfg.sliding_window
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
+        # Computed, not loaded: made on the CPU even where the weights are made on the meta device.
+        exponents = torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device="cpu") / cfg.head_dim
+        inv_freq = 1.0 / (cfg.rope_theta**exponents)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def init_state(self, batch: int) -> TransformerState:
