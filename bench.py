@@ -463,11 +463,13 @@ class Startup:
     say_first_audio_s: Spread  # `say STARTUP_TEXT -o - -f pcm`: process start to its first byte of audio
     say_total_s: Spread  # ... to its exit
     say_peak_rss_mib: Spread  # its peak resident memory (the kernel's count: mapped model files included)
+    say_cpu_s: Spread  # its CPU time, user and system (less moved than wall time by other work on the machine)
     server_ready_s: Spread  # `flask --app csm_gguf.web run`: process start to /health answering
 
 
-def say_startup(model_dir: Path, args) -> tuple[float, float, float]:
-    """(seconds to the first audio byte, seconds to exit, peak RSS in MiB) of one `say` of a sentence."""
+def say_startup(model_dir: Path, args) -> tuple[float, float, float, float]:
+    """(seconds to the first audio byte, seconds to exit, peak RSS in MiB, CPU seconds) of one `say` of a
+    sentence."""
     import subprocess
 
     command = [sys.executable, "-m", "csm_gguf.say", STARTUP_TEXT, "-o", "-", "-f", "pcm", "--model", str(model_dir),
@@ -485,7 +487,7 @@ def say_startup(model_dir: Path, args) -> tuple[float, float, float]:
     say.returncode = os.waitstatus_to_exitcode(status)
     if say.returncode or not first_byte:
         raise RuntimeError(f"say failed ({say.returncode}):\n{stderr.decode()[-3000:]}")
-    return first, total, usage.ru_maxrss / 1024  # Linux: KiB
+    return first, total, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime  # ru_maxrss: KiB on Linux
 
 
 def server_startup(model_dir: Path, args) -> float:
@@ -519,15 +521,15 @@ def startup(model_dir: Path, args) -> Startup:
     says = [say_startup(model_dir, args) for _ in range(args.startup)]
     ready = [server_startup(model_dir, args) for _ in range(args.startup)]
     return Startup(args.startup, Spread.of([s[0] for s in says]), Spread.of([s[1] for s in says]),
-                   Spread.of([s[2] for s in says]), Spread.of(ready))
+                   Spread.of([s[2] for s in says]), Spread.of([s[3] for s in says]), Spread.of(ready))
 
 
 def startup_table(figures: dict[str, Startup]) -> str:
     lines = [f"start-up (median of {next(iter(figures.values())).runs} fresh processes each):",
-             "variant               say: first audio   say: peak RSS   server: ready"]
+             "variant               say: first audio   say: peak RSS   say: CPU time   server: ready"]
     for name, f in figures.items():
         lines.append(f"{name:<20}  {f.say_first_audio_s.median:>14.2f} s  {f.say_peak_rss_mib.median:>9.0f} MiB  "
-                     f"{f.server_ready_s.median:>11.2f} s")
+                     f"{f.say_cpu_s.median:>11.2f} s  {f.server_ready_s.median:>11.2f} s")
     return "\n".join(lines)
 
 
