@@ -9,7 +9,9 @@ of all the codes at once (which is itself a stream from a fresh state). Encoding
 like transformers' MimiModel.
 
 Weights come in the kyutai/mimi checkpoint layout (`converter/mimi_keys.py` turns the other layouts into
-it); `Mimi.from_state_dict` maps them onto the modules here, fusing what the checkpoint keeps apart.
+it); `Mimi.from_state_dict` maps them onto the modules here, fusing what the checkpoint keeps apart. The
+converter does that once and stores the result (`state_dict()`, float32), which `Mimi.from_runtime_tensors`
+takes as it is: a model directory's codec weights are its mapped file.
 
 The package, one idea per module (as moshi splits its own):
 - config.py: `MimiConfig`, the hyper-parameters;
