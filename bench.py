@@ -451,6 +451,88 @@ def served(model_dir: Path, counts: list[int], frames: int, args) -> list[Served
     return out
 
 
+# --- start-up ------------------------------------------------------------------------------------------
+STARTUP_TEXT = "Hello."
+
+
+@dataclass
+class Startup:
+    """A fresh process, as a user starts one (page cache warm: each figure is the median of `runs`)."""
+
+    runs: int
+    say_first_audio_s: Spread  # `say STARTUP_TEXT -o - -f pcm`: process start to its first byte of audio
+    say_total_s: Spread  # ... to its exit
+    say_peak_rss_mib: Spread  # its peak resident memory (the kernel's count: mapped model files included)
+    say_cpu_s: Spread  # its CPU time, user and system (less moved than wall time by other work on the machine)
+    server_ready_s: Spread  # `flask --app csm_gguf.web run`: process start to /health answering
+
+
+def say_startup(model_dir: Path, args) -> tuple[float, float, float, float]:
+    """(seconds to the first audio byte, seconds to exit, peak RSS in MiB, CPU seconds) of one `say` of a
+    sentence."""
+    import subprocess
+
+    command = [sys.executable, "-m", "csm_gguf.say", STARTUP_TEXT, "-o", "-", "-f", "pcm", "--model", str(model_dir),
+               "--seed", str(args.seed), "--max-audio-ms", "2000"]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    t0 = time.perf_counter()
+    say = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first_byte = say.stdout.read(1)
+    first = time.perf_counter() - t0
+    say.stdout.read()
+    stderr = say.stderr.read()
+    _, status, usage = os.wait4(say.pid, 0)
+    total = time.perf_counter() - t0
+    say.returncode = os.waitstatus_to_exitcode(status)
+    if say.returncode or not first_byte:
+        raise RuntimeError(f"say failed ({say.returncode}):\n{stderr.decode()[-3000:]}")
+    return first, total, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime  # ru_maxrss: KiB on Linux
+
+
+def server_startup(model_dir: Path, args) -> float:
+    """Seconds from starting the OpenAI server's process to its /health answering."""
+    import socket
+    import subprocess
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "CSM_GGUF_MODEL": str(model_dir), "CSM_GGUF_THREADS": str(args.threads)}
+    t0 = time.perf_counter()
+    server = subprocess.Popen([sys.executable, "-m", "flask", "--app", "csm_gguf.web", "run", "--port", str(port)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while server.poll() is None and time.perf_counter() - t0 < 300:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).close()
+                return time.perf_counter() - t0
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError(f"the server did not start (exit status {server.poll()})")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def startup(model_dir: Path, args) -> Startup:
+    """Start-up figures of `say` and the server, each process started `args.startup` times, one at a time."""
+    says = [say_startup(model_dir, args) for _ in range(args.startup)]
+    ready = [server_startup(model_dir, args) for _ in range(args.startup)]
+    return Startup(args.startup, Spread.of([s[0] for s in says]), Spread.of([s[1] for s in says]),
+                   Spread.of([s[2] for s in says]), Spread.of([s[3] for s in says]), Spread.of(ready))
+
+
+def startup_table(figures: dict[str, Startup]) -> str:
+    lines = [f"start-up (median of {next(iter(figures.values())).runs} fresh processes each):",
+             "variant               say: first audio   say: peak RSS   say: CPU time   server: ready"]
+    for name, f in figures.items():
+        lines.append(f"{name:<20}  {f.say_first_audio_s.median:>14.2f} s  {f.say_peak_rss_mib.median:>9.0f} MiB  "
+                     f"{f.say_cpu_s.median:>11.2f} s  {f.server_ready_s.median:>11.2f} s")
+    return "\n".join(lines)
+
+
 def bench_variant(name: str, model_dir: Path, weights: str, args, reference: dict | None):
     """The variant's figures, and its CSM (generator closed; model and codec kept for the peers)."""
     from csm_gguf.tts import CSM
@@ -846,6 +928,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="peers (repeatable): transformers' CSM and Mimi on the same random weights; moshi's Mimi "
                    f"streaming decoder ({MOSHI_INSTALL})")
     p.add_argument("--peer-frames", type=int, default=8, help="frames for the (slow) transformers run (default: %(default)s)")
+    p.add_argument("--startup", type=int, default=0, metavar="N", help=f"start-up figures from N fresh processes "
+                   f"each: `say {STARTUP_TEXT!r} -o - -f pcm` to its first audio and its peak memory, the server to "
+                   "ready (default: 0, none)")
+    p.add_argument("--startup-only", action="store_true", help="only the start-up figures (--startup, default 3)")
     p.add_argument("--json", help="write every figure here")
     p.add_argument("--plot", help="draw RTF per variant and the stage breakdown into this PNG (needs matplotlib)")
     args = p.parse_args(argv)
@@ -871,6 +957,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for option, path in (("--json", args.json), ("--plot", args.plot)):
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             p.error(f"{option} {path}: its folder does not exist (checked now, not after the benchmark)")
+    if args.startup_only:
+        args.startup = args.startup or 3
+    if args.startup < 0:
+        p.error(f"--startup must be >= 0, got {args.startup}")
     if args.quality and args.model and not args.reference:
         p.error("--quality with --model needs --reference F32_MODEL_DIR")
     if "moshi" in args.compare and importlib.util.find_spec("moshi") is None:
@@ -894,6 +984,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] warning: load average {busy:.1f} with {m['threads']} threads on {m['usable_cores']} cores: "
               f"timings will be inflated; measure on an idle machine or with fewer --threads", file=sys.stderr)
     todo = variants(args)
+    if args.startup:  # first, each process alone on the machine
+        figures = {name: startup(model_dir, args) for name, model_dir, _ in todo}
+        report["startup"] = {name: asdict(f) for name, f in figures.items()}
+        print(startup_table(figures))
+        if args.startup_only:
+            todo = []
     reference = None
     if args.quality:
         from converter.random_weights import convert_random
@@ -921,7 +1017,8 @@ def main(argv: list[str] | None = None) -> int:
         t = report["peers"]["transformers"]
         t["speedup"] = [t["frame_ms"] / v["stages_ms"]["frame"] for v in report["variants"]]
     report["machine"]["load_average_end"] = os.getloadavg()
-    print(table(report))
+    if report["variants"]:
+        print(table(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     if args.plot:

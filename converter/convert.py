@@ -73,7 +73,7 @@ def _codec_weights(ckpt: Checkpoint, codec: Path | None, token: str | None) -> t
     if codec is None:
         tensors = ckpt.codec_tensors()
         if tensors:
-            return _checked_codec(ckpt.codec_config or MOSHI_MIMI_CONFIG, mimi_tensors_to_transformers(tensors),
+            return runtime_codec(ckpt.codec_config or MOSHI_MIMI_CONFIG, mimi_tensors_to_transformers(tensors),
                                   str(ckpt.folder))
         # Original-format checkpoints carry no codec.
         codec = download(DEFAULT_MIMI_ID, ["*.json", "*.safetensors"], token, "--mimi-path")
@@ -90,19 +90,20 @@ def _codec_weights(ckpt: Checkpoint, codec: Path | None, token: str | None) -> t
     config = json.loads(config_path.read_text()) if config_path.exists() else MOSHI_MIMI_CONFIG
     if config.get("model_type") not in (None, "mimi"):
         config = MOSHI_MIMI_CONFIG
-    return _checked_codec(config, mimi_tensors_to_transformers(raw), str(codec))
+    return runtime_codec(config, mimi_tensors_to_transformers(raw), str(codec))
 
 
-def _checked_codec(config: dict, tensors: dict[str, np.ndarray], source: str) -> tuple[dict, dict[str, np.ndarray]]:
-    """Build the codec as run time will, so weights that are no Mimi (or not the config's) fail now, not
-    at the first `say` after a conversion that reported success."""
+def runtime_codec(config: dict, tensors: dict[str, np.ndarray], source: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """The codec's weights as run time uses them: the Mimi built from the checkpoint's tensors (so weights
+    that are no Mimi, or not the config's, fail now, not at the first `say` after a conversion that reported
+    success), its own state dict in float32. The sidecar stores that, which run time maps as it is."""
     from csm_gguf.mimi import Mimi, MimiConfig
 
     try:
-        Mimi.from_state_dict(MimiConfig.from_transformers(config), tensors)
+        mimi = Mimi.from_state_dict(MimiConfig.from_transformers(config), tensors)
     except (KeyError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"the Mimi codec from {source} does not load: {e}") from None
-    return config, tensors
+    return config, {key: np.ascontiguousarray(t.numpy()) for key, t in mimi.state_dict().items()}
 
 
 def _load_safetensors_f32(path: Path) -> dict[str, np.ndarray]:
@@ -203,14 +204,12 @@ def write_model_dir(
         codec_keys: list[str] = []
         if codec is not None:
             codec_config, codec_tensors = codec
-            codec_type = Q.F32 if table == Q.F32 else Q.F16
             codec_keys = list(codec_tensors)
             for i, key in enumerate(codec_keys):
                 value = codec_tensors[key]
-                # Biases, norms and small vectors stay F32.
-                t = codec_type if value.ndim > 1 and value.shape[-1] % 32 == 0 else Q.F32
+                # F32, as the codec computes: run time uses the mapped file as the weights, copying nothing.
                 # GGUF tensor names stop at 63 characters: number them and list the real keys.
-                sidecar.append(TensorSpec(f"codec.{i}", tuple(value.shape), t, lambda v=value: v))
+                sidecar.append(TensorSpec(f"codec.{i}", tuple(value.shape), Q.F32, lambda v=value: v))
 
         def sidecar_meta(w: gguf.GGUFWriter) -> None:
             w.add_uint32("csm.version", SIDECAR_VERSION)

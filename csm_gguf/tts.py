@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator, Sequence
@@ -128,9 +129,12 @@ class CSM:
         if codec_device != "cpu":
             check_torch_device(codec_device)
         self.model = CSMModel(find_model(model))
-        self.generator = Generator(self.model, max_streams, n_threads, n_gpu_layers, kv_type)
         self.codec_device = codec_device
         self._codec = None
+        self._codec_lock = threading.Lock()
+        if codec_device == "cpu":  # torch's import and the codec, meanwhile: llama.cpp loads without the GIL
+            threading.Thread(target=self._load_codec_quietly, name="codec-load", daemon=True).start()
+        self.generator = Generator(self.model, max_streams, n_threads, n_gpu_layers, kv_type)
         if n_threads:
             import torch
 
@@ -139,18 +143,28 @@ class CSM:
     # --- codec --------------------------------------------------------------------------------------
     @property
     def codec(self):
-        if self._codec is None:
-            if not self.model.has_codec:
-                raise ValueError(f"{self.model.path} carries no Mimi codec: convert the model again")
-            import torch
+        """The Mimi codec, its weights the model directory's mapped file (on CPU loaded at construction, in a
+        thread: this waits for it)."""
+        codec = self._loaded_codec()
+        codec.cuda_lock = self.generator.lock  # no graph is recorded while llama.cpp runs in another thread
+        return codec
 
-            from .mimi import Mimi, MimiConfig
+    def _loaded_codec(self):
+        with self._codec_lock:
+            if self._codec is None:
+                if not self.model.has_codec:
+                    raise ValueError(f"{self.model.path} carries no Mimi codec: convert the model again")
+                from .mimi import Mimi, MimiConfig
 
-            state = {k: torch.from_numpy(v) for k, v in self.model.codec_state_dict().items()}
-            codec = Mimi.from_state_dict(MimiConfig.from_transformers(self.model.codec_config), state)
-            codec.cuda_lock = self.generator.lock  # no graph is recorded while llama.cpp runs in another thread
-            self._codec = codec.to(self.codec_device)
-        return self._codec
+                config = MimiConfig.from_transformers(self.model.codec_config)
+                self._codec = Mimi.from_runtime_tensors(config, self.model.codec_tensors()).to(self.codec_device)
+            return self._codec
+
+    def _load_codec_quietly(self) -> None:
+        try:
+            self._loaded_codec()
+        except Exception:  # said where the codec is used, in the caller's thread
+            pass
 
     def encode(self, audio: np.ndarray | str | os.PathLike | BinaryIO) -> np.ndarray:
         """24 kHz audio -> codes of shape (frames, 32). An audio file (a path or a binary file object; any

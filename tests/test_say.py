@@ -40,8 +40,8 @@ def test_real_time_factor_leaves_out_loading_the_codec(f32_model, tmp_path, monk
 
     from csm_gguf.mimi import Mimi
 
-    load = Mimi.from_state_dict
-    monkeypatch.setattr(Mimi, "from_state_dict", classmethod(lambda cls, *a: (time.sleep(3), load(*a))[1]))
+    load = Mimi.from_runtime_tensors
+    monkeypatch.setattr(Mimi, "from_runtime_tensors", classmethod(lambda cls, *a: (time.sleep(3), load(*a))[1]))
     assert main([TEXT, "--model", str(f32_model), "--max-audio-ms", "160", "-o", str(tmp_path / "a.wav")]) == 0
     wall = float(re.search(r"audio in ([\d.]+) s", capsys.readouterr().err)[1])
     assert wall < 3
