@@ -51,8 +51,9 @@ def test_a_request_that_names_nothing_else_gets_openai_s_defaults():
 
 
 def test_sampling_defaults_are_the_reference_generator_s():
-    """SesameAILabs/csm's generator: temperature 0.9, top_k 50, 90 s of audio at most."""
-    assert Sampling() == Sampling(temperature=0.9, top_k=50, seed=None, max_audio_ms=90_000)
+    """SesameAILabs/csm's generator: temperature 0.9, top_k 50; no audio limit of the caller's (each piece
+    then gets one proportional to its text, and the Generator stops at the model's context)."""
+    assert Sampling() == Sampling(temperature=0.9, top_k=50, seed=None, max_audio_ms=None)
     assert SpeechJob("x") == SpeechJob("x", 0, (), 0.9, 50, None, None)
     for method in (CSM.frames, CSM.dialogue_frames, CSM.stream_text):
         params = inspect.signature(method).parameters
@@ -61,12 +62,13 @@ def test_sampling_defaults_are_the_reference_generator_s():
 
 
 def test_server_settings_defaults(monkeypatch):
-    from csm_gguf.web import SETTINGS, Settings
+    from csm_gguf.server.settings import SETTINGS, Settings
 
     for var, _, _ in SETTINGS:
         monkeypatch.delenv(var, raising=False)
     assert Settings.from_env() == Settings(model=None, threads=0, gpu_layers=0, kv_type="f16", codec_device="cpu",
-                                           api_key=None, max_streams=4, max_queue=16, voice="alloy")
+                                           api_key=None, max_streams=4, max_queue=16, voice="alloy", drain_s=30,
+                                           max_websockets=8, ws_idle_s=60)
 
 
 # --- applied, not only declared --------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from simple_websocket import Client as WsClient
 
 from csm_gguf.generator import Generator, Sampling, Segment
 from csm_gguf.model import CSMModel
-from csm_gguf.plan import TokenCounts, split_text
+from csm_gguf.plan import Context, TokenCounts, split_text
 from csm_gguf.tts import CSM
 from server_fixtures import loopback_server
 
@@ -88,16 +88,17 @@ def test_csm_generate_and_stream_end_there(tts, unended, end_at):
 
 def test_each_piece_of_a_long_text_ends_and_the_next_one_still_runs(tts, end_at, monkeypatch):
     end_at(2)
-    pieces = tts.pieces(LONG_TEXT)
+    pieces = split_text(LONG_TEXT, TokenCounts(tts.model))
     assert len(pieces) > 2
     contexts: list[list[Segment]] = []
-    generate = tts.generator.generate
+    fitting = Context.fitting
 
-    def spy(piece, speaker, context, sampling):
-        contexts.append(list(context))
-        return generate(piece, speaker, context, sampling)
+    def spy(self, piece):
+        heard = fitting(self, piece)
+        contexts.append([h.segment for h in heard])
+        return heard
 
-    monkeypatch.setattr(tts.generator, "generate", spy)
+    monkeypatch.setattr(Context, "fitting", spy)
     frames = list(tts.frames(LONG_TEXT, temperature=0, max_audio_ms=BUDGET_MS))
     assert len(frames) == 2 * len(pieces) and all(f.any() for f in frames)
     assert contexts[0] == []

@@ -23,6 +23,7 @@ from simple_websocket import Client as WsClient
 from werkzeug.serving import make_server
 
 from csm_gguf.audio import FORMATS
+from csm_gguf.server import engine as server_engine
 from csm_gguf.server import schemas
 from csm_gguf.server.limits import MAX_JSON_DEPTH, MAX_SPEECH_REQUEST
 
@@ -55,6 +56,11 @@ def base(server):
 @pytest.fixture
 def engine(server):
     return server[0].extensions["csm_gguf"].engine
+
+
+@pytest.fixture
+def tts(server):
+    return server[0].extensions["csm_gguf"].tts
 
 
 def post(base: str, content: bytes | str, **kw) -> httpx.Response:
@@ -137,10 +143,10 @@ def test_websocket_session_goes_on_after_a_bug_of_ours_while_speaking(base, engi
 def test_http_text_the_engine_refuses_is_a_400(base, engine, monkeypatch):
     """What the engine refuses (here a ValueError from splitting the text) is the request's fault: a 400 in
     OpenAI's shape, over HTTP and in a websocket session alike."""
-    def refuses(text):
+    def refuses(text, count):
         raise ValueError("the engine refuses this text")
 
-    monkeypatch.setattr(engine.tts, "pieces", refuses)
+    monkeypatch.setattr(server_engine, "split_text", refuses)
     response = post(base, json.dumps({"model": "csm-1b", "input": "Hi.", **QUICK}))
     assert response.status_code == 400 and response.json()["error"]["message"] == "the engine refuses this text"
     ws = connect(base)
@@ -237,7 +243,7 @@ class PeakRss:
         return self.peak - self.start
 
 
-def test_contexts_beyond_the_queue_are_refused_before_they_are_decoded(base, engine, monkeypatch):
+def test_contexts_beyond_the_queue_are_refused_before_they_are_decoded(base, engine, monkeypatch, tts):
     """N clients send 40 MB contexts at once: the server takes as many as it has slots and queue for
     (their contexts are decoded), and answers the rest 429 before decoding anything of theirs."""
     body, clients, places = context_body(), 8, MAX_STREAMS + MAX_QUEUE
@@ -255,7 +261,7 @@ def test_contexts_beyond_the_queue_are_refused_before_they_are_decoded(base, eng
         raise ValueError("not encoded in this test")
 
     monkeypatch.setattr(schemas, "_base64", counted_base64)
-    monkeypatch.setattr(engine.tts, "segment", held_segment)
+    monkeypatch.setattr(tts, "segment", held_segment)
     statuses: list[int] = []
     rss = PeakRss()
     threads = [threading.Thread(target=lambda: statuses.append(post(base, body).status_code)) for _ in range(clients)]
@@ -278,7 +284,7 @@ def test_contexts_beyond_the_queue_are_refused_before_they_are_decoded(base, eng
     wait_idle(engine)
 
 
-def test_a_place_taken_while_reading_is_given_back_on_any_failure(base, engine):
+def test_a_place_taken_while_reading_is_given_back_on_any_failure(base, engine, tts):
     for content in [b"{not json", b"[1]", json.dumps({"model": "csm-1b", "input": ""})]:
         assert post(base, content).status_code == 400
     host, port = base.removeprefix("http://").split(":")
@@ -368,7 +374,7 @@ def test_fuzzed_websocket_messages_never_get_a_500_or_end_the_session(base, mess
 
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
 @given(body=HOSTILE_JSON)
-def test_deep_or_huge_json_never_gets_a_500_nor_ends_a_session(base, body):
+def test_deep_or_huge_json_never_gets_a_500_nor_ends_a_session(base, body, tts):
     response = post(base, body)
     assert response.status_code in (200, 400), response.text
     if response.status_code == 400:
@@ -385,41 +391,41 @@ def test_deep_or_huge_json_never_gets_a_500_nor_ends_a_session(base, body):
 # --- 7 and 8: the voices folder: a limit, and messages without the server's paths ----------------------------
 
 
-def voice_upload(base: str, engine, name: str) -> httpx.Response:
+def voice_upload(base: str, tts, name: str) -> httpx.Response:
     wav = io.BytesIO()
-    sf.write(wav, engine.tts.decode(random_codes(8, 64, seed=5)), 24_000, format="WAV")
+    sf.write(wav, tts.decode(random_codes(8, 64, seed=5)), 24_000, format="WAV")
     return httpx.post(f"{base}/v1/audio/voices", data={"name": name, "transcript": "Some words."},
                       files={"audio_sample": ("v.wav", wav.getvalue())}, timeout=60)
 
 
-def test_the_voices_folder_has_a_limit_and_a_full_one_saves_nothing(base, engine, monkeypatch):
+def test_the_voices_folder_has_a_limit_and_a_full_one_saves_nothing(base, engine, monkeypatch, tts):
     from csm_gguf.voices import delete_voice, list_voices, voices_dir
 
     monkeypatch.setenv("CSM_GGUF_MAX_VOICES", "2")
-    assert [voice_upload(base, engine, name).status_code for name in ("v1", "v2")] == [200, 200]
+    assert [voice_upload(base, tts, name).status_code for name in ("v1", "v2")] == [200, 200]
     try:
-        full = voice_upload(base, engine, "v3")
+        full = voice_upload(base, tts, "v3")
         error = full.json()["error"]
         assert (full.status_code, error["code"], error["param"]) == (507, "voices_full", "name"), error
         assert "2 voices are saved, the most CSM_GGUF_MAX_VOICES=2 allows: delete one first" in error["message"]
         assert sorted(p.name for p in voices_dir().iterdir()) == ["v1.npz", "v2.npz"]  # no half-saved file
         assert httpx.delete(f"{base}/v1/audio/voices/v1").status_code == 200
-        assert voice_upload(base, engine, "v3").status_code == 200
+        assert voice_upload(base, tts, "v3").status_code == 200
         monkeypatch.setenv("CSM_GGUF_MAX_VOICES", "many")
-        error = voice_upload(base, engine, "v4").json()["error"]
+        error = voice_upload(base, tts, "v4").json()["error"]
         assert error["code"] == "voices_folder" and "many" not in error["message"]  # the log says why
     finally:
         for name in list_voices():
             delete_voice(name)
 
 
-def test_voice_errors_name_the_voice_not_the_servers_paths(base, engine, monkeypatch, tmp_path):
+def test_voice_errors_name_the_voice_not_the_servers_paths(base, engine, monkeypatch, tmp_path, tts):
     from csm_gguf.generator import Segment
     from csm_gguf.tts import Voice
     from csm_gguf.voices import delete_voice, save_voice, voices_dir
 
     (voices_dir() / "broken.npz").write_bytes(b"PK\x03\x04 not a voice")  # a zip archive as np.load sees it
-    n_codes = engine.tts.model.n_codes
+    n_codes = tts.model.n_codes
     save_voice("other-model", Voice([Segment(0, "Words.", np.full((4, 32), n_codes + 5))], speaker=0))
     try:
         for name, message in [("broken", "voice 'broken' is damaged (File is not a zip file)"),
@@ -433,7 +439,7 @@ def test_voice_errors_name_the_voice_not_the_servers_paths(base, engine, monkeyp
         delete_voice("other-model")
     (tmp_path / "a-file").write_text("")
     monkeypatch.setenv("CSM_GGUF_VOICES", str(tmp_path / "a-file"))  # a setup the server cannot use
-    for response in [voice_upload(base, engine, "v1"),
+    for response in [voice_upload(base, tts, "v1"),
                      post(base, json.dumps({"model": "csm-1b", "input": "Hi.", "voice": "someone", **QUICK}))]:
         assert (response.status_code, response.json()["error"]["code"]) == (500, "voices_folder"), response.text
         assert str(tmp_path) not in response.text
@@ -515,20 +521,20 @@ def test_a_chunked_voice_upload_over_the_limit_is_a_413(base):
     assert "big" not in list_voices()
 
 
-def test_voice_uploads_are_refused_before_they_are_read_when_the_server_is_full(base, engine, monkeypatch):
+def test_voice_uploads_are_refused_before_they_are_read_when_the_server_is_full(base, engine, monkeypatch, tts):
     from csm_gguf.voices import delete_voice, list_voices
 
     encoded = []
-    monkeypatch.setattr(engine.tts, "segment", lambda *a, **kw: encoded.append(1))
+    monkeypatch.setattr(tts, "segment", lambda *a, **kw: encoded.append(1))
     places = [engine.place() for _ in range(MAX_STREAMS + MAX_QUEUE)]  # requests being read fill the server
     try:
-        response = voice_upload(base, engine, "v1")
+        response = voice_upload(base, tts, "v1")
         assert (response.status_code, response.json()["error"]["code"]) == (429, "queue_full"), response.text
         assert not encoded and "v1" not in list_voices()
     finally:
         for place in places:
             place.release()
     monkeypatch.undo()
-    assert voice_upload(base, engine, "v1").status_code == 200
+    assert voice_upload(base, tts, "v1").status_code == 200
     delete_voice("v1")
     assert engine.reserved == 0
