@@ -225,3 +225,77 @@ def test_a_run_killed_and_run_again_ends_like_an_uninterrupted_one(reference, f3
     assert summary.skipped >= 2 and summary.done + summary.skipped == len(CORPUS)
     assert sorted(e["id"] for e in manifest(out)) == sorted(r["id"] for r in CORPUS)
     assert files(out) == files(reference)
+
+
+# --- input, output layouts, the command -------------------------------------------------------------------
+
+
+def test_input_formats_and_line_numbers_as_ids(tmp_path):
+    txt = tmp_path / "lines.txt"
+    txt.write_text("\ufeffFirst line.\n\n  \nFourth line.\n")
+    assert [(r.id, r.text) for r in read_rows(txt)] == [("1", "First line."), ("4", "Fourth line.")]
+    csv = tmp_path / "rows.csv"
+    csv.write_text('text,id,voice,speaker,seed\n"Two\nlines",a,ash,,\nPlain,,,2,9\n')
+    rows = read_rows(csv)
+    assert [(r.id, r.text, r.voice, r.speaker, r.seed) for r in rows] == [
+        ("a", "Two\nlines", "ash", None, None), ("4", "Plain", None, 2, 9)]
+    jsonl = write_jsonl(tmp_path / "rows.jsonl", [{"text": "One.", "id": 5}, {"text": "Two.", "seed": 3}])
+    assert [(r.id, r.seed) for r in read_rows(jsonl)] == [("5", None), ("2", 3)]
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("a.jsonl", '{"text": "fine"}\n{"text": "oops"\n', "line 2: not a JSON object"),
+    ("a.jsonl", '{"text": "fine"}\n\n["a list"]\n', "line 3: expected an object"),
+    ("a.jsonl", '{"txt": "typo"}\n', "line 1: unknown field(s) 'txt'"),
+    ("a.jsonl", '{"id": "x"}\n', "line 1: 'text' is required"),
+    ("a.jsonl", '{"text": "a", "id": "x"}\n{"text": "b", "id": "x"}\n', "line 2: id 'x' is also the id of line 1"),
+    ("a.jsonl", '{"text": "a", "id": "../up"}\n', "line 1: id '../up' cannot name a file"),
+    ("a.jsonl", '{"text": "a", "seed": -1}\n', "line 1: 'seed' must be a whole number >= 0"),
+    ("a.jsonl", '{"text": "a", "speaker": "two"}\n', "line 1: 'speaker' must be a whole number"),
+    ("a.csv", "words,id\nhello,1\n", "line 1: the header must name a 'text' column"),
+    ("a.csv", "text,id\nhello,1\nhi,2,extra\n", "line 3: 3 fields where the header has 2"),
+    ("a.txt", b"fine\n\xff\xfe bad\n", "line 2: not UTF-8 text"),
+    ("a.txt", "\n\n", "holds no rows"),
+    ("a.tsv", "text\n", "unknown input type '.tsv'"),
+])
+def test_malformed_input_is_an_error_naming_its_line(f32_model, tmp_path, capsys, name, content, message):
+    source = tmp_path / name
+    source.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        read_rows(source)
+    out = tmp_path / "out"
+    assert main([str(source), "-o", str(out), "--model", str(f32_model), "--no-progress"]) == 2
+    assert message in capsys.readouterr().err and not out.exists()
+
+
+def test_bad_settings_are_refused_before_anything_runs(f32_model, tmp_path, capsys):
+    source = write_jsonl(tmp_path / "a.jsonl", CORPUS[:1])
+    for args, message in ((["--streams", "0"], "streams must be a whole number >= 1"),
+                          (["--temperature", "-1"], "temperature must be a number >= 0"),
+                          (["--metadata", "ljspeech", "--format", "mp3"], "the LJSpeech layout holds wav files"),
+                          (["--model", str(tmp_path / "none")], "none")):
+        assert main([str(source), "-o", str(tmp_path / "out"), "--model", str(f32_model), *args]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_command_ljspeech_layout_formats_and_summary(f32_model, tmp_path, capsys):
+    import soundfile as sf
+
+    source = write_jsonl(tmp_path / "a.jsonl", [{"id": "LJ001-0001", "text": "Pipes | and\nbreaks."},
+                                                {"id": "LJ001-0002", "text": ""}, *CORPUS[:2]])
+    out = tmp_path / "lj"
+    args = [str(source), "-o", str(out), "--model", str(f32_model), "--workers", "2", "--streams", "2",
+            "--max-audio-ms", str(FRAMES * 80), "--metadata", "ljspeech"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "4 rows: 3 done, 1 failed, 0 done before" in err and "audio seconds per wall second" in err
+    assert "failed: LJ001-0002: text is empty" in err and "speaking: 100%" in err  # the progress bar
+    assert (out / "metadata.csv").read_text() == ("LJ001-0001|Pipes and breaks.|Pipes and breaks.\n"
+                                                  "plain|Hello there, how are you doing today?|"
+                                                  "Hello there, how are you doing today?\n"
+                                                  "voiced|A saved voice says this.|A saved voice says this.\n")
+    assert sorted(p.name for p in (out / "wavs").iterdir()) == ["LJ001-0001.wav", "plain.wav", "voiced.wav"]
+    assert main([*args[:-2], "-o", str(tmp_path / "flac"), "--format", "flac", "--no-progress"]) == 0
+    audio, rate = sf.read(tmp_path / "flac" / "plain.flac")
+    assert rate == 24_000 and len(audio) > 0

@@ -48,12 +48,13 @@ def synthesize(
     one audio file per row and a line in manifest.jsonl. Rows already done there are skipped. Raises
     InputError for a malformed input, ValueError for bad settings; a row that cannot be spoken gets its error
     in the manifest instead. See `python -m csm_gguf.batch --help` for the settings."""
+    from ..model_dir import check_model_dir
     from ..tts import find_model
 
     start = time.perf_counter()
     fmt = check_settings(format, speaker, temperature, top_k, seed, max_audio_ms, workers, streams, threads, metadata)
     rows = read_rows(input)
-    pool = Pool(str(Path(find_model(model)).resolve()), workers, streams, threads, gpu_layers, gpus, kv_type,
+    pool = Pool(str(check_model_dir(find_model(model)).resolve()), workers, streams, threads, gpu_layers, gpus, kv_type,
                 address)
     voices, voice_errors = load_voices({row.voice or voice for row in rows} - {None})
     entries = {row.id: entry(row, voice, speaker, seed, voices, fmt, metadata) for row in rows}

@@ -20,9 +20,16 @@ QUEUE = 4096
 CHUNK_FRAMES = 25
 
 
+# --- the engine's interface, known here alone ---------------------------------------------------------------
+def open_engine(tts):
+    from ..server.engine import Engine
+
+    return Engine(tts, max_queue=QUEUE)
+
+
 def start_speech(engine, row: dict, context: Sequence, sampling: dict):
-    """A row submitted to the engine (its job): the one place that knows the engine's interface."""
-    from ..server_engine import SpeechJob
+    """A row submitted to the engine: its job, whose `next_frames()` give the frames made, then None."""
+    from ..server.engine import SpeechJob
 
     return engine.submit(SpeechJob(row["text"], row["speaker"], tuple(context), sampling["temperature"],
                                    sampling["top_k"], row["seed"], sampling["max_audio_ms"]))
@@ -33,12 +40,11 @@ class RowMaker:
 
     def __init__(self, model: str, streams: int, threads: int, gpu_layers: int, kv_type: str, fmt: str,
                  sampling: dict, voices: dict[str, Any]):
-        from ..server_engine import Engine
         from ..tts import CSM
 
         self.tts = CSM(model, n_threads=threads, n_gpu_layers=gpu_layers, kv_type=kv_type, max_streams=streams)
         self.tts.codec  # loaded once, now, not inside the first batch
-        self.engine = Engine(self.tts, max_queue=QUEUE)
+        self.engine = open_engine(self.tts)
         self.fmt, self.sampling, self.voices = fmt, sampling, voices
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
