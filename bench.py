@@ -3,11 +3,11 @@
 For each model variant: real-time factor (generation seconds per audio second), time to first audio
 (streaming, prompt included), frames per second and peak memory over several runs after a warm-up;
 the per-frame stage breakdown; the floor (the same llama.cpp decodes with no pipeline around them);
-optionally batched streams (--concurrency), the corpus path on Ray beside them (--batch-rows), the OpenAI
-server under concurrent streaming requests (--server), fidelity against the f32 model (--quality) and peers: transformers' CSM and Mimi
-(--compare transformers), moshi's own streaming Mimi (--compare moshi). Without --model it benchmarks
-a full-size CSM-1B with random weights, converted once into the cache (random weights never end
-speech: --frames fixes the length). Stages are timed by wrapping the generator's calls from outside:
+optionally batched streams (--concurrency), the corpus path on Ray beside them (--batch-rows), the
+OpenAI server under concurrent streaming requests (--server), fidelity against the f32 model (--quality)
+and peers: transformers' CSM and Mimi (--compare transformers), moshi's own streaming Mimi (--compare
+moshi). Without --model it benchmarks a full-size CSM-1B with random weights, converted once into the
+cache (random weights never end speech: --frames fixes the length). Stages are timed by wrapping the generator's calls from outside:
 about 70 timer pairs per 80 ms frame, microseconds against the ~100+ ms a frame takes on a CPU.
 
     python bench.py --qtype q4_k,q8_0 --compare transformers --quality --json bench.json --plot bench.png
@@ -791,8 +791,8 @@ def table(report: dict) -> str:
             f"| {name} | {c['streams']} | {c['aggregate_xrt']:.2f} | {c['per_stream_rtf']:.2f} |" for name, c in conc))
     batch_rows = [(v["name"], b) for v in report["variants"] for b in v["batched"]]
     if batch_rows:
-        lines.append("| variant | batch: streams, rows | whole run | first rows | xRealTime (whole) | xRealTime (steady) | "
-                     "in-process | Ray's cost |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(
+        lines.append("| variant | batch: streams, rows | whole run | first rows | xRealTime (whole) | "
+                     "xRealTime (steady) | in-process | Ray's cost |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(
                          f"| {name} | {b['streams']}, {b['rows']} | {b['seconds']:.1f} s | {b['first_rows_s']:.1f} s | "
                          f"{b['aggregate_xrt']:.2f} | {b['steady_xrt']:.2f} | "
                          + (f"{b['in_process_xrt']:.2f} | {b['ray_cost']:.1%} |" if b["in_process_xrt"] else "- | - |")
