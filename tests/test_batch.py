@@ -171,6 +171,7 @@ def test_a_run_again_skips_what_is_done_and_redoes_what_is_not(reference, f32_mo
     lines = manifest(out)
     lines[0]["error"] = "it failed"  # failed before: made again
     (out / "manifest.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines) + '{"id": "b3", "te')
+    (out / ".b2.wav.0123abcd.tmp").write_bytes(b"half a file")  # a killed run's
     summary = synthesize(CORPUS, out, model=f32_model, **SETTINGS)
     assert (summary.done, summary.skipped) == (2, len(CORPUS) - 2)
     assert sorted(e["id"] for e in manifest(out)) == sorted(r["id"] for r in CORPUS)
@@ -299,3 +300,10 @@ def test_command_ljspeech_layout_formats_and_summary(f32_model, tmp_path, capsys
     assert main([*args[:-2], "-o", str(tmp_path / "flac"), "--format", "flac", "--no-progress"]) == 0
     audio, rate = sf.read(tmp_path / "flac" / "plain.flac")
     assert rate == 24_000 and len(audio) > 0
+
+
+def test_without_ray_the_command_says_how_to_install_it(f32_model, tmp_path, monkeypatch, capsys):
+    source = write_jsonl(tmp_path / "a.jsonl", CORPUS[:1])
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails
+    assert main([str(source), "-o", str(tmp_path / "out"), "--model", str(f32_model)]) == 2
+    assert "pip install 'csm-gguf[batch]'" in capsys.readouterr().err and not (tmp_path / "out").exists()

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             max_audio_ms=args.max_audio_ms, workers=args.workers, streams=args.streams, threads=args.threads,
             gpu_layers=args.gpu_layers, gpus=args.gpus, kv_type=args.kv_type, address=args.address,
             metadata=args.metadata, progress=not args.no_progress)
-    except (InputError, ValueError, OSError) as e:
+    except (InputError, ValueError, OSError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

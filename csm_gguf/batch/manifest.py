@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Iterable
 
@@ -21,6 +22,7 @@ METADATA = "metadata.csv"
 LJSPEECH_AUDIO = "wavs"  # LJSpeech's layout: metadata.csv beside wavs/<id>.wav, which training tools look for
 # What makes two runs' rows the same row: a line that differs in any of them is made again.
 IDENTITY = ("id", "text", "voice", "speaker", "seed", "path")
+TEMPORARY = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")  # write_atomic's, left by a killed run
 
 
 def audio_path(row_id: str, fmt: str, metadata: str | None) -> str:
@@ -72,7 +74,8 @@ class Manifest:
             write_atomic(self.path, "".join(line_json(e) + "\n" for e in kept).encode("utf-8"))
         for folder in (self.folder, self.folder / LJSPEECH_AUDIO):  # where write_atomic puts them
             for tmp in folder.glob(".*.tmp"):
-                tmp.unlink(missing_ok=True)
+                if TEMPORARY.fullmatch(tmp.name):
+                    tmp.unlink(missing_ok=True)
         return done
 
     def _complete(self, entry: dict, want: dict) -> bool:

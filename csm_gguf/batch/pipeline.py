@@ -46,11 +46,25 @@ class Pool:
         return self.threads or 1
 
 
+class RayMissing(ImportError):
+    pass
+
+
+def import_ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as e:
+        raise RayMissing(f"batch synthesis runs on Ray Data, which is not installed ({e}): pip install "
+                         "'csm-gguf[batch]' (or pip install 'ray[data]')") from None
+    return ray
+
+
 @contextmanager
 def ray_session(pool: Pool) -> Iterator[None]:
     """Ray for the run: the session already open in this process, the cluster at `address`, or one started
     here (enough CPUs that every worker starts) and stopped afterwards."""
-    import ray
+    ray = import_ray()
 
     if ray.is_initialized():
         yield

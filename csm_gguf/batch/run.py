@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .manifest import Manifest, audio_path, write_ljspeech
-from .pipeline import Pool, made_rows, ray_session
+from .pipeline import Pool, import_ray, made_rows, ray_session
 from .rows import Row, read_rows
 from .tally import Summary, Tally
+from .worker import failed
 
 METADATA_LAYOUTS = ("ljspeech",)
 
@@ -56,6 +57,7 @@ def synthesize(
     rows = read_rows(input)
     pool = Pool(str(check_model_dir(find_model(model)).resolve()), workers, streams, threads, gpu_layers, gpus, kv_type,
                 address)
+    import_ray()  # now, not after the output folder is made
     voices, voice_errors = load_voices({row.voice or voice for row in rows} - {None})
     entries = {row.id: entry(row, voice, speaker, seed, voices, fmt, metadata) for row in rows}
     folder = Path(output_dir)
@@ -67,7 +69,7 @@ def synthesize(
     try:
         for e in todo:
             if e["voice"] in voice_errors:
-                tally.add({**e, "audio_seconds": 0.0, "frames": 0, "error": voice_errors[e["voice"]]}, None)
+                tally.add(failed(e, voice_errors[e["voice"]]), None)
         todo = [e for e in todo if e["voice"] not in voice_errors]
         if todo:
             sampling = dict(temperature=temperature, top_k=top_k, max_audio_ms=max_audio_ms)

@@ -89,5 +89,7 @@ class RowMaker:
         return {**row, "audio_seconds": len(audio) / SAMPLE_RATE, "frames": frames, "error": None}, data
 
 
-def failed(row: dict, error: BaseException) -> dict:
-    return {**row, "audio_seconds": 0.0, "frames": 0, "error": str(error) or type(error).__name__}
+def failed(row: dict, error: BaseException | str) -> dict:
+    """The manifest entry of a row that could not be made."""
+    message = error if isinstance(error, str) else str(error) or type(error).__name__
+    return {**row, "audio_seconds": 0.0, "frames": 0, "error": message}
