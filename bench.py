@@ -213,7 +213,7 @@ class Variant:
 
 
 def sampling(frames: int, seed: int):
-    from csm_gguf.generator import Sampling
+    from csm_gguf.sampling import Sampling
 
     return Sampling(temperature=0.9, top_k=50, seed=seed, max_audio_ms=frames * FRAME_MS)
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import re
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+
+from .sampling import MAX_AUDIO_MS, SEED, TEMPERATURE, TOP_K
 
 FORMATS = ("wav", "flac", "mp3", "opus", "aac", "pcm")
 
@@ -45,9 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list-voices", action="store_true", help="list saved voices (speaker, prompt length, transcript) "
                    "and exit")
     p.add_argument("--delete-voice", metavar="NAME", help="delete the saved voice NAME and exit")
-    p.add_argument("--temperature", "-t", type=float, default=0.9, help="sampling temperature; 0 = greedy "
+    p.add_argument("--temperature", "-t", type=float, default=TEMPERATURE.default, help="sampling temperature; "
+                   "0 = greedy (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=TOP_K.default, help="sample among the K likeliest codes "
                    "(default: %(default)s)")
-    p.add_argument("--top-k", type=int, default=50, help="sample among the K likeliest codes (default: %(default)s)")
     p.add_argument("--seed", type=int, help="random seed: the same seed gives the same speech")
     p.add_argument("--speed", type=float, default=1.0, help="faster (up to 4) or slower (down to 0.25) speech at "
                    "the same pitch, by time-stretching the audio (default: %(default)s)")
@@ -201,52 +203,27 @@ def read_codes(path: str):
     return codes
 
 
+def check_sampling(args) -> None:
+    """The sampling options against csm_gguf.sampling's limits: now, not after loading the model."""
+    for option, setting in (("--top-k", TOP_K), ("--temperature", TEMPERATURE), ("--max-audio-ms", MAX_AUDIO_MS),
+                            ("--seed", SEED)):
+        value = getattr(args, setting.name)
+        if value is not None and not setting.allows(value):
+            rule = setting.bounds() if setting.whole else setting.rule()  # argparse took only whole numbers
+            raise UsageError(f"{option} must be {rule}, got {value}")
+
+
 def run(args) -> int:
     from . import voices
     from .script import read_script
-    from .tempo import MAX_SPEED, MIN_SPEED
-    from .text import is_blank
 
     if args.list_voices or args.delete_voice is not None:
-        alone = "--list-voices" if args.list_voices else "--delete-voice"
-        others = [args.text, args.input, args.output, args.save_voice, args.voice, args.context or None]
-        if any(x is not None for x in others) or (args.list_voices and args.delete_voice is not None):
-            raise UsageError(f"{alone} runs on its own: give it without text, --input, --output or other voice "
-                             "options")
-    if args.list_voices:
-        names = voices.list_voices()
-        print("\n".join(map(voices.describe, names)) if names else f"no saved voices in {voices.voices_dir()}")
-        return 0
-    if args.delete_voice is not None:
-        if not voices.delete_voice(args.delete_voice):
-            saved = ", ".join(voices.list_voices()) or "none"
-            raise UsageError(f"no saved voice {args.delete_voice!r} in {voices.voices_dir()} (saved: {saved})")
-        print(f"voice {args.delete_voice!r} deleted", file=sys.stderr)
-        return 0
-    if not 1 <= args.top_k < 2**31:
-        raise UsageError(f"--top-k must be from 1 to {2**31 - 1}, got {args.top_k}")
-    if not 0 <= args.temperature < math.inf:
-        raise UsageError(f"--temperature must be a number >= 0 (0 = greedy), got {args.temperature}")
-    if args.max_audio_ms is not None and not 0 < args.max_audio_ms < math.inf:
-        raise UsageError(f"--max-audio-ms must be a number of milliseconds > 0, got {args.max_audio_ms}")
-    if not MIN_SPEED <= args.speed <= MAX_SPEED:
-        raise UsageError(f"--speed must be from {MIN_SPEED} to {MAX_SPEED} (1 = as spoken), got {args.speed}")
-    for option, value in (("--seed", args.seed), ("--speaker", args.speaker), ("--threads", args.threads)):
-        if value is not None and value < 0:
-            raise UsageError(f"{option} must be >= 0, got {value}")
-    text = read_text(args)
-    has_text = text is not None and not is_blank(text)
-    if args.save_voice is None and not has_text:
-        raise UsageError("no text to speak: give TEXT, '-' for stdin, or --input FILE")
-    if args.dialogue and (args.voice or args.speaker is not None):
-        raise UsageError("--voice and --speaker do not apply to --dialogue: each line names its speaker")
-    if args.dialogue and args.save_voice is not None:
-        raise UsageError("--save-voice and --dialogue go in separate runs: save the voice, then name it in the script")
-    if args.save_voice is not None and not args.context:
-        raise UsageError("--save-voice needs the voice's audio: --context SPEAKER TRANSCRIPT AUDIO")
+        return manage_voices(args)
+    text = checked_text(args)
+    has_text = text is not None
 
     from .audio import check_format
-    from .player import Player, find_player
+    from .player import find_player
 
     written = bool(args.output) or not args.play  # --play alone: heard, not kept
     fmt = check_format(output_format(args)) if written else None
@@ -279,24 +256,72 @@ def run(args) -> int:
         context = [*voice.segments, *context]
     context = [*voice_prompts, *context]
     speaker = args.speaker if args.speaker is not None else (voice.speaker if voice else 0)
-
-    import numpy as np
-
+    sampling = dict(context=context, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                    max_audio_ms=args.max_audio_ms, progress=True)
+    frames = tts.dialogue_frames(turns, **sampling) if turns else tts.frames(text, speaker=speaker, **sampling)
     output = (args.output or default_output(" ".join(t for _, t in turns) if turns else text, fmt)) if written else None
-    codes: list[np.ndarray] = []
+    return speak_out(tts, frames, args, output, fmt, player_command)
 
-    def frames():
-        sampling = dict(context=context, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-                        max_audio_ms=args.max_audio_ms, progress=True)
-        made = tts.dialogue_frames(turns, **sampling) if turns else tts.frames(text, speaker=speaker, **sampling)
-        for frame in made:
+
+def manage_voices(args) -> int:
+    """--list-voices or --delete-voice, alone."""
+    from . import voices
+
+    alone = "--list-voices" if args.list_voices else "--delete-voice"
+    others = [args.text, args.input, args.output, args.save_voice, args.voice, args.context or None]
+    if any(x is not None for x in others) or (args.list_voices and args.delete_voice is not None):
+        raise UsageError(f"{alone} runs on its own: give it without text, --input, --output or other voice "
+                         "options")
+    if args.list_voices:
+        names = voices.list_voices()
+        print("\n".join(map(voices.describe, names)) if names else f"no saved voices in {voices.voices_dir()}")
+        return 0
+    if not voices.delete_voice(args.delete_voice):
+        saved = ", ".join(voices.list_voices()) or "none"
+        raise UsageError(f"no saved voice {args.delete_voice!r} in {voices.voices_dir()} (saved: {saved})")
+    print(f"voice {args.delete_voice!r} deleted", file=sys.stderr)
+    return 0
+
+
+def checked_text(args) -> str | None:
+    """The options checked, then the text to speak read (None: none, for --save-voice alone)."""
+    from .tempo import MAX_SPEED, MIN_SPEED
+    from .text import is_blank
+
+    check_sampling(args)
+    if not MIN_SPEED <= args.speed <= MAX_SPEED:
+        raise UsageError(f"--speed must be from {MIN_SPEED} to {MAX_SPEED} (1 = as spoken), got {args.speed}")
+    for option, value in (("--speaker", args.speaker), ("--threads", args.threads)):
+        if value is not None and value < 0:
+            raise UsageError(f"{option} must be >= 0, got {value}")
+    text = read_text(args)
+    has_text = text is not None and not is_blank(text)
+    if args.save_voice is None and not has_text:
+        raise UsageError("no text to speak: give TEXT, '-' for stdin, or --input FILE")
+    if args.dialogue and (args.voice or args.speaker is not None):
+        raise UsageError("--voice and --speaker do not apply to --dialogue: each line names its speaker")
+    if args.dialogue and args.save_voice is not None:
+        raise UsageError("--save-voice and --dialogue go in separate runs: save the voice, then name it in the script")
+    if args.save_voice is not None and not args.context:
+        raise UsageError("--save-voice needs the voice's audio: --context SPEAKER TRANSCRIPT AUDIO")
+    return text if has_text else None
+
+
+def speak_out(tts, frames, args, output: str | None, fmt: str | None, player_command) -> int:
+    """Speak `frames` into the output and the player, save the codes if asked, report the speed."""
+    from .player import Player
+
+    codes = []
+
+    def kept():
+        for frame in frames:
             codes.append(frame)
             yield frame
 
     tts.codec  # loaded now (seconds, the first time), so the real-time factor below counts only speaking
     player = Player(player_command) if player_command else None
     try:
-        n_samples, wall = speak(tts.decode_stream(frames(), chunk_frames=5, speed=args.speed), output, fmt, player)
+        n_samples, wall = speak(tts.decode_stream(kept(), chunk_frames=5, speed=args.speed), output, fmt, player)
         if args.save_codes:
             save_codes(args.save_codes, codes)
         seconds = n_samples / tts.sample_rate

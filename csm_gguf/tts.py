@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,20 +20,15 @@ from typing import BinaryIO, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .generator import FRAME_MS, Generator, PromptTooLong, Sampling, Segment, check_codes, check_speaker
+from .generator import FRAME_MS, Generator, Segment, check_codes, check_speaker
 from .model import CSMModel
+from .plan import Context, Piece, TokenCounts, plan_pieces, split_text
+from .sampling import MAX_AUDIO_MS, SEED, TEMPERATURE, TOP_K, Sampling
 from .tempo import check_speed, stretched
-from .text import chunk_text, cut_between_words, is_blank, is_unicode, split_sentences, take_sentences
+from .text import cut_between_words, split_sentences, take_sentences
 
 SAMPLE_RATE = 24_000
 
-# Pieces of a long text: short enough that a piece, the previous piece as context and the audio
-# budget all fit the 2048-position context; long enough to keep the prosody of whole sentences.
-PIECE_TOKENS = 60
-# Frames allowed per text token before generation that never ends is cut off (speech runs at about
-# 3 frames per token; this leaves room for slow speakers and pauses).
-FRAMES_PER_TOKEN = 8
-MIN_FRAMES = 25
 # Text arriving without a sentence end is spoken once this long (`stream_text`): more than a piece, so the
 # wait costs no prosody, and short enough that nothing waits for ever (nor re-splits ever longer text).
 UNFINISHED_CHARS = 1000
@@ -66,15 +60,6 @@ def find_model(model: str | Path | None) -> Path:
         "(or `--model-id unsloth/csm-1b`, which needs no hub login), or pass a model directory "
         "(--model DIR or CSM_GGUF_MODEL)"
     )
-
-
-def spoken_context(previous: list[Segment], speaker: int, piece: str, made: list[np.ndarray]) -> list[Segment]:
-    """What the next piece hears of what was said: the last piece each speaker said, in the order said
-    (for a single speaker, the piece just spoken), so every voice carries over. A piece that made no
-    frames changes nothing."""
-    if not made:
-        return previous
-    return [*(seg for seg in previous if seg.speaker != speaker), Segment(speaker, piece, np.stack(made))]
 
 
 def decode_frames(codec, state, frames: list[np.ndarray] | np.ndarray) -> np.ndarray:
@@ -228,79 +213,32 @@ class CSM:
         return Segment(speaker, text, codes)
 
     # --- generation ---------------------------------------------------------------------------------
-    def frame_budget(self, text: str, max_audio_ms: float | None) -> float:
-        """max_audio_ms for a piece: the user's limit, else proportional to the text's length."""
-        if max_audio_ms is not None:
-            return max_audio_ms
-        tokens = len(self.model.tokenize(text))
-        return max(MIN_FRAMES, FRAMES_PER_TOKEN * tokens) * FRAME_MS
-
-    def piece_sampling(self, piece: str, index: int, temperature: float, top_k: int, seed: int | None,
-                       max_audio_ms: float | None) -> Sampling:
-        """Sampling for piece `index` of a text: the seed advances by piece, so every piece is reproducible."""
-        whole = isinstance(seed, numbers.Integral) and not isinstance(seed, bool)
-        piece_seed = seed + index if whole else seed  # anything else: Sampling says what a seed must be
-        return Sampling(temperature, top_k, piece_seed, self.frame_budget(piece, max_audio_ms))
-
-    def piece_context(self, piece: str, speaker: int, context: Sequence[Segment], previous: Sequence[Segment],
-                      sampling: Sampling) -> list[Segment]:
-        """A piece's context: the caller's segments, then what was just said (`spoken_context`: the previous
-        piece of a long text; in a dialogue, each speaker's last piece). The context must leave the piece
-        room for its usual budget of frames in the model's context. After a previous piece, segments give
-        way, oldest first, until it does: a context that fit the first piece must not stop a long text
-        half-way. Without one, a context that leaves too little room is the caller's error
-        (PromptTooLong): the speech would stop short."""
-        segments = [*context, *previous]
-        room = int(min(sampling.max_audio_ms, self.frame_budget(piece, None)) // FRAME_MS)
-        limit = self.model.config.backbone.max_seq_len
-        if not previous:
-            rows = self.generator.prompt_rows(piece, speaker, segments)
-            if rows + room > limit:
-                raise PromptTooLong(
-                    f"the prompt takes {rows} positions and this text may need up to {room} frames more "
-                    f"({room * FRAME_MS / 1000:g} s of speech), but the model's context holds {limit}: "
-                    "shorten the context segments or the text")
-            return segments
-        while segments and self.generator.prompt_rows(piece, speaker, segments) + room > limit:
-            segments.pop(0)
-        return segments
-
-    def pieces(self, text: str) -> list[str]:
-        if not isinstance(text, str):
-            raise ValueError(f"the text to speak must be a string, got {type(text).__name__}")
-        text = text.strip()
-        if is_blank(text):
-            raise ValueError("text is empty: give some words to speak")
-        if not is_unicode(text):
-            raise ValueError("the text holds characters that are not Unicode (lone surrogates, from bytes that "
-                             "were not UTF-8): give UTF-8 text")
-        return chunk_text(text, PIECE_TOKENS, lambda s: len(self.model.tokenize(s)))
-
     def frames(
         self,
         text: str,
         speaker: int = 0,
         context: Sequence[Segment] = (),
-        temperature: float = 0.9,
-        top_k: int = 50,
-        seed: int | None = None,
-        max_audio_ms: float | None = None,
+        temperature: float = TEMPERATURE.default,
+        top_k: int = TOP_K.default,
+        seed: int | None = SEED.default,
+        max_audio_ms: float | None = MAX_AUDIO_MS.default,
         progress: bool = False,
     ) -> Iterator[np.ndarray]:
         """Codes (32,) per 80 ms frame as they are made. Long texts are spoken piece by piece, each piece
         with the previous one as context so the voice carries over."""
         check_speaker(speaker)
-        lines = [(speaker, piece) for piece in self.pieces(text)]
-        return self._speak(lines, context, temperature, top_k, seed, max_audio_ms, progress)
+        count = TokenCounts(self.model)
+        lines = [(speaker, piece) for piece in split_text(text, count)]
+        return self._speak(lines, context, Sampling(temperature, top_k, seed, max_audio_ms), count, progress)
 
     def dialogue_frames(
         self,
         turns: Iterable[tuple[int, str]],
         context: Sequence[Segment] = (),
-        temperature: float = 0.9,
-        top_k: int = 50,
-        seed: int | None = None,
-        max_audio_ms: float | None = None,
+        temperature: float = TEMPERATURE.default,
+        top_k: int = TOP_K.default,
+        seed: int | None = SEED.default,
+        max_audio_ms: float | None = MAX_AUDIO_MS.default,
         progress: bool = False,
     ) -> Iterator[np.ndarray]:
         """A conversation's codes, frame by frame: turns of (speaker, text), each spoken after `context`
@@ -309,53 +247,43 @@ class CSM:
         the seed (piece i samples with seed + i)."""
         if isinstance(turns, (str, bytes)) or not isinstance(turns, Iterable):
             raise ValueError("turns must be a list of (speaker, text) pairs")
+        count = TokenCounts(self.model)
         lines = []  # (speaker, piece) in the order spoken
         for i, turn in enumerate(turns):
             if not isinstance(turn, Sequence) or isinstance(turn, str) or len(turn) != 2:
                 raise ValueError(f"turn {i} must be a (speaker, text) pair, got {turn!r}")
             try:
                 check_speaker(turn[0])
-                lines += [(turn[0], piece) for piece in self.pieces(turn[1])]
+                lines += [(turn[0], piece) for piece in split_text(turn[1], count)]
             except ValueError as e:
                 raise ValueError(f"turn {i}: {e}") from None
         if not lines:
             raise ValueError("no turns to speak: give at least one (speaker, text) pair")
-        return self._speak(lines, context, temperature, top_k, seed, max_audio_ms, progress)
+        return self._speak(lines, context, Sampling(temperature, top_k, seed, max_audio_ms), count, progress)
 
-    def _speak(self, lines: list[tuple[int, str]], context: Sequence[Segment], temperature: float, top_k: int,
-               seed: int | None, max_audio_ms: float | None, progress: bool) -> Iterator[np.ndarray]:
-        """Checks the settings now (a generator would only at its first frame), then speaks the lines."""
-        context = self._checked_context(context)
-        work = list(self._with_samplings(lines, temperature, top_k, seed, max_audio_ms))
-        return self._generate(_progress(work) if progress and len(work) > 1 else work, context)
+    def _speak(self, lines: list[tuple[int, str]], context: Sequence[Segment], sampling: Sampling,
+               count: TokenCounts, progress: bool) -> Iterator[np.ndarray]:
+        """Checks the context now (a generator would only at its first frame), then speaks the lines."""
+        heard = self._context(context)
+        pieces = list(plan_pieces(lines, sampling, count))
+        return self._generate(_progress(pieces) if progress and len(pieces) > 1 else pieces, heard)
 
-    def _with_samplings(self, lines: Iterable[tuple[int, str]], temperature: float, top_k: int, seed: int | None,
-                        max_audio_ms: float | None) -> Iterator[tuple[int, str, Sampling]]:
-        for i, (speaker, piece) in enumerate(lines):
-            yield speaker, piece, self.piece_sampling(piece, i, temperature, top_k, seed, max_audio_ms)
-
-    def _checked_context(self, context: Sequence[Segment]) -> list[Segment]:
+    def _context(self, context: Sequence[Segment]) -> Context:
         context = list(context) if isinstance(context, Iterable) and not isinstance(context, (str, bytes)) else None
         if context is None or not all(isinstance(seg, Segment) for seg in context):
             raise ValueError("context must be a list of Segments (tts.segment(speaker, text, audio=...))")
-        for seg in context:
-            check_speaker(seg.speaker)
-            if seg.codes is not None:
-                check_codes(seg.codes, self.model.config.num_codebooks, self.model.n_codes, "context codes")
-        return context
+        return Context(self.generator, context)
 
-    def _generate(self, work: Iterable[tuple[int, str, Sampling]], context: Sequence[Segment],
-                  piece_ends: bool = False) -> Iterator[np.ndarray | None]:
-        """Frames of each (speaker, piece, sampling) in turn, each piece after what was said before it; with
-        piece_ends, a None after each piece."""
-        previous: list[Segment] = []
-        for speaker, piece, sampling in work:
+    def _generate(self, pieces: Iterable[Piece], context: Context, piece_ends: bool = False
+                  ) -> Iterator[np.ndarray | None]:
+        """Frames of each piece in turn, each after what was said before it (`context`); with piece_ends, a
+        None after each piece."""
+        for piece in pieces:
             made = []
-            piece_context = self.piece_context(piece, speaker, context, previous, sampling)
-            for frame in self.generator.generate(piece, speaker, piece_context, sampling):
+            for frame in self.generator.speak(context.prompt(piece), piece.sampling):
                 made.append(frame)
                 yield frame
-            previous = spoken_context(previous, speaker, piece, made)
+            context.said(piece, made)
             if piece_ends:
                 yield None
 
@@ -364,10 +292,10 @@ class CSM:
         text: Iterable[str],
         speaker: int = 0,
         context: Sequence[Segment] = (),
-        temperature: float = 0.9,
-        top_k: int = 50,
-        seed: int | None = None,
-        max_audio_ms: float | None = None,
+        temperature: float = TEMPERATURE.default,
+        top_k: int = TOP_K.default,
+        seed: int | None = SEED.default,
+        max_audio_ms: float | None = MAX_AUDIO_MS.default,
         chunk_frames: int = 1,
         speed: float = 1.0,
     ) -> Iterator[np.ndarray]:
@@ -379,12 +307,13 @@ class CSM:
         if isinstance(text, (str, bytes)) or not isinstance(text, Iterable):
             raise ValueError("text must be an iterable of strings (an LLM's tokens, lines...); for one string "
                              "use stream()")
-        context = self._checked_context(context)
-        Sampling(temperature, top_k, seed, FRAME_MS if max_audio_ms is None else max_audio_ms)  # its checks, now
-        pieces = ((speaker, piece) for sentence in _sentences(text) for piece in self.pieces(sentence))
-        work = self._with_samplings(pieces, temperature, top_k, seed, max_audio_ms)
+        heard = self._context(context)
+        sampling = Sampling(temperature, top_k, seed, max_audio_ms)  # its checks, now
+        count = TokenCounts(self.model)
+        lines = ((speaker, piece) for sentence in _sentences(text) for piece in split_text(sentence, count))
+        pieces = plan_pieces(lines, sampling, count)
         # Each piece's last frames are decoded when it ends, not with the next: the text may stall there.
-        return self.decode_stream(self._generate(work, context, piece_ends=True), chunk_frames, speed)
+        return self.decode_stream(self._generate(pieces, heard, piece_ends=True), chunk_frames, speed)
 
     def stream(self, text: str, chunk_frames: int = 1, speed: float = 1.0, **kwargs) -> Iterator[np.ndarray]:
         """Audio chunks (float32, 24 kHz) as frames are generated; equal to decoding all frames at once.

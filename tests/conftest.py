@@ -73,3 +73,9 @@ def converted(workdir, hf_checkpoint):
 @pytest.fixture(scope="session")
 def f32_model(converted) -> Path:
     return converted("f32")
+
+
+# Fixtures of their own modules: the say and API tests' (a CSM of the tiny model, a voices folder of their own),
+# the server tests' (a real server on loopback)
+from api_fixtures import tts, voices_home  # noqa: E402, F401
+from server_fixtures import base, client, engine, server, services  # noqa: E402, F401

@@ -14,8 +14,9 @@ from ..voices import load_voice
 from .engine import Engine
 from .errors import register_error_handlers
 from .limits import MAX_SPEECH_REQUEST
-from .routes import EXTENSION, Services, bp
+from .routes import bp
 from .schemas import voice_names
+from .services import EXTENSION, Services
 from .settings import Settings
 
 
@@ -51,5 +52,5 @@ def start_services(settings: Settings) -> Services:
     torch.set_num_threads(1)
     codec = tts.codec  # loaded now, not racing in the first requests' threads
     codec.warm_up(codebooks=tts.model.config.num_codebooks)  # the CPU traces are made now, not in requests
-    engine = Engine(tts, settings.max_queue)
+    engine = Engine(tts.generator, settings.max_queue)
     return Services(tts, codec, engine, settings, created=int(os.path.getmtime(tts.model.backbone_path)))

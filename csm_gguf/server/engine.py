@@ -20,8 +20,9 @@ from typing import Sequence
 
 import numpy as np
 
-from ..generator import Segment, Stream
-from ..tts import CSM, spoken_context
+from ..generator import Generator, Segment, Stream, check_speaker
+from ..plan import Context, Piece, TokenCounts, plan_pieces, split_text
+from ..sampling import MAX_AUDIO_MS, SEED, TEMPERATURE, TOP_K, Sampling
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +43,23 @@ class SpeechJob:
     text: str
     speaker: int = 0
     context: Sequence[Segment] = ()
-    temperature: float = 0.9
-    top_k: int = 50
-    seed: int | None = None
-    max_audio_ms: float | None = None
+    temperature: float = TEMPERATURE.default
+    top_k: int = TOP_K.default
+    seed: int | None = SEED.default
+    max_audio_ms: float | None = MAX_AUDIO_MS.default
+
+    @property
+    def sampling(self) -> Sampling:
+        """The sampling settings as one object, checked (ValueError)."""
+        return Sampling(self.temperature, self.top_k, self.seed, self.max_audio_ms)
 
 
 _END = object()
+
+
+def usage(input_tokens: int, frames: int) -> dict:
+    """OpenAI's usage record. Output tokens: generated 80 ms frames (each one row of 32 codebook tokens)."""
+    return {"input_tokens": input_tokens, "output_tokens": frames, "total_tokens": input_tokens + frames}
 
 
 @dataclass(eq=False)  # jobs are found in the engine's lists by identity: two requests may be alike
@@ -57,18 +68,18 @@ class Job:
     reads them with `next_frames` and calls `cancel` when its client goes away."""
 
     spec: SpeechJob
-    pieces: list[str]
+    pieces: list[Piece]
+    context: Context  # what the next piece hears: the request's context, then what this request said
     input_tokens: int
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     cancelled: bool = False
     frames: int = 0
     submitted: float = field(default_factory=time.monotonic)
     first_frame: float | None = None
-    # Engine-thread state: the piece being spoken, its stream and frames, the previous piece as context.
+    # Engine-thread state: the piece being spoken, its stream and frames.
     piece: int = 0
     stream: Stream | None = None
     made: list[np.ndarray] = field(default_factory=list)
-    previous: list[Segment] = field(default_factory=list)
     # Following requests (`Engine.submit(after=...)`): the one that waits for this job to end, whether
     # this job waited for another (then it does not count against the queue's size: it is a request
     # already being served, going on) and takes its last piece as context. `ended` is set under the lock.
@@ -76,6 +87,9 @@ class Job:
     follower: bool = False
     continues: bool = False
     ended: bool = False
+
+    def usage(self) -> dict:
+        return usage(self.input_tokens, self.frames)
 
     def cancel(self) -> None:
         # A plain flag: the engine drops the job (and frees its slot) before the next frame.
@@ -106,10 +120,9 @@ class Job:
 
 
 class Engine:
-    def __init__(self, tts: CSM, max_queue: int = 16):
-        self.tts = tts
-        self.generator = tts.generator
-        self.max_streams = tts.generator.max_streams
+    def __init__(self, generator: Generator, max_queue: int = 16):
+        self.generator = generator
+        self.max_streams = generator.max_streams
         self.max_queue = max_queue
         self.waiting: deque[Job] = deque()
         self.joining: list[Job] = []  # taken from the queue, their prompts being read
@@ -123,7 +136,7 @@ class Engine:
     # --- request threads ----------------------------------------------------------------------------
     def submit(self, spec: SpeechJob, after: Job | None = None, continues: bool = False) -> Job:
         """Queue a request; raises QueueFull when all slots and the queue are taken, ValueError for empty
-        text.
+        text or bad settings.
 
         `after`: a request of the same client (a websocket session's sentence). If it has not ended, this
         one waits for it, keeping its place in line from now: when `after` ends, this one takes over its
@@ -136,9 +149,7 @@ class Engine:
         previous piece, as between the pieces of a long text: the context gives way to it if both do not
         fit.
         """
-        pieces = self.tts.pieces(spec.text)
-        job = Job(spec, pieces, input_tokens=len(self.tts.model.tokenize(spec.text)),
-                  continues=continues and after is not None)
+        job = self._job(spec, continues and after is not None)
         with self._wake:
             if self._closing:
                 raise RuntimeError(SHUTTING_DOWN)
@@ -148,7 +159,7 @@ class Engine:
                 after.successor, job.follower = job, True
                 return job
             if job.continues:
-                job.previous = list(after.previous)
+                job.context.previous = list(after.context.previous)
             queued = sum(not w.follower for w in self.waiting)
             if len(self.active) + len(self.joining) + queued >= self.max_streams + self.max_queue:
                 raise QueueFull(
@@ -159,6 +170,15 @@ class Engine:
             self.waiting.append(job)
             self._wake.notify()
         return job
+
+    def _job(self, spec: SpeechJob, continues: bool) -> Job:
+        """The request's plan: its pieces (tokenized once) with their samplings, and its context."""
+        check_speaker(spec.speaker)
+        count = TokenCounts(self.generator.model)
+        texts = split_text(spec.text, count)
+        pieces = list(plan_pieces(((spec.speaker, text) for text in texts), spec.sampling, count))
+        context = Context(self.generator, spec.context)
+        return Job(spec, pieces, context, input_tokens=count(spec.text), continues=continues)
 
     def stats(self) -> dict:
         return {
@@ -250,13 +270,9 @@ class Engine:
 
     def _start_piece(self, job: Job) -> bool:
         """Claim a slot and read the piece's prompt; on failure the job ends with the error."""
-        spec, piece = job.spec, job.pieces[job.piece]
+        piece = job.pieces[job.piece]
         try:
-            sampling = self.tts.piece_sampling(piece, job.piece, spec.temperature, spec.top_k, spec.seed,
-                                               spec.max_audio_ms)
-            context = self.tts.piece_context(piece, spec.speaker, spec.context, job.previous, sampling)
-            prompt = self.generator.prompt_embeddings(piece, spec.speaker, context)
-            job.stream = self.generator.start(prompt, sampling, read_prompt=False)
+            job.stream = self.generator.start(job.context.prompt(piece), piece.sampling, read_prompt=False)
         except Exception as e:
             job.stream = None
             self._end(job, e)
@@ -268,7 +284,7 @@ class Engine:
         with this one as context, so the voice carries over as in CSM.frames."""
         self.generator.finish(job.stream)
         job.stream = None
-        job.previous = spoken_context(job.previous, job.spec.speaker, job.pieces[job.piece], job.made)
+        job.context.said(job.pieces[job.piece], job.made)
         job.made = []
         job.piece += 1
         if job.piece < len(job.pieces) and not job.cancelled:
@@ -288,7 +304,7 @@ class Engine:
             successor = job.successor
             if successor is not None:
                 if successor.continues:
-                    successor.previous = list(job.previous)
+                    successor.context.previous = list(job.context.previous)
                 if not self._closing:  # its place in line: after the requests submitted before it
                     place = next((i for i, w in enumerate(self.waiting) if w.submitted > successor.submitted),
                                  len(self.waiting))

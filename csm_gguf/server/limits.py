@@ -7,3 +7,4 @@ MAX_VOICE_UPLOAD = 32 * 2**20  # bytes: half a minute of 48 kHz stereo wav is 11
 # A speech request's body: its context audio (base64) can be the whole context, 164 s: 42 MB as 48 kHz
 # stereo wav.
 MAX_SPEECH_REQUEST = 64 * 2**20
+MAX_SPEAKER = 1_000_000  # speaker ids: any CSM takes, within reason

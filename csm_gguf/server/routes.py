@@ -7,9 +7,7 @@ from __future__ import annotations
 import hmac
 import json
 import time
-from dataclasses import dataclass
 from importlib import resources
-from typing import Any
 
 import numpy as np
 from flask import Blueprint, Response, current_app, render_template_string, request
@@ -18,41 +16,19 @@ from flask_sock import Sock
 from .. import ffmpeg
 from ..audio import MEDIA_TYPES, StreamEncoder, encode_audio
 from ..tempo import stretched
-from ..tts import CSM
 from ..voices import BUILTIN_VOICES, VoiceExists, VoicesFolderError, delete_voice, list_voices, load_voice, save_voice
-from .engine import Engine, Job, QueueFull
 from .errors import VOICES_PATH, ApiError, generation_error
 from .limits import MAX_VOICE_UPLOAD
-from .schemas import MODELS, SpeechRequest, parse_speech, parse_voice, voice_exists, voice_names
-from .settings import SETTINGS, Settings
+from .schemas import MODELS, parse_voice, voice_exists, voice_names
+from .services import EXTENSION, Services
+from .settings import SETTINGS
 from .streaming import ClientGone, decoded_audio, encoded, next_frames, sse_events, streamed
 from .ws_session import WebsocketSession
 
 WEBSOCKET_PATH = "/v1/audio/speech/ws"
-EXTENSION = "csm_gguf"  # the app's Services, in app.extensions
 
 bp = Blueprint("csm_gguf", __name__)
 sock = Sock()
-
-
-@dataclass
-class Services:
-    """What the endpoints use: the model, its codec, the engine that batches requests, the settings."""
-
-    tts: CSM
-    codec: Any
-    engine: Engine
-    settings: Settings
-    created: int  # the model's time, for /v1/models
-
-    def parse(self, body: Any, need_input: bool = True) -> SpeechRequest:
-        return parse_speech(body, self.tts, self.settings.voice, need_input)
-
-    def submit(self, req: SpeechRequest, after: Job | None = None, continues: bool = False) -> Job:
-        try:
-            return self.engine.submit(req.job, after, continues)
-        except QueueFull as e:
-            raise ApiError(429, str(e), code="queue_full", type="rate_limit_error") from None
 
 
 def services() -> Services:
@@ -181,5 +157,4 @@ def speech():
 
 @sock.route(WEBSOCKET_PATH, bp=bp)
 def speech_ws(ws):
-    s = services()
-    WebsocketSession(ws, s.codec, s.parse, s.submit).run()
+    WebsocketSession(ws, services()).run()
