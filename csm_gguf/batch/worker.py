@@ -24,15 +24,15 @@ CHUNK_FRAMES = 25
 def open_engine(tts):
     from ..server.engine import Engine
 
-    return Engine(tts, max_queue=QUEUE)
+    return Engine(tts.generator, max_queue=QUEUE)
 
 
 def start_speech(engine, row: dict, context: Sequence, sampling: dict):
     """A row submitted to the engine: its job, whose `next_frames()` give the frames made, then None."""
     from ..server.engine import SpeechJob
 
-    return engine.submit(SpeechJob(row["text"], row["speaker"], tuple(context), sampling["temperature"],
-                                   sampling["top_k"], row["seed"], sampling["max_audio_ms"]))
+    return engine.submit(SpeechJob(row["text"], speaker=row["speaker"], context=tuple(context), seed=row["seed"],
+                                   **sampling))
 
 
 class RowMaker:
