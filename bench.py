@@ -3,11 +3,11 @@
 For each model variant: real-time factor (generation seconds per audio second), time to first audio
 (streaming, prompt included), frames per second and peak memory over several runs after a warm-up;
 the per-frame stage breakdown; the floor (the same llama.cpp decodes with no pipeline around them);
-optionally batched streams (--concurrency), the OpenAI server under concurrent streaming requests
-(--server), fidelity against the f32 model (--quality) and peers: transformers' CSM and Mimi
-(--compare transformers), moshi's own streaming Mimi (--compare moshi). Without --model it benchmarks
-a full-size CSM-1B with random weights, converted once into the cache (random weights never end
-speech: --frames fixes the length). Stages are timed by wrapping the generator's calls from outside:
+optionally batched streams (--concurrency), the corpus path on Ray beside them (--batch-rows), the
+OpenAI server under concurrent streaming requests (--server), fidelity against the f32 model (--quality)
+and peers: transformers' CSM and Mimi (--compare transformers), moshi's own streaming Mimi (--compare
+moshi). Without --model it benchmarks a full-size CSM-1B with random weights, converted once into the
+cache (random weights never end speech: --frames fixes the length). Stages are timed by wrapping the generator's calls from outside:
 about 70 timer pairs per 80 ms frame, microseconds against the ~100+ ms a frame takes on a CPU.
 
     python bench.py --qtype q4_k,q8_0 --compare transformers --quality --json bench.json --plot bench.png
@@ -153,6 +153,21 @@ class Concurrency:
 
 
 @dataclass
+class Batched:
+    """--batch-rows: the corpus path (csm_gguf.batch on Ray, started for the run) beside the in-process engine."""
+
+    streams: int  # one worker making this many rows at once
+    rows: int
+    frames: int  # per row
+    seconds: float  # the whole run: Ray's start, the worker's model load, every row
+    first_rows_s: float  # until the first batch of rows was written
+    aggregate_xrt: float  # the whole run
+    steady_xrt: float  # after the first batch: what a long corpus runs at
+    in_process_xrt: float | None  # --concurrency of the same streams in this process, when measured
+    ray_cost: float | None  # 1 - steady / in-process
+
+
+@dataclass
 class Served:
     streams: int  # requests sent at once
     frames: int  # per request
@@ -190,6 +205,7 @@ class Variant:
     peak_rss_mib: float
     concurrency: list[Concurrency] = field(default_factory=list)
     served: list[Served] = field(default_factory=list)
+    batched: list[Batched] = field(default_factory=list)
     quality: Quality | None = None
 
 
@@ -330,6 +346,45 @@ def concurrency(tts, n_streams: int, frames: int, seed: int, args) -> Concurrenc
         gen.close()
     audio = frames * FRAME_S
     return Concurrency(n_streams, frames, seconds, n_streams * audio / seconds, seconds / audio)
+
+
+def batched(model_dir: Path, streams: int, rows: int, args, in_process: float | None) -> Batched:
+    """`rows` rows of TEXT, `--frames` each, through csm_gguf.batch.synthesize with one worker of `streams`
+    streams (pcm files into a temporary folder). The manifest is watched for when rows are written: the steady
+    rate counts the rows after the first batch, over the time after it."""
+    import tempfile
+
+    from csm_gguf.batch import synthesize
+    from csm_gguf.llama import default_threads
+
+    written: list[tuple[float, int]] = []  # (time, rows in the manifest)
+    with tempfile.TemporaryDirectory() as out:
+        manifest, stop = Path(out) / "manifest.jsonl", threading.Event()
+
+        def watch() -> None:
+            while not stop.wait(0.02):
+                n = len(manifest.read_bytes().splitlines()) if manifest.exists() else 0
+                if n and (not written or n > written[-1][1]):
+                    written.append((time.perf_counter(), n))
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        t0 = time.perf_counter()
+        summary = synthesize([{"id": f"row{i}", "text": TEXT} for i in range(rows)], out, model=model_dir,
+                             format="pcm", max_audio_ms=args.frames * FRAME_MS, seed=args.seed, workers=1,
+                             streams=streams, threads=args.threads or default_threads(), gpu_layers=args.gpu_layers,
+                             kv_type=args.kv_type, progress=False)
+        seconds = time.perf_counter() - t0
+        stop.set()
+        watcher.join()
+    if summary.done != rows:
+        raise RuntimeError(f"the batch run made {summary.done} of {rows} rows: {summary.errors[:3]}")
+    per_row = summary.audio_seconds / rows
+    (t1, first), end = written[0], written[-1][0]
+    steady = (rows - first) * per_row / (end - t1) if rows > first and end > t1 else float("nan")
+    cost = 1 - steady / in_process if in_process else None
+    return Batched(streams, rows, args.frames, seconds, t1 - t0, summary.audio_seconds / seconds, steady,
+                   in_process, cost)
 
 
 def teacher_forced(model, codes: np.ndarray, args) -> tuple[np.ndarray, np.ndarray]:
@@ -566,6 +621,10 @@ def bench_variant(name: str, model_dir: Path, weights: str, args, reference: dic
     )
     for s in args.concurrency:
         v.concurrency.append(concurrency(tts, s, args.frames, args.seed, args))
+    if args.batch_rows:
+        in_process = {c.streams: c.aggregate_xrt for c in v.concurrency}
+        for s in args.concurrency or [4]:
+            v.batched.append(batched(model_dir, s, args.batch_rows, args, in_process.get(s)))
     if args.server:
         v.served = served(model_dir, args.server, args.frames, args)
     if reference is not None:
@@ -812,6 +871,14 @@ def table(report: dict) -> str:
     if conc:
         lines.append("| variant | streams | aggregate xRealTime | per-stream RTF |\n|---|---|---|---|\n" + "\n".join(
             f"| {name} | {c['streams']} | {c['aggregate_xrt']:.2f} | {c['per_stream_rtf']:.2f} |" for name, c in conc))
+    batch_rows = [(v["name"], b) for v in report["variants"] for b in v["batched"]]
+    if batch_rows:
+        lines.append("| variant | batch: streams, rows | whole run | first rows | xRealTime (whole) | "
+                     "xRealTime (steady) | in-process | Ray's cost |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(
+                         f"| {name} | {b['streams']}, {b['rows']} | {b['seconds']:.1f} s | {b['first_rows_s']:.1f} s | "
+                         f"{b['aggregate_xrt']:.2f} | {b['steady_xrt']:.2f} | "
+                         + (f"{b['in_process_xrt']:.2f} | {b['ray_cost']:.1%} |" if b["in_process_xrt"] else "- | - |")
+                         for name, b in batch_rows))
     served_rows = [(v["name"], x) for v in report["variants"] for x in v["served"]]
     if served_rows:
         lines.append("| variant | server requests at once | aggregate xRealTime | first audio (median) |\n|---|---|---|---|\n"
@@ -918,6 +985,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kv-type", default="f16", choices=("f32", "f16", "q8_0"))
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--concurrency", type=csv(int), default=[], help="stream counts to batch, e.g. 1,2,4,8")
+    p.add_argument("--batch-rows", type=int, default=0, help="also run N rows through the corpus path (python -m "
+                   "csm_gguf.batch: Ray, one worker) with each --concurrency as its --streams (default 4), beside the "
+                   "in-process figure: needs the batch extra")
     p.add_argument("--server", type=csv(int), default=[], help="streaming requests to send at once to the "
                    "OpenAI server, started in its own process, e.g. 1,4")
     p.add_argument("--quality", action="store_true", help="top-1 agreement and KL of each variant vs the f32 model "
@@ -944,7 +1014,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                 p.error(f"{option}: unknown qtype {q!r}; choose from {', '.join(QTYPES)}")
     for option, value, least in (("--frames", args.frames, 1), ("--runs", args.runs, 1), ("--warmup", args.warmup, 0),
                                  ("--threads", args.threads, 0), ("--quality-frames", args.quality_frames, 1),
-                                 ("--peer-frames", args.peer_frames, 1),
+                                 ("--peer-frames", args.peer_frames, 1), ("--batch-rows", args.batch_rows, 0),
                                  *(("--concurrency", n, 1) for n in args.concurrency),
                                  *(("--server", n, 1) for n in args.server)):
         if value < least:
