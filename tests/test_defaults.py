@@ -115,3 +115,15 @@ def test_the_server_samples_as_csm_does_with_the_same_settings(server, sampling)
     np.testing.assert_allclose(served, np.clip(expected, -1, 32767 / 32768), atol=1.5 / 32768)
     other = engine.tts.generate(TEXT, speaker=3, max_audio_ms=6 * 80, seed=11, temperature=1.3, top_k=2)
     assert not np.allclose(expected[: len(other)], other[: len(expected)])  # the settings matter
+
+
+def test_a_piece_s_budget_without_max_audio_ms(server):
+    """8 frames per token of text, at least 25 frames (2 s): generation that never ends is cut off there."""
+    from csm_gguf.tts import FRAMES_PER_TOKEN, MIN_FRAMES
+
+    tts = server[0].tts
+    assert (FRAMES_PER_TOKEN, MIN_FRAMES) == (8, 25)
+    long = "A much longer sentence " * 5
+    assert tts.frame_budget("Hi.", None) == 25 * 80
+    assert tts.frame_budget(long, None) == 8 * len(tts.model.tokenize(long)) * 80 > 25 * 80
+    assert tts.frame_budget(long, 1234.0) == 1234.0
