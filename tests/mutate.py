@@ -49,7 +49,7 @@ EOS = "tests/test_end_of_speech.py"
 LONG = "tests/test_long_text_context.py"
 DEFAULTS = "tests/test_defaults.py"
 DIALOGUE = "tests/test_say.py::test_dialogue_turns_hear_each_speakers_last_piece"
-BUDGET = "tests/test_say.py::test_budget_is_proportional_to_text"
+BUDGET = "tests/test_defaults.py::test_a_piece_s_budget_without_max_audio_ms"
 UNTIED = "tests/test_engine.py::test_untied_decoder_embeddings_are_used"
 TIMEOUT_S = 900
 

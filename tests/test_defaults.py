@@ -120,3 +120,18 @@ def test_the_server_samples_as_csm_does_with_the_same_settings(server, sampling)
     np.testing.assert_allclose(served, np.clip(expected, -1, 32767 / 32768), atol=1.5 / 32768)
     other = services.tts.generate(TEXT, speaker=3, max_audio_ms=6 * 80, seed=11, temperature=1.3, top_k=2)
     assert not np.allclose(expected[: len(other)], other[: len(expected)])  # the settings matter
+
+
+def test_a_piece_s_budget_without_max_audio_ms(tts):
+    """8 frames per token of text, at least 25 frames (2 s): generation that never ends is cut off there;
+    a limit of the caller's replaces it."""
+    from csm_gguf.plan import FRAMES_PER_TOKEN, MIN_FRAMES, TokenCounts, frame_budget, plan_pieces
+
+    assert (FRAMES_PER_TOKEN, MIN_FRAMES) == (8, 25)
+    assert frame_budget(1) == 25 * 80
+    assert frame_budget(40) == 8 * 40 * 80 > 25 * 80
+    long = "A much longer sentence " * 5
+    (piece,) = plan_pieces([(0, long)], Sampling(), TokenCounts(tts.model))
+    assert piece.sampling.max_audio_ms == 8 * len(tts.model.tokenize(long)) * 80
+    (piece,) = plan_pieces([(0, long)], Sampling(max_audio_ms=1234.0), TokenCounts(tts.model))
+    assert piece.sampling.max_audio_ms == 1234.0
