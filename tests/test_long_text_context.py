@@ -7,8 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from server_fixtures import loopback_server
+
+from csm_gguf.plan import Context, TokenCounts, split_text
+from csm_gguf.server.engine import SpeechJob
 from csm_gguf.tts import CSM
-from server_fixtures import SpeechJob, loopback_server
 
 TEXT = " ".join(f"This is sentence number {i}, which goes on for a while." for i in range(12))
 PER_PIECE = 3  # frames: every piece's budget (a sampled all-zero frame among 32 codes is never seen here)
@@ -23,19 +26,26 @@ def assert_each_piece_heard_the_one_before(contexts: list[list], pieces: list[st
         np.testing.assert_array_equal(previous.codes, np.stack(frames[PER_PIECE * (i - 1): PER_PIECE * i]))
 
 
+def spy_on_contexts(monkeypatch) -> list[list]:
+    """The segments each piece hears (the caller's, then what was said before it), from now on."""
+    contexts: list[list] = []
+    fitting = Context.fitting
+
+    def spy(self, piece):
+        heard = fitting(self, piece)
+        contexts.append([h.segment for h in heard])
+        return heard
+
+    monkeypatch.setattr(Context, "fitting", spy)
+    return contexts
+
+
 def test_csm_frames(f32_model, monkeypatch):
     tts = CSM(f32_model, kv_type="f32")
     try:
-        pieces = tts.pieces(TEXT)
+        pieces = split_text(TEXT, TokenCounts(tts.model))
         assert len(pieces) > 2
-        contexts = []
-        generate = tts.generator.generate
-
-        def spy(piece, speaker, context, sampling):
-            contexts.append(list(context))
-            return generate(piece, speaker, context, sampling)
-
-        monkeypatch.setattr(tts.generator, "generate", spy)
+        contexts = spy_on_contexts(monkeypatch)
         frames = list(tts.frames(TEXT, speaker=5, seed=2, max_audio_ms=PER_PIECE * 80))
         assert_each_piece_heard_the_one_before(contexts, pieces, frames)
     finally:
@@ -49,21 +59,15 @@ def server(f32_model, tmp_path_factory):
 
 
 def test_server_engine(server, monkeypatch):
-    engine = server[0]
-    contexts = []
-    piece_context = engine.tts.piece_context
-
-    def spy(piece, speaker, context, previous, sampling):
-        contexts.append(list(previous))
-        return piece_context(piece, speaker, context, previous, sampling)
-
-    monkeypatch.setattr(engine.tts, "piece_context", spy)
+    services = server[0]
+    engine, tts = services.engine, services.tts
+    contexts = spy_on_contexts(monkeypatch)
     job = engine.submit(SpeechJob(TEXT, speaker=5, seed=2, max_audio_ms=PER_PIECE * 80))
     frames = []
     while (got := job.next_frames(timeout=60)) is not None:
         frames += got
-    assert_each_piece_heard_the_one_before(contexts, engine.tts.pieces(TEXT), frames)
+    assert_each_piece_heard_the_one_before(contexts, split_text(TEXT, TokenCounts(tts.model)), frames)
     # The same frames as CSM.frames: piece i sampled with seed + i, after the same context.
     assert not (engine.active or engine.waiting)  # idle: its CSM may be borrowed
     monkeypatch.undo()
-    np.testing.assert_array_equal(frames, list(engine.tts.frames(TEXT, speaker=5, seed=2, max_audio_ms=PER_PIECE * 80)))
+    np.testing.assert_array_equal(frames, list(tts.frames(TEXT, speaker=5, seed=2, max_audio_ms=PER_PIECE * 80)))
