@@ -32,9 +32,10 @@ from typing import Any, Callable
 import csm_gguf  # noqa: F401  (first: it limits numpy's BLAS threads before numpy loads)
 import numpy as np
 
+from csm_gguf.formats import FRAME_MS, SAMPLE_RATE
+
 TEXT = "The quick brown fox jumps over the lazy dog, and then it runs far away into the forest."
-FRAME_S = 0.08
-FRAME_MS = 80
+FRAME_S = FRAME_MS / 1000
 WEIGHTS_SEED = 0  # convert_random's: the transformers peer rebuilds exactly those weights
 
 
@@ -215,7 +216,7 @@ class Variant:
 def sampling(frames: int, seed: int):
     from csm_gguf.sampling import Sampling
 
-    return Sampling(temperature=0.9, top_k=50, seed=seed, max_audio_ms=frames * FRAME_MS)
+    return Sampling(seed=seed, max_audio_ms=frames * FRAME_MS)
 
 
 def run_once(tts, frames: int, seed: int) -> tuple[float, float, int]:
@@ -469,7 +470,7 @@ def served(model_dir: Path, counts: list[int], frames: int, args) -> list[Served
             while chunk := response.read1(1 << 16):
                 first = first or time.perf_counter() - t0
                 size += len(chunk)
-        return first or 0.0, size / 2 / 24_000  # pcm: 16-bit samples at 24 kHz
+        return first or 0.0, size / 2 / SAMPLE_RATE  # pcm: 16-bit samples
 
     out = []
     try:

@@ -16,12 +16,12 @@ from typing import Iterator, Sequence
 import llama_cpp as L
 import numpy as np
 
+from .formats import FRAME_MS
 from .heads import CodebookHeads
 from .llama import ContextOptions, EmbeddingModel, default_threads
 from .model import CSMModel
 from .sampling import Sampling
 
-FRAME_MS = 80
 
 
 class PromptTooLong(ValueError):

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .generator import FRAME_MS, PromptTooLong, Segment, check_codes, check_speaker
+from .formats import FRAME_MS
+from .generator import PromptTooLong, Segment, check_codes, check_speaker
 from .sampling import Sampling
 from .text import chunk_text, is_blank, is_unicode
 

@@ -10,9 +10,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from .formats import FORMATS
 from .sampling import MAX_AUDIO_MS, SEED, TEMPERATURE, TOP_K
-
-FORMATS = ("wav", "flac", "mp3", "opus", "aac", "pcm")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,14 +21,14 @@ from typing import BinaryIO, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .generator import FRAME_MS, Generator, Segment, check_codes, check_speaker
+from .formats import FRAME_MS, SAMPLE_RATE
+from .generator import Generator, Segment, check_codes, check_speaker
 from .model import CSMModel
 from .plan import Context, Piece, TokenCounts, plan_pieces, split_text
 from .sampling import MAX_AUDIO_MS, SEED, TEMPERATURE, TOP_K, Sampling
 from .tempo import check_speed, stretched
 from .text import take_sentences, take_sentences_within
 
-SAMPLE_RATE = 24_000
 
 # Text arriving without a sentence end is spoken once this long (`stream_text`): more than a piece, so the
 # wait costs no prosody, and short enough that nothing waits for ever (nor re-splits ever longer text).

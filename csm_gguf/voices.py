@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import write_atomic
-from .generator import FRAME_MS, Segment, check_speaker
+from .formats import FRAME_MS
+from .generator import Segment, check_speaker
 from .model_dir import cache_root
 from .tts import Voice
 

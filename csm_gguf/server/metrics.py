@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from flask import Blueprint, Flask, Response, current_app, request
 
-from ..generator import FRAME_MS
+from ..formats import FRAME_MS
 from .drain import Drain
 from .engine import Engine, Job
 from .errors import ApiError
