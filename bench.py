@@ -7,7 +7,8 @@ optionally batched streams (--concurrency), the corpus path on Ray beside them (
 OpenAI server under concurrent streaming requests (--server), fidelity against the f32 model (--quality)
 and peers: transformers' CSM and Mimi (--compare transformers), moshi's own streaming Mimi (--compare
 moshi). Without --model it benchmarks a full-size CSM-1B with random weights, converted once into the
-cache (random weights never end speech: --frames fixes the length). Stages are timed by wrapping the generator's calls from outside:
+cache (random weights never end speech: --frames fixes the length). Stages are timed by wrapping the
+generator's calls from outside:
 about 70 timer pairs per 80 ms frame, microseconds against the ~100+ ms a frame takes on a CPU.
 
     python bench.py --qtype q4_k,q8_0 --compare transformers --quality --json bench.json --plot bench.png
@@ -29,9 +30,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import csm_gguf  # noqa: F401  (first: it limits numpy's BLAS threads before numpy loads)
 import numpy as np
 
+import csm_gguf  # noqa: F401  (first: it limits numpy's BLAS threads before numpy loads)
 from csm_gguf.formats import FRAME_MS, SAMPLE_RATE
 
 TEXT = "The quick brown fox jumps over the lazy dog, and then it runs far away into the forest."
@@ -697,7 +698,8 @@ def transformers_csm(config, codec_config: dict, seed: int):
                                               strict=False, assign=True)
     missing = [m for m in missing if not m.startswith("codec_model.")]
     if missing or unexpected:
-        raise RuntimeError(f"transformers CSM weights do not line up: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise RuntimeError(f"transformers CSM weights do not line up: missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}")
     csm.codec_model = random_mimi(codec_config, seed)
     return csm.eval()
 
@@ -789,7 +791,8 @@ def moshi_peer(frames: int, seed: int, runs: int) -> dict:
 
     out: dict[str, Any] = dict(frames=frames, runs=runs)
     audio = {}
-    for key, fn in [("moshi_stream_ms", moshi_stream), ("moshi_batch_ms", moshi_batch), ("ours_stream_ms", ours_stream)]:
+    runs_of = [("moshi_stream_ms", moshi_stream), ("moshi_batch_ms", moshi_batch), ("ours_stream_ms", ours_stream)]
+    for key, fn in runs_of:
         out[key], audio[key] = ms_per_frame(fn, frames, runs)
     out["stream_max_abs_diff"] = float((audio["moshi_stream_ms"] - audio["ours_stream_ms"]).abs().max())
     out["moshi_over_ours_stream"] = out["moshi_stream_ms"] / out["ours_stream_ms"]
@@ -845,7 +848,8 @@ def machine(args) -> dict:
     from csm_gguf.llama import default_threads
 
     return dict(
-        cpu=cpu, logical_cores=os.cpu_count(), usable_cores=default_threads(), threads=args.threads or default_threads(),
+        cpu=cpu, logical_cores=os.cpu_count(), usable_cores=default_threads(),
+        threads=args.threads or default_threads(),
         ram_gib=round(psutil.virtual_memory().total / 2**30, 1), platform=platform.platform(),
         python=platform.python_version(), llama_cpp_python=llama_cpp.__version__,
         llama_gpu_offload=bool(llama_cpp.llama_supports_gpu_offload()),
@@ -882,14 +886,17 @@ def table(report: dict) -> str:
                          for name, b in batch_rows))
     served_rows = [(v["name"], x) for v in report["variants"] for x in v["served"]]
     if served_rows:
-        lines.append("| variant | server requests at once | aggregate xRealTime | first audio (median) |\n|---|---|---|---|\n"
+        lines.append("| variant | server requests at once | aggregate xRealTime | first audio (median) |\n"
+                     "|---|---|---|---|\n"
                      + "\n".join(f"| {name} | {x['streams']} | {x['aggregate_xrt']:.2f} | "
                                  f"{x['first_audio_s']['median'] * 1000:.0f} ms |" for name, x in served_rows))
     qual = [v for v in report["variants"] if v["quality"]]
     if qual:
-        lines.append("| variant | codebook-0 top-1 | codebook-0 KL | decoder top-1 | decoder KL |\n|---|---|---|---|---|\n"
+        lines.append("| variant | codebook-0 top-1 | codebook-0 KL | decoder top-1 | decoder KL |\n"
+                     "|---|---|---|---|---|\n"
                      + "\n".join(f"| {v['name']} | {q['codebook0_top1']:.3f} | {q['codebook0_kl']:.4f} | "
-                                 f"{q['decoder_top1']:.3f} | {q['decoder_kl']:.4f} |" for v in qual for q in [v["quality"]]))
+                                 f"{q['decoder_top1']:.3f} | {q['decoder_kl']:.4f} |"
+                                 for v in qual for q in [v["quality"]]))
     peers = report["peers"]
     if "transformers" in peers:
         t = peers["transformers"]
@@ -901,7 +908,8 @@ def table(report: dict) -> str:
         chunked = ", ".join(f"{ms:.1f} in chunks of {size}" for size, ms in m["ours_stream_chunk_ms"].items())
         lines.append(f"Mimi decode ms/frame (median of {m['runs']} runs): ours streaming {m['ours_stream_ms']:.1f} "
                      f"(a frame at a time; {chunked}), ours batch {m['ours_batch_ms']:.1f}"
-                     + (f", transformers batch {m['transformers_batch_ms']:.1f}" if "transformers_batch_ms" in m else ""))
+                     + (f", transformers batch {m['transformers_batch_ms']:.1f}"
+                        if "transformers_batch_ms" in m else ""))
     if "moshi" in peers:
         k = peers["moshi"]
         lines.append(f"moshi's Mimi (the reference streaming decoder), same weights, ms/frame: streaming "
@@ -970,7 +978,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parse.__name__ = f"comma-separated {kind.__name__}"  # argparse's "invalid ... value" names it
         return parse
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", help="model directory to benchmark (repeatable); default: "
                    "full-size CSM-1B with random weights, converted once per --qtype")
     p.add_argument("--qtype", type=csv(str), default=["q4_k"], help="random-weight variants, comma-separated "
@@ -998,7 +1007,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compare", action="append", default=[], choices=("transformers", "moshi"),
                    help="peers (repeatable): transformers' CSM and Mimi on the same random weights; moshi's Mimi "
                    f"streaming decoder ({MOSHI_INSTALL})")
-    p.add_argument("--peer-frames", type=int, default=8, help="frames for the (slow) transformers run (default: %(default)s)")
+    p.add_argument("--peer-frames", type=int, default=8,
+                   help="frames for the (slow) transformers run (default: %(default)s)")
     p.add_argument("--startup", type=int, default=0, metavar="N", help=f"start-up figures from N fresh processes "
                    f"each: `say {STARTUP_TEXT!r} -o - -f pcm` to its first audio and its peak memory, the server to "
                    "ready (default: 0, none)")
@@ -1045,7 +1055,8 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    report: dict[str, Any] = dict(command=" ".join(["python", "bench.py", *(argv if argv is not None else sys.argv[1:])]),
+    command = " ".join(["python", "bench.py", *(argv if argv is not None else sys.argv[1:])])
+    report: dict[str, Any] = dict(command=command,
                                   machine=machine(args), text=TEXT, settings={}, variants=[], peers={})
     report["settings"] = {k: v for k, v in vars(args).items() if k not in ("json", "plot")}
     busy, m = os.getloadavg()[0], report["machine"]

@@ -22,6 +22,7 @@ from . import ffmpeg
 from .atomic import write_atomic
 from .ffmpeg import AacStream
 from .formats import FORMATS, MEDIA_TYPES, SAMPLE_RATE, AudioError  # noqa: F401 (audio's vocabulary, used here)
+
 _EXTENSIONS = {
     ".wav": "wav",
     ".flac": "flac",

@@ -161,7 +161,8 @@ def decode_to_wav(source: str | os.PathLike[str] | BinaryIO, name: str, max_seco
         channels = _channels(safe, path)
         # The mean of the channels, as for the files libsndfile reads (ffmpeg's own downmix weighs them
         # unevenly: 0.71 each for stereo); without ffprobe, that downmix.
-        mix = ["-af", "pan=mono|c0=" + "+".join(f"{1 / channels:.9g}*c{i}" for i in range(channels))] if channels else []
+        pan = "pan=mono|c0=" + "+".join(f"{1 / channels:.9g}*c{i}" for i in range(channels or 0))
+        mix = ["-af", pan] if channels else []
         try:
             run = subprocess.run(
                 [exe, *_QUIET, "-nostdin", *safe, "-i", "file:" + path, "-map", "0:a:0",

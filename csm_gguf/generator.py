@@ -23,7 +23,6 @@ from .model import CSMModel
 from .sampling import Sampling
 
 
-
 class PromptTooLong(ValueError):
     pass
 

@@ -12,9 +12,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 import llama_cpp as L
+import numpy as np
 
 _VERBOSE = bool(os.environ.get("CSM_GGUF_VERBOSE"))
 _GGML_LOG_LEVEL_ERROR = 4  # ggml_log_level: NONE, DEBUG, INFO, WARN, ERROR, CONT
@@ -53,7 +52,8 @@ def load_vocab_only(path: Path):
     params.vocab_only = True
     model = L.llama_model_load_from_file(str(path).encode(), params)
     if not model:
-        raise ValueError(f"llama.cpp could not read the tokenizer in {path}: the file is damaged or incomplete, convert again")
+        raise ValueError(f"llama.cpp could not read the tokenizer in {path}: the file is damaged or incomplete, "
+                         "convert again")
     return model
 
 

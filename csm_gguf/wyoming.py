@@ -18,7 +18,8 @@ from .say import add_sampling_arguments
 from .server.settings import SETTINGS, Settings
 
 log = logging.getLogger("csm_gguf.wyoming")
-UNUSED = {"api_key", "drain_s", "max_websockets", "ws_idle_s"}  # HTTP-only: Wyoming has no authentication (keep the port to your network), drain or websockets
+# HTTP-only settings: Wyoming has no authentication (keep the port to your network), drain or websockets.
+UNUSED = {"api_key", "drain_s", "max_websockets", "ws_idle_s"}
 
 
 def build_parser() -> argparse.ArgumentParser:

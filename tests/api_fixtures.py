@@ -3,14 +3,12 @@ reference's audio."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
 
 from csm_gguf.tts import CSM
 from reference import reference_greedy_codes, reference_prompt_embeddings
-
 
 TEXT = "Hello there, how are you doing today?"
 

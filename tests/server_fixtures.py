@@ -19,10 +19,10 @@ import numpy as np
 import openai
 import pytest
 import soundfile as sf
-from csm_fixtures import random_codes
 from simple_websocket import Client as WsClient
 from werkzeug.serving import make_server
 
+from csm_fixtures import random_codes
 from csm_gguf.audio import to_int16
 from csm_gguf.generator import Segment
 from csm_gguf.plan import Context

@@ -138,7 +138,8 @@ def test_end_of_speech_ends_the_rows_audio(f32_model, monkeypatch):
 
     monkeypatch.setattr(maker.engine.generator, "step", ends_after_four)
     try:
-        rows = [dict(id=f"r{i}", text="Hello there.", voice=None, speaker=0, seed=i, path=f"r{i}.pcm") for i in range(2)]
+        rows = [dict(id=f"r{i}", text="Hello there.", voice=None, speaker=0, seed=i, path=f"r{i}.pcm")
+                for i in range(2)]
         for entry, audio in maker.make(rows):
             assert entry["frames"] == 4 and entry["error"] is None
             assert len(audio) == 2 * 4 * maker.tts.codec.cfg.frame_size

@@ -18,7 +18,8 @@ def test_bench_writes_every_figure(converted, f32_model, tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "bench.py", "--model", str(converted("q4_k")), "--model", str(f32_model),
            "--reference", str(f32_model), "--quality", "--quality-frames", "3", "--frames", "4", "--runs", "2",
-           "--concurrency", "1,2", "--server", "1,2", "--compare", "transformers", "--peer-frames", "2", "--json", str(out),
+           "--concurrency", "1,2", "--server", "1,2", "--compare", "transformers", "--peer-frames", "2",
+           "--json", str(out),
            # One thread: llama.cpp's spinning workers crawl when other tests hold the cores.
            "--threads", "1"]
     if importlib.util.find_spec("matplotlib"):

@@ -60,8 +60,8 @@ def test_model_files_are_stock_llama_models(f32_model):
 
 def test_rope_factors_match_transformers_llama3_curve():
     import torch
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     from csm_gguf.config import CSM_1B
 

@@ -15,12 +15,11 @@ import pytest
 import soundfile as sf
 
 from csm_gguf.generator import Sampling
+from csm_gguf.server.engine import SpeechJob
 from csm_gguf.server.schemas import parse_speech
 from csm_gguf.tts import CSM
 from csm_gguf.voices import BUILTIN_VOICES
 from server_fixtures import loopback_server
-
-from csm_gguf.server.engine import SpeechJob
 
 # OpenAI's voices in its documented order, each a CSM speaker id (its index): the mapping clients see.
 VOICES = {"alloy": 0, "ash": 1, "ballad": 2, "coral": 3, "echo": 4, "fable": 5, "onyx": 6, "nova": 7, "sage": 8,

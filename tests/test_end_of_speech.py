@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+
 import httpx
 import numpy as np
 import pytest

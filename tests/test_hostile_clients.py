@@ -16,12 +16,12 @@ import numpy as np
 import psutil
 import pytest
 import soundfile as sf
-from csm_fixtures import random_codes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from simple_websocket import Client as WsClient
 from werkzeug.serving import make_server
 
+from csm_fixtures import random_codes
 from csm_gguf.audio import FORMATS
 from csm_gguf.server import engine as server_engine
 from csm_gguf.server import schemas

@@ -7,11 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from server_fixtures import loopback_server
-
 from csm_gguf.plan import Context, TokenCounts, split_text
 from csm_gguf.server.engine import SpeechJob
 from csm_gguf.tts import CSM
+from server_fixtures import loopback_server
 
 TEXT = " ".join(f"This is sentence number {i}, which goes on for a while." for i in range(12))
 PER_PIECE = 3  # frames: every piece's budget (a sampled all-zero frame among 32 codes is never seen here)

@@ -12,13 +12,13 @@ import time
 import httpx
 import pytest
 from flask import Flask
-from replica_fixtures import close_quietly, closed_with, scrape, upgrade_status
 from simple_websocket import Client as WsClient
 from werkzeug.serving import make_server
 
 from csm_gguf.server import metrics
 from csm_gguf.server.drain import Drain
 from csm_gguf.server.errors import register_error_handlers
+from replica_fixtures import close_quietly, closed_with, scrape, upgrade_status
 
 GREEDY = {"temperature": 0, "max_audio_ms": 800}  # 10 frames
 MAX_WEBSOCKETS, IDLE_S = 2, 2

@@ -14,8 +14,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from csm_fixtures import (REAL_BACKBONE_ROPE, REAL_DECODER_ROPE, make_tiny_csm, random_codes, save_codec,
-                          save_original_format, save_transformers_format)
+from csm_fixtures import (
+    REAL_BACKBONE_ROPE,
+    REAL_DECODER_ROPE,
+    make_tiny_csm,
+    random_codes,
+    save_codec,
+    save_original_format,
+    save_transformers_format,
+)
 from csm_gguf.generator import Generator, Sampling, Segment
 from csm_gguf.model import CSMModel
 from reference import llama3_prompt_tokens, reference_greedy_codes, reference_prompt_embeddings

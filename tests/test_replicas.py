@@ -20,6 +20,8 @@ import httpx
 import numpy as np
 import pytest
 import soundfile as sf
+from simple_websocket import Client as WsClient
+
 from replica_fixtures import (
     close_quietly,
     closed_with,
@@ -34,7 +36,6 @@ from replica_fixtures import (
     upgrade_status,
     wait_ready,
 )
-from simple_websocket import Client as WsClient
 
 MAX_WEBSOCKETS, IDLE_S = 8, 3
 SHORT = {"model": "csm-1b", "input": "Hello there.", "response_format": "pcm", "temperature": 0, "max_audio_ms": 400}

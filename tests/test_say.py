@@ -12,12 +12,12 @@ import pytest
 import soundfile as sf
 import torch
 
+from api_fixtures import TEXT, reference_audio
+from audio_fixtures import needs_ffmpeg
 from csm_gguf.audio import load_audio, to_int16
 from csm_gguf.generator import Segment
 from csm_gguf.say import main
 from csm_gguf.tts import CSM
-from audio_fixtures import needs_ffmpeg
-from api_fixtures import TEXT, reference_audio
 
 pytestmark = pytest.mark.usefixtures("voices_home")  # a voices folder of its own
 
@@ -166,8 +166,9 @@ def test_stdout_streams_pcm(f32_model, capfdbinary):
 
 def test_openai_voice_name_is_its_speaker(f32_model, tmp_path):
     common = [TEXT, "--model", str(f32_model), "--seed", "3", "--max-audio-ms", "400"]
-    assert main([*common, "--voice", "echo", "-o", str(tmp_path / "a.wav"), "--save-codes", str(tmp_path / "a.npy")]) == 0
-    assert main([*common, "--speaker", "4", "-o", str(tmp_path / "b.wav"), "--save-codes", str(tmp_path / "b.npy")]) == 0
+    for name, how in (("a", ["--voice", "echo"]), ("b", ["--speaker", "4"])):
+        out = [str(tmp_path / f"{name}.wav"), "--save-codes", str(tmp_path / f"{name}.npy")]
+        assert main([*common, *how, "-o", *out]) == 0
     np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
 
 
@@ -268,7 +269,8 @@ def test_dialogue_script_names_speakers_by_id_or_voice():
     ("Dr Who: Hi.", "dialogue line 1: bad voice name 'Dr Who'"),
     ("0: Hi.\n-1: Yo.", "dialogue line 2: a speaker id is a whole number >= 0, got -1"),
     ("0: Hi.\r\u200b: Yo.", "dialogue line 2 names no speaker"),
-    ("0: Hi,\u2028there.\fOK.\nAlloy: Yo.", r"dialogue line 2: unknown voice 'Alloy' \(saved: none yet; built-in: alloy,"),
+    ("0: Hi,\u2028there.\fOK.\nAlloy: Yo.",
+     r"dialogue line 2: unknown voice 'Alloy' \(saved: none yet; built-in: alloy,"),
     ("\n  \n", "has no turns"),
 ])
 def test_dialogue_script_errors_name_the_line(script, match):
@@ -420,7 +422,10 @@ def test_damaged_voices_are_listed_as_damaged(tmp_path, capsys):
 
     voices.save_voice("good", Voice([Segment(0, "Words.", np.zeros((2, 32), dtype=np.int64))], speaker=0))
     folder = voices.voices_dir()
-    meta = lambda speaker: np.array(json.dumps({"speaker": speaker, "segments": [{"speaker": 0, "text": "x"}]}))
+
+    def meta(speaker):
+        return np.array(json.dumps({"speaker": speaker, "segments": [{"speaker": 0, "text": "x"}]}))
+
     np.savez(folder / "scalar.npz", meta=meta(0), codes_0=np.int16(3))
     with open(folder / "infinite.npz", "wb") as f:  # json reads Infinity; int() of it overflows
         np.savez(f, meta=np.array('{"speaker": Infinity, "segments": []}'))

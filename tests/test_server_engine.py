@@ -7,15 +7,15 @@ import time
 
 import numpy as np
 import pytest
+
 from csm_fixtures import random_codes
+from csm_gguf.generator import Segment
 from server_fixtures import (
     MAX_QUEUE,
     MAX_STREAMS,
     TEXT,
     wait_idle,
 )
-
-from csm_gguf.generator import Segment
 
 
 def test_engine_batched_greedy_codes_equal_solo_codes(engine):

@@ -13,10 +13,16 @@ import numpy as np
 import openai
 import pytest
 import soundfile as sf
-from audio_fixtures import EVERY_FORMAT, needs_ffmpeg
-from csm_fixtures import random_codes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from simple_websocket import Client as WsClient
+
+from audio_fixtures import EVERY_FORMAT, needs_ffmpeg
+from csm_fixtures import random_codes
+from csm_gguf.audio import FORMATS, MEDIA_TYPES, load_audio, to_int16
+from csm_gguf.generator import Segment
+from csm_gguf.plan import TokenCounts, split_text
+from csm_gguf.tempo import change_speed
 from server_fixtures import (
     GREEDY,
     LONG_WAV,
@@ -34,12 +40,6 @@ from server_fixtures import (
     wait_idle,
     ws_collect,
 )
-from simple_websocket import Client as WsClient
-
-from csm_gguf.audio import FORMATS, MEDIA_TYPES, load_audio, to_int16
-from csm_gguf.generator import Segment
-from csm_gguf.plan import TokenCounts, split_text
-from csm_gguf.tempo import change_speed
 
 
 def test_codec_steps_are_traced_at_start(engine, services):
@@ -76,7 +76,8 @@ def test_long_text_goes_on_when_context_and_previous_piece_do_not_fit(base, engi
     text = " ".join(f"This is sentence number {i}, which goes on for a while." for i in range(12))
     pieces = split_text(text, TokenCounts(engine.generator.model))
     empty = Segment(0, "What came before.", np.zeros((0, 32), dtype=np.int64))
-    frames = services.tts.model.config.backbone.max_seq_len - 8 - services.tts.generator.prompt_rows(pieces[0], 0, [empty])
+    rows = services.tts.generator.prompt_rows(pieces[0], 0, [empty])
+    frames = services.tts.model.config.backbone.max_seq_len - 8 - rows
     body = {"model": "csm-1b", "voice": "alloy", "input": text, "response_format": "pcm", "stream": False,
             "temperature": 0, "max_audio_ms": 320,
             "context": [{"speaker": 0, "text": empty.text, "codes": np.ones((frames, 32), int).tolist()}]}

@@ -8,11 +8,11 @@ import httpx
 import numpy as np
 import pytest
 import soundfile as sf
+
+from csm_gguf.audio import SAMPLE_RATE
 from server_fixtures import (
     wait_idle,
 )
-
-from csm_gguf.audio import SAMPLE_RATE
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,8 @@ def save_voice_in_page(browser, name: str, transcript: str) -> str:
     return WebDriverWait(browser, 60).until(lambda b: b.execute_script("return window.lastVoice"))
 
 
-def test_web_page_adds_a_voice_from_a_file_and_from_the_microphone(browser, base, engine, tmp_path, monkeypatch, services):
+def test_web_page_adds_a_voice_from_a_file_and_from_the_microphone(browser, base, engine, tmp_path, monkeypatch,
+                                                                   services):
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
     from csm_gguf.voices import load_voice

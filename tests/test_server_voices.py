@@ -10,7 +10,10 @@ import httpx
 import numpy as np
 import openai
 import pytest
+
 from audio_fixtures import needs_ffmpeg
+from csm_gguf.server.limits import MAX_SPEECH_REQUEST, MAX_VOICE_UPLOAD
+from csm_gguf.voices import voices_dir
 from server_fixtures import (
     GREEDY,
     LONG_FLAC,
@@ -21,9 +24,6 @@ from server_fixtures import (
     reference,
     voice_wav,
 )
-
-from csm_gguf.server.limits import MAX_SPEECH_REQUEST, MAX_VOICE_UPLOAD
-from csm_gguf.voices import voices_dir
 
 
 def test_damaged_saved_voice_is_a_400(base):

@@ -8,8 +8,14 @@ import json
 import numpy as np
 import pytest
 import soundfile as sf
+from simple_websocket import Client as WsClient
+from simple_websocket import ConnectionClosed
+
 from audio_fixtures import needs_ffmpeg
 from csm_fixtures import random_codes
+from csm_gguf.audio import load_audio
+from csm_gguf.server.limits import MAX_SPEECH_REQUEST
+from csm_gguf.server.ws_session import WebsocketSession
 from server_fixtures import (
     GREEDY,
     MAX_STREAMS,
@@ -25,12 +31,6 @@ from server_fixtures import (
     ws_collect,
     ws_session,
 )
-from simple_websocket import Client as WsClient
-from simple_websocket import ConnectionClosed
-
-from csm_gguf.audio import load_audio
-from csm_gguf.server.limits import MAX_SPEECH_REQUEST
-from csm_gguf.server.ws_session import WebsocketSession
 
 
 def test_websocket_messages_have_the_size_limit_too(server, base, monkeypatch):

@@ -12,12 +12,12 @@ import pytest
 import soundfile as sf
 import torch
 
+from api_fixtures import TEXT, reference_audio
 from csm_gguf.generator import Segment
-from csm_gguf.tempo import change_speed
 from csm_gguf.plan import PIECE_TOKENS, Context, TokenCounts, frame_budget, split_text
 from csm_gguf.sampling import Sampling
+from csm_gguf.tempo import change_speed
 from csm_gguf.tts import CSM, UNFINISHED_CHARS
-from api_fixtures import TEXT, reference_audio
 
 pytestmark = pytest.mark.usefixtures("voices_home")  # a voices folder of its own
 

@@ -14,7 +14,6 @@ from functools import partial
 
 import numpy as np
 import pytest
-from csm_fixtures import random_codes
 from wyoming.audio import AudioChunk, AudioStart
 from wyoming.client import AsyncTcpClient
 from wyoming.error import Error
@@ -29,11 +28,12 @@ from wyoming.tts import (
     SynthesizeVoice,
 )
 
+from csm_fixtures import random_codes
 from csm_gguf.generator import Segment
+from csm_gguf.sampling import Sampling
 from csm_gguf.tts import Voice
 from csm_gguf.voices import BUILTIN_VOICES
 from csm_gguf.wyoming_server.handler import WyomingHandler
-from csm_gguf.sampling import Sampling
 from csm_gguf.wyoming_server.service import WyomingService
 
 TEXT = "Hello there, how are you doing today?"

@@ -44,7 +44,8 @@ class RowMaker:
         from ..tts import CSM
 
         # Threads given, not 0: CSM then gives torch (Mimi) as many, where Ray would have left it one (OMP_NUM_THREADS).
-        self.tts = CSM(model, n_threads=threads or default_threads(), n_gpu_layers=gpu_layers, kv_type=kv_type, max_streams=streams)
+        self.tts = CSM(model, n_threads=threads or default_threads(), n_gpu_layers=gpu_layers, kv_type=kv_type,
+                       max_streams=streams)
         self.tts.codec  # loaded once, now, not inside the first batch
         self.engine = open_engine(self.tts)
         self.fmt, self.sampling, self.voices = fmt, sampling, voices
