@@ -146,7 +146,8 @@ def test_drain_refuses_new_work_and_lets_streams_finish(server):
         received.extend(chunks)
     assert b"".join(received) == whole  # greedy: the same speech as before the drain, all of it
     assert closed_with(idle, 3)[0] == 1001
-    assert drain.wait() and drain.in_flight == 0
+    assert drain.wait(), f"{drain.in_flight} requests still in flight after the drain's time"
+    assert drain.in_flight == 0
 
 
 def test_readiness_says_when_the_engine_stopped():
