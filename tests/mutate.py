@@ -54,6 +54,9 @@ UNTIED = "tests/test_generator.py::test_untied_decoder_embeddings_are_used"
 SEEDED = "tests/test_generator.py::test_same_seed_same_codes_and_codes_stay_in_codec_range"
 LONG_PROMPT = "tests/test_server_engine.py::test_a_long_prompt_is_read_between_the_frames_of_others"
 WS_CONTINUES = "tests/test_server_websocket.py::test_websocket_voice_change_mid_sentence_starts_afresh"
+PLAN_TOKENS = "tests/test_plan.py::test_piece_prompts_are_bos_speaker_text_eos_by_tiktoken"
+PLAN_PROMPT = "tests/test_plan.py::test_each_piece_s_prompt_is_the_generator_s_after_what_was_said"
+ENDS_AT_ONCE = f"{EOS}::test_pieces_that_end_at_once_say_nothing_and_the_text_goes_on"
 TIMEOUT_S = 600
 
 
@@ -99,7 +102,7 @@ MUTATIONS = [
       [PROMPT]),
     M("generator", "context segments spoken as the current speaker",
       [("heard = [(model.prompt_tokens(seg.speaker, seg.text),", "heard = [(model.prompt_tokens(speaker, seg.text),")],
-      [PROMPT]),
+      [PROMPT, PLAN_PROMPT]),
     M("generator", "one frame more than the budget",
       [("if st.frames_left <= 0 or", "if st.frames_left < 0 or")],
       [LONG]),
@@ -140,21 +143,21 @@ MUTATIONS = [
       [BUDGET]),
     M("plan", "every piece samples with piece 0's seed",
       [("own = sampling.for_piece(i, budget)", "own = sampling.for_piece(0, budget)")],
-      [DIALOGUE]),
+      [PLAN_TOKENS, DIALOGUE]),
     M("plan", "a piece's prompt spoken as speaker 0",
       [("yield Piece(speaker, text, model.prompt_tokens(speaker, text), own,",
         "yield Piece(speaker, text, model.prompt_tokens(0, text), own,")],
-      [DIALOGUE, LONG]),
+      [PLAN_TOKENS, DIALOGUE, LONG]),
     M("plan", "the caller's context segments read as speaker 0",
       [("self.given = [Heard(seg, model.prompt_tokens(seg.speaker, seg.text)) for seg in segments]",
         "self.given = [Heard(seg, model.prompt_tokens(0, seg.text)) for seg in segments]")],
-      [DIALOGUE]),
+      [PLAN_PROMPT, DIALOGUE]),
     M("plan", "a piece's room ignores a smaller limit of the caller's",
       [("room=int(min(own.max_audio_ms, budget) // FRAME_MS)", "room=int(budget // FRAME_MS)")],
       [ROOM]),
     M("plan", "a context segment's rows counted without its end-of-speech frame",
       [("(0 if codes is None else len(codes) + 1)", "(0 if codes is None else len(codes))")],
-      [ROOM, GIVE_WAY]),
+      [ROOM, GIVE_WAY, PLAN_PROMPT]),
     M("plan", "a prompt that leaves exactly the piece's room is refused",
       [("            if rows + piece.room > limit:", "            if rows + piece.room >= limit:")],
       [ROOM]),
@@ -167,14 +170,14 @@ MUTATIONS = [
       [LONG]),
     M("plan", "a piece that made no frames is recorded as said (an empty context segment)",
       [("        if made:\n            spoken", "        if True:\n            spoken")],
-      [EOS]),
+      [ENDS_AT_ONCE, EOS]),
     # --- sampling.py ------------------------------------------------------------------------------------
     M("sampling", "default temperature 0.7 (csm.rs's) instead of the reference's 0.9",
       [('TEMPERATURE = Setting("temperature", 0.9, 0.0)', 'TEMPERATURE = Setting("temperature", 0.7, 0.0)')],
       [DEFAULTS]),
     M("sampling", "every piece samples with the caller's seed",
       [("seed = None if self.seed is None else self.seed + index", "seed = self.seed")],
-      [DIALOGUE]),
+      [PLAN_TOKENS, DIALOGUE]),
     M("sampling", "a piece's budget replaces the caller's max_audio_ms",
       [("budget_ms if self.max_audio_ms is None else\n                        self.max_audio_ms",
         "budget_ms")],
@@ -225,10 +228,10 @@ MUTATIONS = [
     # --- the prompt's format ----------------------------------------------------------------------------
     M("model", "a space between the speaker tag and the text",
       [('self.tokenize(f"[{speaker}]{text}")', 'self.tokenize(f"[{speaker}] {text}")')],
-      [PROMPT]),
+      [PROMPT, PLAN_TOKENS]),
     M("model", "no EOS token after the text",
       [('self.tokenize(f"[{speaker}]{text}"), self.config.eos_id]', 'self.tokenize(f"[{speaker}]{text}")]')],
-      [PROMPT]),
+      [PROMPT, PLAN_TOKENS]),
     # --- converter/tensor_map.py ------------------------------------------------------------------------
     M("tensor_map", "original format: gate and up projections swapped",
       [('"ffn_gate": ("mlp.w1.weight"', '"ffn_gate": ("mlp.w3.weight"'),
