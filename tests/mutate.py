@@ -5,6 +5,7 @@ catch each? Not collected by pytest (no test_ prefix). From the repository root:
     PYTHONPATH=$PWD python tests/mutate.py 3 7        # only these (numbers as --list shows them)
     PYTHONPATH=$PWD python tests/mutate.py --list
     PYTHONPATH=$PWD python tests/mutate.py --check    # only check that every mutation applies
+    PYTHONPATH=$PWD python tests/mutate.py --baseline # the subsets pass on the code as it is (else no catch counts)
     PYTHONPATH=$PWD python tests/mutate.py --every-test 5    # not stopping at the first failing test
 
 Each mutation replaces exact text; each `old` must occur exactly once in its file. Before any test runs,
@@ -314,13 +315,22 @@ def run(numbers: list[int], stop_at_first: bool = True) -> int:
     return 0 if caught == len(results) else 1
 
 
+def baseline(numbers: list[int]) -> int:
+    """Every test these mutations run, on the unmutated code: all must pass."""
+    tests = list(dict.fromkeys(t for n in numbers for t in MUTATIONS[n].tests))
+    failed, seconds = run_tests(tests, stop_at_first=False)
+    print(f"baseline: {len(tests)} test selections, {seconds:.0f}s: " + ("all pass" if not failed else
+                                                                          f"FAILED: {', '.join(failed)}"))
+    return 1 if failed else 0
+
+
 def main(argv: list[str]) -> int:
     if argv == ["--list"]:
         for n, m in enumerate(MUTATIONS):
             print(f"[{n:2}] {m.target}: {m.what}  ({' '.join(m.tests)})")
         return 0
     every = "--every-test" in argv  # run each subset whole: every test that catches the mutation
-    numbers = [int(a) for a in argv if a not in ("--every-test", "--check")]
+    numbers = [int(a) for a in argv if a not in ("--every-test", "--check", "--baseline")]
     numbers = numbers or list(range(len(MUTATIONS)))
     problems = check(numbers)
     if problems:
@@ -329,6 +339,8 @@ def main(argv: list[str]) -> int:
     if "--check" in argv:
         print(f"all {len(numbers)} mutations apply")
         return 0
+    if "--baseline" in argv:
+        return baseline(numbers)
     return run(numbers, stop_at_first=not every)
 
 
