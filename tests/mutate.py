@@ -285,7 +285,8 @@ def run_tests(tests: list[str], stop_at_first: bool = True) -> tuple[list[str], 
                               check=False)
     except subprocess.TimeoutExpired:
         return ["timeout"], time.monotonic() - start
-    failed = [line.split()[1] for line in done.stdout.splitlines() if line.startswith(("FAILED ", "ERROR "))]
+    failed = [line.split()[1] for line in done.stdout.splitlines()  # not captured log lines ("ERROR    module:...")
+              if line.startswith(("FAILED tests/", "ERROR tests/"))]
     if done.returncode != 0 and not failed:
         failed = [f"pytest exit {done.returncode}"]
     return failed, time.monotonic() - start
