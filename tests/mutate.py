@@ -4,13 +4,16 @@ catch each? Not collected by pytest (no test_ prefix). From the repository root:
     PYTHONPATH=$PWD python tests/mutate.py            # every mutation; a report at the end
     PYTHONPATH=$PWD python tests/mutate.py 3 7        # only these (numbers as --list shows them)
     PYTHONPATH=$PWD python tests/mutate.py --list
+    PYTHONPATH=$PWD python tests/mutate.py --check    # only check that every mutation applies
+    PYTHONPATH=$PWD python tests/mutate.py --baseline # the subsets pass on the code as it is (else no catch counts)
     PYTHONPATH=$PWD python tests/mutate.py --every-test 5    # not stopping at the first failing test
 
-Each mutation replaces exact text (each `old` must occur exactly once in its file: a refactor that moves
-or rewrites the line makes the script say so, rather than test the unmutated code). The file is restored
-after each run, also on Ctrl-C. A mutation counts as caught when its tests fail (or time out).
-Files are named in TARGETS: retarget there when modules move (the server engine is moving into
-csm_gguf/server/engine.py).
+Each mutation replaces exact text; each `old` must occur exactly once in its file. Before any test runs,
+every chosen mutation is checked: one whose text is gone (a refactor moved or rewrote the line) stops the
+pass with exit status 2 and names it, rather than test the unmutated code and count a survivor or a catch
+that means nothing. The file is restored after each run, also on Ctrl-C. A mutation counts as caught when
+its tests fail (or time out). The tests run in this checkout: run the pass in a copy of the tree if you
+want to work on the code meanwhile.
 """
 
 from __future__ import annotations
@@ -23,35 +26,39 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-
-def first_of(*paths: str) -> str:
-    """The first of these files that exists (modules that are moving: their new places first)."""
-    return next((p for p in paths if (ROOT / p).exists()), paths[-1])
-
-
 TARGETS = {
     "generator": "csm_gguf/generator.py",
     "tts": "csm_gguf/tts.py",
-    "engine": first_of("csm_gguf/server/engine.py", "csm_gguf/server_engine.py"),
-    "tensor_map": "converter/tensor_map.py",
-    # beyond the four the pass is about: what pins the defaults and reads RoPE
-    "speech_request": first_of("csm_gguf/server/speech_request.py", "csm_gguf/server/request.py",
-                               "csm_gguf/speech_request.py"),
-    "web": first_of("csm_gguf/server/web.py", "csm_gguf/server/app.py", "csm_gguf/web.py"),
+    "plan": "csm_gguf/plan.py",
+    "sampling": "csm_gguf/sampling.py",
+    "model": "csm_gguf/model.py",  # the prompt's format
+    "engine": "csm_gguf/server/engine.py",
+    "schemas": "csm_gguf/server/schemas.py",
+    "settings": "csm_gguf/server/settings.py",
     "voices": "csm_gguf/voices.py",
-    "checkpoint": "converter/checkpoint.py",
+    "tensor_map": "converter/tensor_map.py",
 }
 # Fast subsets, the likeliest to fail first (pytest runs with -x).
 SHAPE = "tests/test_real_model_shape.py::test_greedy_codes_equal_transformers_with_a_wider_vocabulary"
 PROMPT = "tests/test_real_model_shape.py::test_prompt_equals_transformers_embeddings_of_the_llama3_encoding"
 ORIGINAL = "tests/test_real_model_shape.py::test_original_format_gives_the_same_codes"
 EOS = "tests/test_end_of_speech.py"
+GREEDY_EOS = f"{EOS}::test_the_step_that_draws_it_ends_the_stream_without_feeding_it_back"
 LONG = "tests/test_long_text_context.py"
+LONG_SERVER = f"{LONG}::test_server_engine"
 DEFAULTS = "tests/test_defaults.py"
-DIALOGUE = "tests/test_say.py::test_dialogue_turns_hear_each_speakers_last_piece"
-BUDGET = "tests/test_defaults.py::test_a_piece_s_budget_without_max_audio_ms"
-UNTIED = "tests/test_engine.py::test_untied_decoder_embeddings_are_used"
-TIMEOUT_S = 900
+BUDGET = f"{DEFAULTS}::test_a_piece_s_budget_without_max_audio_ms"
+DIALOGUE = "tests/test_tts.py::test_dialogue_turns_hear_each_speakers_last_piece"
+ROOM = "tests/test_tts.py::test_context_that_leaves_the_text_too_little_room_is_refused"
+GIVE_WAY = "tests/test_tts.py::test_context_gives_way_to_the_previous_piece_when_both_do_not_fit"
+UNTIED = "tests/test_generator.py::test_untied_decoder_embeddings_are_used"
+SEEDED = "tests/test_generator.py::test_same_seed_same_codes_and_codes_stay_in_codec_range"
+LONG_PROMPT = "tests/test_server_engine.py::test_a_long_prompt_is_read_between_the_frames_of_others"
+WS_CONTINUES = "tests/test_server_websocket.py::test_websocket_voice_change_mid_sentence_starts_afresh"
+PLAN_TOKENS = "tests/test_plan.py::test_piece_prompts_are_bos_speaker_text_eos_by_tiktoken"
+PLAN_PROMPT = "tests/test_plan.py::test_each_piece_s_prompt_is_the_generator_s_after_what_was_said"
+ENDS_AT_ONCE = f"{EOS}::test_pieces_that_end_at_once_say_nothing_and_the_text_goes_on"
+TIMEOUT_S = 600
 
 
 @dataclass
@@ -63,7 +70,6 @@ class Mutation:
 
 
 M = Mutation
-GREEDY_EOS = f"{EOS}::test_the_step_that_draws_it_ends_the_stream_without_feeding_it_back"
 MUTATIONS = [
     # --- generator.py -----------------------------------------------------------------------------------
     M("generator", "audio embedding rows strided by the codec's size, not the vocabulary's",
@@ -89,56 +95,94 @@ MUTATIONS = [
     M("generator", "the end-of-speech frame is fed back as the next input",
       [("                st.done = True\n                continue", "                st.done = True")],
       [GREEDY_EOS]),
-    M("generator", "generate passes the end-of-speech frame on",
+    M("generator", "speak passes the end-of-speech frame on",
       [("                if not frame.any():\n                    break\n", "")],
       [EOS]),
     M("generator", "no all-zero frame after a context segment's audio",
       [(" + [self.frame_embedding(zero)]", "")],
       [PROMPT]),
     M("generator", "context segments spoken as the current speaker",
-      [("self.model.text_embeddings.rows(self.model.prompt_tokens(seg.speaker, seg.text))",
-        "self.model.text_embeddings.rows(self.model.prompt_tokens(speaker, seg.text))")],
-      [PROMPT]),
+      [("heard = [(model.prompt_tokens(seg.speaker, seg.text),", "heard = [(model.prompt_tokens(speaker, seg.text),")],
+      [PROMPT, PLAN_PROMPT]),
     M("generator", "one frame more than the budget",
       [("if st.frames_left <= 0 or", "if st.frames_left < 0 or")],
       [LONG]),
-    M("generator", "the prompt's last row read twice (prefill reads all of it)",
-      [("        n = len(prompt) - 1\n", "        n = len(prompt)\n")],
-      [SHAPE]),
-    M("generator", "depth decoder positions off by one",
-      [("            dec.pos[:s] = i\n", "            dec.pos[:s] = i - 1\n")],
-      [SHAPE]),
+    M("generator", "the depth decoder's codebook-0 input from the backbone's audio table (untied fine-tunes)",
+      [("dec.embd[2 * j + 1] = model.decoder_inputs[c0]", "dec.embd[2 * j + 1] = model.audio_embeddings[c0]")],
+      [UNTIED]),
+    M("generator", "a prompt read in parts restarts its positions at 0 in each part",
+      [("bb.pos[:m] = np.arange(start, start + m)", "bb.pos[:m] = np.arange(m)")],
+      [LONG_PROMPT]),
+    M("generator", "the seed is not passed to llama.cpp (every draw random)",
+      [("seed = L.LLAMA_DEFAULT_SEED if sampling.seed is None else sampling.seed % L.LLAMA_DEFAULT_SEED",
+        "seed = L.LLAMA_DEFAULT_SEED")],
+      [SEEDED]),
     # --- tts.py -----------------------------------------------------------------------------------------
-    M("tts", "the previous piece's context loses its last frame",
-      [("Segment(speaker, piece, np.stack(made))", "Segment(speaker, piece, np.stack(made[:-1]))")],
-      [LONG]),
-    M("tts", "a long text's pieces hear every earlier piece, not the last",
-      [("[*(seg for seg in previous if seg.speaker != speaker), Segment(", "[*previous, Segment(")],
-      [LONG]),
-    M("tts", "every piece samples with the same seed",
-      [("piece_seed = seed + index if whole else seed", "piece_seed = seed")],
-      [f"{LONG}::test_server_engine", DIALOGUE]),
     M("tts", "the next piece does not hear the previous one",
-      [("            previous = spoken_context(previous, speaker, piece, made)\n", "")],
+      [("            context.said(piece, made)\n", "")],
       [LONG]),
-    M("tts", "frames' default temperature 0.7 (csm.rs's) instead of the reference's 0.9",
-      [("        temperature: float = 0.9,\n        top_k: int = 50,\n        seed: int | None = None,\n"
-        "        max_audio_ms: float | None = None,\n        progress: bool = False,\n    ) -> Iterator[np.ndarray]:\n"
-        "        \"\"\"Codes (32,)",
-        "        temperature: float = 0.7,\n        top_k: int = 50,\n        seed: int | None = None,\n"
-        "        max_audio_ms: float | None = None,\n        progress: bool = False,\n    ) -> Iterator[np.ndarray]:\n"
-        "        \"\"\"Codes (32,)")],
-      [DEFAULTS]),
-    M("tts", "a piece's budget is the smaller of the floor and the text's share",
-      [("return max(MIN_FRAMES, FRAMES_PER_TOKEN * tokens) * FRAME_MS",
-        "return min(MIN_FRAMES, FRAMES_PER_TOKEN * tokens) * FRAME_MS")],
-      [BUDGET]),
+    M("tts", "the previous piece's context holds every frame so far, not that piece's",
+      [("        for piece in pieces:\n            made = []\n", "        made = []\n        for piece in pieces:\n")],
+      [LONG]),
+    M("tts", "frames() drops the caller's max_audio_ms",
+      [(("return self._speak(lines, context, Sampling(temperature, top_k, seed, max_audio_ms), count, progress)\n\n"
+         "    def dialogue_frames("),
+        ("return self._speak(lines, context, Sampling(temperature, top_k, seed), count, progress)\n\n"
+         "    def dialogue_frames("))],
+      [LONG]),
+    M("tts", "a dialogue's turns all spoken as speaker 0",
+      [("lines += [(turn[0], piece) for piece in split_text(turn[1], count)]",
+        "lines += [(0, piece) for piece in split_text(turn[1], count)]")],
+      [DIALOGUE]),
     M("tts", "chunks of chunk_frames + 1 frames",
       [("            if len(pending) >= chunk_frames:", "            if len(pending) > chunk_frames:")],
       [f"{EOS}::test_csm_generate_and_stream_end_there"]),
-    M("tts", "the caller's context after what was just said",
-      [("segments = [*context, *previous]", "segments = [*previous, *context]")],
-      [DIALOGUE]),
+    # --- plan.py ----------------------------------------------------------------------------------------
+    M("plan", "a piece's budget is the smaller of the floor and the text's share",
+      [("return max(MIN_FRAMES, FRAMES_PER_TOKEN * tokens) * FRAME_MS",
+        "return min(MIN_FRAMES, FRAMES_PER_TOKEN * tokens) * FRAME_MS")],
+      [BUDGET]),
+    M("plan", "every piece samples with piece 0's seed",
+      [("own = sampling.for_piece(i, budget)", "own = sampling.for_piece(0, budget)")],
+      [PLAN_TOKENS, DIALOGUE]),
+    M("plan", "a piece's prompt spoken as speaker 0",
+      [("yield Piece(speaker, text, model.prompt_tokens(speaker, text), own,",
+        "yield Piece(speaker, text, model.prompt_tokens(0, text), own,")],
+      [PLAN_TOKENS, DIALOGUE, LONG]),
+    M("plan", "the caller's context segments read as speaker 0",
+      [("self.given = [Heard(seg, model.prompt_tokens(seg.speaker, seg.text)) for seg in segments]",
+        "self.given = [Heard(seg, model.prompt_tokens(0, seg.text)) for seg in segments]")],
+      [PLAN_PROMPT, DIALOGUE]),
+    M("plan", "a piece's room ignores a smaller limit of the caller's",
+      [("room=int(min(own.max_audio_ms, budget) // FRAME_MS)", "room=int(budget // FRAME_MS)")],
+      [ROOM]),
+    M("plan", "a context segment's rows counted without its end-of-speech frame",
+      [("(0 if codes is None else len(codes) + 1)", "(0 if codes is None else len(codes))")],
+      [ROOM, GIVE_WAY, PLAN_PROMPT]),
+    M("plan", "a prompt that leaves exactly the piece's room is refused",
+      [("            if rows + piece.room > limit:", "            if rows + piece.room >= limit:")],
+      [ROOM]),
+    M("plan", "the previous piece gives way before the caller's context (newest first)",
+      [("rows -= heard.pop(0).rows", "rows -= heard.pop().rows")],
+      [GIVE_WAY]),
+    M("plan", "every piece said so far is heard, not each speaker's last",
+      [("self.previous = [*(h for h in self.previous if h.segment.speaker != piece.speaker), spoken]",
+        "self.previous = [*self.previous, spoken]")],
+      [LONG]),
+    M("plan", "a piece that made no frames is recorded as said (an empty context segment)",
+      [("        if made:\n            spoken", "        if True:\n            spoken")],
+      [ENDS_AT_ONCE, EOS]),
+    # --- sampling.py ------------------------------------------------------------------------------------
+    M("sampling", "default temperature 0.7 (csm.rs's) instead of the reference's 0.9",
+      [('TEMPERATURE = Setting("temperature", 0.9, 0.0)', 'TEMPERATURE = Setting("temperature", 0.7, 0.0)')],
+      [DEFAULTS]),
+    M("sampling", "every piece samples with the caller's seed",
+      [("seed = None if self.seed is None else self.seed + index", "seed = self.seed")],
+      [PLAN_TOKENS, DIALOGUE]),
+    M("sampling", "a piece's budget replaces the caller's max_audio_ms",
+      [("budget_ms if self.max_audio_ms is None else\n                        self.max_audio_ms",
+        "budget_ms")],
+      [LONG]),
     # --- the server engine ------------------------------------------------------------------------------
     M("engine", "the end-of-speech frame is sent as audio",
       [("            if frame.any():  # an all-zero frame", "            if True:  # an all-zero frame")],
@@ -148,23 +192,47 @@ MUTATIONS = [
       [EOS]),
     M("engine", "a piece's frames are not cleared for the next piece",
       [("        job.made = []\n", "")],
-      [f"{LONG}::test_server_engine"]),
+      [LONG_SERVER]),
     M("engine", "the next piece does not hear the previous one",
-      [("        job.previous = spoken_context(job.previous, job.spec.speaker, job.pieces[job.piece], job.made)\n",
-        "")],
-      [f"{LONG}::test_server_engine"]),
-    M("engine", "every piece samples with piece 0's seed",
-      [("piece_sampling(piece, job.piece, spec.temperature", "piece_sampling(piece, 0, spec.temperature")],
-      [f"{LONG}::test_server_engine"]),
-    M("engine", "the request's top_k is ignored",
-      [("spec.temperature, spec.top_k, spec.seed", "spec.temperature, 50, spec.seed")],
-      [DEFAULTS]),
+      [("        job.context.said(job.pieces[job.piece], job.made)\n", "")],
+      [LONG_SERVER]),
+    M("engine", "every piece samples with the request's settings (piece 0's seed, no budget)",
+      [("job.context.prompt(piece), piece.sampling, read_prompt=False)",
+        "job.context.prompt(piece), job.spec.sampling, read_prompt=False)")],
+      [LONG_SERVER]),
     M("engine", "frames are not counted (usage, the websocket's report)",
       [("                job.frames += 1\n", "")],
       [EOS]),
-    M("engine", "SpeechJob's default temperature 1.0",
-      [("    temperature: float = 0.9\n", "    temperature: float = 1.0\n")],
+    M("engine", "the request's speaker is ignored",
+      [("plan_pieces(((spec.speaker, text) for text in texts)", "plan_pieces(((0, text) for text in texts)")],
       [DEFAULTS]),
+    M("engine", "the request's context segments are ignored",
+      [("context = Context(self.generator, spec.context)", "context = Context(self.generator, ())")],
+      ["tests/test_server_http.py::test_context_segments_as_codes_and_audio"]),
+    M("engine", "a following sentence in the same voice does not hear the one before it",
+      [(("                if successor.continues:\n"
+          "                    successor.context.previous = list(job.context.previous)\n"), "")],
+      [WS_CONTINUES]),
+    # --- the request's defaults and mappings ---------------------------------------------------------------
+    M("schemas", "a request without response_format gets wav",
+      [('fmt = body.get("response_format", "mp3")', 'fmt = body.get("response_format", "wav")')],
+      [DEFAULTS]),
+    M("schemas", "a built-in voice is speaker 0 whatever its name",
+      [("return BUILTIN_VOICES[voice], []", "return 0, []")],
+      [DEFAULTS]),
+    M("voices", "marin and cedar swapped",
+      [('"marin",\n         "cedar")', '"cedar",\n         "marin")')],
+      [DEFAULTS]),
+    M("settings", "eight streams by default",
+      [("    max_streams: int = 4\n", "    max_streams: int = 8\n")],
+      [DEFAULTS]),
+    # --- the prompt's format ----------------------------------------------------------------------------
+    M("model", "a space between the speaker tag and the text",
+      [('self.tokenize(f"[{speaker}]{text}")', 'self.tokenize(f"[{speaker}] {text}")')],
+      [PROMPT, PLAN_TOKENS]),
+    M("model", "no EOS token after the text",
+      [('self.tokenize(f"[{speaker}]{text}"), self.config.eos_id]', 'self.tokenize(f"[{speaker}]{text}")]')],
+      [PROMPT, PLAN_TOKENS]),
     # --- converter/tensor_map.py ------------------------------------------------------------------------
     M("tensor_map", "original format: gate and up projections swapped",
       [('"ffn_gate": ("mlp.w1.weight"', '"ffn_gate": ("mlp.w3.weight"'),
@@ -180,26 +248,6 @@ MUTATIONS = [
       [('("audio_embeddings.weight", "depth_decoder.model.embed_tokens.weight")',
         '("audio_embeddings.weight", "backbone_model.embed_tokens.embed_audio_tokens.weight")')],
       [UNTIED]),
-    M("tensor_map", "original format: the decoder's output norm read as the backbone's name",
-      [('OUTPUT_NORM: tuple[str, str] = ("norm.scale", "norm.weight")',
-        'OUTPUT_NORM: tuple[str, str] = ("norm.weight", "norm.weight")')],
-      [ORIGINAL]),
-    # --- beyond the four: defaults and RoPE ---------------------------------------------------------------
-    M("speech_request", "a request without response_format gets wav",
-      [('fmt = body.get("response_format", "mp3")', 'fmt = body.get("response_format", "wav")')],
-      [DEFAULTS]),
-    M("speech_request", "a request without temperature gets 1.0",
-      [('_number(body, "temperature", 0.9,', '_number(body, "temperature", 1.0,')],
-      [DEFAULTS]),
-    M("voices", "marin and cedar swapped",
-      [('"marin",\n         "cedar")', '"cedar",\n         "marin")')],
-      [DEFAULTS]),
-    M("web", "eight streams by default",
-      [("    max_streams: int = 4\n", "    max_streams: int = 8\n")],
-      [DEFAULTS]),
-    M("checkpoint", "transformers' RoPE read with torchtune's original context (8192), not the config's",
-      [('original_context=rope["original_max_position_embeddings"],\n', "")],
-      [SHAPE]),
 ]
 
 
@@ -212,6 +260,20 @@ def mutated(text: str, edits: list[tuple[str, str]]) -> str:
     return text
 
 
+def check(numbers: list[int]) -> list[str]:
+    """What is wrong with these mutations (text not found, or not Python once applied); [] if nothing."""
+    problems = []
+    for n in numbers:
+        m = MUTATIONS[n]
+        path = ROOT / TARGETS[m.target]
+        try:
+            text = mutated(path.read_text(), m.edits)
+            compile(text, str(path), "exec")
+        except (OSError, ValueError, SyntaxError) as e:
+            problems.append(f"[{n:2}] {m.target} ({TARGETS[m.target]}): {m.what}: {e}")
+    return problems
+
+
 def run_tests(tests: list[str], stop_at_first: bool = True) -> tuple[list[str], float]:
     """(the tests that failed, as pytest names them, or ["timeout"]; seconds)."""
     start = time.monotonic()
@@ -219,10 +281,12 @@ def run_tests(tests: list[str], stop_at_first: bool = True) -> tuple[list[str], 
     if stop_at_first:
         cmd.insert(3, "-x")
     try:
-        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S)
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S,
+                              check=False)
     except subprocess.TimeoutExpired:
         return ["timeout"], time.monotonic() - start
-    failed = [line.split()[1] for line in done.stdout.splitlines() if line.startswith(("FAILED ", "ERROR "))]
+    failed = [line.split()[1] for line in done.stdout.splitlines()  # not captured log lines ("ERROR    module:...")
+              if line.startswith(("FAILED tests/", "ERROR tests/"))]
     if done.returncode != 0 and not failed:
         failed = [f"pytest exit {done.returncode}"]
     return failed, time.monotonic() - start
@@ -235,14 +299,7 @@ def run(numbers: list[int], stop_at_first: bool = True) -> int:
         path = ROOT / TARGETS[m.target]
         original = path.read_text()
         try:
-            text = mutated(original, m.edits)
-            compile(text, str(path), "exec")
-        except (ValueError, SyntaxError) as e:
-            print(f"[{n:2}] INVALID {m.target}: {m.what}: {e}", flush=True)
-            results.append((n, "invalid"))
-            continue
-        try:
-            path.write_text(text)
+            path.write_text(mutated(original, m.edits))
             failed, seconds = run_tests(m.tests, stop_at_first)
         finally:
             path.write_text(original)
@@ -252,22 +309,40 @@ def run(numbers: list[int], stop_at_first: bool = True) -> int:
             print(f"       by {name}", flush=True)
         results.append((n, verdict))
     caught = sum(v == "caught" for _, v in results)
-    valid = sum(v != "invalid" for _, v in results)
-    print(f"\n{caught}/{valid} caught ({100 * caught / max(valid, 1):.0f}%)")
+    print(f"\n{caught}/{len(results)} caught ({100 * caught / max(len(results), 1):.0f}%)")
     for n, v in results:
         if v != "caught":
             print(f"  {v}: [{n}] {MUTATIONS[n].target}: {MUTATIONS[n].what}")
-    return 0 if caught == valid else 1
+    return 0 if caught == len(results) else 1
+
+
+def baseline(numbers: list[int]) -> int:
+    """Every test these mutations run, on the unmutated code: all must pass."""
+    tests = list(dict.fromkeys(t for n in numbers for t in MUTATIONS[n].tests))
+    failed, seconds = run_tests(tests, stop_at_first=False)
+    print(f"baseline: {len(tests)} test selections, {seconds:.0f}s: " + ("all pass" if not failed else
+                                                                          f"FAILED: {', '.join(failed)}"))
+    return 1 if failed else 0
 
 
 def main(argv: list[str]) -> int:
     if argv == ["--list"]:
         for n, m in enumerate(MUTATIONS):
-            print(f"[{n:2}] {m.target}: {m.what}")
+            print(f"[{n:2}] {m.target}: {m.what}  ({' '.join(m.tests)})")
         return 0
     every = "--every-test" in argv  # run each subset whole: every test that catches the mutation
-    numbers = [int(a) for a in argv if a != "--every-test"]
-    return run(numbers or list(range(len(MUTATIONS))), stop_at_first=not every)
+    numbers = [int(a) for a in argv if a not in ("--every-test", "--check", "--baseline")]
+    numbers = numbers or list(range(len(MUTATIONS)))
+    problems = check(numbers)
+    if problems:
+        print("these mutations do not apply to the code (retarget them):", *problems, sep="\n  ", file=sys.stderr)
+        return 2
+    if "--check" in argv:
+        print(f"all {len(numbers)} mutations apply")
+        return 0
+    if "--baseline" in argv:
+        return baseline(numbers)
+    return run(numbers, stop_at_first=not every)
 
 
 if __name__ == "__main__":

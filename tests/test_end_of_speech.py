@@ -109,6 +109,20 @@ def test_each_piece_of_a_long_text_ends_and_the_next_one_still_runs(tts, end_at,
         np.testing.assert_array_equal(previous.codes, np.stack(frames[2 * (i - 1): 2 * i]))  # not the end frame
 
 
+def test_pieces_that_end_at_once_say_nothing_and_the_text_goes_on(tts, end_at, monkeypatch):
+    """A piece whose first frame ends speech makes no audio and no context (a segment of no frames would be
+    heard as an end-of-speech frame alone); every later piece is still spoken, also in a dialogue."""
+    end_at(0)
+    pieces = split_text(LONG_TEXT, TokenCounts(tts.model))
+    assert len(pieces) > 2
+    contexts: list[list[Segment]] = []
+    fitting = Context.fitting
+    monkeypatch.setattr(Context, "fitting", lambda self, piece: contexts.append(fitting(self, piece)) or contexts[-1])
+    assert list(tts.frames(LONG_TEXT, temperature=0, max_audio_ms=BUDGET_MS)) == []
+    assert contexts == [[]] * len(pieces)
+    assert len(tts.dialogue([(0, "Hello."), (1, "Hi.")], temperature=0, max_audio_ms=BUDGET_MS)) == 0
+
+
 # --- the server ------------------------------------------------------------------------------------------
 
 
