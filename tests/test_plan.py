@@ -10,12 +10,12 @@ tiktoken's encoding; and the rows the plan counts to fit a prompt are the rows i
 from __future__ import annotations
 
 import numpy as np
-from csm_fixtures import random_codes
-from reference import llama3_prompt_tokens
 
+from csm_fixtures import random_codes
 from csm_gguf.generator import Segment
 from csm_gguf.plan import Context, TokenCounts, plan_pieces
 from csm_gguf.sampling import Sampling
+from reference import llama3_prompt_tokens
 
 LINES = [(3, "Hello there, how are you doing today?"), (4, "Fine, thanks. And you?"), (3, "Never better.")]
 
