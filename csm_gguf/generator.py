@@ -17,9 +17,11 @@ from typing import Iterator, Sequence
 import llama_cpp as L
 import numpy as np
 
+from . import prompt_cache
 from .heads import CodebookHeads
 from .llama import ContextOptions, EmbeddingModel, default_threads
 from .model import CSMModel
+from .prompt_cache import PromptCache
 
 FRAME_MS = 80
 
@@ -130,6 +132,7 @@ class Stream:
     frames_left: int
     pos: int = 0  # position of the next backbone input (while the prompt is read: rows read so far)
     prompt: np.ndarray | None = None  # until `Generator.prefill` has read it all
+    shared: int = 0  # its first rows are a voice prompt, kept in the prompt cache once read
     pending: np.ndarray | None = None  # the backbone's next input row
     done: bool = False
 
@@ -137,7 +140,11 @@ class Stream:
 class Generator:
     """Owns the two llama.cpp contexts. `generate` may be called from several threads (they take turns
     at each llama.cpp call); the lower-level calls (start, prefill, step, finish) are for one thread
-    that drives every stream, like the server's engine thread."""
+    that drives every stream, like the server's engine thread.
+
+    Voice prompts are read once (prompt_cache.py): `cached_prompts` of them (default prompt_cache.ENTRIES;
+    0: none) stay in spare KV sequences of the backbone. `prompt_positions_read` counts the prompt
+    positions the backbone has read."""
 
     def __init__(
         self,
@@ -146,17 +153,22 @@ class Generator:
         n_threads: int = 0,
         n_gpu_layers: int = 0,
         kv_type: str = "f16",
+        cached_prompts: int | None = None,
     ):
         cfg = model.config
         self.model = model
         self.cfg = cfg
         self.max_streams = max_streams
+        cached = prompt_cache.ENTRIES if cached_prompts is None else cached_prompts
+        cache_positions = prompt_cache.POSITIONS if cached else 0
         self.backbone = EmbeddingModel(
             model.backbone_path,
             ContextOptions(
-                n_ctx=max_streams * cfg.backbone.max_seq_len,
+                # Cells for every stream's whole context, and for the cached prompts (a stream sharing a
+                # cached prompt's cells uses that many fewer of its own).
+                n_ctx=max_streams * cfg.backbone.max_seq_len + cache_positions,
                 n_batch=max(512, max_streams),
-                n_seq_max=max_streams,
+                n_seq_max=max_streams + cached,  # sequences 0..max_streams-1 are the streams'
                 n_threads=n_threads,
                 n_gpu_layers=n_gpu_layers,
                 kv_type=kv_type,
@@ -188,6 +200,9 @@ class Generator:
         self.heads = CodebookHeads(model.audio_head, model.audio_head_type, d, max_streams,
                                    n_threads or default_threads())
         self.decode_calls = 0
+        self.prompt_positions_read = 0
+        self.prompt_cache = PromptCache(max_streams, cached, cache_positions, self.backbone.copy_sequence,
+                                        self.backbone.remove_sequence)
 
     # --- prompt -------------------------------------------------------------------------------------
     def frame_embedding(self, codes: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -197,32 +212,58 @@ class Generator:
 
     def prompt_embeddings(self, text: str, speaker: int, context: Sequence[Segment] = ()) -> np.ndarray:
         """Context segments (text frames, audio frames, an all-zero EOS frame), then the text to speak."""
-        parts = []
+        check_speaker(speaker)
+        text_rows = self.model.text_embeddings.rows(self.model.prompt_tokens(speaker, text))
+        return np.concatenate([self.context_embeddings(context), text_rows], axis=0)
+
+    def context_embeddings(self, context: Sequence[Segment]) -> np.ndarray:
+        """The rows of the context segments that begin a prompt."""
+        parts = [np.zeros((0, self.model.config.backbone.n_embd), dtype=np.float32)]
         zero = np.zeros(self.cfg.num_codebooks, dtype=np.int64)
-        for who in (speaker, *(seg.speaker for seg in context)):
-            check_speaker(who)
+        for seg in context:
+            check_speaker(seg.speaker)
         for seg in context:
             parts.append(self.model.text_embeddings.rows(self.model.prompt_tokens(seg.speaker, seg.text)))
             if seg.codes is not None:
                 codes = check_codes(seg.codes, self.cfg.num_codebooks, self.model.n_codes, "context codes")
                 frames = [self.frame_embedding(c) for c in codes] + [self.frame_embedding(zero)]
                 parts.append(np.stack(frames))
-        parts.append(self.model.text_embeddings.rows(self.model.prompt_tokens(speaker, text)))
         return np.concatenate(parts, axis=0)
 
     def prompt_rows(self, text: str, speaker: int, context: Sequence[Segment] = ()) -> int:
         """The length of `prompt_embeddings(text, speaker, context)`, without building it."""
-        rows = len(self.model.prompt_tokens(speaker, text))
+        return len(self.model.prompt_tokens(speaker, text)) + self.context_rows(context)
+
+    def context_rows(self, context: Sequence[Segment]) -> int:
+        rows = 0
         for seg in context:
             rows += len(self.model.prompt_tokens(seg.speaker, seg.text))
             if seg.codes is not None:
                 rows += len(seg.codes) + 1  # its frames and the EOS frame
         return rows
 
+    def voice_rows(self, voice: Sequence[Segment], context: Sequence[Segment]) -> int:
+        """The prompt rows worth caching (`start`'s `shared`) of a prompt whose context is `context`: those of
+        the voice prompt `voice`'s segments if `context` begins with them (the same objects), else none (the
+        voice gave way to what was said since, or there is none)."""
+        if len(context) < len(voice) or any(a is not b for a, b in zip(voice, context)):
+            return 0
+        return self.context_rows(voice)
+
+    def forget_voice(self, voice: Sequence[Segment]) -> int:
+        """Drop the cached prompts that begin with `voice`'s segments (a voice deleted or replaced)."""
+        if not voice:
+            return 0
+        with self.lock:
+            return self.prompt_cache.drop(self.context_embeddings(voice))
+
     # --- streams ------------------------------------------------------------------------------------
-    def start(self, prompt: np.ndarray, sampling: Sampling, read_prompt: bool = True) -> Stream:
+    def start(self, prompt: np.ndarray, sampling: Sampling, read_prompt: bool = True, shared: int = 0) -> Stream:
         """Claim a sequence slot for a prompt and (unless `read_prompt` is False) run it through the
-        backbone; `prefill` reads it in parts instead, so a server keeps other streams going meanwhile."""
+        backbone; `prefill` reads it in parts instead, so a server keeps other streams going meanwhile.
+
+        The longest cached prompt that `prompt` begins with is not read again (prompt_cache.py); its first
+        `shared` rows (a voice prompt: see `voice_rows`) are cached once read."""
         self._check_open()
         n = len(prompt)
         limit = self.cfg.backbone.max_seq_len
@@ -236,9 +277,10 @@ class Generator:
         frames = min(int(sampling.max_audio_ms // FRAME_MS), limit - n)
         sampler = Sampler(sampling, self.model.n_codes)
         stream = Stream(slot=self.free_slots.pop(), sampling=sampling, sampler=sampler, frames_left=max(frames, 1),
-                        prompt=prompt)
+                        prompt=prompt, shared=min(max(shared, 0), n - 1))
         try:
             self.backbone.remove_sequence(stream.slot)
+            self._reuse(stream)
             if read_prompt:
                 self.prefill(stream)
         except BaseException:  # a failed read (or Ctrl-C during a long prompt) must not keep the slot
@@ -253,23 +295,40 @@ class Generator:
         if prompt is None:
             return True
         self._check_open()
+        if stream.pos < stream.shared:  # another stream in this voice may have cached it meanwhile
+            self._reuse(stream)
         n = len(prompt) - 1
         end = n if max_rows is None else min(n, stream.pos + max_rows)
         bb = self.backbone
-        for start in range(stream.pos, end, bb.n_batch):
-            m = min(end, start + bb.n_batch) - start
-            bb.embd[:m] = prompt[start : start + m]
-            bb.pos[:m] = np.arange(start, start + m)
+        while stream.pos < end:
+            start = stream.pos
+            stop = min(end, start + bb.n_batch)
+            if start < stream.shared < stop:  # the voice prompt's cells are complete at its end: keep them
+                stop = stream.shared
+            m = stop - start
+            bb.embd[:m] = prompt[start:stop]
+            bb.pos[:m] = np.arange(start, stop)
             bb.output[:m] = 0
             bb.set_seq_ids(np.full(m, stream.slot, dtype=np.int32))
             bb.decode(m)
             self.decode_calls += 1
-        stream.pos = end
+            self.prompt_positions_read += m
+            stream.pos = stop
+            if stop == stream.shared:
+                self.prompt_cache.add(stream.slot, prompt[:stop])
         if end < n:
             return False
         stream.pending = np.array(prompt[-1], dtype=np.float32)
         stream.prompt = None
         return True
+
+    def _reuse(self, stream: Stream) -> None:
+        """Share the longest cached prompt that the stream's prompt begins with, if it holds more than the
+        stream has read (never the last row: it is the first step's input)."""
+        hit = self.prompt_cache.longest(stream.prompt, len(stream.prompt) - 1)
+        if hit is not None and len(hit.rows) > stream.pos:
+            self.backbone.remove_sequence(stream.slot)
+            stream.pos = self.prompt_cache.share(hit, stream.slot)
 
     def finish(self, stream: Stream) -> None:
         """Release a stream's slot (finished or abandoned) for the next request."""
@@ -343,9 +402,11 @@ class Generator:
 
     # --- one utterance ------------------------------------------------------------------------------
     def generate(
-        self, text: str, speaker: int = 0, context: Sequence[Segment] = (), sampling: Sampling = Sampling()
+        self, text: str, speaker: int = 0, context: Sequence[Segment] = (), sampling: Sampling = Sampling(),
+        shared: int = 0,
     ) -> Iterator[np.ndarray]:
-        """Yield frames of 32 codes as they are made, until the end-of-speech frame or the budget.
+        """Yield frames of 32 codes as they are made, until the end-of-speech frame or the budget. The
+        prompt's first `shared` rows are a voice prompt, cached once read (see `start`).
 
         Each call holds one of the `max_streams` slots until it ends (or its generator is closed): calls
         from other threads wait for a free one; in the thread that holds them all, a new call raises."""
@@ -359,7 +420,7 @@ class Generator:
                         "(a stream() or frames() not read to its end): close them first, or make the CSM with "
                         "more max_streams")
                 self._slot_freed.wait()
-            stream = self.start(prompt, sampling)
+            stream = self.start(prompt, sampling, shared=shared)
             self._generating[me] += 1
         try:
             while True:

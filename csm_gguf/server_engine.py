@@ -256,7 +256,8 @@ class Engine:
                                                spec.max_audio_ms)
             context = self.tts.piece_context(piece, spec.speaker, spec.context, job.previous, sampling)
             prompt = self.generator.prompt_embeddings(piece, spec.speaker, context)
-            job.stream = self.generator.start(prompt, sampling, read_prompt=False)
+            shared = self.generator.voice_rows(spec.context, context)  # the voice prompt is read once
+            job.stream = self.generator.start(prompt, sampling, read_prompt=False, shared=shared)
         except Exception as e:
             job.stream = None
             self._end(job, e)

@@ -352,7 +352,8 @@ class CSM:
         for speaker, piece, sampling in work:
             made = []
             piece_context = self.piece_context(piece, speaker, context, previous, sampling)
-            for frame in self.generator.generate(piece, speaker, piece_context, sampling):
+            shared = self.generator.voice_rows(context, piece_context)  # the voice prompt is read once
+            for frame in self.generator.generate(piece, speaker, piece_context, sampling, shared):
                 made.append(frame)
                 yield frame
             previous = spoken_context(previous, speaker, piece, made)
