@@ -15,8 +15,8 @@ POSITIONS positions in all, the least recently used evicted first.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 

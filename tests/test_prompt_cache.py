@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from csm_fixtures import random_codes
+
 from csm_gguf import prompt_cache
 from csm_gguf.generator import Generator, Sampling, Segment
 from csm_gguf.model import CSMModel
@@ -115,7 +115,7 @@ def csm_pair(f32_model, monkeypatch):
 def test_a_long_text_in_pieces_and_a_dialogue_read_the_voice_once(csm_pair):
     cached, plain = csm_pair
     long_text = " ".join(["This sentence is one of many in a long text that is spoken in pieces."] * 8)
-    kw = dict(context=voice(), temperature=0, max_audio_ms=8 * 80)
+    kw = {"context": voice(), "temperature": 0, "max_audio_ms": 8 * 80}
     pieces = len(cached.pieces(long_text))
     assert pieces >= 3
     read = [tts.generator.prompt_positions_read for tts in csm_pair]
