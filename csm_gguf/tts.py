@@ -7,6 +7,7 @@
         ...
     audio = tts.generate("Hello there.", speed=1.2)  # faster, at the same pitch
     audio = tts.dialogue([(0, "Hi."), (1, "Hello.")])  # a conversation: each turn after those before it
+    audio = tts.generate("Hello there.", voice="nova")  # a built-in voice (default "alloy"), or a saved one
     for chunk in tts.stream_text(llm_tokens):  # text as it arrives: each sentence spoken once complete
         ...
 """
@@ -38,6 +39,8 @@ MIN_FRAMES = 25
 # Text arriving without a sentence end is spoken once this long (`stream_text`): more than a piece, so the
 # wait costs no prosody, and short enough that nothing waits for ever (nor re-splits ever longer text).
 UNFINISHED_CHARS = 1000
+DEFAULT_VOICE = "alloy"  # a built-in voice (csm_gguf.builtin_voices): the voice when none is named
+NO_VOICE = "none"  # the voice name for no prompt at all
 
 
 @dataclass
@@ -279,17 +282,18 @@ class CSM:
     def frames(
         self,
         text: str,
-        speaker: int = 0,
+        speaker: int | None = None,
         context: Sequence[Segment] = (),
         temperature: float = 0.9,
         top_k: int = 50,
         seed: int | None = None,
         max_audio_ms: float | None = None,
         progress: bool = False,
+        voice: str | Voice | None = None,
     ) -> Iterator[np.ndarray]:
         """Codes (32,) per 80 ms frame as they are made. Long texts are spoken piece by piece, each piece
-        with the previous one as context so the voice carries over."""
-        check_speaker(speaker)
+        with the previous one as context so the voice carries over. The voice: see `with_voice`."""
+        speaker, context = self.with_voice(voice, speaker, context)
         lines = [(speaker, piece) for piece in self.pieces(text)]
         return self._speak(lines, context, temperature, top_k, seed, max_audio_ms, progress)
 
@@ -321,6 +325,36 @@ class CSM:
         if not lines:
             raise ValueError("no turns to speak: give at least one (speaker, text) pair")
         return self._speak(lines, context, temperature, top_k, seed, max_audio_ms, progress)
+
+    def voice(self, name: str) -> Voice:
+        """A voice by name: a saved one (csm_gguf.voices), or a built-in one, whose fixed prompt this model
+        makes on first use (seconds) and keeps (csm_gguf.builtin_voices)."""
+        from .voices import load_voice
+
+        return load_voice(name, self.model.path, self._builtin_codes)
+
+    def _builtin_codes(self, speaker: int, text: str) -> np.ndarray:
+        from .builtin_voices import SAMPLING
+
+        return np.stack(list(self.frames(text, speaker=speaker, voice=NO_VOICE, **SAMPLING)))
+
+    def with_voice(self, voice: str | Voice | None, speaker: int | None, context: Sequence[Segment]
+                   ) -> tuple[int, list[Segment]]:
+        """The speaker and context segments to speak with: `voice`'s prompt (a name, see `voice`, or a
+        Voice), then `context`; the speaker is `speaker`, else the voice's. With no voice, DEFAULT_VOICE
+        when neither a speaker nor a context is given; else no prompt but `context`. Without any prompt (a
+        bare speaker id, or voice "none") CSM gives another voice on every call."""
+        context = self._checked_context(context)
+        if voice is None and speaker is None and not context:
+            voice = DEFAULT_VOICE
+        if isinstance(voice, str):
+            voice = None if voice == NO_VOICE else self.voice(voice)
+        if voice is not None and not isinstance(voice, Voice):
+            raise ValueError(f"voice must be a voice name, a Voice or None, got {type(voice).__name__}")
+        if speaker is None:
+            speaker = 0 if voice is None else voice.speaker
+        check_speaker(speaker)
+        return speaker, context if voice is None else [*voice.segments, *context]
 
     def _speak(self, lines: list[tuple[int, str]], context: Sequence[Segment], temperature: float, top_k: int,
                seed: int | None, max_audio_ms: float | None, progress: bool) -> Iterator[np.ndarray]:
@@ -363,7 +397,7 @@ class CSM:
     def stream_text(
         self,
         text: Iterable[str],
-        speaker: int = 0,
+        speaker: int | None = None,
         context: Sequence[Segment] = (),
         temperature: float = 0.9,
         top_k: int = 50,
@@ -371,16 +405,17 @@ class CSM:
         max_audio_ms: float | None = None,
         chunk_frames: int = 1,
         speed: float = 1.0,
+        voice: str | Voice | None = None,
     ) -> Iterator[np.ndarray]:
         """Speech for text that arrives in pieces, such as an LLM's tokens: audio chunks as for `stream`.
         Each sentence is spoken as soon as it is complete (once the next one begins, at a line break, or
         at the end of the text), with the sentence before it as context, so speech can start long before
-        the text ends. `text` is only read on between sentences. Piece i samples with seed + i."""
-        check_speaker(speaker)
+        the text ends. `text` is only read on between sentences. Piece i samples with seed + i. The voice: see
+        `with_voice`."""
         if isinstance(text, (str, bytes)) or not isinstance(text, Iterable):
             raise ValueError("text must be an iterable of strings (an LLM's tokens, lines...); for one string "
                              "use stream()")
-        context = self._checked_context(context)
+        speaker, context = self.with_voice(voice, speaker, context)
         Sampling(temperature, top_k, seed, FRAME_MS if max_audio_ms is None else max_audio_ms)  # its checks, now
         pieces = ((speaker, piece) for sentence in _sentences(text) for piece in self.pieces(sentence))
         work = self._with_samplings(pieces, temperature, top_k, seed, max_audio_ms)

@@ -1,4 +1,8 @@
-"""Saved voices: an encoded voice prompt (segments of speaker, transcript and codes) kept by name."""
+"""Saved voices: an encoded voice prompt (segments of speaker, transcript and codes) kept by name.
+
+The built-in names (builtin_voices.py) are fixed prompts made once per model; a voice saved under one of
+those names replaces it, and deleting that saved voice brings the built-in one back.
+"""
 
 from __future__ import annotations
 
@@ -10,20 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
+from . import builtin_voices
 from .atomic import write_atomic
 from .generator import FRAME_MS, Segment, check_speaker
 from .model_dir import cache_root
-from .tts import Voice
+from .tts import NO_VOICE, Voice
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # fullmatch: "$" would let a final newline in
-# The server's voices without a prompt: OpenAI's names, each a CSM speaker id. Saved voices cannot take them.
-BUILTIN_VOICES = {
-    name: speaker
-    for speaker, name in enumerate(
-        ("alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "nova", "sage", "shimmer", "verse", "marin",
-         "cedar")
-    )
-}
+BUILTIN_VOICES = builtin_voices.SPEAKERS  # OpenAI's names, each a fixed prompt of a CSM speaker id
 
 
 class VoiceExists(ValueError):
@@ -61,16 +59,21 @@ def list_voices() -> list[str]:
     if not folder.is_dir():
         return []
     names = (p.stem for p in folder.glob("*.npz") if p.is_file())
-    return sorted(name for name in names if NAME.fullmatch(name) and name not in BUILTIN_VOICES)
+    return sorted(name for name in names if NAME.fullmatch(name) and name != NO_VOICE)
+
+
+def all_voices() -> list[str]:
+    """The built-in voices' names, then the saved voices' (a saved one replaces a built-in one)."""
+    saved = list_voices()
+    return [*BUILTIN_VOICES, *(name for name in saved if name not in BUILTIN_VOICES)]
 
 
 def check_saveable(name: str) -> Path:
     """The file a voice named `name` is saved to, or a ValueError if that name cannot be saved (VoiceExists
     if it is taken)."""
     path = _path(name)
-    if name in BUILTIN_VOICES:
-        raise ValueError(f"{name!r} is one of the server's built-in voices (speaker {BUILTIN_VOICES[name]}): "
-                         "save the voice under another name")
+    if name == NO_VOICE:
+        raise ValueError(f"{NO_VOICE!r} means no voice prompt: save the voice under another name")
     if name.isdigit():
         raise ValueError(f"voice name {name!r} is all digits, which a dialogue script reads as a speaker id: "
                          "save the voice under a name with a letter in it")
@@ -82,6 +85,20 @@ def check_saveable(name: str) -> Path:
 
 def save_voice(name: str, voice: Voice) -> Path:
     path = check_saveable(name)
+    data = voice_bytes(voice)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, data, replace=False)  # of two saving the same name, one wins
+    except FileExistsError:
+        raise VoiceExists(name) from None
+    except OSError as e:
+        raise VoicesFolderError(f"cannot save voice {name!r} in {path.parent} ({e.strerror}): set CSM_GGUF_VOICES "
+                                "to a folder you can write") from None
+    return path
+
+
+def voice_bytes(voice: Voice) -> bytes:
+    """A voice as the .npz archive it is kept in."""
     if not voice.segments or any(seg.codes is None for seg in voice.segments):
         raise ValueError("a voice needs at least one context segment with audio")
     meta = {"speaker": voice.speaker, "segments": [{"speaker": s.speaker, "text": s.text} for s in voice.segments]}
@@ -91,22 +108,15 @@ def save_voice(name: str, voice: Voice) -> Path:
     arrays = {f"codes_{i}": c.astype(np.int16) for i, c in enumerate(codes)}
     buffer = io.BytesIO()
     np.savez(buffer, meta=np.array(json.dumps(meta)), **arrays)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, buffer.getvalue(), replace=False)  # of two saving the same name, one wins
-    except FileExistsError:
-        raise VoiceExists(name) from None
-    except OSError as e:
-        raise VoicesFolderError(f"cannot save voice {name!r} in {path.parent} ({e.strerror}): set CSM_GGUF_VOICES "
-                                "to a folder you can write") from None
-    return path
+    return buffer.getvalue()
 
 
 def delete_voice(name: str) -> bool:
-    """Removes a saved voice; False if there is none of that name."""
-    if name in BUILTIN_VOICES:
-        raise ValueError(f"{name!r} is a built-in voice; only saved voices can be deleted")
+    """Removes a saved voice; False if there is none of that name. A built-in name's saved voice gives way
+    to the built-in voice again."""
     if name not in list_voices():
+        if name in BUILTIN_VOICES:
+            raise ValueError(f"{name!r} is a built-in voice; only saved voices can be deleted")
         return False
     path = _path(name)
     try:
@@ -118,16 +128,31 @@ def delete_voice(name: str) -> bool:
     return True
 
 
-def describe(name: str) -> str:
-    """One line on a saved voice: its speaker, how long its prompt is, and how its transcript begins."""
+def describe(name: str, model_dir: str | os.PathLike | None = None) -> str:
+    """One line on a voice: its speaker, how long its prompt is, and how its transcript begins (a built-in
+    one's as made for the model in `model_dir`)."""
+    if name in BUILTIN_VOICES and name not in list_voices():
+        path = None if model_dir is None else builtin_voices.prompt_path(name, model_dir)
+        if path is None or not path.exists():
+            return f"{name}: built-in, speaker {BUILTIN_VOICES[name]}, prompt made on first use"
+        kind = "built-in, "
+    else:
+        path, kind = _path(name), ""
     try:
-        voice = load_voice(name)
+        voice = read_voice(path, name)
     except ValueError as e:
         return f"{name}: {e}"
-    seconds = sum(len(s.codes) for s in voice.segments) * FRAME_MS / 1000
-    text = " ".join(s.text for s in voice.segments)
-    text = text if len(text) <= 60 else text[:57] + "..."
-    return f"{name}: speaker {voice.speaker}, {len(voice.segments)} prompt segment(s), {seconds:.1f} s, {text!r}"
+    info = prompt_info(voice)
+    text = info["transcript"] if len(info["transcript"]) <= 60 else info["transcript"][:57] + "..."
+    return (f"{name}: {kind}speaker {voice.speaker}, {len(voice.segments)} prompt segment(s), "
+            f"{info['seconds']:.1f} s, {text!r}")
+
+
+def prompt_info(voice: Voice) -> dict:
+    """What a voice's prompt holds: its speaker, seconds of audio, frames and transcript."""
+    frames = sum(len(s.codes) for s in voice.segments if s.codes is not None)
+    return {"speaker_id": voice.speaker, "frames": frames, "seconds": frames * FRAME_MS / 1000,
+            "transcript": " ".join(s.text for s in voice.segments)}
 
 
 def _segment(meta: dict, codes: np.ndarray) -> Segment:
@@ -138,14 +163,32 @@ def _segment(meta: dict, codes: np.ndarray) -> Segment:
     return segment
 
 
-def load_voice(name: str) -> Voice:
-    if name in BUILTIN_VOICES:  # as on the server: the speaker, no prompt
-        return Voice(segments=[], speaker=BUILTIN_VOICES[name])
+def voice_speaker(name: str) -> int:
+    """The speaker id of voice `name`, checking now (before a model is loaded) that it can be used: a
+    saved voice is read, a built-in one needs nothing."""
+    if name in BUILTIN_VOICES and name not in list_voices():
+        return BUILTIN_VOICES[name]
+    return load_voice(name).speaker
+
+
+def load_voice(name: str, model_dir: str | os.PathLike | None = None,
+               make: builtin_voices.MakeCodes | None = None) -> Voice:
+    """A voice by name: the saved one, else the built-in one (its prompt for the model in `model_dir`,
+    made now by `make` if it is not yet: see builtin_voices.ensure_prompt)."""
+    if name in BUILTIN_VOICES and name not in list_voices():
+        if model_dir is None or make is None:
+            raise TypeError("a built-in voice's prompt belongs to a model: give model_dir and make")
+        path = builtin_voices.ensure_prompt(name, model_dir, make)
+        return read_voice(path, name, fix=f"delete {path} and it is made again on next use")
     path = _path(name)
     if not path.exists():
         saved = ", ".join(list_voices()) or "none yet"
-        raise ValueError(f"unknown voice {name!r} (saved: {saved}; built-in: {', '.join(BUILTIN_VOICES)}); "
-                         "save one with --save-voice")
+        raise ValueError(f"unknown voice {name!r} (saved: {saved}; built-in: {', '.join(BUILTIN_VOICES)}; "
+                         f"{NO_VOICE!r} for none); save one with --save-voice")
+    return read_voice(path, name)
+
+
+def read_voice(path: Path, name: str, fix: str = "save it again with --save-voice") -> Voice:
     try:
         archive = np.load(path, allow_pickle=False)
         if not isinstance(archive, np.lib.npyio.NpzFile):
@@ -157,4 +200,4 @@ def load_voice(name: str) -> Voice:
             check_speaker(voice.speaker)
             return voice
     except Exception as e:  # a damaged file fails in any of zipfile's, zlib's, json's or numpy's ways
-        raise ValueError(f"voice {name!r} is damaged ({path}: {e}); save it again with --save-voice") from None
+        raise ValueError(f"voice {name!r} is damaged ({path}: {e}); {fix}") from None
