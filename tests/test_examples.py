@@ -64,6 +64,6 @@ def test_server_client(f32_model, tmp_path, monkeypatch):
             "--max-audio-ms", "400", cwd=tmp_path)
     finally:
         server.shutdown()
-        app.extensions["csm"].close()
+        app.extensions["csm_gguf"].engine.close()
     assert sf.info(tmp_path / "out.mp3").frames > 0
     assert not list((tmp_path / "voices").iterdir())  # deleted again

@@ -28,10 +28,10 @@ from csm_fixtures import random_codes
 from csm_gguf.audio import FORMATS, MEDIA_TYPES, SAMPLE_RATE, load_audio, to_int16
 from csm_gguf.generator import Segment
 from csm_gguf.tempo import change_speed
-from csm_gguf.speech_request import MAX_SPEECH_REQUEST, MAX_VOICE_UPLOAD
+from csm_gguf.server.limits import MAX_SPEECH_REQUEST, MAX_VOICE_UPLOAD
 from csm_gguf.tts import Voice
 from csm_gguf.voices import voices_dir
-from csm_gguf.web import WebsocketSession
+from csm_gguf.server.ws_session import WebsocketSession
 
 TEXT = "Hello there, how are you doing today?"
 GREEDY = {"temperature": 0, "max_audio_ms": 800}  # 10 frames
@@ -65,7 +65,7 @@ def server(f32_model, tmp_path_factory):
     thread.start()
     yield app, f"http://127.0.0.1:{srv.server_port}"
     srv.shutdown()
-    app.extensions["csm"].close()
+    app.extensions["csm_gguf"].engine.close()
     del os.environ["CSM_GGUF_VOICES"]
 
 
@@ -76,7 +76,7 @@ def base(server):
 
 @pytest.fixture
 def engine(server):
-    return server[0].extensions["csm"]
+    return server[0].extensions["csm_gguf"].engine
 
 
 @pytest.fixture
@@ -350,7 +350,7 @@ def test_built_in_and_default_voices_cannot_be_deleted(base, f32_model):
     try:
         response = app.test_client().delete("/v1/audio/voices/narrator")
     finally:
-        app.extensions["csm"].close()
+        app.extensions["csm_gguf"].engine.close()
     assert response.status_code == 409 and "this server's default voice" in response.json["error"]["message"]
     assert (voices_dir() / "narrator.npz").exists()
 
@@ -485,7 +485,7 @@ def test_aac_without_ffmpeg_is_a_400_naming_it(base, tmp_path, monkeypatch):
 
 
 def test_a_queued_client_that_hangs_up_is_dropped_before_its_turn(base, engine):
-    from csm_gguf.server_engine import SpeechJob
+    from csm_gguf.server.engine import SpeechJob
 
     busy = [engine.submit(SpeechJob(TEXT, temperature=0, max_audio_ms=60_000)) for _ in range(MAX_STREAMS)]
     deadline = time.monotonic() + 10
@@ -559,7 +559,7 @@ def test_concurrent_streams_are_batched_and_equal_solo(base, engine):
 
 
 def test_engine_batched_greedy_codes_equal_solo_codes(engine):
-    from csm_gguf.server_engine import SpeechJob
+    from csm_gguf.server.engine import SpeechJob
 
     def codes(job) -> np.ndarray:
         frames = []
@@ -577,8 +577,8 @@ def test_engine_batched_greedy_codes_equal_solo_codes(engine):
 
 
 def test_a_long_prompt_is_read_between_the_frames_of_others(engine, monkeypatch):
-    from csm_gguf import server_engine
-    from csm_gguf.server_engine import SpeechJob
+    from csm_gguf.server import engine as server_engine
+    from csm_gguf.server.engine import SpeechJob
 
     def codes(job) -> np.ndarray:
         frames = []
@@ -607,7 +607,7 @@ def test_a_long_prompt_is_read_between_the_frames_of_others(engine, monkeypatch)
 
 
 def test_requests_that_arrive_together_start_together(engine):
-    from csm_gguf.server_engine import SpeechJob
+    from csm_gguf.server.engine import SpeechJob
 
     with engine._wake:  # the engine thread sees all four at once
         jobs = [engine.submit(SpeechJob(f"Request {i} arrives.", temperature=0, max_audio_ms=800)) for i in range(4)]
@@ -640,7 +640,7 @@ def test_full_queue_answers_429_and_nothing_leaks(base, engine):
 def test_many_short_jobs_leave_nothing_behind(engine):
     """Jobs that finish, jobs cancelled while queued and jobs cancelled mid-speech: afterwards every slot
     is free and the engine holds no job."""
-    from csm_gguf.server_engine import SpeechJob
+    from csm_gguf.server.engine import SpeechJob
 
     jobs = []
     for i in range(1000):
@@ -739,7 +739,7 @@ def test_websocket_flush_of_nothing_reports_like_any_flush(base):
 def record_submits(engine, monkeypatch, refuse: int = 0) -> list[tuple[int, str]]:
     """(speaker, text) of each job submitted, from now on; the first `refuse` submits after the first one
     find the server full."""
-    from csm_gguf.server_engine import QueueFull
+    from csm_gguf.server.engine import QueueFull
 
     seen, submit, refused = [], engine.submit, []
 
@@ -900,7 +900,7 @@ def session_on_a_full_server(base, engine, monkeypatch, first: str, later: str) 
     """A session sends `first` while every other slot is busy with a long request, so its first sentence
     takes the last slot; then another client's request arrives and waits; then the session sends `later`
     and a flush. Returns the pieces in the order the engine started them, and the session's done."""
-    from csm_gguf.server_engine import SpeechJob
+    from csm_gguf.server.engine import SpeechJob
 
     others = [engine.submit(SpeechJob(f"Filler number {i}.", temperature=0, max_audio_ms=60_000))
               for i in range(MAX_STREAMS - 1)]
@@ -944,7 +944,7 @@ def test_websocket_next_sentence_does_not_overtake_requests_that_came_before_it(
 def test_engine_closing_ends_a_following_request_with_the_shutdown_error(f32_model, monkeypatch):
     """close() landing while the request before it makes its last frame: the follower used to end as a
     success with no audio, and a request submitted after close() waited forever."""
-    from csm_gguf.server_engine import Engine, SpeechJob
+    from csm_gguf.server.engine import Engine, SpeechJob
     from csm_gguf.tts import CSM
 
     tts = CSM(f32_model, kv_type="f32", max_streams=1)
@@ -975,8 +975,8 @@ def test_engine_closing_ends_a_following_request_with_the_shutdown_error(f32_mod
 def test_websocket_reset_while_sending_ends_the_session_quietly(engine):
     """A connection reset surfaces as OSError from send(), not ConnectionClosed: it used to escape the
     session and be logged as an unexpected server error."""
-    from csm_gguf.speech_request import parse_speech
-    from csm_gguf.web import WebsocketSession
+    from csm_gguf.server.schemas import parse_speech
+    from csm_gguf.server.ws_session import WebsocketSession
 
     class ResetSocket:
         messages = [json.dumps({"response_format": "pcm", "max_audio_ms": 60_000}),
@@ -1001,7 +1001,7 @@ def test_websocket_reset_while_sending_ends_the_session_quietly(engine):
 def test_waiting_followers_do_not_fill_the_queue_against_new_requests(f32_model):
     """Sessions that keep talking keep their next sentences in the queue: if those counted against its size,
     every new request would be refused for as long as the sessions talk."""
-    from csm_gguf.server_engine import Engine, SpeechJob
+    from csm_gguf.server.engine import Engine, SpeechJob
     from csm_gguf.tts import CSM
 
     tts = CSM(f32_model, kv_type="f32", max_streams=1)
@@ -1060,7 +1060,7 @@ def test_models_voices_health(client, base):
 
 
 def test_settings_from_environment(monkeypatch):
-    from csm_gguf.web import Settings
+    from csm_gguf.server.settings import Settings
 
     monkeypatch.setenv("CSM_GGUF_MAX_STREAMS", "6")
     monkeypatch.setenv("CSM_GGUF_GPU_LAYERS", "-1")

@@ -20,8 +20,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .generator import Segment, Stream
-from .tts import CSM, spoken_context
+from ..generator import Segment, Stream
+from ..tts import CSM, spoken_context
 
 log = logging.getLogger(__name__)
 

@@ -18,19 +18,19 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .audio import FORMATS, AudioError, check_format
-from .generator import Segment
-from .server_engine import SpeechJob
-from .tempo import MAX_SPEED, MIN_SPEED
-from .text import is_blank, is_unicode
-from .tts import CSM, Voice
-from .voices import BUILTIN_VOICES, VoiceExists, VoicesFolderError, check_saveable, list_voices, load_voice
+from ..audio import FORMATS, AudioError, check_format
+from ..generator import Segment
+from ..tempo import MAX_SPEED, MIN_SPEED
+from ..text import is_blank, is_unicode
+from ..tts import CSM, Voice
+from ..voices import BUILTIN_VOICES, VoiceExists, VoicesFolderError, check_saveable, list_voices, load_voice
+from .engine import SpeechJob
+from .errors import ApiError, invalid
+from .limits import MAX_CONTEXT_SEGMENTS, MAX_INPUT_CHARS
 
 if TYPE_CHECKING:
     from werkzeug.datastructures import FileStorage, MultiDict
 
-MAX_INPUT_CHARS = 4096
-MAX_CONTEXT_SEGMENTS = 32
 MODELS = ("csm-1b", "tts-1", "tts-1-hd", "gpt-4o-mini-tts")
 FIELDS = {
     # OpenAI's fields
@@ -43,26 +43,6 @@ FIELDS = {
 # POST /v1/audio/voices, multipart/form-data: OpenAI's fields, then ours (CSM reads a voice prompt with
 # its words). OpenAI's `consent` (a consent recording's id) is accepted, not checked.
 VOICE_FIELDS = {"name", "audio_sample", "consent", "type", "transcript", "speaker_id"}
-MAX_VOICE_UPLOAD = 32 * 2**20  # bytes: half a minute of 48 kHz stereo wav is 11 MB
-# A speech request's body: its context audio (base64) can be the whole context, 164 s: 42 MB as 48 kHz
-# stereo wav.
-MAX_SPEECH_REQUEST = 64 * 2**20
-
-
-class ApiError(Exception):
-    """An error answered in OpenAI's shape."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def invalid(param: str, message: str, code: str = "invalid_value") -> ApiError:
-    return ApiError(400, message, param=param, code=code)
 
 
 @dataclass

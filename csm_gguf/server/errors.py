@@ -1,0 +1,80 @@
+"""Errors answered in OpenAI's shape: ApiError, what a failed generation answers (`generation_error`),
+and the Flask error handlers (`register_error_handlers`)."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from ..generator import PromptTooLong
+from .limits import MAX_SPEECH_REQUEST, MAX_VOICE_UPLOAD
+
+if TYPE_CHECKING:
+    from flask import Flask
+    from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+VOICES_PATH = "/v1/audio/voices"
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def invalid(param: str, message: str, code: str = "invalid_value") -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+def generation_error(e: BaseException) -> ApiError:
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, PromptTooLong):
+        return ApiError(400, str(e), param="context", code="context_length_exceeded")
+    if isinstance(e, ValueError):
+        return ApiError(400, str(e))
+    if isinstance(e, RuntimeError):
+        return ApiError(503, str(e), type="server_error", code="unavailable")
+    log.error("generation failed", exc_info=e)
+    return ApiError(500, f"generation failed: {e}", type="server_error")
+
+
+def api_error(e: ApiError):
+    from flask import jsonify
+
+    response = jsonify(e.body())
+    response.status_code = e.status
+    if e.status == 429:
+        response.headers["Retry-After"] = "1"
+    return response
+
+
+def http_error(e: HTTPException):
+    from flask import request
+
+    message = e.description or e.name
+    if e.code == 413:
+        message = (f"a voice upload is at most {MAX_VOICE_UPLOAD >> 20} MiB: send a shorter or compressed "
+                   "recording (5 to 30 s is plenty)" if request.path == VOICES_PATH else
+                   f"a request is at most {MAX_SPEECH_REQUEST >> 20} MiB: send shorter context audio")
+    return api_error(ApiError(e.code or 500, message, code=e.name.lower().replace(" ", "_")))
+
+
+def server_error(e: Exception):
+    log.exception("unexpected error")
+    return api_error(ApiError(500, f"internal error: {e}", type="server_error"))
+
+
+def register_error_handlers(app: Flask) -> None:
+    from werkzeug.exceptions import HTTPException
+
+    app.register_error_handler(ApiError, api_error)
+    app.register_error_handler(HTTPException, http_error)
+    app.register_error_handler(Exception, server_error)

@@ -1,0 +1,9 @@
+"""The server's request limits, declared once: the schemas check them, the errors name them, and the app
+and the websocket session enforce them."""
+
+MAX_INPUT_CHARS = 4096  # text to speak, per request (and per websocket sentence not yet ended)
+MAX_CONTEXT_SEGMENTS = 32
+MAX_VOICE_UPLOAD = 32 * 2**20  # bytes: half a minute of 48 kHz stereo wav is 11 MB
+# A speech request's body: its context audio (base64) can be the whole context, 164 s: 42 MB as 48 kHz
+# stereo wav.
+MAX_SPEECH_REQUEST = 64 * 2**20

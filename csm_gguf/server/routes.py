@@ -1,0 +1,185 @@
+"""The HTTP and websocket endpoints: module-level handlers on one Blueprint. Each checks the request
+(schemas), calls a service and answers; the services (model, codec, engine, settings) are the app's
+`Services`, found through `current_app`."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import numpy as np
+from flask import Blueprint, Response, current_app, render_template_string, request
+from flask_sock import Sock
+
+from .. import ffmpeg
+from ..audio import MEDIA_TYPES, StreamEncoder, encode_audio
+from ..tempo import stretched
+from ..tts import CSM
+from ..voices import BUILTIN_VOICES, VoiceExists, VoicesFolderError, delete_voice, list_voices, load_voice, save_voice
+from .engine import Engine, Job, QueueFull
+from .errors import VOICES_PATH, ApiError, generation_error
+from .limits import MAX_VOICE_UPLOAD
+from .schemas import MODELS, SpeechRequest, parse_speech, parse_voice, voice_exists, voice_names
+from .settings import SETTINGS, Settings
+from .streaming import ClientGone, decoded_audio, encoded, next_frames, sse_events, streamed
+from .ws_session import WebsocketSession
+
+WEBSOCKET_PATH = "/v1/audio/speech/ws"
+EXTENSION = "csm_gguf"  # the app's Services, in app.extensions
+
+bp = Blueprint("csm_gguf", __name__)
+sock = Sock()
+
+
+@dataclass
+class Services:
+    """What the endpoints use: the model, its codec, the engine that batches requests, the settings."""
+
+    tts: CSM
+    codec: Any
+    engine: Engine
+    settings: Settings
+    created: int  # the model's time, for /v1/models
+
+    def parse(self, body: Any, need_input: bool = True) -> SpeechRequest:
+        return parse_speech(body, self.tts, self.settings.voice, need_input)
+
+    def submit(self, req: SpeechRequest, after: Job | None = None, continues: bool = False) -> Job:
+        try:
+            return self.engine.submit(req.job, after, continues)
+        except QueueFull as e:
+            raise ApiError(429, str(e), code="queue_full", type="rate_limit_error") from None
+
+
+def services() -> Services:
+    return current_app.extensions[EXTENSION]
+
+
+@bp.before_app_request
+def check_key():
+    key = current_app.config["API_KEY"]
+    if key and request.path.startswith("/v1/"):
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        given = token.strip() if scheme.lower() == "bearer" else ""  # auth schemes ignore case
+        if request.path == WEBSOCKET_PATH:  # browsers cannot set websocket headers; elsewhere a key in the
+            given = given or request.args.get("api_key", "")  # URL would only end up in access logs
+        if not hmac.compare_digest(given.encode(), key.encode()):
+            raise ApiError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+
+@bp.get("/")
+def index():
+    s = services()
+    page = resources.files("csm_gguf").joinpath("static/index.html").read_text()
+    key_needed = bool(current_app.config["API_KEY"])
+    shown = {name: getattr(s.settings, name) for _, name, _ in SETTINGS}
+    shown.update(model=str(s.tts.model.path), api_key="(set)" if key_needed else "(none)")
+    env = [(var, shown[name], doc) for var, name, doc in SETTINGS]
+    return render_template_string(page, env=env, default_voice=s.settings.voice, key_needed=key_needed,
+                                  aac=ffmpeg.find() is not None)
+
+
+@bp.get("/health")
+def health():
+    s = services()
+    return {"status": "ok", "model_loaded": True, "model": str(s.tts.model.path), **s.engine.stats()}
+
+
+@bp.get("/v1/models")
+def models():
+    created = services().created
+    return {"object": "list",
+            "data": [{"id": m, "object": "model", "created": created, "owned_by": "sesame"} for m in MODELS]}
+
+
+@bp.get(VOICES_PATH)
+def voice_list():
+    return {"voices": [
+        {"id": name, "name": name, "type": "builtin" if name in BUILTIN_VOICES else "saved",
+         "speaker_id": speaker_of(name)} for name in voice_names()
+    ], "default": services().settings.voice}
+
+
+def speaker_of(name: str) -> int | None:
+    try:
+        return load_voice(name).speaker
+    except ValueError:  # damaged
+        return None
+
+
+@bp.post(VOICES_PATH)
+def add_voice():
+    if request.mimetype != "multipart/form-data":
+        raise ApiError(400, "send the voice as multipart/form-data: name, audio_sample (the recording, as a "
+                       "file) and transcript (its words)", code="invalid_request")
+    request.max_content_length = MAX_VOICE_UPLOAD
+    name, voice = parse_voice(request.form, request.files, services().tts)
+    try:
+        save_voice(name, voice)
+    except VoiceExists:  # saved meanwhile, by another request or program
+        raise voice_exists(name) from None
+    except VoicesFolderError as e:  # the server's setup, not the request
+        raise ApiError(500, str(e), type="server_error") from None
+    return {"id": name, "object": "audio.voice", "name": name, "created_at": int(time.time()),
+            "type": "audio_sample"}
+
+
+@bp.delete(VOICES_PATH + "/<name>")
+def remove_voice(name: str):
+    if name == services().settings.voice and name not in BUILTIN_VOICES:
+        raise ApiError(409, f"{name!r} is this server's default voice (CSM_GGUF_VOICE): it cannot be deleted "
+                       "while the server runs", param="voice_id", code="voice_in_use")
+    try:
+        deleted = delete_voice(name)
+    except VoicesFolderError as e:  # the file would not go: the server's setup
+        raise ApiError(500, str(e), type="server_error") from None
+    except ValueError as e:  # a built-in voice
+        raise ApiError(400, str(e), param="voice_id") from None
+    if not deleted:
+        raise ApiError(404, f"no saved voice {name!r}; saved: {', '.join(list_voices()) or 'none'}",
+                       param="voice_id", code="voice_not_found")
+    return {"id": name, "object": "audio.voice", "deleted": True}
+
+
+@bp.post("/v1/audio/speech")
+def speech():
+    s = services()
+    try:
+        body = json.loads(request.get_data())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    req = s.parse(body)
+    job = s.submit(req)
+    environ = request.environ
+    try:
+        first = next_frames(job, environ)  # a request that cannot start fails here, with a proper status
+    except ClientGone:
+        job.cancel()
+        return Response(status=499)  # nginx's "client closed request": nobody reads it
+    except Exception as e:
+        job.cancel()
+        raise generation_error(e) from None
+    audio = decoded_audio(s.codec, job, first, environ)
+    if req.speed != 1.0:
+        audio = stretched(audio, req.speed)
+    if req.stream_format == "sse":
+        return streamed(sse_events(job, audio, req.response_format), "text/event-stream")
+    media_type = MEDIA_TYPES[req.response_format]
+    if not req.stream:
+        try:
+            samples = np.concatenate([np.zeros(0, np.float32), *audio])
+        except Exception as e:  # a later piece failed; nothing is sent yet, so its own status still can be
+            raise generation_error(e) from None
+        return Response(encode_audio(samples, req.response_format), mimetype=media_type)
+    return streamed(encoded(audio, StreamEncoder(req.response_format)), media_type)
+
+
+@sock.route(WEBSOCKET_PATH, bp=bp)
+def speech_ws(ws):
+    s = services()
+    WebsocketSession(ws, s.codec, s.parse, s.submit).run()

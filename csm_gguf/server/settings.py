@@ -1,0 +1,47 @@
+"""The server's settings, from the environment (see SETTINGS) and create_app's keyword arguments."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from typing import Any
+
+# (environment variable, Settings field, what it sets)
+SETTINGS = (
+    ("CSM_GGUF_MODEL", "model", "converted model directory (default: the converted model in the cache, as for say)"),
+    ("CSM_GGUF_THREADS", "threads", "CPU threads for llama.cpp (default 0: all cores; the codec decodes each "
+                                    "request on one thread, in that request's thread)"),
+    ("CSM_GGUF_GPU_LAYERS", "gpu_layers", "layers offloaded to the GPU (default 0; -1: all)"),
+    ("CSM_GGUF_KV_TYPE", "kv_type", "KV cache type: f16 (default), f32, q8_0"),
+    ("CSM_GGUF_CODEC_DEVICE", "codec_device", "torch device of the Mimi codec: cpu (default), cuda"),
+    ("CSM_GGUF_API_KEY", "api_key", "if set, requests need 'Authorization: Bearer <key>'"),
+    ("CSM_GGUF_MAX_STREAMS", "max_streams", "requests generated together in one batch (default 4)"),
+    ("CSM_GGUF_QUEUE", "max_queue", "requests that may wait for a free stream before 429 (default 16)"),
+    ("CSM_GGUF_VOICE", "voice", "voice used when a request names none (default alloy)"),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str | None = None
+    threads: int = 0
+    gpu_layers: int = 0
+    kv_type: str = "f16"
+    codec_device: str = "cpu"
+    api_key: str | None = None
+    max_streams: int = 4
+    max_queue: int = 16
+    voice: str = "alloy"
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        values: dict[str, Any] = {}
+        types = {f.name: f.type for f in fields(cls)}
+        for var, name, _ in SETTINGS:
+            raw = os.environ.get(var)
+            if raw:
+                try:
+                    values[name] = int(raw) if types[name] == "int" else raw
+                except ValueError:
+                    raise ValueError(f"{var} must be a whole number, got {raw!r}") from None
+        return cls(**values)
