@@ -16,8 +16,8 @@ import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 
@@ -68,10 +68,10 @@ def _locked(path: Path) -> Iterator[None]:
 
 def ensure_prompt(name: str, model_dir: str | os.PathLike, make: MakeCodes) -> Path:
     """The file of built-in voice `name`'s prompt for this model, made now (by `make`) if it is not yet."""
-    from .voices import VoicesFolderError, voice_bytes
-    from .tts import Voice
-    from .generator import Segment
     from .atomic import write_atomic
+    from .generator import Segment
+    from .tts import Voice
+    from .voices import VoicesFolderError, voice_bytes
 
     path = prompt_path(name, model_dir)
     if path.exists():

@@ -129,29 +129,43 @@ def delete_voice(name: str) -> bool:
 
 
 def describe(name: str, model_dir: str | os.PathLike | None = None) -> str:
-    """One line on a voice: its speaker, how long its prompt is, and how its transcript begins (a built-in
-    one's as made for the model in `model_dir`)."""
-    if name in BUILTIN_VOICES and name not in list_voices():
+    """One line on a voice (see `voice_info`): its speaker, how long its prompt is, and how its transcript
+    begins."""
+    info = voice_info(name, model_dir)
+    kind = "built-in, " if info["type"] == "builtin" else ""
+    if "error" in info:
+        return f"{name}: {info['error']}"
+    if info["prompt"] is None:
+        return f"{name}: {kind}speaker {info['speaker_id']}, prompt made on first use"
+    prompt = info["prompt"]
+    text = prompt["transcript"] if len(prompt["transcript"]) <= 60 else prompt["transcript"][:57] + "..."
+    return (f"{name}: {kind}speaker {info['speaker_id']}, {prompt['segments']} prompt segment(s), "
+            f"{prompt['seconds']:.1f} s, {text!r}")
+
+
+def voice_info(name: str, model_dir: str | os.PathLike | None = None) -> dict:
+    """A voice's kind ("builtin", or "saved": a saved one replaces a built-in one of its name), speaker and
+    prompt (`prompt_info`; None for a built-in voice whose prompt this model, in `model_dir`, has not made
+    yet), or the error that makes it unusable."""
+    builtin = name in BUILTIN_VOICES and name not in list_voices()
+    info: dict = {"id": name, "name": name, "type": "builtin" if builtin else "saved",
+                  "speaker_id": BUILTIN_VOICES.get(name), "prompt": None}
+    path = _path(name)
+    if builtin:
         path = None if model_dir is None else builtin_voices.prompt_path(name, model_dir)
         if path is None or not path.exists():
-            return f"{name}: built-in, speaker {BUILTIN_VOICES[name]}, prompt made on first use"
-        kind = "built-in, "
-    else:
-        path, kind = _path(name), ""
+            return info
     try:
-        voice = read_voice(path, name)
+        voice = read_voice(path, name, fix=_remake(path)) if builtin else read_voice(path, name)
     except ValueError as e:
-        return f"{name}: {e}"
-    info = prompt_info(voice)
-    text = info["transcript"] if len(info["transcript"]) <= 60 else info["transcript"][:57] + "..."
-    return (f"{name}: {kind}speaker {voice.speaker}, {len(voice.segments)} prompt segment(s), "
-            f"{info['seconds']:.1f} s, {text!r}")
+        return {**info, "error": str(e)}
+    return {**info, "speaker_id": voice.speaker, "prompt": prompt_info(voice)}
 
 
 def prompt_info(voice: Voice) -> dict:
     """What a voice's prompt holds: its speaker, seconds of audio, frames and transcript."""
     frames = sum(len(s.codes) for s in voice.segments if s.codes is not None)
-    return {"speaker_id": voice.speaker, "frames": frames, "seconds": frames * FRAME_MS / 1000,
+    return {"segments": len(voice.segments), "frames": frames, "seconds": frames * FRAME_MS / 1000,
             "transcript": " ".join(s.text for s in voice.segments)}
 
 
@@ -179,13 +193,17 @@ def load_voice(name: str, model_dir: str | os.PathLike | None = None,
         if model_dir is None or make is None:
             raise TypeError("a built-in voice's prompt belongs to a model: give model_dir and make")
         path = builtin_voices.ensure_prompt(name, model_dir, make)
-        return read_voice(path, name, fix=f"delete {path} and it is made again on next use")
+        return read_voice(path, name, fix=_remake(path))
     path = _path(name)
     if not path.exists():
         saved = ", ".join(list_voices()) or "none yet"
         raise ValueError(f"unknown voice {name!r} (saved: {saved}; built-in: {', '.join(BUILTIN_VOICES)}; "
                          f"{NO_VOICE!r} for none); save one with --save-voice")
     return read_voice(path, name)
+
+
+def _remake(path: Path) -> str:
+    return f"delete {path} and it is made again on next use"
 
 
 def read_voice(path: Path, name: str, fix: str = "save it again with --save-voice") -> Voice:

@@ -10,7 +10,8 @@ from typing import Any
 from flask import Flask
 
 from ..tts import CSM
-from ..voices import load_voice
+from ..tts import NO_VOICE
+from ..voices import voice_speaker
 from .engine import Engine
 from .errors import register_error_handlers
 from .limits import MAX_SPEECH_REQUEST
@@ -26,9 +27,18 @@ def create_app(**overrides: Any) -> Flask:
         raise ValueError("CSM_GGUF_MAX_STREAMS must be >= 1 and CSM_GGUF_QUEUE >= 0")
     if settings.voice not in voice_names():
         raise ValueError(f"CSM_GGUF_VOICE={settings.voice!r} is not a voice; known: {', '.join(voice_names())}")
-    load_voice(settings.voice)  # a damaged one fails now, not in every request that names no voice
+    if settings.voice != NO_VOICE:
+        voice_speaker(settings.voice)  # a damaged saved one fails now, before the model loads
     app = Flask("csm_gguf.web")
-    app.extensions[EXTENSION] = start_services(settings)
+    services = start_services(settings)
+    if settings.voice != NO_VOICE:
+        try:  # made now if it is a built-in one, not in the first request; and a damaged one fails now
+            services.voice(settings.voice)
+        except BaseException:
+            services.engine.close()
+            services.tts.close()
+            raise
+    app.extensions[EXTENSION] = services
     app.config["API_KEY"] = settings.api_key
     app.config["MAX_CONTENT_LENGTH"] = MAX_SPEECH_REQUEST
     app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": MAX_SPEECH_REQUEST}  # closes with 1009 beyond

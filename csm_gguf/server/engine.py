@@ -115,6 +115,7 @@ class Engine:
         self.joining: list[Job] = []  # taken from the queue, their prompts being read
         self.active: list[Job] = []
         self.completed = 0
+        self.forgotten: list[list[Segment]] = []  # voice prompts whose cached cells go before the next frame
         self._wake = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="csm-engine", daemon=True)
@@ -160,6 +161,20 @@ class Engine:
             self._wake.notify()
         return job
 
+    def codes(self, spec: SpeechJob) -> np.ndarray:
+        """Speak `spec` to its end (in turn with other requests): its codes, (frames, 32)."""
+        job = self.submit(spec)
+        frames = []
+        while (got := job.next_frames()) is not None:
+            frames += got
+        return np.stack(frames) if frames else np.zeros((0, self.tts.model.config.num_codebooks), np.int64)
+
+    def forget_voice(self, segments: list[Segment]) -> None:
+        """Drop a deleted or replaced voice's cached prompt (on the engine thread, between frames)."""
+        with self._wake:
+            self.forgotten.append(segments)
+            self._wake.notify()
+
     def stats(self) -> dict:
         return {
             "active_streams": len(self.active) + len(self.joining),
@@ -168,6 +183,8 @@ class Engine:
             "max_queue": self.max_queue,
             "free_slots": len(self.generator.free_slots),
             "decode_calls": self.generator.decode_calls,
+            "prompt_positions_read": self.generator.prompt_positions_read,
+            "cached_prompts": len(self.generator.prompt_cache.entries),
             "requests_completed": self.completed,
         }
 
@@ -181,10 +198,11 @@ class Engine:
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not (self.active or self.waiting or self._closing):
+                while not (self.active or self.waiting or self.forgotten or self._closing):
                     self._wake.wait()
                 if self._closing:
                     break
+                forgotten, self.forgotten = self.forgotten, []
                 gone = [job for job in self.waiting if job.cancelled]  # their clients left: free the queue
                 for job in gone:
                     self.waiting.remove(job)
@@ -192,6 +210,8 @@ class Engine:
                     self.joining.append(self.waiting.popleft())
             for job in gone:
                 self._end(job)
+            for segments in forgotten:
+                self.generator.forget_voice(segments)
             while self.joining:
                 job = self.joining[0]
                 cancelled = job.cancelled

@@ -19,11 +19,14 @@ from .. import ffmpeg
 from ..audio import MEDIA_TYPES, StreamEncoder, encode_audio
 from ..tempo import stretched
 from ..tts import CSM
-from ..voices import BUILTIN_VOICES, VoiceExists, VoicesFolderError, delete_voice, list_voices, load_voice, save_voice
-from .engine import Engine, Job, QueueFull
+from .. import builtin_voices
+from ..tts import Voice
+from ..voices import (BUILTIN_VOICES, VoiceExists, VoicesFolderError, all_voices, delete_voice, list_voices, load_voice,
+                      read_voice, save_voice, voice_info)
+from .engine import Engine, Job, QueueFull, SpeechJob
 from .errors import VOICES_PATH, ApiError, generation_error
 from .limits import MAX_VOICE_UPLOAD
-from .schemas import MODELS, SpeechRequest, parse_speech, parse_voice, voice_exists, voice_names
+from .schemas import MODELS, SpeechRequest, parse_speech, parse_voice, voice_exists
 from .settings import SETTINGS, Settings
 from .streaming import ClientGone, decoded_audio, encoded, next_frames, sse_events, streamed
 from .ws_session import WebsocketSession
@@ -46,7 +49,32 @@ class Services:
     created: int  # the model's time, for /v1/models
 
     def parse(self, body: Any, need_input: bool = True) -> SpeechRequest:
-        return parse_speech(body, self.tts, self.settings.voice, need_input)
+        return parse_speech(body, self.tts, self.settings.voice, need_input, self.voice)
+
+    def voice(self, name: str) -> Voice:
+        """A voice by name; a built-in voice's prompt is made (once per model) by the engine, in turn with
+        the requests being spoken."""
+        try:
+            return load_voice(name, self.tts.model.path, self._builtin_codes)
+        except QueueFull as e:
+            raise ApiError(429, str(e), code="queue_full", type="rate_limit_error") from None
+
+    def _builtin_codes(self, speaker: int, text: str) -> np.ndarray:
+        return self.engine.codes(SpeechJob(text, speaker, (), **builtin_voices.SAMPLING))
+
+    def forget(self, name: str) -> None:
+        """Drop voice `name`'s cached prompt as it is now, before it is deleted or replaced."""
+        path = builtin_voices.prompt_path(name, self.tts.model.path) if name in BUILTIN_VOICES else None
+        try:
+            if name in list_voices():
+                voice = load_voice(name)
+            elif path is not None and path.exists():
+                voice = read_voice(path, name)
+            else:
+                return
+        except ValueError:  # damaged: nothing of it was cached
+            return
+        self.engine.forget_voice(voice.segments)
 
     def submit(self, req: SpeechRequest, after: Job | None = None, continues: bool = False) -> Job:
         try:
@@ -99,17 +127,9 @@ def models():
 
 @bp.get(VOICES_PATH)
 def voice_list():
-    return {"voices": [
-        {"id": name, "name": name, "type": "builtin" if name in BUILTIN_VOICES else "saved",
-         "speaker_id": speaker_of(name)} for name in voice_names()
-    ], "default": services().settings.voice}
-
-
-def speaker_of(name: str) -> int | None:
-    try:
-        return load_voice(name).speaker
-    except ValueError:  # damaged
-        return None
+    """Built-in and saved voices with their prompts (a built-in one's once made; "error" if unusable)."""
+    s = services()
+    return {"voices": [voice_info(name, s.tts.model.path) for name in all_voices()], "default": s.settings.voice}
 
 
 @bp.post(VOICES_PATH)
@@ -119,6 +139,8 @@ def add_voice():
                        "file) and transcript (its words)", code="invalid_request")
     request.max_content_length = MAX_VOICE_UPLOAD
     name, voice = parse_voice(request.form, request.files, services().tts)
+    if name in BUILTIN_VOICES:
+        services().forget(name)  # the built-in voice it replaces
     try:
         save_voice(name, voice)
     except VoiceExists:  # saved meanwhile, by another request or program
@@ -134,6 +156,7 @@ def remove_voice(name: str):
     if name == services().settings.voice and name not in BUILTIN_VOICES:
         raise ApiError(409, f"{name!r} is this server's default voice (CSM_GGUF_VOICE): it cannot be deleted "
                        "while the server runs", param="voice_id", code="voice_in_use")
+    services().forget(name)
     try:
         deleted = delete_voice(name)
     except VoicesFolderError as e:  # the file would not go: the server's setup

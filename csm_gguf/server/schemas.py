@@ -2,9 +2,11 @@
 names the field. Shared by the HTTP endpoint and the websocket. Also the request that saves a voice
 (`parse_voice`).
 
-Voices: the OpenAI voice names map to CSM speaker ids (CSM-1B is a base model: without a voice prompt
-a speaker id picks no fixed voice, only keeps one speaker apart from another); saved voices (see
-csm_gguf.voices) bring their own prompt. `speaker_id` overrides the voice's speaker.
+Voices: the OpenAI voice names are built-in voices, each a fixed prompt made once per model
+(csm_gguf.builtin_voices); saved voices (csm_gguf.voices) bring their own prompt, and one saved under a
+built-in name replaces it. Voice "none" is no prompt at all: the raw model's speaker `speaker_id` (CSM-1B
+is a base model: without a prompt a speaker id picks no fixed voice). `speaker_id` overrides the voice's
+speaker.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import binascii
 import io
 import math
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -22,8 +25,8 @@ from ..audio import FORMATS, AudioError, check_format
 from ..generator import Segment
 from ..tempo import MAX_SPEED, MIN_SPEED
 from ..text import is_blank, is_unicode
-from ..tts import CSM, Voice
-from ..voices import BUILTIN_VOICES, VoiceExists, VoicesFolderError, check_saveable, list_voices, load_voice
+from ..tts import CSM, NO_VOICE, Voice
+from ..voices import VoiceExists, VoicesFolderError, all_voices, check_saveable
 from .engine import SpeechJob
 from .errors import ApiError, invalid
 from .limits import MAX_CONTEXT_SEGMENTS, MAX_INPUT_CHARS
@@ -55,12 +58,14 @@ class SpeechRequest:
 
 
 def voice_names() -> list[str]:
-    return [*BUILTIN_VOICES, *list_voices()]
+    return [*all_voices(), NO_VOICE]
 
 
-def parse_speech(body: Any, tts: CSM, default_voice: str = "alloy", need_input: bool = True) -> SpeechRequest:
+def parse_speech(body: Any, tts: CSM, default_voice: str = "alloy", need_input: bool = True,
+                 load: Callable[[str], Voice] | None = None) -> SpeechRequest:
     """The request as the engine needs it; ApiError (400) for the first bad field. need_input=False for
-    a websocket session's settings, whose text comes later."""
+    a websocket session's settings, whose text comes later. `load` reads a voice by name (the server's
+    Services.voice: a built-in voice's prompt is made through the engine); default tts.voice."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
     unknown = sorted(set(body) - FIELDS)
@@ -109,7 +114,7 @@ def parse_speech(body: Any, tts: CSM, default_voice: str = "alloy", need_input: 
 
     speed = _number(body, "speed", 1.0, MIN_SPEED, MAX_SPEED)
 
-    speaker, segments = _voice(body.get("voice", default_voice))
+    speaker, segments = _voice(body.get("voice", default_voice), load or tts.voice)
     if "speaker_id" in body and body["speaker_id"] is not None:
         speaker = _integer(body, "speaker_id", 0, 0, 1_000_000)
 
@@ -182,11 +187,11 @@ def voice_exists(name: str) -> ApiError:
                     code="voice_exists")
 
 
-def _voice(voice: Any) -> tuple[int, list[Segment]]:
+def _voice(voice: Any, load: Callable[[str], Voice]) -> tuple[int, list[Segment]]:
     if isinstance(voice, dict):
         voice = voice.get("id")
-    if isinstance(voice, str) and voice in BUILTIN_VOICES:  # a speaker and no prompt: nothing to read
-        return BUILTIN_VOICES[voice], []
+    if voice == NO_VOICE:  # no prompt: the raw model
+        return 0, []
     if voice is None:
         raise invalid("voice", "'voice' is required: one of " + ", ".join(voice_names()),
                       code="missing_required_parameter")
@@ -196,7 +201,9 @@ def _voice(voice: Any) -> tuple[int, list[Segment]]:
         raise invalid("voice", f"unknown voice {voice!r}; known voices: {', '.join(voice_names())}",
                       code="voice_not_found")
     try:
-        saved = load_voice(voice)
+        saved = load(voice)
+    except VoicesFolderError as e:  # a built-in voice's prompt could not be kept: the server's setup
+        raise ApiError(500, str(e), type="server_error") from None
     except ValueError as e:  # a damaged voice file
         raise invalid("voice", str(e), code="voice_unusable") from None
     return saved.speaker, list(saved.segments)
