@@ -62,6 +62,12 @@ def list_voices() -> list[str]:
     return sorted(name for name in names if NAME.fullmatch(name) and name != NO_VOICE)
 
 
+def _builtin(name: str) -> bool:
+    """Whether `name` is a built-in voice that no saved voice replaces (found without listing the voices
+    folder, which a built-in voice does not need)."""
+    return name in BUILTIN_VOICES and not (voices_dir() / f"{name}.npz").is_file()
+
+
 def all_voices() -> list[str]:
     """The built-in voices' names, then the saved voices' (a saved one replaces a built-in one)."""
     saved = list_voices()
@@ -147,7 +153,7 @@ def voice_info(name: str, model_dir: str | os.PathLike | None = None) -> dict:
     """A voice's kind ("builtin", or "saved": a saved one replaces a built-in one of its name), speaker and
     prompt (`prompt_info`; None for a built-in voice whose prompt this model, in `model_dir`, has not made
     yet), or the error that makes it unusable."""
-    builtin = name in BUILTIN_VOICES and name not in list_voices()
+    builtin = _builtin(name)
     info: dict = {"id": name, "name": name, "type": "builtin" if builtin else "saved",
                   "speaker_id": BUILTIN_VOICES.get(name), "prompt": None}
     path = _path(name)
@@ -180,7 +186,7 @@ def _segment(meta: dict, codes: np.ndarray) -> Segment:
 def voice_speaker(name: str) -> int:
     """The speaker id of voice `name`, checking now (before a model is loaded) that it can be used: a
     saved voice is read, a built-in one needs nothing."""
-    if name in BUILTIN_VOICES and name not in list_voices():
+    if _builtin(name):
         return BUILTIN_VOICES[name]
     return load_voice(name).speaker
 
@@ -189,7 +195,7 @@ def load_voice(name: str, model_dir: str | os.PathLike | None = None,
                make: builtin_voices.MakeCodes | None = None) -> Voice:
     """A voice by name: the saved one, else the built-in one (its prompt for the model in `model_dir`,
     made now by `make` if it is not yet: see builtin_voices.ensure_prompt)."""
-    if name in BUILTIN_VOICES and name not in list_voices():
+    if _builtin(name):
         if model_dir is None or make is None:
             raise TypeError("a built-in voice's prompt belongs to a model: give model_dir and make")
         path = builtin_voices.ensure_prompt(name, model_dir, make)

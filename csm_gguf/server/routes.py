@@ -156,8 +156,8 @@ def remove_voice(name: str):
     if name == services().settings.voice and name not in BUILTIN_VOICES:
         raise ApiError(409, f"{name!r} is this server's default voice (CSM_GGUF_VOICE): it cannot be deleted "
                        "while the server runs", param="voice_id", code="voice_in_use")
-    services().forget(name)
     try:
+        services().forget(name)
         deleted = delete_voice(name)
     except VoicesFolderError as e:  # the file would not go: the server's setup
         raise ApiError(500, str(e), type="server_error") from None

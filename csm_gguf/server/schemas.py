@@ -26,7 +26,7 @@ from ..generator import Segment
 from ..tempo import MAX_SPEED, MIN_SPEED
 from ..text import is_blank, is_unicode
 from ..tts import CSM, NO_VOICE, Voice
-from ..voices import VoiceExists, VoicesFolderError, all_voices, check_saveable
+from ..voices import BUILTIN_VOICES, VoiceExists, VoicesFolderError, all_voices, check_saveable
 from .engine import SpeechJob
 from .errors import ApiError, invalid
 from .limits import MAX_CONTEXT_SEGMENTS, MAX_INPUT_CHARS
@@ -197,7 +197,7 @@ def _voice(voice: Any, load: Callable[[str], Voice]) -> tuple[int, list[Segment]
                       code="missing_required_parameter")
     if not isinstance(voice, str):
         raise invalid("voice", "'voice' must be a voice name or {\"id\": name}")
-    if voice not in voice_names():
+    if voice not in BUILTIN_VOICES and voice not in voice_names():
         raise invalid("voice", f"unknown voice {voice!r}; known voices: {', '.join(voice_names())}",
                       code="voice_not_found")
     try:
