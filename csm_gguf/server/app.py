@@ -9,8 +9,7 @@ from typing import Any
 
 from flask import Flask
 
-from ..tts import CSM
-from ..tts import NO_VOICE
+from ..tts import CSM, NO_VOICE
 from ..voices import voice_speaker
 from .engine import Engine
 from .errors import register_error_handlers

@@ -15,12 +15,10 @@ import numpy as np
 from flask import Blueprint, Response, current_app, render_template_string, request
 from flask_sock import Sock
 
-from .. import ffmpeg
+from .. import builtin_voices, ffmpeg
 from ..audio import MEDIA_TYPES, StreamEncoder, encode_audio
 from ..tempo import stretched
-from ..tts import CSM
-from .. import builtin_voices
-from ..tts import Voice
+from ..tts import CSM, Voice
 from ..voices import (BUILTIN_VOICES, VoiceExists, VoicesFolderError, all_voices, delete_voice, list_voices, load_voice,
                       read_voice, save_voice, voice_info)
 from .engine import Engine, Job, QueueFull, SpeechJob
