@@ -26,7 +26,7 @@ def own_folders(tmp_path, monkeypatch):
 
 @pytest.fixture
 def tts(f32_model):
-    tts = CSM(f32_model, kv_type="f32")
+    tts = CSM(f32_model, kv_type="f32", n_threads=1)
     yield tts
     tts.close()
 
@@ -74,7 +74,7 @@ def test_every_request_in_a_built_in_voice_is_given_the_same_prompt(tts):
 
 def test_the_prompt_is_the_same_after_a_restart(tts, f32_model):
     here = prompt_codes(tts.voice("nova"))
-    code = ("import json, sys; from csm_gguf.tts import CSM; v = CSM(sys.argv[1]).voice('nova'); "
+    code = ("import json, sys; from csm_gguf.tts import CSM; v = CSM(sys.argv[1], n_threads=1).voice('nova'); "
             "print(json.dumps([(s.speaker, s.text, s.codes.tolist()) for s in v.segments]))")
     out = subprocess.run([sys.executable, "-c", code, str(f32_model)], capture_output=True, text=True, check=True,
                          cwd=ROOT, env=_env(ROOT)).stdout

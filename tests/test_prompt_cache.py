@@ -34,13 +34,13 @@ def speak(gen: Generator, text: str, context: list[Segment], shared_voice: list[
 
 @pytest.fixture(scope="module")
 def uncached(model):
-    gen = Generator(model, kv_type="f32", cached_prompts=0)
+    gen = Generator(model, kv_type="f32", n_threads=1, cached_prompts=0)
     yield gen
     gen.close()
 
 
 def test_requests_in_a_voice_read_its_prompt_once_and_get_the_same_codes(model, uncached):
-    gen = Generator(model, kv_type="f32")
+    gen = Generator(model, kv_type="f32", n_threads=1)
     context = voice()
     shared = gen.voice_rows(context, context)
     assert shared == gen.context_rows(context) > 100
@@ -55,7 +55,7 @@ def test_requests_in_a_voice_read_its_prompt_once_and_get_the_same_codes(model, 
 
 
 def test_a_prompt_not_marked_shared_is_not_cached(model):
-    gen = Generator(model, kv_type="f32")
+    gen = Generator(model, kv_type="f32", n_threads=1)
     speak(gen, TEXTS[0], voice(), shared_voice=[])
     assert not gen.prompt_cache.entries
     gen.close()
@@ -63,7 +63,7 @@ def test_a_prompt_not_marked_shared_is_not_cached(model):
 
 def test_least_recently_used_prompts_are_evicted_past_the_limit(model, uncached, monkeypatch):
     monkeypatch.setattr(prompt_cache, "ENTRIES", 2)
-    gen = Generator(model, kv_type="f32")
+    gen = Generator(model, kv_type="f32", n_threads=1)
     voices = [voice(seed) for seed in (1, 2, 3)]
     rows = [gen.context_embeddings(v) for v in voices]
     speak(gen, TEXTS[0], voices[0])
@@ -81,7 +81,7 @@ def test_least_recently_used_prompts_are_evicted_past_the_limit(model, uncached,
 
 def test_positions_are_bounded_too(model, monkeypatch):
     monkeypatch.setattr(prompt_cache, "POSITIONS", 200)
-    gen = Generator(model, kv_type="f32")
+    gen = Generator(model, kv_type="f32", n_threads=1)
     speak(gen, TEXTS[0], voice(1))
     speak(gen, TEXTS[0], voice(2))  # two of 133 positions do not fit 200: the first goes
     assert len(gen.prompt_cache.entries) == 1 and gen.prompt_cache.held() <= 200
@@ -91,7 +91,7 @@ def test_positions_are_bounded_too(model, monkeypatch):
 
 
 def test_a_deleted_voice_is_dropped(model, uncached):
-    gen = Generator(model, kv_type="f32")
+    gen = Generator(model, kv_type="f32", n_threads=1)
     speak(gen, TEXTS[0], voice(1))
     speak(gen, TEXTS[0], voice(2))
     assert gen.forget_voice(voice(1)) == 1
@@ -104,9 +104,9 @@ def test_a_deleted_voice_is_dropped(model, uncached):
 
 @pytest.fixture
 def csm_pair(f32_model, monkeypatch):
-    with_cache = CSM(f32_model, kv_type="f32")
+    with_cache = CSM(f32_model, kv_type="f32", n_threads=1)
     monkeypatch.setattr(prompt_cache, "ENTRIES", 0)
-    without = CSM(f32_model, kv_type="f32")
+    without = CSM(f32_model, kv_type="f32", n_threads=1)
     yield with_cache, without
     with_cache.close()
     without.close()
@@ -140,7 +140,7 @@ def collect(job) -> np.ndarray:
 
 
 def test_concurrent_server_streams_in_one_voice_share_its_prompt(f32_model, uncached):
-    tts = CSM(f32_model, kv_type="f32", max_streams=4)
+    tts = CSM(f32_model, kv_type="f32", max_streams=4, n_threads=1)
     engine = Engine(tts)
     try:
         gen = tts.generator
