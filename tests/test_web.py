@@ -25,6 +25,7 @@ from werkzeug.serving import make_server
 
 from audio_fixtures import EVERY_FORMAT, needs_ffmpeg
 from csm_fixtures import random_codes
+from csm_gguf import builtin_voices
 from csm_gguf.audio import FORMATS, MEDIA_TYPES, SAMPLE_RATE, load_audio, to_int16
 from csm_gguf.generator import Segment
 from csm_gguf.tempo import change_speed
@@ -1053,6 +1054,9 @@ def test_models_voices_health(client, base):
     voices = httpx.get(f"{base}/v1/audio/voices").json()
     assert voices["default"] == "alloy"
     assert {v["id"]: v["speaker_id"] for v in voices["voices"]}["cedar"] == 12
+    alloy = {v["id"]: v for v in voices["voices"]}["alloy"]  # the default voice: its prompt made at start
+    assert alloy["type"] == "builtin" and alloy["prompt"]["transcript"] == builtin_voices.SENTENCE
+    assert alloy["prompt"]["frames"] > 0 and alloy["prompt"]["seconds"] == pytest.approx(alloy["prompt"]["frames"] * 0.08)
     health = httpx.get(f"{base}/health").json()
     assert health["model_loaded"] and health["queue_depth"] == 0 and health["max_streams"] == MAX_STREAMS
     page = httpx.get(f"{base}/").text
