@@ -341,6 +341,16 @@ def voice_prompt_ttfa(tts, seconds: float, args) -> dict:
     """Time to the first audio of a request in a voice whose prompt holds `seconds` of audio: read once and
     cached (the 2nd request on) against a request with no voice prompt at all, and the uncached read
     beside them (the cache emptied before each run). Medians of --runs."""
+    from csm_gguf.generator import Generator, Segment
+
+    tts.generator = Generator(tts.model, 1, args.threads, args.gpu_layers, args.kv_type)  # bench_variant closed its own
+    try:
+        return _voice_prompt_ttfa(tts, seconds, args)
+    finally:
+        tts.generator.close()
+
+
+def _voice_prompt_ttfa(tts, seconds: float, args) -> dict:
     from csm_gguf.generator import Segment
 
     rng = np.random.default_rng(args.seed)

@@ -170,7 +170,7 @@ def test_long_text_goes_on_when_context_and_previous_piece_do_not_fit(base, engi
     pieces = engine.tts.pieces(text)
     empty = Segment(0, "What came before.", np.zeros((0, 32), dtype=np.int64))
     frames = engine.tts.model.config.backbone.max_seq_len - 8 - engine.tts.generator.prompt_rows(pieces[0], 0, [empty])
-    body = {"model": "csm-1b", "voice": "alloy", "input": text, "response_format": "pcm", "stream": False,
+    body = {"model": "csm-1b", "voice": "none", "input": text, "response_format": "pcm", "stream": False,
             "temperature": 0, "max_audio_ms": 320,
             "context": [{"speaker": 0, "text": empty.text, "codes": np.ones((frames, 32), int).tolist()}]}
     response = post(base, body)
@@ -203,9 +203,15 @@ def test_server_refuses_to_start_with_an_unusable_default_voice(tmp_path, monkey
         create_app(model=str(tmp_path / "no-model"), voice="with space")
 
 
+def listed(voices: list[dict], name: str) -> dict:
+    return next(v for v in voices if v["id"] == name)
+
+
 def test_saved_voice_uses_its_prompt(client, engine):
     voices = httpx.get(f"{client.base_url}audio/voices").json()
-    assert {"id": "narrator", "name": "narrator", "type": "saved", "speaker_id": 3} in voices["voices"]
+    assert listed(voices["voices"], "narrator") == {"id": "narrator", "name": "narrator", "type": "saved",
+                                                    "speaker_id": 3, "prompt": {"segments": 1, "frames": 12,
+                                                    "seconds": 0.96, "transcript": "A saved voice prompt."}}
     response = client.audio.speech.create(model="csm-1b", voice="narrator", input=TEXT, response_format="pcm",
                                           extra_body=GREEDY)
     from csm_gguf.voices import load_voice
@@ -229,8 +235,8 @@ def test_voices_are_made_from_a_sample_used_and_deleted(client, base, engine):
                                       extra_body={"transcript": "A sample of my voice.", "speaker_id": 5})
     assert (made.id, made.name, made.object, made.type) == ("lena", "lena", "audio.voice", "audio_sample")
     assert abs(made.created_at - time.time()) < 60
-    listed = httpx.get(f"{base}/v1/audio/voices").json()["voices"]
-    assert {"id": "lena", "name": "lena", "type": "saved", "speaker_id": 5} in listed
+    lena = listed(httpx.get(f"{base}/v1/audio/voices").json()["voices"], "lena")
+    assert (lena["type"], lena["speaker_id"], lena["prompt"]["transcript"]) == ("saved", 5, "A sample of my voice.")
     response = client.audio.speech.create(model="csm-1b", voice="lena", input=TEXT, response_format="pcm",
                                           extra_body=GREEDY)
     segment = engine.tts.segment(5, "A sample of my voice.", audio=io.BytesIO(sample))
@@ -373,13 +379,13 @@ def test_context_segments_as_codes_and_audio(client, engine):
                                               extra_body={**GREEDY, "context": [segment]})
         ctx_codes = codes if kind == "codes" else engine.tts.encode(sf.read(io.BytesIO(wav.getvalue()),
                                                                              dtype="float32")[0])
-        expected = reference(engine, context=[Segment(1, "Earlier words.", ctx_codes)], **GREEDY)
+        expected = reference(engine, voice="alloy", context=[Segment(1, "Earlier words.", ctx_codes)], **GREEDY)
         assert_same_audio(pcm(response.content), expected)
 
 
 @pytest.mark.parametrize("fmt", EVERY_FORMAT)
 def test_streaming_response_every_format(client, engine, fmt):
-    expected = reference(engine, speaker=7, **GREEDY)  # nova
+    expected = reference(engine, voice="nova", **GREEDY)
     with client.audio.speech.with_streaming_response.create(
         model="csm-1b", voice="nova", input=TEXT, response_format=fmt, extra_body=GREEDY
     ) as response:
@@ -405,7 +411,7 @@ def test_streamed_equals_whole_file(base, engine):
 
 def test_speed_stretches_the_speech(client, engine):
     """OpenAI's `speed`: the same speech, time-stretched (csm_gguf.tempo) as it streams."""
-    expected = change_speed(reference(engine, speaker=5, **GREEDY), 1.6)  # fable
+    expected = change_speed(reference(engine, voice="fable", **GREEDY), 1.6)
     with client.audio.speech.with_streaming_response.create(
         model="tts-1", voice="fable", input=TEXT, response_format="pcm", speed=1.6, extra_body=GREEDY
     ) as response:
@@ -680,7 +686,7 @@ def test_websocket_request_response(base, engine):
         ws.send(json.dumps({"input": TEXT, "voice": "sage", "response_format": "pcm", **GREEDY}))
         audio, done = ws_collect(ws)
         assert done["frames"] == 10 and done["sentences"] == 1 and done["bytes"] == len(audio)
-        expected = reference(engine, speaker=8, **GREEDY)
+        expected = reference(engine, voice="sage", **GREEDY)
         assert_same_audio(pcm(audio), expected)
         ws.send("{not json")
         assert json.loads(ws.receive(timeout=10))["error"]["code"] == "invalid_json"
