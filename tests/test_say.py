@@ -182,8 +182,8 @@ def test_real_time_factor_leaves_out_loading_the_codec(f32_model, tmp_path, monk
 def test_say_writes_the_reference_audio(tiny_csm, tts, f32_model, tmp_path, capsys):
     _, ref_audio = reference_audio(tiny_csm, tts, 12)
     out = tmp_path / "out.wav"
-    assert main([TEXT, "--model", str(f32_model), "--temperature", "0", "--max-audio-ms", str(12 * 80),
-                 "--output", str(out), "--save-codes", str(tmp_path / "codes.npy")]) == 0
+    assert main([TEXT, "--model", str(f32_model), "--temperature", "0", "--max-audio-ms", str(12 * 80), "--voice",
+                 "none", "--speaker", "0", "--output", str(out), "--save-codes", str(tmp_path / "codes.npy")]) == 0
     data, rate = sf.read(out, dtype="int16")
     assert rate == 24000 and data.ndim == 1
     assert np.abs(data.astype(np.int32) - to_int16(ref_audio)).max() <= 1
@@ -296,11 +296,14 @@ def test_stdout_streams_pcm(f32_model, capfdbinary):
     assert len(out) > 0 and len(out) % 2 == 0
 
 
-def test_openai_voice_name_is_its_speaker(f32_model, tmp_path):
+def test_openai_voice_name_is_its_fixed_prompt_and_none_the_raw_model(tts, f32_model, tmp_path):
     common = [TEXT, "--model", str(f32_model), "--seed", "3", "--max-audio-ms", "400"]
     assert main([*common, "--voice", "echo", "-o", str(tmp_path / "a.wav"), "--save-codes", str(tmp_path / "a.npy")]) == 0
-    assert main([*common, "--speaker", "4", "-o", str(tmp_path / "b.wav"), "--save-codes", str(tmp_path / "b.npy")]) == 0
-    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
+    kw = {"seed": 3, "max_audio_ms": 400}
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.stack(list(tts.frames(TEXT, voice="echo", **kw))))
+    assert main([*common, "--voice", "none", "--speaker", "4", "-o", str(tmp_path / "b.wav"), "--save-codes",
+                 str(tmp_path / "b.npy")]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "b.npy"), np.stack(list(tts.frames(TEXT, speaker=4, **kw))))
 
 
 def test_output_without_extension_is_wav(f32_model, tmp_path):
