@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from csm_fixtures import random_codes
-from csm_gguf.server_engine import Engine, SpeechJob
 
 from csm_gguf import prompt_cache
 from csm_gguf.generator import Generator, Sampling, Segment
 from csm_gguf.model import CSMModel
+from csm_gguf.server.engine import Engine, SpeechJob
 from csm_gguf.tts import CSM
 
 GREEDY = Sampling(temperature=0, max_audio_ms=12 * 80)
