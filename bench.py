@@ -3,11 +3,12 @@
 For each model variant: real-time factor (generation seconds per audio second), time to first audio
 (streaming, prompt included), frames per second and peak memory over several runs after a warm-up;
 the per-frame stage breakdown; the floor (the same llama.cpp decodes with no pipeline around them);
-optionally batched streams (--concurrency), the OpenAI server under concurrent streaming requests
-(--server), fidelity against the f32 model (--quality) and peers: transformers' CSM and Mimi
-(--compare transformers), moshi's own streaming Mimi (--compare moshi). Without --model it benchmarks
-a full-size CSM-1B with random weights, converted once into the cache (random weights never end
-speech: --frames fixes the length). Stages are timed by wrapping the generator's calls from outside:
+optionally batched streams (--concurrency), the corpus path on Ray beside them (--batch-rows), the
+OpenAI server under concurrent streaming requests (--server), fidelity against the f32 model (--quality)
+and peers: transformers' CSM and Mimi (--compare transformers), moshi's own streaming Mimi (--compare
+moshi). Without --model it benchmarks a full-size CSM-1B with random weights, converted once into the
+cache (random weights never end speech: --frames fixes the length). Stages are timed by wrapping the
+generator's calls from outside:
 about 70 timer pairs per 80 ms frame, microseconds against the ~100+ ms a frame takes on a CPU.
 
     python bench.py --qtype q4_k,q8_0 --compare transformers --quality --json bench.json --plot bench.png
@@ -29,12 +30,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import csm_gguf  # noqa: F401  (first: it limits numpy's BLAS threads before numpy loads)
 import numpy as np
 
+import csm_gguf  # noqa: F401  (first: it limits numpy's BLAS threads before numpy loads)
+from csm_gguf.formats import FRAME_MS, SAMPLE_RATE
+
 TEXT = "The quick brown fox jumps over the lazy dog, and then it runs far away into the forest."
-FRAME_S = 0.08
-FRAME_MS = 80
+FRAME_S = FRAME_MS / 1000
 WEIGHTS_SEED = 0  # convert_random's: the transformers peer rebuilds exactly those weights
 
 
@@ -153,6 +155,21 @@ class Concurrency:
 
 
 @dataclass
+class Batched:
+    """--batch-rows: the corpus path (csm_gguf.batch on Ray, started for the run) beside the in-process engine."""
+
+    streams: int  # one worker making this many rows at once
+    rows: int
+    frames: int  # per row
+    seconds: float  # the whole run: Ray's start, the worker's model load, every row
+    first_rows_s: float  # until the first batch of rows was written
+    aggregate_xrt: float  # the whole run
+    steady_xrt: float  # after the first batch: what a long corpus runs at
+    in_process_xrt: float | None  # --concurrency of the same streams in this process, when measured
+    ray_cost: float | None  # 1 - steady / in-process
+
+
+@dataclass
 class Served:
     streams: int  # requests sent at once
     frames: int  # per request
@@ -190,6 +207,7 @@ class Variant:
     peak_rss_mib: float
     concurrency: list[Concurrency] = field(default_factory=list)
     served: list[Served] = field(default_factory=list)
+    batched: list[Batched] = field(default_factory=list)
     quality: Quality | None = None
 
 
@@ -197,9 +215,9 @@ class Variant:
 
 
 def sampling(frames: int, seed: int):
-    from csm_gguf.generator import Sampling
+    from csm_gguf.sampling import Sampling
 
-    return Sampling(temperature=0.9, top_k=50, seed=seed, max_audio_ms=frames * FRAME_MS)
+    return Sampling(seed=seed, max_audio_ms=frames * FRAME_MS)
 
 
 def run_once(tts, frames: int, seed: int) -> tuple[float, float, int]:
@@ -341,7 +359,7 @@ def voice_prompt_ttfa(tts, seconds: float, args) -> dict:
     """Time to the first audio of a request in a voice whose prompt holds `seconds` of audio: read once and
     cached (the 2nd request on) against a request with no voice prompt at all, and the uncached read
     beside them (the cache emptied before each run). Medians of --runs."""
-    from csm_gguf.generator import Generator, Segment
+    from csm_gguf.generator import Generator
 
     tts.generator = Generator(tts.model, 1, args.threads, args.gpu_layers, args.kv_type)  # bench_variant closed its own
     try:
@@ -378,6 +396,46 @@ def _voice_prompt_ttfa(tts, seconds: float, args) -> dict:
     return {"prompt_seconds": seconds, "prompt_positions": tts.generator.context_rows(voice), **figures,
             "cached_over_no_voice": figures["voice_cached"] / figures["no_voice"],
             "uncached_over_no_voice": figures["voice_uncached"] / figures["no_voice"]}
+
+
+def batched(model_dir: Path, streams: int, rows: int, args, in_process: float | None) -> Batched:
+    """`rows` rows of TEXT, `--frames` each, through csm_gguf.batch.synthesize with one worker of `streams`
+    streams (pcm files into a temporary folder). The manifest is watched for when rows are written: the steady
+    rate counts the rows after the first batch, over the time after it."""
+    import tempfile
+
+    from csm_gguf.batch import synthesize
+    from csm_gguf.llama import default_threads
+
+    written: list[tuple[float, int]] = []  # (time, rows in the manifest)
+    with tempfile.TemporaryDirectory() as out:
+        manifest, stop = Path(out) / "manifest.jsonl", threading.Event()
+
+        def watch() -> None:
+            while not stop.wait(0.02):
+                n = len(manifest.read_bytes().splitlines()) if manifest.exists() else 0
+                if n and (not written or n > written[-1][1]):
+                    written.append((time.perf_counter(), n))
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        t0 = time.perf_counter()
+        summary = synthesize([{"id": f"row{i}", "text": TEXT} for i in range(rows)], out, model=model_dir,
+                             format="pcm", voice="none",  # as run_once: no prompt
+                             max_audio_ms=args.frames * FRAME_MS, seed=args.seed, workers=1,
+                             streams=streams, threads=args.threads or default_threads(), gpu_layers=args.gpu_layers,
+                             kv_type=args.kv_type, progress=False)
+        seconds = time.perf_counter() - t0
+        stop.set()
+        watcher.join()
+    if summary.done != rows:
+        raise RuntimeError(f"the batch run made {summary.done} of {rows} rows: {summary.errors[:3]}")
+    per_row = summary.audio_seconds / rows
+    (t1, first), end = written[0], written[-1][0]
+    steady = (rows - first) * per_row / (end - t1) if rows > first and end > t1 else float("nan")
+    cost = 1 - steady / in_process if in_process else None
+    return Batched(streams, rows, args.frames, seconds, t1 - t0, summary.audio_seconds / seconds, steady,
+                   in_process, cost)
 
 
 def teacher_forced(model, codes: np.ndarray, args) -> tuple[np.ndarray, np.ndarray]:
@@ -463,7 +521,7 @@ def served(model_dir: Path, counts: list[int], frames: int, args) -> list[Served
             while chunk := response.read1(1 << 16):
                 first = first or time.perf_counter() - t0
                 size += len(chunk)
-        return first or 0.0, size / 2 / 24_000  # pcm: 16-bit samples at 24 kHz
+        return first or 0.0, size / 2 / SAMPLE_RATE  # pcm: 16-bit samples
 
     out = []
     try:
@@ -500,6 +558,89 @@ def served(model_dir: Path, counts: list[int], frames: int, args) -> list[Served
     return out
 
 
+# --- start-up ------------------------------------------------------------------------------------------
+STARTUP_TEXT = "Hello."
+
+
+@dataclass
+class Startup:
+    """A fresh process, as a user starts one (page cache warm: each figure is the median of `runs`)."""
+
+    runs: int
+    say_first_audio_s: Spread  # `say STARTUP_TEXT -o - -f pcm`: process start to its first byte of audio
+    say_total_s: Spread  # ... to its exit
+    say_peak_rss_mib: Spread  # its peak resident memory (the kernel's count: mapped model files included)
+    say_cpu_s: Spread  # its CPU time, user and system (less moved than wall time by other work on the machine)
+    server_ready_s: Spread  # `flask --app csm_gguf.web run`: process start to /health answering
+
+
+def say_startup(model_dir: Path, args) -> tuple[float, float, float, float]:
+    """(seconds to the first audio byte, seconds to exit, peak RSS in MiB, CPU seconds) of one `say` of a
+    sentence."""
+    import subprocess
+
+    command = [sys.executable, "-m", "csm_gguf.say", STARTUP_TEXT, "-o", "-", "-f", "pcm", "--model", str(model_dir),
+               "--seed", str(args.seed), "--max-audio-ms", "2000", "--voice", "none"]  # as run_once: no prompt
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    t0 = time.perf_counter()
+    say = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first_byte = say.stdout.read(1)
+    first = time.perf_counter() - t0
+    say.stdout.read()
+    stderr = say.stderr.read()
+    _, status, usage = os.wait4(say.pid, 0)
+    total = time.perf_counter() - t0
+    say.returncode = os.waitstatus_to_exitcode(status)
+    if say.returncode or not first_byte:
+        raise RuntimeError(f"say failed ({say.returncode}):\n{stderr.decode()[-3000:]}")
+    return first, total, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime  # ru_maxrss: KiB on Linux
+
+
+def server_startup(model_dir: Path, args) -> float:
+    """Seconds from starting the OpenAI server's process to its /health answering."""
+    import socket
+    import subprocess
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "CSM_GGUF_MODEL": str(model_dir), "CSM_GGUF_THREADS": str(args.threads),
+           "CSM_GGUF_VOICE": "none"}  # no default voice's prompt made at start (see --voice-prompt for its cost)
+    t0 = time.perf_counter()
+    server = subprocess.Popen([sys.executable, "-m", "flask", "--app", "csm_gguf.web", "run", "--port", str(port)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while server.poll() is None and time.perf_counter() - t0 < 300:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).close()
+                return time.perf_counter() - t0
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError(f"the server did not start (exit status {server.poll()})")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def startup(model_dir: Path, args) -> Startup:
+    """Start-up figures of `say` and the server, each process started `args.startup` times, one at a time."""
+    says = [say_startup(model_dir, args) for _ in range(args.startup)]
+    ready = [server_startup(model_dir, args) for _ in range(args.startup)]
+    return Startup(args.startup, Spread.of([s[0] for s in says]), Spread.of([s[1] for s in says]),
+                   Spread.of([s[2] for s in says]), Spread.of([s[3] for s in says]), Spread.of(ready))
+
+
+def startup_table(figures: dict[str, Startup]) -> str:
+    lines = [f"start-up (median of {next(iter(figures.values())).runs} fresh processes each):",
+             "variant               say: first audio   say: peak RSS   say: CPU time   server: ready"]
+    for name, f in figures.items():
+        lines.append(f"{name:<20}  {f.say_first_audio_s.median:>14.2f} s  {f.say_peak_rss_mib.median:>9.0f} MiB  "
+                     f"{f.say_cpu_s.median:>11.2f} s  {f.server_ready_s.median:>11.2f} s")
+    return "\n".join(lines)
+
+
 def bench_variant(name: str, model_dir: Path, weights: str, args, reference: dict | None):
     """The variant's figures, and its CSM (generator closed; model and codec kept for the peers)."""
     from csm_gguf.tts import CSM
@@ -533,6 +674,10 @@ def bench_variant(name: str, model_dir: Path, weights: str, args, reference: dic
     )
     for s in args.concurrency:
         v.concurrency.append(concurrency(tts, s, args.frames, args.seed, args))
+    if args.batch_rows:
+        in_process = {c.streams: c.aggregate_xrt for c in v.concurrency}
+        for s in args.concurrency or [4]:
+            v.batched.append(batched(model_dir, s, args.batch_rows, args, in_process.get(s)))
     if args.server:
         v.served = served(model_dir, args.server, args.frames, args)
     if reference is not None:
@@ -604,7 +749,8 @@ def transformers_csm(config, codec_config: dict, seed: int):
                                               strict=False, assign=True)
     missing = [m for m in missing if not m.startswith("codec_model.")]
     if missing or unexpected:
-        raise RuntimeError(f"transformers CSM weights do not line up: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise RuntimeError(f"transformers CSM weights do not line up: missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}")
     csm.codec_model = random_mimi(codec_config, seed)
     return csm.eval()
 
@@ -696,7 +842,8 @@ def moshi_peer(frames: int, seed: int, runs: int) -> dict:
 
     out: dict[str, Any] = dict(frames=frames, runs=runs)
     audio = {}
-    for key, fn in [("moshi_stream_ms", moshi_stream), ("moshi_batch_ms", moshi_batch), ("ours_stream_ms", ours_stream)]:
+    runs_of = [("moshi_stream_ms", moshi_stream), ("moshi_batch_ms", moshi_batch), ("ours_stream_ms", ours_stream)]
+    for key, fn in runs_of:
         out[key], audio[key] = ms_per_frame(fn, frames, runs)
     out["stream_max_abs_diff"] = float((audio["moshi_stream_ms"] - audio["ours_stream_ms"]).abs().max())
     out["moshi_over_ours_stream"] = out["moshi_stream_ms"] / out["ours_stream_ms"]
@@ -752,7 +899,8 @@ def machine(args) -> dict:
     from csm_gguf.llama import default_threads
 
     return dict(
-        cpu=cpu, logical_cores=os.cpu_count(), usable_cores=default_threads(), threads=args.threads or default_threads(),
+        cpu=cpu, logical_cores=os.cpu_count(), usable_cores=default_threads(),
+        threads=args.threads or default_threads(),
         ram_gib=round(psutil.virtual_memory().total / 2**30, 1), platform=platform.platform(),
         python=platform.python_version(), llama_cpp_python=llama_cpp.__version__,
         llama_gpu_offload=bool(llama_cpp.llama_supports_gpu_offload()),
@@ -779,16 +927,27 @@ def table(report: dict) -> str:
     if conc:
         lines.append("| variant | streams | aggregate xRealTime | per-stream RTF |\n|---|---|---|---|\n" + "\n".join(
             f"| {name} | {c['streams']} | {c['aggregate_xrt']:.2f} | {c['per_stream_rtf']:.2f} |" for name, c in conc))
+    batch_rows = [(v["name"], b) for v in report["variants"] for b in v["batched"]]
+    if batch_rows:
+        lines.append("| variant | batch: streams, rows | whole run | first rows | xRealTime (whole) | "
+                     "xRealTime (steady) | in-process | Ray's cost |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(
+                         f"| {name} | {b['streams']}, {b['rows']} | {b['seconds']:.1f} s | {b['first_rows_s']:.1f} s | "
+                         f"{b['aggregate_xrt']:.2f} | {b['steady_xrt']:.2f} | "
+                         + (f"{b['in_process_xrt']:.2f} | {b['ray_cost']:.1%} |" if b["in_process_xrt"] else "- | - |")
+                         for name, b in batch_rows))
     served_rows = [(v["name"], x) for v in report["variants"] for x in v["served"]]
     if served_rows:
-        lines.append("| variant | server requests at once | aggregate xRealTime | first audio (median) |\n|---|---|---|---|\n"
+        lines.append("| variant | server requests at once | aggregate xRealTime | first audio (median) |\n"
+                     "|---|---|---|---|\n"
                      + "\n".join(f"| {name} | {x['streams']} | {x['aggregate_xrt']:.2f} | "
                                  f"{x['first_audio_s']['median'] * 1000:.0f} ms |" for name, x in served_rows))
     qual = [v for v in report["variants"] if v["quality"]]
     if qual:
-        lines.append("| variant | codebook-0 top-1 | codebook-0 KL | decoder top-1 | decoder KL |\n|---|---|---|---|---|\n"
+        lines.append("| variant | codebook-0 top-1 | codebook-0 KL | decoder top-1 | decoder KL |\n"
+                     "|---|---|---|---|---|\n"
                      + "\n".join(f"| {v['name']} | {q['codebook0_top1']:.3f} | {q['codebook0_kl']:.4f} | "
-                                 f"{q['decoder_top1']:.3f} | {q['decoder_kl']:.4f} |" for v in qual for q in [v["quality"]]))
+                                 f"{q['decoder_top1']:.3f} | {q['decoder_kl']:.4f} |"
+                                 for v in qual for q in [v["quality"]]))
     peers = report["peers"]
     if "transformers" in peers:
         t = peers["transformers"]
@@ -800,7 +959,8 @@ def table(report: dict) -> str:
         chunked = ", ".join(f"{ms:.1f} in chunks of {size}" for size, ms in m["ours_stream_chunk_ms"].items())
         lines.append(f"Mimi decode ms/frame (median of {m['runs']} runs): ours streaming {m['ours_stream_ms']:.1f} "
                      f"(a frame at a time; {chunked}), ours batch {m['ours_batch_ms']:.1f}"
-                     + (f", transformers batch {m['transformers_batch_ms']:.1f}" if "transformers_batch_ms" in m else ""))
+                     + (f", transformers batch {m['transformers_batch_ms']:.1f}"
+                        if "transformers_batch_ms" in m else ""))
     if "moshi" in peers:
         k = peers["moshi"]
         lines.append(f"moshi's Mimi (the reference streaming decoder), same weights, ms/frame: streaming "
@@ -869,7 +1029,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parse.__name__ = f"comma-separated {kind.__name__}"  # argparse's "invalid ... value" names it
         return parse
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", help="model directory to benchmark (repeatable); default: "
                    "full-size CSM-1B with random weights, converted once per --qtype")
     p.add_argument("--qtype", type=csv(str), default=["q4_k"], help="random-weight variants, comma-separated "
@@ -885,6 +1046,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kv-type", default="f16", choices=("f32", "f16", "q8_0"))
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--concurrency", type=csv(int), default=[], help="stream counts to batch, e.g. 1,2,4,8")
+    p.add_argument("--batch-rows", type=int, default=0, help="also run N rows through the corpus path (python -m "
+                   "csm_gguf.batch: Ray, one worker) with each --concurrency as its --streams (default 4), beside the "
+                   "in-process figure: needs the batch extra")
     p.add_argument("--server", type=csv(int), default=[], help="streaming requests to send at once to the "
                    "OpenAI server, started in its own process, e.g. 1,4")
     p.add_argument("--quality", action="store_true", help="top-1 agreement and KL of each variant vs the f32 model "
@@ -894,9 +1058,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compare", action="append", default=[], choices=("transformers", "moshi"),
                    help="peers (repeatable): transformers' CSM and Mimi on the same random weights; moshi's Mimi "
                    f"streaming decoder ({MOSHI_INSTALL})")
-    p.add_argument("--peer-frames", type=int, default=8, help="frames for the (slow) transformers run (default: %(default)s)")
+    p.add_argument("--peer-frames", type=int, default=8,
+                   help="frames for the (slow) transformers run (default: %(default)s)")
     p.add_argument("--voice-prompt", type=float, metavar="SECONDS", help="also time the first audio of a request "
                    "in a voice with a prompt this long, cached and not, against one without a voice (first variant)")
+    p.add_argument("--startup", type=int, default=0, metavar="N", help=f"start-up figures from N fresh processes "
+                   f"each: `say {STARTUP_TEXT!r} -o - -f pcm` to its first audio and its peak memory, the server to "
+                   "ready (default: 0, none)")
+    p.add_argument("--startup-only", action="store_true", help="only the start-up figures (--startup, default 3)")
     p.add_argument("--json", help="write every figure here")
     p.add_argument("--plot", help="draw RTF per variant and the stage breakdown into this PNG (needs matplotlib)")
     args = p.parse_args(argv)
@@ -909,7 +1078,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                 p.error(f"{option}: unknown qtype {q!r}; choose from {', '.join(QTYPES)}")
     for option, value, least in (("--frames", args.frames, 1), ("--runs", args.runs, 1), ("--warmup", args.warmup, 0),
                                  ("--threads", args.threads, 0), ("--quality-frames", args.quality_frames, 1),
-                                 ("--peer-frames", args.peer_frames, 1),
+                                 ("--peer-frames", args.peer_frames, 1), ("--batch-rows", args.batch_rows, 0),
                                  *(("--concurrency", n, 1) for n in args.concurrency),
                                  *(("--server", n, 1) for n in args.server)):
         if value < least:
@@ -922,6 +1091,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for option, path in (("--json", args.json), ("--plot", args.plot)):
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             p.error(f"{option} {path}: its folder does not exist (checked now, not after the benchmark)")
+    if args.startup_only:
+        args.startup = args.startup or 3
+    if args.startup < 0:
+        p.error(f"--startup must be >= 0, got {args.startup}")
     if args.quality and args.model and not args.reference:
         p.error("--quality with --model needs --reference F32_MODEL_DIR")
     if "moshi" in args.compare and importlib.util.find_spec("moshi") is None:
@@ -935,7 +1108,8 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    report: dict[str, Any] = dict(command=" ".join(["python", "bench.py", *(argv if argv is not None else sys.argv[1:])]),
+    command = " ".join(["python", "bench.py", *(argv if argv is not None else sys.argv[1:])])
+    report: dict[str, Any] = dict(command=command,
                                   machine=machine(args), text=TEXT, settings={}, variants=[], peers={})
     report["settings"] = {k: v for k, v in vars(args).items() if k not in ("json", "plot")}
     busy, m = os.getloadavg()[0], report["machine"]
@@ -945,6 +1119,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] warning: load average {busy:.1f} with {m['threads']} threads on {m['usable_cores']} cores: "
               f"timings will be inflated; measure on an idle machine or with fewer --threads", file=sys.stderr)
     todo = variants(args)
+    if args.startup:  # first, each process alone on the machine
+        figures = {name: startup(model_dir, args) for name, model_dir, _ in todo}
+        report["startup"] = {name: asdict(f) for name, f in figures.items()}
+        print(startup_table(figures))
+        if args.startup_only:
+            todo = []
     reference = None
     if args.quality:
         from converter.random_weights import convert_random
@@ -978,7 +1158,8 @@ def main(argv: list[str] | None = None) -> int:
         t = report["peers"]["transformers"]
         t["speedup"] = [t["frame_ms"] / v["stages_ms"]["frame"] for v in report["variants"]]
     report["machine"]["load_average_end"] = os.getloadavg()
-    print(table(report))
+    if report["variants"]:
+        print(table(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     if args.plot:

@@ -184,7 +184,8 @@ class Checkpoint:
         data = self.files.get(source)
         expected = tm.csm_shapes(self.config)[name]
         if data.shape != expected:
-            raise CheckpointError(f"{source}: expected shape {expected} from config.json, the checkpoint has {data.shape}")
+            raise CheckpointError(f"{source}: expected shape {expected} from config.json, "
+                                  f"the checkpoint has {data.shape}")
         return data
 
     def block_tensor(self, model: str, layer: int, gguf_name: str) -> np.ndarray:

@@ -73,7 +73,7 @@ def _codec_weights(ckpt: Checkpoint, codec: Path | None, token: str | None) -> t
     if codec is None:
         tensors = ckpt.codec_tensors()
         if tensors:
-            return _checked_codec(ckpt.codec_config or MOSHI_MIMI_CONFIG, mimi_tensors_to_transformers(tensors),
+            return runtime_codec(ckpt.codec_config or MOSHI_MIMI_CONFIG, mimi_tensors_to_transformers(tensors),
                                   str(ckpt.folder))
         # Original-format checkpoints carry no codec.
         codec = download(DEFAULT_MIMI_ID, ["*.json", "*.safetensors"], token, "--mimi-path")
@@ -90,19 +90,20 @@ def _codec_weights(ckpt: Checkpoint, codec: Path | None, token: str | None) -> t
     config = json.loads(config_path.read_text()) if config_path.exists() else MOSHI_MIMI_CONFIG
     if config.get("model_type") not in (None, "mimi"):
         config = MOSHI_MIMI_CONFIG
-    return _checked_codec(config, mimi_tensors_to_transformers(raw), str(codec))
+    return runtime_codec(config, mimi_tensors_to_transformers(raw), str(codec))
 
 
-def _checked_codec(config: dict, tensors: dict[str, np.ndarray], source: str) -> tuple[dict, dict[str, np.ndarray]]:
-    """Build the codec as run time will, so weights that are no Mimi (or not the config's) fail now, not
-    at the first `say` after a conversion that reported success."""
+def runtime_codec(config: dict, tensors: dict[str, np.ndarray], source: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """The codec's weights as run time uses them: the Mimi built from the checkpoint's tensors (so weights
+    that are no Mimi, or not the config's, fail now, not at the first `say` after a conversion that reported
+    success), its own state dict in float32. The sidecar stores that, which run time maps as it is."""
     from csm_gguf.mimi import Mimi, MimiConfig
 
     try:
-        Mimi.from_state_dict(MimiConfig.from_transformers(config), tensors)
+        mimi = Mimi.from_state_dict(MimiConfig.from_transformers(config), tensors)
     except (KeyError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"the Mimi codec from {source} does not load: {e}") from None
-    return config, tensors
+    return config, {key: np.ascontiguousarray(t.numpy()) for key, t in mimi.state_dict().items()}
 
 
 def _load_safetensors_f32(path: Path) -> dict[str, np.ndarray]:
@@ -143,7 +144,6 @@ def write_model_dir(
         bad = qtype if qtype not in QTYPES else decoder_qtype
         raise ConversionError(f"unknown qtype {bad!r}; choose one of {', '.join(QTYPES)}")
     decoder_qtype = decoder_qtype or qtype
-    cfg = ckpt.config
     try:
         tok = json.loads(tokenizer_json.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -155,74 +155,9 @@ def write_model_dir(
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     work.chmod(0o755)  # mkdtemp makes it private; a model directory is an ordinary folder
     try:
-        models = [
-            ("backbone", BACKBONE_FILE, qtype, cfg.backbone, cfg.audio_vocab_size + cfg.decoder.n_embd,
-             lambda: _backbone_output(ckpt)),
-            # The decoder's logits come from per-codebook heads in the sidecar; its own output is unused.
-            ("decoder", DECODER_FILE, decoder_qtype, cfg.decoder, 1,
-             lambda: np.zeros((1, cfg.decoder.n_embd), np.float32)),
-        ]
-        for model, filename, qt, tcfg, n_vocab, token_embd in models:
-            base, ftype, _ = QTYPES[qt]
-            tensors = llama_tensors(
-                tcfg,
-                n_vocab,
-                token_embd,
-                lambda i, name, model=model: ckpt.block_tensor(model, i, name),
-                lambda model=model: ckpt.output_norm(model),
-                base,
-            )
-            meta = llama_metadata(tcfg, n_vocab, f"{source_name} {model}", FILE_TYPE[base])
-            target = work / filename
-            if ftype is None:
-                write_gguf(target, "llama", meta, tensors, f"{model} ({qt})")
-            else:
-                unquantized = work / f"{filename}.f32"
-                write_gguf(unquantized, "llama", meta, tensors, f"{model} (f32)")
-                quantize(unquantized, target, ftype)
-                unquantized.unlink()
-
-        table = QTYPES[qtype][2]
-        # Text embeddings are the largest table and are read only for prompt tokens: q8_0 halves them.
-        text_type = Q.Q8_0 if QTYPES[qtype][1] is not None else table
-        # The heads belong to the depth decoder, the quantization-sensitive part: they follow its precision,
-        # with Q8_0 (ggml's fastest matrix-vector type here) for quantized decoders.
-        head_type = Q.Q8_0 if QTYPES[decoder_qtype][1] is not None else QTYPES[decoder_qtype][2]
-        k1 = cfg.num_codebooks - 1
-        sidecar = [
-            TensorSpec("text_embd.weight", (cfg.text_vocab_size, cfg.backbone.n_embd), text_type,
-                       lambda: ckpt.tensor("text_embeddings")),
-            TensorSpec("audio_embd.weight", (cfg.num_codebooks * cfg.audio_vocab_size, cfg.backbone.n_embd), table,
-                       lambda: ckpt.tensor("audio_embeddings")),
-            TensorSpec("decoder_input.weight", (k1 * cfg.audio_vocab_size, cfg.decoder.n_embd), table,
-                       lambda: _decoder_inputs(ckpt)),
-            TensorSpec("audio_head.weight", (k1, cfg.audio_vocab_size, cfg.decoder.n_embd), head_type,
-                       lambda: _audio_head(ckpt)),
-        ]
-        codec_config: dict | None = None
-        codec_keys: list[str] = []
-        if codec is not None:
-            codec_config, codec_tensors = codec
-            codec_type = Q.F32 if table == Q.F32 else Q.F16
-            codec_keys = list(codec_tensors)
-            for i, key in enumerate(codec_keys):
-                value = codec_tensors[key]
-                # Biases, norms and small vectors stay F32.
-                t = codec_type if value.ndim > 1 and value.shape[-1] % 32 == 0 else Q.F32
-                # GGUF tensor names stop at 63 characters: number them and list the real keys.
-                sidecar.append(TensorSpec(f"codec.{i}", tuple(value.shape), t, lambda v=value: v))
-
-        def sidecar_meta(w: gguf.GGUFWriter) -> None:
-            w.add_uint32("csm.version", SIDECAR_VERSION)
-            w.add_string("csm.config", cfg.to_json())
-            w.add_string("csm.qtype", qtype)
-            w.add_string("csm.decoder_qtype", decoder_qtype)
-            w.add_string("csm.source", source_name)
-            if codec_config is not None:
-                w.add_string("csm.codec_config", json.dumps(codec_config))
-                w.add_array("csm.codec_keys", codec_keys)
-
-        write_gguf(work / SIDECAR_FILE, "csm", sidecar_meta, sidecar, "sidecar")
+        _write_transformers(ckpt, work, qtype, decoder_qtype, source_name)
+        _write_sidecar(ckpt, work / SIDECAR_FILE, qtype, decoder_qtype, codec, source_name)
+        cfg = ckpt.config
         tokenizer = chain(llama_metadata(cfg.backbone, cfg.text_vocab_size, f"{source_name} tokenizer", 0, True),
                           tokenizer_metadata(tok))
         write_gguf(work / TOKENIZER_FILE, "llama", tokenizer, [], "tokenizer")
@@ -230,6 +165,82 @@ def write_model_dir(
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+
+
+def _write_transformers(ckpt: Checkpoint, work: Path, qtype: str, decoder_qtype: str, source_name: str) -> None:
+    """backbone.gguf and decoder.gguf: plain llama models, quantized by llama.cpp's own quantizer."""
+    cfg = ckpt.config
+    models = [
+        ("backbone", BACKBONE_FILE, qtype, cfg.backbone, cfg.audio_vocab_size + cfg.decoder.n_embd,
+         lambda: _backbone_output(ckpt)),
+        # The decoder's logits come from per-codebook heads in the sidecar; its own output is unused.
+        ("decoder", DECODER_FILE, decoder_qtype, cfg.decoder, 1,
+         lambda: np.zeros((1, cfg.decoder.n_embd), np.float32)),
+    ]
+    for model, filename, qt, tcfg, n_vocab, token_embd in models:
+        base, ftype, _ = QTYPES[qt]
+        tensors = llama_tensors(
+            tcfg,
+            n_vocab,
+            token_embd,
+            lambda i, name, model=model: ckpt.block_tensor(model, i, name),
+            lambda model=model: ckpt.output_norm(model),
+            base,
+        )
+        meta = llama_metadata(tcfg, n_vocab, f"{source_name} {model}", FILE_TYPE[base])
+        target = work / filename
+        if ftype is None:
+            write_gguf(target, "llama", meta, tensors, f"{model} ({qt})")
+        else:
+            unquantized = work / f"{filename}.f32"
+            write_gguf(unquantized, "llama", meta, tensors, f"{model} (f32)")
+            quantize(unquantized, target, ftype)
+            unquantized.unlink()
+
+
+def _write_sidecar(ckpt: Checkpoint, target: Path, qtype: str, decoder_qtype: str,
+                   codec: tuple[dict, dict[str, np.ndarray]] | None, source_name: str) -> None:
+    """csm.gguf: the embedding tables, the decoder's input table, the codebook heads, the config and the codec."""
+    cfg = ckpt.config
+    table = QTYPES[qtype][2]
+    # Text embeddings are the largest table and are read only for prompt tokens: q8_0 halves them.
+    text_type = Q.Q8_0 if QTYPES[qtype][1] is not None else table
+    # The heads belong to the depth decoder, the quantization-sensitive part: they follow its precision,
+    # with Q8_0 (ggml's fastest matrix-vector type here) for quantized decoders.
+    head_type = Q.Q8_0 if QTYPES[decoder_qtype][1] is not None else QTYPES[decoder_qtype][2]
+    k1 = cfg.num_codebooks - 1
+    sidecar = [
+        TensorSpec("text_embd.weight", (cfg.text_vocab_size, cfg.backbone.n_embd), text_type,
+                   lambda: ckpt.tensor("text_embeddings")),
+        TensorSpec("audio_embd.weight", (cfg.num_codebooks * cfg.audio_vocab_size, cfg.backbone.n_embd), table,
+                   lambda: ckpt.tensor("audio_embeddings")),
+        TensorSpec("decoder_input.weight", (k1 * cfg.audio_vocab_size, cfg.decoder.n_embd), table,
+                   lambda: _decoder_inputs(ckpt)),
+        TensorSpec("audio_head.weight", (k1, cfg.audio_vocab_size, cfg.decoder.n_embd), head_type,
+                   lambda: _audio_head(ckpt)),
+    ]
+    codec_config: dict | None = None
+    codec_keys: list[str] = []
+    if codec is not None:
+        codec_config, codec_tensors = codec
+        codec_keys = list(codec_tensors)
+        for i, key in enumerate(codec_keys):
+            value = codec_tensors[key]
+            # F32, as the codec computes: run time uses the mapped file as the weights, copying nothing.
+            # GGUF tensor names stop at 63 characters: number them and list the real keys.
+            sidecar.append(TensorSpec(f"codec.{i}", tuple(value.shape), Q.F32, lambda v=value: v))
+
+    def sidecar_meta(w: gguf.GGUFWriter) -> None:
+        w.add_uint32("csm.version", SIDECAR_VERSION)
+        w.add_string("csm.config", cfg.to_json())
+        w.add_string("csm.qtype", qtype)
+        w.add_string("csm.decoder_qtype", decoder_qtype)
+        w.add_string("csm.source", source_name)
+        if codec_config is not None:
+            w.add_string("csm.codec_config", json.dumps(codec_config))
+            w.add_array("csm.codec_keys", codec_keys)
+
+    write_gguf(target, "csm", sidecar_meta, sidecar, "sidecar")
 
 
 def check_output_dir(out_dir: Path) -> None:

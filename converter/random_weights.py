@@ -106,14 +106,15 @@ def convert_random(
 
     from csm_gguf.model_dir import default_model_dir
 
-    from .convert import check_output_dir, tokenizer_at, write_model_dir
+    from .convert import check_output_dir, runtime_codec, tokenizer_at, write_model_dir
     from .mimi_keys import mimi_tensors_to_transformers
 
     out = Path(output_dir) if output_dir else default_model_dir(SOURCE_NAME, qtype, decoder_qtype)
     if _holds_random_model(out, qtype, decoder_qtype or qtype):
         return out
     check_output_dir(out.expanduser().resolve())  # before drawing any weights
-    codec = (codec_config, mimi_tensors_to_transformers(random_mimi(codec_config, seed).state_dict()))
+    codec = runtime_codec(codec_config, mimi_tensors_to_transformers(random_mimi(codec_config, seed).state_dict()),
+                           "random weights")
     with tempfile.TemporaryDirectory() as tmp:
         if tokenizer_path:
             tokenizer = tokenizer_at(tokenizer_path)
@@ -126,13 +127,13 @@ def convert_random(
 def _holds_random_model(folder: Path, qtype: str, decoder_qtype: str) -> bool:
     import gguf
 
-    from csm_gguf.model_dir import MODEL_FILES, SIDECAR_FILE
+    from csm_gguf.model_dir import MODEL_FILES, SIDECAR_FILE, SIDECAR_VERSION
 
     if not all((folder / f).exists() for f in MODEL_FILES):
         return False
     try:
         fields = gguf.GGUFReader(folder / SIDECAR_FILE).fields
-        found = tuple(fields[k].contents() for k in ("csm.source", "csm.qtype", "csm.decoder_qtype"))
+        found = tuple(fields[k].contents() for k in ("csm.version", "csm.source", "csm.qtype", "csm.decoder_qtype"))
     except (OSError, ValueError, KeyError):  # damaged: write it again
         return False
-    return found == (SOURCE_NAME, qtype, decoder_qtype)
+    return found == (SIDECAR_VERSION, SOURCE_NAME, qtype, decoder_qtype)  # an older format: written again

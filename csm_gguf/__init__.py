@@ -17,7 +17,8 @@ __version__ = "0.1.0"
 __all__ = ["CSM", "Segment", "Sampling", "SAMPLE_RATE"]
 
 if TYPE_CHECKING:
-    from .generator import Sampling, Segment
+    from .generator import Segment
+    from .sampling import Sampling
     from .tts import CSM, SAMPLE_RATE
 
 
@@ -26,8 +27,12 @@ def __getattr__(name: str):
         from . import tts
 
         return getattr(tts, name)
-    if name in ("Segment", "Sampling"):
+    if name == "Segment":
         from . import generator
 
-        return getattr(generator, name)
+        return generator.Segment
+    if name == "Sampling":
+        from . import sampling
+
+        return sampling.Sampling
     raise AttributeError(name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import socket
 import stat
 
 
@@ -29,7 +30,8 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, replace: bool = True
             raise OSError(e.errno, e.strerror, os.fspath(path)) from None
         return
     directory, base = os.path.split(os.path.realpath(path))
-    tmp = os.path.join(directory, f".{base}.{secrets.token_hex(4)}.tmp")
+    # Unique across hosts too (a folder shared over NFS): the host's name, the process and a random part.
+    tmp = os.path.join(directory, f".{base}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         # os.open with 0o666 rather than mkstemp's 0o600, so the result gets the usual umask mode.
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -56,6 +58,10 @@ def _link(tmp: str, target: str) -> None:
     try:
         os.link(tmp, target)
     except FileExistsError:
+        # On NFS a LINK whose reply was lost is sent again, and the retry finds the link its first try
+        # made: then our file has two names. (The test open(2) gives for lock files over NFS.)
+        if os.stat(tmp).st_nlink == 2 and os.path.samefile(tmp, target):
+            return
         raise
     except OSError:  # a file system without hard links: check, then rename (a race is then possible)
         if os.path.lexists(target):

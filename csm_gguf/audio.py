@@ -12,28 +12,17 @@ import math
 import os
 import struct
 import sys
-from typing import TYPE_CHECKING, BinaryIO
+from typing import BinaryIO
 
 import numpy as np
 import soundfile as sf
 from numpy.lib.stride_tricks import sliding_window_view
 
+from . import ffmpeg
 from .atomic import write_atomic
+from .ffmpeg import AacStream
+from .formats import FORMATS, MEDIA_TYPES, SAMPLE_RATE, AudioError  # noqa: F401 (audio's vocabulary, used here)
 
-if TYPE_CHECKING:
-    from .ffmpeg import AacStream
-
-SAMPLE_RATE = 24000
-
-FORMATS = ("wav", "flac", "mp3", "opus", "aac", "pcm")
-MEDIA_TYPES = {
-    "wav": "audio/wav",
-    "flac": "audio/flac",
-    "mp3": "audio/mpeg",
-    "opus": "audio/ogg",
-    "aac": "audio/aac",
-    "pcm": "audio/pcm",
-}
 _EXTENSIONS = {
     ".wav": "wav",
     ".flac": "flac",
@@ -72,17 +61,11 @@ MIN_RATE, MAX_RATE = 1000, 192_000
 AudioSource = str | os.PathLike[str] | BinaryIO
 
 
-class AudioError(ValueError):
-    """An audio file that cannot be read or written, or an unsupported format."""
-
-
 def check_format(fmt: str) -> str:
     """Returns fmt if it is one of FORMATS (and, for aac, ffmpeg is installed), else raises an AudioError."""
     if fmt not in FORMATS:
         raise AudioError(f"unsupported audio format {fmt!r}; supported formats: {', '.join(FORMATS)}")
     if fmt == "aac":
-        from . import ffmpeg
-
         ffmpeg.require("AAC output")
     return fmt
 
@@ -96,6 +79,16 @@ def format_from_path(path: str | os.PathLike[str]) -> str:
             f"use one of {', '.join(_EXTENSIONS)}"
         )
     return _EXTENSIONS[ext]
+
+
+def _read_piped(f: BinaryIO, name: str) -> bytes:
+    """All of a pipe or device, held to be decoded: at most MAX_PIPED_AUDIO_BYTES (/dev/zero never ends)."""
+    from .bounded import MAX_PIPED_AUDIO_BYTES, TooLarge, read_at_most
+
+    try:
+        return read_at_most(f, MAX_PIPED_AUDIO_BYTES, "the audio read from it", "give a shorter recording, in a file")
+    except TooLarge as e:
+        raise _read_error(name, str(e)) from None
 
 
 def load_audio(source: AudioSource, max_seconds: float | None = None) -> np.ndarray:
@@ -116,13 +109,13 @@ def load_audio(source: AudioSource, max_seconds: float | None = None) -> np.ndar
         try:
             with open(name, "rb") as f:
                 if not os.path.isfile(name):  # a pipe (/dev/stdin, <(...)): libsndfile seeks in FLAC and MP3
-                    source = io.BytesIO(f.read())
+                    source = io.BytesIO(_read_piped(f, name))
         except PermissionError:
             raise _read_error(name, "no permission to read it") from None
     else:
         name = getattr(source, "name", None) or "<file object>"
         if not source.seekable():  # libsndfile seeks, and ffmpeg may need to read it again
-            source = io.BytesIO(source.read())
+            source = io.BytesIO(_read_piped(source, name))
     start = None if isinstance(source, (str, os.PathLike)) else source.tell()
     if start is not None and source.seek(0, io.SEEK_END) == start:
         raise _read_error(name, "it is empty")
@@ -132,8 +125,6 @@ def load_audio(source: AudioSource, max_seconds: float | None = None) -> np.ndar
     try:
         data, rate = _read_soundfile(source, name, read_seconds)
     except sf.LibsndfileError as e:
-        from . import ffmpeg
-
         if ffmpeg.find() is None:
             problem = e.error_string.rstrip(".")
             raise _read_error(name, f"{problem} (other formats need ffmpeg, which is not installed here)") from e
@@ -228,7 +219,8 @@ def _mono(samples: np.ndarray) -> np.ndarray:
     return x
 
 
-def _pcm_bytes(x: np.ndarray) -> bytes:
+def pcm_bytes(x: np.ndarray) -> bytes:
+    """Float samples as raw 16-bit little-endian PCM (the `pcm` format; Wyoming's audio chunks)."""
     return to_int16(x).astype("<i2").tobytes()
 
 
@@ -253,12 +245,10 @@ def encode_audio(samples: np.ndarray, fmt: str) -> bytes:
     fmt = check_format(fmt)
     x = _mono(samples)
     if fmt == "pcm":
-        return _pcm_bytes(x)
+        return pcm_bytes(x)
     if not len(x) and fmt != "wav":
         x = _NOT_EMPTY
     if fmt == "aac":
-        from . import ffmpeg
-
         return ffmpeg.encode_aac(_clipped(x))
     buffer = io.BytesIO()
     with _open_encoder(buffer, fmt) as f:
@@ -376,7 +366,7 @@ class StreamEncoder:
         if self.format == "flac":
             self._pending.append(x.copy())
             return b""
-        return self._take_prefix() + _pcm_bytes(x)
+        return self._take_prefix() + pcm_bytes(x)
 
     def finish(self) -> bytes:
         """Ends the stream; returns the remaining bytes."""
@@ -404,8 +394,6 @@ class StreamEncoder:
 
     def _aac_stream(self) -> AacStream:
         if self._aac is None:
-            from .ffmpeg import AacStream
-
             self._aac = AacStream()
         return self._aac
 

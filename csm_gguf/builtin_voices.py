@@ -71,7 +71,7 @@ def ensure_prompt(name: str, model_dir: str | os.PathLike, make: MakeCodes) -> P
     from .atomic import write_atomic
     from .generator import Segment
     from .tts import Voice
-    from .voices import VoicesFolderError, voice_bytes
+    from .voices import PromptCacheError, voice_bytes
 
     path = prompt_path(name, model_dir)
     if path.exists():
@@ -84,6 +84,6 @@ def ensure_prompt(name: str, model_dir: str | os.PathLike, make: MakeCodes) -> P
                 codes = make(speaker, SENTENCE)
                 write_atomic(path, voice_bytes(Voice([Segment(speaker, SENTENCE, codes)], speaker)))
     except OSError as e:
-        raise VoicesFolderError(f"cannot keep built-in voice {name!r}'s prompt in {path.parent} ({e.strerror}): "
+        raise PromptCacheError(f"cannot keep built-in voice {name!r}'s prompt in {path.parent} ({e.strerror}): "
                                 "set CSM_GGUF_CACHE to a folder you can write") from None
     return path

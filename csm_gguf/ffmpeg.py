@@ -16,7 +16,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from .audio import SAMPLE_RATE, AudioError
+from .formats import SAMPLE_RATE, AudioError
 
 AAC_BITRATE = "64k"  # mono speech; about what the MP3 output uses
 INSTALL_HINT = "install it (apt-get install ffmpeg, brew install ffmpeg, or https://ffmpeg.org/download.html)"
@@ -161,7 +161,8 @@ def decode_to_wav(source: str | os.PathLike[str] | BinaryIO, name: str, max_seco
         channels = _channels(safe, path)
         # The mean of the channels, as for the files libsndfile reads (ffmpeg's own downmix weighs them
         # unevenly: 0.71 each for stereo); without ffprobe, that downmix.
-        mix = ["-af", "pan=mono|c0=" + "+".join(f"{1 / channels:.9g}*c{i}" for i in range(channels))] if channels else []
+        pan = "pan=mono|c0=" + "+".join(f"{1 / channels:.9g}*c{i}" for i in range(channels or 0))
+        mix = ["-af", pan] if channels else []
         try:
             run = subprocess.run(
                 [exe, *_QUIET, "-nostdin", *safe, "-i", "file:" + path, "-map", "0:a:0",

@@ -7,7 +7,6 @@ steps (likewise batched). A single `generate` call is simply a batch of one stre
 from __future__ import annotations
 
 import ctypes
-import math
 import numbers
 import threading
 from collections import Counter
@@ -18,12 +17,12 @@ import llama_cpp as L
 import numpy as np
 
 from . import prompt_cache
+from .formats import FRAME_MS
 from .heads import CodebookHeads
 from .llama import ContextOptions, EmbeddingModel, default_threads
 from .model import CSMModel
 from .prompt_cache import PromptCache
-
-FRAME_MS = 80
+from .sampling import Sampling
 
 
 class PromptTooLong(ValueError):
@@ -54,28 +53,6 @@ def check_codes(codes, codebooks: int, n_codes: int, what: str = "codes") -> np.
     if codes.size and (codes.min() < 0 or codes.max() >= n_codes):
         raise ValueError(f"{what} must lie in 0..{n_codes - 1}")
     return codes.astype(np.int64, copy=False)
-
-
-@dataclass(frozen=True)
-class Sampling:
-    temperature: float = 0.9  # 0: greedy
-    top_k: int = 50
-    seed: int | None = None
-    max_audio_ms: float = 90_000
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.temperature < math.inf:
-            raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature}")
-        if isinstance(self.top_k, bool) or not (isinstance(self.top_k, numbers.Integral) and 1 <= self.top_k < 2**31):
-            raise ValueError(f"top_k must be a whole number from 1 to 2**31 - 1, got {self.top_k!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)
-                                      or self.seed < 0):
-            raise ValueError(f"seed must be a whole number >= 0, got {self.seed!r}")
-        # numpy integers too, as Python ints (ctypes takes only those)
-        object.__setattr__(self, "top_k", int(self.top_k))
-        object.__setattr__(self, "seed", None if self.seed is None else int(self.seed))
-        if not 0 < self.max_audio_ms < math.inf:
-            raise ValueError(f"max_audio_ms must be a number > 0, got {self.max_audio_ms}")
 
 
 class Sampler:
@@ -213,49 +190,51 @@ class Generator:
     def prompt_embeddings(self, text: str, speaker: int, context: Sequence[Segment] = ()) -> np.ndarray:
         """Context segments (text frames, audio frames, an all-zero EOS frame), then the text to speak."""
         check_speaker(speaker)
-        text_rows = self.model.text_embeddings.rows(self.model.prompt_tokens(speaker, text))
-        return np.concatenate([self.context_embeddings(context), text_rows], axis=0)
+        return self.embed(self._heard(context), self.model.prompt_tokens(speaker, text))
 
     def context_embeddings(self, context: Sequence[Segment]) -> np.ndarray:
-        """The rows of the context segments that begin a prompt."""
-        parts = [np.zeros((0, self.model.config.backbone.n_embd), dtype=np.float32)]
-        zero = np.zeros(self.cfg.num_codebooks, dtype=np.int64)
+        """The rows of context segments alone, as they begin a prompt: a voice prompt as the prompt cache
+        keeps it."""
+        return self.embed(self._heard(context), [])
+
+    def _heard(self, context: Sequence[Segment]) -> list[tuple[list[int], np.ndarray | None]]:
+        """Each context segment's prompt tokens and codes, checked."""
+        model, k = self.model, self.cfg.num_codebooks
         for seg in context:
             check_speaker(seg.speaker)
-        for seg in context:
-            parts.append(self.model.text_embeddings.rows(self.model.prompt_tokens(seg.speaker, seg.text)))
-            if seg.codes is not None:
-                codes = check_codes(seg.codes, self.cfg.num_codebooks, self.model.n_codes, "context codes")
-                frames = [self.frame_embedding(c) for c in codes] + [self.frame_embedding(zero)]
-                parts.append(np.stack(frames))
+        return [(model.prompt_tokens(seg.speaker, seg.text),
+                 None if seg.codes is None else check_codes(seg.codes, k, model.n_codes, "context codes"))
+                for seg in context]
+
+    def embed(self, heard: Sequence[tuple[list[int], np.ndarray | None]], prompt: list[int]) -> np.ndarray:
+        """`prompt_embeddings` from tokens: each context segment's prompt tokens and codes (checked), then
+        the prompt tokens of the text to speak (none: the context alone)."""
+        parts = [np.zeros((0, self.cfg.backbone.n_embd), dtype=np.float32)]
+        zero = np.zeros(self.cfg.num_codebooks, dtype=np.int64)
+        for tokens, codes in heard:
+            parts.append(self.model.text_embeddings.rows(tokens))
+            if codes is not None:
+                parts.append(np.stack([self.frame_embedding(c) for c in codes] + [self.frame_embedding(zero)]))
+        if prompt:
+            parts.append(self.model.text_embeddings.rows(prompt))
         return np.concatenate(parts, axis=0)
 
     def prompt_rows(self, text: str, speaker: int, context: Sequence[Segment] = ()) -> int:
-        """The length of `prompt_embeddings(text, speaker, context)`, without building it."""
-        return len(self.model.prompt_tokens(speaker, text)) + self.context_rows(context)
+        """The length of `prompt_embeddings(text, speaker, context)` (the plan counts it from tokens)."""
+        return len(self.prompt_embeddings(text, speaker, context))
 
     def context_rows(self, context: Sequence[Segment]) -> int:
-        rows = 0
-        for seg in context:
-            rows += len(self.model.prompt_tokens(seg.speaker, seg.text))
-            if seg.codes is not None:
-                rows += len(seg.codes) + 1  # its frames and the EOS frame
-        return rows
-
-    def voice_rows(self, voice: Sequence[Segment], context: Sequence[Segment]) -> int:
-        """The prompt rows worth caching (`start`'s `shared`) of a prompt whose context is `context`: those of
-        the voice prompt `voice`'s segments if `context` begins with them (the same objects), else none (the
-        voice gave way to what was said since, or there is none)."""
-        if len(context) < len(voice) or any(a is not b for a, b in zip(voice, context)):
-            return 0
-        return self.context_rows(voice)
+        """The length of `context_embeddings(context)`."""
+        return len(self.context_embeddings(context))
 
     def forget_voice(self, voice: Sequence[Segment]) -> int:
-        """Drop the cached prompts that begin with `voice`'s segments (a voice deleted or replaced)."""
+        """Drop the cached prompts that begin with `voice`'s segments (a voice deleted or replaced); returns
+        how many."""
         if not voice:
             return 0
+        rows = self.context_embeddings(voice)
         with self.lock:
-            return self.prompt_cache.drop(self.context_embeddings(voice))
+            return self.prompt_cache.drop(rows)
 
     # --- streams ------------------------------------------------------------------------------------
     def start(self, prompt: np.ndarray, sampling: Sampling, read_prompt: bool = True, shared: int = 0) -> Stream:
@@ -263,7 +242,7 @@ class Generator:
         backbone; `prefill` reads it in parts instead, so a server keeps other streams going meanwhile.
 
         The longest cached prompt that `prompt` begins with is not read again (prompt_cache.py); its first
-        `shared` rows (a voice prompt: see `voice_rows`) are cached once read."""
+        `shared` rows (a voice prompt: see plan.Context.prompt) are cached once read."""
         self._check_open()
         n = len(prompt)
         limit = self.cfg.backbone.max_seq_len
@@ -274,7 +253,7 @@ class Generator:
             )
         if not self.free_slots:
             raise RuntimeError("no free generation slot")
-        frames = min(int(sampling.max_audio_ms // FRAME_MS), limit - n)
+        frames = limit - n if sampling.max_audio_ms is None else min(int(sampling.max_audio_ms // FRAME_MS), limit - n)
         sampler = Sampler(sampling, self.model.n_codes)
         stream = Stream(slot=self.free_slots.pop(), sampling=sampling, sampler=sampler, frames_left=max(frames, 1),
                         prompt=prompt, shared=min(max(shared, 0), n - 1))
@@ -410,7 +389,10 @@ class Generator:
 
         Each call holds one of the `max_streams` slots until it ends (or its generator is closed): calls
         from other threads wait for a free one; in the thread that holds them all, a new call raises."""
-        prompt = self.prompt_embeddings(text, speaker, context)
+        yield from self.speak(self.prompt_embeddings(text, speaker, context), sampling, shared)
+
+    def speak(self, prompt: np.ndarray, sampling: Sampling, shared: int = 0) -> Iterator[np.ndarray]:
+        """`generate` from prompt embeddings (`prompt_embeddings`, `embed`)."""
         me = threading.get_ident()
         with self.lock:
             while not self.free_slots and self.backbone.ctx:

@@ -35,6 +35,19 @@ class RowTable:
         return gguf.quants.dequantize(self.data, self.qtype).reshape(self.shape)
 
 
+def check_version(sidecar_path: Path, version: int | None) -> None:
+    """Refuse a sidecar of another format version, naming the fix: each version's layout is made once, by
+    the converter, and read only as it is."""
+    if version == SIDECAR_VERSION:
+        return
+    made_by = "a newer csm-gguf: upgrade csm-gguf, or" if (version or 0) > SIDECAR_VERSION else "an older csm-gguf:"
+    raise ValueError(
+        f"{sidecar_path} is format version {version}, made by {made_by} convert the model again "
+        f"(python -m csm_gguf.convert --output-dir {sidecar_path.parent} with the --model-id or --model-path it "
+        f"came from); this csm-gguf reads version {SIDECAR_VERSION}"
+    )
+
+
 class CSMModel:
     """Everything of a model directory except the llama.cpp contexts (which generators own)."""
 
@@ -48,11 +61,7 @@ class CSMModel:
         except Exception as e:
             raise ValueError(f"{sidecar_path} is damaged or incomplete ({e}); convert the model again") from e
         fields = reader.fields
-        version = int(fields["csm.version"].contents()) if "csm.version" in fields else None
-        if version != SIDECAR_VERSION:
-            raise ValueError(
-                f"{sidecar_path} is format version {version}, this csm-gguf reads {SIDECAR_VERSION}: convert again"
-            )
+        check_version(sidecar_path, int(fields["csm.version"].contents()) if "csm.version" in fields else None)
         self.config = CSMConfig.from_json(fields["csm.config"].contents())
         self.qtype = fields["csm.qtype"].contents()
         self.decoder_qtype = fields["csm.decoder_qtype"].contents()
@@ -68,7 +77,7 @@ class CSMModel:
         head = tensors["audio_head.weight"]
         self.audio_head, self.audio_head_type = head.data, int(head.tensor_type)
         codec_keys = fields["csm.codec_keys"].contents() if "csm.codec_keys" in fields else []
-        self._codec_tensors = {key: tensors[f"codec.{i}"] for i, key in enumerate(codec_keys)}
+        self._codec_tensors = {key: tensors[f"codec.{i}"].data for i, key in enumerate(codec_keys)}
         self._vocab = load_vocab_only(self.path / TOKENIZER_FILE)
 
     @property
@@ -81,9 +90,10 @@ class CSMModel:
         codec_size = (self.codec_config or {}).get("codebook_size", 2048)
         return min(self.config.audio_vocab_size, codec_size)
 
-    def codec_state_dict(self) -> dict[str, np.ndarray]:
-        """Mimi weights (transformers MimiModel keys) as float32 arrays."""
-        return {k: np.array(t.data, dtype=np.float32) for k, t in self._codec_tensors.items()}
+    def codec_tensors(self) -> dict[str, np.ndarray]:
+        """Mimi's weights as its modules hold them (`Mimi.state_dict()`), float32 arrays mapped from the file:
+        the converter laid them out, so nothing is copied or reordered (`Mimi.from_runtime_tensors`)."""
+        return dict(self._codec_tensors)
 
     def tokenize(self, text: str) -> list[int]:
         return tokenize(self._vocab, text)

@@ -12,7 +12,7 @@ SIDECAR_FILE = "csm.gguf"
 # A vocab-only llama model (like llama.cpp's own ggml-vocab-*.gguf): llama.cpp tokenizes with it. Kept out
 # of the sidecar because gguf-py takes seconds to parse 400k vocabulary strings at every start.
 TOKENIZER_FILE = "tokenizer.gguf"
-SIDECAR_VERSION = 2
+SIDECAR_VERSION = 3  # 3: the codec in its runtime layout, float32 (2: the kyutai/mimi checkpoint's, F16)
 MODEL_FILES = (BACKBONE_FILE, DECODER_FILE, SIDECAR_FILE, TOKENIZER_FILE)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import re
 import sys
@@ -11,7 +10,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-FORMATS = ("wav", "flac", "mp3", "opus", "aac", "pcm")
+from .formats import FORMATS
+from .sampling import MAX_AUDIO_MS, SEED, TEMPERATURE, TOP_K
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,14 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list-voices", action="store_true", help="list built-in and saved voices (speaker, prompt "
                    "length, transcript) and exit")
     p.add_argument("--delete-voice", metavar="NAME", help="delete the saved voice NAME and exit")
-    p.add_argument("--temperature", "-t", type=float, default=0.9, help="sampling temperature; 0 = greedy "
-                   "(default: %(default)s)")
-    p.add_argument("--top-k", type=int, default=50, help="sample among the K likeliest codes (default: %(default)s)")
-    p.add_argument("--seed", type=int, help="random seed: the same seed gives the same speech")
+    add_sampling_arguments(p)
     p.add_argument("--speed", type=float, default=1.0, help="faster (up to 4) or slower (down to 0.25) speech at "
                    "the same pitch, by time-stretching the audio (default: %(default)s)")
-    p.add_argument("--max-audio-ms", type=float, help="cut each piece of speech at this length (default: "
-                   "proportional to the text)")
     p.add_argument("--save-codes", metavar="OUT.npy", help="also write the generated codes, shape (frames, 32)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
     p.add_argument("--gpu-layers", type=int, default=0,
@@ -63,13 +58,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    """--temperature, --top-k, --seed, --max-audio-ms: say's, and the Wyoming server's for every request."""
+    p.add_argument("--temperature", "-t", type=float, default=TEMPERATURE.default, help="sampling temperature; "
+                   "0 = greedy (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=TOP_K.default, help="sample among the K likeliest codes "
+                   "(default: %(default)s)")
+    p.add_argument("--seed", type=int, help="random seed: the same seed gives the same speech")
+    p.add_argument("--max-audio-ms", type=float, help="cut each piece of speech at this length (default: "
+                   "proportional to the text)")
+
+
 class UsageError(ValueError):
     pass
 
 
 def read_text(args) -> str | None:
     """The text to speak, from the argument, --input or stdin ('-'); files and stdin are UTF-8 (a
-    byte-order mark is dropped)."""
+    byte-order mark is dropped), at most MAX_TEXT_BYTES."""
     from .text import is_unicode
 
     if args.input and args.text is not None:
@@ -80,23 +86,42 @@ def read_text(args) -> str | None:
     if source == "-":
         if sys.stdin is None:
             raise UsageError("cannot read standard input: it is closed")
-        data, where = sys.stdin.buffer.read(), "standard input"
-    elif args.input:
+        return read_utf8(sys.stdin.buffer, "standard input")
+    if args.input:
         where = f"--input {source}"
         try:
-            data = Path(source).read_bytes()
+            with open(source, "rb") as f:
+                return read_utf8(f, where)
         except OSError as e:
             raise UsageError(f"cannot read {where}: {e.strerror}") from e
-    elif not is_unicode(source):
+    if not is_unicode(source):
         raise UsageError("TEXT is not valid UTF-8 in this terminal's encoding: pass it in a UTF-8 file with --input")
-    else:
-        return source
-    if b"\x00" in data:
-        raise UsageError(f"{where} holds NUL bytes, so it is not UTF-8 text (UTF-16?): save it as UTF-8")
+    return source
+
+
+def read_utf8(f, where: str) -> str:
+    """UTF-8 text from `f`, checked piece by piece as it is read: NUL bytes (UTF-16, or a device such as
+    /dev/zero) and bytes that are not UTF-8 stop it at once, and so does a text past MAX_TEXT_BYTES."""
+    import codecs
+
+    from .bounded import MAX_TEXT_BYTES, TooLarge, pieces
+
+    decoder, text, read, start = codecs.getincrementaldecoder("utf-8-sig")(), [], 0, 0
     try:
-        return data.decode("utf-8-sig")
+        for piece in pieces(f, MAX_TEXT_BYTES, where, "split it into several files"):
+            if b"\x00" in piece:
+                raise UsageError(f"{where} holds NUL bytes, so it is not UTF-8 text (UTF-16?): save it as UTF-8")
+            start = read - len(decoder.getstate()[0])  # decoding resumes at the bytes held back last time
+            read += len(piece)
+            text.append(decoder.decode(piece))
+        start = read - len(decoder.getstate()[0])
+        text.append(decoder.decode(b"", final=True))
     except UnicodeDecodeError as e:
-        raise UsageError(f"{where} is not UTF-8 text ({e.reason} at byte {e.start}): save it as UTF-8") from None
+        at = start + e.start
+        raise UsageError(f"{where} is not UTF-8 text ({e.reason} at byte {at}): save it as UTF-8") from None
+    except TooLarge as e:
+        raise UsageError(str(e)) from None
+    return "".join(text)
 
 
 def output_format(args) -> str:
@@ -214,51 +239,27 @@ def listed_model(args) -> Path | None:
     return path if path.is_dir() else None
 
 
+def check_sampling(args) -> None:
+    """The sampling options against csm_gguf.sampling's limits: now, not after loading the model."""
+    for option, setting in (("--top-k", TOP_K), ("--temperature", TEMPERATURE), ("--max-audio-ms", MAX_AUDIO_MS),
+                            ("--seed", SEED)):
+        value = getattr(args, setting.name)
+        if value is not None and not setting.allows(value):
+            rule = setting.bounds() if setting.whole else setting.rule()  # argparse took only whole numbers
+            raise UsageError(f"{option} must be {rule}, got {value}")
+
+
 def run(args) -> int:
     from . import voices
     from .script import read_script
-    from .tempo import MAX_SPEED, MIN_SPEED
-    from .text import is_blank
 
     if args.list_voices or args.delete_voice is not None:
-        alone = "--list-voices" if args.list_voices else "--delete-voice"
-        others = [args.text, args.input, args.output, args.save_voice, args.voice, args.context or None]
-        if any(x is not None for x in others) or (args.list_voices and args.delete_voice is not None):
-            raise UsageError(f"{alone} runs on its own: give it without text, --input, --output or other voice "
-                             "options")
-    if args.list_voices:
-        print("\n".join(voices.describe(name, listed_model(args)) for name in voices.all_voices()))
-        return 0
-    if args.delete_voice is not None:
-        if not voices.delete_voice(args.delete_voice):
-            saved = ", ".join(voices.list_voices()) or "none"
-            raise UsageError(f"no saved voice {args.delete_voice!r} in {voices.voices_dir()} (saved: {saved})")
-        print(f"voice {args.delete_voice!r} deleted", file=sys.stderr)
-        return 0
-    if not 1 <= args.top_k < 2**31:
-        raise UsageError(f"--top-k must be from 1 to {2**31 - 1}, got {args.top_k}")
-    if not 0 <= args.temperature < math.inf:
-        raise UsageError(f"--temperature must be a number >= 0 (0 = greedy), got {args.temperature}")
-    if args.max_audio_ms is not None and not 0 < args.max_audio_ms < math.inf:
-        raise UsageError(f"--max-audio-ms must be a number of milliseconds > 0, got {args.max_audio_ms}")
-    if not MIN_SPEED <= args.speed <= MAX_SPEED:
-        raise UsageError(f"--speed must be from {MIN_SPEED} to {MAX_SPEED} (1 = as spoken), got {args.speed}")
-    for option, value in (("--seed", args.seed), ("--speaker", args.speaker), ("--threads", args.threads)):
-        if value is not None and value < 0:
-            raise UsageError(f"{option} must be >= 0, got {value}")
-    text = read_text(args)
-    has_text = text is not None and not is_blank(text)
-    if args.save_voice is None and not has_text:
-        raise UsageError("no text to speak: give TEXT, '-' for stdin, or --input FILE")
-    if args.dialogue and (args.voice or args.speaker is not None):
-        raise UsageError("--voice and --speaker do not apply to --dialogue: each line names its speaker")
-    if args.dialogue and args.save_voice is not None:
-        raise UsageError("--save-voice and --dialogue go in separate runs: save the voice, then name it in the script")
-    if args.save_voice is not None and not args.context:
-        raise UsageError("--save-voice needs the voice's audio: --context SPEAKER TRANSCRIPT AUDIO")
+        return manage_voices(args)
+    text = checked_text(args)
+    has_text = text is not None
 
     from .audio import check_format
-    from .player import Player, find_player
+    from .player import find_player
 
     written = bool(args.output) or not args.play  # --play alone: heard, not kept
     fmt = check_format(output_format(args)) if written else None
@@ -296,24 +297,71 @@ def run(args) -> int:
         context, speaker = [*voice_prompts, *context], None
     else:
         speaker, context = tts.with_voice(args.voice, args.speaker, context)
-
-    import numpy as np
-
+    sampling = dict(context=context, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                    max_audio_ms=args.max_audio_ms, progress=True)
+    frames = tts.dialogue_frames(turns, **sampling) if turns else tts.frames(text, speaker=speaker, **sampling)
     output = (args.output or default_output(" ".join(t for _, t in turns) if turns else text, fmt)) if written else None
-    codes: list[np.ndarray] = []
+    return speak_out(tts, frames, args, output, fmt, player_command)
 
-    def frames():
-        sampling = dict(context=context, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-                        max_audio_ms=args.max_audio_ms, progress=True)
-        made = tts.dialogue_frames(turns, **sampling) if turns else tts.frames(text, speaker=speaker, **sampling)
-        for frame in made:
+
+def manage_voices(args) -> int:
+    """--list-voices or --delete-voice, alone."""
+    from . import voices
+
+    alone = "--list-voices" if args.list_voices else "--delete-voice"
+    others = [args.text, args.input, args.output, args.save_voice, args.voice, args.context or None]
+    if any(x is not None for x in others) or (args.list_voices and args.delete_voice is not None):
+        raise UsageError(f"{alone} runs on its own: give it without text, --input, --output or other voice "
+                         "options")
+    if args.list_voices:
+        print("\n".join(voices.describe(name, listed_model(args)) for name in voices.all_voices()))
+        return 0
+    if not voices.delete_voice(args.delete_voice):
+        saved = ", ".join(voices.list_voices()) or "none"
+        raise UsageError(f"no saved voice {args.delete_voice!r} in {voices.voices_dir()} (saved: {saved})")
+    print(f"voice {args.delete_voice!r} deleted", file=sys.stderr)
+    return 0
+
+
+def checked_text(args) -> str | None:
+    """The options checked, then the text to speak read (None: none, for --save-voice alone)."""
+    from .tempo import MAX_SPEED, MIN_SPEED
+    from .text import is_blank
+
+    check_sampling(args)
+    if not MIN_SPEED <= args.speed <= MAX_SPEED:
+        raise UsageError(f"--speed must be from {MIN_SPEED} to {MAX_SPEED} (1 = as spoken), got {args.speed}")
+    for option, value in (("--speaker", args.speaker), ("--threads", args.threads)):
+        if value is not None and value < 0:
+            raise UsageError(f"{option} must be >= 0, got {value}")
+    text = read_text(args)
+    has_text = text is not None and not is_blank(text)
+    if args.save_voice is None and not has_text:
+        raise UsageError("no text to speak: give TEXT, '-' for stdin, or --input FILE")
+    if args.dialogue and (args.voice or args.speaker is not None):
+        raise UsageError("--voice and --speaker do not apply to --dialogue: each line names its speaker")
+    if args.dialogue and args.save_voice is not None:
+        raise UsageError("--save-voice and --dialogue go in separate runs: save the voice, then name it in the script")
+    if args.save_voice is not None and not args.context:
+        raise UsageError("--save-voice needs the voice's audio: --context SPEAKER TRANSCRIPT AUDIO")
+    return text if has_text else None
+
+
+def speak_out(tts, frames, args, output: str | None, fmt: str | None, player_command) -> int:
+    """Speak `frames` into the output and the player, save the codes if asked, report the speed."""
+    from .player import Player
+
+    codes = []
+
+    def kept():
+        for frame in frames:
             codes.append(frame)
             yield frame
 
     tts.codec  # loaded now (seconds, the first time), so the real-time factor below counts only speaking
     player = Player(player_command) if player_command else None
     try:
-        n_samples, wall = speak(tts.decode_stream(frames(), chunk_frames=5, speed=args.speed), output, fmt, player)
+        n_samples, wall = speak(tts.decode_stream(kept(), chunk_frames=5, speed=args.speed), output, fmt, player)
         if args.save_codes:
             save_codes(args.save_codes, codes)
         seconds = n_samples / tts.sample_rate

@@ -95,6 +95,16 @@ def take_sentences(text: str, final: bool = False) -> tuple[list[str], str]:
     return split_sentences("".join(lines[:-1])) + [s for s, _ in on_line[:done_on_line]], rest
 
 
+def take_sentences_within(text: str, limit: int) -> tuple[list[str], str]:
+    """take_sentences for text still arriving, and text that runs past `limit` characters without a sentence
+    end cut between words (`cut_between_words`) and given as sentences too: nothing waits for ever."""
+    sentences, rest = take_sentences(text)
+    while len(rest) > limit:
+        head, rest = cut_between_words(rest, limit)
+        sentences += split_sentences(head)
+    return sentences, rest
+
+
 def cut_between_words(text: str, limit: int) -> tuple[str, str]:
     """The first at most `limit` characters of text that has no sentence end, cut at a space where it has
     one, and the rest: how text too long to wait for its sentence's end is spoken."""

@@ -14,28 +14,22 @@
 
 from __future__ import annotations
 
-import numbers
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .generator import FRAME_MS, Generator, PromptTooLong, Sampling, Segment, check_codes, check_speaker
+from .formats import FRAME_MS, SAMPLE_RATE
+from .generator import Generator, Segment, check_codes, check_speaker
 from .model import CSMModel
+from .plan import Context, Piece, TokenCounts, plan_pieces, split_text
+from .sampling import MAX_AUDIO_MS, SEED, TEMPERATURE, TOP_K, Sampling
 from .tempo import check_speed, stretched
-from .text import chunk_text, cut_between_words, is_blank, is_unicode, split_sentences, take_sentences
+from .text import take_sentences, take_sentences_within
 
-SAMPLE_RATE = 24_000
-
-# Pieces of a long text: short enough that a piece, the previous piece as context and the audio
-# budget all fit the 2048-position context; long enough to keep the prosody of whole sentences.
-PIECE_TOKENS = 60
-# Frames allowed per text token before generation that never ends is cut off (speech runs at about
-# 3 frames per token; this leaves room for slow speakers and pauses).
-FRAMES_PER_TOKEN = 8
-MIN_FRAMES = 25
 # Text arriving without a sentence end is spoken once this long (`stream_text`): more than a piece, so the
 # wait costs no prosody, and short enough that nothing waits for ever (nor re-splits ever longer text).
 UNFINISHED_CHARS = 1000
@@ -71,15 +65,6 @@ def find_model(model: str | Path | None) -> Path:
     )
 
 
-def spoken_context(previous: list[Segment], speaker: int, piece: str, made: list[np.ndarray]) -> list[Segment]:
-    """What the next piece hears of what was said: the last piece each speaker said, in the order said
-    (for a single speaker, the piece just spoken), so every voice carries over. A piece that made no
-    frames changes nothing."""
-    if not made:
-        return previous
-    return [*(seg for seg in previous if seg.speaker != speaker), Segment(speaker, piece, np.stack(made))]
-
-
 def decode_frames(codec, state, frames: list[np.ndarray] | np.ndarray) -> np.ndarray:
     """The next audio of a streaming decode (`codec.decoder_state`): frames of 32 codes (a list, or an array
     of shape (frames, 32)) -> float32 samples."""
@@ -95,12 +80,17 @@ def _sentences(chunks: Iterable[str]) -> Iterator[str]:
     for chunk in chunks:
         if not isinstance(chunk, str):
             raise ValueError(f"the text to speak must come as strings, got {type(chunk).__name__}")
-        sentences, rest = take_sentences(rest + chunk)
+        sentences, rest = take_sentences_within(rest + chunk, UNFINISHED_CHARS)
         yield from sentences
-        while len(rest) > UNFINISHED_CHARS:
-            head, rest = cut_between_words(rest, UNFINISHED_CHARS)
-            yield from split_sentences(head)
     yield from take_sentences(rest, final=True)[0]
+
+
+def _segments(context: Sequence[Segment]) -> list[Segment]:
+    """The caller's context as a list, checked to be Segments."""
+    context = list(context) if isinstance(context, Iterable) and not isinstance(context, (str, bytes)) else None
+    if context is None or not all(isinstance(seg, Segment) for seg in context):
+        raise ValueError("context must be a list of Segments (tts.segment(speaker, text, audio=...))")
+    return context
 
 
 def _progress(work: list) -> Iterator:
@@ -149,9 +139,12 @@ class CSM:
         if codec_device != "cpu":
             check_torch_device(codec_device)
         self.model = CSMModel(find_model(model))
-        self.generator = Generator(self.model, max_streams, n_threads, n_gpu_layers, kv_type)
         self.codec_device = codec_device
         self._codec = None
+        self._codec_lock = threading.Lock()
+        if codec_device == "cpu":  # torch's import and the codec, meanwhile: llama.cpp loads without the GIL
+            threading.Thread(target=self._load_codec_quietly, name="codec-load", daemon=True).start()
+        self.generator = Generator(self.model, max_streams, n_threads, n_gpu_layers, kv_type)
         if n_threads:
             import torch
 
@@ -160,18 +153,28 @@ class CSM:
     # --- codec --------------------------------------------------------------------------------------
     @property
     def codec(self):
-        if self._codec is None:
-            if not self.model.has_codec:
-                raise ValueError(f"{self.model.path} carries no Mimi codec: convert the model again")
-            import torch
+        """The Mimi codec, its weights the model directory's mapped file (on CPU loaded at construction, in a
+        thread: this waits for it)."""
+        codec = self._loaded_codec()
+        codec.cuda_lock = self.generator.lock  # no graph is recorded while llama.cpp runs in another thread
+        return codec
 
-            from .mimi import Mimi, MimiConfig
+    def _loaded_codec(self):
+        with self._codec_lock:
+            if self._codec is None:
+                if not self.model.has_codec:
+                    raise ValueError(f"{self.model.path} carries no Mimi codec: convert the model again")
+                from .mimi import Mimi, MimiConfig
 
-            state = {k: torch.from_numpy(v) for k, v in self.model.codec_state_dict().items()}
-            codec = Mimi.from_state_dict(MimiConfig.from_transformers(self.model.codec_config), state)
-            codec.cuda_lock = self.generator.lock  # no graph is recorded while llama.cpp runs in another thread
-            self._codec = codec.to(self.codec_device)
-        return self._codec
+                config = MimiConfig.from_transformers(self.model.codec_config)
+                self._codec = Mimi.from_runtime_tensors(config, self.model.codec_tensors()).to(self.codec_device)
+            return self._codec
+
+    def _load_codec_quietly(self) -> None:
+        try:
+            self._loaded_codec()
+        except Exception:  # said where the codec is used, in the caller's thread
+            pass
 
     def encode(self, audio: np.ndarray | str | os.PathLike | BinaryIO) -> np.ndarray:
         """24 kHz audio -> codes of shape (frames, 32). An audio file (a path or a binary file object; any
@@ -231,80 +234,34 @@ class CSM:
         return Segment(speaker, text, codes)
 
     # --- generation ---------------------------------------------------------------------------------
-    def frame_budget(self, text: str, max_audio_ms: float | None) -> float:
-        """max_audio_ms for a piece: the user's limit, else proportional to the text's length."""
-        if max_audio_ms is not None:
-            return max_audio_ms
-        tokens = len(self.model.tokenize(text))
-        return max(MIN_FRAMES, FRAMES_PER_TOKEN * tokens) * FRAME_MS
-
-    def piece_sampling(self, piece: str, index: int, temperature: float, top_k: int, seed: int | None,
-                       max_audio_ms: float | None) -> Sampling:
-        """Sampling for piece `index` of a text: the seed advances by piece, so every piece is reproducible."""
-        whole = isinstance(seed, numbers.Integral) and not isinstance(seed, bool)
-        piece_seed = seed + index if whole else seed  # anything else: Sampling says what a seed must be
-        return Sampling(temperature, top_k, piece_seed, self.frame_budget(piece, max_audio_ms))
-
-    def piece_context(self, piece: str, speaker: int, context: Sequence[Segment], previous: Sequence[Segment],
-                      sampling: Sampling) -> list[Segment]:
-        """A piece's context: the caller's segments, then what was just said (`spoken_context`: the previous
-        piece of a long text; in a dialogue, each speaker's last piece). The context must leave the piece
-        room for its usual budget of frames in the model's context. After a previous piece, segments give
-        way, oldest first, until it does: a context that fit the first piece must not stop a long text
-        half-way. Without one, a context that leaves too little room is the caller's error
-        (PromptTooLong): the speech would stop short."""
-        segments = [*context, *previous]
-        room = int(min(sampling.max_audio_ms, self.frame_budget(piece, None)) // FRAME_MS)
-        limit = self.model.config.backbone.max_seq_len
-        if not previous:
-            rows = self.generator.prompt_rows(piece, speaker, segments)
-            if rows + room > limit:
-                raise PromptTooLong(
-                    f"the prompt takes {rows} positions and this text may need up to {room} frames more "
-                    f"({room * FRAME_MS / 1000:g} s of speech), but the model's context holds {limit}: "
-                    "shorten the context segments or the text")
-            return segments
-        while segments and self.generator.prompt_rows(piece, speaker, segments) + room > limit:
-            segments.pop(0)
-        return segments
-
-    def pieces(self, text: str) -> list[str]:
-        if not isinstance(text, str):
-            raise ValueError(f"the text to speak must be a string, got {type(text).__name__}")
-        text = text.strip()
-        if is_blank(text):
-            raise ValueError("text is empty: give some words to speak")
-        if not is_unicode(text):
-            raise ValueError("the text holds characters that are not Unicode (lone surrogates, from bytes that "
-                             "were not UTF-8): give UTF-8 text")
-        return chunk_text(text, PIECE_TOKENS, lambda s: len(self.model.tokenize(s)))
-
     def frames(
         self,
         text: str,
         speaker: int | None = None,
         context: Sequence[Segment] = (),
-        temperature: float = 0.9,
-        top_k: int = 50,
-        seed: int | None = None,
-        max_audio_ms: float | None = None,
+        temperature: float = TEMPERATURE.default,
+        top_k: int = TOP_K.default,
+        seed: int | None = SEED.default,
+        max_audio_ms: float | None = MAX_AUDIO_MS.default,
         progress: bool = False,
         voice: str | Voice | None = None,
     ) -> Iterator[np.ndarray]:
         """Codes (32,) per 80 ms frame as they are made. Long texts are spoken piece by piece, each piece
         with the previous one as context so the voice carries over. The voice: see `with_voice`."""
+        sampling = Sampling(temperature, top_k, seed, max_audio_ms)
+        count = TokenCounts(self.model)
+        texts = split_text(text, count)  # checked before a built-in voice's prompt is made for it
         speaker, context = self.with_voice(voice, speaker, context)
-        lines = [(speaker, piece) for piece in self.pieces(text)]
-        return self._speak(lines, context, temperature, top_k, seed, max_audio_ms, progress)
+        return self._speak([(speaker, piece) for piece in texts], context, sampling, count, progress)
 
     def dialogue_frames(
         self,
         turns: Iterable[tuple[int, str]],
         context: Sequence[Segment] = (),
-        temperature: float = 0.9,
-        top_k: int = 50,
-        seed: int | None = None,
-        max_audio_ms: float | None = None,
+        temperature: float = TEMPERATURE.default,
+        top_k: int = TOP_K.default,
+        seed: int | None = SEED.default,
+        max_audio_ms: float | None = MAX_AUDIO_MS.default,
         progress: bool = False,
     ) -> Iterator[np.ndarray]:
         """A conversation's codes, frame by frame: turns of (speaker, text), each spoken after `context`
@@ -313,27 +270,30 @@ class CSM:
         the seed (piece i samples with seed + i)."""
         if isinstance(turns, (str, bytes)) or not isinstance(turns, Iterable):
             raise ValueError("turns must be a list of (speaker, text) pairs")
+        count = TokenCounts(self.model)
         lines = []  # (speaker, piece) in the order spoken
         for i, turn in enumerate(turns):
             if not isinstance(turn, Sequence) or isinstance(turn, str) or len(turn) != 2:
                 raise ValueError(f"turn {i} must be a (speaker, text) pair, got {turn!r}")
             try:
                 check_speaker(turn[0])
-                lines += [(turn[0], piece) for piece in self.pieces(turn[1])]
+                lines += [(turn[0], piece) for piece in split_text(turn[1], count)]
             except ValueError as e:
                 raise ValueError(f"turn {i}: {e}") from None
         if not lines:
             raise ValueError("no turns to speak: give at least one (speaker, text) pair")
-        return self._speak(lines, context, temperature, top_k, seed, max_audio_ms, progress)
+        return self._speak(lines, context, Sampling(temperature, top_k, seed, max_audio_ms), count, progress)
 
     def voice(self, name: str) -> Voice:
         """A voice by name: a saved one (csm_gguf.voices), or a built-in one, whose fixed prompt this model
         makes on first use (seconds) and keeps (csm_gguf.builtin_voices)."""
         from .voices import load_voice
 
-        return load_voice(name, self.model.path, self._builtin_codes)
+        return load_voice(name, self.model.path, self.prompt_codes)
 
-    def _builtin_codes(self, speaker: int, text: str) -> np.ndarray:
+    def prompt_codes(self, speaker: int, text: str) -> np.ndarray:
+        """The codes of a built-in voice's prompt (builtin_voices.MakeCodes): `text` said as `speaker`, with no
+        prompt, sampled as builtin_voices.SAMPLING says."""
         from .builtin_voices import SAMPLING
 
         return np.stack(list(self.frames(text, speaker=speaker, voice=NO_VOICE, **SAMPLING)))
@@ -344,7 +304,7 @@ class CSM:
         Voice), then `context`; the speaker is `speaker`, else the voice's. With no voice, DEFAULT_VOICE
         when neither a speaker nor a context is given; else no prompt but `context`. Without any prompt (a
         bare speaker id, or voice "none") CSM gives another voice on every call."""
-        context = self._checked_context(context)
+        context = _segments(context)
         if voice is None and speaker is None and not context:
             voice = DEFAULT_VOICE
         if isinstance(voice, str):
@@ -356,41 +316,27 @@ class CSM:
         check_speaker(speaker)
         return speaker, context if voice is None else [*voice.segments, *context]
 
-    def _speak(self, lines: list[tuple[int, str]], context: Sequence[Segment], temperature: float, top_k: int,
-               seed: int | None, max_audio_ms: float | None, progress: bool) -> Iterator[np.ndarray]:
-        """Checks the settings now (a generator would only at its first frame), then speaks the lines."""
-        context = self._checked_context(context)
-        work = list(self._with_samplings(lines, temperature, top_k, seed, max_audio_ms))
-        return self._generate(_progress(work) if progress and len(work) > 1 else work, context)
+    def _speak(self, lines: list[tuple[int, str]], context: Sequence[Segment], sampling: Sampling,
+               count: TokenCounts, progress: bool) -> Iterator[np.ndarray]:
+        """Checks the context now (a generator would only at its first frame), then speaks the lines."""
+        heard = self._context(context)
+        pieces = list(plan_pieces(lines, sampling, count))
+        return self._generate(_progress(pieces) if progress and len(pieces) > 1 else pieces, heard)
 
-    def _with_samplings(self, lines: Iterable[tuple[int, str]], temperature: float, top_k: int, seed: int | None,
-                        max_audio_ms: float | None) -> Iterator[tuple[int, str, Sampling]]:
-        for i, (speaker, piece) in enumerate(lines):
-            yield speaker, piece, self.piece_sampling(piece, i, temperature, top_k, seed, max_audio_ms)
+    def _context(self, context: Sequence[Segment]) -> Context:
+        return Context(self.generator, _segments(context))
 
-    def _checked_context(self, context: Sequence[Segment]) -> list[Segment]:
-        context = list(context) if isinstance(context, Iterable) and not isinstance(context, (str, bytes)) else None
-        if context is None or not all(isinstance(seg, Segment) for seg in context):
-            raise ValueError("context must be a list of Segments (tts.segment(speaker, text, audio=...))")
-        for seg in context:
-            check_speaker(seg.speaker)
-            if seg.codes is not None:
-                check_codes(seg.codes, self.model.config.num_codebooks, self.model.n_codes, "context codes")
-        return context
-
-    def _generate(self, work: Iterable[tuple[int, str, Sampling]], context: Sequence[Segment],
-                  piece_ends: bool = False) -> Iterator[np.ndarray | None]:
-        """Frames of each (speaker, piece, sampling) in turn, each piece after what was said before it; with
-        piece_ends, a None after each piece."""
-        previous: list[Segment] = []
-        for speaker, piece, sampling in work:
+    def _generate(self, pieces: Iterable[Piece], context: Context, piece_ends: bool = False
+                  ) -> Iterator[np.ndarray | None]:
+        """Frames of each piece in turn, each after what was said before it (`context`); with piece_ends, a
+        None after each piece."""
+        for piece in pieces:
             made = []
-            piece_context = self.piece_context(piece, speaker, context, previous, sampling)
-            shared = self.generator.voice_rows(context, piece_context)  # the voice prompt is read once
-            for frame in self.generator.generate(piece, speaker, piece_context, sampling, shared):
+            prompt, shared = context.prompt(piece)  # shared: the voice prompt, read once, then from the cache
+            for frame in self.generator.speak(prompt, piece.sampling, shared):
                 made.append(frame)
                 yield frame
-            previous = spoken_context(previous, speaker, piece, made)
+            context.said(piece, made)
             if piece_ends:
                 yield None
 
@@ -399,10 +345,10 @@ class CSM:
         text: Iterable[str],
         speaker: int | None = None,
         context: Sequence[Segment] = (),
-        temperature: float = 0.9,
-        top_k: int = 50,
-        seed: int | None = None,
-        max_audio_ms: float | None = None,
+        temperature: float = TEMPERATURE.default,
+        top_k: int = TOP_K.default,
+        seed: int | None = SEED.default,
+        max_audio_ms: float | None = MAX_AUDIO_MS.default,
         chunk_frames: int = 1,
         speed: float = 1.0,
         voice: str | Voice | None = None,
@@ -415,12 +361,14 @@ class CSM:
         if isinstance(text, (str, bytes)) or not isinstance(text, Iterable):
             raise ValueError("text must be an iterable of strings (an LLM's tokens, lines...); for one string "
                              "use stream()")
+        sampling = Sampling(temperature, top_k, seed, max_audio_ms)  # its checks, now
         speaker, context = self.with_voice(voice, speaker, context)
-        Sampling(temperature, top_k, seed, FRAME_MS if max_audio_ms is None else max_audio_ms)  # its checks, now
-        pieces = ((speaker, piece) for sentence in _sentences(text) for piece in self.pieces(sentence))
-        work = self._with_samplings(pieces, temperature, top_k, seed, max_audio_ms)
+        heard = self._context(context)
+        count = TokenCounts(self.model)
+        lines = ((speaker, piece) for sentence in _sentences(text) for piece in split_text(sentence, count))
+        pieces = plan_pieces(lines, sampling, count)
         # Each piece's last frames are decoded when it ends, not with the next: the text may stall there.
-        return self.decode_stream(self._generate(work, context, piece_ends=True), chunk_frames, speed)
+        return self.decode_stream(self._generate(pieces, heard, piece_ends=True), chunk_frames, speed)
 
     def stream(self, text: str, chunk_frames: int = 1, speed: float = 1.0, **kwargs) -> Iterator[np.ndarray]:
         """Audio chunks (float32, 24 kHz) as frames are generated; equal to decoding all frames at once.

@@ -10,13 +10,15 @@ import io
 import json
 import os
 import re
+import threading
 from pathlib import Path
 
 import numpy as np
 
 from . import builtin_voices
 from .atomic import write_atomic
-from .generator import FRAME_MS, Segment, check_speaker
+from .formats import FRAME_MS
+from .generator import Segment, check_speaker
 from .model_dir import cache_root
 from .tts import NO_VOICE, Voice
 
@@ -34,6 +36,29 @@ class VoiceExists(ValueError):
 
 class VoicesFolderError(ValueError):
     """The voices folder cannot be used: the setup's problem, not the request's."""
+
+
+class PromptCacheError(VoicesFolderError):
+    """A built-in voice's prompt cannot be kept in the cache folder (CSM_GGUF_CACHE): the setup's problem."""
+
+
+class VoicesFull(ValueError):
+    """The voices folder holds as many voices as its limit (CSM_GGUF_MAX_VOICES) allows."""
+
+
+# How many voices the folder may hold, declared once: the server's users can add voices, and each file
+# is at most ~140 kB from the server (its codes fill at most the model's context), so 100 voices is
+# at most 14 MB.
+MAX_VOICES = ("CSM_GGUF_MAX_VOICES", 100)
+_saving = threading.Lock()  # the count checked and the file written as one step (within a process)
+
+
+def max_voices() -> int:
+    var, default = MAX_VOICES
+    raw = os.environ.get(var) or str(default)
+    if not (raw.isascii() and raw.isdigit()):
+        raise VoicesFolderError(f"{var} must be a whole number >= 0 (the most saved voices), got {raw!r}")
+    return int(raw)
 
 
 def voices_dir() -> Path:
@@ -86,10 +111,20 @@ def check_saveable(name: str) -> Path:
     _folder()
     if path.exists():
         raise VoiceExists(name)
+    saved, limit = len(list_voices()), max_voices()
+    if saved >= limit:
+        var = MAX_VOICES[0]
+        raise VoicesFull(f"{saved} voices are saved, the most {var}={limit} allows: delete one first, or raise {var}")
     return path
 
 
 def save_voice(name: str, voice: Voice) -> Path:
+    """Saves `voice` as `name`: whole or not at all, and not past the folder's limit (VoicesFull)."""
+    with _saving:
+        return _save(name, voice)
+
+
+def _save(name: str, voice: Voice) -> Path:
     path = check_saveable(name)
     data = voice_bytes(voice)
     try:
@@ -202,17 +237,22 @@ def load_voice(name: str, model_dir: str | os.PathLike | None = None,
         return read_voice(path, name, fix=_remake(path))
     path = _path(name)
     if not path.exists():
-        saved = ", ".join(list_voices()) or "none yet"
-        raise ValueError(f"unknown voice {name!r} (saved: {saved}; built-in: {', '.join(BUILTIN_VOICES)}; "
-                         f"{NO_VOICE!r} for none); save one with --save-voice")
+        raise _unknown(name)
     return read_voice(path, name)
 
 
 def _remake(path: Path) -> str:
-    return f"delete {path} and it is made again on next use"
+    """The fix for a damaged built-in prompt, naming its file under the cache (not the server's own paths,
+    which its clients see)."""
+    try:
+        where = f"{path.relative_to(cache_root())} in the cache (CSM_GGUF_CACHE)"
+    except ValueError:
+        where = path.name
+    return f"delete {where} and it is made again on next use"
 
 
-def read_voice(path: Path, name: str, fix: str = "save it again with --save-voice") -> Voice:
+def read_voice(path: Path, name: str, fix: str = "delete it and save it again") -> Voice:
+    """The voice kept in `path` (`name`'s); a ValueError naming the voice and `fix` if it is damaged."""
     try:
         archive = np.load(path, allow_pickle=False)
         if not isinstance(archive, np.lib.npyio.NpzFile):
@@ -223,5 +263,14 @@ def read_voice(path: Path, name: str, fix: str = "save it again with --save-voic
             voice = Voice(segments=segments, speaker=int(meta["speaker"]))
             check_speaker(voice.speaker)
             return voice
+    except FileNotFoundError:  # deleted meanwhile (by another replica sharing the folder, say)
+        raise _unknown(name) from None
     except Exception as e:  # a damaged file fails in any of zipfile's, zlib's, json's or numpy's ways
-        raise ValueError(f"voice {name!r} is damaged ({path}: {e}); {fix}") from None
+        reason = str(e).replace(str(path), path.name)  # named by the voice: a server shows this to its clients
+        raise ValueError(f"voice {name!r} is damaged ({reason}): {fix}") from None
+
+
+def _unknown(name: str) -> ValueError:
+    saved = ", ".join(list_voices()) or "none yet"
+    return ValueError(f"unknown voice {name!r} (saved: {saved}; built-in: {', '.join(BUILTIN_VOICES)}; "
+                      f"{NO_VOICE!r} for none); save one with --save-voice")

@@ -16,6 +16,7 @@ from csm_fixtures import (
     save_transformers_format,
     write_tokenizer_json,
 )
+from eos_fixtures import end_at  # noqa: F401 (a fixture: end of speech on demand)
 
 warnings.filterwarnings("ignore", message=".*rope_parameters.*")
 # Built-in voices' prompts are made on first use and kept in the cache: the tests' own, never the user's
@@ -78,3 +79,9 @@ def converted(workdir, hf_checkpoint):
 @pytest.fixture(scope="session")
 def f32_model(converted) -> Path:
     return converted("f32")
+
+
+# Fixtures of their own modules: the say and API tests' (a CSM of the tiny model, a voices folder of their own),
+# the server tests' (a real server on loopback)
+from api_fixtures import tts, voices_home  # noqa: E402, F401
+from server_fixtures import base, client, engine, server, services  # noqa: E402, F401

@@ -48,6 +48,14 @@ TINY_CSM = dict(
     rope_parameters=ROPE,
     codebook_eos_token_id=0,
 )
+# CSM-1B's own spelling of the same llama3 curve (sesame/csm-1b's config.json, see docs/csm-facts): other
+# numbers than ROPE above, identical wavelength thresholds and factors. A converter that read only some of
+# them, or assumed torchtune's 8192/1/4, would still pass with ROPE.
+REAL_BACKBONE_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 0.125,
+                      "high_freq_factor": 0.5, "original_max_position_embeddings": 1024}
+REAL_DECODER_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1 / 512,
+                     "high_freq_factor": 1 / 128, "original_max_position_embeddings": 16}
+
 TINY_DECODER = dict(
     num_codebooks=32,
     backbone_hidden_size=256,
@@ -60,6 +68,17 @@ TINY_DECODER = dict(
     max_position_embeddings=33,
     rope_parameters=ROPE,
 )
+
+
+def tiktoken_encoding():
+    """The Llama 3 tokenizer as tiktoken runs it: an encoding independent of the project's (llama.cpp's)."""
+    import tiktoken
+    from tiktoken.load import load_tiktoken_bpe
+
+    pattern = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+    return tiktoken.Encoding("llama3", pat_str=pattern,
+                             mergeable_ranks=load_tiktoken_bpe(llama3_tokenizer_model()), special_tokens={})
 
 
 def llama3_tokenizer_model() -> str:
@@ -77,15 +96,16 @@ def write_tokenizer_json(path: Path) -> Path:
     return path
 
 
-def make_tiny_csm(seed: int = 0, untie_decoder_embeddings: bool = False, vocab_size: int = 64):
+def make_tiny_csm(seed: int = 0, untie_decoder_embeddings: bool = False, vocab_size: int = 64,
+                  backbone_rope: dict = ROPE, decoder_rope: dict = ROPE):
     """A tiny CsmForConditionalGeneration with random weights (std 0.15 keeps logits from being flat).
 
     `vocab_size` is the audio vocabulary; the tiny codec always has 64 codes."""
     from transformers import CsmConfig, CsmForConditionalGeneration
 
     config = CsmConfig(
-        **{**TINY_CSM, "vocab_size": vocab_size},
-        depth_decoder_config={**TINY_DECODER, "vocab_size": vocab_size},
+        **{**TINY_CSM, "vocab_size": vocab_size, "rope_parameters": backbone_rope},
+        depth_decoder_config={**TINY_DECODER, "vocab_size": vocab_size, "rope_parameters": decoder_rope},
         codec_config=dict(model_type="mimi", **TINY_MIMI_CONFIG),
     )
     torch.manual_seed(seed)
@@ -110,14 +130,28 @@ def make_tiny_csm(seed: int = 0, untie_decoder_embeddings: bool = False, vocab_s
     return model
 
 
-def save_transformers_format(model, folder: Path, tokenizer_json: Path | None, shard: bool = False) -> Path:
-    """As transformers publishes it (tied copies dropped); sharded with sesame/csm-1b's index name."""
+def save_transformers_format(model, folder: Path, tokenizer_json: Path | None, shard: bool = False,
+                             published_config: bool = False) -> Path:
+    """As transformers publishes it (tied copies dropped); sharded with sesame/csm-1b's index name; with
+    `published_config`, RoPE spelled in config.json as sesame/csm-1b's is (rope_theta and rope_scaling)."""
     model.save_pretrained(str(folder), max_shard_size="20MB" if shard else "50GB")
+    if published_config:
+        _respell_rope(folder / "config.json")
     if shard:
         os.replace(folder / "model.safetensors.index.json", folder / "transformers.safetensors.index.json")
     if tokenizer_json is not None:
         (folder / "tokenizer.json").write_bytes(tokenizer_json.read_bytes())
     return folder
+
+
+def _respell_rope(path: Path) -> None:
+    """transformers 5 writes `rope_parameters`; the published config.json has `rope_theta` + `rope_scaling`."""
+    config = json.loads(path.read_text())
+    for c in (config, config["depth_decoder_config"]):
+        rope = dict(c.pop("rope_parameters"))
+        c["rope_theta"] = rope.pop("rope_theta")
+        c["rope_scaling"] = rope
+    path.write_text(json.dumps(config, indent=2))
 
 
 # transformers -> original names, written independently of the converter's table.

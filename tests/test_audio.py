@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from audio_fixtures import EVERY_FORMAT, needs_ffmpeg
 from csm_gguf import audio, ffmpeg
 from csm_gguf.audio import (
     FORMATS,
@@ -29,8 +30,6 @@ from csm_gguf.audio import (
     to_int16,
     write_audio,
 )
-
-from audio_fixtures import EVERY_FORMAT, needs_ffmpeg
 
 # An MPEG-2 layer III frame at 24 kHz holds 576 samples. A streamed MP3 cannot carry the
 # gapless info frame, so it decodes longer than its input by the placeholder frame (576),
@@ -473,7 +472,8 @@ def test_load_without_ffmpeg_names_it(tmp_path, monkeypatch):
     path = tmp_path / "voice.m4a"
     path.write_bytes(b"\x00\x00\x00\x20ftypM4A " + bytes(100))
     monkeypatch.setenv("PATH", str(tmp_path))
-    with pytest.raises(AudioError, match="voice.m4a: Format not recognised \\(other formats need ffmpeg, which is not installed here\\)"):
+    message = "voice.m4a: Format not recognised \\(other formats need ffmpeg, which is not installed here\\)"
+    with pytest.raises(AudioError, match=message):
         load_audio(path)
 
 

@@ -18,7 +18,8 @@ def test_bench_writes_every_figure(converted, f32_model, tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "bench.py", "--model", str(converted("q4_k")), "--model", str(f32_model),
            "--reference", str(f32_model), "--quality", "--quality-frames", "3", "--frames", "4", "--runs", "2",
-           "--concurrency", "1,2", "--server", "1,2", "--compare", "transformers", "--peer-frames", "2", "--json", str(out),
+           "--concurrency", "1,2", "--server", "1,2", "--compare", "transformers", "--peer-frames", "2",
+           "--json", str(out),
            # One thread: llama.cpp's spinning workers crawl when other tests hold the cores.
            "--threads", "1"]
     if importlib.util.find_spec("matplotlib"):
@@ -109,3 +110,17 @@ def test_bad_arguments_fail_before_any_work(tmp_path, args, message):
     cmd = [sys.executable, "bench.py", *(a.replace("{tmp}", str(tmp_path)) for a in args)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent)
     assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
+
+
+def test_batch_rows_runs_the_corpus_path_beside_the_in_process_engine(f32_model, tmp_path):
+    pytest.importorskip("ray")
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "bench.py", "--model", str(f32_model), "--frames", "3", "--runs", "1", "--warmup", "0",
+           "--concurrency", "2", "--batch-rows", "4", "--threads", "1", "--json", str(out)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (b,) = json.loads(out.read_text())["variants"][0]["batched"]
+    assert (b["streams"], b["rows"], b["frames"]) == (2, 4, 3)
+    assert 0 < b["first_rows_s"] <= b["seconds"] and b["aggregate_xrt"] > 0 and b["steady_xrt"] > 0
+    assert b["in_process_xrt"] > 0 and b["ray_cost"] == pytest.approx(1 - b["steady_xrt"] / b["in_process_xrt"])
+    assert "Ray's cost" in done.stdout

@@ -13,6 +13,7 @@ import pytest
 
 from csm_gguf import builtin_voices, voices
 from csm_gguf.generator import Segment
+from csm_gguf.plan import Context
 from csm_gguf.tts import CSM, Voice
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,16 +32,17 @@ def tts(f32_model):
     tts.close()
 
 
-def given(tts: CSM) -> list[tuple[int, list[Segment]]]:
-    """Records the speaker and context segments each generation is given."""
+def given(monkeypatch) -> list[tuple[int, list[Segment]]]:
+    """Records the speaker and the context segments of each piece the generator is given, from now on."""
     seen = []
-    generate = tts.generator.generate
+    fitting = Context.fitting
 
-    def spy(text, speaker, context, sampling, shared=0):
-        seen.append((speaker, list(context)))
-        return generate(text, speaker, context, sampling, shared)
+    def spy(self, piece):
+        heard = fitting(self, piece)
+        seen.append((piece.speaker, [h.segment for h in heard]))
+        return heard
 
-    tts.generator.generate = spy
+    monkeypatch.setattr(Context, "fitting", spy)
     return seen
 
 
@@ -53,8 +55,8 @@ def prompt_codes(voice: Voice) -> list:
     return [(s.speaker, s.text, s.codes.tolist()) for s in voice.segments]
 
 
-def test_every_request_in_a_built_in_voice_is_given_the_same_prompt(tts):
-    seen = given(tts)
+def test_every_request_in_a_built_in_voice_is_given_the_same_prompt(tts, monkeypatch):
+    seen = given(monkeypatch)
     list(tts.frames("The first sentence.", voice="alloy", temperature=0, max_audio_ms=400))
     list(tts.frames("Something else entirely, and longer.", voice="alloy", temperature=0, max_audio_ms=400))
     list(tts.frames("No voice named: the default one.", temperature=0, max_audio_ms=400))
@@ -92,14 +94,14 @@ def _env(root: Path) -> dict:
 
 def test_two_threads_make_a_prompt_once(tts, monkeypatch):
     calls = []
-    make = tts._builtin_codes
+    make = tts.prompt_codes
 
     def slow(speaker, text):
         calls.append(speaker)
         time.sleep(0.5)  # the other thread asks meanwhile
         return make(speaker, text)
 
-    monkeypatch.setattr(tts, "_builtin_codes", slow)
+    monkeypatch.setattr(tts, "prompt_codes", slow)
     got = []
     threads = [threading.Thread(target=lambda: got.append(prompt_codes(tts.voice("echo")))) for _ in range(2)]
     for t in threads:
@@ -139,7 +141,7 @@ def test_a_damaged_prompt_names_the_voice_and_the_fix_and_others_still_work(tts)
     path = builtin_voices.prompt_path("coral", tts.model.path)
     path.parent.mkdir(parents=True)
     path.write_bytes(b"not a voice")
-    with pytest.raises(ValueError, match=r"voice 'coral' is damaged .*delete .*coral\.npz and it is made again"):
+    with pytest.raises(ValueError, match=r"voice 'coral' is damaged .*delete .*coral\.npz .*and it is made again"):
         list(tts.frames("Hello.", voice="coral", max_audio_ms=160))
     assert list(tts.frames("Hello.", voice="sage", max_audio_ms=160))
     assert "damaged" in voices.describe("coral", tts.model.path)
@@ -158,8 +160,8 @@ def test_a_saved_voice_of_a_built_in_name_replaces_it_until_deleted(tts):
         voices.delete_voice("ash")
 
 
-def test_no_voice_is_the_raw_model(tts):
-    seen = given(tts)
+def test_no_voice_is_the_raw_model(tts, monkeypatch):
+    seen = given(monkeypatch)
     list(tts.frames("Raw.", voice="none", speaker=3, max_audio_ms=160))
     list(tts.frames("Raw too.", speaker=5, max_audio_ms=160))  # a bare speaker id
     assert seen == [(3, []), (5, [])]

@@ -17,7 +17,7 @@ import torch
 from converter.checkpoint import CheckpointError, download
 from converter.convert import convert
 from converter.gguf_files import ConversionError
-from csm_fixtures import llama3_tokenizer_model
+from csm_fixtures import tiktoken_encoding
 from csm_gguf.model import CSMModel
 
 TRICKY = [
@@ -30,15 +30,6 @@ TRICKY = [
     "Emoji 🎉🚀 and combining é vs é",
     "don't I'll we've they're it's",
 ]
-
-
-def tiktoken_encoding():
-    import tiktoken
-    from tiktoken.load import load_tiktoken_bpe
-
-    pattern = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-    return tiktoken.Encoding("llama3", pat_str=pattern,
-                             mergeable_ranks=load_tiktoken_bpe(llama3_tokenizer_model()), special_tokens={})
 
 
 def test_token_ids_equal_tiktoken(f32_model):
@@ -69,8 +60,8 @@ def test_model_files_are_stock_llama_models(f32_model):
 
 def test_rope_factors_match_transformers_llama3_curve():
     import torch
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     from csm_gguf.config import CSM_1B
 
@@ -238,6 +229,48 @@ def test_truncated_gguf_gets_a_clear_error(f32_model, tmp_path, victim):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(ValueError, match="convert"):
         Generator(CSMModel(damaged))
+
+
+def with_sidecar_version(model: Path, folder: Path, version: int) -> Path:
+    """A copy of `model` whose sidecar says it is of another format version."""
+    import gguf
+
+    shutil.copytree(model, folder)
+    reader = gguf.GGUFReader(folder / "csm.gguf", "r+")
+    reader.fields["csm.version"].parts[-1][0] = version
+    reader.data.flush()
+    del reader
+    return folder
+
+
+@pytest.mark.parametrize("version, match", [
+    (2, r"format version 2, made by an older csm-gguf: convert the model again \(python -m csm_gguf.convert "
+        r"--output-dir .*old.*\); this csm-gguf reads version 3"),
+    (4, r"format version 4, made by a newer csm-gguf: upgrade csm-gguf, or convert the model again"),
+])
+def test_sidecar_of_another_version_is_refused_naming_the_fix(f32_model, tmp_path, version, match):
+    """Version 2 sidecars hold the codec in the kyutai/mimi checkpoint's layout, in F16: this csm-gguf maps
+    version 3's runtime layout as it is, and refuses the others rather than reshuffle at every start."""
+    with pytest.raises(ValueError, match=match):
+        CSMModel(with_sidecar_version(f32_model, tmp_path / "old", version))
+
+
+def test_codec_weights_are_the_mapped_sidecar(f32_model, tiny_csm):
+    """The converter stores the codec as it runs (float32, Mimi's own layout): its weights are the sidecar's
+    mapped bytes, nothing copied or reordered, and they are the converter's Mimi, built from the checkpoint."""
+    from converter.mimi_keys import mimi_tensors_to_transformers
+    from csm_gguf.mimi import Mimi, MimiConfig
+
+    model = CSMModel(f32_model)
+    mapped = model.codec_tensors()
+    config = MimiConfig.from_transformers(model.codec_config)
+    codec = Mimi.from_runtime_tensors(config, mapped)
+    built = Mimi.from_state_dict(config, mimi_tensors_to_transformers(tiny_csm.codec_model.state_dict()))
+    assert codec.state_dict().keys() == mapped.keys() == built.state_dict().keys()
+    for name, tensor in codec.state_dict().items():
+        assert isinstance(mapped[name], np.memmap) and tensor.dtype == torch.float32, name
+        assert tensor.data_ptr() == mapped[name].ctypes.data, name
+        assert torch.equal(tensor, built.state_dict()[name]), name
 
 
 def test_missing_model_file(f32_model, tmp_path):

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from csm_fixtures import random_codes
 
+from csm_fixtures import random_codes
 from csm_gguf import prompt_cache
-from csm_gguf.generator import Generator, Sampling, Segment
+from csm_gguf.generator import Generator, Segment
 from csm_gguf.model import CSMModel
+from csm_gguf.plan import TokenCounts, split_text
+from csm_gguf.sampling import Sampling
 from csm_gguf.server.engine import Engine, SpeechJob
 from csm_gguf.tts import CSM
 
@@ -28,7 +30,7 @@ def model(f32_model):
 
 def speak(gen: Generator, text: str, context: list[Segment], shared_voice: list[Segment] | None = None,
           speaker: int = 0) -> np.ndarray:
-    shared = gen.voice_rows(context if shared_voice is None else shared_voice, context)
+    shared = gen.context_rows(context if shared_voice is None else shared_voice)  # as plan.Context marks it
     return np.stack(list(gen.generate(text, speaker, context, GREEDY, shared)))
 
 
@@ -42,8 +44,8 @@ def uncached(model):
 def test_requests_in_a_voice_read_its_prompt_once_and_get_the_same_codes(model, uncached):
     gen = Generator(model, kv_type="f32", n_threads=1)
     context = voice()
-    shared = gen.voice_rows(context, context)
-    assert shared == gen.context_rows(context) > 100
+    shared = gen.context_rows(context)
+    assert shared > 100
     for i, text in enumerate(TEXTS):
         before = gen.prompt_positions_read
         codes = speak(gen, text, voice())  # the voice loaded again: equal content, other objects
@@ -116,7 +118,7 @@ def test_a_long_text_in_pieces_and_a_dialogue_read_the_voice_once(csm_pair):
     cached, plain = csm_pair
     long_text = " ".join(["This sentence is one of many in a long text that is spoken in pieces."] * 8)
     kw = {"context": voice(), "temperature": 0, "max_audio_ms": 8 * 80}
-    pieces = len(cached.pieces(long_text))
+    pieces = len(split_text(long_text, TokenCounts(cached.model)))
     assert pieces >= 3
     read = [tts.generator.prompt_positions_read for tts in csm_pair]
     np.testing.assert_array_equal(np.stack(list(cached.frames(long_text, **kw))),
@@ -141,7 +143,7 @@ def collect(job) -> np.ndarray:
 
 def test_concurrent_server_streams_in_one_voice_share_its_prompt(f32_model, uncached):
     tts = CSM(f32_model, kv_type="f32", max_streams=4, n_threads=1)
-    engine = Engine(tts)
+    engine = Engine(tts.generator)
     try:
         gen = tts.generator
         with engine._wake:  # the engine takes all four at once: their prompts are read together

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from csm_gguf.text import chunk_text, is_blank, split_sentences, take_sentences
+from csm_gguf.text import chunk_text, is_blank, split_sentences, take_sentences, take_sentences_within
 
 
 def tokens(text: str) -> int:
@@ -330,3 +330,11 @@ def test_sentence_ends_of_other_scripts():
                                   "Line one\u2028line two\rthree\r\nfour \n \n five"])
 def test_sentences_of_text_one_character_at_a_time(text):
     assert incremental_sentences(list(text)) == split_sentences(text)
+
+
+def test_take_sentences_within_cuts_text_that_never_ends_a_sentence():
+    text = "One. Two " + "word " * 30
+    sentences, rest = take_sentences_within(text, 40)
+    assert sentences[0] == "One." and len(sentences) > 1 and all(len(s) <= 40 for s in sentences)
+    assert len(rest) <= 40 and " ".join([*sentences, rest]).split() == text.split()  # nothing lost, in order
+    assert take_sentences_within("One. Two words", 40) == take_sentences("One. Two words")

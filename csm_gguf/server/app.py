@@ -9,56 +9,41 @@ from typing import Any
 
 from flask import Flask
 
-from ..tts import CSM, NO_VOICE
-from ..voices import voice_speaker
-from .engine import Engine
+from . import drain, health, metrics, ws_guard
 from .errors import register_error_handlers
 from .limits import MAX_SPEECH_REQUEST
-from .routes import EXTENSION, Services, bp
-from .schemas import voice_names
+from .routes import bp
+from .services import EXTENSION, Services
 from .settings import Settings
+from .startup import check_settings, start_engine
 
 
 def create_app(**overrides: Any) -> Flask:
     """The app, its model loaded; keyword arguments override the environment (see Settings)."""
     settings = replace(Settings.from_env(), **overrides)
-    if settings.max_streams < 1 or settings.max_queue < 0:
-        raise ValueError("CSM_GGUF_MAX_STREAMS must be >= 1 and CSM_GGUF_QUEUE >= 0")
-    if settings.voice not in voice_names():
-        raise ValueError(f"CSM_GGUF_VOICE={settings.voice!r} is not a voice; known: {', '.join(voice_names())}")
-    if settings.voice != NO_VOICE:
-        voice_speaker(settings.voice)  # a damaged saved one fails now, before the model loads
+    check_settings(settings)
     app = Flask("csm_gguf.web")
-    services = start_services(settings)
-    if settings.voice != NO_VOICE:
-        try:  # made now if it is a built-in one, not in the first request; and a damaged one fails now
-            services.voice(settings.voice)
-        except BaseException:
-            services.engine.close()
-            services.tts.close()
-            raise
-    app.extensions[EXTENSION] = services
+    app.extensions[EXTENSION] = start_services(settings)
     app.config["API_KEY"] = settings.api_key
     app.config["MAX_CONTENT_LENGTH"] = MAX_SPEECH_REQUEST
     app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": MAX_SPEECH_REQUEST}  # closes with 1009 beyond
     register_error_handlers(app)
     app.register_blueprint(bp)
+    serve_replicas(app, settings)
     return app
+
+
+def serve_replicas(app: Flask, settings: Settings) -> None:
+    """What running as one of several replicas needs: health probes, a graceful drain on SIGTERM, bounded
+    websockets and metrics."""
+    engine = app.extensions[EXTENSION].engine
+    draining = drain.install(app, engine, settings)
+    slots = ws_guard.install(app, settings, draining)
+    app.register_blueprint(health.bp)
+    metrics.install(app, engine, draining, slots)
 
 
 def start_services(settings: Settings) -> Services:
     """The model and codec loaded, and the engine running."""
-    tts = CSM(settings.model, settings.threads, settings.gpu_layers, settings.kv_type, settings.max_streams,
-              settings.codec_device)
-    # Each request thread decodes its own audio while llama.cpp's threads run the engine: one torch
-    # thread per decode keeps them from oversubscribing the cores (which slows small ops ~100x). And
-    # set before any torch work: torch and ggml share one OpenMP runtime, and once this thread has run
-    # parallel work with it (building the codec with two threads did), the engine thread's frames took
-    # 45% longer.
-    import torch
-
-    torch.set_num_threads(1)
-    codec = tts.codec  # loaded now, not racing in the first requests' threads
-    codec.warm_up(codebooks=tts.model.config.num_codebooks)  # the CPU traces are made now, not in requests
-    engine = Engine(tts, settings.max_queue)
+    tts, codec, engine = start_engine(settings)
     return Services(tts, codec, engine, settings, created=int(os.path.getmtime(tts.model.backbone_path)))

@@ -15,13 +15,14 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..generator import Segment, Stream
-from ..tts import CSM, spoken_context
+from ..generator import Generator, Segment, Stream, check_speaker
+from ..plan import Context, Piece, TokenCounts, plan_pieces, split_text
+from ..sampling import MAX_AUDIO_MS, SEED, TEMPERATURE, TOP_K, Sampling
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,28 @@ class QueueFull(RuntimeError):
     """Every generation slot is busy and the waiting queue is full."""
 
 
+class Place:
+    """A place in line taken before a request is read (`Engine.place`): a request the server would refuse
+    is refused before its body is read and its context audio decoded, so that the memory of requests being
+    read is bounded by the slots and the queue, not by the number of clients. `Engine.submit_in` turns it
+    into the request's job; `release` gives it back (once)."""
+
+    def __init__(self, engine: Engine):
+        self.engine, self.held = engine, True
+
+    def release(self) -> None:
+        with self.engine._wake:
+            if self.held:
+                self.held = False
+                self.engine.reserved -= 1
+
+    def __enter__(self) -> Place:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 @dataclass(frozen=True)
 class SpeechJob:
     """What to say and how: the engine's view of one request."""
@@ -42,13 +65,23 @@ class SpeechJob:
     text: str
     speaker: int = 0
     context: Sequence[Segment] = ()
-    temperature: float = 0.9
-    top_k: int = 50
-    seed: int | None = None
-    max_audio_ms: float | None = None
+    temperature: float = TEMPERATURE.default
+    top_k: int = TOP_K.default
+    seed: int | None = SEED.default
+    max_audio_ms: float | None = MAX_AUDIO_MS.default
+
+    @property
+    def sampling(self) -> Sampling:
+        """The sampling settings as one object, checked (ValueError)."""
+        return Sampling(self.temperature, self.top_k, self.seed, self.max_audio_ms)
 
 
 _END = object()
+
+
+def usage(input_tokens: int, frames: int) -> dict:
+    """OpenAI's usage record. Output tokens: generated 80 ms frames (each one row of 32 codebook tokens)."""
+    return {"input_tokens": input_tokens, "output_tokens": frames, "total_tokens": input_tokens + frames}
 
 
 @dataclass(eq=False)  # jobs are found in the engine's lists by identity: two requests may be alike
@@ -57,18 +90,18 @@ class Job:
     reads them with `next_frames` and calls `cancel` when its client goes away."""
 
     spec: SpeechJob
-    pieces: list[str]
+    pieces: list[Piece]
+    context: Context  # what the next piece hears: the request's context, then what this request said
     input_tokens: int
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     cancelled: bool = False
     frames: int = 0
     submitted: float = field(default_factory=time.monotonic)
     first_frame: float | None = None
-    # Engine-thread state: the piece being spoken, its stream and frames, the previous piece as context.
+    # Engine-thread state: the piece being spoken, its stream and frames.
     piece: int = 0
     stream: Stream | None = None
     made: list[np.ndarray] = field(default_factory=list)
-    previous: list[Segment] = field(default_factory=list)
     # Following requests (`Engine.submit(after=...)`): the one that waits for this job to end, whether
     # this job waited for another (then it does not count against the queue's size: it is a request
     # already being served, going on) and takes its last piece as context. `ended` is set under the lock.
@@ -76,6 +109,9 @@ class Job:
     follower: bool = False
     continues: bool = False
     ended: bool = False
+
+    def usage(self) -> dict:
+        return usage(self.input_tokens, self.frames)
 
     def cancel(self) -> None:
         # A plain flag: the engine drops the job (and frees its slot) before the next frame.
@@ -106,25 +142,54 @@ class Job:
 
 
 class Engine:
-    def __init__(self, tts: CSM, max_queue: int = 16):
-        self.tts = tts
-        self.generator = tts.generator
-        self.max_streams = tts.generator.max_streams
+    def __init__(self, generator: Generator, max_queue: int = 16):
+        self.generator = generator
+        self.max_streams = generator.max_streams
         self.max_queue = max_queue
         self.waiting: deque[Job] = deque()
         self.joining: list[Job] = []  # taken from the queue, their prompts being read
         self.active: list[Job] = []
+        self.reserved = 0  # places taken by requests still being read (Place)
         self.completed = 0
         self.forgotten: list[list[Segment]] = []  # voice prompts whose cached cells go before the next frame
+        # Called on the engine thread as each job ends, with the error that ended it (or None): metrics.
+        self.on_end: Callable[[Job, BaseException | None], None] | None = None
         self._wake = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="csm-engine", daemon=True)
         self._thread.start()
 
     # --- request threads ----------------------------------------------------------------------------
+    def place(self) -> Place:
+        """A place in line for a request about to be read; QueueFull now if there is none (see Place)."""
+        with self._wake:
+            if self._closing:
+                raise RuntimeError(SHUTTING_DOWN)
+            self._check_room()
+            self.reserved += 1
+        return Place(self)
+
+    def _check_room(self) -> None:
+        """QueueFull unless a new request fits: requests spoken, waiting or being read, against the slots
+        and the queue (followers are not counted: see submit)."""
+        queued = sum(not w.follower for w in self.waiting)
+        if len(self.active) + len(self.joining) + queued + self.reserved >= self.max_streams + self.max_queue:
+            raise QueueFull(
+                f"the server is busy: {len(self.active) + len(self.joining)} requests are being spoken and "
+                f"{queued + self.reserved} wait (CSM_GGUF_MAX_STREAMS={self.max_streams}, "
+                f"CSM_GGUF_QUEUE={self.max_queue}); try again shortly"
+            )
+
+    def submit_in(self, place: Place, spec: SpeechJob) -> Job:
+        """`submit`, in the place taken for the request: the place is given back and taken by the job under
+        one hold of the lock (which submit takes again), so no other request can take it in between."""
+        with self._wake:
+            place.release()
+            return self.submit(spec)
+
     def submit(self, spec: SpeechJob, after: Job | None = None, continues: bool = False) -> Job:
         """Queue a request; raises QueueFull when all slots and the queue are taken, ValueError for empty
-        text.
+        text or bad settings.
 
         `after`: a request of the same client (a websocket session's sentence). If it has not ended, this
         one waits for it, keeping its place in line from now: when `after` ends, this one takes over its
@@ -137,9 +202,7 @@ class Engine:
         previous piece, as between the pieces of a long text: the context gives way to it if both do not
         fit.
         """
-        pieces = self.tts.pieces(spec.text)
-        job = Job(spec, pieces, input_tokens=len(self.tts.model.tokenize(spec.text)),
-                  continues=continues and after is not None)
+        job = self._job(spec, continues and after is not None)
         with self._wake:
             if self._closing:
                 raise RuntimeError(SHUTTING_DOWN)
@@ -149,25 +212,35 @@ class Engine:
                 after.successor, job.follower = job, True
                 return job
             if job.continues:
-                job.previous = list(after.previous)
-            queued = sum(not w.follower for w in self.waiting)
-            if len(self.active) + len(self.joining) + queued >= self.max_streams + self.max_queue:
-                raise QueueFull(
-                    f"the server is busy: {len(self.active) + len(self.joining)} requests are being spoken and "
-                    f"{queued} wait (CSM_GGUF_MAX_STREAMS={self.max_streams}, "
-                    f"CSM_GGUF_QUEUE={self.max_queue}); try again shortly"
-                )
+                job.context.previous = list(after.context.previous)
+            self._check_room()
             self.waiting.append(job)
             self._wake.notify()
         return job
 
+    def _job(self, spec: SpeechJob, continues: bool) -> Job:
+        """The request's plan: its pieces (tokenized once) with their samplings, and its context."""
+        check_speaker(spec.speaker)
+        count = TokenCounts(self.generator.model)
+        texts = split_text(spec.text, count)
+        pieces = list(plan_pieces(((spec.speaker, text) for text in texts), spec.sampling, count))
+        context = Context(self.generator, spec.context)
+        return Job(spec, pieces, context, input_tokens=count(spec.text), continues=continues)
+
     def codes(self, spec: SpeechJob) -> np.ndarray:
-        """Speak `spec` to its end (in turn with other requests): its codes, (frames, 32)."""
-        job = self.submit(spec)
+        """Speak `spec` to its end, in turn with the requests: its codes, (frames, 32). For the server's own
+        work (a built-in voice's prompt, made once per model, while a request waits for it), so it is never
+        refused for a full queue: the requests already in line are the ones it serves."""
+        job = self._job(spec, continues=False)
+        with self._wake:
+            if self._closing:
+                raise RuntimeError(SHUTTING_DOWN)
+            self.waiting.append(job)
+            self._wake.notify()
         frames = []
         while (got := job.next_frames()) is not None:
             frames += got
-        return np.stack(frames) if frames else np.zeros((0, self.tts.model.config.num_codebooks), np.int64)
+        return np.stack(frames) if frames else np.zeros((0, self.generator.cfg.num_codebooks), np.int64)
 
     def forget_voice(self, segments: list[Segment]) -> None:
         """Drop a deleted or replaced voice's cached prompt (on the engine thread, between frames)."""
@@ -187,6 +260,11 @@ class Engine:
             "cached_prompts": len(self.generator.prompt_cache.entries),
             "requests_completed": self.completed,
         }
+
+    @property
+    def running(self) -> bool:
+        """Whether the engine thread is serving (not closed, not died)."""
+        return self._thread.is_alive() and not self._closing
 
     def close(self) -> None:
         with self._wake:
@@ -270,14 +348,10 @@ class Engine:
 
     def _start_piece(self, job: Job) -> bool:
         """Claim a slot and read the piece's prompt; on failure the job ends with the error."""
-        spec, piece = job.spec, job.pieces[job.piece]
+        piece = job.pieces[job.piece]
         try:
-            sampling = self.tts.piece_sampling(piece, job.piece, spec.temperature, spec.top_k, spec.seed,
-                                               spec.max_audio_ms)
-            context = self.tts.piece_context(piece, spec.speaker, spec.context, job.previous, sampling)
-            prompt = self.generator.prompt_embeddings(piece, spec.speaker, context)
-            shared = self.generator.voice_rows(spec.context, context)  # the voice prompt is read once
-            job.stream = self.generator.start(prompt, sampling, read_prompt=False, shared=shared)
+            prompt, shared = job.context.prompt(piece)  # shared: the voice prompt, read once, then cached
+            job.stream = self.generator.start(prompt, piece.sampling, read_prompt=False, shared=shared)
         except Exception as e:
             job.stream = None
             self._end(job, e)
@@ -289,7 +363,7 @@ class Engine:
         with this one as context, so the voice carries over as in CSM.frames."""
         self.generator.finish(job.stream)
         job.stream = None
-        job.previous = spoken_context(job.previous, job.spec.speaker, job.pieces[job.piece], job.made)
+        job.context.said(job.pieces[job.piece], job.made)
         job.made = []
         job.piece += 1
         if job.piece < len(job.pieces) and not job.cancelled:
@@ -309,12 +383,17 @@ class Engine:
             successor = job.successor
             if successor is not None:
                 if successor.continues:
-                    successor.previous = list(job.previous)
+                    successor.context.previous = list(job.context.previous)
                 if not self._closing:  # its place in line: after the requests submitted before it
                     place = next((i for i, w in enumerate(self.waiting) if w.submitted > successor.submitted),
                                  len(self.waiting))
                     self.waiting.insert(place, successor)
         self.completed += 1
         job.out.put(_END if error is None else error)
+        if self.on_end is not None:
+            try:
+                self.on_end(job, error)
+            except Exception:  # an observer's bug must not stop generation
+                log.exception("the engine's on_end hook failed")
         if successor is not None and self._closing:
             self._end(successor, RuntimeError(SHUTTING_DOWN))

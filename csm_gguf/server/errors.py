@@ -7,6 +7,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from ..generator import PromptTooLong
+from ..voices import PromptCacheError, VoicesFolderError, VoicesFull
 from .limits import MAX_SPEECH_REQUEST, MAX_VOICE_UPLOAD
 
 if TYPE_CHECKING:
@@ -67,6 +68,25 @@ def http_error(e: HTTPException):
     return api_error(ApiError(e.code or 500, message, code=e.name.lower().replace(" ", "_")))
 
 
+def voices_full(e: VoicesFull):
+    return api_error(ApiError(507, f"{e} (DELETE /v1/audio/voices/NAME deletes one)", param="name",
+                              code="voices_full"))
+
+
+def folder_error(e: VoicesFolderError) -> ApiError:
+    """The voices folder (or the cache that keeps the built-in voices' prompts) cannot be used: said in the
+    log, with its path; the client learns no path."""
+    log.error("voices folder: %s", e)
+    folder = ("cache folder (CSM_GGUF_CACHE), where built-in voices' prompts are kept"
+              if isinstance(e, PromptCacheError) else "voices folder (CSM_GGUF_VOICES)")
+    return ApiError(500, f"the server cannot use its {folder}: its log says why", type="server_error",
+                    code="voices_folder")
+
+
+def voices_folder_error(e: VoicesFolderError):
+    return api_error(folder_error(e))
+
+
 def server_error(e: Exception):
     log.exception("unexpected error")
     return api_error(ApiError(500, f"internal error: {e}", type="server_error"))
@@ -77,4 +97,6 @@ def register_error_handlers(app: Flask) -> None:
 
     app.register_error_handler(ApiError, api_error)
     app.register_error_handler(HTTPException, http_error)
+    app.register_error_handler(VoicesFull, voices_full)
+    app.register_error_handler(VoicesFolderError, voices_folder_error)
     app.register_error_handler(Exception, server_error)

@@ -7,3 +7,7 @@ MAX_VOICE_UPLOAD = 32 * 2**20  # bytes: half a minute of 48 kHz stereo wav is 11
 # A speech request's body: its context audio (base64) can be the whole context, 164 s: 42 MB as 48 kHz
 # stereo wav.
 MAX_SPEECH_REQUEST = 64 * 2**20
+MAX_SPEAKER = 1_000_000  # speaker ids: any CSM takes, within reason
+# Nesting of a request's JSON: a speech request needs 5 levels (body, context, segment, codes, frame).
+# Deeper JSON is refused before anything recurses through it (Python's json parser stops near 1000).
+MAX_JSON_DEPTH = 32

@@ -5,80 +5,40 @@
 from __future__ import annotations
 
 import hmac
-import json
 import time
-from dataclasses import dataclass
 from importlib import resources
-from typing import Any
 
 import numpy as np
 from flask import Blueprint, Response, current_app, render_template_string, request
 from flask_sock import Sock
+from werkzeug.exceptions import RequestEntityTooLarge
 
-from .. import builtin_voices, ffmpeg
+from .. import ffmpeg
 from ..audio import MEDIA_TYPES, StreamEncoder, encode_audio
 from ..tempo import stretched
-from ..tts import CSM, Voice
-from ..voices import (BUILTIN_VOICES, VoiceExists, VoicesFolderError, all_voices, delete_voice, list_voices, load_voice,
-                      read_voice, save_voice, voice_info)
-from .engine import Engine, Job, QueueFull, SpeechJob
+from ..voices import (
+    BUILTIN_VOICES,
+    VoiceExists,
+    VoicesFolderError,
+    all_voices,
+    delete_voice,
+    list_voices,
+    save_voice,
+    voice_info,
+)
 from .errors import VOICES_PATH, ApiError, generation_error
-from .limits import MAX_VOICE_UPLOAD
-from .schemas import MODELS, SpeechRequest, parse_speech, parse_voice, voice_exists
-from .settings import SETTINGS, Settings
+from .limits import MAX_SPEECH_REQUEST, MAX_VOICE_UPLOAD
+from .schemas import MODELS, parse_json, parse_voice, voice_exists
+from .services import EXTENSION, Services
+from .settings import SETTINGS
 from .streaming import ClientGone, decoded_audio, encoded, next_frames, sse_events, streamed
+from .ws_guard import guard
 from .ws_session import WebsocketSession
 
 WEBSOCKET_PATH = "/v1/audio/speech/ws"
-EXTENSION = "csm_gguf"  # the app's Services, in app.extensions
 
 bp = Blueprint("csm_gguf", __name__)
 sock = Sock()
-
-
-@dataclass
-class Services:
-    """What the endpoints use: the model, its codec, the engine that batches requests, the settings."""
-
-    tts: CSM
-    codec: Any
-    engine: Engine
-    settings: Settings
-    created: int  # the model's time, for /v1/models
-
-    def parse(self, body: Any, need_input: bool = True) -> SpeechRequest:
-        return parse_speech(body, self.tts, self.settings.voice, need_input, self.voice)
-
-    def voice(self, name: str) -> Voice:
-        """A voice by name; a built-in voice's prompt is made (once per model) by the engine, in turn with
-        the requests being spoken."""
-        try:
-            return load_voice(name, self.tts.model.path, self._builtin_codes)
-        except QueueFull as e:
-            raise ApiError(429, str(e), code="queue_full", type="rate_limit_error") from None
-
-    def _builtin_codes(self, speaker: int, text: str) -> np.ndarray:
-        return self.engine.codes(SpeechJob(text, speaker, (), **builtin_voices.SAMPLING))
-
-    def forget(self, name: str) -> None:
-        """Drop voice `name`'s cached prompt as it is now, before it is deleted or replaced."""
-        path = builtin_voices.prompt_path(name, self.tts.model.path) if name in BUILTIN_VOICES else None
-        try:
-            if name in list_voices():
-                voice = load_voice(name)
-            elif path is not None and path.exists():
-                voice = read_voice(path, name)
-            else:
-                return
-        except ValueError:  # damaged: nothing of it was cached
-            return
-        self.engine.forget_voice(voice.segments)
-
-    def submit(self, req: SpeechRequest, after: Job | None = None, continues: bool = False) -> Job:
-        try:
-            return self.engine.submit(req.job, after, continues)
-        except QueueFull as e:
-            raise ApiError(429, str(e), code="queue_full", type="rate_limit_error") from None
 
 
 def services() -> Services:
@@ -136,15 +96,14 @@ def add_voice():
         raise ApiError(400, "send the voice as multipart/form-data: name, audio_sample (the recording, as a "
                        "file) and transcript (its words)", code="invalid_request")
     request.max_content_length = MAX_VOICE_UPLOAD
-    name, voice = parse_voice(request.form, request.files, services().tts)
+    with services().place():  # as a speech request: refused (429) before the upload is read and encoded
+        name, voice = parse_voice(request.form, request.files, services().tts)
     if name in BUILTIN_VOICES:
         services().forget(name)  # the built-in voice it replaces
     try:
-        save_voice(name, voice)
+        save_voice(name, voice)  # VoicesFull and VoicesFolderError have their handlers (errors.py)
     except VoiceExists:  # saved meanwhile, by another request or program
         raise voice_exists(name) from None
-    except VoicesFolderError as e:  # the server's setup, not the request
-        raise ApiError(500, str(e), type="server_error") from None
     return {"id": name, "object": "audio.voice", "name": name, "created_at": int(time.time()),
             "type": "audio_sample"}
 
@@ -157,8 +116,8 @@ def remove_voice(name: str):
     try:
         services().forget(name)
         deleted = delete_voice(name)
-    except VoicesFolderError as e:  # the file would not go: the server's setup
-        raise ApiError(500, str(e), type="server_error") from None
+    except VoicesFolderError:  # the file would not go: the server's setup (its handler says so)
+        raise
     except ValueError as e:  # a built-in voice
         raise ApiError(400, str(e), param="voice_id") from None
     if not deleted:
@@ -170,12 +129,9 @@ def remove_voice(name: str):
 @bp.post("/v1/audio/speech")
 def speech():
     s = services()
-    try:
-        body = json.loads(request.get_data())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
-    req = s.parse(body)
-    job = s.submit(req)
+    with s.place() as place:  # a request the server would refuse is refused before its body is read
+        req = s.parse(parse_json(speech_body()))
+        job = s.submit(req, place=place)
     environ = request.environ
     try:
         first = next_frames(job, environ)  # a request that cannot start fails here, with a proper status
@@ -200,7 +156,17 @@ def speech():
     return streamed(encoded(audio, StreamEncoder(req.response_format)), media_type)
 
 
+def speech_body() -> bytes:
+    """The body, at most MAX_SPEECH_REQUEST bytes (a 413 beyond), with or without a Content-Length: werkzeug
+    cuts a chunked body at the request's limit without a word, so the limit is one byte more and the body
+    that reaches it is refused here."""
+    request.max_content_length = MAX_SPEECH_REQUEST + 1
+    data = request.get_data(cache=False)
+    if len(data) > MAX_SPEECH_REQUEST:
+        raise RequestEntityTooLarge()
+    return data
+
+
 @sock.route(WEBSOCKET_PATH, bp=bp)
 def speech_ws(ws):
-    s = services()
-    WebsocketSession(ws, s.codec, s.parse, s.submit).run()
+    WebsocketSession(guard(ws), services()).run()  # idle timeout and drain: ws_guard

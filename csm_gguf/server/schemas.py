@@ -14,22 +14,25 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..audio import FORMATS, AudioError, check_format
-from ..generator import Segment
+from ..generator import Segment, check_codes
+from ..sampling import SETTINGS as SAMPLING_SETTINGS
+from ..sampling import Setting
 from ..tempo import MAX_SPEED, MIN_SPEED
 from ..text import is_blank, is_unicode
 from ..tts import CSM, NO_VOICE, Voice
-from ..voices import BUILTIN_VOICES, VoiceExists, VoicesFolderError, all_voices, check_saveable
+from ..voices import BUILTIN_VOICES, VoiceExists, VoicesFolderError, VoicesFull, all_voices, check_saveable
 from .engine import SpeechJob
 from .errors import ApiError, invalid
-from .limits import MAX_CONTEXT_SEGMENTS, MAX_INPUT_CHARS
+from .limits import MAX_CONTEXT_SEGMENTS, MAX_INPUT_CHARS, MAX_JSON_DEPTH, MAX_SPEAKER
 
 if TYPE_CHECKING:
     from werkzeug.datastructures import FileStorage, MultiDict
@@ -48,31 +51,112 @@ FIELDS = {
 VOICE_FIELDS = {"name", "audio_sample", "consent", "type", "transcript", "speaker_id"}
 
 
+@dataclass(frozen=True)
+class ContextAudio:
+    """A context segment sent as audio, checked but not yet encoded (`encode_context`): encoding runs the
+    Mimi encoder, which a websocket session does once for settings it reuses."""
+
+    speaker: int
+    text: str
+    audio: bytes  # an audio file
+    param: str = field(compare=False)  # where it was sent ("context[0].audio"), for errors
+
+
 @dataclass
 class SpeechRequest:
-    job: SpeechJob
+    job: SpeechJob  # its context: Segments, and ContextAudio until `encode_context`
     response_format: str = "mp3"
     stream_format: str = "audio"
     stream: bool = True  # False: the whole file with a Content-Length (and a WAV header with real sizes)
     speed: float = 1.0  # applied to the audio (csm_gguf.tempo): CSM itself speaks at its own pace
 
 
+SPEED = Setting("speed", 1.0, MIN_SPEED, MAX_SPEED)
+SPEAKER_ID = Setting("speaker_id", 0, 0, MAX_SPEAKER, whole=True)
+CONTEXT_SPEAKER = replace(SPEAKER_ID, name="speaker")
+
+
 def voice_names() -> list[str]:
     return [*all_voices(), NO_VOICE]
 
 
+def parse_json(data: bytes | str, what: str = "the request body") -> Any:
+    """A request's JSON (an HTTP body or a websocket message), or an ApiError (400) that says what is wrong
+    with it: not JSON, not UTF-8, or nested deeper than MAX_JSON_DEPTH."""
+    try:
+        value = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:  # UnicodeDecodeError is a ValueError, named for the reader
+        raise ApiError(400, f"{what} is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:  # Python's parser gives up near 1000 levels
+        too_deep = True
+    else:
+        too_deep = not _nested_at_most(value, MAX_JSON_DEPTH)
+    if too_deep:
+        raise ApiError(400, f"{what} nests arrays and objects more than {MAX_JSON_DEPTH} levels deep (a speech "
+                       "request needs 5)", code="invalid_json")
+    return value
+
+
+def _nested_at_most(value: Any, depth: int) -> bool:
+    """Whether `value` nests lists and dicts at most `depth` levels deep, found level by level (no recursion)."""
+    level = [value] if isinstance(value, (dict, list)) else []
+    for _ in range(depth):
+        level = [child for v in level for child in (v.values() if isinstance(v, dict) else v)
+                 if isinstance(child, (dict, list))]
+        if not level:
+            return True
+    return False
+
+
 def parse_speech(body: Any, tts: CSM, default_voice: str = "alloy", need_input: bool = True,
                  load: Callable[[str], Voice] | None = None) -> SpeechRequest:
-    """The request as the engine needs it; ApiError (400) for the first bad field. need_input=False for
-    a websocket session's settings, whose text comes later. `load` reads a voice by name (the server's
-    Services.voice: a built-in voice's prompt is made through the engine); default tts.voice."""
+    """The request as the engine needs it, but for encoding its context audio (`encode_context`); ApiError
+    (400) for the first bad field. need_input=False for a websocket session's settings, whose text comes
+    later. `load` reads a voice by name (a server's: a built-in voice's prompt made through its engine, see
+    served_voices); default tts.voice."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
     unknown = sorted(set(body) - FIELDS)
     if unknown:
         raise invalid(unknown[0], f"unrecognized request argument: {unknown[0]!r}; known: {', '.join(sorted(FIELDS))}",
                       code="unknown_parameter")
+    _model(body, need_input)
+    text = _input(body, need_input)
+    instructions = body.get("instructions")  # accepted for compatibility; CSM takes no style instructions
+    if instructions is not None and (not isinstance(instructions, str) or len(instructions) > MAX_INPUT_CHARS):
+        raise invalid("instructions", f"'instructions' must be a string of at most {MAX_INPUT_CHARS} characters")
+    fmt, stream_format, stream = _output(body)
+    speed = _value(body, SPEED)
+    speaker, segments = _voice(body.get("voice", default_voice), tts, load or tts.voice)
+    if "speaker_id" in body and body["speaker_id"] is not None:
+        speaker = _value(body, SPEAKER_ID)
+    temperature, top_k, seed, max_audio_ms = (_value(body, setting) for setting in SAMPLING_SETTINGS)
+    segments = [*segments, *_context(body.get("context"), tts)]
+    job = SpeechJob(text, speaker, segments, temperature, top_k, seed, max_audio_ms)
+    return SpeechRequest(job, fmt, stream_format, stream, speed)
 
+
+def encode_context(req: SpeechRequest, tts: CSM, encoded: dict[ContextAudio, Segment] | None = None
+                   ) -> SpeechRequest:
+    """The request with its context audio encoded; ApiError (400) naming an audio file that cannot be read.
+    `encoded`: encodings to reuse, and keep (a websocket session's)."""
+    encoded = {} if encoded is None else encoded
+    context = []
+    for seg in req.job.context:
+        if isinstance(seg, ContextAudio):
+            if seg not in encoded:
+                audio = io.BytesIO(seg.audio)
+                audio.name = "the base64 audio"  # for messages
+                try:
+                    encoded[seg] = tts.segment(seg.speaker, seg.text, audio=audio)
+                except (ValueError, RuntimeError) as e:  # libsndfile's and the codec's complaints about the file
+                    raise invalid(seg.param, f"{seg.param}: {e}") from None
+            seg = encoded[seg]
+        context.append(seg)
+    return replace(req, job=replace(req.job, context=context))
+
+
+def _model(body: dict, need_input: bool) -> None:
     model = body.get("model", MODELS[0] if not need_input else None)
     if not isinstance(model, str) or not model:
         raise invalid("model", "'model' is required: a string such as 'csm-1b'", code="missing_required_parameter")
@@ -80,6 +164,8 @@ def parse_speech(body: Any, tts: CSM, default_voice: str = "alloy", need_input: 
         raise invalid("model", f"unknown model {model!r}; this server speaks with: {', '.join(MODELS)}",
                       code="model_not_found")
 
+
+def _input(body: dict, need_input: bool) -> str:
     text = body.get("input", "")
     if need_input and "input" not in body:
         raise invalid("input", "'input' is required: the text to speak", code="missing_required_parameter")
@@ -92,11 +178,11 @@ def parse_speech(body: Any, tts: CSM, default_voice: str = "alloy", need_input: 
     if len(text) > MAX_INPUT_CHARS:
         raise invalid("input", f"'input' has {len(text)} characters; at most {MAX_INPUT_CHARS} are allowed",
                       code="string_above_max_length")
+    return text
 
-    instructions = body.get("instructions")  # accepted for compatibility; CSM takes no style instructions
-    if instructions is not None and (not isinstance(instructions, str) or len(instructions) > MAX_INPUT_CHARS):
-        raise invalid("instructions", f"'instructions' must be a string of at most {MAX_INPUT_CHARS} characters")
 
+def _output(body: dict) -> tuple[str, str, bool]:
+    """response_format, stream_format, stream."""
     fmt = body.get("response_format", "mp3")
     if not isinstance(fmt, str):
         raise invalid("response_format", f"'response_format' must be one of {', '.join(FORMATS)}")
@@ -104,28 +190,13 @@ def parse_speech(body: Any, tts: CSM, default_voice: str = "alloy", need_input: 
         check_format(fmt)
     except AudioError as e:
         raise invalid("response_format", str(e), code="unsupported_value") from None
-
     stream_format = body.get("stream_format", "audio")
     if stream_format not in ("audio", "sse"):
         raise invalid("stream_format", "'stream_format' must be 'audio' or 'sse'")
     stream = body.get("stream", True)
     if not isinstance(stream, bool):
         raise invalid("stream", "'stream' must be true or false")
-
-    speed = _number(body, "speed", 1.0, MIN_SPEED, MAX_SPEED)
-
-    speaker, segments = _voice(body.get("voice", default_voice), load or tts.voice)
-    if "speaker_id" in body and body["speaker_id"] is not None:
-        speaker = _integer(body, "speaker_id", 0, 0, 1_000_000)
-
-    temperature = _number(body, "temperature", 0.9, 0.0, 10.0)
-    top_k = _integer(body, "top_k", 50, 1, 1_000_000)
-    seed = _integer(body, "seed", None, 0, 2**63 - 1)
-    max_audio_ms = _number(body, "max_audio_ms", None, 80.0, 600_000.0)
-    segments = [*segments, *_context(body.get("context"), tts)]
-
-    job = SpeechJob(text, speaker, segments, temperature, top_k, seed, max_audio_ms)
-    return SpeechRequest(job, fmt, stream_format, stream, speed)
+    return fmt, stream_format, stream
 
 
 def parse_voice(form: MultiDict[str, str], files: MultiDict[str, FileStorage], tts: CSM) -> tuple[str, Voice]:
@@ -136,7 +207,8 @@ def parse_voice(form: MultiDict[str, str], files: MultiDict[str, FileStorage], t
         raise invalid(repeated[0], f"'{repeated[0]}' was sent more than once: send it once")
     unknown = sorted((set(form) | set(files)) - VOICE_FIELDS)
     if unknown:
-        raise invalid(unknown[0], f"unrecognized request argument: {unknown[0]!r}; known: {', '.join(sorted(VOICE_FIELDS))}")
+        known = ", ".join(sorted(VOICE_FIELDS))
+        raise invalid(unknown[0], f"unrecognized request argument: {unknown[0]!r}; known: {known}")
     misplaced = sorted(set(files) - {"audio_sample"}) or sorted(set(form) & {"audio_sample"})
     if misplaced:
         kind = "a text field, not a file" if misplaced[0] != "audio_sample" else "a file, not a text field"
@@ -152,8 +224,8 @@ def parse_voice(form: MultiDict[str, str], files: MultiDict[str, FileStorage], t
         check_saveable(name)  # now, not after encoding the sample
     except VoiceExists:
         raise voice_exists(name) from None
-    except VoicesFolderError as e:
-        raise ApiError(500, str(e), type="server_error") from None
+    except (VoicesFolderError, VoicesFull):  # the server's: their handlers answer (errors.py)
+        raise
     except ValueError as e:
         raise invalid("name", str(e)) from None
     transcript = form.get("transcript")
@@ -167,8 +239,8 @@ def parse_voice(form: MultiDict[str, str], files: MultiDict[str, FileStorage], t
         raise invalid("transcript", f"'transcript' is {len(transcript)} characters long; at most {MAX_INPUT_CHARS}",
                       code="string_above_max_length")
     speaker = form.get("speaker_id", "0")
-    if not (speaker.isascii() and speaker.isdigit() and len(speaker) <= 7) or int(speaker) > 1_000_000:
-        raise invalid("speaker_id", "'speaker_id' must be a whole number from 0 to 1000000")
+    if not (speaker.isascii() and speaker.isdigit() and len(speaker) <= 7 and SPEAKER_ID.allows(int(speaker))):
+        raise invalid("speaker_id", f"'speaker_id' must be {SPEAKER_ID.rule()}")
     upload = files.get("audio_sample")
     if upload is None:
         raise invalid("audio_sample", "'audio_sample' is required: the voice's recording, sent as a file "
@@ -187,7 +259,7 @@ def voice_exists(name: str) -> ApiError:
                     code="voice_exists")
 
 
-def _voice(voice: Any, load: Callable[[str], Voice]) -> tuple[int, list[Segment]]:
+def _voice(voice: Any, tts: CSM, load: Callable[[str], Voice]) -> tuple[int, list[Segment]]:
     if isinstance(voice, dict):
         voice = voice.get("id")
     if voice == NO_VOICE:  # no prompt: the raw model
@@ -202,38 +274,40 @@ def _voice(voice: Any, load: Callable[[str], Voice]) -> tuple[int, list[Segment]
                       code="voice_not_found")
     try:
         saved = load(voice)
-    except VoicesFolderError as e:  # a built-in voice's prompt could not be kept: the server's setup
-        raise ApiError(500, str(e), type="server_error") from None
+    except VoicesFolderError:  # a built-in voice's prompt could not be kept: the server's (its handler says so)
+        raise
     except ValueError as e:  # a damaged voice file
         raise invalid("voice", str(e), code="voice_unusable") from None
-    return saved.speaker, list(saved.segments)
+    k, n_codes = tts.model.config.num_codebooks, tts.model.n_codes
+    try:
+        segments = [replace(s, codes=check_codes(s.codes, k, n_codes, f"the codes of voice {voice!r}"))
+                    for s in saved.segments]
+    except ValueError as e:  # checked now: in the engine, it would be a failed generation, not a voice's fault
+        raise invalid("voice", f"{e}: it was saved for another model, or damaged; delete it and save it again",
+                      code="voice_unusable") from None
+    return saved.speaker, segments
 
 
-def _number(body: dict, name: str, default: float | None, low: float, high: float) -> float | None:
-    value = body.get(name)
+def _value(body: dict, setting: Setting) -> Any:
+    """body[setting.name], checked against the setting's range; its default when absent or null."""
+    name, value = setting.name, body.get(setting.name)
     if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == math.inf:
-        raise invalid(name, f"'{name}' must be a number from {low:g} to {high:g}")
-    if not low <= value <= high:  # exact for ints of any size (JSON allows any number of digits)
-        shown = f"{value:g}" if isinstance(value, float) or abs(value) < 10**15 else "a number that large"
-        raise invalid(name, f"'{name}' is {shown}; it must lie from {low:g} to {high:g}", code="out_of_range")
-    return float(value)
+        return setting.default
+    number = (int,) if setting.whole else (int, float)
+    finite = not isinstance(value, float) or math.isfinite(value)
+    if isinstance(value, bool) or not isinstance(value, number) or not finite:
+        raise invalid(name, f"'{name}' must be {setting.rule()}")
+    if not setting.allows(value):  # exact for ints of any size (JSON allows any number of digits)
+        shown = "a number that large" if isinstance(value, int) and abs(value) >= 10**15 else (
+            str(value) if setting.whole else f"{value:g}")
+        where = "lie " if setting.bounds().startswith("from") else "be "
+        raise invalid(name, f"'{name}' is {shown}; it must {where}{setting.bounds()}", code="out_of_range")
+    return value if setting.whole else float(value)
 
 
-def _integer(body: dict, name: str, default: int | None, low: int, high: int) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise invalid(name, f"'{name}' must be a whole number from {low} to {high}")
-    if not low <= value <= high:
-        raise invalid(name, f"'{name}' is {value}; it must lie from {low} to {high}", code="out_of_range")
-    return value
-
-
-def _context(context: Any, tts: CSM) -> list[Segment]:
-    """Context segments: {speaker, text, audio (base64 of an audio file)} or {speaker, text, codes}."""
+def _context(context: Any, tts: CSM) -> list[Segment | ContextAudio]:
+    """Context segments: {speaker, text, audio (base64 of an audio file)} or {speaker, text, codes}; the
+    audio is checked when it is encoded (`encode_context`)."""
     if context is None:
         return []
     if not isinstance(context, list) or len(context) > MAX_CONTEXT_SEGMENTS:
@@ -244,7 +318,7 @@ def _context(context: Any, tts: CSM) -> list[Segment]:
         where = f"context[{i}]"
         if not isinstance(seg, dict) or set(seg) - {"speaker", "text", "audio", "codes"}:
             raise invalid(where, f"{where} must be an object with speaker, text and audio or codes")
-        speaker = _integer(seg, "speaker", 0, 0, 1_000_000)
+        speaker = _value(seg, CONTEXT_SPEAKER)
         text = seg.get("text")
         if not isinstance(text, str) or is_blank(text) or not is_unicode(text) or len(text) > MAX_INPUT_CHARS:
             raise invalid(f"{where}.text", f"{where}.text must be the transcript: Unicode text, not empty, at most "
@@ -253,12 +327,7 @@ def _context(context: Any, tts: CSM) -> list[Segment]:
             raise invalid(where, f"{where} needs exactly one of 'audio' (base64 of an audio file) or 'codes'")
         if seg.get("audio") is not None:
             param = f"{where}.audio"
-            audio = io.BytesIO(_base64(seg["audio"], param))
-            audio.name = "the base64 audio"  # for messages
-            try:
-                segments.append(tts.segment(speaker, text, audio=audio))
-            except (ValueError, RuntimeError) as e:  # libsndfile's and the codec's complaints about the file
-                raise invalid(param, f"{param}: {e}") from None
+            segments.append(ContextAudio(speaker, text, _base64(seg["audio"], param), param))
         else:
             try:
                 codes = np.asarray(seg["codes"])

@@ -18,6 +18,12 @@ SETTINGS = (
     ("CSM_GGUF_MAX_STREAMS", "max_streams", "requests generated together in one batch (default 4)"),
     ("CSM_GGUF_QUEUE", "max_queue", "requests that may wait for a free stream before 429 (default 16)"),
     ("CSM_GGUF_VOICE", "voice", "voice used when a request names none (default alloy)"),
+    ("CSM_GGUF_DRAIN_S", "drain_s", "on SIGTERM, seconds that requests in flight get to finish (default 30); "
+                                    "gunicorn's --graceful-timeout must be longer"),
+    ("CSM_GGUF_MAX_WEBSOCKETS", "max_websockets", "websocket sessions open at once before 429 (default 8); each "
+                                                  "holds a thread: keep streams + queue + this below the threads"),
+    ("CSM_GGUF_WS_IDLE_S", "ws_idle_s", "seconds a websocket session may sit idle (nothing to speak, nothing "
+                                        "received) before the server closes it (default 60)"),
 )
 
 
@@ -32,6 +38,9 @@ class Settings:
     max_streams: int = 4
     max_queue: int = 16
     voice: str = "alloy"
+    drain_s: int = 30
+    max_websockets: int = 8
+    ws_idle_s: int = 60
 
     @classmethod
     def from_env(cls) -> Settings:

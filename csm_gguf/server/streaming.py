@@ -79,7 +79,7 @@ def sse_events(job: Job, audio: Iterator[np.ndarray], fmt: str) -> Iterator[byte
     for data in encoded(audio, StreamEncoder(fmt)):
         if data:
             yield sse({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
-    yield sse({"type": "speech.audio.done", "usage": usage(job)})
+    yield sse({"type": "speech.audio.done", "usage": job.usage()})
 
 
 def streamed(chunks: Iterator[bytes], mimetype: str) -> Response:
@@ -92,9 +92,3 @@ def streamed(chunks: Iterator[bytes], mimetype: str) -> Response:
 
 def sse(event: dict) -> bytes:
     return f"data: {json.dumps(event)}\n\n".encode()
-
-
-def usage(job: Job) -> dict:
-    # Output tokens: generated 80 ms frames (each one row of 32 codebook tokens).
-    return {"input_tokens": job.input_tokens, "output_tokens": job.frames,
-            "total_tokens": job.input_tokens + job.frames}

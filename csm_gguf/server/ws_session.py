@@ -1,29 +1,36 @@
-"""A websocket speech session (protocol in the README): settings, text in pieces, flushes; audio for
-each complete sentence as soon as it is spoken, a JSON summary after each flush."""
+"""A websocket speech session's scheduling (its messages: ws_protocol): settings, text in sentences,
+flushes; each complete sentence spoken as soon as it can be, its audio sent as it is made, a summary after
+each flush. The sentences of one voice follow one another in the engine (Engine.submit's `after`)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import time
 from collections import deque
-from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 from simple_websocket import ConnectionClosed
 
-from ..audio import SAMPLE_RATE, StreamEncoder
+from ..audio import StreamEncoder
+from ..generator import Segment
 from ..tempo import TimeStretch
 from ..text import cut_between_words, is_blank, take_sentences
 from ..tts import decode_frames
+from ..voices import VoicesFolderError
 from .engine import Job
-from .errors import ApiError, generation_error
+from .errors import ApiError, folder_error, generation_error
 from .limits import MAX_INPUT_CHARS
-from .schemas import MODELS, SpeechRequest
+from .schemas import MODELS, ContextAudio, SpeechRequest
+from .services import Services
+from .ws_protocol import Flush, Speech, Summary, Text, error_message, parse_message, voice_changed
 
 log = logging.getLogger(__name__)
+
+FLUSH = None  # in a session's queue: the end of the file being sent
+RETRY_S = 0.25  # a full server: a session keeps its sentence and tries again after this long
 
 
 @dataclass
@@ -33,29 +40,8 @@ class Utterance:
 
     encoder: StreamEncoder
     state: Any
+    summary: Summary
     stretch: TimeStretch | None = None  # from the first sentence at a speed other than 1, to the end
-    started: float = field(default_factory=time.monotonic)
-    first_audio: float | None = None
-    sentences: int = 0
-    frames: int = 0
-    samples: int = 0
-    input_tokens: int = 0
-    bytes: int = 0
-
-    def summary(self) -> dict:
-        return {
-            "type": "done",
-            "sentences": self.sentences,
-            "frames": self.frames,
-            "audio_seconds": round(self.samples / SAMPLE_RATE, 3),
-            "bytes": self.bytes,
-            "response_format": self.encoder.format,
-            "sample_rate": SAMPLE_RATE,
-            "first_audio_ms": None if self.first_audio is None else round(1000 * (self.first_audio - self.started)),
-            "elapsed_ms": round(1000 * (time.monotonic() - self.started)),
-            "usage": {"input_tokens": self.input_tokens, "output_tokens": self.frames,
-                      "total_tokens": self.input_tokens + self.frames},
-        }
 
 
 @dataclass
@@ -69,20 +55,15 @@ class Sentence:
     job: Job | None = None  # once submitted (the next sentence is, while the one before is spoken)
 
 
-FLUSH = None  # in a session's queue: the end of the file being sent
-VOICE_FIELDS = ("voice", "speaker_id", "context")  # what makes a session's voice (not format or sampling)
-RETRY_S = 0.25  # a full server: a session keeps its sentence and tries again after this long
-
-
 class WebsocketSession:
-    """One websocket connection (protocol in the README): settings, text in pieces, flushes; audio
-    for each complete sentence as soon as it is spoken, a JSON summary after each flush."""
+    """One websocket connection: its settings, the sentences waiting, the one being spoken."""
 
-    def __init__(self, ws, codec, parse: Callable[..., SpeechRequest], submit: Callable[[SpeechRequest], Job]):
-        self.ws, self.codec, self.parse, self.submit = ws, codec, parse, submit
+    def __init__(self, ws, services: Services):
+        self.ws, self.services, self.codec = ws, services, services.codec
         self.fields: dict[str, Any] = {"model": MODELS[0]}  # settings persist until changed
-        self.settings = parse(self.fields, need_input=False)
-        self.voice = 0  # counts changes of VOICE_FIELDS
+        self.settings = services.parse(self.fields, need_input=False)
+        self.encoded: dict[ContextAudio, Segment] = {}  # the settings' context audio, encoded once
+        self.voice = 0  # counts changes of ws_protocol.VOICE_FIELDS
         self.buffer = ""  # text not yet known to end a sentence
         self.queue: deque[Sentence | None] = deque()  # sentences and FLUSHes, in order
         self.retry_at = 0.0
@@ -93,19 +74,14 @@ class WebsocketSession:
     def run(self) -> None:
         try:
             while True:
-                wait = max(0.0, self.retry_at - time.monotonic()) if self.queue else None
-                message = self.ws.receive(timeout=0 if self.job else wait)
-                if message is not None:
-                    self.handle(message)
-                if self.job is None and self.queue and time.monotonic() >= self.retry_at:
-                    if self.queue[0] is FLUSH:
-                        self.queue.popleft()
-                        self.finish()
-                    else:
-                        self.start(self.queue[0])
-                if self.job is not None:
-                    self.follow()
-                    self.pump()
+                try:
+                    self.step()
+                except (ConnectionClosed, OSError):
+                    raise
+                except Exception as e:  # a bug of ours: said, as over HTTP, and the session goes on without it
+                    log.exception("unexpected error in a websocket session")
+                    self.drop_failed()
+                    self.error(ApiError(500, f"internal error: {e}", type="server_error"))
         except (ConnectionClosed, OSError):  # the client left; a reset can surface as OSError mid-send
             pass
         finally:
@@ -115,47 +91,72 @@ class WebsocketSession:
             if self.utterance is not None:
                 self.utterance.encoder.close()
 
+    def step(self) -> None:
+        """Take a message if there is one, start what is next in line, and send what is spoken."""
+        wait = max(0.0, self.retry_at - time.monotonic()) if self.queue else None
+        message = self.ws.receive(timeout=0 if self.job else wait)
+        if message is not None:
+            self.handle(message)
+        if self.job is None and self.queue and time.monotonic() >= self.retry_at:
+            if self.queue[0] is FLUSH:
+                self.queue.popleft()
+                self.finish()
+            else:
+                self.start(self.queue[0])
+        if self.job is not None:
+            self.follow()
+            self.pump()
+
+    def drop_failed(self) -> None:
+        """After an unexpected error in `step`: drop what failed (the sentence being spoken or started, else
+        the file being finished), so that the session goes on with the rest of its queue."""
+        if self.job is not None:
+            self.job.cancel()
+            self.job = None
+        elif self.queue and self.queue[0] is not FLUSH:
+            failed = self.queue.popleft()
+            if failed.job is not None:
+                failed.job.cancel()
+        elif self.utterance is not None:
+            self.utterance.encoder.close()
+            self.utterance = None
+
     def error(self, e: ApiError) -> None:
-        self.ws.send(json.dumps({"type": "error", **e.body()}))
+        self.ws.send(error_message(e))
 
     def handle(self, message: str | bytes) -> None:
         try:
-            if isinstance(message, bytes):
-                raise ApiError(400, "send JSON text messages, not binary", code="invalid_json")
-            try:
-                body = json.loads(message)
-            except ValueError as e:
-                raise ApiError(400, f"the message is not valid JSON: {e}", code="invalid_json") from None
-            if not isinstance(body, dict):
-                raise ApiError(400, "a message must be a JSON object", code="invalid_json")
-            kind = body.pop("type", "speech")
-            if kind == "text":
-                if set(body) != {"text"} or not isinstance(body["text"], str):
-                    raise ApiError(400, 'a text message is {"type": "text", "text": "..."}', param="text")
-                self.add_text(body["text"])
-            elif kind == "flush":
+            parsed = parse_message(message)
+            if isinstance(parsed, Text):
+                self.add_text(parsed.text)
+            elif isinstance(parsed, Flush):
                 self.add_text("\n")
                 self.queue.append(FLUSH)
-            elif kind == "speech":
-                text = body.pop("input", None)
-                fields = {**self.fields, **body}
-                request = self.parse({**fields, "input": text} if text is not None else fields,
-                                     need_input=text is not None)
-                if text is not None:
-                    self.add_text("\n")  # text still pending is spoken first, as it was sent
-                if any(fields.get(k) != self.fields.get(k) for k in VOICE_FIELDS):
-                    self.voice += 1
-                self.fields, self.settings = fields, request
-                if text is not None:
-                    # a whole request: spoken as over HTTP (in CSM's pieces), and the file ends with it
-                    self.queue.extend([Sentence(text, request, self.voice), FLUSH])
             else:
-                raise ApiError(400, f"unknown message type {kind!r}: use speech, text or flush", param="type")
+                self.change(parsed)
         except ApiError as e:
             self.error(e)
+        except VoicesFolderError as e:  # the server's setup: said without its paths
+            self.error(folder_error(e))
         except Exception as e:  # a bug of ours: said, as over HTTP, and the session goes on
             log.exception("unexpected error in a websocket message")
             self.error(ApiError(500, f"internal error: {e}", type="server_error"))
+
+    def change(self, message: Speech) -> None:
+        """New settings, checked whole before they apply; with input, a whole request spoken with them (as
+        over HTTP, in CSM's pieces), and the file ends with it."""
+        text, fields = message.input, {**self.fields, **message.fields}
+        checked = self.services.check({**fields, "input": text} if text is not None else fields,
+                                      need_input=text is not None)
+        request = self.services.encode(checked, self.encoded)
+        self.encoded = {a: self.encoded[a] for a in checked.job.context if isinstance(a, ContextAudio)}
+        if text is not None:
+            self.add_text("\n")  # text still pending is spoken first, as it was sent
+        if voice_changed(self.fields, fields):
+            self.voice += 1
+        self.fields, self.settings = fields, request
+        if text is not None:
+            self.queue.extend([Sentence(text, request, self.voice), FLUSH])
 
     def add_text(self, text: str) -> None:
         sentences, self.buffer = take_sentences(self.buffer + text)
@@ -176,9 +177,9 @@ class WebsocketSession:
         last = self.last
         settings = replace(sentence.settings, job=replace(sentence.settings.job, text=sentence.text))
         if last is None:
-            sentence.job = self.submit(settings)
+            sentence.job = self.services.submit(settings)
         else:
-            sentence.job = self.submit(settings, after=last.job, continues=last.voice == sentence.voice)
+            sentence.job = self.services.submit(settings, after=last.job, continues=last.voice == sentence.voice)
         self.last = sentence
 
     def follow(self) -> None:
@@ -210,7 +211,8 @@ class WebsocketSession:
         self.queue.popleft()
         self.job = sentence.job
         if self.utterance is None:
-            self.utterance = Utterance(StreamEncoder(fmt), self.codec.decoder_state(1))
+            self.utterance = Utterance(StreamEncoder(fmt), self.codec.decoder_state(1),
+                                       Summary(fmt, started=time.monotonic()))
         u, speed = self.utterance, sentence.settings.speed
         if u.stretch is not None:
             u.stretch.speed = speed
@@ -229,34 +231,35 @@ class WebsocketSession:
             return
         u = self.utterance
         if frames is None:
-            u.sentences += 1
-            u.frames += self.job.frames
-            u.input_tokens += self.job.input_tokens
+            u.summary.sentences += 1
+            u.summary.frames += self.job.frames
+            u.summary.input_tokens += self.job.input_tokens
             self.job = None
             return
         audio = decode_frames(self.codec, u.state, frames)
         self.send_samples(audio if u.stretch is None else u.stretch.feed(audio))
 
     def send_samples(self, audio: np.ndarray) -> None:
-        self.utterance.samples += len(audio)
+        self.utterance.summary.samples += len(audio)
         self.send_audio(self.utterance.encoder.feed(audio))
 
     def send_audio(self, data: bytes) -> None:
         if data:
-            u = self.utterance
-            u.first_audio = u.first_audio or time.monotonic()
-            u.bytes += len(data)
+            summary = self.utterance.summary
+            summary.first_audio = summary.first_audio or time.monotonic()
+            summary.bytes += len(data)
             self.ws.send(data)
 
     def finish(self) -> None:
         """Everything flushed is spoken: end the audio file and report."""
         u = self.utterance
         if u is None:  # nothing was spoken: no audio, and the usual report with zeros
-            u = Utterance(StreamEncoder(self.settings.response_format), state=None)
-        elif u.frames:  # else its sentences failed or said nothing: no empty file (a bare wav header)
+            fmt = self.settings.response_format
+            u = Utterance(StreamEncoder(fmt), None, Summary(fmt, started=time.monotonic()))
+        elif u.summary.frames:  # else its sentences failed or said nothing: no empty file (a bare wav header)
             if u.stretch is not None:
                 self.send_samples(u.stretch.finish())
             self.send_audio(u.encoder.finish())
         u.encoder.close()
-        self.ws.send(json.dumps(u.summary()))
+        self.ws.send(u.summary.message(time.monotonic()))
         self.utterance = None

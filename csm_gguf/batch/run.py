@@ -1,0 +1,116 @@
+"""One batch run: read the rows, skip those already done, make the rest on Ray, write each file and its
+manifest line as it comes back, and sum it up."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from .manifest import Manifest, audio_path, write_ljspeech
+from .pipeline import Pool, import_ray, made_rows, ray_session
+from .rows import Row, read_rows
+from .tally import Summary, Tally
+from .voices import load_voices, row_voice
+from .worker import failed
+
+METADATA_LAYOUTS = ("ljspeech",)
+
+
+def row_seed(run_seed: int, row_id: str) -> int:
+    """A row's seed from the run's and its id alone: the same speech whichever worker makes it, in any order."""
+    digest = hashlib.blake2b(f"{run_seed}\x00{row_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % 2**31
+
+
+def synthesize(
+    input: str | Path | Iterable[Any],
+    output_dir: str | Path,
+    *,
+    model: str | Path | None = None,
+    format: str = "wav",
+    voice: str | None = None,
+    speaker: int | None = None,
+    temperature: float = 0.9,
+    top_k: int = 50,
+    seed: int = 0,
+    max_audio_ms: float | None = None,
+    workers: int = 1,
+    streams: int = 4,
+    threads: int = 0,
+    gpu_layers: int = 0,
+    gpus: float = 0,
+    kv_type: str = "f16",
+    address: str | None = None,
+    metadata: str | None = None,
+    progress: bool = True,
+) -> Summary:
+    """Speak every row of `input` (a .txt, .jsonl or .csv file, or a list of texts or dicts) into `output_dir`:
+    one audio file per row and a line in manifest.jsonl. Rows already done there are skipped. Raises
+    InputError for a malformed input, ValueError for bad settings; a row that cannot be spoken gets its error
+    in the manifest instead. See `python -m csm_gguf.batch --help` for the settings."""
+    from ..model_dir import check_model_dir
+    from ..tts import find_model
+
+    start = time.perf_counter()
+    fmt = check_settings(format, speaker, temperature, top_k, seed, max_audio_ms, workers, streams, threads, metadata)
+    rows = read_rows(input)
+    pool = Pool(str(check_model_dir(find_model(model)).resolve()), workers, streams, threads, gpu_layers, gpus, kv_type,
+                address)
+    import_ray()  # now, not after the output folder is made
+    voices, voice_errors = load_voices({row_voice(row, voice, speaker) for row in rows}, pool)
+    entries = {row.id: entry(row, voice, speaker, seed, voices, fmt, metadata) for row in rows}
+    folder = Path(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(folder)
+    done_before = manifest.resume(entries)
+    todo = [e for e in entries.values() if e["id"] not in done_before]
+    tally = Tally(len(rows), len(done_before), manifest, len(todo), progress)
+    try:
+        for e in todo:
+            if e["voice"] in voice_errors:
+                tally.add(failed(e, voice_errors[e["voice"]]), None)
+        todo = [e for e in todo if e["voice"] not in voice_errors]
+        if todo:
+            sampling = dict(temperature=temperature, top_k=top_k, max_audio_ms=max_audio_ms)
+            with ray_session(pool):
+                for made, audio in made_rows(todo, pool, fmt, sampling, voices):
+                    tally.add(made, audio)
+    finally:
+        tally.close()
+    if metadata == "ljspeech":
+        order = {row.id: i for i, row in enumerate(rows)}
+        write_ljspeech(folder, sorted((e for e in manifest.read() if e["id"] in order), key=lambda e: order[e["id"]]))
+    return tally.summary(time.perf_counter() - start)
+
+
+def check_settings(fmt: str, speaker: int | None, temperature: float, top_k: int, seed: int,
+                   max_audio_ms: float | None, workers: int, streams: int, threads: int, metadata: str | None) -> str:
+    """The format, once every setting is checked (before anything loads)."""
+    from ..audio import check_format
+    from ..generator import Sampling, check_speaker
+
+    Sampling(temperature, top_k, seed, 1.0 if max_audio_ms is None else max_audio_ms)  # its checks and messages
+    if speaker is not None:
+        check_speaker(speaker)
+    for name, value, least in (("workers", workers, 1), ("streams", streams, 1), ("threads", threads, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be a whole number >= {least}, got {value!r}")
+    if metadata is not None and metadata not in METADATA_LAYOUTS:
+        raise ValueError(f"unknown metadata layout {metadata!r}; known: {', '.join(METADATA_LAYOUTS)}")
+    if metadata == "ljspeech" and fmt != "wav":
+        raise ValueError(f"the LJSpeech layout holds wav files (wavs/<id>.wav), not {fmt}: leave the format wav")
+    return check_format(fmt)
+
+
+def entry(row: Row, default_voice: str | None, default_speaker: int | None, run_seed: int, voices: dict,
+          fmt: str, metadata: str | None) -> dict:
+    """The row as its manifest line begins: what is said, how, and where it goes."""
+    voice = row_voice(row, default_voice, default_speaker)
+    speaker = row.speaker if row.speaker is not None else default_speaker
+    if speaker is None:
+        speaker = voices[voice].speaker if voice in voices else 0
+    seed = row.seed if row.seed is not None else row_seed(run_seed, row.id)
+    return dict(id=row.id, text=row.text, voice=voice, speaker=speaker, seed=seed,
+                path=audio_path(row.id, fmt, metadata))

@@ -1,0 +1,67 @@
+"""What the endpoints call: the model, its codec, the engine that batches requests and the settings, held
+by the app (`app.extensions[EXTENSION]`), with the steps a speech request goes through."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..generator import Segment
+from ..tts import CSM, Voice
+from .engine import Engine, Job, Place, QueueFull
+from .errors import ApiError, generation_error
+from .schemas import ContextAudio, SpeechRequest, encode_context, parse_speech
+from .served_voices import forget_voice, served_voice
+from .settings import Settings
+
+EXTENSION = "csm_gguf"
+
+
+@dataclass
+class Services:
+    tts: CSM
+    codec: Any  # tts.codec, loaded
+    engine: Engine
+    settings: Settings
+    created: int  # the model's time, for /v1/models
+
+    def check(self, body: Any, need_input: bool = True) -> SpeechRequest:
+        """The request checked (ApiError), its context audio not yet encoded."""
+        return parse_speech(body, self.tts, self.settings.voice, need_input, self.voice)
+
+    def voice(self, name: str) -> Voice:
+        """A voice by name; a built-in voice's prompt, on its first use, is made by the engine (served_voices)."""
+        return served_voice(self.tts, self.engine, name)
+
+    def forget(self, name: str) -> None:
+        """Drop voice `name`'s cached prompt, before it is deleted or replaced."""
+        forget_voice(self.tts, self.engine, name)
+
+    def encode(self, req: SpeechRequest, encoded: dict[ContextAudio, Segment] | None = None) -> SpeechRequest:
+        """The request with its context audio encoded (see encode_context)."""
+        return encode_context(req, self.tts, encoded)
+
+    def parse(self, body: Any, need_input: bool = True) -> SpeechRequest:
+        return self.encode(self.check(body, need_input))
+
+    def place(self) -> Place:
+        """A place in line, taken before the request is read (see Engine.place); 429 if there is none."""
+        try:
+            return self.engine.place()
+        except Exception as e:
+            raise engine_error(e) from None
+
+    def submit(self, req: SpeechRequest, after: Job | None = None, continues: bool = False,
+               place: Place | None = None) -> Job:
+        try:
+            if place is not None:
+                return self.engine.submit_in(place, req.job)
+            return self.engine.submit(req.job, after, continues)
+        except Exception as e:  # text the engine refuses is the request's fault: a 400, as any other
+            raise engine_error(e) from None
+
+
+def engine_error(e: Exception) -> ApiError:
+    if isinstance(e, QueueFull):
+        return ApiError(429, str(e), code="queue_full", type="rate_limit_error")
+    return generation_error(e)

@@ -1,0 +1,52 @@
+"""What every way of serving speech does first: check the settings, load the model and its codec, warm
+the codec up and start the engine. Shared by the HTTP server (app.py) and the Wyoming server; imports no
+web framework."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..tts import CSM, NO_VOICE
+from ..voices import max_voices, voice_speaker
+from .engine import Engine
+from .schemas import voice_names
+from .served_voices import served_voice
+from .settings import Settings
+
+
+def check_settings(settings: Settings) -> None:
+    """ValueError naming the setting, before the (slow) model load."""
+    if settings.max_streams < 1 or settings.max_queue < 0:
+        raise ValueError("CSM_GGUF_MAX_STREAMS must be >= 1 and CSM_GGUF_QUEUE >= 0")
+    if settings.drain_s < 0 or settings.max_websockets < 0 or settings.ws_idle_s < 1:
+        raise ValueError("CSM_GGUF_DRAIN_S and CSM_GGUF_MAX_WEBSOCKETS must be >= 0 and CSM_GGUF_WS_IDLE_S >= 1")
+    if settings.voice not in voice_names():
+        raise ValueError(f"CSM_GGUF_VOICE={settings.voice!r} is not a voice; known: {', '.join(voice_names())}")
+    if settings.voice != NO_VOICE:
+        voice_speaker(settings.voice)  # a damaged saved one fails now, before the model loads
+    max_voices()  # a bad CSM_GGUF_MAX_VOICES fails now, not at the first upload
+
+
+def start_engine(settings: Settings) -> tuple[CSM, Any, Engine]:
+    """The model, its codec (loaded and warmed up) and the engine, running."""
+    tts = CSM(settings.model, settings.threads, settings.gpu_layers, settings.kv_type, settings.max_streams,
+              settings.codec_device)
+    # Each request thread decodes its own audio while llama.cpp's threads run the engine: one torch
+    # thread per decode keeps them from oversubscribing the cores (which slows small ops ~100x). And
+    # set before any torch work: torch and ggml share one OpenMP runtime, and once this thread has run
+    # parallel work with it (building the codec with two threads did), the engine thread's frames took
+    # 45% longer.
+    import torch
+
+    torch.set_num_threads(1)
+    codec = tts.codec  # loaded now, not racing in the first requests' threads
+    codec.warm_up(codebooks=tts.model.config.num_codebooks)  # the CPU traces are made now, not in requests
+    engine = Engine(tts.generator, settings.max_queue)
+    if settings.voice != NO_VOICE:
+        try:  # a built-in default voice's prompt is made now, not in the first request; a damaged one fails now
+            served_voice(tts, engine, settings.voice)
+        except BaseException:
+            engine.close()
+            tts.close()
+            raise
+    return tts, codec, engine

@@ -1,0 +1,102 @@
+"""The websocket session's protocol (README: the speech websocket), without I/O: client messages parsed
+into typed values, and the summary sent after each flush.
+
+Client messages are JSON objects with a `type`: "speech" (the default: settings, and with `input` a whole
+request), "text" (text to speak, in any pieces) or "flush" (end the file being sent once all text so far
+is spoken)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Union
+
+from ..audio import SAMPLE_RATE
+from ..text import is_unicode
+from .engine import usage
+from .errors import ApiError
+from .schemas import parse_json
+
+VOICE_FIELDS = ("voice", "speaker_id", "context")  # what makes a session's voice (not format or sampling)
+
+
+@dataclass(frozen=True)
+class Speech:
+    """New settings (fields of a speech request, merged into the session's), and with `input` a whole
+    request spoken with them."""
+
+    fields: dict[str, Any]
+    input: str | None = None
+
+
+@dataclass(frozen=True)
+class Text:
+    text: str
+
+
+@dataclass(frozen=True)
+class Flush:
+    pass
+
+
+Message = Union[Speech, Text, Flush]
+
+
+def parse_message(message: str | bytes) -> Message:
+    """A client message as a typed value; ApiError (400) for one that is not JSON or not a known message.
+    A speech message's fields are checked by the session, against its settings (schemas.parse_speech)."""
+    if isinstance(message, bytes):
+        raise ApiError(400, "send JSON text messages, not binary", code="invalid_json")
+    body = parse_json(message, "the message")
+    if not isinstance(body, dict):
+        raise ApiError(400, "a message must be a JSON object", code="invalid_json")
+    kind = body.pop("type", "speech")
+    if kind == "text":
+        if set(body) != {"text"} or not isinstance(body["text"], str):
+            raise ApiError(400, 'a text message is {"type": "text", "text": "..."}', param="text")
+        if not is_unicode(body["text"]):
+            raise ApiError(400, "'text' holds lone surrogates, which are not Unicode text", param="text")
+        return Text(body["text"])
+    if kind == "flush":
+        return Flush()
+    if kind == "speech":
+        text = body.pop("input", None)
+        return Speech(body, text)
+    raise ApiError(400, f"unknown message type {kind!r}: use speech, text or flush", param="type")
+
+
+def voice_changed(before: dict[str, Any], after: dict[str, Any]) -> bool:
+    """Whether new settings make another voice: its sentences then no longer hear the ones before."""
+    return any(after.get(k) != before.get(k) for k in VOICE_FIELDS)
+
+
+def error_message(e: ApiError) -> str:
+    return json.dumps({"type": "error", **e.body()})
+
+
+@dataclass
+class Summary:
+    """What a session sends after a flush: the audio file's figures since the last one."""
+
+    response_format: str
+    started: float
+    first_audio: float | None = None
+    sentences: int = 0
+    frames: int = 0
+    samples: int = 0
+    input_tokens: int = 0
+    bytes: int = 0
+
+    def message(self, now: float) -> str:
+        return json.dumps({
+            "type": "done",
+            "sentences": self.sentences,
+            "frames": self.frames,
+            "audio_seconds": round(self.samples / SAMPLE_RATE, 3),
+            "bytes": self.bytes,
+            "response_format": self.response_format,
+            "sample_rate": SAMPLE_RATE,
+            "first_audio_ms": None if self.first_audio is None else round(1000 * (self.first_audio - self.started)),
+            "elapsed_ms": round(1000 * (now - self.started)),
+            "usage": usage(self.input_tokens, self.frames),
+        })

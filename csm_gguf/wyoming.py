@@ -1,0 +1,83 @@
+"""python -m csm_gguf.wyoming --uri tcp://0.0.0.0:10200: CSM as a Wyoming text-to-speech server, for Home
+Assistant's voice pipeline (add it with the Wyoming Protocol integration: this machine's address, port
+10200). The model, voice, thread, GPU and stream settings are the HTTP server's (options here, or its
+CSM_GGUF_* variables); the sampling options are `say`'s, for every request. The server itself is the
+csm_gguf.wyoming_server package."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from dataclasses import fields, replace
+from functools import partial
+from urllib.parse import urlparse
+
+from .say import add_sampling_arguments
+from .server.settings import SETTINGS, Settings
+
+log = logging.getLogger("csm_gguf.wyoming")
+# HTTP-only settings: Wyoming has no authentication (keep the port to your network), drain or websockets.
+UNUSED = {"api_key", "drain_s", "max_websockets", "ws_idle_s"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m csm_gguf.wyoming", description="Serve CSM-1B text to speech over "
+                                "the Wyoming protocol (Home Assistant). Options override the environment.")
+    p.add_argument("--uri", default="tcp://0.0.0.0:10200", help="where to listen: tcp://HOST:PORT or unix://PATH "
+                   "(default: %(default)s)")
+    types = {f.name: f.type for f in fields(Settings)}
+    for var, name, doc in SETTINGS:
+        if name not in UNUSED:
+            p.add_argument("--" + name.replace("_", "-"), type=int if types[name] == "int" else str,
+                           help=f"{doc}; or ${var}")
+    add_sampling_arguments(p)
+    p.add_argument("--debug", action="store_true", help="log every event")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if urlparse(args.uri).scheme not in ("tcp", "unix"):
+        print(f"error: --uri {args.uri!r}: serve on tcp://HOST:PORT or unix://PATH", file=sys.stderr)
+        return 2
+    from .sampling import Sampling
+    from .server.errors import ApiError
+    from .server.startup import check_settings
+    from .wyoming_server.service import WyomingService
+
+    chosen = {name: getattr(args, name) for _, name, _ in SETTINGS if name not in UNUSED}
+    try:
+        settings = replace(Settings.from_env(), **{k: v for k, v in chosen.items() if v is not None})
+        check_settings(settings)
+        service = WyomingService.start(settings, Sampling(args.temperature, args.top_k, args.seed, args.max_audio_ms))
+    except ApiError as e:  # a sampling option out of range
+        option = f"--{e.param.replace('_', '-')}" if e.param else ""
+        print(f"error: {e.message.replace(repr(e.param), option) if option else e.message}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(serve(service, args.uri))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        service.close()
+    return 0
+
+
+async def serve(service, uri: str) -> None:
+    from wyoming.server import AsyncServer
+
+    from .wyoming_server.handler import WyomingHandler
+
+    server = AsyncServer.from_uri(uri)
+    log.info("serving %s on %s", service.tts.model.path, uri)
+    await server.run(partial(WyomingHandler, service))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

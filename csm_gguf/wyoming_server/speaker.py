@@ -1,0 +1,152 @@
+"""A connection's speech, spoken in the order asked: for each synthesize, or each sentence of a stream,
+audio-start, audio-chunks as frames are decoded, audio-stop; synthesize-stopped where a stream ends.
+
+Each request is submitted to the engine as soon as it is known (a stream's sentence follows the one before
+it: it takes over its slot and continues its voice, see Engine.submit), and its audio is sent once the
+requests before it are. A full server makes a request wait for a slot (Wyoming has no "busy" answer that
+clients retry, and a stream must not lose a sentence from its middle)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from wyoming.audio import AudioChunk, AudioStart, AudioStop
+from wyoming.error import Error
+from wyoming.event import Event
+from wyoming.tts import SynthesizeStopped
+
+from ..audio import SAMPLE_RATE
+from ..server.engine import Job, QueueFull, SpeechJob
+from ..server.errors import ApiError, generation_error
+from ..server.schemas import SpeechRequest
+from .service import WyomingService
+
+log = logging.getLogger(__name__)
+RETRY_S = 0.25  # a full server: a request tries again after this long
+WIDTH, CHANNELS = 2, 1  # 16-bit mono
+
+
+@dataclass(eq=False)
+class TextStream:
+    """A synthesize-start .. synthesize-stop: its settings, the text not yet known to end a sentence, the
+    decoder state its sentences share (their audio joins without seams) and its last sentence submitted."""
+
+    settings: SpeechRequest | None  # None: synthesize-start was refused; its text is not spoken
+    buffer: str = ""
+    state: Any = None
+    last: Job | None = None
+
+
+@dataclass(eq=False)
+class Speech:
+    """A synthesize, or a sentence of a stream."""
+
+    spec: SpeechJob
+    stream: TextStream | None = None
+    job: Job | None = None
+    failed: bool = False
+
+
+STOPPED = "synthesize-stopped"  # in a Speaker's queue: a stream's end
+
+
+def error_event(e: ApiError) -> Event:
+    return Error(text=e.message, code=e.code or e.type).event()
+
+
+@dataclass(eq=False)
+class Speaker:
+    service: WyomingService
+    write: Callable[[Event], Awaitable[None]]
+    queue: deque = field(default_factory=deque)  # Speech and STOPPED, in the order asked
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task | None = None
+
+    def __post_init__(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._run(), name="wyoming speaker")
+
+    async def say(self, speech: Speech) -> None:
+        self.queue.append(speech)
+        await self.submit_waiting()
+        self.wake.set()
+
+    def stopped(self) -> None:
+        self.queue.append(STOPPED)
+        self.wake.set()
+
+    def close(self) -> None:
+        """The client left: its requests end before their next frame, queued or not."""
+        self.task.cancel()
+        for item in self.queue:
+            if item is not STOPPED and item.job is not None:
+                item.job.cancel()
+        self.queue.clear()
+
+    async def submit_waiting(self) -> None:
+        """Submit the queued requests not yet submitted, in order, until the server is full."""
+        for speech in list(self.queue):
+            if speech is STOPPED or speech.job is not None or speech.failed:
+                continue
+            stream = speech.stream
+            try:
+                speech.job = self.service.submit(speech.spec, after=stream.last if stream else None)
+            except QueueFull:
+                return
+            except (ValueError, RuntimeError) as e:  # text the engine cannot speak; shutting down
+                speech.failed = True
+                await self.write(error_event(generation_error(e)))
+                continue
+            if stream is not None:
+                stream.last = speech.job
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                while not self.queue:
+                    self.wake.clear()
+                    await self.wake.wait()
+                item = self.queue[0]
+                if item is STOPPED:
+                    await self.write(SynthesizeStopped().event())
+                else:
+                    await self._speak(item)
+                self.queue.popleft()
+        except (ConnectionError, OSError):  # the client left while audio was sent to it
+            self.close()
+        except Exception:  # a bug of ours: nothing more is spoken on this connection, nothing left generating
+            log.exception("speaking a Wyoming request failed")
+            self.close()
+
+    async def _speak(self, speech: Speech) -> None:
+        while speech.job is None and not speech.failed:
+            await asyncio.sleep(RETRY_S)
+            await self.submit_waiting()
+        if speech.failed:
+            return
+        stream = speech.stream
+        if stream is not None and stream.state is None:
+            stream.state = self.service.decoder_state()
+        state = stream.state if stream is not None else self.service.decoder_state()
+        started = False
+        try:
+            while (audio := await self.service.next_audio(speech.job, state)) is not None:
+                if audio:  # b"": none yet
+                    if not started:
+                        await self.write(AudioStart(SAMPLE_RATE, WIDTH, CHANNELS).event())
+                        started = True
+                    await self.write(AudioChunk(SAMPLE_RATE, WIDTH, CHANNELS, audio).event())
+                await self.submit_waiting()  # those the server refused so far, as it frees up
+        except (ConnectionError, OSError):
+            raise
+        except Exception as e:  # generation failed (a prompt too long for the context, a shutdown...)
+            await self.write(error_event(generation_error(e)))
+            if not started:
+                return
+        if not started:  # no frame at all: an empty audio
+            await self.write(AudioStart(SAMPLE_RATE, WIDTH, CHANNELS).event())
+        await self.write(AudioStop().event())

@@ -1,0 +1,176 @@
+"""What a replica behind a load balancer needs, on one server in this process: metrics, health probes,
+bounded and idle-closing websockets, and the drain (begun by hand here; SIGTERM is tested on real server
+processes in test_replicas.py)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+from flask import Flask
+from simple_websocket import Client as WsClient
+from werkzeug.serving import make_server
+
+from csm_gguf.server import metrics
+from csm_gguf.server.drain import Drain
+from csm_gguf.server.errors import register_error_handlers
+from replica_fixtures import close_quietly, closed_with, scrape, upgrade_status
+
+GREEDY = {"temperature": 0, "max_audio_ms": 800}  # 10 frames
+MAX_WEBSOCKETS, IDLE_S = 2, 2
+
+
+@pytest.fixture(scope="module")
+def server(f32_model, tmp_path_factory):
+    from csm_gguf.web import create_app
+
+    app = create_app(model=str(f32_model), kv_type="f32", max_streams=2, max_queue=2,
+                     max_websockets=MAX_WEBSOCKETS, ws_idle_s=IDLE_S, drain_s=20)
+    srv = make_server("127.0.0.1", 0, app, threaded=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield app, f"http://127.0.0.1:{srv.server_port}"
+    srv.shutdown()
+    app.extensions["csm_gguf"].engine.close()
+
+
+@pytest.fixture
+def base(server):
+    return server[1]
+
+
+def delta(after: dict, before: dict, name: str, **labels) -> float:
+    key = (name, tuple(sorted(labels.items())))
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+def sse_usage(base: str, text: str) -> dict:
+    body = {"model": "csm-1b", "input": text, "voice": "alloy", "response_format": "pcm", "stream_format": "sse",
+            **GREEDY}
+    response = httpx.post(f"{base}/v1/audio/speech", json=body, timeout=60)
+    assert response.status_code == 200
+    events = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: ")]
+    assert events[-1]["type"] == "speech.audio.done"
+    return events[-1]["usage"]
+
+
+def test_health_probes(base):
+    assert httpx.get(f"{base}/health/live").json() == {"status": "alive"}
+    ready = httpx.get(f"{base}/health/ready")
+    assert ready.status_code == 200 and ready.json() == {"status": "ready"}
+    assert httpx.get(f"{base}/health").json()["model_loaded"]
+
+
+def test_metrics_count_what_was_served(base):
+    before = scrape(base)
+    frames = sum(sse_usage(base, f"Sentence number {i}.")["output_tokens"] for i in range(3))
+    assert httpx.post(f"{base}/v1/audio/speech", json={"input": ""}).status_code == 400
+    for _ in range(2):
+        assert httpx.get(f"{base}/v1/models").status_code == 200
+    assert httpx.get(f"{base}/nowhere").status_code == 404
+    after = scrape(base)
+    assert delta(after, before, "csm_gguf_requests_total", endpoint="/v1/audio/speech", status="200") == 3
+    assert delta(after, before, "csm_gguf_requests_total", endpoint="/v1/audio/speech", status="400") == 1
+    assert delta(after, before, "csm_gguf_requests_total", endpoint="/v1/models", status="200") == 2
+    assert delta(after, before, "csm_gguf_requests_total", endpoint="unmatched", status="404") == 1
+    assert delta(after, before, "csm_gguf_requests_total", endpoint="/metrics", status="200") == 1  # `before`
+    assert frames == 30 and delta(after, before, "csm_gguf_frames_total") == frames
+    assert delta(after, before, "csm_gguf_audio_seconds_total") == pytest.approx(frames * 0.08)
+    for histogram in ("csm_gguf_time_to_first_audio_seconds", "csm_gguf_request_real_time_factor"):
+        assert delta(after, before, f"{histogram}_count") == 3
+        assert delta(after, before, f"{histogram}_sum") > 0
+    assert after[("csm_gguf_active_streams", ())] == 0 and after[("csm_gguf_queued_requests", ())] == 0
+    assert after[("csm_gguf_draining", ())] == 0
+
+
+def test_metrics_without_prometheus_client_is_a_clear_501(monkeypatch):
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # import fails, as when not installed
+    app = Flask("bare")
+    register_error_handlers(app)
+    assert metrics.install(app, engine=None, drain=Drain(1), slots=None) is None
+    response = app.test_client().get("/metrics")
+    assert response.status_code == 501
+    assert "pip install 'csm-gguf[server]'" in response.json["error"]["message"]
+
+
+def ws_url(base: str) -> str:
+    return base.replace("http", "ws") + "/v1/audio/speech/ws"
+
+
+def test_websockets_have_a_limit_and_idle_ones_are_closed(base):
+    opened = [WsClient.connect(ws_url(base)) for _ in range(MAX_WEBSOCKETS)]
+    try:
+        status, headers = upgrade_status(base)
+        assert status == 429 and headers["Retry-After"] == "1"
+        # A busy session is not idle: it speaks past the idle time and is answered whole.
+        opened[0].send(json.dumps({"input": "Hello there.", "response_format": "pcm", "temperature": 0,
+                                   "max_audio_ms": 4000}))
+        start = time.monotonic()
+        code, message = closed_with(opened[1], IDLE_S + 3)
+        assert code == 1000 and "CSM_GGUF_WS_IDLE_S" in message and time.monotonic() - start >= IDLE_S - 0.5
+        while True:
+            reply = opened[0].receive(timeout=30)
+            if isinstance(reply, str):
+                assert json.loads(reply)["type"] == "done"
+                break
+        assert closed_with(opened[0], IDLE_S + 3)[0] == 1000
+        assert upgrade_status(base)[0] == 101  # the closed ones' slots are free again
+    finally:
+        for ws in opened:
+            close_quietly(ws)
+
+
+def test_drain_refuses_new_work_and_lets_streams_finish(server):
+    """(Last on the module's server: a drain does not end.) While a stream is spoken, draining turns readiness
+    503 and refuses new requests with Retry-After; the stream finishes whole, and idle websockets close."""
+    app, base = server
+    drain = app.extensions["csm_gguf.drain"]
+    idle = WsClient.connect(ws_url(base))
+    body = {"input": "A long enough sentence to be speaking while the drain begins.", "response_format": "pcm",
+            "temperature": 0, "max_audio_ms": 3200}
+    whole = httpx.post(f"{base}/v1/audio/speech", json=body, timeout=60).content
+    received = []
+    with httpx.stream("POST", f"{base}/v1/audio/speech", json=body, timeout=60) as response:
+        chunks = response.iter_bytes()
+        received.append(next(chunks))
+        assert drain.begin()
+        assert httpx.get(f"{base}/health/ready").status_code == 503
+        refused = httpx.get(f"{base}/v1/models")
+        assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+        assert refused.json()["error"]["code"] == "draining"
+        assert httpx.get(f"{base}/health/live").status_code == 200
+        assert scrape(base)[("csm_gguf_draining", ())] == 1
+        received.extend(chunks)
+    assert b"".join(received) == whole  # greedy: the same speech as before the drain, all of it
+    assert closed_with(idle, 3)[0] == 1001
+    assert drain.wait() and drain.in_flight == 0
+
+
+def test_readiness_says_when_the_engine_stopped():
+    from types import SimpleNamespace
+
+    from csm_gguf.server import health
+
+    app = Flask("bare")
+    app.extensions["csm_gguf.drain"] = Drain(1)
+    app.extensions["csm_gguf"] = SimpleNamespace(engine=SimpleNamespace(running=False))
+    app.register_blueprint(health.bp)
+    response = app.test_client().get("/health/ready")
+    assert response.status_code == 503 and response.json == {"status": "engine stopped"}
+    assert app.test_client().get("/health/live").status_code == 200
+
+
+def test_gunicorn_settings_that_would_undo_the_drain_or_stall_health_are_warned(caplog):
+    from types import SimpleNamespace
+
+    from csm_gguf.server.drain import check_gunicorn
+    from csm_gguf.server.settings import Settings
+
+    check_gunicorn(SimpleNamespace(graceful_timeout=40, threads=32), Settings())  # deploy/'s command
+    assert not caplog.records
+    check_gunicorn(SimpleNamespace(graceful_timeout=30, threads=28), Settings())  # gunicorn's default timeout
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2 and "--graceful-timeout (30 s)" in messages[0] and "--threads (28)" in messages[1]

@@ -1,0 +1,158 @@
+"""The server's engine (continuous batching), driven directly: its codes, its scheduling, its end."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from csm_fixtures import random_codes
+from csm_gguf.generator import Segment
+from server_fixtures import (
+    MAX_QUEUE,
+    MAX_STREAMS,
+    TEXT,
+    wait_idle,
+)
+
+
+def test_engine_batched_greedy_codes_equal_solo_codes(engine):
+    from csm_gguf.server.engine import SpeechJob
+
+    def codes(job) -> np.ndarray:
+        frames = []
+        while (got := job.next_frames(timeout=30)) is not None:
+            frames += got
+        return np.stack(frames)
+
+    specs = [SpeechJob(f"Sentence {i} for the engine{'!' * i}", speaker=i, temperature=0, max_audio_ms=800)
+             for i in range(8)]
+    solo = [codes(engine.submit(s)) for s in specs]
+    jobs = [engine.submit(s) for s in specs]
+    for job, expected in zip(jobs, solo):
+        np.testing.assert_array_equal(codes(job), expected)
+    wait_idle(engine)
+
+
+def test_a_long_prompt_is_read_between_the_frames_of_others(engine, monkeypatch):
+    from csm_gguf.server import engine as server_engine
+    from csm_gguf.server.engine import SpeechJob
+
+    def codes(job) -> np.ndarray:
+        frames = []
+        while (got := job.next_frames(timeout=30)) is not None:
+            frames += got
+        return np.stack(frames)
+
+    rows = 16
+    monkeypatch.setattr(server_engine, "PREFILL_ROWS", rows)
+    backbone = engine.generator.backbone
+    decode, sizes = backbone.decode, []
+    monkeypatch.setattr(backbone, "decode", lambda n: (sizes.append(n), decode(n))[1])
+
+    long_prompt = SpeechJob(TEXT, context=[Segment(1, "Some context.", random_codes(150, 64, seed=3))],
+                            temperature=0, max_audio_ms=800)
+    solo = codes(engine.submit(long_prompt))
+    speaking = engine.submit(SpeechJob(TEXT, temperature=0, max_audio_ms=60 * 80))
+    speaking.next_frames(timeout=30)
+    engine.forget_voice(list(long_prompt.context))  # read again, not from the prompt cache
+    sizes.clear()
+    joining = engine.submit(long_prompt)
+    np.testing.assert_array_equal(codes(joining), solo)
+    assert len(codes(speaking)) > 20  # still speaking when the other finished
+    assert sum(n for n in sizes if n > 2) >= 150  # the prompt was read in this window (steps decode 1-2 rows)...
+    assert max(sizes) <= rows  # ...in parts, between frames of the speaking stream
+    wait_idle(engine)
+
+
+def test_requests_that_arrive_together_start_together(engine):
+    from csm_gguf.server.engine import SpeechJob
+
+    with engine._wake:  # the engine thread sees all four at once
+        jobs = [engine.submit(SpeechJob(f"Request {i} arrives.", temperature=0, max_audio_ms=800)) for i in range(4)]
+    for job in jobs:
+        while job.next_frames(timeout=30) is not None:
+            pass
+    assert len({job.first_frame for job in jobs}) == 1  # their first frames came from one step
+    wait_idle(engine)
+
+
+def test_many_short_jobs_leave_nothing_behind(engine):
+    """Jobs that finish, jobs cancelled while queued and jobs cancelled mid-speech: afterwards every slot
+    is free and the engine holds no job."""
+    from csm_gguf.server.engine import SpeechJob
+
+    jobs = []
+    for i in range(1000):
+        while len(engine.active) + len(engine.joining) + len(engine.waiting) >= MAX_STREAMS + MAX_QUEUE:
+            time.sleep(0.001)
+        job = engine.submit(SpeechJob("Hi.", speaker=i % 5, max_audio_ms=80 if i % 3 else 800, seed=i))
+        if i % 3 == 0:
+            job.cancel()
+        jobs.append(job)
+    for job in jobs:
+        while job.next_frames(timeout=30) is not None:
+            pass
+    wait_idle(engine)
+    assert engine.stats()["free_slots"] == MAX_STREAMS
+
+
+def test_engine_closing_ends_a_following_request_with_the_shutdown_error(f32_model, monkeypatch):
+    """close() landing while the request before it makes its last frame: the follower used to end as a
+    success with no audio, and a request submitted after close() waited forever."""
+    from csm_gguf.server.engine import Engine, SpeechJob
+    from csm_gguf.tts import CSM
+
+    tts = CSM(f32_model, kv_type="f32", max_streams=1)
+    engine = Engine(tts.generator)
+    attached, step = threading.Event(), engine.generator.step
+
+    def closing_step(streams):
+        attached.wait(10)
+        with engine._wake:  # what close() does first, here in the middle of the frame
+            engine._closing = True
+        return step(streams)
+
+    monkeypatch.setattr(engine.generator, "step", closing_step)
+    try:
+        first = engine.submit(SpeechJob("One.", temperature=0, max_audio_ms=80))
+        second = engine.submit(SpeechJob("Two.", temperature=0), after=first)
+        attached.set()
+        assert len(first.next_frames(timeout=10)) == 1 and first.next_frames(timeout=10) is None
+        with pytest.raises(RuntimeError, match="shutting down"):
+            second.next_frames(timeout=10)
+        with pytest.raises(RuntimeError, match="shutting down"):
+            engine.submit(SpeechJob("Three."))
+    finally:
+        engine.close()
+        tts.close()
+
+
+def test_waiting_followers_do_not_fill_the_queue_against_new_requests(f32_model):
+    """Sessions that keep talking keep their next sentences in the queue: if those counted against its size,
+    every new request would be refused for as long as the sessions talk."""
+    from csm_gguf.server.engine import Engine, SpeechJob
+    from csm_gguf.tts import CSM
+
+    tts = CSM(f32_model, kv_type="f32", max_streams=1)
+    engine = Engine(tts.generator, max_queue=1)
+    long = dict(temperature=0, max_audio_ms=60_000)
+    jobs = []
+    try:
+        jobs.append(first := engine.submit(SpeechJob("One.", **long)))
+        jobs.append(other := engine.submit(SpeechJob("Another client.", **long)))  # the queue is full
+        jobs.append(follower := engine.submit(SpeechJob("Two.", **long), after=first))
+        first.cancel()  # "Two." joins the queue behind "Another client.", which takes the slot
+        deadline = time.monotonic() + 10
+        while not ([j is other for j in engine.active] == [True] and [*engine.waiting] == [follower]):
+            assert time.monotonic() < deadline, engine.stats()
+            time.sleep(0.01)
+        jobs.append(late := engine.submit(SpeechJob("Three.", **long)))  # it was refused: the server is busy
+        assert [*engine.waiting] == [follower, late]
+    finally:
+        for job in jobs:
+            job.cancel()
+        engine.close()
+        tts.close()

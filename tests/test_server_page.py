@@ -1,0 +1,123 @@
+"""The server's web page, in a real browser (selenium and Debian's chromium)."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+
+from csm_gguf.audio import SAMPLE_RATE
+from server_fixtures import (
+    wait_idle,
+)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    import shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver")
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.skip("Chromium is not installed (apt-get install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
+                 "--autoplay-policy=no-user-gesture-required",
+                 "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",  # a microphone that beeps
+                 f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
+    yield browser
+    browser.quit()
+
+
+@pytest.mark.parametrize("fmt", ["pcm", "mp3"])
+def test_web_page_speaks_in_chromium(browser, base, engine, fmt, services):
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    browser.get(base + "/")
+    wait = WebDriverWait(browser, 30)
+    wait.until(lambda b: len(Select(b.find_element("id", "voice")).options) >= 13)
+    text = browser.find_element("id", "text")
+    text.clear()
+    text.send_keys("Hi there.")
+    Select(browser.find_element("id", "voice")).select_by_value("fable")
+    Select(browser.find_element("id", "format")).select_by_value(fmt)
+    speed = browser.find_element("id", "speed")
+    speed.clear()
+    speed.send_keys("2" if fmt == "pcm" else "1")
+    browser.find_element("id", "speak").click()
+    result = wait.until(lambda b: b.execute_script("return window.lastResult && window.lastResult.done "
+                                                   "|| (window.lastResult && window.lastResult.error) ? "
+                                                   "window.lastResult : null"))
+    assert result["error"] is None and result["bytes"] > 0 and result["firstAudioMs"] is not None
+    if fmt == "pcm":  # the tiny model makes 25 frames for so short a text (its minimum budget)
+        assert result["bytes"] == 25 * 2 * services.tts.codec.cfg.frame_size // 2  # at speed 2
+    assert "done" in browser.find_element("id", "status").text
+    wait_idle(engine)
+
+
+def save_voice_in_page(browser, name: str, transcript: str) -> str:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    for field, value in (("voice-name", name), ("voice-text", transcript)):
+        browser.find_element("id", field).clear()
+        browser.find_element("id", field).send_keys(value)
+    browser.execute_script("window.lastVoice = null")
+    browser.find_element("id", "save-voice").click()
+    return WebDriverWait(browser, 60).until(lambda b: b.execute_script("return window.lastVoice"))
+
+
+def test_web_page_adds_a_voice_from_a_file_and_from_the_microphone(browser, base, engine, tmp_path, monkeypatch,
+                                                                   services):
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from csm_gguf.voices import load_voice
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no ffmpeg for the server: the page sends WAV (the browser runs)
+    frame = services.tts.codec.cfg.frame_size
+    stereo = tmp_path / "stereo48k.wav"  # the page sends 24 kHz mono
+    sf.write(stereo, np.stack([np.sin(np.arange(96_000) / 9), np.zeros(96_000)], axis=1).astype(np.float32), 48_000)
+    long = tmp_path / "long.wav"
+    sf.write(long, np.zeros(70 * 8000, np.int16), 8000)
+    browser.get(base + "/")
+    wait = WebDriverWait(browser, 30)
+    wait.until(lambda b: len(Select(b.find_element("id", "voice")).options) >= 13)
+    browser.find_element("id", "voice-file").send_keys(str(long))
+    assert save_voice_in_page(browser, "long", "Words.") == "error: long.wav is 70 s long: a voice needs 5 to 30 s " \
+                                                             "(at most 60); cut it"
+    browser.find_element("id", "voice-file").send_keys(str(stereo))
+    assert browser.find_element("id", "voice-sample").text == "sample: stereo48k.wav"
+    assert save_voice_in_page(browser, "from-file", "Words from a file.") == "saved voice from-file"
+    assert Select(browser.find_element("id", "voice")).first_selected_option.get_attribute("value") == "from-file"
+    (segment,) = load_voice("from-file").segments
+    assert segment.text == "Words from a file." and abs(len(segment.codes) - 2 * SAMPLE_RATE // frame) <= 1
+    assert save_voice_in_page(browser, "from-file", "Again.").startswith("error: there is a voice named from-file")
+
+    browser.find_element("id", "record").click()
+    wait.until(lambda b: b.find_element("id", "voice-status").text == "recording…")
+    assert not browser.find_element("id", "save-voice").is_enabled()  # until the recording stops
+    time.sleep(1.5)
+    browser.find_element("id", "record").click()
+    wait.until(lambda b: b.find_element("id", "voice-status").text.startswith("recorded"))
+    assert browser.find_element("id", "voice-sample").text.startswith("sample: recording-")
+    assert save_voice_in_page(browser, "from-mic", "Beep beep.") == "saved voice from-mic"
+    assert len(load_voice("from-mic").segments[0].codes) > SAMPLE_RATE // frame  # over a second
+    assert save_voice_in_page(browser, "", "No name.").startswith("error: 'name' is required")
+
+    for name in ("from-file", "from-mic"):  # deleted from the page
+        Select(browser.find_element("id", "voice")).select_by_value(name)
+        browser.find_element("id", "delete-voice").click()
+        browser.switch_to.alert.accept()
+        wait.until(lambda b: b.find_element("id", "status").text == f"deleted voice {name}")
+    assert not {"from-file", "from-mic"} & set(load_voice_names(base))
+    Select(browser.find_element("id", "voice")).select_by_value("alloy")
+    assert not browser.find_element("id", "delete-voice").is_enabled()  # built-in
+
+
+def load_voice_names(base: str) -> list[str]:
+    return [v["id"] for v in httpx.get(f"{base}/v1/audio/voices").json()["voices"]]

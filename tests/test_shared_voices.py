@@ -1,0 +1,66 @@
+"""A voices folder shared by replicas on several hosts (NFS): saving stays atomic and exclusive, and a
+voice deleted by another host is unknown, not damaged."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from csm_fixtures import random_codes
+from csm_gguf import atomic, voices
+from csm_gguf.generator import Segment
+from csm_gguf.tts import Voice
+
+
+def test_a_link_whose_reply_was_lost_is_still_ours(tmp_path, monkeypatch):
+    """NFS sends a LINK again when its reply is lost; the retry fails with EEXIST on the link the first
+    try made. The file was saved: that is no "exists" error."""
+    link = os.link
+
+    def retried_link(src, dst):
+        link(src, dst)
+        raise FileExistsError(17, "File exists", dst)
+
+    monkeypatch.setattr(atomic.os, "link", retried_link)
+    target = tmp_path / "v.npz"
+    atomic.write_atomic(target, b"saved", replace=False)
+    assert target.read_bytes() == b"saved" and os.stat(target).st_nlink == 1 and os.listdir(tmp_path) == ["v.npz"]
+
+
+def test_a_name_taken_by_another_host_is_still_refused(tmp_path, monkeypatch):
+    target = tmp_path / "v.npz"
+    link = os.link
+
+    def other_host_first(src, dst):  # another host's file lands between our check and our link
+        target.write_bytes(b"theirs")
+        link(src, dst)
+
+    monkeypatch.setattr(atomic.os, "link", other_host_first)
+    with pytest.raises(FileExistsError):
+        atomic.write_atomic(target, b"ours", replace=False)
+    assert target.read_bytes() == b"theirs" and os.listdir(tmp_path) == ["v.npz"]
+
+
+def test_temporary_names_are_unique_across_hosts(tmp_path, monkeypatch):
+    made = []
+    real_open = os.open
+    monkeypatch.setattr(atomic.os, "open", lambda path, *a: made.append(path) or real_open(path, *a))
+    atomic.write_atomic(tmp_path / "v.npz", b"x", replace=False)
+    assert f".{os.uname().nodename}.{os.getpid()}." in made[0]
+
+
+def test_a_voice_deleted_elsewhere_while_loading_is_unknown(tmp_path, monkeypatch):
+    monkeypatch.setenv("CSM_GGUF_VOICES", str(tmp_path))
+    voices.save_voice("gone", Voice([Segment(1, "Hi.", random_codes(4, 64, seed=1))], speaker=1))
+
+    load = np.load
+
+    def deleted_meanwhile(path, **kwargs):  # it existed when checked; another host deleted it since
+        os.unlink(path)
+        return load(path, **kwargs)
+
+    monkeypatch.setattr(voices.np, "load", deleted_meanwhile)
+    with pytest.raises(ValueError, match="unknown voice 'gone'"):
+        voices.load_voice("gone")

@@ -1,0 +1,457 @@
+"""The Wyoming server, tested with the wyoming package's own client against the tiny model. Its engine is
+the HTTP server's (one model load for both), so its audio can be compared with the HTTP server's."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from functools import partial
+
+import numpy as np
+import pytest
+from wyoming.audio import AudioChunk, AudioStart
+from wyoming.client import AsyncTcpClient
+from wyoming.error import Error
+from wyoming.event import Event
+from wyoming.info import Describe, Info
+from wyoming.server import AsyncTcpServer
+from wyoming.tts import (
+    Synthesize,
+    SynthesizeChunk,
+    SynthesizeStart,
+    SynthesizeStop,
+    SynthesizeVoice,
+)
+
+from csm_fixtures import random_codes
+from csm_gguf.generator import Segment
+from csm_gguf.sampling import Sampling
+from csm_gguf.tts import Voice
+from csm_gguf.voices import BUILTIN_VOICES
+from csm_gguf.wyoming_server.handler import WyomingHandler
+from csm_gguf.wyoming_server.service import WyomingService
+
+TEXT = "Hello there, how are you doing today?"
+GREEDY = {"temperature": 0, "max_audio_ms": 800}  # 10 frames a piece
+MAX_STREAMS = 4
+
+
+@pytest.fixture(scope="module")
+def app(f32_model, tmp_path_factory):
+    from csm_gguf import voices
+    from csm_gguf.web import create_app
+
+    os.environ["CSM_GGUF_VOICES"] = str(tmp_path_factory.mktemp("voices"))
+    voices.save_voice("narrator", Voice([Segment(3, "A saved voice prompt.", random_codes(12, 64, seed=7))], speaker=3))
+    app = create_app(model=str(f32_model), max_streams=MAX_STREAMS, max_queue=2, kv_type="f32")
+    yield app
+    app.extensions["csm_gguf"].engine.close()
+    del os.environ["CSM_GGUF_VOICES"]
+
+
+@pytest.fixture(scope="module")
+def engine(app):
+    return app.extensions["csm_gguf"].engine
+
+
+class Server:
+    """A Wyoming server on loopback, in its own thread and event loop, on the HTTP app's engine."""
+
+    def __init__(self, app, sampling: Sampling):
+        s = app.extensions["csm_gguf"]
+        self.service = WyomingService(s.tts, s.codec, s.engine, s.settings, sampling)
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.server = AsyncTcpServer("127.0.0.1", self.port)
+        self._call(self.server.start(partial(WyomingHandler, self.service)))
+
+    def _call(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=30)
+
+    def close(self) -> None:
+        self._call(self.server.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.service.executor.shutdown()
+
+    def client(self) -> AsyncTcpClient:
+        return AsyncTcpClient("127.0.0.1", self.port, connect_timeout=10, read_timeout=60)
+
+
+@pytest.fixture(scope="module")
+def greedy(app):
+    server = Server(app, Sampling(**GREEDY))
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def unlimited(app):
+    """Greedy, each piece as long as its text allows: hundreds of frames for a long text."""
+    server = Server(app, Sampling(temperature=0))
+    yield server
+    server.close()
+
+
+def frame_bytes(app) -> int:
+    return 2 * app.extensions["csm_gguf"].codec.cfg.frame_size  # 1920 samples for Mimi, fewer for the tiny codec
+
+
+def wait_idle(engine, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while engine.active or engine.joining or engine.waiting:
+        assert time.monotonic() < deadline, engine.stats()
+        time.sleep(0.01)
+    assert len(engine.generator.free_slots) == MAX_STREAMS
+
+
+async def read_until(client: AsyncTcpClient, *kinds: str) -> list[Event]:
+    events = []
+    while True:
+        event = await client.read_event()
+        assert event is not None, f"the connection closed after {[e.type for e in events]}"
+        events.append(event)
+        if event.type in kinds:
+            return events
+
+
+def pcm_of(events: list[Event]) -> bytes:
+    return b"".join(AudioChunk.from_event(e).audio for e in events if AudioChunk.is_type(e.type))
+
+
+async def synthesize(server: Server, text: str, voice: str | None = None) -> list[Event]:
+    async with server.client() as client:
+        await client.write_event(Synthesize(text, voice=voice and SynthesizeVoice(name=voice)).event())
+        return await read_until(client, "audio-stop", "error")
+
+
+def http_pcm(app, text: str, voice: str, **fields) -> bytes:
+    response = app.test_client().post("/v1/audio/speech", json={"model": "csm-1b", "input": text, "voice": voice,
+                                                                "response_format": "pcm", **GREEDY, **fields})
+    assert response.status_code == 200
+    return response.data
+
+
+def assert_same_pcm(actual: bytes, expected: bytes) -> None:
+    """Equal within one step: frames are decoded in the batches they arrive in, which rounds a little
+    differently."""
+    a, b = np.frombuffer(actual, "<i2").astype(np.int32), np.frombuffer(expected, "<i2").astype(np.int32)
+    assert len(a) == len(b) > 0
+    np.testing.assert_allclose(a, b, atol=1)
+
+
+def run(coroutine):
+    return asyncio.run(asyncio.wait_for(coroutine, timeout=120))
+
+
+# --- describe, synthesize ---------------------------------------------------------------------------------
+
+
+def test_describe_answers_one_tts_program_with_every_voice(greedy):
+    async def ask():
+        async with greedy.client() as client:
+            await client.write_event(Describe().event())
+            return await read_until(client, "info")
+
+    (event,) = run(ask())
+    (program,) = Info.from_event(event).tts
+    assert program.name == "csm-gguf" and program.installed and program.version
+    assert "Sesame" in program.attribution.name and "Kyutai" in program.attribution.name
+    assert program.supports_synthesize_streaming
+    voices = {v.name: v for v in program.voices}
+    assert set(voices) == {*BUILTIN_VOICES, "narrator"}
+    assert all(v.languages == ["en"] and v.installed and v.description for v in voices.values())
+    assert "speaker 4" in voices["echo"].description
+    assert "speaker 3" in voices["narrator"].description and "A saved voice prompt." in voices["narrator"].description
+
+
+def test_synthesize_equals_the_http_servers_pcm(app, greedy, engine):
+    events = run(synthesize(greedy, TEXT, voice="echo"))
+    kinds = [e.type for e in events]
+    assert kinds[0] == "audio-start" and kinds[-1] == "audio-stop" and set(kinds[1:-1]) == {"audio-chunk"}
+    start = AudioStart.from_event(events[0])
+    assert (start.rate, start.width, start.channels) == (24_000, 2, 1)
+    chunks = [AudioChunk.from_event(e) for e in events[1:-1]]
+    assert all((c.rate, c.width, c.channels) == (24_000, 2, 1) for c in chunks)
+    audio = pcm_of(events)
+    assert len(audio) == 10 * frame_bytes(app)
+    assert_same_pcm(audio, http_pcm(app, TEXT, "echo"))
+    wait_idle(engine)
+
+
+def test_default_voice_and_speaker_and_saved_voice(app, greedy):
+    assert_same_pcm(pcm_of(run(synthesize(greedy, TEXT))), http_pcm(app, TEXT, "alloy"))  # the server's default
+    assert_same_pcm(pcm_of(run(synthesize(greedy, TEXT, voice="narrator"))), http_pcm(app, TEXT, "narrator"))
+
+    async def with_speaker():
+        async with greedy.client() as client:
+            voice = SynthesizeVoice(name="alloy", speaker="4")  # a speaker id overrides the voice's
+            await client.write_event(Synthesize(TEXT, voice=voice).event())
+            return await read_until(client, "audio-stop", "error")
+
+    assert_same_pcm(pcm_of(run(with_speaker())), http_pcm(app, TEXT, "alloy", speaker_id=4))
+
+
+# --- streaming synthesis -------------------------------------------------------------------------------------
+
+
+def test_streamed_text_is_spoken_sentence_by_sentence_before_the_stop(app, greedy, engine):
+    async def converse():
+        async with greedy.client() as client:
+            await client.write_event(SynthesizeStart(voice=SynthesizeVoice(name="onyx")).event())
+            pieces = ["Hello the", "re. How are", " you to", "day? I am"]
+            for piece in pieces:
+                await client.write_event(SynthesizeChunk(text=piece).event())
+            before_stop = await read_until(client, "audio-stop")  # "Hello there."
+            before_stop += await read_until(client, "audio-stop")  # "How are you today?"
+            # Home Assistant sends the whole text once more, for servers that do not stream: not spoken again.
+            await client.write_event(Synthesize(text="".join(pieces), voice=SynthesizeVoice(name="onyx")).event())
+            await client.write_event(SynthesizeStop().event())
+            return before_stop, await read_until(client, "synthesize-stopped")
+
+    before_stop, after_stop = run(converse())
+    kinds = [e.type for e in before_stop + after_stop]
+    assert kinds.count("audio-start") == kinds.count("audio-stop") == 3 and kinds[-1] == "synthesize-stopped"
+    first = pcm_of(before_stop[: [e.type for e in before_stop].index("audio-stop")])
+    assert_same_pcm(first, http_pcm(app, "Hello there.", "onyx"))  # the first sentence, alone as over HTTP
+    assert len(pcm_of(before_stop)) == 20 * frame_bytes(app)
+    assert len(pcm_of(after_stop)) == 10 * frame_bytes(app)  # "I am", at the stop; the copy is ignored
+    wait_idle(engine)
+
+
+def test_the_next_sentence_follows_the_one_being_spoken(greedy, engine, monkeypatch):
+    """Each sentence is submitted as soon as it is complete, to follow the one before it (its voice and
+    slot) rather than queue behind requests that came later."""
+    submitted = []
+    submit = engine.submit
+    monkeypatch.setattr(engine, "submit", lambda *a, **kw: (submitted.append(kw), submit(*a, **kw))[1])
+
+    async def converse():
+        async with greedy.client() as client:
+            await client.write_event(SynthesizeStart().event())
+            await client.write_event(SynthesizeChunk(text="One sentence. Another one. And a third one. The").event())
+            await client.write_event(SynthesizeStop().event())
+            return await read_until(client, "synthesize-stopped")
+
+    events = run(converse())
+    assert [e.type for e in events].count("audio-stop") == 4
+    assert submitted[0]["after"] is None
+    assert all(kw["after"] is not None and kw["continues"] for kw in submitted[1:]) and len(submitted) == 4
+    wait_idle(engine)
+
+
+# --- several clients ---------------------------------------------------------------------------------------
+
+
+def test_two_clients_at_once_share_the_engine(unlimited, engine):
+    requests = [("The first client says something here.", "ash"), ("The second client says something else.", "nova")]
+    calls = engine.generator.decode_calls
+    solo = [pcm_of(run(synthesize(unlimited, text, voice))) for text, voice in requests]
+    serial_calls = engine.generator.decode_calls - calls
+
+    async def together():
+        clients = [unlimited.client() for _ in requests]
+        for client in clients:
+            await client.connect()
+        try:
+            for client, (text, voice) in zip(clients, requests):  # both asked before either is answered
+                await client.write_event(Synthesize(text, voice=SynthesizeVoice(name=voice)).event())
+            return await asyncio.gather(*(read_until(client, "audio-stop", "error") for client in clients))
+        finally:
+            for client in clients:
+                await client.disconnect()
+
+    calls = engine.generator.decode_calls
+    both = run(together())
+    together_calls = engine.generator.decode_calls - calls
+    for events, alone in zip(both, solo):
+        assert_same_pcm(pcm_of(events), alone)
+    print(f"decode calls: {serial_calls} one after the other, {together_calls} together")
+    assert together_calls < 0.75 * serial_calls  # their frames were generated in the same decode calls
+    wait_idle(engine)
+
+
+def test_a_full_server_makes_a_request_wait_for_a_slot_rather_than_fail(greedy, unlimited, engine, app):
+    """Wyoming has no "busy" answer that clients retry: the request waits, as a websocket's sentence does."""
+    long_text = " ".join(f"This is sentence number {i}, which goes on for a while." for i in range(8))
+    hogs = [engine.submit(unlimited.service.request(None, text=long_text).job)
+            for _ in range(engine.max_streams + engine.max_queue)]  # every slot and the whole queue
+
+    async def wait_then_free():
+        waiting = asyncio.ensure_future(synthesize(greedy, TEXT))
+        await asyncio.sleep(1.0)
+        assert not waiting.done() and engine.stats()["queue_depth"] == engine.max_queue
+        for job in hogs:
+            job.cancel()
+        return await waiting
+
+    events = run(wait_then_free())
+    assert [e.type for e in events][-1] == "audio-stop" and len(pcm_of(events)) == 10 * frame_bytes(app)
+    wait_idle(engine)
+
+
+# --- errors ----------------------------------------------------------------------------------------------------
+
+
+def test_bad_events_are_answered_with_errors_and_the_connection_goes_on(greedy, engine, app):
+    async def misbehave():
+        answers = []
+        async with greedy.client() as client:
+            async def expect_error(*events: Event | bytes) -> None:
+                for event in events:
+                    if isinstance(event, bytes):
+                        client._writer.write(event)
+                    else:
+                        await client.write_event(event)
+                answers.append(Error.from_event((await read_until(client, "error", "audio-start"))[-1]))
+
+            await expect_error(Synthesize(TEXT, voice=SynthesizeVoice(name="nobody")).event())
+            await expect_error(Synthesize("  ").event())
+            await expect_error(Synthesize(TEXT, voice=SynthesizeVoice(name="alloy", speaker="loud")).event())
+            await expect_error(b"this is not json\n")
+            await expect_error(b'["a list"]\n')
+            await expect_error(b'{"type": "synthesize", "data_length": 5}\n', b"12345")
+            await expect_error(b'{"no": "type"}\n')
+            await expect_error(Event("synthesize", {"voice": {"name": "alloy"}}))  # no text
+            await expect_error(SynthesizeChunk(text="No stream was started.").event())
+            await expect_error(SynthesizeStop().event())
+            await client.write_event(Event("not-a-tts-event", {}))  # other kinds are ignored, as the protocol asks
+            await client.write_event(Describe().event())
+            assert Info.is_type((await client.read_event()).type)
+            await client.write_event(Synthesize(TEXT).event())  # and the connection still speaks
+            answers.append(pcm_of(await read_until(client, "audio-stop")))
+        return answers
+
+    *errors, audio = run(misbehave())
+    assert [e.code for e in errors] == ["voice_not_found", "invalid_value", "invalid_value", *["bad_event"] * 7]
+    assert "unknown voice 'nobody'" in errors[0].text and "alloy" in errors[0].text
+    assert "empty" in errors[1].text
+    assert "synthesize-start first" in errors[8].text
+    assert len(audio) == 10 * frame_bytes(app)
+    wait_idle(engine)
+
+
+def test_a_stream_with_an_unknown_voice_is_an_error_and_still_stops(greedy, engine):
+    async def converse():
+        async with greedy.client() as client:
+            await client.write_event(SynthesizeStart(voice=SynthesizeVoice(name="nobody")).event())
+            await client.write_event(SynthesizeChunk(text="Not spoken. Nor this.").event())
+            await client.write_event(SynthesizeStop().event())
+            return await read_until(client, "synthesize-stopped")
+
+    assert [e.type for e in run(converse())] == ["error", "synthesize-stopped"]  # the client is not left waiting
+
+
+# --- disconnects and the end of speech ------------------------------------------------------------------------
+
+
+def test_audio_streams_out_and_a_client_that_leaves_frees_its_stream(unlimited, engine, monkeypatch):
+    jobs = []
+    submit = engine.submit
+    monkeypatch.setattr(engine, "submit", lambda *a, **kw: jobs.append(submit(*a, **kw)) or jobs[-1])
+    text = " ".join(f"This is sentence number {i}, which goes on for a while." for i in range(8))
+
+    async def leave_early():
+        async with unlimited.client() as client:
+            await client.write_event(Synthesize(text).event())
+            assert (await client.read_event()).type == "audio-start"
+            assert (await client.read_event()).type == "audio-chunk"
+            assert engine.stats()["active_streams"] == 1  # audio arrives while the text is still being spoken
+
+    run(leave_early())
+    wait_idle(engine)
+    (job,) = jobs
+    assert job.cancelled and job.frames < 100  # its budget was hundreds of frames a piece
+
+
+def test_a_streaming_client_that_leaves_cancels_its_following_sentences(unlimited, engine, monkeypatch):
+    jobs = []
+    submit = engine.submit
+    monkeypatch.setattr(engine, "submit", lambda *a, **kw: jobs.append(submit(*a, **kw)) or jobs[-1])
+
+    async def leave_early():
+        async with unlimited.client() as client:
+            await client.write_event(SynthesizeStart().event())
+            await client.write_event(SynthesizeChunk(text="A first sentence. A second one. And a third").event())
+            assert (await client.read_event()).type == "audio-start"
+            assert engine.stats()["active_streams"] == 1 and engine.active[0].successor is not None
+
+    run(leave_early())
+    wait_idle(engine)
+    assert len(jobs) == 2 and all(job.cancelled for job in jobs)
+    assert jobs[1].frames == 0  # the second sentence did not start in the first one's slot
+
+
+def test_an_all_zero_frame_ends_the_audio(greedy, engine, monkeypatch, app):
+    """The end of speech: after its second frame, each stream makes the all-zero frame."""
+    step = engine.generator.step
+    made: dict[int, int] = {}
+
+    def ending_step(streams):
+        codes = step(streams)
+        for j, stream in enumerate(streams):
+            made[id(stream)] = made.get(id(stream), 0) + 1
+            if made[id(stream)] == 3:
+                codes[j] = 0
+                stream.done = True
+        return codes
+
+    monkeypatch.setattr(engine.generator, "step", ending_step)
+    events = run(synthesize(greedy, TEXT))
+    assert events[-1].type == "audio-stop" and len(pcm_of(events)) == 2 * frame_bytes(app)
+
+
+# --- the command ---------------------------------------------------------------------------------------------
+
+
+def test_the_command_serves_the_model(f32_model, tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "CSM_GGUF_VOICES": str(tmp_path), "PYTHONPATH": os.getcwd()}
+    command = [sys.executable, "-m", "csm_gguf.wyoming", "--uri", f"tcp://127.0.0.1:{port}", "--model",
+               str(f32_model), "--kv-type", "f32", "--max-streams", "2", "--voice", "sage", "--temperature", "0",
+               "--max-audio-ms", "160"]
+    server = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        async def ask():
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    client = AsyncTcpClient("127.0.0.1", port, read_timeout=60)
+                    await client.connect()
+                    break
+                except OSError:
+                    assert server.poll() is None and time.monotonic() < deadline, server.stderr.read()
+                    await asyncio.sleep(0.2)
+            try:
+                await client.write_event(Describe().event())
+                info = Info.from_event(await client.read_event())
+                await client.write_event(Synthesize("Hello there.").event())
+                return info, await read_until(client, "audio-stop", "error")
+            finally:
+                await client.disconnect()
+
+        info, events = run(ask())
+        assert info.tts[0].name == "csm-gguf"
+        assert [e.type for e in events][-1] == "audio-stop" and len(pcm_of(events)) > 0  # 2 frames (160 ms)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_the_command_refuses_bad_options(tmp_path):
+    env = {**os.environ, "CSM_GGUF_VOICES": str(tmp_path), "PYTHONPATH": os.getcwd()}
+    bad = subprocess.run([sys.executable, "-m", "csm_gguf.wyoming", "--uri", "stdio://"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "tcp://HOST:PORT" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "csm_gguf.wyoming", "--voice", "nobody"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "'nobody' is not a voice" in bad.stderr
