@@ -31,7 +31,7 @@ from ..text import is_blank, is_unicode
 from ..tts import CSM, NO_VOICE, Voice
 from ..voices import BUILTIN_VOICES, VoiceExists, VoicesFolderError, VoicesFull, all_voices, check_saveable
 from .engine import SpeechJob
-from .errors import ApiError, invalid
+from .errors import ApiError, generation_error, invalid
 from .limits import MAX_CONTEXT_SEGMENTS, MAX_INPUT_CHARS, MAX_JSON_DEPTH, MAX_SPEAKER
 
 if TYPE_CHECKING:
@@ -278,6 +278,8 @@ def _voice(voice: Any, tts: CSM, load: Callable[[str], Voice]) -> tuple[int, lis
         raise
     except ValueError as e:  # a damaged voice file
         raise invalid("voice", str(e), code="voice_unusable") from None
+    except RuntimeError as e:  # the engine, making a built-in voice's prompt, stopped (shutting down: a 503)
+        raise generation_error(e) from None
     k, n_codes = tts.model.config.num_codebooks, tts.model.n_codes
     try:
         segments = [replace(s, codes=check_codes(s.codes, k, n_codes, f"the codes of voice {voice!r}"))
