@@ -93,6 +93,37 @@ def test_voices_are_made_from_a_sample_used_and_deleted(client, base, engine, se
         client.audio.voices.delete("lena")
 
 
+def in_prompt_cache(engine, segments) -> bool:
+    """Whether a cached prompt begins with these segments' rows."""
+    rows = engine.generator.context_embeddings(segments)
+    return any(len(e.rows) >= len(rows) and np.array_equal(e.rows[: len(rows)], rows)
+               for e in list(engine.generator.prompt_cache.entries))
+
+
+def wait_until(done, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():  # the engine thread drops a voice's cells between frames
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_a_replaced_or_deleted_voice_leaves_the_prompt_cache(client, base, engine, services):
+    speak = {"model": "csm-1b", "voice": "ash", "input": TEXT, "response_format": "pcm", **GREEDY}
+    assert post(base, speak).status_code == 200
+    builtin = services.voice("ash")  # its prompt, made by the engine for that request
+    assert in_prompt_cache(engine, builtin.segments)
+    client.audio.voices.create(name="ash", audio_sample=("ash.wav", voice_wav(services), "audio/wav"),
+                               consent="cons_1", extra_body={"transcript": "My own ash.", "speaker_id": 1})
+    wait_until(lambda: not in_prompt_cache(engine, builtin.segments))
+    assert post(base, speak).status_code == 200
+    mine = services.voice("ash")
+    assert mine.segments[0].text == "My own ash." and in_prompt_cache(engine, mine.segments)
+    assert client.audio.voices.delete("ash").deleted
+    wait_until(lambda: not in_prompt_cache(engine, mine.segments))
+    ash = next(v for v in httpx.get(f"{base}/v1/audio/voices").json()["voices"] if v["id"] == "ash")
+    assert ash["type"] == "builtin"  # the built-in voice is back
+
+
 def test_one_of_several_saving_the_same_name_wins(base, engine, services):
     from concurrent.futures import ThreadPoolExecutor
 
