@@ -224,7 +224,7 @@ def run_once(tts, frames: int, seed: int) -> tuple[float, float, int]:
     """(seconds, seconds to the first audio, frames) of one streamed utterance via the public API."""
     t0 = time.perf_counter()
     first, n = None, 0
-    for _ in tts.stream(TEXT, seed=seed, max_audio_ms=frames * FRAME_MS):
+    for _ in tts.stream(TEXT, seed=seed, max_audio_ms=frames * FRAME_MS, voice="none"):  # no prompt: the text alone
         if first is None:
             first = time.perf_counter() - t0
         n += 1
@@ -350,6 +350,54 @@ def concurrency(tts, n_streams: int, frames: int, seed: int, args) -> Concurrenc
     return Concurrency(n_streams, frames, seconds, n_streams * audio / seconds, seconds / audio)
 
 
+# A voice prompt's transcript, about what a speaker says in 10 s.
+VOICE_TRANSCRIPT = ("Thanks for calling. I can help with your order, your account or anything else today; "
+                    "just tell me what you need and we will sort it out together.")
+
+
+def voice_prompt_ttfa(tts, seconds: float, args) -> dict:
+    """Time to the first audio of a request in a voice whose prompt holds `seconds` of audio: read once and
+    cached (the 2nd request on) against a request with no voice prompt at all, and the uncached read
+    beside them (the cache emptied before each run). Medians of --runs."""
+    from csm_gguf.generator import Generator
+
+    tts.generator = Generator(tts.model, 1, args.threads, args.gpu_layers, args.kv_type)  # bench_variant closed its own
+    try:
+        return _voice_prompt_ttfa(tts, seconds, args)
+    finally:
+        tts.generator.close()
+
+
+def _voice_prompt_ttfa(tts, seconds: float, args) -> dict:
+    from csm_gguf.generator import Segment
+
+    rng = np.random.default_rng(args.seed)
+    codes = rng.integers(0, tts.model.n_codes, size=(round(seconds / FRAME_S), tts.model.config.num_codebooks))
+    voice = [Segment(0, VOICE_TRANSCRIPT, codes)]
+    cache = tts.generator.prompt_cache
+
+    def first_audio(context, empty_cache: bool) -> float:
+        if empty_cache:
+            cache.clear()
+        t0 = time.perf_counter()
+        chunks = tts.stream(TEXT, seed=args.seed, max_audio_ms=5 * FRAME_MS, speaker=0, context=context)
+        next(iter(chunks))
+        took = time.perf_counter() - t0
+        chunks.close()
+        return took
+
+    runs = {"no_voice": lambda: first_audio((), False), "voice_uncached": lambda: first_audio(voice, True),
+            "voice_cached": lambda: first_audio(voice, False)}
+    times: dict[str, list[float]] = defaultdict(list)
+    for _ in range(args.runs):  # interleaved, so a busier moment of the machine falls on all three alike
+        for name, run in runs.items():
+            times[name].append(run())
+    figures = {name: Spread.of(values).median for name, values in times.items()}
+    return {"prompt_seconds": seconds, "prompt_positions": tts.generator.context_rows(voice), **figures,
+            "cached_over_no_voice": figures["voice_cached"] / figures["no_voice"],
+            "uncached_over_no_voice": figures["voice_uncached"] / figures["no_voice"]}
+
+
 def batched(model_dir: Path, streams: int, rows: int, args, in_process: float | None) -> Batched:
     """`rows` rows of TEXT, `--frames` each, through csm_gguf.batch.synthesize with one worker of `streams`
     streams (pcm files into a temporary folder). The manifest is watched for when rows are written: the steady
@@ -373,7 +421,8 @@ def batched(model_dir: Path, streams: int, rows: int, args, in_process: float | 
         watcher.start()
         t0 = time.perf_counter()
         summary = synthesize([{"id": f"row{i}", "text": TEXT} for i in range(rows)], out, model=model_dir,
-                             format="pcm", max_audio_ms=args.frames * FRAME_MS, seed=args.seed, workers=1,
+                             format="pcm", voice="none",  # as run_once: no prompt
+                             max_audio_ms=args.frames * FRAME_MS, seed=args.seed, workers=1,
                              streams=streams, threads=args.threads or default_threads(), gpu_layers=args.gpu_layers,
                              kv_type=args.kv_type, progress=False)
         seconds = time.perf_counter() - t0
@@ -455,7 +504,8 @@ def served(model_dir: Path, counts: list[int], frames: int, args) -> list[Served
     base = f"http://127.0.0.1:{port}"
     env = {**os.environ, "CSM_GGUF_MODEL": str(model_dir), "CSM_GGUF_MAX_STREAMS": str(max(counts)),
            "CSM_GGUF_THREADS": str(args.threads), "CSM_GGUF_GPU_LAYERS": str(args.gpu_layers),
-           "CSM_GGUF_KV_TYPE": args.kv_type, "CSM_GGUF_CODEC_DEVICE": args.codec_device}
+           "CSM_GGUF_KV_TYPE": args.kv_type, "CSM_GGUF_CODEC_DEVICE": args.codec_device,
+           "CSM_GGUF_VOICE": "none"}  # requests without a voice prompt, as run_once
     env.pop("CSM_GGUF_API_KEY", None)
     log = tempfile.TemporaryFile()
     server = subprocess.Popen([sys.executable, "-m", "flask", "--app", "csm_gguf.web", "run", "--port", str(port)],
@@ -530,7 +580,7 @@ def say_startup(model_dir: Path, args) -> tuple[float, float, float, float]:
     import subprocess
 
     command = [sys.executable, "-m", "csm_gguf.say", STARTUP_TEXT, "-o", "-", "-f", "pcm", "--model", str(model_dir),
-               "--seed", str(args.seed), "--max-audio-ms", "2000"]
+               "--seed", str(args.seed), "--max-audio-ms", "2000", "--voice", "none"]  # as run_once: no prompt
     if args.threads:
         command += ["--threads", str(args.threads)]
     t0 = time.perf_counter()
@@ -556,7 +606,8 @@ def server_startup(model_dir: Path, args) -> float:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "CSM_GGUF_MODEL": str(model_dir), "CSM_GGUF_THREADS": str(args.threads)}
+    env = {**os.environ, "CSM_GGUF_MODEL": str(model_dir), "CSM_GGUF_THREADS": str(args.threads),
+           "CSM_GGUF_VOICE": "none"}  # no default voice's prompt made at start (see --voice-prompt for its cost)
     t0 = time.perf_counter()
     server = subprocess.Popen([sys.executable, "-m", "flask", "--app", "csm_gguf.web", "run", "--port", str(port)],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -1009,6 +1060,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    f"streaming decoder ({MOSHI_INSTALL})")
     p.add_argument("--peer-frames", type=int, default=8,
                    help="frames for the (slow) transformers run (default: %(default)s)")
+    p.add_argument("--voice-prompt", type=float, metavar="SECONDS", help="also time the first audio of a request "
+                   "in a voice with a prompt this long, cached and not, against one without a voice (first variant)")
     p.add_argument("--startup", type=int, default=0, metavar="N", help=f"start-up figures from N fresh processes "
                    f"each: `say {STARTUP_TEXT!r} -o - -f pcm` to its first audio and its peak memory, the server to "
                    "ready (default: 0, none)")
@@ -1088,6 +1141,12 @@ def main(argv: list[str] | None = None) -> int:
         if i == 0:  # the peers against the first variant's model and codec, then freed before the next
             peer = "transformers" in args.compare
             report["peers"]["mimi"] = mimi_figures(tts, args.frames, args.seed, peer, args.runs)
+            if args.voice_prompt:
+                report["voice_prompt"] = v = voice_prompt_ttfa(tts, args.voice_prompt, args)
+                print(f"[bench] first audio: no voice {v['no_voice']:.3f} s; {args.voice_prompt:g} s voice "
+                      f"({v['prompt_positions']} positions) cached {v['voice_cached']:.3f} s "
+                      f"({v['cached_over_no_voice']:.2f}x), uncached {v['voice_uncached']:.3f} s "
+                      f"({v['uncached_over_no_voice']:.2f}x)", file=sys.stderr)
             if "moshi" in args.compare:
                 report["peers"]["moshi"] = moshi_peer(args.frames, args.seed, args.runs)
             if "transformers" in args.compare:

@@ -16,10 +16,12 @@ from typing import Iterator, Sequence
 import llama_cpp as L
 import numpy as np
 
+from . import prompt_cache
 from .formats import FRAME_MS
 from .heads import CodebookHeads
 from .llama import ContextOptions, EmbeddingModel, default_threads
 from .model import CSMModel
+from .prompt_cache import PromptCache
 from .sampling import Sampling
 
 
@@ -107,6 +109,7 @@ class Stream:
     frames_left: int
     pos: int = 0  # position of the next backbone input (while the prompt is read: rows read so far)
     prompt: np.ndarray | None = None  # until `Generator.prefill` has read it all
+    shared: int = 0  # its first rows are a voice prompt, kept in the prompt cache once read
     pending: np.ndarray | None = None  # the backbone's next input row
     done: bool = False
 
@@ -114,7 +117,11 @@ class Stream:
 class Generator:
     """Owns the two llama.cpp contexts. `generate` may be called from several threads (they take turns
     at each llama.cpp call); the lower-level calls (start, prefill, step, finish) are for one thread
-    that drives every stream, like the server's engine thread."""
+    that drives every stream, like the server's engine thread.
+
+    Voice prompts are read once (prompt_cache.py): `cached_prompts` of them (default prompt_cache.ENTRIES;
+    0: none) stay in spare KV sequences of the backbone. `prompt_positions_read` counts the prompt
+    positions the backbone has read."""
 
     def __init__(
         self,
@@ -123,17 +130,22 @@ class Generator:
         n_threads: int = 0,
         n_gpu_layers: int = 0,
         kv_type: str = "f16",
+        cached_prompts: int | None = None,
     ):
         cfg = model.config
         self.model = model
         self.cfg = cfg
         self.max_streams = max_streams
+        cached = prompt_cache.ENTRIES if cached_prompts is None else cached_prompts
+        cache_positions = prompt_cache.POSITIONS if cached else 0
         self.backbone = EmbeddingModel(
             model.backbone_path,
             ContextOptions(
-                n_ctx=max_streams * cfg.backbone.max_seq_len,
+                # Cells for every stream's whole context, and for the cached prompts (a stream sharing a
+                # cached prompt's cells uses that many fewer of its own).
+                n_ctx=max_streams * cfg.backbone.max_seq_len + cache_positions,
                 n_batch=max(512, max_streams),
-                n_seq_max=max_streams,
+                n_seq_max=max_streams + cached,  # sequences 0..max_streams-1 are the streams'
                 n_threads=n_threads,
                 n_gpu_layers=n_gpu_layers,
                 kv_type=kv_type,
@@ -165,6 +177,9 @@ class Generator:
         self.heads = CodebookHeads(model.audio_head, model.audio_head_type, d, max_streams,
                                    n_threads or default_threads())
         self.decode_calls = 0
+        self.prompt_positions_read = 0
+        self.prompt_cache = PromptCache(max_streams, cached, cache_positions, self.backbone.copy_sequence,
+                                        self.backbone.remove_sequence)
 
     # --- prompt -------------------------------------------------------------------------------------
     def frame_embedding(self, codes: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -174,34 +189,60 @@ class Generator:
 
     def prompt_embeddings(self, text: str, speaker: int, context: Sequence[Segment] = ()) -> np.ndarray:
         """Context segments (text frames, audio frames, an all-zero EOS frame), then the text to speak."""
-        for who in (speaker, *(seg.speaker for seg in context)):
-            check_speaker(who)
+        check_speaker(speaker)
+        return self.embed(self._heard(context), self.model.prompt_tokens(speaker, text))
+
+    def context_embeddings(self, context: Sequence[Segment]) -> np.ndarray:
+        """The rows of context segments alone, as they begin a prompt: a voice prompt as the prompt cache
+        keeps it."""
+        return self.embed(self._heard(context), [])
+
+    def _heard(self, context: Sequence[Segment]) -> list[tuple[list[int], np.ndarray | None]]:
+        """Each context segment's prompt tokens and codes, checked."""
         model, k = self.model, self.cfg.num_codebooks
-        heard = [(model.prompt_tokens(seg.speaker, seg.text),
-                  None if seg.codes is None else check_codes(seg.codes, k, model.n_codes, "context codes"))
-                 for seg in context]
-        return self.embed(heard, model.prompt_tokens(speaker, text))
+        for seg in context:
+            check_speaker(seg.speaker)
+        return [(model.prompt_tokens(seg.speaker, seg.text),
+                 None if seg.codes is None else check_codes(seg.codes, k, model.n_codes, "context codes"))
+                for seg in context]
 
     def embed(self, heard: Sequence[tuple[list[int], np.ndarray | None]], prompt: list[int]) -> np.ndarray:
         """`prompt_embeddings` from tokens: each context segment's prompt tokens and codes (checked), then
-        the prompt tokens of the text to speak."""
-        parts = []
+        the prompt tokens of the text to speak (none: the context alone)."""
+        parts = [np.zeros((0, self.cfg.backbone.n_embd), dtype=np.float32)]
         zero = np.zeros(self.cfg.num_codebooks, dtype=np.int64)
         for tokens, codes in heard:
             parts.append(self.model.text_embeddings.rows(tokens))
             if codes is not None:
                 parts.append(np.stack([self.frame_embedding(c) for c in codes] + [self.frame_embedding(zero)]))
-        parts.append(self.model.text_embeddings.rows(prompt))
+        if prompt:
+            parts.append(self.model.text_embeddings.rows(prompt))
         return np.concatenate(parts, axis=0)
 
     def prompt_rows(self, text: str, speaker: int, context: Sequence[Segment] = ()) -> int:
         """The length of `prompt_embeddings(text, speaker, context)` (the plan counts it from tokens)."""
         return len(self.prompt_embeddings(text, speaker, context))
 
+    def context_rows(self, context: Sequence[Segment]) -> int:
+        """The length of `context_embeddings(context)`."""
+        return len(self.context_embeddings(context))
+
+    def forget_voice(self, voice: Sequence[Segment]) -> int:
+        """Drop the cached prompts that begin with `voice`'s segments (a voice deleted or replaced); returns
+        how many."""
+        if not voice:
+            return 0
+        rows = self.context_embeddings(voice)
+        with self.lock:
+            return self.prompt_cache.drop(rows)
+
     # --- streams ------------------------------------------------------------------------------------
-    def start(self, prompt: np.ndarray, sampling: Sampling, read_prompt: bool = True) -> Stream:
+    def start(self, prompt: np.ndarray, sampling: Sampling, read_prompt: bool = True, shared: int = 0) -> Stream:
         """Claim a sequence slot for a prompt and (unless `read_prompt` is False) run it through the
-        backbone; `prefill` reads it in parts instead, so a server keeps other streams going meanwhile."""
+        backbone; `prefill` reads it in parts instead, so a server keeps other streams going meanwhile.
+
+        The longest cached prompt that `prompt` begins with is not read again (prompt_cache.py); its first
+        `shared` rows (a voice prompt: see plan.Context.prompt) are cached once read."""
         self._check_open()
         n = len(prompt)
         limit = self.cfg.backbone.max_seq_len
@@ -215,9 +256,10 @@ class Generator:
         frames = limit - n if sampling.max_audio_ms is None else min(int(sampling.max_audio_ms // FRAME_MS), limit - n)
         sampler = Sampler(sampling, self.model.n_codes)
         stream = Stream(slot=self.free_slots.pop(), sampling=sampling, sampler=sampler, frames_left=max(frames, 1),
-                        prompt=prompt)
+                        prompt=prompt, shared=min(max(shared, 0), n - 1))
         try:
             self.backbone.remove_sequence(stream.slot)
+            self._reuse(stream)
             if read_prompt:
                 self.prefill(stream)
         except BaseException:  # a failed read (or Ctrl-C during a long prompt) must not keep the slot
@@ -232,23 +274,40 @@ class Generator:
         if prompt is None:
             return True
         self._check_open()
+        if stream.pos < stream.shared:  # another stream in this voice may have cached it meanwhile
+            self._reuse(stream)
         n = len(prompt) - 1
         end = n if max_rows is None else min(n, stream.pos + max_rows)
         bb = self.backbone
-        for start in range(stream.pos, end, bb.n_batch):
-            m = min(end, start + bb.n_batch) - start
-            bb.embd[:m] = prompt[start : start + m]
-            bb.pos[:m] = np.arange(start, start + m)
+        while stream.pos < end:
+            start = stream.pos
+            stop = min(end, start + bb.n_batch)
+            if start < stream.shared < stop:  # the voice prompt's cells are complete at its end: keep them
+                stop = stream.shared
+            m = stop - start
+            bb.embd[:m] = prompt[start:stop]
+            bb.pos[:m] = np.arange(start, stop)
             bb.output[:m] = 0
             bb.set_seq_ids(np.full(m, stream.slot, dtype=np.int32))
             bb.decode(m)
             self.decode_calls += 1
-        stream.pos = end
+            self.prompt_positions_read += m
+            stream.pos = stop
+            if stop == stream.shared:
+                self.prompt_cache.add(stream.slot, prompt[:stop])
         if end < n:
             return False
         stream.pending = np.array(prompt[-1], dtype=np.float32)
         stream.prompt = None
         return True
+
+    def _reuse(self, stream: Stream) -> None:
+        """Share the longest cached prompt that the stream's prompt begins with, if it holds more than the
+        stream has read (never the last row: it is the first step's input)."""
+        hit = self.prompt_cache.longest(stream.prompt, len(stream.prompt) - 1)
+        if hit is not None and len(hit.rows) > stream.pos:
+            self.backbone.remove_sequence(stream.slot)
+            stream.pos = self.prompt_cache.share(hit, stream.slot)
 
     def finish(self, stream: Stream) -> None:
         """Release a stream's slot (finished or abandoned) for the next request."""
@@ -322,15 +381,17 @@ class Generator:
 
     # --- one utterance ------------------------------------------------------------------------------
     def generate(
-        self, text: str, speaker: int = 0, context: Sequence[Segment] = (), sampling: Sampling = Sampling()
+        self, text: str, speaker: int = 0, context: Sequence[Segment] = (), sampling: Sampling = Sampling(),
+        shared: int = 0,
     ) -> Iterator[np.ndarray]:
-        """Yield frames of 32 codes as they are made, until the end-of-speech frame or the budget.
+        """Yield frames of 32 codes as they are made, until the end-of-speech frame or the budget. The
+        prompt's first `shared` rows are a voice prompt, cached once read (see `start`).
 
         Each call holds one of the `max_streams` slots until it ends (or its generator is closed): calls
         from other threads wait for a free one; in the thread that holds them all, a new call raises."""
-        yield from self.speak(self.prompt_embeddings(text, speaker, context), sampling)
+        yield from self.speak(self.prompt_embeddings(text, speaker, context), sampling, shared)
 
-    def speak(self, prompt: np.ndarray, sampling: Sampling) -> Iterator[np.ndarray]:
+    def speak(self, prompt: np.ndarray, sampling: Sampling, shared: int = 0) -> Iterator[np.ndarray]:
         """`generate` from prompt embeddings (`prompt_embeddings`, `embed`)."""
         me = threading.get_ident()
         with self.lock:
@@ -341,7 +402,7 @@ class Generator:
                         "(a stream() or frames() not read to its end): close them first, or make the CSM with "
                         "more max_streams")
                 self._slot_freed.wait()
-            stream = self.start(prompt, sampling)
+            stream = self.start(prompt, sampling, shared=shared)
             self._generating[me] += 1
         try:
             while True:

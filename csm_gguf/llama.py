@@ -152,6 +152,11 @@ class EmbeddingModel:
         if self.ctx:
             L.llama_memory_seq_rm(self.memory, seq_id, -1, -1)
 
+    def copy_sequence(self, src: int, dst: int, n: int) -> None:
+        """Share sequence src's cells at positions 0..n-1 with sequence dst. The cache is unified, so the
+        cells gain a sequence id: nothing is copied or computed."""
+        L.llama_memory_seq_cp(self.memory, src, dst, 0, n)
+
     def close(self) -> None:
         if self.ctx:
             L.llama_batch_free(self.batch)

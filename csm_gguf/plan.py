@@ -3,7 +3,8 @@ own sampling (the seed advanced by its index), and the context each piece hears:
 then what was said before it, which give way, oldest first, when they do not all fit.
 
 CSM speaks the pieces one after another in a loop; the engine starts each one between other requests'
-frames. Both build a piece's prompt with `Context.prompt` and record what it said with `Context.said`.
+frames. Both build a piece's prompt with `Context.prompt` (which also marks its voice prompt for the
+generator's prompt cache) and record what it said with `Context.said`.
 """
 
 from __future__ import annotations
@@ -112,9 +113,16 @@ class Context:
         self.given = [Heard(seg, model.prompt_tokens(seg.speaker, seg.text)) for seg in segments]
         self.previous = list(previous)
 
-    def prompt(self, piece: Piece) -> np.ndarray:
-        """The piece's prompt embeddings, after the context that fits (`fitting`)."""
-        return self.generator.embed([(h.prompt, h.segment.codes) for h in self.fitting(piece)], piece.prompt)
+    def prompt(self, piece: Piece) -> tuple[np.ndarray, int]:
+        """The piece's prompt embeddings, after the context that fits (`fitting`), and how many of its first
+        rows the generator keeps in its prompt cache once read (`Generator.start`'s `shared`): those of the
+        caller's segments (a voice prompt, and any context given with it) while the piece hears them all;
+        none once they give way to what was said since. Every later piece, request or turn that begins with
+        the same segments then reads only the rest."""
+        heard = self.fitting(piece)
+        prompt = self.generator.embed([(h.prompt, h.segment.codes) for h in heard], piece.prompt)
+        whole = len(heard) >= len(self.given) and all(a is b for a, b in zip(self.given, heard))
+        return prompt, sum(h.rows for h in self.given) if whole else 0
 
     def fitting(self, piece: Piece) -> list[Heard]:
         """The context must leave the piece its room in the model's context. After a previous piece,

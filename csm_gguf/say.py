@@ -34,16 +34,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", "-m", help="converted model directory (default: $CSM_GGUF_MODEL, else the cache)")
     p.add_argument("--model-id", default="sesame/csm-1b",
                    help="hub model to convert on first run when no model is found (default: %(default)s)")
-    p.add_argument("--speaker", type=int, default=None, help="CSM speaker id (default: 0, or the voice's)")
+    p.add_argument("--speaker", type=int, default=None, help="CSM speaker id (default: the voice's); alone, "
+                   "without --voice or --context, the raw model: another voice every time")
     p.add_argument("--context", nargs=3, action="append", default=[], metavar=("SPEAKER", "TEXT", "AUDIO"),
                    help="a voice prompt / earlier turn: speaker id, its transcript, and its audio "
                    "(wav/flac/ogg/mp3; m4a and others with ffmpeg installed) or codes (.npy of shape (frames, 32)); "
                    "repeatable")
-    p.add_argument("--voice", help="a saved voice (see --save-voice, --list-voices), or one of the server's "
-                   "OpenAI voice names (a speaker id without a prompt)")
+    p.add_argument("--voice", help="a built-in voice (OpenAI's names: a fixed prompt made once per model; "
+                   "default alloy, unless --speaker or --context is given), a saved voice (see --save-voice; "
+                   "saving a built-in name replaces it), or 'none' for no prompt")
     p.add_argument("--save-voice", metavar="NAME", help="encode the --context segments and save them as voice NAME")
-    p.add_argument("--list-voices", action="store_true", help="list saved voices (speaker, prompt length, transcript) "
-                   "and exit")
+    p.add_argument("--list-voices", action="store_true", help="list built-in and saved voices (speaker, prompt "
+                   "length, transcript) and exit")
     p.add_argument("--delete-voice", metavar="NAME", help="delete the saved voice NAME and exit")
     add_sampling_arguments(p)
     p.add_argument("--speed", type=float, default=1.0, help="faster (up to 4) or slower (down to 0.25) speech at "
@@ -226,6 +228,17 @@ def read_codes(path: str):
     return codes
 
 
+def listed_model(args) -> Path | None:
+    """The model whose built-in voices --list-voices describes, if there is one (none is converted for it)."""
+    from .tts import find_model
+
+    try:
+        path = find_model(args.model)
+    except FileNotFoundError:
+        return None
+    return path if path.is_dir() else None
+
+
 def check_sampling(args) -> None:
     """The sampling options against csm_gguf.sampling's limits: now, not after loading the model."""
     for option, setting in (("--top-k", TOP_K), ("--temperature", TEMPERATURE), ("--max-audio-ms", MAX_AUDIO_MS),
@@ -255,9 +268,12 @@ def run(args) -> int:
     for what, path in (("--output", args.output), ("--save-codes", args.save_codes)):
         if path and path != "-":
             check_writable(path, what)
-    voice = voices.load_voice(args.voice) if args.voice else None
+    if args.voice and args.voice != voices.NO_VOICE:
+        voices.voice_speaker(args.voice)  # known and readable: now, not after the model loads
     context_ids = [context_speaker(speaker) for speaker, _, _ in args.context]  # now, not after the model loads
-    turns, voice_prompts = read_script(text, reserved=context_ids) if args.dialogue and has_text else ([], [])
+    dialogue = args.dialogue and has_text
+    if dialogue:  # checked now; its built-in voices' prompts are read once the model is loaded
+        read_script(text, reserved=context_ids, load=lambda name: voices.Voice([], voices.voice_speaker(name)))
     if args.save_voice is not None:
         with taken_name_explained():
             voices.check_saveable(args.save_voice)  # now, not after loading the model and encoding the audio
@@ -275,10 +291,12 @@ def run(args) -> int:
         print(f"voice {args.save_voice!r} saved to {path}", file=sys.stderr)
         if not has_text:
             return 0
-    if voice is not None:
-        context = [*voice.segments, *context]
-    context = [*voice_prompts, *context]
-    speaker = args.speaker if args.speaker is not None else (voice.speaker if voice else 0)
+    turns: list = []
+    if dialogue:
+        turns, voice_prompts = read_script(text, reserved=context_ids, load=tts.voice)
+        context, speaker = [*voice_prompts, *context], None
+    else:
+        speaker, context = tts.with_voice(args.voice, args.speaker, context)
     sampling = dict(context=context, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
                     max_audio_ms=args.max_audio_ms, progress=True)
     frames = tts.dialogue_frames(turns, **sampling) if turns else tts.frames(text, speaker=speaker, **sampling)
@@ -296,8 +314,7 @@ def manage_voices(args) -> int:
         raise UsageError(f"{alone} runs on its own: give it without text, --input, --output or other voice "
                          "options")
     if args.list_voices:
-        names = voices.list_voices()
-        print("\n".join(map(voices.describe, names)) if names else f"no saved voices in {voices.voices_dir()}")
+        print("\n".join(voices.describe(name, listed_model(args)) for name in voices.all_voices()))
         return 0
     if not voices.delete_voice(args.delete_voice):
         saved = ", ".join(voices.list_voices()) or "none"

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from .generator import Segment
 from .text import is_blank
+from .tts import Voice
 from .voices import load_voice
 
 _TURN = re.compile(r"(?P<who>[^:]*?)\s*:\s*(?P<text>.*)")
@@ -25,9 +26,11 @@ def _visible(text: str) -> str:
     return "".join(c for c in text if unicodedata.category(c) != "Cf").strip()
 
 
-def read_script(script: str, reserved: Iterable[int] = ()) -> tuple[list[tuple[int, str]], list[Segment]]:
+def read_script(script: str, reserved: Iterable[int] = (), load: Callable[[str], Voice] = load_voice
+                ) -> tuple[list[tuple[int, str]], list[Segment]]:
     """The script's turns as (speaker id, text), and the prompt segments of the voices it names (in the
-    order they first speak), to go before any other context.
+    order they first speak, each read by `load`: a built-in voice's prompt needs the model, CSM.voice),
+    to go before any other context.
 
     Speaker ids written in the script are used as they are. A voice keeps the ids it was saved with
     (its own and those of any other speakers in its prompt) unless one is taken, by the script's ids,
@@ -58,7 +61,7 @@ def read_script(script: str, reserved: Iterable[int] = ()) -> tuple[list[tuple[i
         if who in ids:
             continue
         try:
-            voice = load_voice(who)
+            voice = load(who)
         except ValueError as e:
             raise ValueError(f"dialogue line {number}: {e}") from None
         moved: dict[int, int] = {}

@@ -7,6 +7,7 @@
         ...
     audio = tts.generate("Hello there.", speed=1.2)  # faster, at the same pitch
     audio = tts.dialogue([(0, "Hi."), (1, "Hello.")])  # a conversation: each turn after those before it
+    audio = tts.generate("Hello there.", voice="nova")  # a built-in voice (default "alloy"), or a saved one
     for chunk in tts.stream_text(llm_tokens):  # text as it arrives: each sentence spoken once complete
         ...
 """
@@ -32,6 +33,8 @@ from .text import take_sentences, take_sentences_within
 # Text arriving without a sentence end is spoken once this long (`stream_text`): more than a piece, so the
 # wait costs no prosody, and short enough that nothing waits for ever (nor re-splits ever longer text).
 UNFINISHED_CHARS = 1000
+DEFAULT_VOICE = "alloy"  # a built-in voice (csm_gguf.builtin_voices): the voice when none is named
+NO_VOICE = "none"  # the voice name for no prompt at all
 
 
 @dataclass
@@ -80,6 +83,14 @@ def _sentences(chunks: Iterable[str]) -> Iterator[str]:
         sentences, rest = take_sentences_within(rest + chunk, UNFINISHED_CHARS)
         yield from sentences
     yield from take_sentences(rest, final=True)[0]
+
+
+def _segments(context: Sequence[Segment]) -> list[Segment]:
+    """The caller's context as a list, checked to be Segments."""
+    context = list(context) if isinstance(context, Iterable) and not isinstance(context, (str, bytes)) else None
+    if context is None or not all(isinstance(seg, Segment) for seg in context):
+        raise ValueError("context must be a list of Segments (tts.segment(speaker, text, audio=...))")
+    return context
 
 
 def _progress(work: list) -> Iterator:
@@ -226,20 +237,22 @@ class CSM:
     def frames(
         self,
         text: str,
-        speaker: int = 0,
+        speaker: int | None = None,
         context: Sequence[Segment] = (),
         temperature: float = TEMPERATURE.default,
         top_k: int = TOP_K.default,
         seed: int | None = SEED.default,
         max_audio_ms: float | None = MAX_AUDIO_MS.default,
         progress: bool = False,
+        voice: str | Voice | None = None,
     ) -> Iterator[np.ndarray]:
         """Codes (32,) per 80 ms frame as they are made. Long texts are spoken piece by piece, each piece
-        with the previous one as context so the voice carries over."""
-        check_speaker(speaker)
+        with the previous one as context so the voice carries over. The voice: see `with_voice`."""
+        sampling = Sampling(temperature, top_k, seed, max_audio_ms)
         count = TokenCounts(self.model)
-        lines = [(speaker, piece) for piece in split_text(text, count)]
-        return self._speak(lines, context, Sampling(temperature, top_k, seed, max_audio_ms), count, progress)
+        texts = split_text(text, count)  # checked before a built-in voice's prompt is made for it
+        speaker, context = self.with_voice(voice, speaker, context)
+        return self._speak([(speaker, piece) for piece in texts], context, sampling, count, progress)
 
     def dialogue_frames(
         self,
@@ -271,6 +284,38 @@ class CSM:
             raise ValueError("no turns to speak: give at least one (speaker, text) pair")
         return self._speak(lines, context, Sampling(temperature, top_k, seed, max_audio_ms), count, progress)
 
+    def voice(self, name: str) -> Voice:
+        """A voice by name: a saved one (csm_gguf.voices), or a built-in one, whose fixed prompt this model
+        makes on first use (seconds) and keeps (csm_gguf.builtin_voices)."""
+        from .voices import load_voice
+
+        return load_voice(name, self.model.path, self.prompt_codes)
+
+    def prompt_codes(self, speaker: int, text: str) -> np.ndarray:
+        """The codes of a built-in voice's prompt (builtin_voices.MakeCodes): `text` said as `speaker`, with no
+        prompt, sampled as builtin_voices.SAMPLING says."""
+        from .builtin_voices import SAMPLING
+
+        return np.stack(list(self.frames(text, speaker=speaker, voice=NO_VOICE, **SAMPLING)))
+
+    def with_voice(self, voice: str | Voice | None, speaker: int | None, context: Sequence[Segment]
+                   ) -> tuple[int, list[Segment]]:
+        """The speaker and context segments to speak with: `voice`'s prompt (a name, see `voice`, or a
+        Voice), then `context`; the speaker is `speaker`, else the voice's. With no voice, DEFAULT_VOICE
+        when neither a speaker nor a context is given; else no prompt but `context`. Without any prompt (a
+        bare speaker id, or voice "none") CSM gives another voice on every call."""
+        context = _segments(context)
+        if voice is None and speaker is None and not context:
+            voice = DEFAULT_VOICE
+        if isinstance(voice, str):
+            voice = None if voice == NO_VOICE else self.voice(voice)
+        if voice is not None and not isinstance(voice, Voice):
+            raise ValueError(f"voice must be a voice name, a Voice or None, got {type(voice).__name__}")
+        if speaker is None:
+            speaker = 0 if voice is None else voice.speaker
+        check_speaker(speaker)
+        return speaker, context if voice is None else [*voice.segments, *context]
+
     def _speak(self, lines: list[tuple[int, str]], context: Sequence[Segment], sampling: Sampling,
                count: TokenCounts, progress: bool) -> Iterator[np.ndarray]:
         """Checks the context now (a generator would only at its first frame), then speaks the lines."""
@@ -279,10 +324,7 @@ class CSM:
         return self._generate(_progress(pieces) if progress and len(pieces) > 1 else pieces, heard)
 
     def _context(self, context: Sequence[Segment]) -> Context:
-        context = list(context) if isinstance(context, Iterable) and not isinstance(context, (str, bytes)) else None
-        if context is None or not all(isinstance(seg, Segment) for seg in context):
-            raise ValueError("context must be a list of Segments (tts.segment(speaker, text, audio=...))")
-        return Context(self.generator, context)
+        return Context(self.generator, _segments(context))
 
     def _generate(self, pieces: Iterable[Piece], context: Context, piece_ends: bool = False
                   ) -> Iterator[np.ndarray | None]:
@@ -290,7 +332,8 @@ class CSM:
         None after each piece."""
         for piece in pieces:
             made = []
-            for frame in self.generator.speak(context.prompt(piece), piece.sampling):
+            prompt, shared = context.prompt(piece)  # shared: the voice prompt, read once, then from the cache
+            for frame in self.generator.speak(prompt, piece.sampling, shared):
                 made.append(frame)
                 yield frame
             context.said(piece, made)
@@ -300,7 +343,7 @@ class CSM:
     def stream_text(
         self,
         text: Iterable[str],
-        speaker: int = 0,
+        speaker: int | None = None,
         context: Sequence[Segment] = (),
         temperature: float = TEMPERATURE.default,
         top_k: int = TOP_K.default,
@@ -308,17 +351,19 @@ class CSM:
         max_audio_ms: float | None = MAX_AUDIO_MS.default,
         chunk_frames: int = 1,
         speed: float = 1.0,
+        voice: str | Voice | None = None,
     ) -> Iterator[np.ndarray]:
         """Speech for text that arrives in pieces, such as an LLM's tokens: audio chunks as for `stream`.
         Each sentence is spoken as soon as it is complete (once the next one begins, at a line break, or
         at the end of the text), with the sentence before it as context, so speech can start long before
-        the text ends. `text` is only read on between sentences. Piece i samples with seed + i."""
-        check_speaker(speaker)
+        the text ends. `text` is only read on between sentences. Piece i samples with seed + i. The voice: see
+        `with_voice`."""
         if isinstance(text, (str, bytes)) or not isinstance(text, Iterable):
             raise ValueError("text must be an iterable of strings (an LLM's tokens, lines...); for one string "
                              "use stream()")
-        heard = self._context(context)
         sampling = Sampling(temperature, top_k, seed, max_audio_ms)  # its checks, now
+        speaker, context = self.with_voice(voice, speaker, context)
+        heard = self._context(context)
         count = TokenCounts(self.model)
         lines = ((speaker, piece) for sentence in _sentences(text) for piece in split_text(sentence, count))
         pieces = plan_pieces(lines, sampling, count)

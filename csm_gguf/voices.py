@@ -1,4 +1,8 @@
-"""Saved voices: an encoded voice prompt (segments of speaker, transcript and codes) kept by name."""
+"""Saved voices: an encoded voice prompt (segments of speaker, transcript and codes) kept by name.
+
+The built-in names (builtin_voices.py) are fixed prompts made once per model; a voice saved under one of
+those names replaces it, and deleting that saved voice brings the built-in one back.
+"""
 
 from __future__ import annotations
 
@@ -11,21 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
+from . import builtin_voices
 from .atomic import write_atomic
 from .formats import FRAME_MS
 from .generator import Segment, check_speaker
 from .model_dir import cache_root
-from .tts import Voice
+from .tts import NO_VOICE, Voice
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # fullmatch: "$" would let a final newline in
-# The server's voices without a prompt: OpenAI's names, each a CSM speaker id. Saved voices cannot take them.
-BUILTIN_VOICES = {
-    name: speaker
-    for speaker, name in enumerate(
-        ("alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "nova", "sage", "shimmer", "verse", "marin",
-         "cedar")
-    )
-}
+BUILTIN_VOICES = builtin_voices.SPEAKERS  # OpenAI's names, each a fixed prompt of a CSM speaker id
 
 
 class VoiceExists(ValueError):
@@ -38,6 +36,10 @@ class VoiceExists(ValueError):
 
 class VoicesFolderError(ValueError):
     """The voices folder cannot be used: the setup's problem, not the request's."""
+
+
+class PromptCacheError(VoicesFolderError):
+    """A built-in voice's prompt cannot be kept in the cache folder (CSM_GGUF_CACHE): the setup's problem."""
 
 
 class VoicesFull(ValueError):
@@ -82,16 +84,27 @@ def list_voices() -> list[str]:
     if not folder.is_dir():
         return []
     names = (p.stem for p in folder.glob("*.npz") if p.is_file())
-    return sorted(name for name in names if NAME.fullmatch(name) and name not in BUILTIN_VOICES)
+    return sorted(name for name in names if NAME.fullmatch(name) and name != NO_VOICE)
+
+
+def _builtin(name: str) -> bool:
+    """Whether `name` is a built-in voice that no saved voice replaces (found without listing the voices
+    folder, which a built-in voice does not need)."""
+    return name in BUILTIN_VOICES and not (voices_dir() / f"{name}.npz").is_file()
+
+
+def all_voices() -> list[str]:
+    """The built-in voices' names, then the saved voices' (a saved one replaces a built-in one)."""
+    saved = list_voices()
+    return [*BUILTIN_VOICES, *(name for name in saved if name not in BUILTIN_VOICES)]
 
 
 def check_saveable(name: str) -> Path:
     """The file a voice named `name` is saved to, or a ValueError if that name cannot be saved (VoiceExists
     if it is taken)."""
     path = _path(name)
-    if name in BUILTIN_VOICES:
-        raise ValueError(f"{name!r} is one of the server's built-in voices (speaker {BUILTIN_VOICES[name]}): "
-                         "save the voice under another name")
+    if name == NO_VOICE:
+        raise ValueError(f"{NO_VOICE!r} means no voice prompt: save the voice under another name")
     if name.isdigit():
         raise ValueError(f"voice name {name!r} is all digits, which a dialogue script reads as a speaker id: "
                          "save the voice under a name with a letter in it")
@@ -113,6 +126,20 @@ def save_voice(name: str, voice: Voice) -> Path:
 
 def _save(name: str, voice: Voice) -> Path:
     path = check_saveable(name)
+    data = voice_bytes(voice)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, data, replace=False)  # of two saving the same name, one wins
+    except FileExistsError:
+        raise VoiceExists(name) from None
+    except OSError as e:
+        raise VoicesFolderError(f"cannot save voice {name!r} in {path.parent} ({e.strerror}): set CSM_GGUF_VOICES "
+                                "to a folder you can write") from None
+    return path
+
+
+def voice_bytes(voice: Voice) -> bytes:
+    """A voice as the .npz archive it is kept in."""
     if not voice.segments or any(seg.codes is None for seg in voice.segments):
         raise ValueError("a voice needs at least one context segment with audio")
     meta = {"speaker": voice.speaker, "segments": [{"speaker": s.speaker, "text": s.text} for s in voice.segments]}
@@ -122,22 +149,15 @@ def _save(name: str, voice: Voice) -> Path:
     arrays = {f"codes_{i}": c.astype(np.int16) for i, c in enumerate(codes)}
     buffer = io.BytesIO()
     np.savez(buffer, meta=np.array(json.dumps(meta)), **arrays)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, buffer.getvalue(), replace=False)  # of two saving the same name, one wins
-    except FileExistsError:
-        raise VoiceExists(name) from None
-    except OSError as e:
-        raise VoicesFolderError(f"cannot save voice {name!r} in {path.parent} ({e.strerror}): set CSM_GGUF_VOICES "
-                                "to a folder you can write") from None
-    return path
+    return buffer.getvalue()
 
 
 def delete_voice(name: str) -> bool:
-    """Removes a saved voice; False if there is none of that name."""
-    if name in BUILTIN_VOICES:
-        raise ValueError(f"{name!r} is a built-in voice; only saved voices can be deleted")
+    """Removes a saved voice; False if there is none of that name. A built-in name's saved voice gives way
+    to the built-in voice again."""
     if name not in list_voices():
+        if name in BUILTIN_VOICES:
+            raise ValueError(f"{name!r} is a built-in voice; only saved voices can be deleted")
         return False
     path = _path(name)
     try:
@@ -149,16 +169,45 @@ def delete_voice(name: str) -> bool:
     return True
 
 
-def describe(name: str) -> str:
-    """One line on a saved voice: its speaker, how long its prompt is, and how its transcript begins."""
+def describe(name: str, model_dir: str | os.PathLike | None = None) -> str:
+    """One line on a voice (see `voice_info`): its speaker, how long its prompt is, and how its transcript
+    begins."""
+    info = voice_info(name, model_dir)
+    kind = "built-in, " if info["type"] == "builtin" else ""
+    if "error" in info:
+        return f"{name}: {info['error']}"
+    if info["prompt"] is None:
+        return f"{name}: {kind}speaker {info['speaker_id']}, prompt made on first use"
+    prompt = info["prompt"]
+    text = prompt["transcript"] if len(prompt["transcript"]) <= 60 else prompt["transcript"][:57] + "..."
+    return (f"{name}: {kind}speaker {info['speaker_id']}, {prompt['segments']} prompt segment(s), "
+            f"{prompt['seconds']:.1f} s, {text!r}")
+
+
+def voice_info(name: str, model_dir: str | os.PathLike | None = None) -> dict:
+    """A voice's kind ("builtin", or "saved": a saved one replaces a built-in one of its name), speaker and
+    prompt (`prompt_info`; None for a built-in voice whose prompt this model, in `model_dir`, has not made
+    yet), or the error that makes it unusable."""
+    builtin = _builtin(name)
+    info: dict = {"id": name, "name": name, "type": "builtin" if builtin else "saved",
+                  "speaker_id": BUILTIN_VOICES.get(name), "prompt": None}
+    path = _path(name)
+    if builtin:
+        path = None if model_dir is None else builtin_voices.prompt_path(name, model_dir)
+        if path is None or not path.exists():
+            return info
     try:
-        voice = load_voice(name)
+        voice = read_voice(path, name, fix=_remake(path)) if builtin else read_voice(path, name)
     except ValueError as e:
-        return f"{name}: {e}"
-    seconds = sum(len(s.codes) for s in voice.segments) * FRAME_MS / 1000
-    text = " ".join(s.text for s in voice.segments)
-    text = text if len(text) <= 60 else text[:57] + "..."
-    return f"{name}: speaker {voice.speaker}, {len(voice.segments)} prompt segment(s), {seconds:.1f} s, {text!r}"
+        return {**info, "error": str(e)}
+    return {**info, "speaker_id": voice.speaker, "prompt": prompt_info(voice)}
+
+
+def prompt_info(voice: Voice) -> dict:
+    """What a voice's prompt holds: its speaker, seconds of audio, frames and transcript."""
+    frames = sum(len(s.codes) for s in voice.segments if s.codes is not None)
+    return {"segments": len(voice.segments), "frames": frames, "seconds": frames * FRAME_MS / 1000,
+            "transcript": " ".join(s.text for s in voice.segments)}
 
 
 def _segment(meta: dict, codes: np.ndarray) -> Segment:
@@ -169,12 +218,41 @@ def _segment(meta: dict, codes: np.ndarray) -> Segment:
     return segment
 
 
-def load_voice(name: str) -> Voice:
-    if name in BUILTIN_VOICES:  # as on the server: the speaker, no prompt
-        return Voice(segments=[], speaker=BUILTIN_VOICES[name])
+def voice_speaker(name: str) -> int:
+    """The speaker id of voice `name`, checking now (before a model is loaded) that it can be used: a
+    saved voice is read, a built-in one needs nothing."""
+    if _builtin(name):
+        return BUILTIN_VOICES[name]
+    return load_voice(name).speaker
+
+
+def load_voice(name: str, model_dir: str | os.PathLike | None = None,
+               make: builtin_voices.MakeCodes | None = None) -> Voice:
+    """A voice by name: the saved one, else the built-in one (its prompt for the model in `model_dir`,
+    made now by `make` if it is not yet: see builtin_voices.ensure_prompt)."""
+    if _builtin(name):
+        if model_dir is None or make is None:
+            raise TypeError("a built-in voice's prompt belongs to a model: give model_dir and make")
+        path = builtin_voices.ensure_prompt(name, model_dir, make)
+        return read_voice(path, name, fix=_remake(path))
     path = _path(name)
     if not path.exists():
         raise _unknown(name)
+    return read_voice(path, name)
+
+
+def _remake(path: Path) -> str:
+    """The fix for a damaged built-in prompt, naming its file under the cache (not the server's own paths,
+    which its clients see)."""
+    try:
+        where = f"{path.relative_to(cache_root())} in the cache (CSM_GGUF_CACHE)"
+    except ValueError:
+        where = path.name
+    return f"delete {where} and it is made again on next use"
+
+
+def read_voice(path: Path, name: str, fix: str = "delete it and save it again") -> Voice:
+    """The voice kept in `path` (`name`'s); a ValueError naming the voice and `fix` if it is damaged."""
     try:
         archive = np.load(path, allow_pickle=False)
         if not isinstance(archive, np.lib.npyio.NpzFile):
@@ -189,10 +267,10 @@ def load_voice(name: str) -> Voice:
         raise _unknown(name) from None
     except Exception as e:  # a damaged file fails in any of zipfile's, zlib's, json's or numpy's ways
         reason = str(e).replace(str(path), path.name)  # named by the voice: a server shows this to its clients
-        raise ValueError(f"voice {name!r} is damaged ({reason}): delete it and save it again") from None
+        raise ValueError(f"voice {name!r} is damaged ({reason}): {fix}") from None
 
 
 def _unknown(name: str) -> ValueError:
     saved = ", ".join(list_voices()) or "none yet"
-    return ValueError(f"unknown voice {name!r} (saved: {saved}; built-in: {', '.join(BUILTIN_VOICES)}); "
-                      "save one with --save-voice")
+    return ValueError(f"unknown voice {name!r} (saved: {saved}; built-in: {', '.join(BUILTIN_VOICES)}; "
+                      f"{NO_VOICE!r} for none); save one with --save-voice")

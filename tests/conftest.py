@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -17,6 +19,9 @@ from csm_fixtures import (
 from eos_fixtures import end_at  # noqa: F401 (a fixture: end of speech on demand)
 
 warnings.filterwarnings("ignore", message=".*rope_parameters.*")
+# Built-in voices' prompts are made on first use and kept in the cache: the tests' own, never the user's
+# (subprocesses inherit it).
+os.environ["CSM_GGUF_CACHE"] = tempfile.mkdtemp(prefix="csm-gguf-test-cache-")
 
 
 @pytest.fixture(scope="session")

@@ -86,6 +86,8 @@ def test_every_row_gets_its_file_and_one_manifest_line(reference):
         assert rate == 24_000 and len(audio) / rate == pytest.approx(e["audio_seconds"]) and len(audio) > 0
     assert by_id["voiced"]["speaker"] == 3 and by_id["voiced"]["voice"] == "narrator"  # the voice's speaker
     assert by_id["builtin"]["speaker"] == 1 and by_id["speaker"]["speaker"] == 4 and by_id["plain"]["speaker"] == 0
+    # As in say and the server: no voice and no speaker is the default voice; a speaker id alone, no prompt.
+    assert (by_id["plain"]["voice"], by_id["speaker"]["voice"], by_id["builtin"]["voice"]) == ("alloy", "none", "ash")
     assert by_id["seeded"]["seed"] == 7 and by_id["b1"]["seed"] == row_seed(0, "b1")
     assert not list(reference.glob(".*.tmp"))
 
@@ -102,18 +104,16 @@ def test_same_speech_whatever_worker_order_or_batch_makes_a_row(reference, f32_m
 def test_greedy_rows_are_what_csm_generate_says(f32_model, tmp_path):
     from csm_gguf.audio import to_int16
     from csm_gguf.tts import CSM
-    from csm_gguf.voices import load_voice
 
     rows = CORPUS[:4]
     synthesize(rows, tmp_path, model=f32_model, temperature=0, format="pcm", **SETTINGS)
     tts = CSM(f32_model, kv_type="f32")
     try:
         made = {e["id"]: e for e in manifest(tmp_path)}
-        for row in rows:
+        for row in rows:  # built-in voices: the prompts the run made (or found) for this model
             e = made[row["id"]]
-            voice = load_voice(row["voice"]) if "voice" in row else None
-            audio = tts.generate(row["text"], speaker=e["speaker"], context=voice.segments if voice else (),
-                                 temperature=0, max_audio_ms=FRAMES * 80)
+            audio = tts.generate(row["text"], voice=e["voice"], speaker=e["speaker"], temperature=0,
+                                 max_audio_ms=FRAMES * 80)
             pcm = np.frombuffer((tmp_path / e["path"]).read_bytes(), "<i2")
             np.testing.assert_array_equal(pcm, to_int16(audio))
     finally:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from csm_gguf.builtin_voices import SENTENCE
 from csm_gguf.generator import Sampling
 from csm_gguf.server.engine import SpeechJob
 from csm_gguf.server.schemas import parse_speech
@@ -21,7 +22,8 @@ from csm_gguf.tts import CSM
 from csm_gguf.voices import BUILTIN_VOICES
 from server_fixtures import loopback_server
 
-# OpenAI's voices in its documented order, each a CSM speaker id (its index): the mapping clients see.
+# OpenAI's voices in its documented order, each a CSM speaker id (its index): the mapping clients see. Each
+# is a fixed prompt (csm_gguf.builtin_voices): that speaker saying SENTENCE, made once per model.
 VOICES = {"alloy": 0, "ash": 1, "ballad": 2, "coral": 3, "echo": 4, "fable": 5, "onyx": 6, "nova": 7, "sage": 8,
           "shimmer": 9, "verse": 10, "marin": 11, "cedar": 12}
 TEXT = "Hello there, how are you doing today?"
@@ -32,21 +34,32 @@ def test_the_thirteen_voices_and_their_speakers():
     assert BUILTIN_VOICES == VOICES
 
 
+def prompt_of(request) -> list[tuple[int, str]]:
+    return [(seg.speaker, seg.text) for seg in request.job.context]
+
+
 @pytest.mark.parametrize("voice, speaker", VOICES.items())
-def test_each_voice_name_is_its_speaker(voice, speaker):
-    request = parse_speech({**MINIMAL, "voice": voice}, tts=None)
-    assert (request.job.speaker, list(request.job.context)) == (speaker, [])
-    assert parse_speech({**MINIMAL, "voice": {"id": voice}}, tts=None).job.speaker == speaker
-    assert parse_speech({**MINIMAL, "voice": voice, "speaker_id": 40}, tts=None).job.speaker == 40
+def test_each_voice_name_is_its_speaker_and_its_fixed_prompt(tts, voice, speaker):
+    request = parse_speech({**MINIMAL, "voice": voice}, tts)
+    assert (request.job.speaker, prompt_of(request)) == (speaker, [(speaker, SENTENCE)])
+    assert parse_speech({**MINIMAL, "voice": {"id": voice}}, tts).job.speaker == speaker
+    with_id = parse_speech({**MINIMAL, "voice": voice, "speaker_id": 40}, tts)
+    assert (with_id.job.speaker, prompt_of(with_id)) == (40, [(speaker, SENTENCE)])  # the speaker, not the prompt
 
 
-def test_a_request_that_names_nothing_else_gets_openai_s_defaults():
-    request = parse_speech(MINIMAL, tts=None)
+def test_voice_none_is_the_raw_model(tts):
+    request = parse_speech({**MINIMAL, "voice": "none", "speaker_id": 5}, tts)
+    assert (request.job.speaker, list(request.job.context)) == (5, [])
+
+
+def test_a_request_that_names_nothing_else_gets_openai_s_defaults(tts):
+    request = parse_speech(MINIMAL, tts)
     assert request.response_format == "mp3"  # OpenAI's default: clients save speech.mp3
     assert (request.stream_format, request.stream, request.speed) == ("audio", True, 1.0)
-    assert request.job == SpeechJob(TEXT, speaker=0, context=[], temperature=0.9, top_k=50, seed=None,
-                                    max_audio_ms=None)
-    assert parse_speech(MINIMAL, tts=None, default_voice="nova").job.speaker == 7  # CSM_GGUF_VOICE
+    assert request.job == SpeechJob(TEXT, speaker=0, context=request.job.context, temperature=0.9, top_k=50,
+                                    seed=None, max_audio_ms=None)
+    assert prompt_of(request) == [(0, SENTENCE)]  # alloy's prompt
+    assert parse_speech(MINIMAL, tts, default_voice="nova").job.speaker == 7  # CSM_GGUF_VOICE
 
 
 def test_sampling_defaults_are_the_reference_generator_s():
@@ -114,10 +127,10 @@ def test_the_server_samples_as_csm_does_with_the_same_settings(server, sampling)
     body = {**MINIMAL, "voice": "coral", "response_format": "pcm", "max_audio_ms": 6 * 80, "seed": 11, **sampling}
     served = pcm(speak(base, body).content)
     assert not (engine.active or engine.waiting)  # the engine is idle: borrow its CSM for the expectation
-    expected = services.tts.generate(TEXT, speaker=3, max_audio_ms=6 * 80, seed=11, **sampling)
+    expected = services.tts.generate(TEXT, voice="coral", max_audio_ms=6 * 80, seed=11, **sampling)
     assert len(served) == len(expected) > 0
     np.testing.assert_allclose(served, np.clip(expected, -1, 32767 / 32768), atol=1.5 / 32768)
-    other = services.tts.generate(TEXT, speaker=3, max_audio_ms=6 * 80, seed=11, temperature=1.3, top_k=2)
+    other = services.tts.generate(TEXT, voice="coral", max_audio_ms=6 * 80, seed=11, temperature=1.3, top_k=2)
     assert not np.allclose(expected[: len(other)], other[: len(expected)])  # the settings matter
 
 

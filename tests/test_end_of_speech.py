@@ -38,7 +38,7 @@ def tts(f32_model):
 @pytest.fixture(scope="module")
 def unended(tts) -> np.ndarray:
     """The frames greedy decoding makes when nothing ends it early."""
-    return np.stack(list(tts.frames(TEXT, temperature=0, max_audio_ms=BUDGET_MS)))
+    return np.stack(list(tts.frames(TEXT, speaker=0, temperature=0, max_audio_ms=BUDGET_MS)))  # no voice prompt
 
 
 def test_frame_size(tts):
@@ -79,12 +79,13 @@ def test_generator_yields_the_frames_before_it(f32_model, unended, end_at, at):
 def test_csm_generate_and_stream_end_there(tts, unended, end_at):
     end_at(END)
     expected = tts.decode(unended[:END])
-    audio = tts.generate(TEXT, temperature=0, max_audio_ms=BUDGET_MS)
+    # speaker 0 alone: the raw model (a built-in voice's prompt made here would end early too)
+    audio = tts.generate(TEXT, speaker=0, temperature=0, max_audio_ms=BUDGET_MS)
     assert len(audio) == END * FRAME
     np.testing.assert_allclose(audio, expected, atol=1e-5 * np.abs(expected).max())
-    chunks = list(tts.stream(TEXT, temperature=0, max_audio_ms=BUDGET_MS, chunk_frames=2))
+    chunks = list(tts.stream(TEXT, speaker=0, temperature=0, max_audio_ms=BUDGET_MS, chunk_frames=2))
     assert [len(c) for c in chunks] == [2 * FRAME, FRAME]
-    assert list(tts.frames(TEXT, temperature=0, max_audio_ms=BUDGET_MS, seed=1))[END:] == []
+    assert list(tts.frames(TEXT, speaker=0, temperature=0, max_audio_ms=BUDGET_MS, seed=1))[END:] == []
 
 
 def test_each_piece_of_a_long_text_ends_and_the_next_one_still_runs(tts, end_at, monkeypatch):
@@ -100,7 +101,7 @@ def test_each_piece_of_a_long_text_ends_and_the_next_one_still_runs(tts, end_at,
         return heard
 
     monkeypatch.setattr(Context, "fitting", spy)
-    frames = list(tts.frames(LONG_TEXT, temperature=0, max_audio_ms=BUDGET_MS))
+    frames = list(tts.frames(LONG_TEXT, speaker=0, temperature=0, max_audio_ms=BUDGET_MS))
     assert len(frames) == 2 * len(pieces) and all(f.any() for f in frames)
     assert contexts[0] == []
     for i in range(1, len(pieces)):

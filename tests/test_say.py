@@ -50,8 +50,8 @@ def test_real_time_factor_leaves_out_loading_the_codec(f32_model, tmp_path, monk
 def test_say_writes_the_reference_audio(tiny_csm, tts, f32_model, tmp_path, capsys):
     _, ref_audio = reference_audio(tiny_csm, tts, 12)
     out = tmp_path / "out.wav"
-    assert main([TEXT, "--model", str(f32_model), "--temperature", "0", "--max-audio-ms", str(12 * 80),
-                 "--output", str(out), "--save-codes", str(tmp_path / "codes.npy")]) == 0
+    assert main([TEXT, "--model", str(f32_model), "--temperature", "0", "--max-audio-ms", str(12 * 80), "--voice",
+                 "none", "--speaker", "0", "--output", str(out), "--save-codes", str(tmp_path / "codes.npy")]) == 0
     data, rate = sf.read(out, dtype="int16")
     assert rate == 24000 and data.ndim == 1
     assert np.abs(data.astype(np.int32) - to_int16(ref_audio)).max() <= 1
@@ -164,12 +164,20 @@ def test_stdout_streams_pcm(f32_model, capfdbinary):
     assert len(out) > 0 and len(out) % 2 == 0
 
 
-def test_openai_voice_name_is_its_speaker(f32_model, tmp_path):
+def test_openai_voice_name_is_its_fixed_prompt_and_none_the_raw_model(tts, f32_model, tmp_path):
     common = [TEXT, "--model", str(f32_model), "--seed", "3", "--max-audio-ms", "400"]
-    for name, how in (("a", ["--voice", "echo"]), ("b", ["--speaker", "4"])):
-        out = [str(tmp_path / f"{name}.wav"), "--save-codes", str(tmp_path / f"{name}.npy")]
-        assert main([*common, *how, "-o", *out]) == 0
-    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
+
+    def codes(*options: str) -> np.ndarray:
+        out = tmp_path / "codes.npy"
+        assert main([*common, *options, "-o", str(tmp_path / "a.wav"), "--save-codes", str(out)]) == 0
+        return np.load(out)
+
+    prompt = tts.voice("echo").segments[0]  # made now (or by an earlier test), as say reads it
+    np.save(tmp_path / "prompt.npy", prompt.codes)
+    np.testing.assert_array_equal(codes("--voice", "echo"),
+                                  codes("--speaker", "4", "--context", "4", prompt.text, str(tmp_path / "prompt.npy")))
+    np.testing.assert_array_equal(codes("--voice", "none", "--speaker", "4"), codes("--speaker", "4"))
+    assert not np.array_equal(codes("--voice", "echo"), codes("--speaker", "4"))
 
 
 def test_output_without_extension_is_wav(f32_model, tmp_path):
@@ -202,13 +210,13 @@ def test_saved_voice_gives_the_same_codes_as_its_context(f32_model, tts, tmp_pat
     capsys.readouterr()
     assert main(["--list-voices"]) == 0
     # 1 s of audio is 375 of the tiny codec's 64-sample frames, 80 ms each to CSM
-    assert capsys.readouterr().out == "narrator: speaker 2, 1 prompt segment(s), 30.0 s, 'A prompt.'\n"
+    assert saved_lines(capsys.readouterr().out) == ["narrator: speaker 2, 1 prompt segment(s), 30.0 s, 'A prompt.'"]
     assert main(["Say this.", *common, "--voice", "narrator", "-o", str(tmp_path / "b.wav"),
                  "--save-codes", str(via_voice)]) == 0
     np.testing.assert_array_equal(np.load(direct), np.load(via_voice))
     assert main(["--delete-voice", "narrator"]) == 0
     assert main(["--list-voices"]) == 0
-    assert "no saved voices" in capsys.readouterr().out
+    assert saved_lines(capsys.readouterr().out) == []
     assert main(["--delete-voice", "narrator"]) == 2
     assert "no saved voice 'narrator'" in capsys.readouterr().err
 
@@ -253,13 +261,17 @@ def test_dialogue_script_names_speakers_by_id_or_voice():
     voices.save_voice("duo", Voice([prompt(1, "Duo."), prompt(2, "Duo's partner.")], 1))
     # Pasted text: invisible marks around names, and old Mac line ends.
     script = "ann: Hi.\n\n  0 : Hello: there.\rbob\u200b: Yo.\nduo: Hey.\n\u200balloy: Ho.\r\n\u200eann: Bye.\n"
-    turns, prompts = read_script(script, reserved=[5])
+    def load(name: str) -> Voice:  # as CSM.voice, whose built-in voices' prompts need the model
+        return Voice([prompt(0, "Alloy's prompt.")], 0) if name == "alloy" else voices.load_voice(name)
+
+    turns, prompts = read_script(script, reserved=[5], load=load)
     # 0 is the script's and 5 another context segment's. Each voice keeps its ids where they are free,
     # else takes the smallest free ones, its other speakers too: ann 0 -> 1; bob keeps 3, his partner
     # 5 -> 2; duo 1 -> 4 and its partner 2 -> 6; alloy (built in as 0) -> 7.
     assert turns == [(1, "Hi."), (0, "Hello: there."), (3, "Yo."), (4, "Hey."), (7, "Ho."), (1, "Bye.")]
     assert [(seg.speaker, seg.text) for seg in prompts] == [
-        (1, "Ann."), (3, "Bob."), (2, "Someone Bob talks to."), (4, "Duo."), (6, "Duo's partner.")]
+        (1, "Ann."), (3, "Bob."), (2, "Someone Bob talks to."), (4, "Duo."), (6, "Duo's partner."),
+        (7, "Alloy's prompt.")]
 
 
 @pytest.mark.parametrize("script, match", [
@@ -320,7 +332,7 @@ def test_a_voice_is_saved_with_its_codes_or_not_at_all():
     (["--input", "{tmp}/latin1.txt", "-o", "{tmp}/x.wav"], "latin1.txt is not UTF-8"),
     (["hi", "--voice", "broken", "-o", "{tmp}/x.wav"], "voice 'broken' is damaged"),
     (["hi", "--voice", "empty", "-o", "{tmp}/x.wav"], "voice 'empty' is damaged"),
-    (["--save-voice", "alloy", "--context", "0", "words", "{tmp}/tone.wav"], "built-in voices"),
+    (["--save-voice", "none", "--context", "0", "words", "{tmp}/tone.wav"], "'none' means no voice prompt"),
     (["hi", "--context", "0", "words", "{tmp}/archive.NPY", "-o", "{tmp}/x.wav"], "is an archive of arrays"),
     (["hi", "--context", "0", "words", "{tmp}/no-frames.npy", "-o", "{tmp}/x.wav"], "hold no frames"),
     (["hi", "--context", "0", "words", "{tmp}/zero-bytes.npy", "-o", "{tmp}/x.wav"], "zero-bytes.npy: No data left"),
@@ -398,6 +410,11 @@ def test_voice_names_and_folder_are_checked_before_the_model_loads(tmp_path, mon
     assert "is a file" in capsys.readouterr().err
 
 
+def saved_lines(listing: str) -> list[str]:
+    """--list-voices' lines on saved voices (the built-in ones come first)."""
+    return [line for line in listing.splitlines() if ": built-in, " not in line]
+
+
 def test_only_usable_names_are_listed_as_voices(tmp_path, monkeypatch):
     from csm_gguf import voices
     from csm_gguf.generator import Segment
@@ -405,7 +422,7 @@ def test_only_usable_names_are_listed_as_voices(tmp_path, monkeypatch):
 
     voices.save_voice("kept", Voice([Segment(0, "Words.", np.zeros((2, 32), dtype=np.int64))], speaker=0))
     folder = voices.voices_dir()
-    for name in ("with space.npz", ".hidden.npz", "alloy.npz"):
+    for name in ("with space.npz", ".hidden.npz", "none.npz"):
         (folder / name).write_bytes((folder / "kept.npz").read_bytes())
     (folder / "folder.npz").mkdir()
     assert voices.list_voices() == ["kept"]
@@ -436,7 +453,7 @@ def test_damaged_voices_are_listed_as_damaged(tmp_path, capsys):
     with zipfile.ZipFile(folder / "method.npz", "w") as z:  # a compression method numpy cannot read
         z.writestr("meta.npy", b"x", compress_type=zipfile.ZIP_LZMA)
     assert main(["--list-voices"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    lines = saved_lines(capsys.readouterr().out)
     assert [line.split(":")[0] for line in lines] == ["good", "infinite", "inflate", "method", "scalar"]
     assert lines[0].startswith("good: speaker 0") and all("is damaged" in line for line in lines[1:])
 

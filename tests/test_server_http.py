@@ -19,6 +19,7 @@ from simple_websocket import Client as WsClient
 
 from audio_fixtures import EVERY_FORMAT, needs_ffmpeg
 from csm_fixtures import random_codes
+from csm_gguf import builtin_voices
 from csm_gguf.audio import FORMATS, MEDIA_TYPES, load_audio, to_int16
 from csm_gguf.generator import Segment
 from csm_gguf.plan import TokenCounts, split_text
@@ -56,7 +57,7 @@ def test_create_equals_generate(client, engine, services):
                                           extra_body=GREEDY)
     audio, rate = sf.read(io.BytesIO(response.content), dtype="float32")
     assert rate == 24_000
-    expected = reference(services, speaker=4, **GREEDY)  # echo is speaker 4
+    expected = reference(services, voice="echo", **GREEDY)  # echo's fixed prompt, made by the server
     assert_same_audio(audio, expected)
 
 
@@ -66,7 +67,7 @@ def test_long_text_is_spoken_in_pieces_like_generate(client, engine, services):
     body = {"temperature": 0, "max_audio_ms": 240, "seed": 3, "speaker_id": 2}
     response = client.audio.speech.create(model="tts-1", voice="alloy", input=text, response_format="pcm",
                                           extra_body=body)
-    expected = reference(services, text, speaker=2, temperature=0, max_audio_ms=240, seed=3)
+    expected = reference(services, text, voice="alloy", speaker=2, temperature=0, max_audio_ms=240, seed=3)
     assert_same_audio(pcm(response.content), expected)
 
 
@@ -78,7 +79,7 @@ def test_long_text_goes_on_when_context_and_previous_piece_do_not_fit(base, engi
     empty = Segment(0, "What came before.", np.zeros((0, 32), dtype=np.int64))
     rows = services.tts.generator.prompt_rows(pieces[0], 0, [empty])
     frames = services.tts.model.config.backbone.max_seq_len - 8 - rows
-    body = {"model": "csm-1b", "voice": "alloy", "input": text, "response_format": "pcm", "stream": False,
+    body = {"model": "csm-1b", "voice": "none", "input": text, "response_format": "pcm", "stream": False,
             "temperature": 0, "max_audio_ms": 320,
             "context": [{"speaker": 0, "text": empty.text, "codes": np.ones((frames, 32), int).tolist()}]}
     response = post(base, body)
@@ -103,13 +104,13 @@ def test_context_segments_as_codes_and_audio(client, engine, services):
                                               extra_body={**GREEDY, "context": [segment]})
         ctx_codes = codes if kind == "codes" else services.tts.encode(sf.read(io.BytesIO(wav.getvalue()),
                                                                              dtype="float32")[0])
-        expected = reference(services, context=[Segment(1, "Earlier words.", ctx_codes)], **GREEDY)
+        expected = reference(services, voice="alloy", context=[Segment(1, "Earlier words.", ctx_codes)], **GREEDY)
         assert_same_audio(pcm(response.content), expected)
 
 
 @pytest.mark.parametrize("fmt", EVERY_FORMAT)
 def test_streaming_response_every_format(client, engine, fmt, services):
-    expected = reference(services, speaker=7, **GREEDY)  # nova
+    expected = reference(services, voice="nova", **GREEDY)
     with client.audio.speech.with_streaming_response.create(
         model="csm-1b", voice="nova", input=TEXT, response_format=fmt, extra_body=GREEDY
     ) as response:
@@ -135,7 +136,7 @@ def test_streamed_equals_whole_file(base, engine):
 
 def test_speed_stretches_the_speech(client, engine, services):
     """OpenAI's `speed`: the same speech, time-stretched (csm_gguf.tempo) as it streams."""
-    expected = change_speed(reference(services, speaker=5, **GREEDY), 1.6)  # fable
+    expected = change_speed(reference(services, voice="fable", **GREEDY), 1.6)
     with client.audio.speech.with_streaming_response.create(
         model="tts-1", voice="fable", input=TEXT, response_format="pcm", speed=1.6, extra_body=GREEDY
     ) as response:
@@ -290,6 +291,10 @@ def test_models_voices_health(client, base):
     voices = httpx.get(f"{base}/v1/audio/voices").json()
     assert voices["default"] == "alloy"
     assert {v["id"]: v["speaker_id"] for v in voices["voices"]}["cedar"] == 12
+    alloy = {v["id"]: v for v in voices["voices"]}["alloy"]  # the default voice: its prompt made at start
+    assert alloy["type"] == "builtin" and alloy["prompt"]["transcript"] == builtin_voices.SENTENCE
+    assert alloy["prompt"]["frames"] > 0
+    assert alloy["prompt"]["seconds"] == pytest.approx(alloy["prompt"]["frames"] * 0.08)
     health = httpx.get(f"{base}/health").json()
     assert health["model_loaded"] and health["queue_depth"] == 0 and health["max_streams"] == MAX_STREAMS
     page = httpx.get(f"{base}/").text

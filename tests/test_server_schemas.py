@@ -73,13 +73,13 @@ def test_checking_a_request_does_not_encode_its_context_audio(tts, monkeypatch):
     monkeypatch.setattr(tts, "segment", lambda *a, **kw: (calls.append(a), segment(*a, **kw))[1])
     body = {**OK, "context": [{"speaker": 1, "text": "Some words.", "audio": wav_base64()}]}
     req = parse_speech(body, tts)
-    assert calls == [] and isinstance(req.job.context[0], ContextAudio)
+    assert calls == [] and isinstance(req.job.context[-1], ContextAudio)  # after alloy's prompt
     encoded: dict = {}
     first = encode_context(req, tts, encoded)
     again = encode_context(parse_speech(body, tts), tts, encoded)  # the same audio, sent again
     assert len(calls) == 1 and len(encoded) == 1
-    np.testing.assert_array_equal(first.job.context[0].codes, again.job.context[0].codes)
-    assert first.job.context[0].codes.shape[1] == 32
+    np.testing.assert_array_equal(first.job.context[-1].codes, again.job.context[-1].codes)
+    assert first.job.context[-1].codes.shape[1] == 32
 
 
 def test_unreadable_context_audio_is_named_when_encoded(tts):

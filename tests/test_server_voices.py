@@ -51,9 +51,15 @@ def test_server_refuses_to_start_with_an_unusable_default_voice(tmp_path, monkey
         create_app(model=str(tmp_path / "no-model"), voice="with space")
 
 
+def listed(voices: list[dict], name: str) -> dict:
+    return next(v for v in voices if v["id"] == name)
+
+
 def test_saved_voice_uses_its_prompt(client, engine, services):
     voices = httpx.get(f"{client.base_url}audio/voices").json()
-    assert {"id": "narrator", "name": "narrator", "type": "saved", "speaker_id": 3} in voices["voices"]
+    assert listed(voices["voices"], "narrator") == {"id": "narrator", "name": "narrator", "type": "saved",
+                                                    "speaker_id": 3, "prompt": {"segments": 1, "frames": 12,
+                                                    "seconds": 0.96, "transcript": "A saved voice prompt."}}
     response = client.audio.speech.create(model="csm-1b", voice="narrator", input=TEXT, response_format="pcm",
                                           extra_body=GREEDY)
     from csm_gguf.voices import load_voice
@@ -71,8 +77,8 @@ def test_voices_are_made_from_a_sample_used_and_deleted(client, base, engine, se
                                       extra_body={"transcript": "A sample of my voice.", "speaker_id": 5})
     assert (made.id, made.name, made.object, made.type) == ("lena", "lena", "audio.voice", "audio_sample")
     assert abs(made.created_at - time.time()) < 60
-    listed = httpx.get(f"{base}/v1/audio/voices").json()["voices"]
-    assert {"id": "lena", "name": "lena", "type": "saved", "speaker_id": 5} in listed
+    lena = listed(httpx.get(f"{base}/v1/audio/voices").json()["voices"], "lena")
+    assert (lena["type"], lena["speaker_id"], lena["prompt"]["transcript"]) == ("saved", 5, "A sample of my voice.")
     response = client.audio.speech.create(model="csm-1b", voice="lena", input=TEXT, response_format="pcm",
                                           extra_body=GREEDY)
     segment = services.tts.segment(5, "A sample of my voice.", audio=io.BytesIO(sample))
@@ -85,6 +91,37 @@ def test_voices_are_made_from_a_sample_used_and_deleted(client, base, engine, se
     assert "lena" not in [v["id"] for v in httpx.get(f"{base}/v1/audio/voices").json()["voices"]]
     with pytest.raises(openai.NotFoundError, match="no saved voice 'lena'"):
         client.audio.voices.delete("lena")
+
+
+def in_prompt_cache(engine, segments) -> bool:
+    """Whether a cached prompt begins with these segments' rows."""
+    rows = engine.generator.context_embeddings(segments)
+    return any(len(e.rows) >= len(rows) and np.array_equal(e.rows[: len(rows)], rows)
+               for e in list(engine.generator.prompt_cache.entries))
+
+
+def wait_until(done, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():  # the engine thread drops a voice's cells between frames
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_a_replaced_or_deleted_voice_leaves_the_prompt_cache(client, base, engine, services):
+    speak = {"model": "csm-1b", "voice": "ash", "input": TEXT, "response_format": "pcm", **GREEDY}
+    assert post(base, speak).status_code == 200
+    builtin = services.voice("ash")  # its prompt, made by the engine for that request
+    assert in_prompt_cache(engine, builtin.segments)
+    client.audio.voices.create(name="ash", audio_sample=("ash.wav", voice_wav(services), "audio/wav"),
+                               consent="cons_1", extra_body={"transcript": "My own ash.", "speaker_id": 1})
+    wait_until(lambda: not in_prompt_cache(engine, builtin.segments))
+    assert post(base, speak).status_code == 200
+    mine = services.voice("ash")
+    assert mine.segments[0].text == "My own ash." and in_prompt_cache(engine, mine.segments)
+    assert client.audio.voices.delete("ash").deleted
+    wait_until(lambda: not in_prompt_cache(engine, mine.segments))
+    ash = next(v for v in httpx.get(f"{base}/v1/audio/voices").json()["voices"] if v["id"] == "ash")
+    assert ash["type"] == "builtin"  # the built-in voice is back
 
 
 def test_one_of_several_saving_the_same_name_wins(base, engine, services):
@@ -119,7 +156,7 @@ def test_a_voice_from_a_phone_recording(client, engine, tmp_path, services):
     ({"name": "v1", "transcript": "  "}, {"audio_sample": True}, "transcript", 400, "'transcript' is required"),
     ({"transcript": "Words."}, {"audio_sample": True}, "name", 400, "'name' is required"),
     ({"name": "a b", "transcript": "Words."}, {"audio_sample": True}, "name", 400, "bad voice name 'a b'"),
-    ({"name": "alloy", "transcript": "Words."}, {"audio_sample": True}, "name", 400, "built-in voices"),
+    ({"name": "none", "transcript": "Words."}, {"audio_sample": True}, "name", 400, "'none' means no voice prompt"),
     ({"name": "narrator", "transcript": "Words."}, {"audio_sample": True}, "name", 409, "voice 'narrator' exists"),
     ({"name": "v1", "transcript": "Words.", "speaker_id": "-1"}, {"audio_sample": True}, "speaker_id", 400,
      "'speaker_id' must be a whole number"),

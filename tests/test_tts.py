@@ -24,12 +24,13 @@ pytestmark = pytest.mark.usefixtures("voices_home")  # a voices folder of its ow
 
 def test_api_audio_equals_reference_decode_of_reference_codes(tiny_csm, tts):
     codes, ref_audio = reference_audio(tiny_csm, tts, 12)
-    ours = np.stack(list(tts.frames(TEXT, temperature=0, max_audio_ms=12 * 80)))
+    raw = {"speaker": 0, "temperature": 0, "max_audio_ms": 12 * 80}  # a bare speaker id: no voice prompt
+    ours = np.stack(list(tts.frames(TEXT, **raw)))
     np.testing.assert_array_equal(ours, codes)
-    audio = tts.generate(TEXT, temperature=0, max_audio_ms=12 * 80)
+    audio = tts.generate(TEXT, **raw)
     np.testing.assert_allclose(audio, ref_audio, atol=1e-3 * np.abs(ref_audio).max())
     # One frame at a time through the streaming codec gives the same samples.
-    streamed = np.concatenate(list(tts.stream(TEXT, chunk_frames=1, temperature=0, max_audio_ms=12 * 80)))
+    streamed = np.concatenate(list(tts.stream(TEXT, chunk_frames=1, **raw)))
     np.testing.assert_allclose(streamed, audio, atol=1e-5 * np.abs(audio).max())
 
 
@@ -218,7 +219,7 @@ def test_long_text_pieces_fit_carry_context_and_join_seamlessly(tts, monkeypatch
     seen_contexts = record_contexts(tts, monkeypatch)
     frames = []
     audio = np.concatenate(list(tts.decode_stream(
-        (frames.append(f) or f for f in tts.frames(text, seed=3, max_audio_ms=4 * 80)), chunk_frames=3)))
+        (frames.append(f) or f for f in tts.frames(text, speaker=0, seed=3, max_audio_ms=4 * 80)), chunk_frames=3)))
     assert len(seen_contexts) == len(pieces)
     assert seen_contexts[0] == []
     for i in range(1, len(pieces)):

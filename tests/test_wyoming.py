@@ -29,6 +29,7 @@ from wyoming.tts import (
 )
 
 from csm_fixtures import random_codes
+from csm_gguf import builtin_voices
 from csm_gguf.generator import Segment
 from csm_gguf.sampling import Sampling
 from csm_gguf.tts import Voice
@@ -132,9 +133,9 @@ async def synthesize(server: Server, text: str, voice: str | None = None) -> lis
         return await read_until(client, "audio-stop", "error")
 
 
-def http_pcm(app, text: str, voice: str) -> bytes:
+def http_pcm(app, text: str, voice: str, **fields) -> bytes:
     response = app.test_client().post("/v1/audio/speech", json={"model": "csm-1b", "input": text, "voice": voice,
-                                                                "response_format": "pcm", **GREEDY})
+                                                                "response_format": "pcm", **GREEDY, **fields})
     assert response.status_code == 200
     return response.data
 
@@ -196,7 +197,21 @@ def test_default_voice_and_speaker_and_saved_voice(app, greedy):
             await client.write_event(Synthesize(TEXT, voice=voice).event())
             return await read_until(client, "audio-stop", "error")
 
-    assert_same_pcm(pcm_of(run(with_speaker())), http_pcm(app, TEXT, "echo"))
+    assert_same_pcm(pcm_of(run(with_speaker())), http_pcm(app, TEXT, "alloy", speaker_id=4))
+
+
+def test_built_in_voices_are_their_fixed_prompts(app, greedy):
+    """As over HTTP: a built-in voice is its fixed prompt, made once per model (alloy, the default, at
+    start; echo now, by the engine); "none" with a speaker id is the raw model."""
+    tts = app.extensions["csm_gguf"].tts
+    for name in ("alloy", "echo", None):
+        job = greedy.service.request(name).job
+        voice = tts.voice(name or "alloy")  # the prompt file the server made: read, not made again
+        assert job.speaker == voice.speaker == BUILTIN_VOICES[name or "alloy"]
+        assert [(seg.speaker, seg.text) for seg in job.context] == [(voice.speaker, builtin_voices.SENTENCE)]
+        np.testing.assert_array_equal(job.context[0].codes, voice.segments[0].codes)
+    raw = greedy.service.request("none", speaker="3").job
+    assert raw.speaker == 3 and not raw.context
 
 
 # --- streaming synthesis -------------------------------------------------------------------------------------

@@ -27,8 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "(ljspeech: id|text|text, the audio in DIR/wavs/<id>.wav)")
     p.add_argument("--model", "-m", help="converted model directory, at the same path on every node (default: "
                    "$CSM_GGUF_MODEL, else the cache)")
-    p.add_argument("--voice", help="voice of the rows that name none: a saved voice or an OpenAI voice name")
-    p.add_argument("--speaker", type=int, help="speaker id of the rows that give none (default: the voice's, else 0)")
+    p.add_argument("--voice", help="voice of the rows that name none: a built-in voice (OpenAI's names, each a fixed "
+                   "prompt made once per model; default alloy for rows without a speaker id), a saved voice, or "
+                   "'none' for no prompt")
+    p.add_argument("--speaker", type=int, help="speaker id of the rows that give none (default: the voice's, else 0; "
+                   "alone, without a voice: no prompt, the raw model)")
     p.add_argument("--temperature", "-t", type=float, default=0.9, help="sampling temperature; 0 = greedy, the "
                    "same speech as `say` (default: %(default)s)")
     p.add_argument("--top-k", type=int, default=50, help="sample among the K likeliest codes (default: %(default)s)")

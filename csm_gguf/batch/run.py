@@ -12,6 +12,7 @@ from .manifest import Manifest, audio_path, write_ljspeech
 from .pipeline import Pool, import_ray, made_rows, ray_session
 from .rows import Row, read_rows
 from .tally import Summary, Tally
+from .voices import load_voices, row_voice
 from .worker import failed
 
 METADATA_LAYOUTS = ("ljspeech",)
@@ -58,7 +59,7 @@ def synthesize(
     pool = Pool(str(check_model_dir(find_model(model)).resolve()), workers, streams, threads, gpu_layers, gpus, kv_type,
                 address)
     import_ray()  # now, not after the output folder is made
-    voices, voice_errors = load_voices({row.voice or voice for row in rows} - {None})
+    voices, voice_errors = load_voices({row_voice(row, voice, speaker) for row in rows}, pool)
     entries = {row.id: entry(row, voice, speaker, seed, voices, fmt, metadata) for row in rows}
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
@@ -103,24 +104,10 @@ def check_settings(fmt: str, speaker: int | None, temperature: float, top_k: int
     return check_format(fmt)
 
 
-def load_voices(names: set[str]) -> tuple[dict[str, Any], dict[str, str]]:
-    """The voices the rows name, loaded once here (workers get them with the model): {name: Voice}, and
-    {name: error} for those that cannot be used, whose rows fail."""
-    from ..voices import load_voice
-
-    voices, errors = {}, {}
-    for name in sorted(names):
-        try:
-            voices[name] = load_voice(name)
-        except ValueError as e:
-            errors[name] = str(e)
-    return voices, errors
-
-
 def entry(row: Row, default_voice: str | None, default_speaker: int | None, run_seed: int, voices: dict,
           fmt: str, metadata: str | None) -> dict:
     """The row as its manifest line begins: what is said, how, and where it goes."""
-    voice = row.voice or default_voice
+    voice = row_voice(row, default_voice, default_speaker)
     speaker = row.speaker if row.speaker is not None else default_speaker
     if speaker is None:
         speaker = voices[voice].speaker if voice in voices else 0

@@ -15,8 +15,8 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -151,6 +151,7 @@ class Engine:
         self.active: list[Job] = []
         self.reserved = 0  # places taken by requests still being read (Place)
         self.completed = 0
+        self.forgotten: list[list[Segment]] = []  # voice prompts whose cached cells go before the next frame
         # Called on the engine thread as each job ends, with the error that ended it (or None): metrics.
         self.on_end: Callable[[Job, BaseException | None], None] | None = None
         self._wake = threading.Condition()
@@ -226,6 +227,27 @@ class Engine:
         context = Context(self.generator, spec.context)
         return Job(spec, pieces, context, input_tokens=count(spec.text), continues=continues)
 
+    def codes(self, spec: SpeechJob) -> np.ndarray:
+        """Speak `spec` to its end, in turn with the requests: its codes, (frames, 32). For the server's own
+        work (a built-in voice's prompt, made once per model, while a request waits for it), so it is never
+        refused for a full queue: the requests already in line are the ones it serves."""
+        job = self._job(spec, continues=False)
+        with self._wake:
+            if self._closing:
+                raise RuntimeError(SHUTTING_DOWN)
+            self.waiting.append(job)
+            self._wake.notify()
+        frames = []
+        while (got := job.next_frames()) is not None:
+            frames += got
+        return np.stack(frames) if frames else np.zeros((0, self.generator.cfg.num_codebooks), np.int64)
+
+    def forget_voice(self, segments: list[Segment]) -> None:
+        """Drop a deleted or replaced voice's cached prompt (on the engine thread, between frames)."""
+        with self._wake:
+            self.forgotten.append(segments)
+            self._wake.notify()
+
     def stats(self) -> dict:
         return {
             "active_streams": len(self.active) + len(self.joining),
@@ -234,6 +256,8 @@ class Engine:
             "max_queue": self.max_queue,
             "free_slots": len(self.generator.free_slots),
             "decode_calls": self.generator.decode_calls,
+            "prompt_positions_read": self.generator.prompt_positions_read,
+            "cached_prompts": len(self.generator.prompt_cache.entries),
             "requests_completed": self.completed,
         }
 
@@ -252,10 +276,11 @@ class Engine:
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not (self.active or self.waiting or self._closing):
+                while not (self.active or self.waiting or self.forgotten or self._closing):
                     self._wake.wait()
                 if self._closing:
                     break
+                forgotten, self.forgotten = self.forgotten, []
                 gone = [job for job in self.waiting if job.cancelled]  # their clients left: free the queue
                 for job in gone:
                     self.waiting.remove(job)
@@ -263,6 +288,8 @@ class Engine:
                     self.joining.append(self.waiting.popleft())
             for job in gone:
                 self._end(job)
+            for segments in forgotten:
+                self.generator.forget_voice(segments)
             while self.joining:
                 job = self.joining[0]
                 cancelled = job.cancelled
@@ -323,7 +350,8 @@ class Engine:
         """Claim a slot and read the piece's prompt; on failure the job ends with the error."""
         piece = job.pieces[job.piece]
         try:
-            job.stream = self.generator.start(job.context.prompt(piece), piece.sampling, read_prompt=False)
+            prompt, shared = job.context.prompt(piece)  # shared: the voice prompt, read once, then cached
+            job.stream = self.generator.start(prompt, piece.sampling, read_prompt=False, shared=shared)
         except Exception as e:
             job.stream = None
             self._end(job, e)

@@ -7,7 +7,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from ..generator import PromptTooLong
-from ..voices import VoicesFolderError, VoicesFull
+from ..voices import PromptCacheError, VoicesFolderError, VoicesFull
 from .limits import MAX_SPEECH_REQUEST, MAX_VOICE_UPLOAD
 
 if TYPE_CHECKING:
@@ -74,10 +74,13 @@ def voices_full(e: VoicesFull):
 
 
 def folder_error(e: VoicesFolderError) -> ApiError:
-    """The voices folder cannot be used: said in the log, with its path; the client learns no path."""
+    """The voices folder (or the cache that keeps the built-in voices' prompts) cannot be used: said in the
+    log, with its path; the client learns no path."""
     log.error("voices folder: %s", e)
-    return ApiError(500, "the server cannot use its voices folder (CSM_GGUF_VOICES): its log says why",
-                    type="server_error", code="voices_folder")
+    folder = ("cache folder (CSM_GGUF_CACHE), where built-in voices' prompts are kept"
+              if isinstance(e, PromptCacheError) else "voices folder (CSM_GGUF_VOICES)")
+    return ApiError(500, f"the server cannot use its {folder}: its log says why", type="server_error",
+                    code="voices_folder")
 
 
 def voices_folder_error(e: VoicesFolderError):

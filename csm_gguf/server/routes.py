@@ -16,10 +16,19 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from .. import ffmpeg
 from ..audio import MEDIA_TYPES, StreamEncoder, encode_audio
 from ..tempo import stretched
-from ..voices import BUILTIN_VOICES, VoiceExists, VoicesFolderError, delete_voice, list_voices, load_voice, save_voice
+from ..voices import (
+    BUILTIN_VOICES,
+    VoiceExists,
+    VoicesFolderError,
+    all_voices,
+    delete_voice,
+    list_voices,
+    save_voice,
+    voice_info,
+)
 from .errors import VOICES_PATH, ApiError, generation_error
 from .limits import MAX_SPEECH_REQUEST, MAX_VOICE_UPLOAD
-from .schemas import MODELS, parse_json, parse_voice, voice_exists, voice_names
+from .schemas import MODELS, parse_json, parse_voice, voice_exists
 from .services import EXTENSION, Services
 from .settings import SETTINGS
 from .streaming import ClientGone, decoded_audio, encoded, next_frames, sse_events, streamed
@@ -76,17 +85,9 @@ def models():
 
 @bp.get(VOICES_PATH)
 def voice_list():
-    return {"voices": [
-        {"id": name, "name": name, "type": "builtin" if name in BUILTIN_VOICES else "saved",
-         "speaker_id": speaker_of(name)} for name in voice_names()
-    ], "default": services().settings.voice}
-
-
-def speaker_of(name: str) -> int | None:
-    try:
-        return load_voice(name).speaker
-    except ValueError:  # damaged
-        return None
+    """Built-in and saved voices with their prompts (a built-in one's once made; "error" if unusable)."""
+    s = services()
+    return {"voices": [voice_info(name, s.tts.model.path) for name in all_voices()], "default": s.settings.voice}
 
 
 @bp.post(VOICES_PATH)
@@ -97,6 +98,8 @@ def add_voice():
     request.max_content_length = MAX_VOICE_UPLOAD
     with services().place():  # as a speech request: refused (429) before the upload is read and encoded
         name, voice = parse_voice(request.form, request.files, services().tts)
+    if name in BUILTIN_VOICES:
+        services().forget(name)  # the built-in voice it replaces
     try:
         save_voice(name, voice)  # VoicesFull and VoicesFolderError have their handlers (errors.py)
     except VoiceExists:  # saved meanwhile, by another request or program
@@ -111,6 +114,7 @@ def remove_voice(name: str):
         raise ApiError(409, f"{name!r} is this server's default voice (CSM_GGUF_VOICE): it cannot be deleted "
                        "while the server runs", param="voice_id", code="voice_in_use")
     try:
+        services().forget(name)
         deleted = delete_voice(name)
     except VoicesFolderError:  # the file would not go: the server's setup (its handler says so)
         raise

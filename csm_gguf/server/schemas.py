@@ -2,9 +2,11 @@
 names the field. Shared by the HTTP endpoint and the websocket. Also the request that saves a voice
 (`parse_voice`).
 
-Voices: the OpenAI voice names map to CSM speaker ids (CSM-1B is a base model: without a voice prompt
-a speaker id picks no fixed voice, only keeps one speaker apart from another); saved voices (see
-csm_gguf.voices) bring their own prompt. `speaker_id` overrides the voice's speaker.
+Voices: the OpenAI voice names are built-in voices, each a fixed prompt made once per model
+(csm_gguf.builtin_voices); saved voices (csm_gguf.voices) bring their own prompt, and one saved under a
+built-in name replaces it. Voice "none" is no prompt at all: the raw model's speaker `speaker_id` (CSM-1B
+is a base model: without a prompt a speaker id picks no fixed voice). `speaker_id` overrides the voice's
+speaker.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import binascii
 import io
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -25,10 +28,10 @@ from ..sampling import SETTINGS as SAMPLING_SETTINGS
 from ..sampling import Setting
 from ..tempo import MAX_SPEED, MIN_SPEED
 from ..text import is_blank, is_unicode
-from ..tts import CSM, Voice
-from ..voices import BUILTIN_VOICES, VoiceExists, VoicesFolderError, VoicesFull, check_saveable, list_voices, load_voice
+from ..tts import CSM, NO_VOICE, Voice
+from ..voices import BUILTIN_VOICES, VoiceExists, VoicesFolderError, VoicesFull, all_voices, check_saveable
 from .engine import SpeechJob
-from .errors import ApiError, invalid
+from .errors import ApiError, generation_error, invalid
 from .limits import MAX_CONTEXT_SEGMENTS, MAX_INPUT_CHARS, MAX_JSON_DEPTH, MAX_SPEAKER
 
 if TYPE_CHECKING:
@@ -74,7 +77,7 @@ CONTEXT_SPEAKER = replace(SPEAKER_ID, name="speaker")
 
 
 def voice_names() -> list[str]:
-    return [*BUILTIN_VOICES, *list_voices()]
+    return [*all_voices(), NO_VOICE]
 
 
 def parse_json(data: bytes | str, what: str = "the request body") -> Any:
@@ -105,10 +108,12 @@ def _nested_at_most(value: Any, depth: int) -> bool:
     return False
 
 
-def parse_speech(body: Any, tts: CSM, default_voice: str = "alloy", need_input: bool = True) -> SpeechRequest:
+def parse_speech(body: Any, tts: CSM, default_voice: str = "alloy", need_input: bool = True,
+                 load: Callable[[str], Voice] | None = None) -> SpeechRequest:
     """The request as the engine needs it, but for encoding its context audio (`encode_context`); ApiError
     (400) for the first bad field. need_input=False for a websocket session's settings, whose text comes
-    later."""
+    later. `load` reads a voice by name (a server's: a built-in voice's prompt made through its engine, see
+    served_voices); default tts.voice."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
     unknown = sorted(set(body) - FIELDS)
@@ -122,7 +127,7 @@ def parse_speech(body: Any, tts: CSM, default_voice: str = "alloy", need_input: 
         raise invalid("instructions", f"'instructions' must be a string of at most {MAX_INPUT_CHARS} characters")
     fmt, stream_format, stream = _output(body)
     speed = _value(body, SPEED)
-    speaker, segments = _voice(body.get("voice", default_voice), tts)
+    speaker, segments = _voice(body.get("voice", default_voice), tts, load or tts.voice)
     if "speaker_id" in body and body["speaker_id"] is not None:
         speaker = _value(body, SPEAKER_ID)
     temperature, top_k, seed, max_audio_ms = (_value(body, setting) for setting in SAMPLING_SETTINGS)
@@ -254,23 +259,27 @@ def voice_exists(name: str) -> ApiError:
                     code="voice_exists")
 
 
-def _voice(voice: Any, tts: CSM) -> tuple[int, list[Segment]]:
+def _voice(voice: Any, tts: CSM, load: Callable[[str], Voice]) -> tuple[int, list[Segment]]:
     if isinstance(voice, dict):
         voice = voice.get("id")
-    if isinstance(voice, str) and voice in BUILTIN_VOICES:  # a speaker and no prompt: nothing to read
-        return BUILTIN_VOICES[voice], []
+    if voice == NO_VOICE:  # no prompt: the raw model
+        return 0, []
     if voice is None:
         raise invalid("voice", "'voice' is required: one of " + ", ".join(voice_names()),
                       code="missing_required_parameter")
     if not isinstance(voice, str):
         raise invalid("voice", "'voice' must be a voice name or {\"id\": name}")
-    if voice not in voice_names():
+    if voice not in BUILTIN_VOICES and voice not in voice_names():
         raise invalid("voice", f"unknown voice {voice!r}; known voices: {', '.join(voice_names())}",
                       code="voice_not_found")
     try:
-        saved = load_voice(voice)
+        saved = load(voice)
+    except VoicesFolderError:  # a built-in voice's prompt could not be kept: the server's (its handler says so)
+        raise
     except ValueError as e:  # a damaged voice file
         raise invalid("voice", str(e), code="voice_unusable") from None
+    except RuntimeError as e:  # the engine, making a built-in voice's prompt, stopped (shutting down: a 503)
+        raise generation_error(e) from None
     k, n_codes = tts.model.config.num_codebooks, tts.model.n_codes
     try:
         segments = [replace(s, codes=check_codes(s.codes, k, n_codes, f"the codes of voice {voice!r}"))

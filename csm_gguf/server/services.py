@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..generator import Segment
-from ..tts import CSM
+from ..tts import CSM, Voice
 from .engine import Engine, Job, Place, QueueFull
 from .errors import ApiError, generation_error
 from .schemas import ContextAudio, SpeechRequest, encode_context, parse_speech
+from .served_voices import forget_voice, served_voice
 from .settings import Settings
 
 EXTENSION = "csm_gguf"
@@ -26,7 +27,15 @@ class Services:
 
     def check(self, body: Any, need_input: bool = True) -> SpeechRequest:
         """The request checked (ApiError), its context audio not yet encoded."""
-        return parse_speech(body, self.tts, self.settings.voice, need_input)
+        return parse_speech(body, self.tts, self.settings.voice, need_input, self.voice)
+
+    def voice(self, name: str) -> Voice:
+        """A voice by name; a built-in voice's prompt, on its first use, is made by the engine (served_voices)."""
+        return served_voice(self.tts, self.engine, name)
+
+    def forget(self, name: str) -> None:
+        """Drop voice `name`'s cached prompt, before it is deleted or replaced."""
+        forget_voice(self.tts, self.engine, name)
 
     def encode(self, req: SpeechRequest, encoded: dict[ContextAudio, Segment] | None = None) -> SpeechRequest:
         """The request with its context audio encoded (see encode_context)."""

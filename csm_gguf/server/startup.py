@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..tts import CSM
-from ..voices import load_voice, max_voices
+from ..tts import CSM, NO_VOICE
+from ..voices import max_voices, voice_speaker
 from .engine import Engine
 from .schemas import voice_names
+from .served_voices import served_voice
 from .settings import Settings
 
 
@@ -21,7 +22,8 @@ def check_settings(settings: Settings) -> None:
         raise ValueError("CSM_GGUF_DRAIN_S and CSM_GGUF_MAX_WEBSOCKETS must be >= 0 and CSM_GGUF_WS_IDLE_S >= 1")
     if settings.voice not in voice_names():
         raise ValueError(f"CSM_GGUF_VOICE={settings.voice!r} is not a voice; known: {', '.join(voice_names())}")
-    load_voice(settings.voice)  # a damaged one fails now, not in every request that names no voice
+    if settings.voice != NO_VOICE:
+        voice_speaker(settings.voice)  # a damaged saved one fails now, before the model loads
     max_voices()  # a bad CSM_GGUF_MAX_VOICES fails now, not at the first upload
 
 
@@ -39,4 +41,12 @@ def start_engine(settings: Settings) -> tuple[CSM, Any, Engine]:
     torch.set_num_threads(1)
     codec = tts.codec  # loaded now, not racing in the first requests' threads
     codec.warm_up(codebooks=tts.model.config.num_codebooks)  # the CPU traces are made now, not in requests
-    return tts, codec, Engine(tts.generator, settings.max_queue)
+    engine = Engine(tts.generator, settings.max_queue)
+    if settings.voice != NO_VOICE:
+        try:  # a built-in default voice's prompt is made now, not in the first request; a damaged one fails now
+            served_voice(tts, engine, settings.voice)
+        except BaseException:
+            engine.close()
+            tts.close()
+            raise
+    return tts, codec, engine

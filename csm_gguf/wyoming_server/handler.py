@@ -82,7 +82,7 @@ class WyomingHandler(AsyncEventHandler):
     async def _handle(self, event: Event) -> None:
         kind = event.type
         if Describe.is_type(kind):
-            await self.write_event(tts_info().event())
+            await self.write_event(tts_info(self.service.tts.model.path).event())
         elif Ping.is_type(kind):
             await self.write_event(Pong(text=Ping.from_event(event).text).event())
         elif Synthesize.is_type(kind):
@@ -90,7 +90,7 @@ class WyomingHandler(AsyncEventHandler):
                 synthesize = _parsed(event, Synthesize)
                 voice = synthesize.voice
                 text = _text(synthesize.text, kind)
-                request = self.service.request(voice and voice.name, voice and voice.speaker, text)
+                request = await self.service.request_soon(voice and voice.name, voice and voice.speaker, text)
                 await self.speaker.say(Speech(request.job))
         elif SynthesizeStart.is_type(kind):
             await self._start(_parsed(event, SynthesizeStart))
@@ -110,7 +110,7 @@ class WyomingHandler(AsyncEventHandler):
             raise bad("synthesize-start during a stream: end it with synthesize-stop first")
         voice = start.voice
         self.stream = TextStream(settings=None)  # open even if refused: its stop still gets synthesize-stopped
-        self.stream.settings = self.service.request(voice and voice.name, voice and voice.speaker)
+        self.stream.settings = await self.service.request_soon(voice and voice.name, voice and voice.speaker)
 
     def _open_stream(self, kind: str) -> TextStream:
         if self.stream is None:

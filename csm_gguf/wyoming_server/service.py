@@ -13,11 +13,13 @@ from typing import Any
 from ..audio import pcm_bytes
 from ..sampling import Sampling
 from ..server.engine import Engine, Job, SpeechJob
-from ..server.errors import ApiError
+from ..server.errors import ApiError, folder_error
 from ..server.schemas import MODELS, SpeechRequest, parse_speech
+from ..server.served_voices import served_voice
 from ..server.settings import Settings
 from ..server.startup import start_engine
-from ..tts import CSM, decode_frames
+from ..tts import CSM, Voice, decode_frames
+from ..voices import VoicesFolderError
 
 WAIT_S = 1.0  # a thread waiting for a job's frames looks up this often (its job may have been let go)
 
@@ -59,7 +61,18 @@ class WyomingService:
             body["speaker_id"] = _speaker_id(speaker)
         if text is not None:
             body["input"] = text
-        return parse_speech(body, self.tts, self.settings.voice, need_input=text is not None)
+        try:
+            return parse_speech(body, self.tts, self.settings.voice, text is not None, self.voice)
+        except VoicesFolderError as e:  # the server's setup: said in its log, with the path
+            raise folder_error(e) from None
+
+    def voice(self, name: str) -> Voice:
+        """A voice by name; a built-in voice's prompt, on its first use, is made by the engine (served_voices)."""
+        return served_voice(self.tts, self.engine, name)
+
+    async def request_soon(self, voice: str | None, speaker: Any = None, text: str | None = None) -> SpeechRequest:
+        """`request`, off the event loop: a built-in voice's prompt takes seconds to make on its first use."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, self.request, voice, speaker, text)
 
     @staticmethod
     def with_text(request: SpeechRequest, text: str) -> SpeechJob:
