@@ -143,7 +143,9 @@ class CSM:
         self._codec = None
         self._codec_lock = threading.Lock()
         if codec_device == "cpu":  # torch's import and the codec, meanwhile: llama.cpp loads without the GIL
-            threading.Thread(target=self._load_codec_quietly, name="codec-load", daemon=True).start()
+            # Not a daemon: a process that ends early (an error, Ctrl-C) waits for the load instead of tearing
+            # the interpreter down under a thread that is importing torch (seen once as SIGABRT at exit).
+            threading.Thread(target=self._load_codec_quietly, name="codec-load").start()
         self.generator = Generator(self.model, max_streams, n_threads, n_gpu_layers, kv_type)
         if n_threads:
             import torch
