@@ -36,6 +36,7 @@ TARGETS = {
     "schemas": "csm_gguf/server/schemas.py",
     "settings": "csm_gguf/server/settings.py",
     "voices": "csm_gguf/voices.py",
+    "builtin_voices": "csm_gguf/builtin_voices.py",  # the OpenAI names, each a fixed prompt of a speaker id
     "tensor_map": "converter/tensor_map.py",
 }
 # Fast subsets, the likeliest to fail first (pytest runs with -x).
@@ -102,7 +103,7 @@ MUTATIONS = [
       [(" + [self.frame_embedding(zero)]", "")],
       [PROMPT]),
     M("generator", "context segments spoken as the current speaker",
-      [("heard = [(model.prompt_tokens(seg.speaker, seg.text),", "heard = [(model.prompt_tokens(speaker, seg.text),")],
+      [("return [(model.prompt_tokens(seg.speaker, seg.text),", "return [(model.prompt_tokens(0, seg.text),")],
       [PROMPT, PLAN_PROMPT]),
     M("generator", "one frame more than the budget",
       [("if st.frames_left <= 0 or", "if st.frames_left < 0 or")],
@@ -111,7 +112,7 @@ MUTATIONS = [
       [("dec.embd[2 * j + 1] = model.decoder_inputs[c0]", "dec.embd[2 * j + 1] = model.audio_embeddings[c0]")],
       [UNTIED]),
     M("generator", "a prompt read in parts restarts its positions at 0 in each part",
-      [("bb.pos[:m] = np.arange(start, start + m)", "bb.pos[:m] = np.arange(m)")],
+      [("bb.pos[:m] = np.arange(start, stop)", "bb.pos[:m] = np.arange(stop - start)")],
       [LONG_PROMPT]),
     M("generator", "the seed is not passed to llama.cpp (every draw random)",
       [("seed = L.LLAMA_DEFAULT_SEED if sampling.seed is None else sampling.seed % L.LLAMA_DEFAULT_SEED",
@@ -125,10 +126,10 @@ MUTATIONS = [
       [("        for piece in pieces:\n            made = []\n", "        made = []\n        for piece in pieces:\n")],
       [LONG]),
     M("tts", "frames() drops the caller's max_audio_ms",
-      [(("return self._speak(lines, context, Sampling(temperature, top_k, seed, max_audio_ms), count, progress)\n\n"
-         "    def dialogue_frames("),
-        ("return self._speak(lines, context, Sampling(temperature, top_k, seed), count, progress)\n\n"
-         "    def dialogue_frames("))],
+      [(("        sampling = Sampling(temperature, top_k, seed, max_audio_ms)\n"
+         "        count = TokenCounts(self.model)\n        texts = split_text(text, count)"),
+        ("        sampling = Sampling(temperature, top_k, seed)\n"
+         "        count = TokenCounts(self.model)\n        texts = split_text(text, count)"))],
       [LONG]),
     M("tts", "a dialogue's turns all spoken as speaker 0",
       [("lines += [(turn[0], piece) for piece in split_text(turn[1], count)]",
@@ -197,8 +198,8 @@ MUTATIONS = [
       [("        job.context.said(job.pieces[job.piece], job.made)\n", "")],
       [LONG_SERVER]),
     M("engine", "every piece samples with the request's settings (piece 0's seed, no budget)",
-      [("job.context.prompt(piece), piece.sampling, read_prompt=False)",
-        "job.context.prompt(piece), job.spec.sampling, read_prompt=False)")],
+      [("self.generator.start(prompt, piece.sampling, read_prompt=False, shared=shared)",
+        "self.generator.start(prompt, job.spec.sampling, read_prompt=False, shared=shared)")],
       [LONG_SERVER]),
     M("engine", "frames are not counted (usage, the websocket's report)",
       [("                job.frames += 1\n", "")],
@@ -217,11 +218,11 @@ MUTATIONS = [
     M("schemas", "a request without response_format gets wav",
       [('fmt = body.get("response_format", "mp3")', 'fmt = body.get("response_format", "wav")')],
       [DEFAULTS]),
-    M("schemas", "a built-in voice is speaker 0 whatever its name",
-      [("return BUILTIN_VOICES[voice], []", "return 0, []")],
+    M("builtin_voices", "a built-in voice's prompt is speaker 0's whatever its name",
+      [("                speaker = SPEAKERS[name]\n", "                speaker = 0\n")],
       [DEFAULTS]),
-    M("voices", "marin and cedar swapped",
-      [('"marin",\n         "cedar")', '"cedar",\n         "marin")')],
+    M("builtin_voices", "marin and cedar swapped",
+      [('"verse", "marin",\n         "cedar")', '"verse", "cedar",\n         "marin")')],
       [DEFAULTS]),
     M("settings", "eight streams by default",
       [("    max_streams: int = 4\n", "    max_streams: int = 8\n")],
