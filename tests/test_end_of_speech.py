@@ -119,7 +119,7 @@ def test_pieces_that_end_at_once_say_nothing_and_the_text_goes_on(tts, end_at, m
     contexts: list[list[Segment]] = []
     fitting = Context.fitting
     monkeypatch.setattr(Context, "fitting", lambda self, piece: contexts.append(fitting(self, piece)) or contexts[-1])
-    assert list(tts.frames(LONG_TEXT, temperature=0, max_audio_ms=BUDGET_MS)) == []
+    assert list(tts.frames(LONG_TEXT, speaker=0, temperature=0, max_audio_ms=BUDGET_MS)) == []  # no voice prompt
     assert contexts == [[]] * len(pieces)
     assert len(tts.dialogue([(0, "Hello."), (1, "Hi.")], temperature=0, max_audio_ms=BUDGET_MS)) == 0
 

@@ -41,7 +41,8 @@ def test_each_piece_s_prompt_is_the_generator_s_after_what_was_said(tts):
     said: list[Segment] = []  # each speaker's last piece, in the order said
     for i, piece in enumerate(plan_pieces(LINES, Sampling(), TokenCounts(tts.model))):
         heard = [*caller_context(), *said]
-        ours = context.prompt(piece)
+        ours, shared = context.prompt(piece)
+        assert shared == sum(h.rows for h in context.given)  # the caller's segments, read once then cached
         expected = gen.prompt_embeddings(piece.text, piece.speaker, heard)
         np.testing.assert_array_equal(ours, expected)
         # the rows the plan counts to fit the prompt in the model's context are the rows it makes
