@@ -129,7 +129,7 @@ def wait_idle(engine, timeout: float = 5.0) -> None:
     while engine.active or engine.joining or engine.waiting:
         assert time.monotonic() < deadline, engine.stats()
         time.sleep(0.01)
-    assert len(engine.generator.free_slots) == MAX_STREAMS
+    assert len(engine.generator.free_slots) == engine.max_streams
 
 
 def voice_wav(services) -> bytes:

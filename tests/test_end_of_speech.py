@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from simple_websocket import Client as WsClient
 
+from context_spy import spy_on_contexts
 from csm_gguf.generator import Generator, Sampling, Segment
 from csm_gguf.model import CSMModel
 from csm_gguf.plan import Context, TokenCounts, split_text
@@ -92,15 +93,7 @@ def test_each_piece_of_a_long_text_ends_and_the_next_one_still_runs(tts, end_at,
     end_at(2)
     pieces = split_text(LONG_TEXT, TokenCounts(tts.model))
     assert len(pieces) > 2
-    contexts: list[list[Segment]] = []
-    fitting = Context.fitting
-
-    def spy(self, piece):
-        heard = fitting(self, piece)
-        contexts.append([h.segment for h in heard])
-        return heard
-
-    monkeypatch.setattr(Context, "fitting", spy)
+    contexts = spy_on_contexts(monkeypatch)
     frames = list(tts.frames(LONG_TEXT, speaker=0, temperature=0, max_audio_ms=BUDGET_MS))
     assert len(frames) == 2 * len(pieces) and all(f.any() for f in frames)
     assert contexts[0] == []

@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from csm_gguf.plan import Context, TokenCounts, split_text
+from context_spy import spy_on_contexts
+from csm_gguf.plan import TokenCounts, split_text
 from csm_gguf.server.engine import SpeechJob
 from csm_gguf.tts import CSM
 from server_fixtures import loopback_server
@@ -23,20 +24,6 @@ def assert_each_piece_heard_the_one_before(contexts: list[list], pieces: list[st
         (previous,) = contexts[i]
         assert (previous.speaker, previous.text) == (5, pieces[i - 1])
         np.testing.assert_array_equal(previous.codes, np.stack(frames[PER_PIECE * (i - 1): PER_PIECE * i]))
-
-
-def spy_on_contexts(monkeypatch) -> list[list]:
-    """The segments each piece hears (the caller's, then what was said before it), from now on."""
-    contexts: list[list] = []
-    fitting = Context.fitting
-
-    def spy(self, piece):
-        heard = fitting(self, piece)
-        contexts.append([h.segment for h in heard])
-        return heard
-
-    monkeypatch.setattr(Context, "fitting", spy)
-    return contexts
 
 
 def test_csm_frames(f32_model, monkeypatch):

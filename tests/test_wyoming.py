@@ -36,6 +36,7 @@ from csm_gguf.tts import Voice
 from csm_gguf.voices import BUILTIN_VOICES
 from csm_gguf.wyoming_server.handler import WyomingHandler
 from csm_gguf.wyoming_server.service import WyomingService
+from server_fixtures import wait_idle
 
 TEXT = "Hello there, how are you doing today?"
 GREEDY = {"temperature": 0, "max_audio_ms": 800}  # 10 frames a piece
@@ -103,14 +104,6 @@ def unlimited(app):
 
 def frame_bytes(app) -> int:
     return 2 * app.extensions["csm_gguf"].codec.cfg.frame_size  # 1920 samples for Mimi, fewer for the tiny codec
-
-
-def wait_idle(engine, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while engine.active or engine.joining or engine.waiting:
-        assert time.monotonic() < deadline, engine.stats()
-        time.sleep(0.01)
-    assert len(engine.generator.free_slots) == MAX_STREAMS
 
 
 async def read_until(client: AsyncTcpClient, *kinds: str) -> list[Event]:
