@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+from collections import Counter
 from typing import Callable
 
 from flask import Flask, current_app, request
@@ -40,6 +41,7 @@ class Drain:
         self.seconds = seconds
         self.since: float | None = None
         self.in_flight = 0
+        self.paths: Counter[str] = Counter()  # the same requests by path, for the log: what a drain waits for
         self._changed = threading.Condition()
 
     @property
@@ -65,21 +67,36 @@ class Drain:
 
     def middleware(self, app: Callable) -> Callable:
         def counted(environ, start_response):
-            if environ.get("PATH_INFO") in ALWAYS_ANSWERED:
+            path = environ.get("PATH_INFO", "")
+            if path in ALWAYS_ANSWERED:
                 return app(environ, start_response)
-            self._add(1)
+            self._add(path, 1)
             try:
                 result = app(environ, start_response)
             except BaseException:  # flask-sock under gunicorn ends a websocket with StopIteration
-                self._add(-1)
+                self._add(path, -1)
                 raise
-            return ClosingIterator(result, lambda: self._add(-1))
+            if environ.get("HTTP_UPGRADE", "").lower() == "websocket":
+                # flask-sock runs the whole session inside the call; werkzeug may never close what it
+                # returns (its socket is closed by then, and the clean-up after the response raises).
+                self._add(path, -1)
+                return result
+            return ClosingIterator(result, lambda: self._add(path, -1))
 
         return counted
 
-    def _add(self, n: int) -> None:
+    def describe(self) -> str:
+        """The requests in flight, for a log line: '2 requests in flight (/v1/audio/speech x2)'."""
+        with self._changed:
+            paths = ", ".join(f"{path} x{n}" for path, n in sorted(self.paths.items()))
+            return f"{self.in_flight} requests in flight" + (f" ({paths})" if paths else "")
+
+    def _add(self, path: str, n: int) -> None:
         with self._changed:
             self.in_flight += n
+            self.paths[path] += n
+            if not self.paths[path]:
+                del self.paths[path]  # paths are the clients' own: keep only those in flight
             self._changed.notify_all()
 
 
@@ -111,7 +128,7 @@ def on_sigterm(drain: Drain, engine: Engine, exit_process: Callable[[], None]) -
     # A signal handler runs on the main thread, which serves (gunicorn's poller, werkzeug's accept
     # loop): the waiting happens on a thread of its own.
     if drain.begin():
-        log.info("SIGTERM: draining (up to %s s for %d requests in flight)", drain.seconds, drain.in_flight)
+        log.info("SIGTERM: draining (up to %s s for %s)", drain.seconds, drain.describe())
         threading.Thread(target=finish, args=(drain, engine, exit_process), name="csm-drain", daemon=True).start()
 
 
@@ -119,8 +136,7 @@ def finish(drain: Drain, engine: Engine, exit_process: Callable[[], None]) -> No
     if drain.wait():
         log.info("drained: every request in flight finished")
     else:
-        log.warning("CSM_GGUF_DRAIN_S=%s s passed with %d requests in flight: ending them", drain.seconds,
-                    drain.in_flight)
+        log.warning("CSM_GGUF_DRAIN_S=%s s passed with %s: ending them", drain.seconds, drain.describe())
     engine.close()  # what still runs ends with "the server is shutting down"
     exit_process()
 
