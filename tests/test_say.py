@@ -41,10 +41,10 @@ def test_real_time_factor_leaves_out_loading_the_codec(f32_model, tmp_path, monk
     from csm_gguf.mimi import Mimi
 
     load = Mimi.from_runtime_tensors
-    monkeypatch.setattr(Mimi, "from_runtime_tensors", classmethod(lambda cls, *a: (time.sleep(3), load(*a))[1]))
+    monkeypatch.setattr(Mimi, "from_runtime_tensors", classmethod(lambda cls, *a: (time.sleep(5), load(*a))[1]))
     assert main([TEXT, "--model", str(f32_model), "--max-audio-ms", "160", "-o", str(tmp_path / "a.wav")]) == 0
     wall = float(re.search(r"audio in ([\d.]+) s", capsys.readouterr().err)[1])
-    assert wall < 3
+    assert wall < 5  # a loaded machine's margin: with the loading counted it is over 5
 
 
 def test_say_writes_the_reference_audio(tiny_csm, tts, f32_model, tmp_path, capsys):
