@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .model_dir import MODEL_FILES, cache_root
+from .sampling import Sampling
 
 NAMES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "nova", "sage", "shimmer", "verse", "marin",
          "cedar")
@@ -29,8 +30,9 @@ SPEAKERS = {name: speaker for speaker, name in enumerate(NAMES)}  # each name's 
 # What every built-in voice says in its prompt: plain, even, about eight seconds.
 SENTENCE = ("Hello, and thank you for listening. I will read your text aloud in a calm and steady voice, "
             "at an easy pace.")
-# How it is sampled: CSM's usual settings, a fixed seed, and a bound on its length.
-SAMPLING = {"temperature": 0.9, "top_k": 50, "seed": 20_241_206, "max_audio_ms": 12_000}
+# How it is sampled: CSM's usual settings, written out (a voice must not move with a default), a fixed seed,
+# and a bound on its length.
+SAMPLING = Sampling(temperature=0.9, top_k=50, seed=20_241_206, max_audio_ms=12_000)
 
 MakeCodes = Callable[[int, str], np.ndarray]  # (speaker, text) -> codes (frames, 32), sampled with SAMPLING
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator, Sequence
 
@@ -298,7 +298,7 @@ class CSM:
         prompt, sampled as builtin_voices.SAMPLING says."""
         from .builtin_voices import SAMPLING
 
-        return np.stack(list(self.frames(text, speaker=speaker, voice=NO_VOICE, **SAMPLING)))
+        return np.stack(list(self.frames(text, speaker=speaker, voice=NO_VOICE, **asdict(SAMPLING))))
 
     def with_voice(self, voice: str | Voice | None, speaker: int | None, context: Sequence[Segment]
                    ) -> tuple[int, list[Segment]]:

@@ -19,6 +19,7 @@ from csm_fixtures import random_codes
 from csm_gguf.batch import InputError, read_rows, row_seed, synthesize
 from csm_gguf.batch.cli import main
 from csm_gguf.generator import Segment
+from csm_gguf.sampling import Sampling
 from csm_gguf.tts import Voice
 
 ray = pytest.importorskip("ray")
@@ -124,7 +125,7 @@ def test_end_of_speech_ends_the_rows_audio(f32_model, monkeypatch):
     """An all-zero frame ends a row: it is not audio, and nothing after it is made."""
     from csm_gguf.batch.worker import RowMaker
 
-    maker = RowMaker(str(f32_model), 2, 0, 0, "f32", "pcm", dict(temperature=0.9, top_k=50, max_audio_ms=2000), {})
+    maker = RowMaker(str(f32_model), 2, 0, 0, "f32", "pcm", Sampling(max_audio_ms=2000), {})
     step, made = maker.engine.generator.step, {}
 
     def ends_after_four(streams):

@@ -56,8 +56,8 @@ def test_a_request_that_names_nothing_else_gets_openai_s_defaults(tts):
     request = parse_speech(MINIMAL, tts)
     assert request.response_format == "mp3"  # OpenAI's default: clients save speech.mp3
     assert (request.stream_format, request.stream, request.speed) == ("audio", True, 1.0)
-    assert request.job == SpeechJob(TEXT, speaker=0, context=request.job.context, temperature=0.9, top_k=50,
-                                    seed=None, max_audio_ms=None)
+    assert request.job == SpeechJob(TEXT, speaker=0, context=request.job.context,
+                                    sampling=Sampling(temperature=0.9, top_k=50, seed=None, max_audio_ms=None))
     assert prompt_of(request) == [(0, SENTENCE)]  # alloy's prompt
     assert parse_speech(MINIMAL, tts, default_voice="nova").job.speaker == 7  # CSM_GGUF_VOICE
 
@@ -66,7 +66,7 @@ def test_sampling_defaults_are_the_reference_generator_s():
     """SesameAILabs/csm's generator: temperature 0.9, top_k 50; no audio limit of the caller's (each piece
     then gets one proportional to its text, and the Generator stops at the model's context)."""
     assert Sampling() == Sampling(temperature=0.9, top_k=50, seed=None, max_audio_ms=None)
-    assert SpeechJob("x") == SpeechJob("x", 0, (), 0.9, 50, None, None)
+    assert SpeechJob("x") == SpeechJob("x", 0, (), Sampling(0.9, 50, None, None))
     for method in (CSM.frames, CSM.dialogue_frames, CSM.stream_text):
         params = inspect.signature(method).parameters
         assert (params["temperature"].default, params["top_k"].default, params["seed"].default,

@@ -9,6 +9,7 @@ import pytest
 
 from context_spy import spy_on_contexts
 from csm_gguf.plan import TokenCounts, split_text
+from csm_gguf.sampling import Sampling
 from csm_gguf.server.engine import SpeechJob
 from csm_gguf.tts import CSM
 from server_fixtures import loopback_server
@@ -48,7 +49,7 @@ def test_server_engine(server, monkeypatch):
     services = server[0]
     engine, tts = services.engine, services.tts
     contexts = spy_on_contexts(monkeypatch)
-    job = engine.submit(SpeechJob(TEXT, speaker=5, seed=2, max_audio_ms=PER_PIECE * 80))
+    job = engine.submit(SpeechJob(TEXT, speaker=5, sampling=Sampling(seed=2, max_audio_ms=PER_PIECE * 80)))
     frames = []
     while (got := job.next_frames(timeout=60)) is not None:
         frames += got

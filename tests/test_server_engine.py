@@ -10,12 +10,15 @@ import pytest
 
 from csm_fixtures import random_codes
 from csm_gguf.generator import Segment
+from csm_gguf.sampling import Sampling
 from server_fixtures import (
     MAX_QUEUE,
     MAX_STREAMS,
     TEXT,
     wait_idle,
 )
+
+GREEDY_800 = Sampling(temperature=0, max_audio_ms=800)  # 10 frames
 
 
 def test_engine_batched_greedy_codes_equal_solo_codes(engine):
@@ -27,7 +30,7 @@ def test_engine_batched_greedy_codes_equal_solo_codes(engine):
             frames += got
         return np.stack(frames)
 
-    specs = [SpeechJob(f"Sentence {i} for the engine{'!' * i}", speaker=i, temperature=0, max_audio_ms=800)
+    specs = [SpeechJob(f"Sentence {i} for the engine{'!' * i}", speaker=i, sampling=GREEDY_800)
              for i in range(8)]
     solo = [codes(engine.submit(s)) for s in specs]
     jobs = [engine.submit(s) for s in specs]
@@ -53,9 +56,9 @@ def test_a_long_prompt_is_read_between_the_frames_of_others(engine, monkeypatch)
     monkeypatch.setattr(backbone, "decode", lambda n: (sizes.append(n), decode(n))[1])
 
     long_prompt = SpeechJob(TEXT, context=[Segment(1, "Some context.", random_codes(150, 64, seed=3))],
-                            temperature=0, max_audio_ms=800)
+                            sampling=GREEDY_800)
     solo = codes(engine.submit(long_prompt))
-    speaking = engine.submit(SpeechJob(TEXT, temperature=0, max_audio_ms=60 * 80))
+    speaking = engine.submit(SpeechJob(TEXT, sampling=Sampling(temperature=0, max_audio_ms=60 * 80)))
     speaking.next_frames(timeout=30)
     engine.forget_voice(list(long_prompt.context))  # read again, not from the prompt cache
     sizes.clear()
@@ -71,7 +74,7 @@ def test_requests_that_arrive_together_start_together(engine):
     from csm_gguf.server.engine import SpeechJob
 
     with engine._wake:  # the engine thread sees all four at once
-        jobs = [engine.submit(SpeechJob(f"Request {i} arrives.", temperature=0, max_audio_ms=800)) for i in range(4)]
+        jobs = [engine.submit(SpeechJob(f"Request {i} arrives.", sampling=GREEDY_800)) for i in range(4)]
     for job in jobs:
         while job.next_frames(timeout=30) is not None:
             pass
@@ -88,7 +91,8 @@ def test_many_short_jobs_leave_nothing_behind(engine):
     for i in range(1000):
         while len(engine.active) + len(engine.joining) + len(engine.waiting) >= MAX_STREAMS + MAX_QUEUE:
             time.sleep(0.001)
-        job = engine.submit(SpeechJob("Hi.", speaker=i % 5, max_audio_ms=80 if i % 3 else 800, seed=i))
+        sampling = Sampling(seed=i, max_audio_ms=80 if i % 3 else 800)
+        job = engine.submit(SpeechJob("Hi.", speaker=i % 5, sampling=sampling))
         if i % 3 == 0:
             job.cancel()
         jobs.append(job)
@@ -117,8 +121,8 @@ def test_engine_closing_ends_a_following_request_with_the_shutdown_error(f32_mod
 
     monkeypatch.setattr(engine.generator, "step", closing_step)
     try:
-        first = engine.submit(SpeechJob("One.", temperature=0, max_audio_ms=80))
-        second = engine.submit(SpeechJob("Two.", temperature=0), after=first)
+        first = engine.submit(SpeechJob("One.", sampling=Sampling(temperature=0, max_audio_ms=80)))
+        second = engine.submit(SpeechJob("Two.", sampling=Sampling(temperature=0)), after=first)
         attached.set()
         assert len(first.next_frames(timeout=10)) == 1 and first.next_frames(timeout=10) is None
         with pytest.raises(RuntimeError, match="shutting down"):
@@ -138,18 +142,18 @@ def test_waiting_followers_do_not_fill_the_queue_against_new_requests(f32_model)
 
     tts = CSM(f32_model, kv_type="f32", max_streams=1)
     engine = Engine(tts.generator, max_queue=1)
-    long = dict(temperature=0, max_audio_ms=60_000)
+    long = Sampling(temperature=0, max_audio_ms=60_000)
     jobs = []
     try:
-        jobs.append(first := engine.submit(SpeechJob("One.", **long)))
-        jobs.append(other := engine.submit(SpeechJob("Another client.", **long)))  # the queue is full
-        jobs.append(follower := engine.submit(SpeechJob("Two.", **long), after=first))
+        jobs.append(first := engine.submit(SpeechJob("One.", sampling=long)))
+        jobs.append(other := engine.submit(SpeechJob("Another client.", sampling=long)))  # the queue is full
+        jobs.append(follower := engine.submit(SpeechJob("Two.", sampling=long), after=first))
         first.cancel()  # "Two." joins the queue behind "Another client.", which takes the slot
         deadline = time.monotonic() + 10
         while not ([j is other for j in engine.active] == [True] and [*engine.waiting] == [follower]):
             assert time.monotonic() < deadline, engine.stats()
             time.sleep(0.01)
-        jobs.append(late := engine.submit(SpeechJob("Three.", **long)))  # it was refused: the server is busy
+        jobs.append(late := engine.submit(SpeechJob("Three.", sampling=long)))  # it was refused: the server is busy
         assert [*engine.waiting] == [follower, late]
     finally:
         for job in jobs:

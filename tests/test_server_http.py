@@ -23,6 +23,7 @@ from csm_gguf import builtin_voices
 from csm_gguf.audio import FORMATS, MEDIA_TYPES, load_audio, to_int16
 from csm_gguf.generator import Segment
 from csm_gguf.plan import TokenCounts, split_text
+from csm_gguf.sampling import Sampling
 from csm_gguf.tempo import change_speed
 from server_fixtures import (
     GREEDY,
@@ -199,7 +200,8 @@ def test_aac_without_ffmpeg_is_a_400_naming_it(base, tmp_path, monkeypatch):
 def test_a_queued_client_that_hangs_up_is_dropped_before_its_turn(base, engine):
     from csm_gguf.server.engine import SpeechJob
 
-    busy = [engine.submit(SpeechJob(TEXT, temperature=0, max_audio_ms=60_000)) for _ in range(MAX_STREAMS)]
+    long = Sampling(temperature=0, max_audio_ms=60_000)
+    busy = [engine.submit(SpeechJob(TEXT, sampling=long)) for _ in range(MAX_STREAMS)]
     deadline = time.monotonic() + 10
     while engine.waiting or engine.joining:  # every slot taken by the busy jobs
         assert time.monotonic() < deadline

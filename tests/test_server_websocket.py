@@ -14,6 +14,7 @@ from simple_websocket import ConnectionClosed
 from audio_fixtures import needs_ffmpeg
 from csm_fixtures import random_codes
 from csm_gguf.audio import load_audio
+from csm_gguf.sampling import Sampling
 from csm_gguf.server.limits import MAX_SPEECH_REQUEST
 from csm_gguf.server.ws_session import WebsocketSession
 from server_fixtures import (
@@ -233,7 +234,7 @@ def session_on_a_full_server(base, engine, monkeypatch, first: str, later: str) 
     and a flush. Returns the pieces in the order the engine started them, and the session's done."""
     from csm_gguf.server.engine import SpeechJob
 
-    others = [engine.submit(SpeechJob(f"Filler number {i}.", temperature=0, max_audio_ms=60_000))
+    others = [engine.submit(SpeechJob(f"Filler number {i}.", sampling=Sampling(temperature=0, max_audio_ms=60_000)))
               for i in range(MAX_STREAMS - 1)]
     starts = record_starts(engine, monkeypatch)
     ws = WsClient.connect(base.replace("http", "ws") + "/v1/audio/speech/ws")
@@ -241,7 +242,8 @@ def session_on_a_full_server(base, engine, monkeypatch, first: str, later: str) 
         ws.send(json.dumps({"voice": "alloy", "response_format": "pcm", "temperature": 0, "max_audio_ms": 2400}))
         ws.send(json.dumps({"type": "text", "text": first}))
         assert isinstance(ws.receive(timeout=30), bytes)  # the first sentence has the last free slot
-        others.append(engine.submit(SpeechJob("Another client.", temperature=0, max_audio_ms=800)))  # waits
+        short = Sampling(temperature=0, max_audio_ms=800)
+        others.append(engine.submit(SpeechJob("Another client.", sampling=short)))  # waits
         ws.send(json.dumps({"type": "text", "text": later}))
         ws.send(json.dumps({"type": "flush"}))
         _, done = ws_collect(ws)

@@ -6,6 +6,7 @@ import argparse
 import signal
 import sys
 
+from ..sampling import TEMPERATURE, TOP_K
 from ..say import FORMATS
 
 SHOWN_ERRORS = 10  # failed rows listed after the summary (all of them are in the manifest)
@@ -32,9 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "'none' for no prompt")
     p.add_argument("--speaker", type=int, help="speaker id of the rows that give none (default: the voice's, else 0; "
                    "alone, without a voice: no prompt, the raw model)")
-    p.add_argument("--temperature", "-t", type=float, default=0.9, help="sampling temperature; 0 = greedy, the "
-                   "same speech as `say` (default: %(default)s)")
-    p.add_argument("--top-k", type=int, default=50, help="sample among the K likeliest codes (default: %(default)s)")
+    p.add_argument("--temperature", "-t", type=float, default=TEMPERATURE.default,
+                   help="sampling temperature; 0 = greedy, the same speech as `say` (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=TOP_K.default,
+                   help="sample among the K likeliest codes (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="a row without its own seed samples with one derived from "
                    "this and its id, so it sounds the same wherever and whenever it is made (default: %(default)s)")
     p.add_argument("--max-audio-ms", type=float, help="cut each piece of speech at this length (default: "

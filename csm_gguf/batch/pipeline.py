@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+from ..sampling import Sampling
 from .worker import RowMaker
 
 # Calls of one worker running at once: one being decoded and sent while the next one's rows generate.
@@ -89,7 +90,7 @@ def actor_pool(strategy, size: int):
         return strategy(size=size)
 
 
-def made_rows(rows: list[dict], pool: Pool, fmt: str, sampling: dict, voices: dict[str, Any]
+def made_rows(rows: list[dict], pool: Pool, fmt: str, sampling: Sampling, voices: dict[str, Any]
               ) -> Iterator[tuple[dict, bytes | None]]:
     """(manifest entry, audio) of each row, as workers finish them, in no particular order."""
     import ray

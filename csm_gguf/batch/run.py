@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from ..sampling import TEMPERATURE, TOP_K, Sampling
 from .manifest import Manifest, audio_path, write_ljspeech
 from .pipeline import Pool, import_ray, made_rows, ray_session
 from .rows import Row, read_rows
@@ -32,8 +33,8 @@ def synthesize(
     format: str = "wav",
     voice: str | None = None,
     speaker: int | None = None,
-    temperature: float = 0.9,
-    top_k: int = 50,
+    temperature: float = TEMPERATURE.default,
+    top_k: int = TOP_K.default,
     seed: int = 0,
     max_audio_ms: float | None = None,
     workers: int = 1,
@@ -73,7 +74,7 @@ def synthesize(
                 tally.add(failed(e, voice_errors[e["voice"]]), None)
         todo = [e for e in todo if e["voice"] not in voice_errors]
         if todo:
-            sampling = dict(temperature=temperature, top_k=top_k, max_audio_ms=max_audio_ms)
+            sampling = Sampling(temperature, top_k, None, max_audio_ms)  # each row's seed its own
             with ray_session(pool):
                 for made, audio in made_rows(todo, pool, fmt, sampling, voices):
                     tally.add(made, audio)

@@ -10,9 +10,12 @@ broken worker fails its call, which Ray then runs again on a new worker.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any, Sequence
 
 import numpy as np
+
+from ..sampling import Sampling
 
 # Rows submitted ahead of a free slot: every row of the calls running at once waits in the engine's queue.
 QUEUE = 4096
@@ -27,19 +30,19 @@ def open_engine(tts):
     return Engine(tts.generator, max_queue=QUEUE)
 
 
-def start_speech(engine, row: dict, context: Sequence, sampling: dict):
-    """A row submitted to the engine: its job, whose `next_frames()` give the frames made, then None."""
+def start_speech(engine, row: dict, context: Sequence, sampling: Sampling):
+    """A row submitted to the engine, sampled with its own seed: its job, whose `next_frames()` give the
+    frames made, then None."""
     from ..server.engine import SpeechJob
 
-    return engine.submit(SpeechJob(row["text"], speaker=row["speaker"], context=tuple(context), seed=row["seed"],
-                                   **sampling))
+    return engine.submit(SpeechJob(row["text"], row["speaker"], tuple(context), replace(sampling, seed=row["seed"])))
 
 
 class RowMaker:
     """The callable class that Ray Data's actor pool runs (`map_batches`); usable on its own too."""
 
     def __init__(self, model: str, streams: int, threads: int, gpu_layers: int, kv_type: str, fmt: str,
-                 sampling: dict, voices: dict[str, Any]):
+                 sampling: Sampling, voices: dict[str, Any]):
         from ..llama import default_threads
         from ..tts import CSM
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..generator import Generator, Segment, Stream, check_speaker
 from ..plan import Context, Piece, TokenCounts, plan_pieces, split_text
-from ..sampling import MAX_AUDIO_MS, SEED, TEMPERATURE, TOP_K, Sampling
+from ..sampling import Sampling
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +65,7 @@ class SpeechJob:
     text: str
     speaker: int = 0
     context: Sequence[Segment] = ()
-    temperature: float = TEMPERATURE.default
-    top_k: int = TOP_K.default
-    seed: int | None = SEED.default
-    max_audio_ms: float | None = MAX_AUDIO_MS.default
-
-    @property
-    def sampling(self) -> Sampling:
-        """The sampling settings as one object, checked (ValueError)."""
-        return Sampling(self.temperature, self.top_k, self.seed, self.max_audio_ms)
+    sampling: Sampling = Sampling()  # frozen: one default serves every job
 
 
 _END = object()

@@ -25,7 +25,7 @@ import numpy as np
 from ..audio import FORMATS, AudioError, check_format
 from ..generator import Segment, check_codes
 from ..sampling import SETTINGS as SAMPLING_SETTINGS
-from ..sampling import Setting
+from ..sampling import Sampling, Setting
 from ..tempo import MAX_SPEED, MIN_SPEED
 from ..text import is_blank, is_unicode
 from ..tts import CSM, NO_VOICE, Voice
@@ -130,9 +130,9 @@ def parse_speech(body: Any, tts: CSM, default_voice: str = "alloy", need_input: 
     speaker, segments = _voice(body.get("voice", default_voice), tts, load or tts.voice)
     if "speaker_id" in body and body["speaker_id"] is not None:
         speaker = _value(body, SPEAKER_ID)
-    temperature, top_k, seed, max_audio_ms = (_value(body, setting) for setting in SAMPLING_SETTINGS)
+    sampling = Sampling(*(_value(body, setting) for setting in SAMPLING_SETTINGS))
     segments = [*segments, *_context(body.get("context"), tts)]
-    job = SpeechJob(text, speaker, segments, temperature, top_k, seed, max_audio_ms)
+    job = SpeechJob(text, speaker, segments, sampling)
     return SpeechRequest(job, fmt, stream_format, stream, speed)
 
 

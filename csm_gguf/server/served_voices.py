@@ -24,7 +24,7 @@ def served_voice(tts: CSM, engine: Engine, name: str) -> Voice:
 
 
 def _prompt_codes(engine: Engine, speaker: int, text: str) -> np.ndarray:
-    return engine.codes(SpeechJob(text, speaker, (), **builtin_voices.SAMPLING))
+    return engine.codes(SpeechJob(text, speaker, (), builtin_voices.SAMPLING))
 
 
 def forget_voice(tts: CSM, engine: Engine, name: str) -> None:
