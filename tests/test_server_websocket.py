@@ -19,6 +19,7 @@ from csm_gguf.server.limits import MAX_SPEECH_REQUEST
 from csm_gguf.server.ws_session import WebsocketSession
 from server_fixtures import (
     GREEDY,
+    MAX_QUEUE,
     MAX_STREAMS,
     TEXT,
     assert_same_audio,
@@ -312,9 +313,38 @@ def test_websocket_disconnect_cancels_the_sentence_waiting_to_follow(base, engin
     wait_idle(engine)  # the second sentence did not start in the first one's slot
 
 
-def test_websocket_context_audio_is_encoded_once_per_session(base, services, monkeypatch):
-    """Each speech message is checked whole, but context audio that the session's settings already hold is
-    not encoded again (it used to be, by every speech message)."""
+def test_websocket_context_audio_takes_a_place_in_line_like_a_request(base, engine, services, monkeypatch):
+    """Encoding context audio is a request's work: on a full server a speech message carrying new audio is
+    refused (queue_full) with nothing decoded and its settings not applied, as HTTP answers 429 before it
+    reads the body; with room again, the same message is taken. (Sessions used to encode without a place.)"""
+    from csm_gguf.server.engine import SpeechJob
+
+    calls, context = spy_encodes(services, monkeypatch)
+    long = Sampling(temperature=0, max_audio_ms=60_000)
+    busy = [engine.submit(SpeechJob(f"Filler number {i}.", sampling=long)) for i in range(MAX_STREAMS + MAX_QUEUE)]
+    ws = WsClient.connect(base.replace("http", "ws") + "/v1/audio/speech/ws")
+    try:
+        ws.send(json.dumps({"voice": "none", "context": context, "response_format": "pcm", **GREEDY}))
+        answer = ws.receive(timeout=10)  # settings without input are answered only when refused
+        assert isinstance(answer, str), f"taken without a place in line ({len(calls)} encodes)"
+        refused = json.loads(answer)
+        assert (refused["type"], refused["error"]["code"], calls) == ("error", "queue_full", [])
+        for job in busy:
+            job.cancel()
+        wait_idle(engine)
+        ws.send(json.dumps({"input": "One."}))  # the refused settings did not apply: no context
+        ws.send(json.dumps({"voice": "none", "context": context, "input": "Two.", "response_format": "pcm",
+                            **GREEDY}))
+        dones = [ws_collect(ws)[1] for _ in range(2)]
+    finally:
+        ws.close()
+        for job in busy:
+            job.cancel()
+    assert [done["sentences"] for done in dones] == [1, 1] and len(calls) == 1
+
+
+def spy_encodes(services, monkeypatch) -> tuple[list, list[dict]]:
+    """(the encoder's calls, recorded from now on; a context of half a second of audio, as sent)."""
     import base64
 
     calls = []
@@ -322,7 +352,13 @@ def test_websocket_context_audio_is_encoded_once_per_session(base, services, mon
     monkeypatch.setattr(services.tts, "segment", lambda *a, **kw: (calls.append(a), segment(*a, **kw))[1])
     data = io.BytesIO()
     sf.write(data, 0.1 * np.sin(np.arange(12_000) / 10), 24_000, format="WAV")
-    context = [{"speaker": 1, "text": "Some earlier words.", "audio": base64.b64encode(data.getvalue()).decode()}]
+    return calls, [{"speaker": 1, "text": "Some earlier words.", "audio": base64.b64encode(data.getvalue()).decode()}]
+
+
+def test_websocket_context_audio_is_encoded_once_per_session(base, services, monkeypatch):
+    """Each speech message is checked whole, but context audio that the session's settings already hold is
+    not encoded again (it used to be, by every speech message)."""
+    calls, context = spy_encodes(services, monkeypatch)
     files = ws_session(base, [{"voice": "alloy", "context": context, "response_format": "pcm", **GREEDY},
                               {"input": "One."}, {"input": "Two.", "speed": 1.0}, {"context": context},
                               {"input": "Three."}], dones=3)

@@ -8,6 +8,7 @@ import logging
 import queue
 import time
 from collections import deque
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -148,7 +149,11 @@ class WebsocketSession:
         text, fields = message.input, {**self.fields, **message.fields}
         checked = self.services.check({**fields, "input": text} if text is not None else fields,
                                       need_input=text is not None)
-        request = self.services.encode(checked, self.encoded)
+        new_audio = any(isinstance(a, ContextAudio) and a not in self.encoded for a in checked.job.context)
+        # Encoding audio is a request's work: it takes a place in line, as over HTTP (429 there, an error
+        # message here, the settings unchanged), so that sessions cannot encode past the server's limits.
+        with self.services.place() if new_audio else nullcontext():
+            request = self.services.encode(checked, self.encoded)
         self.encoded = {a: self.encoded[a] for a in checked.job.context if isinstance(a, ContextAudio)}
         if text is not None:
             self.add_text("\n")  # text still pending is spoken first, as it was sent
