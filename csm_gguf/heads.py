@@ -20,6 +20,7 @@ _p = C.c_void_p
 _DEVICE_TYPE_CPU = 0  # enum ggml_backend_dev_type
 _TYPE_F32 = 0  # enum ggml_type
 _GRAPH_SIZE = 4  # nodes per graph: one matrix product, its two inputs
+_TENSOR_ALIGNMENT = 32  # ggml's: a CPU buffer made on memory of ours must start at a multiple of it (else abort)
 
 
 class _InitParams(C.Structure):
@@ -48,6 +49,7 @@ _proc_address = _bind("ggml_backend_reg_get_proc_address", _p, _p, C.c_char_p)
 _backend_free = _bind("ggml_backend_free", None, _p)
 _alloc_ctx_tensors = _bind("ggml_backend_alloc_ctx_tensors", _p, _p, _p)
 _alloc_buffer = _bind("ggml_backend_alloc_buffer", _p, _p, C.c_size_t)
+_buffer_from_ptr = _bind("ggml_backend_cpu_buffer_from_ptr", _p, _p, C.c_size_t)
 _buffer_base = _bind("ggml_backend_buffer_get_base", _p, _p)
 _buffer_free = _bind("ggml_backend_buffer_free", None, _p)
 _tensor_alloc = _bind("ggml_backend_tensor_alloc", C.c_int, _p, _p, _p)
@@ -76,14 +78,20 @@ class CodebookHeads:
         set_threads = _proc_address(_dev_reg(dev), b"ggml_backend_set_n_threads")
         _SetThreads(set_threads)(self._backend, n_threads)
 
-        # The weights: one tensor per head, copied once into a CPU buffer.
         self._weights_ctx = _init(_InitParams(n_heads * _tensor_overhead(), None, True))
         weights = [_new_tensor_2d(self._weights_ctx, qtype, n_embd, n_rows) for _ in range(n_heads)]
-        self._weights = _alloc_ctx_tensors(self._weights_ctx, self._backend)
-        if not self._weights:
-            raise MemoryError(f"could not allocate {raw.nbytes / 2**20:.0f} MiB for the codebook heads")
-        for w, data in zip(weights, raw):
-            _tensor_set(w, data.ctypes.data, 0, data.nbytes)
+        self.in_place = raw.ctypes.data % _TENSOR_ALIGNMENT == 0
+        if self.in_place:  # the caller's memory (the model's mapped sidecar) as it is: nothing held twice
+            self._data = raw  # kept alive as long as ggml reads it
+            self._weights = _buffer_from_ptr(raw.ctypes.data, raw.nbytes)
+            for i, w in enumerate(weights):
+                _tensor_alloc(self._weights, w, raw.ctypes.data + i * raw.shape[1])
+        else:  # copied once into a CPU buffer of ggml's
+            self._weights = _alloc_ctx_tensors(self._weights_ctx, self._backend)
+            if not self._weights:
+                raise MemoryError(f"could not allocate {raw.nbytes / 2**20:.0f} MiB for the codebook heads")
+            for w, data in zip(weights, raw):
+                _tensor_set(w, data.ctypes.data, 0, data.nbytes)
 
         # Inputs and outputs: every graph of s streams reads x[:s] and writes y[:s] of one shared buffer.
         x_bytes, y_bytes = 4 * max_streams * n_embd, 4 * max_streams * n_rows
