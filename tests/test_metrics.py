@@ -168,10 +168,11 @@ def test_a_websocket_is_out_of_flight_when_its_session_ends():
     app = drain.middleware(lambda environ, start_response: ended.append(drain.in_flight) or [b""])
     result = app({"PATH_INFO": "/v1/audio/speech/ws", "HTTP_UPGRADE": "websocket"}, None)
     assert ended == [1] and drain.in_flight == 0 and not drain.paths  # result never closed
-    result = app({"PATH_INFO": "/v1/audio/speech"}, None)
-    assert drain.describe() == "1 requests in flight (/v1/audio/speech x1)"  # a response: in flight until closed
-    result.close()
-    assert drain.in_flight == 0 and not drain.paths
+    for environ in ({"PATH_INFO": "/v1/audio/speech"}, {"PATH_INFO": "/v1/audio/speech", "HTTP_UPGRADE": "websocket"}):
+        result = app(environ, None)  # a response (an upgrade header elsewhere too): in flight until closed
+        assert drain.describe() == "1 requests in flight (/v1/audio/speech x1)"
+        result.close()
+        assert drain.in_flight == 0 and not drain.paths
 
 
 def test_readiness_says_when_the_engine_stopped():

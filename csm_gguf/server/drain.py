@@ -25,6 +25,7 @@ from werkzeug.wsgi import ClosingIterator
 from .engine import Engine
 from .errors import ApiError, api_error
 from .settings import Settings
+from .ws_protocol import WEBSOCKET_PATH
 
 log = logging.getLogger(__name__)
 EXTENSION = "csm_gguf.drain"
@@ -76,7 +77,7 @@ class Drain:
             except BaseException:  # flask-sock under gunicorn ends a websocket with StopIteration
                 self._add(path, -1)
                 raise
-            if environ.get("HTTP_UPGRADE", "").lower() == "websocket":
+            if path == WEBSOCKET_PATH and environ.get("HTTP_UPGRADE", "").lower() == "websocket":
                 # flask-sock runs the whole session inside the call; werkzeug may never close what it
                 # returns (its socket is closed by then, and the clean-up after the response raises).
                 self._add(path, -1)

@@ -33,9 +33,8 @@ from .services import EXTENSION, Services
 from .settings import SETTINGS
 from .streaming import ClientGone, decoded_audio, encoded, next_frames, sse_events, streamed
 from .ws_guard import guard
+from .ws_protocol import WEBSOCKET_PATH
 from .ws_session import WebsocketSession
-
-WEBSOCKET_PATH = "/v1/audio/speech/ws"
 
 bp = Blueprint("csm_gguf", __name__)
 sock = Sock()

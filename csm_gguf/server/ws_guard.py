@@ -14,6 +14,7 @@ from simple_websocket import ConnectionClosed
 from .drain import Drain
 from .errors import ApiError
 from .settings import Settings
+from .ws_protocol import WEBSOCKET_PATH
 
 EXTENSION = "csm_gguf.websockets"
 POLL_S = 1.0  # how often an idle session looks at its idle time and the drain
@@ -86,8 +87,6 @@ def guard(ws) -> GuardedWebsocket:
 
 def admit():
     """A before_request hook: a websocket upgrade takes a slot, or is answered 429 before upgrading."""
-    from .routes import WEBSOCKET_PATH
-
     if request.path != WEBSOCKET_PATH:
         return
     slots: WebsocketSlots = current_app.extensions[EXTENSION]

@@ -17,6 +17,7 @@ from .engine import usage
 from .errors import ApiError
 from .schemas import parse_json
 
+WEBSOCKET_PATH = "/v1/audio/speech/ws"
 VOICE_FIELDS = ("voice", "speaker_id", "context")  # what makes a session's voice (not format or sampling)
 
 
