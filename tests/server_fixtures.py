@@ -19,6 +19,7 @@ import numpy as np
 import openai
 import pytest
 import soundfile as sf
+from flask import Flask
 from simple_websocket import Client as WsClient
 from werkzeug.serving import make_server
 
@@ -48,21 +49,12 @@ LONG_FLAC = _flac.getvalue()  # ten minutes of silence in 30 kB: refused without
 
 @pytest.fixture(scope="module")
 def server(f32_model, tmp_path_factory):
-    import os
-
     from csm_gguf import voices
-    from csm_gguf.web import create_app
 
-    os.environ["CSM_GGUF_VOICES"] = str(tmp_path_factory.mktemp("voices"))
-    voices.save_voice("narrator", Voice([Segment(3, "A saved voice prompt.", random_codes(12, 64, seed=7))], speaker=3))
-    app = create_app(model=str(f32_model), max_streams=MAX_STREAMS, max_queue=MAX_QUEUE, kv_type="f32")
-    srv = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield app, f"http://127.0.0.1:{srv.server_port}"
-    srv.shutdown()
-    app.extensions["csm_gguf"].engine.close()
-    del os.environ["CSM_GGUF_VOICES"]
+    with serving(f32_model, tmp_path_factory.mktemp("voices"), max_streams=MAX_STREAMS, max_queue=MAX_QUEUE) as served:
+        voices.save_voice("narrator", Voice([Segment(3, "A saved voice prompt.", random_codes(12, 64, seed=7))],
+                                            speaker=3))
+        yield served
 
 
 @pytest.fixture
@@ -213,18 +205,18 @@ def ws_session(base, messages: list[dict], dones: int) -> list[tuple[bytes, dict
 
 
 @contextmanager
-def loopback_server(model_dir, voices_dir, **settings) -> Iterator[tuple[Services, str]]:
-    """(the app's Services, its base URL) while a server of its own runs (for tests that need settings of
-    their own); voices are saved in `voices_dir`."""
+def serving(model_dir, voices_dir, **settings) -> Iterator[tuple[Flask, str]]:
+    """(the app, its base URL) while a server of its own runs on loopback (f32 KV cache unless `settings`
+    say otherwise); voices are saved in `voices_dir`."""
     from csm_gguf.web import create_app
 
     old = os.environ.get("CSM_GGUF_VOICES")
     os.environ["CSM_GGUF_VOICES"] = str(voices_dir)
-    app = create_app(model=str(model_dir), kv_type="f32", **settings)
+    app = create_app(model=str(model_dir), **{"kv_type": "f32", **settings})
     srv = make_server("127.0.0.1", 0, app, threaded=True)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
-        yield app.extensions[EXTENSION], f"http://127.0.0.1:{srv.server_port}"
+        yield app, f"http://127.0.0.1:{srv.server_port}"
     finally:
         srv.shutdown()
         app.extensions[EXTENSION].engine.close()
@@ -232,3 +224,11 @@ def loopback_server(model_dir, voices_dir, **settings) -> Iterator[tuple[Service
             del os.environ["CSM_GGUF_VOICES"]
         else:
             os.environ["CSM_GGUF_VOICES"] = old
+
+
+@contextmanager
+def loopback_server(model_dir, voices_dir, **settings) -> Iterator[tuple[Services, str]]:
+    """(the app's Services, its base URL) while a server of its own runs (for tests that need settings of
+    their own); voices are saved in `voices_dir`."""
+    with serving(model_dir, voices_dir, **settings) as (app, base):
+        yield app.extensions[EXTENSION], base

@@ -19,13 +19,13 @@ import soundfile as sf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from simple_websocket import Client as WsClient
-from werkzeug.serving import make_server
 
 from csm_fixtures import random_codes
 from csm_gguf.audio import FORMATS
 from csm_gguf.server import engine as server_engine
 from csm_gguf.server import schemas
 from csm_gguf.server.limits import MAX_JSON_DEPTH, MAX_SPEECH_REQUEST
+from server_fixtures import serving
 
 MAX_STREAMS, MAX_QUEUE = 2, 2
 QUICK = {"temperature": 0, "max_audio_ms": 80}  # one frame a sentence
@@ -33,19 +33,8 @@ QUICK = {"temperature": 0, "max_audio_ms": 80}  # one frame a sentence
 
 @pytest.fixture(scope="module")
 def server(f32_model, tmp_path_factory):
-    import os
-
-    from csm_gguf.web import create_app
-
-    os.environ["CSM_GGUF_VOICES"] = str(tmp_path_factory.mktemp("voices"))
-    app = create_app(model=str(f32_model), max_streams=MAX_STREAMS, max_queue=MAX_QUEUE, kv_type="f32")
-    srv = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield app, f"http://127.0.0.1:{srv.server_port}"
-    srv.shutdown()
-    app.extensions["csm_gguf"].engine.close()
-    del os.environ["CSM_GGUF_VOICES"]
+    with serving(f32_model, tmp_path_factory.mktemp("voices"), max_streams=MAX_STREAMS, max_queue=MAX_QUEUE) as s:
+        yield s
 
 
 @pytest.fixture

@@ -6,19 +6,18 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
 import time
 
 import httpx
 import pytest
 from flask import Flask
 from simple_websocket import Client as WsClient
-from werkzeug.serving import make_server
 
 from csm_gguf.server import metrics
 from csm_gguf.server.drain import Drain
 from csm_gguf.server.errors import register_error_handlers
 from replica_fixtures import close_quietly, closed_with, scrape, upgrade_status
+from server_fixtures import serving
 
 GREEDY = {"temperature": 0, "max_audio_ms": 800}  # 10 frames
 MAX_WEBSOCKETS, IDLE_S = 2, 2
@@ -26,15 +25,9 @@ MAX_WEBSOCKETS, IDLE_S = 2, 2
 
 @pytest.fixture(scope="module")
 def server(f32_model, tmp_path_factory):
-    from csm_gguf.web import create_app
-
-    app = create_app(model=str(f32_model), kv_type="f32", max_streams=2, max_queue=2,
-                     max_websockets=MAX_WEBSOCKETS, ws_idle_s=IDLE_S, drain_s=20)
-    srv = make_server("127.0.0.1", 0, app, threaded=True)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield app, f"http://127.0.0.1:{srv.server_port}"
-    srv.shutdown()
-    app.extensions["csm_gguf"].engine.close()
+    with serving(f32_model, tmp_path_factory.mktemp("voices"), max_streams=2, max_queue=2,
+                 max_websockets=MAX_WEBSOCKETS, ws_idle_s=IDLE_S, drain_s=20) as served:
+        yield served
 
 
 @pytest.fixture
