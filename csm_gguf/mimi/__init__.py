@@ -19,13 +19,15 @@ The package, one idea per module (as moshi splits its own):
 - conv.py, seanet.py, transformer.py, quantizer.py: the modules, computing on that state;
 - fast.py: the speed machinery (oneDNN-packed weights, TorchScript traces, CUDA graphs) wrapped around a step;
 - checkpoint.py: the kyutai/mimi checkpoint layout and how the modules' tensors are made from it;
-- codec.py: `Mimi`, the modules assembled.
+- codec.py: `Mimi`, the modules assembled;
+- pool.py: `DecoderPool`, many streams decoded in batched steps, each as it would be alone.
 """
 
 from .checkpoint import checkpoint_table
 from .codec import Mimi
 from .config import MimiConfig
 from .fast import TRACED_FRAMES, _can_pack
+from .pool import AudioStream, DecoderPool
 from .streaming import (
     ConvState,
     ConvTrState,
@@ -37,6 +39,6 @@ from .streaming import (
 )
 
 __all__ = [
-    "ConvState", "ConvTrState", "DecoderState", "KVCache", "Mimi", "MimiConfig", "SEANetDecoderState",
-    "SEANetEncoderState", "TRACED_FRAMES", "TransformerState", "_can_pack", "checkpoint_table",
+    "AudioStream", "ConvState", "ConvTrState", "DecoderPool", "DecoderState", "KVCache", "Mimi", "MimiConfig",
+    "SEANetDecoderState", "SEANetEncoderState", "TRACED_FRAMES", "TransformerState", "_can_pack", "checkpoint_table",
 ]  # fmt: skip

@@ -88,11 +88,13 @@ class Mimi(nn.Module):
         """A fresh stream. With `cuda_graph`, on CUDA, its 1-frame steps after the first are replayed from a
         CUDA graph recorded at the second (about three steps' time, once): a stream decoded one frame at a
         time, in the thread that drives llama.cpp or under `cuda_lock`, so the recording meets no other."""
+        live = torch.ones(batch_size, dtype=torch.bool, device=self.device)  # see DecoderState.live
         return DecoderState(
-            upsample=self.upsample.init_state(batch_size),
-            transformer=self.decoder_transformer.init_state(batch_size),
-            seanet=self.decoder.init_state(batch_size),
+            upsample=self.upsample.init_state(batch_size, live),
+            transformer=self.decoder_transformer.init_state(batch_size, live),
+            seanet=self.decoder.init_state(batch_size, live),
             cuda_graph=cuda_graph,
+            live=live,
         )
 
     @torch.inference_mode()

@@ -66,8 +66,8 @@ class Conv(nn.Module):
     def pack(self) -> None:
         self.packed.pack(self.weight.permute(1, 0, 2).flatten(1))  # [C_out, taps * C_in]
 
-    def init_state(self, batch: int) -> ConvState:
-        return ConvState(self.weight.new_zeros(batch, self.pad, self.weight.shape[2]))
+    def init_state(self, batch: int, live: Tensor | None = None) -> ConvState:
+        return ConvState(self.weight.new_zeros(batch, self.pad, self.weight.shape[2]), live)
 
     def forward(self, x: Tensor, state: ConvState | None = None) -> Tensor:
         if state is None:
@@ -77,7 +77,7 @@ class Conv(nn.Module):
                 x = F.pad(x.mT, (0, -x.shape[1] % self.stride)).mT
             if self.pad:
                 x = torch.cat([state.context, x], dim=1)
-                state.context.copy_(x[:, x.shape[1] - self.pad :])
+                state.update(x[:, x.shape[1] - self.pad :])
         x = x.contiguous()
         b, _, c = x.shape
         t = (x.shape[1] - self.pad - 1) // self.stride + 1
@@ -109,8 +109,8 @@ class ConvTr(nn.Module):
     def pack(self) -> None:
         self.packed.pack(self.weight.flatten(0, 1))
 
-    def init_state(self, batch: int) -> ConvTrState:
-        return ConvTrState(self.weight.new_zeros(batch, 1, self.stride * self.c_out))
+    def init_state(self, batch: int, live: Tensor | None = None) -> ConvTrState:
+        return ConvTrState(self.weight.new_zeros(batch, 1, self.stride * self.c_out), live)
 
     def forward(self, x: Tensor, state: ConvTrState) -> Tensor:
         b, t, _ = x.shape
@@ -122,7 +122,7 @@ class ConvTr(nn.Module):
             y = _linear(x, self.weight.flatten(0, 1))
         y = y.reshape(b, t, 2, self.stride * self.c_out)  # [..., (first half, second half), (tap, channel)]
         out = y[:, :, 0] + torch.cat([state.tail, y[:, :-1, 1]], dim=1)
-        state.tail.copy_(y[:, -1:, 1])
+        state.update(y[:, -1:, 1])
         out = out.view(b, t * self.stride, self.c_out)
         return out if self.bias is None else out + self.bias
 

@@ -18,8 +18,8 @@ class ResBlock(nn.Module):
         self.conv1 = Conv(dim, hidden, kernel, dilation=dilation)
         self.conv2 = Conv(hidden, dim, 1)
 
-    def init_state(self, batch: int) -> ConvState:
-        return self.conv1.init_state(batch)
+    def init_state(self, batch: int, live: Tensor | None = None) -> ConvState:
+        return self.conv1.init_state(batch, live)
 
     def forward(self, x: Tensor, state: ConvState | None = None) -> Tensor:
         return self.conv2(F.elu(self.conv1(F.elu(x), state), inplace=True)).add_(x)
@@ -82,12 +82,12 @@ class SEANetDecoder(nn.Module):
         self.blocks = nn.ModuleList(DecoderBlock(cfg, top // 2**i, r) for i, r in enumerate(ratios))
         self.conv_out = Conv(cfg.num_filters, 1, cfg.last_kernel_size)
 
-    def init_state(self, batch: int) -> SEANetDecoderState:
+    def init_state(self, batch: int, live: Tensor | None = None) -> SEANetDecoderState:
         return SEANetDecoderState(
-            conv_in=self.conv_in.init_state(batch),
-            ups=[block.up.init_state(batch) for block in self.blocks],
-            res=[[res.init_state(batch) for res in block.res] for block in self.blocks],
-            conv_out=self.conv_out.init_state(batch),
+            conv_in=self.conv_in.init_state(batch, live),
+            ups=[block.up.init_state(batch, live) for block in self.blocks],
+            res=[[res.init_state(batch, live) for res in block.res] for block in self.blocks],
+            conv_out=self.conv_out.init_state(batch, live),
         )
 
     def forward(self, x: Tensor, state: SEANetDecoderState) -> Tensor:

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from .config import MimiConfig
 from .conv import _linear
-from .streaming import KVCache, TransformerState
+from .streaming import KVCache, TransformerState, kept
 
 
 class TransformerLayer(nn.Module):
@@ -30,13 +30,14 @@ class TransformerLayer(nn.Module):
         self.fc2 = nn.Parameter(torch.empty(blocks, d, cfg.intermediate_size // blocks))
 
     def forward(self, x: Tensor, rotation: Tensor, mask: Tensor, cache: KVCache, slots: Tensor) -> Tensor:
+        """slots: [B, heads, t, head_dim], each row's slot of each step (see `Transformer._chunk`)."""
         b, t, _ = x.shape
         qkv = _linear(self.norm1(x), self.qkv.weight).view(b, t, 3, self.heads, self.head_dim)
         # RoPE rotates each (even, odd) pair of q and k: a complex product with e^(i * angle), in float32
         qk = torch.view_as_complex(qkv[:, :, :2].float().unflatten(-1, (-1, 2))) * rotation
         q, k = torch.view_as_real(qk).flatten(-2).to(x.dtype).transpose(1, 3).unbind(2)  # [B, heads, t, head_dim]
-        cache.keys.index_copy_(2, slots, k)
-        cache.values.index_copy_(2, slots, qkv[:, :, 2].transpose(1, 2))
+        cache.keys.scatter_(2, slots, k)
+        cache.values.scatter_(2, slots, qkv[:, :, 2].transpose(1, 2))
         weights = torch.matmul(q, cache.keys.mT).add_(mask).softmax(-1)
         a = torch.matmul(weights, cache.values).transpose(1, 2).reshape(b, t, -1)
         x = _linear(a, self.out.weight).add_(x)  # in place: into the product's fresh buffer
@@ -67,15 +68,16 @@ class Transformer(nn.Module):
         inv_freq = 1.0 / (cfg.rope_theta**exponents)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def init_state(self, batch: int) -> TransformerState:
+    def init_state(self, batch: int, live: Tensor | None = None) -> TransformerState:
         # A piece of up to CHUNK_STEPS steps then finds every key its queries may see (window - 1 back).
         slots = self.window + CHUNK_STEPS - 1
         shape = (batch, self.heads, slots, self.head_dim)
         w = self.layers[0].qkv.weight
         state = TransformerState(
             caches=[KVCache(w.new_zeros(shape), w.new_zeros(shape)) for _ in self.layers],
-            slot_steps=torch.empty(slots, dtype=torch.int64, device=w.device),
-            position=torch.zeros((), dtype=torch.int64, device=w.device),
+            slot_steps=torch.empty(batch, slots, dtype=torch.int64, device=w.device),
+            position=torch.zeros(batch, dtype=torch.int64, device=w.device),
+            live=live,
         )
         state.reset()
         return state
@@ -85,18 +87,25 @@ class Transformer(nn.Module):
         return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)
 
     def _chunk(self, x: Tensor, state: TransformerState) -> Tensor:
-        t = x.shape[1]
-        steps = state.position + torch.arange(t, device=x.device)
-        slots = steps % len(state.slot_steps)
-        state.slot_steps.index_copy_(0, slots, steps)
+        b, t, _ = x.shape
+        steps = state.position[:, None] + torch.arange(t, device=x.device)  # [B, t]
+        slots = steps % state.slot_steps.shape[1]
+        # A row the step does not advance keeps its marks and its position (and its convs their context); its
+        # keys and values are written, harmlessly, in the slots of its next t steps: those hold steps at least
+        # slots - t + 1 >= window back, out of every window, and are written again when the row goes on.
+        marks = kept(state.slot_steps.gather(1, slots), steps, state.live)
+        state.slot_steps.scatter_(1, slots, marks)
         # Query i (step steps[i]) sees the slot holding step s when 0 <= steps[i] - s < window.
-        lag = steps[:, None] - state.slot_steps
-        mask = torch.zeros(lag.shape, dtype=x.dtype, device=x.device)
-        mask.masked_fill_((lag < 0) | (lag >= self.window), float("-inf"))
-        angles = steps[:, None].float() * self.inv_freq.float()
-        rotation = torch.polar(torch.ones_like(angles), angles)[:, None, None]  # [t, 1, 1, head_dim / 2]
+        lag = steps[:, :, None] - state.slot_steps[:, None]  # [B, t, slots]
+        hidden = (lag < 0) | (lag >= self.window)
+        if state.live is not None:  # a row left alone sees every slot: a query that saw none would write NaN
+            hidden &= state.live[:, None, None]
+        mask = torch.zeros(lag.shape, dtype=x.dtype, device=x.device).masked_fill_(hidden, float("-inf"))
+        angles = steps[..., None].float() * self.inv_freq.float()
+        rotation = torch.polar(torch.ones_like(angles), angles)[:, :, None, None]  # [B, t, 1, 1, head_dim / 2]
+        slots = slots[:, None, :, None].expand(b, self.heads, t, self.head_dim)
         for layer, cache in zip(self.layers, state.caches):
-            x = layer(x, rotation, mask, cache, slots)
-        state.position.add_(t)
+            x = layer(x, rotation, mask[:, None], cache, slots)
+        state.position.add_(t if state.live is None else state.live * t)
         return x
 

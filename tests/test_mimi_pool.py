@@ -1,0 +1,170 @@
+"""DecoderPool: streams that start, pause and end at different times, decoded in shared batched steps, each
+exactly as it would be alone."""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+import torch
+
+from csm_gguf.mimi import DecoderPool
+from mimi_fixtures import TINY_MIMI_CONFIG, make_tiny_mimi, runtime_mimi
+
+FRAMES = 140  # 280 transformer steps: past the 250-step window and around the ring of keys
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def mimi():
+    return runtime_mimi(make_tiny_mimi(seed=0))
+
+
+def stream_codes(i: int, frames: int = FRAMES) -> np.ndarray:
+    """Stream i's frames, (frames, 32)."""
+    return np.random.default_rng(i).integers(0, TINY_MIMI_CONFIG["codebook_size"], (frames, 32))
+
+
+@pytest.fixture(scope="module")
+def alone(mimi) -> dict[int, np.ndarray]:
+    """Each stream's audio decoded alone, in one step."""
+    return {i: mimi.decode(torch.from_numpy(stream_codes(i).T[None]), chunk=FRAMES)[0, 0].numpy() for i in range(6)}
+
+
+def assert_same_audio(actual: np.ndarray, expected: np.ndarray) -> None:
+    assert actual.shape == expected.shape
+    np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+
+
+class StepSpy:
+    """The rows each of the codec's steps covered, and how many of them it advanced."""
+
+    def __init__(self, mimi, monkeypatch):
+        self.steps: list[tuple[int, int]] = []
+        decode_step = mimi.decode_step
+
+        def spied(codes, state):
+            self.steps.append((codes.shape[0], int(state.live.sum())))
+            return decode_step(codes, state)
+
+        monkeypatch.setattr(mimi, "decode_step", spied)
+
+
+def test_streams_paused_and_resumed_decode_as_alone(mimi, alone, monkeypatch):
+    """Each step advances one stream while the others wait in their rows: a row a step leaves alone keeps its
+    state (its keys, its convs' context, its position) exactly."""
+    pool, spy = DecoderPool(mimi, rows=3), StepSpy(mimi, monkeypatch)
+    streams = [pool.open() for _ in range(3)]
+    codes = [stream_codes(i) for i in range(3)]
+    audio: list[list[np.ndarray]] = [[], [], []]
+    rng = np.random.default_rng(7)
+    done = [0, 0, 0]
+    while min(done) < FRAMES:
+        i = int(rng.integers(3))
+        n = min(int(rng.integers(1, 4)), FRAMES - done[i])
+        audio[i].append(streams[i].decode(codes[i][done[i] : done[i] + n]))
+        done[i] += n
+    for i in range(3):
+        assert_same_audio(np.concatenate(audio[i]), alone[i])
+    assert all(s.row is not None for s in streams)
+    assert spy.steps[-1] == (3, 1) and {live for _, live in spy.steps} == {1}
+
+
+def test_streams_decoded_together_share_each_step(mimi, alone, monkeypatch):
+    pool, spy = DecoderPool(mimi, rows=4), StepSpy(mimi, monkeypatch)
+    streams = [pool.open() for _ in range(3)]
+    codes = [stream_codes(i) for i in range(3)]
+    # Per call, each stream's frames: equal, unequal (steps of the shortest's size), and with a stream paused.
+    rounds = [(1, 1, 1)] * 60 + [(2, 1, 3), (0, 2, 1), (3, 0, 0)] + [(1, 1, 1)] * 60
+    rounds.append(tuple(FRAMES - sum(r[i] for r in rounds) for i in range(3)))
+    done, audio = [0, 0, 0], [[], [], []]
+    for sizes in rounds:
+        out = pool.decode_many({streams[i]: codes[i][done[i] : done[i] + n] for i, n in enumerate(sizes) if n})
+        for i, n in enumerate(sizes):
+            if n:
+                audio[i].append(out[streams[i]])
+                done[i] += n
+    for i in range(3):
+        assert_same_audio(np.concatenate(audio[i]), alone[i])
+    assert spy.steps[0] == (3, 3)  # 3 rows in use, all advanced in one step
+    assert (3, 2) in spy.steps and pool.steps == len(spy.steps) < sum(map(sum, rounds))
+    assert pool.stream_steps == sum(live for _, live in spy.steps)
+
+
+def test_a_closed_streams_row_goes_to_the_last_stream(mimi, alone, monkeypatch):
+    """Closing a stream frees its row; the last row's stream moves into it before the next step, which then
+    covers one row less; a new stream takes the first free row and starts fresh there."""
+    pool, spy = DecoderPool(mimi, rows=3), StepSpy(mimi, monkeypatch)
+    a, b, c = (pool.open() for _ in range(3))
+    codes = [stream_codes(i) for i in range(4)]
+    first = pool.decode_many({s: codes[i][:50] for i, s in enumerate((a, b, c))})
+    a.close()
+    assert len(a.decode(codes[0][50:51])) == 0 and a.row is None  # a closed stream's frames are dropped
+    rest_c = c.decode(codes[2][50:])
+    assert spy.steps[-1] == (2, 1) and pool.streams() == 2 and c.row.index == 0
+    d = pool.open()
+    audio_d = d.decode(codes[3])
+    assert d.row.index == 2
+    rest_b = b.decode(codes[1][50:])
+    assert_same_audio(np.concatenate([first[c], rest_c]), alone[2])
+    assert_same_audio(np.concatenate([first[b], rest_b]), alone[1])
+    assert_same_audio(audio_d, alone[3])
+
+
+def test_streams_beyond_the_rows_decode_on_states_of_their_own(mimi, alone):
+    pool = DecoderPool(mimi, rows=1)
+    with pool.open() as first, pool.open() as second:
+        out = pool.decode_many({first: stream_codes(0)[:70], second: stream_codes(1)[:70]})
+        assert first.row is not None and second.row is None and second.own is not None
+        out2 = pool.decode_many({first: stream_codes(0)[70:], second: stream_codes(1)[70:]})
+        assert_same_audio(np.concatenate([out[first], out2[first]]), alone[0])
+        assert_same_audio(np.concatenate([out[second], out2[second]]), alone[1])
+    assert pool.streams() == 0
+
+
+@pytest.mark.parametrize("rows", [1, 0])
+def test_a_restarted_stream_decodes_as_a_new_one(mimi, alone, rows):
+    pool = DecoderPool(mimi, rows=rows)
+    with pool.open() as stream:
+        stream.decode(stream_codes(1)[:30])
+        stream.restart()
+        assert_same_audio(stream.decode(stream_codes(2)), alone[2])
+        assert (stream.row is None) == (rows == 0)
+
+
+def test_a_stream_dropped_unclosed_gives_its_row_back(mimi):
+    pool = DecoderPool(mimi, rows=1)
+    stream = pool.open()
+    stream.decode(stream_codes(0, 3))
+    assert pool.streams() == 1
+    del stream
+    gc.collect()
+    assert pool.streams() == 0
+    again = pool.open()
+    again.decode(stream_codes(0, 1))
+    assert again.row is not None
+
+
+def test_a_failed_step_fails_its_call_and_the_pool_goes_on(mimi, alone, monkeypatch):
+    pool = DecoderPool(mimi, rows=2)
+    a, b = pool.open(), pool.open()
+    decode_step = mimi.decode_step
+
+    def failing(codes, state):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(mimi, "decode_step", failing)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        pool.decode_many({a: stream_codes(0, 2), b: stream_codes(1, 2)})
+    monkeypatch.setattr(mimi, "decode_step", decode_step)
+    b.close()
+    with pool.open() as c:
+        assert_same_audio(c.decode(stream_codes(1)), alone[1])
