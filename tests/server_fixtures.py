@@ -170,12 +170,12 @@ def record_submits(engine, monkeypatch, refuse: int = 0) -> list[tuple[int, str]
 
     seen, submit, refused = [], engine.submit, []
 
-    def spy(spec, after=None, continues=False):
+    def spy(spec, after=None, continues=False, *args, **kwargs):
         if seen and len(refused) < refuse and (after is None or after.ended):  # a follower is never refused
             refused.append(spec.text)
             raise QueueFull("the server is busy (test)")
         seen.append((spec.speaker, spec.text))
-        return submit(spec, after, continues)
+        return submit(spec, after, continues, *args, **kwargs)
 
     monkeypatch.setattr(engine, "submit", spy)
     return seen

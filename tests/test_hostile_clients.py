@@ -102,17 +102,17 @@ def test_websocket_text_with_a_lone_surrogate_is_an_error_and_the_session_goes_o
 
 
 def test_websocket_session_goes_on_after_a_bug_of_ours_while_speaking(base, engine, monkeypatch):
-    from csm_gguf.server import ws_session
+    from csm_gguf.audio import StreamEncoder
 
-    decode, failed = ws_session.decode_frames, []
+    feed, failed = StreamEncoder.feed, []
 
     def fails_once(*args):
         if not failed:
             failed.append(1)
             raise KeyError("a bug")
-        return decode(*args)
+        return feed(*args)
 
-    monkeypatch.setattr(ws_session, "decode_frames", fails_once)
+    monkeypatch.setattr(StreamEncoder, "feed", fails_once)
     ws = connect(base)
     try:
         ws.send(json.dumps({"voice": "alloy", "response_format": "pcm", **QUICK}))

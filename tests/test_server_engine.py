@@ -160,3 +160,105 @@ def test_waiting_followers_do_not_fill_the_queue_against_new_requests(f32_model)
             job.cancel()
         engine.close()
         tts.close()
+
+
+def _all(job, next_items) -> list[np.ndarray]:
+    items = []
+    while (got := next_items(job)) is not None:
+        items += got
+    return items
+
+
+def frames_of(job) -> np.ndarray:
+    return np.stack(_all(job, lambda j: j.next_frames(timeout=30)))
+
+
+def audio_of(job) -> np.ndarray:
+    return np.concatenate(_all(job, lambda j: j.next_audio(timeout=30)))
+
+
+def decoded(services, codes: np.ndarray) -> np.ndarray:
+    """`codes` (frames, K) decoded from a fresh state, in one go."""
+    import torch
+
+    return services.tts.codec.decode(torch.from_numpy(codes.T[None]))[0, 0].numpy()
+
+
+def assert_same_samples(actual: np.ndarray, expected: np.ndarray) -> None:
+    assert actual.shape == expected.shape
+    np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+
+
+def test_jobs_with_audio_are_decoded_together_each_as_alone(engine, services):
+    """The codec's thread decodes the frames of every job of a frame step in one batched step; each job's
+    audio equals its codes decoded alone."""
+    from csm_gguf.server.engine import SpeechJob
+
+    specs = [SpeechJob(f"Stream {i} of the codec{'!' * i}", speaker=i, sampling=GREEDY_800) for i in range(4)]
+    codes = [frames_of(engine.submit(s)) for s in specs]
+    pool = services.decoders
+    steps, stream_steps = pool.steps, pool.stream_steps
+    streams = [pool.open() for _ in specs]
+    with engine._wake:  # the engine thread sees all four at once: they speak in the same frame steps
+        jobs = [engine.submit(s, audio=a) for s, a in zip(specs, streams)]
+    for job, expected in zip(jobs, codes):
+        assert_same_samples(audio_of(job), decoded(services, expected))
+    assert pool.stream_steps - stream_steps >= 3 * (pool.steps - steps)  # mostly 4 streams a step
+    for stream in streams:
+        stream.close()
+    wait_idle(engine)
+    assert pool.streams() == 0
+
+
+def test_jobs_following_on_in_one_audio_stream(engine, services):
+    """Jobs decoded one after the other in one audio stream join without a seam; `restart_audio` starts
+    the stream over, as a new file."""
+    from csm_gguf.server.engine import SpeechJob
+
+    specs = [SpeechJob(text, sampling=GREEDY_800) for text in ("First file.", "Second file.", "And on.")]
+    codes = [frames_of(engine.submit(s)) for s in specs]
+    with services.decoders.open() as stream:
+        first = audio_of(engine.submit(specs[0], audio=stream))
+        second = audio_of(engine.submit(specs[1], audio=stream, restart_audio=True))
+        on = audio_of(engine.submit(specs[2], audio=stream))
+    assert_same_samples(first, decoded(services, codes[0]))
+    assert_same_samples(np.concatenate([second, on]), decoded(services, np.concatenate(codes[1:])))
+    wait_idle(engine)
+
+
+def test_an_engine_without_decoders_refuses_audio(f32_model):
+    from csm_gguf.server.engine import Engine, SpeechJob
+    from csm_gguf.tts import CSM
+
+    tts = CSM(f32_model, kv_type="f32", max_streams=1)
+    engine = Engine(tts.generator)
+    try:
+        with pytest.raises(ValueError, match="without decoders"):
+            engine.submit(SpeechJob("Hello."), audio=object())
+    finally:
+        engine.close()
+        tts.close()
+
+
+def test_a_codec_failure_fails_its_requests_and_the_codec_goes_on(engine, services, monkeypatch):
+    from csm_gguf.server.engine import SpeechJob
+
+    pool = services.decoders
+    decode_many, calls = pool.decode_many, []
+
+    def fails_once(frames):
+        calls.append(len(frames))
+        if len(calls) == 1:
+            raise RuntimeError("CUDA out of memory (test)")
+        return decode_many(frames)
+
+    monkeypatch.setattr(pool, "decode_many", fails_once)
+    spec = SpeechJob("The codec fails.", sampling=GREEDY_800)
+    with pool.open() as stream:
+        failed = engine.submit(spec, audio=stream)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            audio_of(failed)
+    codes = frames_of(engine.submit(spec))
+    with pool.open() as stream:
+        assert_same_samples(audio_of(engine.submit(spec, audio=stream)), decoded(services, codes))
+    wait_idle(engine)

@@ -254,7 +254,8 @@ def test_concurrent_streams_are_batched_and_equal_solo(base, engine, services):
             assert r.status_code == 200
             results[i] = b"".join(r.iter_bytes())
 
-    calls = engine.generator.decode_calls
+    calls, pool = engine.generator.decode_calls, services.decoders
+    steps, stream_steps = pool.steps, pool.stream_steps
     threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
@@ -264,9 +265,13 @@ def test_concurrent_streams_are_batched_and_equal_solo(base, engine, services):
     for i in range(8):
         assert results[i] is not None and len(results[i]) == len(solo[i]) == 10 * 2 * services.tts.codec.cfg.frame_size
         np.testing.assert_allclose(pcm(results[i]), pcm(solo[i]), atol=1 / 32768)
-    print(f"decode calls: {serial_calls} one by one, {batched_calls} for 8 at once")
+    steps, stream_steps = pool.steps - steps, pool.stream_steps - stream_steps
+    print(f"decode calls: {serial_calls} one by one, {batched_calls} for 8 at once; codec steps: {steps} for "
+          f"{stream_steps} streams' steps")
     assert batched_calls < serial_calls / 2
+    assert stream_steps > steps  # the codec, too, decoded several streams in a step
     wait_idle(engine)
+    assert pool.streams() == 0
 
 
 def test_full_queue_answers_429_and_nothing_leaks(base, engine):

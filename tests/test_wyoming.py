@@ -66,7 +66,7 @@ class Server:
 
     def __init__(self, app, sampling: Sampling):
         s = app.extensions["csm_gguf"]
-        self.service = WyomingService(s.tts, s.codec, s.engine, s.settings, sampling)
+        self.service = WyomingService(s.tts, s.decoders, s.engine, s.settings, sampling)
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True).start()
         with socket.socket() as probe:
@@ -103,7 +103,8 @@ def unlimited(app):
 
 
 def frame_bytes(app) -> int:
-    return 2 * app.extensions["csm_gguf"].codec.cfg.frame_size  # 1920 samples for Mimi, fewer for the tiny codec
+    # 1920 samples for Mimi, fewer for the tiny codec
+    return 2 * app.extensions["csm_gguf"].decoders.codec.cfg.frame_size
 
 
 async def read_until(client: AsyncTcpClient, *kinds: str) -> list[Event]:

@@ -4,8 +4,10 @@ frames; beyond `max_streams` they wait in a bounded queue. A request may follow 
 session's next sentence): when that one ends, it takes over its slot unless requests submitted before it
 are waiting.
 
-Request threads only submit jobs and read frames back; they decode audio themselves (each with its
-own streaming Mimi state), so the engine thread does nothing but generate.
+Request threads submit jobs and read back what they make: frames of codes, or, for a job submitted
+with an audio stream, its audio, which a second thread decodes from the frames (decoding.py: the frames of
+one frame step, of every request, in one batched step of the codec), so that the engine thread does
+nothing but generate.
 """
 
 from __future__ import annotations
@@ -17,12 +19,17 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..generator import Generator, Segment, Stream, check_speaker
 from ..plan import Context, Piece, TokenCounts, plan_pieces, split_text
 from ..sampling import Sampling
+from .decoding import RESTART, DecodeStage
+
+if TYPE_CHECKING:
+    from ..mimi import AudioStream, DecoderPool
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +85,16 @@ def usage(input_tokens: int, frames: int) -> dict:
 
 @dataclass(eq=False)  # jobs are found in the engine's lists by identity: two requests may be alike
 class Job:
-    """One request inside the engine. The engine thread pushes frames into `out`; the request thread
-    reads them with `next_frames` and calls `cancel` when its client goes away."""
+    """One request inside the engine. The engine thread pushes frames into `out` (or, for a job with
+    `audio`, the codec's thread pushes their audio); the request thread reads them with `next_frames`
+    (`next_audio`) and calls `cancel` when its client goes away."""
 
     spec: SpeechJob
     pieces: list[Piece]
     context: Context  # what the next piece hears: the request's context, then what this request said
     input_tokens: int
+    audio: AudioStream | None = None  # where its frames are decoded (several jobs may follow on in one)
+    restart_audio: bool = False  # its first frame starts `audio` over (a new file)
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     cancelled: bool = False
     frames: int = 0
@@ -108,6 +118,11 @@ class Job:
     def cancel(self) -> None:
         # A plain flag: the engine drops the job (and frees its slot) before the next frame.
         self.cancelled = True
+
+    def next_audio(self, timeout: float | None = None) -> list[np.ndarray] | None:
+        """For a job with `audio`: the audio of the frames made since the last call (float32 samples, in
+        pieces), as `next_frames` gives frames."""
+        return self.next_frames(timeout)
 
     def next_frames(self, timeout: float | None = None) -> list[np.ndarray] | None:
         """The frames made since the last call (waiting for at least one), or None at the end.
@@ -134,7 +149,8 @@ class Job:
 
 
 class Engine:
-    def __init__(self, generator: Generator, max_queue: int = 16):
+    def __init__(self, generator: Generator, max_queue: int = 16, decoders: DecoderPool | None = None):
+        """`decoders`: the codec's pool, which jobs submitted with an audio stream of it are decoded in."""
         self.generator = generator
         self.max_streams = generator.max_streams
         self.max_queue = max_queue
@@ -148,6 +164,8 @@ class Engine:
         self.on_end: Callable[[Job, BaseException | None], None] | None = None
         self._wake = threading.Condition()
         self._closing = False
+        self.decoding = DecodeStage(decoders) if decoders is not None else None
+        self._decode: list[tuple[Job, Any]] = []  # this frame step's output for `decoding`, put at its end
         self._thread = threading.Thread(target=self._run, name="csm-engine", daemon=True)
         self._thread.start()
 
@@ -172,16 +190,21 @@ class Engine:
                 f"CSM_GGUF_QUEUE={self.max_queue}); try again shortly"
             )
 
-    def submit_in(self, place: Place, spec: SpeechJob) -> Job:
+    def submit_in(self, place: Place, spec: SpeechJob, audio: AudioStream | None = None) -> Job:
         """`submit`, in the place taken for the request: the place is given back and taken by the job under
         one hold of the lock (which submit takes again), so no other request can take it in between."""
         with self._wake:
             place.release()
-            return self.submit(spec)
+            return self.submit(spec, audio=audio)
 
-    def submit(self, spec: SpeechJob, after: Job | None = None, continues: bool = False) -> Job:
+    def submit(self, spec: SpeechJob, after: Job | None = None, continues: bool = False,
+               audio: AudioStream | None = None, restart_audio: bool = False) -> Job:
         """Queue a request; raises QueueFull when all slots and the queue are taken, ValueError for empty
         text or bad settings.
+
+        `audio`: a stream of the engine's `decoders` that the job's frames are decoded in (the job then gives
+        audio, `Job.next_audio`); with `restart_audio`, from its start, as a new stream (a stream used by a
+        job before, which may still be decoding).
 
         `after`: a request of the same client (a websocket session's sentence). If it has not ended, this
         one waits for it, keeping its place in line from now: when `after` ends, this one takes over its
@@ -195,6 +218,9 @@ class Engine:
         fit.
         """
         job = self._job(spec, continues and after is not None)
+        if audio is not None and self.decoding is None:
+            raise ValueError("this engine decodes no audio: it was made without decoders")
+        job.audio, job.restart_audio = audio, restart_audio and audio is not None
         with self._wake:
             if self._closing:
                 raise RuntimeError(SHUTTING_DOWN)
@@ -278,24 +304,48 @@ class Engine:
                     self.waiting.remove(job)
                 while self.waiting and len(self.active) + len(self.joining) < self.max_streams:
                     self.joining.append(self.waiting.popleft())
-            for job in gone:
-                self._end(job)
-            for segments in forgotten:
-                self.generator.forget_voice(segments)
-            while self.joining:
-                job = self.joining[0]
-                cancelled = job.cancelled
-                started = not cancelled and self._start_piece(job)  # a failed start ends the job
-                with self._wake:  # from joining to active at once: stats() never counts a job twice
-                    self.joining.pop(0)
-                    if started:
-                        self.active.append(job)
-                if cancelled:
-                    self._end(job)
-            self._prefill()
-            self._step()
+            # The generator's lock, held around llama.cpp's calls, is the codec's `cuda_lock`: the codec's
+            # thread records no CUDA graph while llama.cpp may be recording its own.
+            with self.generator.lock:
+                self._frame_step(gone, forgotten)
+            self._to_decoding()
         for job in [*self.active, *self.waiting]:
             self._end(job, RuntimeError(SHUTTING_DOWN))
+        self._to_decoding()
+        if self.decoding is not None:
+            self.decoding.close()
+
+    def _frame_step(self, gone: list[Job], forgotten: list[list[Segment]]) -> None:
+        """End the jobs whose clients left while queued, start the joining ones, read prompts, make a frame."""
+        for job in gone:
+            self._end(job)
+        for segments in forgotten:
+            self.generator.forget_voice(segments)
+        while self.joining:
+            job = self.joining[0]
+            cancelled = job.cancelled
+            started = not cancelled and self._start_piece(job)  # a failed start ends the job
+            with self._wake:  # from joining to active at once: stats() never counts a job twice
+                self.joining.pop(0)
+                if started:
+                    self.active.append(job)
+            if cancelled:
+                self._end(job)
+        self._prefill()
+        self._step()
+
+    def _put(self, job: Job, item: Any) -> None:
+        """Hand `job` a frame or its end: directly, or through the codec's thread for a job with audio."""
+        if job.audio is None:
+            job.out.put(item)
+        else:
+            self._decode.append((job, item))
+
+    def _to_decoding(self) -> None:
+        """This frame step's frames and ends to the codec's thread: one call, so it decodes them together."""
+        if self._decode:
+            self.decoding.put(self._decode)
+            self._decode = []
 
     def _prefill(self) -> None:
         """Read unread prompts, oldest first: all of them when no one is speaking (requests that arrive
@@ -331,10 +381,12 @@ class Engine:
         now = time.monotonic()
         for job, frame in zip(ready, codes):
             if frame.any():  # an all-zero frame is the end of speech, not audio
+                if job.restart_audio and not job.frames:
+                    self._put(job, RESTART)
                 job.made.append(frame)
                 job.frames += 1
                 job.first_frame = job.first_frame or now
-                job.out.put(frame)
+                self._put(job, frame)
             if job.stream.done:
                 self._next_piece(job)
 
@@ -381,7 +433,7 @@ class Engine:
                                  len(self.waiting))
                     self.waiting.insert(place, successor)
         self.completed += 1
-        job.out.put(_END if error is None else error)
+        self._put(job, _END if error is None else error)
         if self.on_end is not None:
             try:
                 self.on_end(job, error)

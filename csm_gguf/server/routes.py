@@ -31,7 +31,7 @@ from .limits import MAX_SPEECH_REQUEST, MAX_VOICE_UPLOAD
 from .schemas import MODELS, parse_json, parse_voice, voice_exists
 from .services import EXTENSION, Services
 from .settings import SETTINGS
-from .streaming import ClientGone, decoded_audio, encoded, next_frames, sse_events, streamed
+from .streaming import ClientGone, decoded_audio, encoded, let_go, next_audio, sse_events, streamed
 from .ws_guard import guard
 from .ws_protocol import WEBSOCKET_PATH
 from .ws_session import WebsocketSession
@@ -130,17 +130,17 @@ def speech():
     s = services()
     with s.place() as place:  # a request the server would refuse is refused before its body is read
         req = s.parse(parse_json(speech_body()))
-        job = s.submit(req, place=place)
+        job = s.submit(req, place=place, audio=s.decoders.open())
     environ = request.environ
     try:
-        first = next_frames(job, environ)  # a request that cannot start fails here, with a proper status
+        first = next_audio(job, environ)  # a request that cannot start fails here, with a proper status
     except ClientGone:
-        job.cancel()
+        let_go(job)
         return Response(status=499)  # nginx's "client closed request": nobody reads it
     except Exception as e:
-        job.cancel()
+        let_go(job)
         raise generation_error(e) from None
-    audio = decoded_audio(s.codec, job, first, environ)
+    audio = decoded_audio(job, first, environ)
     if req.speed != 1.0:
         audio = stretched(audio, req.speed)
     if req.stream_format == "sse":

@@ -1,10 +1,11 @@
-"""What the endpoints call: the model, its codec, the engine that batches requests and the settings, held
+"""What the endpoints call: the model, the engine that batches requests, the codec's pool of streams that
+decodes their audio and the settings, held
 by the app (`app.extensions[EXTENSION]`), with the steps a speech request goes through."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..generator import Segment
 from ..tts import CSM, Voice
@@ -14,13 +15,16 @@ from .schemas import ContextAudio, SpeechRequest, encode_context, parse_speech
 from .served_voices import forget_voice, served_voice
 from .settings import Settings
 
+if TYPE_CHECKING:
+    from ..mimi import AudioStream, DecoderPool
+
 EXTENSION = "csm_gguf"
 
 
 @dataclass
 class Services:
     tts: CSM
-    codec: Any  # tts.codec, loaded
+    decoders: DecoderPool  # of tts.codec, loaded, and the engine's: requests' audio streams are its streams
     engine: Engine
     settings: Settings
     created: int  # the model's time, for /v1/models
@@ -52,11 +56,12 @@ class Services:
             raise engine_error(e) from None
 
     def submit(self, req: SpeechRequest, after: Job | None = None, continues: bool = False,
-               place: Place | None = None) -> Job:
+               place: Place | None = None, audio: AudioStream | None = None, restart_audio: bool = False) -> Job:
+        """Engine.submit (or submit_in `place`): with `audio`, a stream of `decoders`, the job gives audio."""
         try:
             if place is not None:
-                return self.engine.submit_in(place, req.job)
-            return self.engine.submit(req.job, after, continues)
+                return self.engine.submit_in(place, req.job, audio)
+            return self.engine.submit(req.job, after, continues, audio, restart_audio)
         except Exception as e:  # text the engine refuses is the request's fault: a 400, as any other
             raise engine_error(e) from None
 

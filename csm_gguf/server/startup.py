@@ -1,10 +1,10 @@
 """What every way of serving speech does first: check the settings, load the model and its codec, warm
-the codec up and start the engine. Shared by the HTTP server (app.py) and the Wyoming server; imports no
-web framework."""
+the codec up, start the engine and make the pool that decodes the requests' audio. Shared by the HTTP
+server (app.py) and the Wyoming server; imports no web framework."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ..tts import CSM, NO_VOICE
 from ..voices import max_voices, voice_speaker
@@ -12,6 +12,9 @@ from .engine import Engine
 from .schemas import voice_names
 from .served_voices import served_voice
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from ..mimi import DecoderPool
 
 
 def check_settings(settings: Settings) -> None:
@@ -27,21 +30,26 @@ def check_settings(settings: Settings) -> None:
     max_voices()  # a bad CSM_GGUF_MAX_VOICES fails now, not at the first upload
 
 
-def start_engine(settings: Settings) -> tuple[CSM, Any, Engine]:
-    """The model, its codec (loaded and warmed up) and the engine, running."""
+def start_engine(settings: Settings) -> tuple[CSM, DecoderPool, Engine]:
+    """The model, the pool of streams of its codec (loaded and warmed up) and the engine, running."""
     tts = CSM(settings.model, settings.threads, settings.gpu_layers, settings.kv_type, settings.max_streams,
               settings.codec_device)
-    # Each request thread decodes its own audio while llama.cpp's threads run the engine: one torch
-    # thread per decode keeps them from oversubscribing the cores (which slows small ops ~100x). And
+    # The codec's thread decodes the audio while llama.cpp's threads run the engine: one torch thread
+    # keeps them from oversubscribing the cores (which slows small ops ~100x). And
     # set before any torch work: torch and ggml share one OpenMP runtime, and once this thread has run
     # parallel work with it (building the codec with two threads did), the engine thread's frames took
     # 45% longer.
     import torch
 
+    from ..mimi import DecoderPool
+
     torch.set_num_threads(1)
     codec = tts.codec  # loaded now, not racing in the first requests' threads
     codec.warm_up(codebooks=tts.model.config.num_codebooks)  # the CPU traces are made now, not in requests
-    engine = Engine(tts.generator, settings.max_queue)
+    # The requests' audio: decoded beside the engine, the frames of each frame step in one batched step of the
+    # codec, a row for each request spoken (and as many more for sessions between sentences).
+    decoders = DecoderPool(codec, 2 * settings.max_streams, tts.model.config.num_codebooks)
+    engine = Engine(tts.generator, settings.max_queue, decoders)
     if settings.voice != NO_VOICE:
         try:  # a built-in default voice's prompt is made now, not in the first request; a damaged one fails now
             served_voice(tts, engine, settings.voice)
@@ -49,4 +57,4 @@ def start_engine(settings: Settings) -> tuple[CSM, Any, Engine]:
             engine.close()
             tts.close()
             raise
-    return tts, codec, engine
+    return tts, decoders, engine

@@ -1,5 +1,5 @@
-"""HTTP streaming: a job's frames decoded into audio as they arrive, encoded into a file's bytes or
-server-sent events, and sent chunked; and noticing a client that went away meanwhile."""
+"""HTTP streaming: a job's audio as it is decoded, encoded into a file's bytes or server-sent events, and
+sent chunked; and noticing a client that went away meanwhile."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import numpy as np
 from flask import Response, stream_with_context
 
 from ..audio import StreamEncoder
-from ..tts import decode_frames
 from .engine import Job
 
 
@@ -22,15 +21,17 @@ class ClientGone(Exception):
     pass
 
 
-def next_frames(job: Job, environ: dict, poll_s: float = 0.25) -> list[np.ndarray] | None:
-    """`job.next_frames()`, looking every `poll_s` while it waits for whether the client is still there."""
+def next_audio(job: Job, environ: dict, poll_s: float = 0.25) -> np.ndarray | None:
+    """`job.next_audio()`, in one piece, looking every `poll_s` while it waits for whether the client is
+    still there."""
     while True:
         if client_gone(environ):
             raise ClientGone
         try:
-            return job.next_frames(timeout=poll_s)
+            audio = job.next_audio(timeout=poll_s)
         except queue.Empty:
-            pass
+            continue
+        return None if audio is None else np.concatenate(audio)
 
 
 def client_gone(environ: dict) -> bool:
@@ -48,20 +49,25 @@ def client_gone(environ: dict) -> bool:
         return True
 
 
-def decoded_audio(codec, job: Job, first: list[np.ndarray] | None, environ: dict) -> Iterator[np.ndarray]:
-    """The job's audio as frames arrive, through one streaming Mimi state (no seams). Cancels the
-    job when the consumer stops early or the client goes away (also when nothing is being sent to
-    it yet: a request that waits in the queue, or one answered in a single body)."""
-    state = codec.decoder_state(1)
-    frames = first
+def decoded_audio(job: Job, first: np.ndarray | None, environ: dict) -> Iterator[np.ndarray]:
+    """The job's audio as it is decoded (`first`, then `next_audio`'s). Cancels the job and closes its audio
+    stream when the consumer stops early or the client goes away (also when nothing is being sent to it
+    yet: a request that waits in the queue, or one answered in a single body)."""
+    audio = first
     try:
-        while frames is not None:
-            yield decode_frames(codec, state, frames)
-            frames = next_frames(job, environ)
+        while audio is not None:
+            yield audio
+            audio = next_audio(job, environ)
     except ClientGone:
         return
     finally:
-        job.cancel()
+        let_go(job)
+
+
+def let_go(job: Job) -> None:
+    """A request's end on the HTTP side: its job stops (if it still runs) and its audio stream closes."""
+    job.cancel()
+    job.audio.close()
 
 
 def encoded(audio: Iterator[np.ndarray], encoder: StreamEncoder) -> Iterator[bytes]:

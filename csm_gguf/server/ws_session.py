@@ -4,6 +4,7 @@ each flush. The sentences of one voice follow one another in the engine (Engine.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import time
@@ -19,7 +20,6 @@ from ..audio import StreamEncoder
 from ..generator import Segment
 from ..tempo import TimeStretch
 from ..text import cut_between_words, is_blank, take_sentences
-from ..tts import decode_frames
 from ..voices import VoicesFolderError
 from .engine import Job
 from .errors import ApiError, folder_error, generation_error
@@ -36,11 +36,10 @@ RETRY_S = 0.25  # a full server: a session keeps its sentence and tries again af
 
 @dataclass
 class Utterance:
-    """Websocket audio from the first sentence to a flush: one decoder state and one encoder, so the
-    sentences join without seams into one file."""
+    """Websocket audio from the first sentence to a flush: one encoder (and the session's stream of the
+    codec, started over for it), so the sentences join without seams into one file."""
 
     encoder: StreamEncoder
-    state: Any
     summary: Summary
     stretch: TimeStretch | None = None  # from the first sentence at a speed other than 1, to the end
 
@@ -60,7 +59,8 @@ class WebsocketSession:
     """One websocket connection: its settings, the sentences waiting, the one being spoken."""
 
     def __init__(self, ws, services: Services):
-        self.ws, self.services, self.codec = ws, services, services.codec
+        self.ws, self.services = ws, services
+        self.audio = services.decoders.open()  # every sentence's audio, each file's from its start
         self.fields: dict[str, Any] = {"model": MODELS[0]}  # settings persist until changed
         self.settings = services.parse(self.fields, need_input=False)
         self.encoded: dict[ContextAudio, Segment] = {}  # the settings' context audio, encoded once
@@ -91,6 +91,7 @@ class WebsocketSession:
                     job.cancel()
             if self.utterance is not None:
                 self.utterance.encoder.close()
+            self.audio.close()
 
     def step(self) -> None:
         """Take a message if there is one, start what is next in line, and send what is spoken."""
@@ -181,11 +182,20 @@ class WebsocketSession:
         the same voice."""
         last = self.last
         settings = replace(sentence.settings, job=replace(sentence.settings.job, text=sentence.text))
+        audio = {"audio": self.audio, "restart_audio": self.starts_file(sentence)}
         if last is None:
-            sentence.job = self.services.submit(settings)
+            sentence.job = self.services.submit(settings, **audio)
         else:
-            sentence.job = self.services.submit(settings, after=last.job, continues=last.voice == sentence.voice)
+            sentence.job = self.services.submit(settings, after=last.job, continues=last.voice == sentence.voice,
+                                                **audio)
         self.last = sentence
+
+    def starts_file(self, sentence: Sentence) -> bool:
+        """Whether `sentence` begins a new audio file (see `start`): no file is being sent, a flush comes
+        before it, or it asks for another format."""
+        before = itertools.takewhile(lambda s: s is not sentence, self.queue)
+        u = self.utterance
+        return any(s is FLUSH for s in before) or u is None or u.encoder.format != sentence.settings.response_format
 
     def follow(self) -> None:
         """Submit the next sentence already waiting, so that it takes its place in line now and takes over
@@ -216,8 +226,7 @@ class WebsocketSession:
         self.queue.popleft()
         self.job = sentence.job
         if self.utterance is None:
-            self.utterance = Utterance(StreamEncoder(fmt), self.codec.decoder_state(1),
-                                       Summary(fmt, started=time.monotonic()))
+            self.utterance = Utterance(StreamEncoder(fmt), Summary(fmt, started=time.monotonic()))
         u, speed = self.utterance, sentence.settings.speed
         if u.stretch is not None:
             u.stretch.speed = speed
@@ -227,7 +236,7 @@ class WebsocketSession:
     def pump(self) -> None:
         """Send the audio of the frames made so far, waiting briefly for some."""
         try:
-            frames = self.job.next_frames(timeout=0.05)
+            chunks = self.job.next_audio(timeout=0.05)
         except queue.Empty:
             return
         except Exception as e:
@@ -235,13 +244,13 @@ class WebsocketSession:
             self.error(generation_error(e))
             return
         u = self.utterance
-        if frames is None:
+        if chunks is None:
             u.summary.sentences += 1
             u.summary.frames += self.job.frames
             u.summary.input_tokens += self.job.input_tokens
             self.job = None
             return
-        audio = decode_frames(self.codec, u.state, frames)
+        audio = np.concatenate(chunks)
         self.send_samples(audio if u.stretch is None else u.stretch.feed(audio))
 
     def send_samples(self, audio: np.ndarray) -> None:
@@ -260,7 +269,7 @@ class WebsocketSession:
         u = self.utterance
         if u is None:  # nothing was spoken: no audio, and the usual report with zeros
             fmt = self.settings.response_format
-            u = Utterance(StreamEncoder(fmt), None, Summary(fmt, started=time.monotonic()))
+            u = Utterance(StreamEncoder(fmt), Summary(fmt, started=time.monotonic()))
         elif u.summary.frames:  # else its sentences failed or said nothing: no empty file (a bare wav header)
             if u.stretch is not None:
                 self.send_samples(u.stretch.finish())

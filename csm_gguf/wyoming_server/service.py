@@ -8,7 +8,9 @@ import asyncio
 import queue
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from ..audio import pcm_bytes
 from ..sampling import Sampling
@@ -18,8 +20,11 @@ from ..server.schemas import MODELS, SpeechRequest, parse_speech
 from ..server.served_voices import served_voice
 from ..server.settings import Settings
 from ..server.startup import start_engine
-from ..tts import CSM, Voice, decode_frames
+from ..tts import CSM, Voice
 from ..voices import VoicesFolderError
+
+if TYPE_CHECKING:
+    from ..mimi import AudioStream, DecoderPool
 
 WAIT_S = 1.0  # a thread waiting for a job's frames looks up this often (its job may have been let go)
 
@@ -27,11 +32,11 @@ WAIT_S = 1.0  # a thread waiting for a job's frames looks up this often (its job
 @dataclass
 class WyomingService:
     tts: CSM
-    codec: Any
+    decoders: DecoderPool  # of the model's codec: each request's audio (or a stream's) is a stream of it
     engine: Engine
     settings: Settings
     sampling: Sampling = field(default_factory=Sampling)  # the command line's, for every request (Wyoming carries none)
-    # Threads that wait for frames and decode them (torch and llama.cpp leave the GIL meanwhile), so the
+    # Threads that wait for requests' audio (decoded by the engine's codec thread), so the
     # event loop never blocks: one per request the engine may hold, its waiting followers included.
     executor: ThreadPoolExecutor | None = None
 
@@ -44,8 +49,8 @@ class WyomingService:
     @classmethod
     def start(cls, settings: Settings, sampling: Sampling) -> WyomingService:
         """The model loaded and the engine started, as for the HTTP server."""
-        tts, codec, engine = start_engine(settings)
-        return cls(tts, codec, engine, settings, sampling)
+        tts, decoders, engine = start_engine(settings)
+        return cls(tts, decoders, engine, settings, sampling)
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -78,23 +83,25 @@ class WyomingService:
     def with_text(request: SpeechRequest, text: str) -> SpeechJob:
         return replace(request.job, text=text)
 
-    def submit(self, job: SpeechJob, after: Job | None = None) -> Job:
-        """Engine.submit; `after`: the sentence before it in a stream, which it follows and continues."""
-        return self.engine.submit(job, after=after, continues=after is not None)
+    def submit(self, job: SpeechJob, audio: AudioStream, after: Job | None = None) -> Job:
+        """Engine.submit, its audio decoded in `audio`; `after`: the sentence before it in a stream, which it
+        follows and continues (in the same `audio`)."""
+        return self.engine.submit(job, after=after, continues=after is not None, audio=audio)
 
-    def decoder_state(self) -> Any:
-        return self.codec.decoder_state(1)
+    def open_audio(self) -> AudioStream:
+        """A new stream of the codec (close it at its end): a request's audio, or a text stream's."""
+        return self.decoders.open()
 
-    async def next_audio(self, job: Job, state: Any) -> bytes | None:
+    async def next_audio(self, job: Job) -> bytes | None:
         """The next audio of `job` as 16-bit PCM (b"" when none came within WAIT_S), None at its end."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, self._next_audio, job, state)
+        return await asyncio.get_running_loop().run_in_executor(self.executor, self._next_audio, job)
 
-    def _next_audio(self, job: Job, state: Any) -> bytes | None:
+    def _next_audio(self, job: Job) -> bytes | None:
         try:
-            frames = job.next_frames(timeout=WAIT_S)
+            audio = job.next_audio(timeout=WAIT_S)
         except queue.Empty:
             return b""
-        return None if frames is None else pcm_bytes(decode_frames(self.codec, state, frames))
+        return None if audio is None else pcm_bytes(np.concatenate(audio))
 
 
 def _speaker_id(speaker: Any) -> int:

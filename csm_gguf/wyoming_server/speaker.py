@@ -13,7 +13,7 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.error import Error
@@ -26,6 +26,9 @@ from ..server.errors import ApiError, generation_error
 from ..server.schemas import SpeechRequest
 from .service import WyomingService
 
+if TYPE_CHECKING:
+    from ..mimi import AudioStream
+
 log = logging.getLogger(__name__)
 RETRY_S = 0.25  # a full server: a request tries again after this long
 WIDTH, CHANNELS = 2, 1  # 16-bit mono
@@ -34,11 +37,11 @@ WIDTH, CHANNELS = 2, 1  # 16-bit mono
 @dataclass(eq=False)
 class TextStream:
     """A synthesize-start .. synthesize-stop: its settings, the text not yet known to end a sentence, the
-    decoder state its sentences share (their audio joins without seams) and its last sentence submitted."""
+    stream of the codec its sentences share (their audio joins without seams) and its last sentence submitted."""
 
     settings: SpeechRequest | None  # None: synthesize-start was refused; its text is not spoken
     buffer: str = ""
-    state: Any = None
+    audio: AudioStream | None = None
     last: Job | None = None
 
 
@@ -50,6 +53,7 @@ class Speech:
     stream: TextStream | None = None
     job: Job | None = None
     failed: bool = False
+    audio: AudioStream | None = None  # a synthesize's own stream of the codec (a stream's sentences share one)
 
 
 STOPPED = "synthesize-stopped"  # in a Speaker's queue: a stream's end
@@ -66,6 +70,7 @@ class Speaker:
     queue: deque = field(default_factory=deque)  # Speech and STOPPED, in the order asked
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task | None = None
+    spoken: TextStream | None = None  # the text stream spoken last, until its synthesize-stopped
 
     def __post_init__(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._run(), name="wyoming speaker")
@@ -85,7 +90,27 @@ class Speaker:
         for item in self.queue:
             if item is not STOPPED and item.job is not None:
                 item.job.cancel()
+        for audio in self.audio_streams():
+            audio.close()
         self.queue.clear()
+
+    def audio_streams(self) -> list[AudioStream]:
+        """The codec streams of the requests queued and of the text stream being spoken."""
+        held = [self.spoken, *self.queue]
+        return [a for item in held if item not in (None, STOPPED) and (a := item.audio) is not None]
+
+    def end_stream(self) -> None:
+        """The text stream spoken is over: its codec stream is closed (its row goes to the next stream)."""
+        if self.spoken is not None and self.spoken.audio is not None:
+            self.spoken.audio.close()
+        self.spoken = None
+
+    def audio_for(self, speech: Speech) -> AudioStream:
+        """Where `speech`'s audio is decoded: its own stream, or its text stream's (from its first sentence)."""
+        owner = speech.stream or speech
+        if owner.audio is None:
+            owner.audio = self.service.open_audio()
+        return owner.audio
 
     async def submit_waiting(self) -> None:
         """Submit the queued requests not yet submitted, in order, until the server is full."""
@@ -94,7 +119,8 @@ class Speaker:
                 continue
             stream = speech.stream
             try:
-                speech.job = self.service.submit(speech.spec, after=stream.last if stream else None)
+                speech.job = self.service.submit(speech.spec, self.audio_for(speech),
+                                                 after=stream.last if stream else None)
             except QueueFull:
                 return
             except (ValueError, RuntimeError) as e:  # text the engine cannot speak; shutting down
@@ -112,6 +138,7 @@ class Speaker:
                     await self.wake.wait()
                 item = self.queue[0]
                 if item is STOPPED:
+                    self.end_stream()
                     await self.write(SynthesizeStopped().event())
                 else:
                     await self._speak(item)
@@ -128,13 +155,19 @@ class Speaker:
             await self.submit_waiting()
         if speech.failed:
             return
-        stream = speech.stream
-        if stream is not None and stream.state is None:
-            stream.state = self.service.decoder_state()
-        state = stream.state if stream is not None else self.service.decoder_state()
+        if speech.stream is None:
+            try:
+                await self._send(speech)
+            finally:
+                speech.audio.close()
+        else:  # its stream's codec stream is closed at the stream's synthesize-stopped
+            self.spoken = speech.stream
+            await self._send(speech)
+
+    async def _send(self, speech: Speech) -> None:
         started = False
         try:
-            while (audio := await self.service.next_audio(speech.job, state)) is not None:
+            while (audio := await self.service.next_audio(speech.job)) is not None:
                 if audio:  # b"": none yet
                     if not started:
                         await self.write(AudioStart(SAMPLE_RATE, WIDTH, CHANNELS).event())

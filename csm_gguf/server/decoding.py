@@ -1,0 +1,104 @@
+"""The engine's second stage: a thread that decodes the frames the engine makes into audio, the frames of all
+requests made in the same frame step in one batched step of the codec (DecoderPool), and hands each request
+its audio. It runs beside the engine thread: while the codec decodes one frame step, llama.cpp makes the next.
+
+Requests' audio streams come from their consumers (Engine.submit's `audio`): a stream may carry several
+requests (a websocket file of several sentences, a Wyoming text stream), one after the other."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from ..mimi import AudioStream, DecoderPool
+    from .engine import Job
+
+log = logging.getLogger(__name__)
+
+_CLOSE = object()
+RESTART = object()  # (job, RESTART) before a job's first frame: its audio stream starts over (a new file)
+
+
+class DecodeStage:
+    """The codec's thread (see the module's doc); the engine `put`s each frame step's output, `close` at its end."""
+
+    def __init__(self, decoders: DecoderPool):
+        self.decoders = decoders
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="csm-codec", daemon=True)
+        self._thread.start()
+
+    def put(self, items: Sequence[tuple[Job, Any]]) -> None:
+        """A frame step's output, in order: (job, frame) for a frame to decode, else (job, what ends it),
+        which the job gets after its audio."""
+        if items:
+            self._inbox.put(items)
+
+    def close(self) -> None:
+        """Decode what was put, then stop."""
+        self._inbox.put(_CLOSE)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            steps = [self._inbox.get()]
+            while True:  # the codec fell behind: everything waiting goes in one call (longer, cheaper steps)
+                try:
+                    steps.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            closing = steps[-1] is _CLOSE
+            items = [item for step in steps if step is not _CLOSE for item in step]
+            try:
+                self._decode(items)
+            except Exception as e:  # a bug of ours: these requests fail, the thread goes on serving
+                log.exception("the codec's thread failed")
+                for job in dict.fromkeys(job for job, _ in items):
+                    job.out.put(e)
+            if closing:
+                return
+
+    def _decode(self, items: list[tuple[Job, Any]]) -> None:
+        """The items' frames decoded, every stream's in one call, then each job's audio and end handed over."""
+        frames: dict[AudioStream, list[np.ndarray]] = {}
+        taken: list[tuple[Job, Any]] = []
+        for job, item in items:
+            if item is RESTART:
+                if job.audio in frames:  # the stream's frames so far (an earlier job's) are decoded first
+                    self._hand_over(taken, frames)
+                    frames, taken = {}, []
+                job.audio.restart()
+                continue
+            if isinstance(item, np.ndarray):
+                frames.setdefault(job.audio, []).append(item)
+            taken.append((job, item))
+        self._hand_over(taken, frames)
+
+    def _hand_over(self, items: list[tuple[Job, Any]], frames: dict[AudioStream, list[np.ndarray]]) -> None:
+        try:
+            audio: dict[AudioStream, np.ndarray] | Exception = self.decoders.decode_many(frames) if frames else {}
+        except Exception as e:  # a codec failure: these requests fail, the server goes on
+            log.exception("decoding audio failed")
+            audio = e
+        size, used = self.decoders.codec.cfg.frame_size, dict.fromkeys(frames, 0)
+        samples: dict[Job, list[np.ndarray]] = {}
+        ends: dict[Job, Any] = {}
+        for job, item in items:  # a stream's audio is its frames' in order, frame_size samples each
+            if not isinstance(item, np.ndarray):
+                ends[job] = item
+                continue
+            start, used[job.audio] = used[job.audio], used[job.audio] + size
+            got = audio if isinstance(audio, Exception) else audio[job.audio][start : start + size]
+            samples.setdefault(job, []).append(got)
+        for job in dict.fromkeys(job for job, _ in items):
+            if job in samples:
+                got = samples[job]
+                job.out.put(got[0] if isinstance(got[0], Exception) else np.concatenate(got))
+            if job in ends:
+                job.out.put(ends[job])
