@@ -6,8 +6,8 @@ import argparse
 import signal
 import sys
 
+from ..formats import FORMATS
 from ..sampling import TEMPERATURE, TOP_K
-from ..say import FORMATS
 
 SHOWN_ERRORS = 10  # failed rows listed after the summary (all of them are in the manifest)
 
