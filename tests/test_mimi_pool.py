@@ -168,3 +168,24 @@ def test_a_failed_step_fails_its_call_and_the_pool_goes_on(mimi, alone, monkeypa
     b.close()
     with pool.open() as c:
         assert_same_audio(c.decode(stream_codes(1)), alone[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch has no CUDA device")
+def test_on_cuda_steps_replay_a_graph_per_power_of_two_of_streams(mimi, alone):
+    import copy
+
+    gpu = copy.deepcopy(mimi).to("cuda")
+    pool = DecoderPool(gpu, rows=8)
+    streams = [pool.open() for _ in range(3)]
+    codes = [stream_codes(i) for i in range(3)]
+    audio, done = [[], [], []], [0, 0, 0]
+    for f in range(FRAMES):  # stream 2 pauses for 20 steps: steps of 4 rows (a graph) advance 2 of them
+        live = [i for i in range(3) if not (i == 2 and 40 <= f < 60)]
+        out = pool.decode_many({streams[i]: codes[i][done[i] : done[i] + 1] for i in live})
+        for i in live:
+            audio[i].append(out[streams[i]])
+            done[i] += 1
+    audio[2].append(streams[2].decode(codes[2][done[2] :]))  # 20 frames at once: a step run as it is
+    for i in range(3):
+        assert_same_audio(np.concatenate(audio[i]), alone[i])
+    assert set(pool.views) == {4} and pool.views[4].graph is not None
