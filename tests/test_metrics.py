@@ -71,6 +71,9 @@ def test_metrics_count_what_was_served(base):
     assert delta(after, before, "csm_gguf_requests_total", endpoint="unmatched", status="404") == 1
     assert delta(after, before, "csm_gguf_requests_total", endpoint="/metrics", status="200") == 1  # `before`
     assert frames == 30 and delta(after, before, "csm_gguf_frames_total") == frames
+    # one request at a time: a codec step decodes one stream (a step of one frame, or of several if it lagged)
+    steps = delta(after, before, "csm_gguf_codec_steps_total")
+    assert 3 <= steps == delta(after, before, "csm_gguf_codec_stream_steps_total") <= frames
     assert delta(after, before, "csm_gguf_audio_seconds_total") == pytest.approx(frames * 0.08)
     for histogram in ("csm_gguf_time_to_first_audio_seconds", "csm_gguf_request_real_time_factor"):
         assert delta(after, before, f"{histogram}_count") == 3

@@ -267,6 +267,7 @@ class Engine:
             self._wake.notify()
 
     def stats(self) -> dict:
+        decoders = self.decoding.decoders if self.decoding is not None else None
         return {
             "active_streams": len(self.active) + len(self.joining),
             "queue_depth": len(self.waiting),
@@ -277,6 +278,8 @@ class Engine:
             "prompt_positions_read": self.generator.prompt_positions_read,
             "cached_prompts": len(self.generator.prompt_cache.entries),
             "requests_completed": self.completed,
+            "codec_steps": decoders.steps if decoders else 0,  # the codec's thread's batched steps
+            "codec_stream_steps": decoders.stream_steps if decoders else 0,  # the streams they decoded, summed
         }
 
     @property

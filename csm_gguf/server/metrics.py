@@ -62,13 +62,14 @@ class Metrics:
 
 
 class LiveGauges:
-    """Gauges read from the engine and the server at scrape time, so they are never out of step."""
+    """Gauges (and the codec's counters) read from the engine and the server at scrape time, so they are never
+    out of step."""
 
     def __init__(self, engine: Engine, drain: Drain, slots: WebsocketSlots):
         self.engine, self.drain, self.slots = engine, drain, slots
 
     def collect(self):
-        from prometheus_client.core import GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         stats = self.engine.stats()
         yield GaugeMetricFamily("csm_gguf_active_streams", "requests being generated", stats["active_streams"])
@@ -79,6 +80,9 @@ class LiveGauges:
                                 self.drain.in_flight)
         yield GaugeMetricFamily("csm_gguf_websocket_sessions", "websocket sessions open", self.slots.open)
         yield GaugeMetricFamily("csm_gguf_draining", "1 while the server drains (SIGTERM)", int(self.drain.draining))
+        yield CounterMetricFamily("csm_gguf_codec_steps", "batched steps of the codec's thread", stats["codec_steps"])
+        yield CounterMetricFamily("csm_gguf_codec_stream_steps", "streams those steps decoded, summed (divided by "
+                                  "csm_gguf_codec_steps: the streams a step decodes)", stats["codec_stream_steps"])
 
 
 @bp.get("/metrics")
