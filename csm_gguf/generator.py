@@ -350,8 +350,7 @@ class Generator:
 
         dec.set_seq_ids(slots)
         for i in range(2, k):
-            for j in range(s):
-                dec.embd[j] = model.decoder_inputs[(i - 1) * v + codes[j, i - 1]]
+            dec.embd[:s] = model.decoder_inputs[(i - 1) * v + codes[:s, i - 1]]  # all streams' rows at once
             dec.pos[:s] = i
             dec.decode(s)
             self._sample_codebook(streams, codes, i)
