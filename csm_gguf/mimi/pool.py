@@ -108,30 +108,36 @@ class DecoderPool:
         with self._lock:
             codes = {s: np.asarray(f, dtype=np.int64).reshape(-1, self.codebooks) for s, f in frames.items()
                      if not s.closed}
+            codes = {s: c for s, c in codes.items() if len(c)}
             for stream in codes:
                 self._place(stream)
             self._compact()
-            pooled = [s for s in codes if s.row is not None and len(codes[s])]
             for stream in codes:
-                if stream.own is not None and len(codes[stream]):
+                if stream.own is not None:
                     audio[stream].append(self._decode_own(stream, codes[stream]))
-            done = dict.fromkeys(pooled, 0)
-            view = self._view(self._step_rows(sum(r is not None for r in self.rows))) if pooled else None
-            while pooled:
-                t = min(len(codes[s]) - done[s] for s in pooled)
-                step = torch.zeros(len(view.live), self.codebooks, t, dtype=torch.long)
-                live = torch.zeros(len(view.live), dtype=torch.bool)
-                for s in pooled:
-                    step[s.row.index] = torch.from_numpy(codes[s][done[s] : done[s] + t].T)
-                    live[s.row.index] = True
-                view.live.copy_(live)
-                out = self.codec.decode_step(step, view).cpu()
-                self.steps, self.stream_steps = self.steps + 1, self.stream_steps + len(pooled)
-                for s in pooled:
-                    audio[s].append(out[s.row.index, 0].numpy())
-                    done[s] += t
-                pooled = [s for s in pooled if done[s] < len(codes[s])]
+            self._decode_pooled({s: c for s, c in codes.items() if s.row is not None}, audio)
         return {s: np.concatenate([np.zeros(0, np.float32), *chunks]) for s, chunks in audio.items()}
+
+    def _decode_pooled(self, codes: dict[AudioStream, np.ndarray], audio: dict[AudioStream, list[np.ndarray]]) -> None:
+        """The pooled streams' frames, in steps over the rows in use (see `decode_many`)."""
+        if not codes:
+            return
+        view = self._view(self._step_rows(sum(r is not None for r in self.rows)))
+        done, left = dict.fromkeys(codes, 0), list(codes)
+        while left:
+            t = min(len(codes[s]) - done[s] for s in left)
+            step = torch.zeros(len(view.live), self.codebooks, t, dtype=torch.long)
+            live = torch.zeros(len(view.live), dtype=torch.bool)
+            for s in left:
+                step[s.row.index] = torch.from_numpy(codes[s][done[s] : done[s] + t].T)
+                live[s.row.index] = True
+            view.live.copy_(live)
+            out = self.codec.decode_step(step, view).cpu()
+            self.steps, self.stream_steps = self.steps + 1, self.stream_steps + len(left)
+            for s in left:
+                audio[s].append(out[s.row.index, 0].numpy())
+                done[s] += t
+            left = [s for s in left if done[s] < len(codes[s])]
 
     def _place(self, stream: AudioStream) -> None:
         """A row for a stream's first frames: the first free one, else a state of its own."""
