@@ -130,16 +130,6 @@ def test_streams_beyond_the_rows_decode_on_states_of_their_own(mimi, alone):
     assert pool.streams() == 0
 
 
-@pytest.mark.parametrize("rows", [1, 0])
-def test_a_restarted_stream_decodes_as_a_new_one(mimi, alone, rows):
-    pool = DecoderPool(mimi, rows=rows)
-    with pool.open() as stream:
-        stream.decode(stream_codes(1)[:30])
-        stream.restart()
-        assert_same_audio(stream.decode(stream_codes(2)), alone[2])
-        assert (stream.row is None) == (rows == 0)
-
-
 def test_a_stream_dropped_unclosed_gives_its_row_back(mimi):
     pool = DecoderPool(mimi, rows=1)
     stream = pool.open()

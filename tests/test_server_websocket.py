@@ -202,6 +202,18 @@ def test_websocket_voice_change_mid_sentence_starts_afresh(base, engine, service
     assert (second["response_format"], second["sentences"]) == ("wav", 2) and wav_audio.startswith(b"RIFF")
 
 
+def test_websocket_each_file_is_decoded_from_its_start(base, engine, services):
+    """A flush ends a file: the next one's audio is decoded afresh (in the same voice it would still hear the
+    sentence before it; in another voice it is a request of its own, equal to `generate`)."""
+    services.voice("echo")  # its prompt made now, before the session
+    files = ws_session(base, [{"voice": "alloy", "response_format": "pcm", **GREEDY},
+                              {"type": "text", "text": "One two three."}, {"type": "flush"},
+                              {"voice": "echo"}, {"type": "text", "text": "Four five."}, {"type": "flush"}], dones=2)
+    wait_idle(engine)
+    assert_same_audio(pcm(files[0][0]), reference(services, "One two three.", voice="alloy", **GREEDY))
+    assert_same_audio(pcm(files[1][0]), reference(services, "Four five.", voice="echo", **GREEDY))
+
+
 def test_websocket_input_after_pending_text_keeps_each_ones_settings(base, engine, monkeypatch):
     seen = record_submits(engine, monkeypatch)
     files = ws_session(base, [{"voice": "alloy", "response_format": "pcm", **GREEDY},

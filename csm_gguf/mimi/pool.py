@@ -52,15 +52,6 @@ class AudioStream:
         """The next audio: float32 samples, frame_size per frame."""
         return self.pool.decode_many({self: frames})[self]
 
-    def restart(self) -> None:
-        """Start over: the next frames begin a new stream (a new file), as from a fresh state."""
-        with self.pool._lock:
-            if self.row is not None:
-                self.row.fresh = True
-            elif self.own is not None:
-                with torch.inference_mode():
-                    self.own.reset()
-
     def close(self) -> None:
         self.closed = True
         self._release()

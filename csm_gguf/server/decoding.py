@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _CLOSE = object()
-RESTART = object()  # (job, RESTART) before a job's first frame: its audio stream starts over (a new file)
 
 
 class DecodeStage:
@@ -67,18 +66,10 @@ class DecodeStage:
     def _decode(self, items: list[tuple[Job, Any]]) -> None:
         """The items' frames decoded, every stream's in one call, then each job's audio and end handed over."""
         frames: dict[AudioStream, list[np.ndarray]] = {}
-        taken: list[tuple[Job, Any]] = []
         for job, item in items:
-            if item is RESTART:
-                if job.audio in frames:  # the stream's frames so far (an earlier job's) are decoded first
-                    self._hand_over(taken, frames)
-                    frames, taken = {}, []
-                job.audio.restart()
-                continue
             if isinstance(item, np.ndarray):
                 frames.setdefault(job.audio, []).append(item)
-            taken.append((job, item))
-        self._hand_over(taken, frames)
+        self._hand_over(items, frames)
 
     def _hand_over(self, items: list[tuple[Job, Any]], frames: dict[AudioStream, list[np.ndarray]]) -> None:
         try:

@@ -26,7 +26,7 @@ import numpy as np
 from ..generator import Generator, Segment, Stream, check_speaker
 from ..plan import Context, Piece, TokenCounts, plan_pieces, split_text
 from ..sampling import Sampling
-from .decoding import RESTART, DecodeStage
+from .decoding import DecodeStage
 
 if TYPE_CHECKING:
     from ..mimi import AudioStream, DecoderPool
@@ -94,7 +94,6 @@ class Job:
     context: Context  # what the next piece hears: the request's context, then what this request said
     input_tokens: int
     audio: AudioStream | None = None  # where its frames are decoded (several jobs may follow on in one)
-    restart_audio: bool = False  # its first frame starts `audio` over (a new file)
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     cancelled: bool = False
     frames: int = 0
@@ -198,13 +197,12 @@ class Engine:
             return self.submit(spec, audio=audio)
 
     def submit(self, spec: SpeechJob, after: Job | None = None, continues: bool = False,
-               audio: AudioStream | None = None, restart_audio: bool = False) -> Job:
+               audio: AudioStream | None = None) -> Job:
         """Queue a request; raises QueueFull when all slots and the queue are taken, ValueError for empty
         text or bad settings.
 
         `audio`: a stream of the engine's `decoders` that the job's frames are decoded in (the job then gives
-        audio, `Job.next_audio`); with `restart_audio`, from its start, as a new stream (a stream used by a
-        job before, which may still be decoding).
+        audio, `Job.next_audio`); jobs that follow on in one stream join without a seam (a websocket file).
 
         `after`: a request of the same client (a websocket session's sentence). If it has not ended, this
         one waits for it, keeping its place in line from now: when `after` ends, this one takes over its
@@ -220,7 +218,7 @@ class Engine:
         job = self._job(spec, continues and after is not None)
         if audio is not None and self.decoding is None:
             raise ValueError("this engine decodes no audio: it was made without decoders")
-        job.audio, job.restart_audio = audio, restart_audio and audio is not None
+        job.audio = audio
         with self._wake:
             if self._closing:
                 raise RuntimeError(SHUTTING_DOWN)
@@ -384,8 +382,6 @@ class Engine:
         now = time.monotonic()
         for job, frame in zip(ready, codes):
             if frame.any():  # an all-zero frame is the end of speech, not audio
-                if job.restart_audio and not job.frames:
-                    self._put(job, RESTART)
                 job.made.append(frame)
                 job.frames += 1
                 job.first_frame = job.first_frame or now

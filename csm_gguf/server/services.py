@@ -56,12 +56,12 @@ class Services:
             raise engine_error(e) from None
 
     def submit(self, req: SpeechRequest, after: Job | None = None, continues: bool = False,
-               place: Place | None = None, audio: AudioStream | None = None, restart_audio: bool = False) -> Job:
+               place: Place | None = None, audio: AudioStream | None = None) -> Job:
         """Engine.submit (or submit_in `place`): with `audio`, a stream of `decoders`, the job gives audio."""
         try:
             if place is not None:
                 return self.engine.submit_in(place, req.job, audio)
-            return self.engine.submit(req.job, after, continues, audio, restart_audio)
+            return self.engine.submit(req.job, after, continues, audio)
         except Exception as e:  # text the engine refuses is the request's fault: a 400, as any other
             raise engine_error(e) from None
 

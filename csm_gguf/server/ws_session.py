@@ -11,7 +11,7 @@ import time
 from collections import deque
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from simple_websocket import ConnectionClosed
@@ -28,6 +28,9 @@ from .schemas import MODELS, ContextAudio, SpeechRequest
 from .services import Services
 from .ws_protocol import Flush, Speech, Summary, Text, error_message, parse_message, voice_changed
 
+if TYPE_CHECKING:
+    from ..mimi import AudioStream
+
 log = logging.getLogger(__name__)
 
 FLUSH = None  # in a session's queue: the end of the file being sent
@@ -36,12 +39,18 @@ RETRY_S = 0.25  # a full server: a session keeps its sentence and tries again af
 
 @dataclass
 class Utterance:
-    """Websocket audio from the first sentence to a flush: one encoder (and the session's stream of the
-    codec, started over for it), so the sentences join without seams into one file."""
+    """Websocket audio from the first sentence to a flush: one stream of the codec and one encoder, so the
+    sentences join without seams into one file."""
 
     encoder: StreamEncoder
     summary: Summary
+    audio: AudioStream | None = None  # its first sentence's, which its others share (see `audio_for`)
     stretch: TimeStretch | None = None  # from the first sentence at a speed other than 1, to the end
+
+    def close(self) -> None:
+        self.encoder.close()
+        if self.audio is not None:
+            self.audio.close()  # its row of the codec's pool goes to the next stream
 
 
 @dataclass
@@ -53,6 +62,7 @@ class Sentence:
     settings: SpeechRequest
     voice: int  # sentences of one voice prompt each other; another voice starts afresh
     job: Job | None = None  # once submitted (the next sentence is, while the one before is spoken)
+    audio: AudioStream | None = None  # the codec stream of its file, from its submission
 
 
 class WebsocketSession:
@@ -60,7 +70,6 @@ class WebsocketSession:
 
     def __init__(self, ws, services: Services):
         self.ws, self.services = ws, services
-        self.audio = services.decoders.open()  # every sentence's audio, each file's from its start
         self.fields: dict[str, Any] = {"model": MODELS[0]}  # settings persist until changed
         self.settings = services.parse(self.fields, need_input=False)
         self.encoded: dict[ContextAudio, Segment] = {}  # the settings' context audio, encoded once
@@ -90,8 +99,7 @@ class WebsocketSession:
                 if job is not None:
                     job.cancel()
             if self.utterance is not None:
-                self.utterance.encoder.close()
-            self.audio.close()
+                self.utterance.close()
 
     def step(self) -> None:
         """Take a message if there is one, start what is next in line, and send what is spoken."""
@@ -120,7 +128,7 @@ class WebsocketSession:
             if failed.job is not None:
                 failed.job.cancel()
         elif self.utterance is not None:
-            self.utterance.encoder.close()
+            self.utterance.close()
             self.utterance = None
 
     def error(self, e: ApiError) -> None:
@@ -182,20 +190,23 @@ class WebsocketSession:
         the same voice."""
         last = self.last
         settings = replace(sentence.settings, job=replace(sentence.settings.job, text=sentence.text))
-        audio = {"audio": self.audio, "restart_audio": self.starts_file(sentence)}
+        audio = self.audio_for(sentence)
         if last is None:
-            sentence.job = self.services.submit(settings, **audio)
+            sentence.job = self.services.submit(settings, audio=audio)
         else:
             sentence.job = self.services.submit(settings, after=last.job, continues=last.voice == sentence.voice,
-                                                **audio)
-        self.last = sentence
+                                                audio=audio)
+        sentence.audio, self.last = audio, sentence
 
-    def starts_file(self, sentence: Sentence) -> bool:
-        """Whether `sentence` begins a new audio file (see `start`): no file is being sent, a flush comes
-        before it, or it asks for another format."""
+    def audio_for(self, sentence: Sentence) -> AudioStream:
+        """The codec stream `sentence`'s audio is decoded in: its file's. A new one where it begins a file (see
+        `start`): no file is being sent, a flush comes before it, or it asks for another format."""
         before = itertools.takewhile(lambda s: s is not sentence, self.queue)
-        u = self.utterance
-        return any(s is FLUSH for s in before) or u is None or u.encoder.format != sentence.settings.response_format
+        u, last = self.utterance, self.last
+        if (any(s is FLUSH for s in before) or u is None or u.encoder.format != sentence.settings.response_format
+                or last is None or last.audio is None):
+            return self.services.decoders.open()
+        return last.audio
 
     def follow(self) -> None:
         """Submit the next sentence already waiting, so that it takes its place in line now and takes over
@@ -226,7 +237,7 @@ class WebsocketSession:
         self.queue.popleft()
         self.job = sentence.job
         if self.utterance is None:
-            self.utterance = Utterance(StreamEncoder(fmt), Summary(fmt, started=time.monotonic()))
+            self.utterance = Utterance(StreamEncoder(fmt), Summary(fmt, started=time.monotonic()), sentence.audio)
         u, speed = self.utterance, sentence.settings.speed
         if u.stretch is not None:
             u.stretch.speed = speed
@@ -274,6 +285,6 @@ class WebsocketSession:
             if u.stretch is not None:
                 self.send_samples(u.stretch.finish())
             self.send_audio(u.encoder.finish())
-        u.encoder.close()
+        u.close()
         self.ws.send(u.summary.message(time.monotonic()))
         self.utterance = None
