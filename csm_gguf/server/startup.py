@@ -47,8 +47,9 @@ def start_engine(settings: Settings) -> tuple[CSM, DecoderPool, Engine]:
     codec = tts.codec  # loaded now, not racing in the first requests' threads
     codec.warm_up(codebooks=tts.model.config.num_codebooks)  # the CPU traces are made now, not in requests
     # The requests' audio: decoded beside the engine, the frames of each frame step in one batched step of the
-    # codec, a row for each request spoken (and as many more for sessions between sentences).
-    decoders = DecoderPool(codec, 2 * settings.max_streams, tts.model.config.num_codebooks)
+    # codec, a row (10 MB) for each request spoken; a websocket file or Wyoming text stream waiting for its
+    # next sentence keeps its row, so a request beyond the rows decodes on a state of its own.
+    decoders = DecoderPool(codec, settings.max_streams, tts.model.config.num_codebooks)
     engine = Engine(tts.generator, settings.max_queue, decoders)
     if settings.voice != NO_VOICE:
         try:  # a built-in default voice's prompt is made now, not in the first request; a damaged one fails now
