@@ -66,7 +66,7 @@ class Server:
 
     def __init__(self, app, sampling: Sampling):
         s = app.extensions["csm_gguf"]
-        self.service = WyomingService(s.tts, s.decoders, s.engine, s.settings, sampling)
+        self.service = WyomingService(s.tts, s.engine, s.settings, sampling)
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True).start()
         with socket.socket() as probe:

@@ -45,5 +45,5 @@ def serve_replicas(app: Flask, settings: Settings) -> None:
 
 def start_services(settings: Settings) -> Services:
     """The model and codec loaded, and the engine running."""
-    tts, decoders, engine = start_engine(settings)
-    return Services(tts, decoders, engine, settings, created=int(os.path.getmtime(tts.model.backbone_path)))
+    tts, engine = start_engine(settings)
+    return Services(tts, engine, settings, created=int(os.path.getmtime(tts.model.backbone_path)))

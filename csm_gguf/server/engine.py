@@ -163,6 +163,7 @@ class Engine:
         self.on_end: Callable[[Job, BaseException | None], None] | None = None
         self._wake = threading.Condition()
         self._closing = False
+        self.decoders = decoders
         self.decoding = DecodeStage(decoders) if decoders is not None else None
         self._decode: list[tuple[Job, Any]] = []  # this frame step's output for `decoding`, put at its end
         self._thread = threading.Thread(target=self._run, name="csm-engine", daemon=True)
@@ -265,7 +266,7 @@ class Engine:
             self._wake.notify()
 
     def stats(self) -> dict:
-        decoders = self.decoding.decoders if self.decoding is not None else None
+        decoders = self.decoders
         return {
             "active_streams": len(self.active) + len(self.joining),
             "queue_depth": len(self.waiting),

@@ -24,10 +24,14 @@ EXTENSION = "csm_gguf"
 @dataclass
 class Services:
     tts: CSM
-    decoders: DecoderPool  # of tts.codec, loaded, and the engine's: requests' audio streams are its streams
     engine: Engine
     settings: Settings
     created: int  # the model's time, for /v1/models
+
+    @property
+    def decoders(self) -> DecoderPool:
+        """The engine's pool of tts.codec's streams: a request's audio is one of them."""
+        return self.engine.decoders
 
     def check(self, body: Any, need_input: bool = True) -> SpeechRequest:
         """The request checked (ApiError), its context audio not yet encoded."""

@@ -4,17 +4,12 @@ server (app.py) and the Wyoming server; imports no web framework."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from ..tts import CSM, NO_VOICE
 from ..voices import max_voices, voice_speaker
 from .engine import Engine
 from .schemas import voice_names
 from .served_voices import served_voice
 from .settings import Settings
-
-if TYPE_CHECKING:
-    from ..mimi import DecoderPool
 
 
 def check_settings(settings: Settings) -> None:
@@ -30,8 +25,8 @@ def check_settings(settings: Settings) -> None:
     max_voices()  # a bad CSM_GGUF_MAX_VOICES fails now, not at the first upload
 
 
-def start_engine(settings: Settings) -> tuple[CSM, DecoderPool, Engine]:
-    """The model, the pool of streams of its codec (loaded and warmed up) and the engine, running."""
+def start_engine(settings: Settings) -> tuple[CSM, Engine]:
+    """The model, its codec loaded and warmed up, and the engine running, with its pool of the codec's streams."""
     tts = CSM(settings.model, settings.threads, settings.gpu_layers, settings.kv_type, settings.max_streams,
               settings.codec_device)
     # The codec's thread decodes the audio while llama.cpp's threads run the engine: one torch thread
@@ -58,4 +53,4 @@ def start_engine(settings: Settings) -> tuple[CSM, DecoderPool, Engine]:
             engine.close()
             tts.close()
             raise
-    return tts, decoders, engine
+    return tts, engine

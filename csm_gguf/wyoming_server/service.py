@@ -24,7 +24,7 @@ from ..tts import CSM, Voice
 from ..voices import VoicesFolderError
 
 if TYPE_CHECKING:
-    from ..mimi import AudioStream, DecoderPool
+    from ..mimi import AudioStream
 
 WAIT_S = 1.0  # a thread waiting for a job's frames looks up this often (its job may have been let go)
 
@@ -32,7 +32,6 @@ WAIT_S = 1.0  # a thread waiting for a job's frames looks up this often (its job
 @dataclass
 class WyomingService:
     tts: CSM
-    decoders: DecoderPool  # of the model's codec: each request's audio (or a stream's) is a stream of it
     engine: Engine
     settings: Settings
     sampling: Sampling = field(default_factory=Sampling)  # the command line's, for every request (Wyoming carries none)
@@ -49,8 +48,8 @@ class WyomingService:
     @classmethod
     def start(cls, settings: Settings, sampling: Sampling) -> WyomingService:
         """The model loaded and the engine started, as for the HTTP server."""
-        tts, decoders, engine = start_engine(settings)
-        return cls(tts, decoders, engine, settings, sampling)
+        tts, engine = start_engine(settings)
+        return cls(tts, engine, settings, sampling)
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -89,8 +88,8 @@ class WyomingService:
         return self.engine.submit(job, after=after, continues=after is not None, audio=audio)
 
     def open_audio(self) -> AudioStream:
-        """A new stream of the codec (close it at its end): a request's audio, or a text stream's."""
-        return self.decoders.open()
+        """A new stream of the engine's pool (close it at its end): a request's audio, or a text stream's."""
+        return self.engine.decoders.open()
 
     async def next_audio(self, job: Job) -> bytes | None:
         """The next audio of `job` as 16-bit PCM (b"" when none came within WAIT_S), None at its end."""
