@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 # Small enough to run in milliseconds; frame_size = 8 * 4 * 2 = 64 samples, so frames are cheap.
@@ -57,3 +58,13 @@ def runtime_mimi(model):
 
     config = MimiConfig.from_transformers(model.config.to_dict())
     return Mimi.from_state_dict(config, mimi_tensors_to_transformers(model.state_dict()))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """(autouse where imported) These tensors are tiny: with two threads OpenMP's hand-offs dominate, and when
+    another process holds a core every op waits for it (100x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

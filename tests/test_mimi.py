@@ -13,21 +13,11 @@ import torch
 
 from converter.mimi_keys import MOSHI_MIMI_CONFIG, mimi_tensors_to_transformers
 from csm_gguf.mimi import Mimi, MimiConfig, _can_pack
-from mimi_fixtures import TINY_MIMI_CONFIG, make_tiny_mimi, runtime_mimi
+from mimi_fixtures import TINY_MIMI_CONFIG, make_tiny_mimi, one_torch_thread, runtime_mimi  # noqa: F401 (autouse)
 
 FRAMES = 300  # > 125 frames = 250 transformer steps: the sliding window is crossed
 HEAD_DIM = TINY_MIMI_CONFIG["hidden_size"] // TINY_MIMI_CONFIG["num_attention_heads"]
 LAYOUTS = ["transformers_state_dict", "kyutai_file", "csm_nested", "csm_flat", "moshi", "moshi_module"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # These tensors are tiny: with two threads OpenMP's hand-offs dominate, and when another process
-    # holds a core every op waits for it (100x slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -10,17 +10,9 @@ import pytest
 import torch
 
 from csm_gguf.mimi import DecoderPool
-from mimi_fixtures import TINY_MIMI_CONFIG, make_tiny_mimi, runtime_mimi
+from mimi_fixtures import TINY_MIMI_CONFIG, make_tiny_mimi, one_torch_thread, runtime_mimi  # noqa: F401 (autouse)
 
 FRAMES = 140  # 280 transformer steps: past the 250-step window and around the ring of keys
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -21,33 +21,36 @@ from server_fixtures import (
 GREEDY_800 = Sampling(temperature=0, max_audio_ms=800)  # 10 frames
 
 
+def _all(job, next_items) -> list[np.ndarray]:
+    items = []
+    while (got := next_items(job)) is not None:
+        items += got
+    return items
+
+
+def frames_of(job) -> np.ndarray:
+    return np.stack(_all(job, lambda j: j.next_frames(timeout=30)))
+
+
+def audio_of(job) -> np.ndarray:
+    return np.concatenate(_all(job, lambda j: j.next_audio(timeout=30)))
+
+
 def test_engine_batched_greedy_codes_equal_solo_codes(engine):
     from csm_gguf.server.engine import SpeechJob
 
-    def codes(job) -> np.ndarray:
-        frames = []
-        while (got := job.next_frames(timeout=30)) is not None:
-            frames += got
-        return np.stack(frames)
-
     specs = [SpeechJob(f"Sentence {i} for the engine{'!' * i}", speaker=i, sampling=GREEDY_800)
              for i in range(8)]
-    solo = [codes(engine.submit(s)) for s in specs]
+    solo = [frames_of(engine.submit(s)) for s in specs]
     jobs = [engine.submit(s) for s in specs]
     for job, expected in zip(jobs, solo):
-        np.testing.assert_array_equal(codes(job), expected)
+        np.testing.assert_array_equal(frames_of(job), expected)
     wait_idle(engine)
 
 
 def test_a_long_prompt_is_read_between_the_frames_of_others(engine, monkeypatch):
     from csm_gguf.server import engine as server_engine
     from csm_gguf.server.engine import SpeechJob
-
-    def codes(job) -> np.ndarray:
-        frames = []
-        while (got := job.next_frames(timeout=30)) is not None:
-            frames += got
-        return np.stack(frames)
 
     rows = 16
     monkeypatch.setattr(server_engine, "PREFILL_ROWS", rows)
@@ -57,14 +60,14 @@ def test_a_long_prompt_is_read_between_the_frames_of_others(engine, monkeypatch)
 
     long_prompt = SpeechJob(TEXT, context=[Segment(1, "Some context.", random_codes(150, 64, seed=3))],
                             sampling=GREEDY_800)
-    solo = codes(engine.submit(long_prompt))
+    solo = frames_of(engine.submit(long_prompt))
     speaking = engine.submit(SpeechJob(TEXT, sampling=Sampling(temperature=0, max_audio_ms=60 * 80)))
     speaking.next_frames(timeout=30)
     engine.forget_voice(list(long_prompt.context))  # read again, not from the prompt cache
     sizes.clear()
     joining = engine.submit(long_prompt)
-    np.testing.assert_array_equal(codes(joining), solo)
-    assert len(codes(speaking)) > 20  # still speaking when the other finished
+    np.testing.assert_array_equal(frames_of(joining), solo)
+    assert len(frames_of(speaking)) > 20  # still speaking when the other finished
     assert sum(n for n in sizes if n > 2) >= 150  # the prompt was read in this window (steps decode 1-2 rows)...
     assert max(sizes) <= rows  # ...in parts, between frames of the speaking stream
     wait_idle(engine)
@@ -160,21 +163,6 @@ def test_waiting_followers_do_not_fill_the_queue_against_new_requests(f32_model)
             job.cancel()
         engine.close()
         tts.close()
-
-
-def _all(job, next_items) -> list[np.ndarray]:
-    items = []
-    while (got := next_items(job)) is not None:
-        items += got
-    return items
-
-
-def frames_of(job) -> np.ndarray:
-    return np.stack(_all(job, lambda j: j.next_frames(timeout=30)))
-
-
-def audio_of(job) -> np.ndarray:
-    return np.concatenate(_all(job, lambda j: j.next_audio(timeout=30)))
 
 
 def decoded(services, codes: np.ndarray) -> np.ndarray:
