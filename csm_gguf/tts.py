@@ -65,14 +65,6 @@ def find_model(model: str | Path | None) -> Path:
     )
 
 
-def decode_frames(codec, state, frames: list[np.ndarray] | np.ndarray) -> np.ndarray:
-    """The next audio of a streaming decode (`codec.decoder_state`): frames of 32 codes (a list, or an array
-    of shape (frames, 32)) -> float32 samples."""
-    import torch
-
-    return codec.decode_step(torch.from_numpy(np.asarray(frames).T[None]), state)[0, 0].cpu().numpy()
-
-
 def _sentences(chunks: Iterable[str]) -> Iterator[str]:
     """The sentences of text arriving in chunks, each as soon as it is known to be complete, or once it is
     UNFINISHED_CHARS long (its words so far)."""
@@ -396,7 +388,7 @@ class CSM:
 
         def flush() -> np.ndarray:
             codes = check_codes(np.stack(pending), self.model.config.num_codebooks, self.model.n_codes, "frames")
-            audio = decode_frames(codec, state, codes)
+            audio = codec.decode_frames(codes, state)
             pending.clear()
             return audio
 

@@ -135,6 +135,11 @@ class Mimi(nn.Module):
         state.frames += codes.shape[-1]
         return audio
 
+    def decode_frames(self, frames: np.ndarray | list[np.ndarray], state: DecoderState) -> np.ndarray:
+        """`decode_step` for one stream, in numpy: frames of K codes (an array (frames, K), or a list of (K,)
+        frames) -> float32 samples."""
+        return self.decode_step(torch.from_numpy(np.asarray(frames, dtype=np.int64).T[None]), state)[0, 0].cpu().numpy()
+
     def _step(self, codes: Tensor, state: DecoderState) -> Tensor:
         x = self.upsample(self.quantizer.decode(codes), state.upsample)
         x = self.decoder_transformer(x, state.transformer)

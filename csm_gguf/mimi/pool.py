@@ -105,7 +105,7 @@ class DecoderPool:
             self._compact()
             for stream in codes:
                 if stream.own is not None:
-                    audio[stream].append(self._decode_own(stream, codes[stream]))
+                    audio[stream].append(self.codec.decode_frames(codes[stream], stream.own))
             self._decode_pooled({s: c for s, c in codes.items() if s.row is not None}, audio)
         return {s: np.concatenate([np.zeros(0, np.float32), *chunks]) for s, chunks in audio.items()}
 
@@ -139,9 +139,6 @@ class DecoderPool:
             stream.own = self.codec.decoder_state(1)
             return
         self.rows[free] = stream._holder[0] = _Row(free)
-
-    def _decode_own(self, stream: AudioStream, codes: np.ndarray) -> np.ndarray:
-        return self.codec.decode_step(torch.from_numpy(codes.T[None]), stream.own)[0, 0].cpu().numpy()
 
     def _compact(self) -> None:
         """Move the last streams into the rows freed before them, so that the rows in use come first; reset the
