@@ -78,18 +78,19 @@ class DecodeStage:
             log.exception("decoding audio failed")
             audio = e
         size, used = self.decoders.codec.cfg.frame_size, dict.fromkeys(frames, 0)
-        samples: dict[Job, list[np.ndarray]] = {}
+        samples: dict[Job, list[np.ndarray] | Exception] = {}
         ends: dict[Job, Any] = {}
         for job, item in items:  # a stream's audio is its frames' in order, frame_size samples each
             if not isinstance(item, np.ndarray):
                 ends[job] = item
-                continue
-            start, used[job.audio] = used[job.audio], used[job.audio] + size
-            got = audio if isinstance(audio, Exception) else audio[job.audio][start : start + size]
-            samples.setdefault(job, []).append(got)
+            elif isinstance(audio, Exception):
+                samples[job] = audio
+            else:
+                start, used[job.audio] = used[job.audio], used[job.audio] + size
+                samples.setdefault(job, []).append(audio[job.audio][start : start + size])
         for job in dict.fromkeys(job for job, _ in items):
             if job in samples:
                 got = samples[job]
-                job.out.put(got[0] if isinstance(got[0], Exception) else np.concatenate(got))
+                job.out.put(got if isinstance(got, Exception) else np.concatenate(got))
             if job in ends:
                 job.out.put(ends[job])
