@@ -6,19 +6,20 @@ steps (likewise batched). A single `generate` call is simply a batch of one stre
 
 from __future__ import annotations
 
-import ctypes
 import numbers
+import os
+import sys
 import threading
 from collections import Counter
 from dataclasses import dataclass
+from functools import partial
 from typing import Iterator, Sequence
 
-import llama_cpp as L
 import numpy as np
 
 from . import prompt_cache
 from .formats import FRAME_MS
-from .heads import CodebookHeads
+from .heads import CodebookHeads, Draws, gpu_present
 from .llama import ContextOptions, EmbeddingModel, default_threads
 from .model import CSMModel
 from .prompt_cache import PromptCache
@@ -56,47 +57,27 @@ def check_codes(codes, codebooks: int, n_codes: int, what: str = "codes") -> np.
 
 
 class Sampler:
-    """Top-k, then a draw from the temperature softmax (the reference's order), by llama.cpp's sampler
-    chain with its own seeded generator; temperature 0 is argmax. One per stream, over `n` logits.
+    """A stream's draw settings and its own random generator: top-k and 1 / temperature (temperature 0 is
+    greedy: top-1), and a uniform number in [0, 1) per codebook and frame, from the stream's seed.
 
-    C rather than numpy because every draw comes right after a decoder step has emptied the caches,
-    where each numpy call costs several times its usual time: 37 us a draw here against 90."""
+    The draws themselves are made for all streams at once, in the heads' ggml graphs (heads.py): top-k,
+    then the temperature softmax (the reference's order), then the code where the cumulative probability
+    passes the stream's number. A stream's codes so depend on its seed and its logits alone, never on which
+    streams share its steps."""
+
+    # Above this, 1 / temperature could overflow the scaled logits (inf - inf is NaN): any temperature
+    # below 1e-6 draws as 1e-6 does, which is argmax unless logits tie within about 1e-5.
+    MAX_INV_TEMPERATURE = 1e6
 
     def __init__(self, sampling: Sampling, n: int):
-        self.greedy = sampling.temperature <= 0
-        self._chain = None
-        if self.greedy:
-            return
-        self._chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
-        # llama.cpp seeds are 32-bit and LLAMA_DEFAULT_SEED (0xFFFFFFFF) means "draw a random seed": fold
-        # every seed into 0..0xFFFFFFFE, so each one is reproducible (seeds below 2**32 - 1 stay as they are).
-        seed = L.LLAMA_DEFAULT_SEED if sampling.seed is None else sampling.seed % L.LLAMA_DEFAULT_SEED
-        for stage in (L.llama_sampler_init_top_k(sampling.top_k), L.llama_sampler_init_temp(sampling.temperature),
-                      L.llama_sampler_init_dist(seed)):
-            L.llama_sampler_chain_add(self._chain, stage)  # the chain owns its stages
-        self._data = (L.llama_token_data * n)()
-        self._rows = np.ctypeslib.as_array(self._data)  # fields id, logit, p
-        self._ids = np.arange(n, dtype=np.int32)
-        self._candidates = L.llama_token_data_array(data=self._data, size=n, selected=-1, sorted=False)
-        self._candidates_ref = ctypes.byref(self._candidates)
+        greedy = sampling.temperature <= 0
+        self.top_k = 1 if greedy else min(sampling.top_k, n)
+        self.inv_temperature = 1.0 if greedy else min(1.0 / sampling.temperature, self.MAX_INV_TEMPERATURE)
+        self._rng = np.random.default_rng(sampling.seed)  # None: a fresh seed from the OS
 
-    def __call__(self, logits: np.ndarray) -> int:
-        if self.greedy:
-            return int(np.argmax(logits))
-        rows, candidates = self._rows, self._candidates
-        rows["id"] = self._ids  # the chain reorders the candidates in place
-        rows["logit"] = logits
-        candidates.size, candidates.selected, candidates.sorted = len(self._ids), -1, False
-        L.llama_sampler_apply(self._chain, self._candidates_ref)
-        return int(rows["id"][candidates.selected])
-
-    def close(self) -> None:
-        if self._chain:
-            L.llama_sampler_free(self._chain)
-            self._chain = None
-
-    def __del__(self) -> None:
-        self.close()
+    def uniforms(self, n: int) -> np.ndarray:
+        """The numbers for one frame's n codebooks."""
+        return self._rng.random(n, dtype=np.float32)
 
 
 @dataclass
@@ -174,12 +155,27 @@ class Generator:
         self._proj = slice(v, v + d)  # backbone "logits" rows holding projection(h)
         self._offsets = np.arange(cfg.num_codebooks) * v
         self._rows = np.empty(cfg.num_codebooks, dtype=np.int64)
-        self.heads = CodebookHeads(model.audio_head, model.audio_head_type, d, max_streams,
-                                   n_threads or default_threads())
+        self.heads = self._heads(n_threads, n_gpu_layers)
         self.decode_calls = 0
         self.prompt_positions_read = 0
         self.prompt_cache = PromptCache(max_streams, cached, cache_positions, self.backbone.copy_sequence,
                                         self.backbone.remove_sequence)
+
+    def _heads(self, n_threads: int, n_gpu_layers: int) -> CodebookHeads:
+        """The codebook heads on the GPU when the model's layers are there (unless CSM_GGUF_HEADS_DEVICE=cpu),
+        else on the CPU; on the CPU too when the GPU backend lacks an op of the draw."""
+        model, d = self.model, self.cfg.decoder.n_embd
+        chosen = os.environ.get("CSM_GGUF_HEADS_DEVICE", "gpu" if n_gpu_layers and gpu_present() else "cpu")
+        if chosen not in ("cpu", "gpu"):
+            raise ValueError(f"CSM_GGUF_HEADS_DEVICE is cpu or gpu, got {chosen!r}")
+        make = partial(CodebookHeads, model.audio_head, model.audio_head_type, d, self.max_streams,
+                       n_threads or default_threads(), n_codes=model.n_codes)
+        if chosen == "gpu":
+            try:
+                return make(device="gpu")
+            except NotImplementedError as e:
+                print(f"csm-gguf: codebook heads on the CPU: {e}", file=sys.stderr)
+        return make(device="cpu")
 
     # --- prompt -------------------------------------------------------------------------------------
     def frame_embedding(self, codes: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -314,16 +310,32 @@ class Generator:
         if stream.slot not in self.free_slots:
             self.backbone.remove_sequence(stream.slot)
             self.free_slots.append(stream.slot)
-        stream.sampler.close()
         stream.done = True
 
     def step(self, streams: Sequence[Stream]) -> np.ndarray:
         """One frame for every stream: codes of shape (len(streams), 32). Finished streams are marked done."""
         self._check_open()
+        codes = self._draw_frame(streams)
+        for j, st in enumerate(streams):
+            st.frames_left -= 1
+            if not codes[j].any():  # the all-zero frame ends speech; it is neither decoded nor fed back
+                st.done = True
+                continue
+            st.pos += 1
+            self.frame_embedding(codes[j], out=st.pending)
+            if st.frames_left <= 0 or st.pos >= self.cfg.backbone.max_seq_len:
+                st.done = True
+        return codes
+
+    def _draw_frame(self, streams: Sequence[Stream]) -> np.ndarray:
+        """The backbone's step and the decoder's 31, with every codebook's draw: codes (s, 32)."""
         s = len(streams)
         cfg, model = self.cfg, self.model
         v, n_codes, k = cfg.audio_vocab_size, model.n_codes, cfg.num_codebooks
         codes = np.zeros((s, k), dtype=np.int64)
+        draws = self.heads.rows(np.fromiter((st.sampler.top_k for st in streams), np.int64, s),
+                                np.fromiter((st.sampler.inv_temperature for st in streams), np.float32, s))
+        u = np.stack([st.sampler.uniforms(k) for st in streams])
 
         slots = np.fromiter((st.slot for st in streams), dtype=np.int32, count=s)
         bb = self.backbone
@@ -334,49 +346,35 @@ class Generator:
         bb.set_seq_ids(slots)
         bb.decode(s)
 
-        dec = self.decoder
+        dec, first = self.decoder, self.heads.first
         dec.clear()
-        for j, st in enumerate(streams):
+        for j in range(s):
             out = bb.logits(j)
-            c0 = st.sampler(out[:n_codes])
-            codes[j, 0] = c0
+            first[j] = out[:n_codes]
             dec.embd[2 * j] = out[self._proj]
-            dec.embd[2 * j + 1] = model.decoder_inputs[c0]
-            dec.pos[2 * j : 2 * j + 2] = (0, 1)
+        codes[:, 0] = draws.first(u[:, 0])
+        dec.embd[1 : 2 * s : 2] = model.decoder_inputs[codes[:, 0]]
+        dec.pos[: 2 * s] = np.tile((0, 1), s)
         dec.output[: 2 * s] = 1  # the later one-token-per-stream steps reuse these flags
         dec.set_seq_ids(np.repeat(slots, 2))
         dec.decode(2 * s)
-        self._sample_codebook(streams, codes, 1, stride=2)  # each stream's second row
+        self._draw_codebook(draws, u, codes, 1, stride=2)  # each stream's second row
 
         dec.set_seq_ids(slots)
         for i in range(2, k):
-            dec.embd[:s] = model.decoder_inputs[(i - 1) * v + codes[:s, i - 1]]  # all streams' rows at once
+            dec.embd[:s] = model.decoder_inputs[(i - 1) * v + codes[:, i - 1]]  # all streams' rows at once
             dec.pos[:s] = i
             dec.decode(s)
-            self._sample_codebook(streams, codes, i)
+            self._draw_codebook(draws, u, codes, i)
         self.decode_calls += k
-
-        for j, st in enumerate(streams):
-            st.frames_left -= 1
-            if not codes[j].any():  # the all-zero frame ends speech; it is neither decoded nor fed back
-                st.done = True
-                continue
-            st.pos += 1
-            self.frame_embedding(codes[j], out=st.pending)
-            if st.frames_left <= 0 or st.pos >= cfg.backbone.max_seq_len:
-                st.done = True
         return codes
 
-    def _sample_codebook(self, streams: Sequence[Stream], codes: np.ndarray, i: int, stride: int = 1) -> None:
+    def _draw_codebook(self, draws: Draws, u: np.ndarray, codes: np.ndarray, i: int, stride: int = 1) -> None:
         """Codebook i for every stream, from the decoder output of stream j at row stride * j + stride - 1."""
-        s = len(streams)
         heads = self.heads
-        for j in range(s):
+        for j in range(len(codes)):
             self.decoder.copy_hidden(stride * j + stride - 1, heads.x_address + j * heads.x_row_bytes)
-        logits = heads.logits(i - 1, s)
-        n_codes = self.model.n_codes
-        for j, st in enumerate(streams):
-            codes[j, i] = st.sampler(logits[j, :n_codes])
+        codes[:, i] = draws.head(i - 1, u[:, i])
 
     # --- one utterance ------------------------------------------------------------------------------
     def generate(

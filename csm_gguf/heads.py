@@ -1,141 +1,315 @@
-"""The depth decoder's codebook heads as ggml matrix products, on llama.cpp's own CPU backend.
+"""The depth decoder's codebook heads, and every codebook's draw, as ggml graphs on llama.cpp's own backends.
 
 Each frame applies 31 different (2051 x 1024) heads, one per decoder step, so they cannot be the
 decoder's single llama.cpp output layer. numpy would have to hold them in float32 and read 260 MB per
 frame; ggml multiplies them in their stored type (Q8_0 for quantized models) with its SIMD kernels
 and all threads: about 6x faster for one stream and 8x for four.
 
-All graphs (one per head and stream count) are built once. Inputs and outputs live in one host
-buffer exposed as numpy arrays, so a step is: write the hidden states, run a graph, read the logits.
+The draw is in the same graph (`_draw`): top-k, temperature, softmax, and the pick by a uniform number
+each stream draws from its own generator, for all streams at once in C. A step so gives back one int32
+per stream instead of a row of logits for a per-stream sampler in Python: that per-stream work was what
+grew with the number of streams. Codebook 0, drawn from the backbone's logits, goes through a graph of
+the draw alone.
+
+Graphs are built per stream count and top-k bucket (a "family": codebook 0's and one per head), the
+first time that pair is drawn. Inputs, outputs and every graph's intermediate tensors live in one buffer
+(graphs run one at a time, so they share their scratch). On the CPU backend inputs and outputs are numpy
+views of it; on a GPU (where the model's layers are) the heads' weights are copied there once, and a
+step sends the hidden states and fetches one int32 per stream, where a CPU head and sampler would have
+fetched every stream's logits and worked through them on the host at each of the 31 steps.
 """
 
 from __future__ import annotations
 
 import ctypes as C
+from dataclasses import dataclass
 
 import numpy as np
-from llama_cpp._ggml import libggml  # llama-cpp-python's ggml: the very library llama.cpp runs on
 
-_p = C.c_void_p
-_DEVICE_TYPE_CPU = 0  # enum ggml_backend_dev_type
-_TYPE_F32 = 0  # enum ggml_type
-_GRAPH_SIZE = 4  # nodes per graph: one matrix product, its two inputs
-_TENSOR_ALIGNMENT = 32  # ggml's: a CPU buffer made on memory of ours must start at a multiple of it (else abort)
+from . import ggml as G
 
-
-class _InitParams(C.Structure):
-    _fields_ = [("mem_size", C.c_size_t), ("mem_buffer", _p), ("no_alloc", C.c_bool)]
+_GRAPH_SIZE = 64  # nodes (and leaves) of one graph: the product, the draw's 20 or so, their inputs
+# The scratch a draw graph takes: its logits (n codes a stream), `_draw`'s 13 tensors of k a stream and a
+# few of one a stream (k is at most n), each of its 20-odd tensors rounded up to ggml's alignment.
+_DRAW_TENSORS, _PLACED = 16, 24
+_LOGITS_GRAPH_SIZE = 4  # `logits`: one matrix product, its two inputs
 
 
-def _bind(name: str, restype, *argtypes):
-    f = getattr(libggml, name)
-    f.restype, f.argtypes = restype, list(argtypes)
-    return f
+def _view(address: int, dtype, shape: tuple[int, ...]) -> np.ndarray:
+    count = int(np.prod(shape))
+    ctype = C.c_float if dtype == np.float32 else C.c_int32
+    return np.ctypeslib.as_array((ctype * count).from_address(address)).reshape(shape)
 
 
-_init = _bind("ggml_init", _p, _InitParams)
-_free = _bind("ggml_free", None, _p)
-_tensor_overhead = _bind("ggml_tensor_overhead", C.c_size_t)
-_graph_overhead = _bind("ggml_graph_overhead_custom", C.c_size_t, C.c_size_t, C.c_bool)
-_row_size = _bind("ggml_row_size", C.c_size_t, C.c_int, C.c_int64)
-_new_tensor_2d = _bind("ggml_new_tensor_2d", _p, _p, C.c_int, C.c_int64, C.c_int64)
-_mul_mat = _bind("ggml_mul_mat", _p, _p, _p, _p)
-_new_graph = _bind("ggml_new_graph_custom", _p, _p, C.c_size_t, C.c_bool)
-_expand = _bind("ggml_build_forward_expand", None, _p, _p)
-_dev_by_type = _bind("ggml_backend_dev_by_type", _p, C.c_int)
-_dev_init = _bind("ggml_backend_dev_init", _p, _p, C.c_char_p)
-_dev_reg = _bind("ggml_backend_dev_backend_reg", _p, _p)
-_proc_address = _bind("ggml_backend_reg_get_proc_address", _p, _p, C.c_char_p)
-_backend_free = _bind("ggml_backend_free", None, _p)
-_alloc_ctx_tensors = _bind("ggml_backend_alloc_ctx_tensors", _p, _p, _p)
-_alloc_buffer = _bind("ggml_backend_alloc_buffer", _p, _p, C.c_size_t)
-_buffer_from_ptr = _bind("ggml_backend_cpu_buffer_from_ptr", _p, _p, C.c_size_t)
-_buffer_base = _bind("ggml_backend_buffer_get_base", _p, _p)
-_buffer_free = _bind("ggml_backend_buffer_free", None, _p)
-_tensor_alloc = _bind("ggml_backend_tensor_alloc", C.c_int, _p, _p, _p)
-_tensor_set = _bind("ggml_backend_tensor_set", None, _p, _p, C.c_size_t, C.c_size_t)
-_compute = _bind("ggml_backend_graph_compute", C.c_int, _p, _p)
-_SetThreads = C.CFUNCTYPE(None, _p, C.c_int)
+def gpu_present() -> bool:
+    """Whether this build of llama.cpp's ggml has a GPU device (CUDA, Metal, ...)."""
+    return bool(G.dev_by_type(G.DEVICE_TYPE_GPU))
+
+
+def top_k_bucket(k: int, n_codes: int) -> int:
+    """The k a family is built for: the next power of two, at most all codes (few families, few graphs)."""
+    return min(n_codes, 1 << (max(k, 1) - 1).bit_length())
+
+
+@dataclass
+class _Family:
+    """The graphs of one stream count and top-k bucket: `first` (codebook 0) and `heads[i]`, each a graph and
+    its output (s,) int32 tensor, and their inputs."""
+
+    ctx: int
+    inputs: dict[str, int]  # x, first, u, inv_t, mask
+    first: tuple[int, int, np.ndarray]  # a graph, its output tensor, and that output on the host
+    heads: list[tuple[int, int, np.ndarray]]
 
 
 class CodebookHeads:
-    """`heads`: raw GGUF data of a (n_heads, n_rows, n_embd) matrix of ggml type `qtype`.
+    """`heads`: raw GGUF data of a (n_heads, n_rows, n_embd) matrix of ggml type `qtype`; codes are the first
+    `n_codes` rows (default: all). `device`: "cpu", or "gpu" (ggml's first GPU device, in a GPU build).
 
-    Write hidden states into `x[:s]` (row j starts at `x_address + j * x_row_bytes`), call
-    `logits(i, s)`, read `(s, n_rows)` logits of head i."""
+    To draw: `draw = heads.rows(top_k, inv_temperature)` once per frame step, then write hidden states into
+    `x[:s]` (row j starts at `x_address + j * x_row_bytes`) and call `draw.head(i, u)`, or write codebook 0's
+    logits into `first[:s]` and call `draw.first(u)`. `logits(i, s)` gives head i's logits of `x[:s]`.
 
-    def __init__(self, heads: np.ndarray, qtype: int, n_embd: int, max_streams: int, n_threads: int):
+    On the CPU, `x`, `first` and the outputs are ggml's own buffer; on a GPU they are host copies of it,
+    sent before and fetched after each graph (a few KB: the hidden states in, one int32 per stream out)."""
+
+    def __init__(self, heads: np.ndarray, qtype: int, n_embd: int, max_streams: int, n_threads: int,
+                 n_codes: int | None = None, device: str = "cpu"):
         self._ctx = self._weights_ctx = self._backend = self._weights = self._io = None
+        self._families: dict[tuple[int, int], _Family] = {}
         n_heads = heads.shape[0]
         raw = np.ascontiguousarray(heads).view(np.uint8).reshape(n_heads, -1)
-        n_rows = raw.shape[1] // _row_size(qtype, n_embd)
-        if n_rows * _row_size(qtype, n_embd) != raw.shape[1]:
+        row_bytes = G.row_size(qtype, n_embd)
+        n_rows = raw.shape[1] // row_bytes
+        if n_rows * row_bytes != raw.shape[1]:
             raise ValueError(f"codebook heads of {raw.shape[1]} bytes each are not whole rows of {n_embd}")
-        dev = _dev_by_type(_DEVICE_TYPE_CPU)
-        self._backend = _dev_init(dev, None) if dev else None
+        if device not in ("cpu", "gpu"):
+            raise ValueError(f"device is cpu or gpu, got {device!r}")
+        self.n_heads, self.n_embd, self.max_streams = n_heads, n_embd, max_streams
+        self.n_codes = n_rows if n_codes is None else n_codes
+        self.on_gpu = device == "gpu"
+        dev = G.dev_by_type(G.DEVICE_TYPE_GPU if self.on_gpu else G.DEVICE_TYPE_CPU)
+        if not dev:
+            raise RuntimeError(f"this build of llama.cpp has no {device.upper()} device")
+        self._backend = G.dev_init(dev, None)
         if not self._backend:
-            raise RuntimeError("ggml's CPU backend did not start")
-        set_threads = _proc_address(_dev_reg(dev), b"ggml_backend_set_n_threads")
-        _SetThreads(set_threads)(self._backend, n_threads)
+            raise RuntimeError(f"ggml's {device.upper()} backend did not start")
+        if not self.on_gpu:
+            G.SetThreads(G.proc_address(G.dev_reg(dev), b"ggml_backend_set_n_threads"))(self._backend, n_threads)
+        try:
+            self._load(raw, qtype, n_embd, n_rows)
+            self._layout(n_embd, n_rows)
+            self._build_logits(n_embd, n_rows)
+            if self.on_gpu:  # every op the draw needs, at the smallest and the largest top-k, or none of it here
+                self._family(1, 1), self._family(1, self.n_codes)
+        except BaseException:
+            self.close()
+            raise
 
-        self._weights_ctx = _init(_InitParams(n_heads * _tensor_overhead(), None, True))
-        weights = [_new_tensor_2d(self._weights_ctx, qtype, n_embd, n_rows) for _ in range(n_heads)]
-        self.in_place = raw.ctypes.data % _TENSOR_ALIGNMENT == 0
+    def _load(self, raw: np.ndarray, qtype: int, n_embd: int, n_rows: int) -> None:
+        n_heads = len(raw)
+        self._weights_ctx = G.init(G.InitParams(2 * n_heads * G.tensor_overhead(), None, True))
+        weights = [G.new_tensor_2d(self._weights_ctx, qtype, n_embd, n_rows) for _ in range(n_heads)]
+        self.in_place = not self.on_gpu and raw.ctypes.data % G.TENSOR_ALIGNMENT == 0
         if self.in_place:  # the caller's memory (the model's mapped sidecar) as it is: nothing held twice
             self._data = raw  # kept alive as long as ggml reads it
-            self._weights = _buffer_from_ptr(raw.ctypes.data, raw.nbytes)
+            self._weights = G.buffer_from_ptr(raw.ctypes.data, raw.nbytes)
             for i, w in enumerate(weights):
-                _tensor_alloc(self._weights, w, raw.ctypes.data + i * raw.shape[1])
-        else:  # copied once into a CPU buffer of ggml's
-            self._weights = _alloc_ctx_tensors(self._weights_ctx, self._backend)
+                G.tensor_alloc(self._weights, w, raw.ctypes.data + i * raw.shape[1])
+        else:  # copied once into a buffer of the device's
+            self._weights = G.alloc_ctx_tensors(self._weights_ctx, self._backend)
             if not self._weights:
                 raise MemoryError(f"could not allocate {raw.nbytes / 2**20:.0f} MiB for the codebook heads")
             for w, data in zip(weights, raw):
-                _tensor_set(w, data.ctypes.data, 0, data.nbytes)
+                G.tensor_set(w, data.ctypes.data, 0, data.nbytes)
+        self._w = weights
+        # The draw's heads: their first n_codes rows (the rest are ids the codec has no code for).
+        self._w_codes = [G.view_2d(self._weights_ctx, w, n_embd, self.n_codes, G.row_size(qtype, n_embd), 0)
+                         for w in weights]
+        for w in self._w_codes:
+            G.view_init(w)
 
-        # Inputs and outputs: every graph of s streams reads x[:s] and writes y[:s] of one shared buffer.
-        x_bytes, y_bytes = 4 * max_streams * n_embd, 4 * max_streams * n_rows
-        self._io = _alloc_buffer(self._backend, x_bytes + y_bytes)
-        base = _buffer_base(self._io)
-        self.x = np.ctypeslib.as_array((C.c_float * (max_streams * n_embd)).from_address(base))
-        self.x = self.x.reshape(max_streams, n_embd)
-        self.x_address, self.x_row_bytes = base, 4 * n_embd
-        self._y = np.ctypeslib.as_array((C.c_float * (max_streams * n_rows)).from_address(base + x_bytes))
-        self._y = self._y.reshape(max_streams, n_rows)
+    def _layout(self, n_embd: int, n_rows: int) -> None:
+        """One device buffer: x | logits | first | u | inverse temperature | mask | scratch; and its host side
+        (on the CPU: the buffer itself)."""
+        s, n = self.max_streams, self.n_codes
+        parts = dict(x=s * n_embd, y=s * n_rows, first=s * n, u=s, inv_t=s, mask=s * n, out=s,
+                     scratch=s * (n + _DRAW_TENSORS * n) + _PLACED * G.TENSOR_ALIGNMENT // 4)
+        size = 4 * sum(parts.values()) + G.TENSOR_ALIGNMENT * len(parts)
+        self._io = G.alloc_buffer(self._backend, size)
+        if not self._io:
+            raise MemoryError("could not allocate the codebook heads' buffer")
+        base = G.buffer_base(self._io)
+        if self.on_gpu:
+            self._mirror = np.zeros(size + G.TENSOR_ALIGNMENT, np.uint8)
+            host = self._mirror.ctypes.data + (-self._mirror.ctypes.data) % G.TENSOR_ALIGNMENT
+        else:
+            host = base
+        self._at, self._host_at, at = {}, {}, 0
+        for name, floats in parts.items():
+            self._at[name], self._host_at[name] = base + at, host + at
+            at += -(-4 * floats // G.TENSOR_ALIGNMENT) * G.TENSOR_ALIGNMENT
+        self._end = base + at
+        self.x = _view(self._host_at["x"], np.float32, (s, n_embd))
+        self.x_address, self.x_row_bytes = self._host_at["x"], 4 * n_embd
+        self._y = _view(self._host_at["y"], np.float32, (s, n_rows))
+        self.first = _view(self._host_at["first"], np.float32, (s, n))
+        self._u = _view(self._host_at["u"], np.float32, (s,))
+        self._inv_t = _view(self._host_at["inv_t"], np.float32, (s,))
+        self._out = _view(self._host_at["out"], np.int32, (s,))
 
-        n_graphs = n_heads * max_streams
-        self._ctx = _init(_InitParams(
-            (max_streams + n_graphs) * _tensor_overhead() + n_graphs * _graph_overhead(_GRAPH_SIZE, False),
-            None, True,
-        ))
+    def _input(self, ctx: int, name: str, ne0: int, s: int) -> int:
+        t = G.new_tensor_2d(ctx, G.TYPE_F32, ne0, s)
+        G.tensor_alloc(self._io, t, self._at[name])
+        return t
+
+    def _send(self, t: int, name: str) -> None:
+        """The host side of input `name` to its tensor t (on the CPU they are one memory)."""
+        if self.on_gpu:
+            G.tensor_set(t, self._host_at[name], 0, G.nbytes(t))
+
+    def _build_logits(self, n_embd: int, n_rows: int) -> None:
+        n_graphs = self.n_heads * self.max_streams
+        self._ctx = G.init(G.InitParams(
+            (self.max_streams + n_graphs) * G.tensor_overhead()
+            + n_graphs * G.graph_overhead(_LOGITS_GRAPH_SIZE, False), None, True))
         self._graphs = {}
-        for s in range(1, max_streams + 1):
-            x = _new_tensor_2d(self._ctx, _TYPE_F32, n_embd, s)
-            _tensor_alloc(self._io, x, base)
-            for i, w in enumerate(weights):
-                y = _mul_mat(self._ctx, w, x)
-                _tensor_alloc(self._io, y, base + x_bytes)
-                graph = _new_graph(self._ctx, _GRAPH_SIZE, False)
-                _expand(graph, y)
-                self._graphs[i, s] = graph
+        for s in range(1, self.max_streams + 1):
+            x = self._input(self._ctx, "x", n_embd, s)
+            for i, w in enumerate(self._w):
+                y = G.mul_mat(self._ctx, w, x)
+                G.tensor_alloc(self._io, y, self._at["y"])
+                graph = G.new_graph(self._ctx, _LOGITS_GRAPH_SIZE, False)
+                G.expand(graph, y)
+                self._graphs[i, s] = graph, x, y
 
     def logits(self, i: int, s: int) -> np.ndarray:
         """Head i applied to x[:s]: a view valid until the next call."""
-        status = _compute(self._backend, self._graphs[i, s])
-        if status != 0:
-            raise RuntimeError(f"ggml failed to compute codebook head {i} (status {status})")
+        graph, x, y = self._graphs[i, s]
+        self._send(x, "x")
+        self._compute(graph)
+        if self.on_gpu:
+            G.tensor_get(y, self._y.ctypes.data, 0, G.nbytes(y))
         return self._y[:s]
+
+    def rows(self, top_k: np.ndarray, inv_temperature: np.ndarray) -> Draws:
+        """Draws for s = len(top_k) streams, row j with its top_k[j] and 1 / temperature (greedy: top-k 1,
+        inverse temperature 1). Valid until the next `rows`."""
+        s = len(top_k)
+        if not 1 <= s <= self.max_streams:
+            raise ValueError(f"{s} streams: the heads were made for 1 to {self.max_streams}")
+        k = top_k_bucket(int(np.max(top_k)), self.n_codes)
+        family = self._family(s, k)
+        mask = _view(self._host_at["mask"], np.float32, (s, k))
+        mask[:] = np.where(np.arange(k) < np.asarray(top_k)[:, None], 0.0, -np.inf)
+        self._inv_t[:s] = inv_temperature
+        self._send(family.inputs["mask"], "mask")
+        self._send(family.inputs["inv_t"], "inv_t")
+        return Draws(self, family, s)
+
+    def _family(self, s: int, k: int) -> _Family:
+        family = self._families.get((s, k))
+        if family is None:
+            family = self._families[s, k] = self._build_family(s, k)
+        return family
+
+    def _build_family(self, s: int, k: int) -> _Family:
+        n_graphs = 1 + self.n_heads
+        ctx = G.init(G.InitParams(n_graphs * (_GRAPH_SIZE * G.tensor_overhead() + G.graph_overhead(_GRAPH_SIZE, False))
+                                  + 8 * G.tensor_overhead(), None, True))
+        if not ctx:
+            raise MemoryError("ggml could not make a context for the draw's graphs")
+        inputs = {name: self._input(ctx, name, ne0, s) for name, ne0 in
+                  (("x", self.n_embd), ("first", self.n_codes), ("u", 1), ("inv_t", 1), ("mask", k))}
+
+        def graph(logits: int) -> tuple[int, int, np.ndarray]:
+            put = G.Placer(ctx, self._io, self._at["scratch"], self._end)
+            ids = _draw(put, logits(put), self.n_codes, k, s, inputs["u"], inputs["inv_t"], inputs["mask"])
+            g = G.new_graph(ctx, _GRAPH_SIZE, False)
+            G.expand(g, ids)
+            self._check_ops(g)
+            return g, ids, self._out[:s] if self.on_gpu else _view(G.get_data(ids), np.int32, (s,))
+
+        try:
+            first = graph(lambda put: inputs["first"])
+            heads = [graph(lambda put, w=w: put(G.mul_mat, w, inputs["x"])) for w in self._w_codes]
+        except BaseException:
+            G.free(ctx)
+            raise
+        return _Family(ctx, inputs, first, heads)
+
+    def _check_ops(self, graph: int) -> None:
+        for i in range(G.graph_n_nodes(graph)):
+            node = G.graph_node(graph, i)
+            if not G.supports_op(self._backend, node):
+                raise NotImplementedError(f"this ggml build's {'GPU' if self.on_gpu else 'CPU'} backend lacks an "
+                                          "op of the codebook draw")
+
+    def _compute(self, graph: int) -> None:
+        status = G.compute(self._backend, graph)
+        if status != 0:
+            raise RuntimeError(f"ggml failed to compute a codebook head (status {status})")
+
+    def _draw_with(self, graph: tuple[int, int, np.ndarray], inputs: tuple[tuple[int, str], ...],
+                   u: np.ndarray, s: int) -> np.ndarray:
+        self._u[:s] = u
+        for t, name in inputs:
+            self._send(t, name)
+        g, ids, out = graph
+        self._compute(g)
+        if self.on_gpu:
+            G.tensor_get(ids, out.ctypes.data, 0, out.nbytes)
+        return out
 
     def close(self) -> None:
         for buffer in (self._io, self._weights):
             if buffer:
-                _buffer_free(buffer)
-        for ctx in (self._ctx, self._weights_ctx):
+                G.buffer_free(buffer)
+        for ctx in (self._ctx, self._weights_ctx, *(f.ctx for f in self._families.values())):
             if ctx:
-                _free(ctx)
+                G.free(ctx)
         if self._backend:
-            _backend_free(self._backend)
+            G.backend_free(self._backend)
         self._ctx = self._weights_ctx = self._backend = self._weights = self._io = None
+        self._families = {}
 
     def __del__(self) -> None:
         self.close()
+
+
+class Draws:
+    """One frame step's draws for s streams: `first(u)` (codebook 0) and `head(i, u)`, u (s,) uniform numbers
+    in [0, 1), one per stream. Each returns the s codes drawn (a view, valid until the next draw)."""
+
+    def __init__(self, heads: CodebookHeads, family: _Family, s: int):
+        self._heads, self._family, self._s = heads, family, s
+        inputs = family.inputs
+        self._first_in = ((inputs["first"], "first"), (inputs["u"], "u"))
+        self._head_in = ((inputs["x"], "x"), (inputs["u"], "u"))
+
+    def first(self, u: np.ndarray) -> np.ndarray:
+        return self._heads._draw_with(self._family.first, self._first_in, u, self._s)
+
+    def head(self, i: int, u: np.ndarray) -> np.ndarray:
+        return self._heads._draw_with(self._family.heads[i], self._head_in, u, self._s)
+
+
+def _draw(put: G.Placer, logits: int, n: int, k: int, s: int, u: int, inv_t: int, mask: int) -> int:
+    """Codes drawn from (n, s) logits: the top k, largest first; weights exp((logit - largest) / temperature),
+    zero past each stream's own top-k; the first code whose running sum of weights passes u times their sum.
+
+    Not a softmax: its sum over all k would round differently for another k (another bucket, when other
+    streams share the step), and so could the draw. A running sum taken in order is the same for any k
+    past the stream's own top-k (the weights there are exactly 0), and so is the draw."""
+    idx = put(G.top_k, logits, k)  # (k, s) int32, in no particular order
+    vals = put(G.reshape_2d, put(G.get_rows, put(G.reshape_3d, logits, 1, n, s), idx), k, s)
+    order = put(G.argsort, vals, G.SORT_DESC)  # largest first, so a stream's top-k is a prefix
+    vals = put(G.reshape_2d, put(G.get_rows, put(G.reshape_3d, vals, 1, k, s), order), k, s)
+    codes = put(G.get_rows, put(G.reshape_3d, idx, 1, k, s), order)  # (1, k, s) int32
+    largest = put(G.view_2d, vals, 1, s, 4 * k, 0)
+    weights = put(G.exp, put(G.add, put(G.mul, put(G.sub, vals, largest), inv_t), mask))
+    running = put(G.cumsum, weights)
+    target = put(G.mul, u, put(G.view_2d, running, 1, s, 4 * k, 4 * (k - 1)))
+    short = put(G.step, put(G.neg, put(G.sub, running, target)))  # 1 where the running sum is below target
+    pick = put(G.cast, put(G.sum_rows, short), G.TYPE_I32)  # (1, s): how many were below
+    return put(G.get_rows, codes, pick)  # (1, 1, s) int32

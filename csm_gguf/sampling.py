@@ -2,10 +2,10 @@
 say's options, a server request) to each stream's sampler. Every default and limit is declared once
 here, in SETTINGS; Sampling checks them, and say and the server check their input against the same.
 
-The limits are what the machinery takes, not taste: top_k is an int32 in llama.cpp; any finite
-temperature >= 0 works (a large one only flattens the draw); any whole seed >= 0 is reproducible (it is
-folded into llama.cpp's 32 bits); max_audio_ms stops at 10 minutes, beyond the 164 s the model's whole
-context holds, so a larger value can only be a mistake.
+The limits are what the machinery takes, not taste: top_k is an int32 (2048 or more: every code); any
+finite temperature >= 0 works (a large one only flattens the draw, a tiny one is argmax); any whole seed
+>= 0 is reproducible (it seeds the stream's own numpy generator, whatever its size); max_audio_ms stops
+at 10 minutes, beyond the 164 s the model's whole context holds, so a larger value can only be a mistake.
 """
 
 from __future__ import annotations

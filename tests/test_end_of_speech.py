@@ -1,8 +1,8 @@
 """End of speech (the all-zero frame) ends the utterance on every path, and is neither audio nor context.
 
-The frame is made by `eos_fixtures.end_at` (a sampler that draws it at a chosen frame; see there why).
+The frame is made by `eos_fixtures.end_at` (a draw that makes it at a chosen frame; see there why).
 Each test checks that exactly the frames before it come out: a path that misses the end would go on to
-make more (the sampler draws normally after it), one that passed the frame on would add a frame of samples.
+make more (frames are drawn normally after it), one that passed the frame on would add a frame of samples.
 """
 
 from __future__ import annotations

@@ -125,6 +125,28 @@ def test_weight_types_on_gpu_agree_with_cpu(converted, qtype, min_corr):
     assert codes.shape[1] == 32 and len(codes) > 0
 
 
+@needs_gpu
+def test_heads_on_the_gpu_draw_what_heads_on_the_cpu_draw(f32_model, monkeypatch):
+    """With the layers on the GPU the heads and the draw go there too (one int32 a stream comes back, not
+    the logits); CSM_GGUF_HEADS_DEVICE=cpu keeps them on the CPU. One stream, greedy: the same codes (one
+    stream's products are not TF32; a near tie could still part them, which would show here first)."""
+    sampling = Sampling(temperature=0, max_audio_ms=8 * 80)
+    gen = Generator(CSMModel(f32_model), kv_type="f32", n_gpu_layers=ALL_LAYERS)
+    try:
+        assert gen.heads.on_gpu
+        on_gpu = np.stack(list(gen.generate(TEXT, 0, context(), sampling)))
+    finally:
+        gen.close()
+    monkeypatch.setenv("CSM_GGUF_HEADS_DEVICE", "cpu")
+    np.testing.assert_array_equal(on_gpu, ours(f32_model, sampling=sampling, n_gpu_layers=ALL_LAYERS))
+
+
+def test_an_unknown_heads_device_is_refused(f32_model, monkeypatch):
+    monkeypatch.setenv("CSM_GGUF_HEADS_DEVICE", "tpu")
+    with pytest.raises(ValueError, match="CSM_GGUF_HEADS_DEVICE is cpu or gpu, got 'tpu'"):
+        Generator(CSMModel(f32_model))
+
+
 def test_same_seed_same_codes_and_codes_stay_in_codec_range(tokenizer_json, workdir):
     """Audio vocabulary 67 over a 64-code codec (like CSM's 2051 over Mimi's 2048): never emit 64..66."""
     from converter.convert import convert
@@ -143,33 +165,23 @@ def test_same_seed_same_codes_and_codes_stay_in_codec_range(tokenizer_json, work
     assert not np.array_equal(a, c)
 
 
-def test_sampling_draws_from_the_top_k_temperature_softmax():
-    from csm_gguf.generator import Sampler
-
-    logits = (2 * np.random.default_rng(0).standard_normal(100)).astype(np.float32)
-    k, temperature, n = 5, 0.7, 20_000
-    sampler = Sampler(Sampling(temperature=temperature, top_k=k, seed=3), len(logits))
-    draws = np.array([sampler(logits) for _ in range(n)])
-    top = np.argsort(logits)[-k:]
-    assert set(draws.tolist()) <= set(top.tolist())
-    p = np.exp((logits[top] - logits[top].max()) / temperature)
-    p /= p.sum()
-    freq = np.array([(draws == i).mean() for i in top])
-    np.testing.assert_allclose(freq, p, rtol=0, atol=4 * np.sqrt(p * (1 - p) / n).max())
-
-    again = Sampler(Sampling(temperature=temperature, top_k=k, seed=3), len(logits))
-    np.testing.assert_array_equal([again(logits) for _ in range(100)], draws[:100])  # same seed, same draws
-    assert Sampler(Sampling(temperature=0), len(logits))(logits) == int(np.argmax(logits))
-
-
-@pytest.mark.parametrize("seed", [2**32 - 1, 2**63 - 1])
+@pytest.mark.parametrize("seed", [0, 2**32 - 1, 2**63 - 1, 2**100])
 def test_every_seed_is_reproducible(seed):
-    """llama.cpp reads the seed 0xFFFFFFFF as "draw a random one": no seed of ours may turn into it."""
+    """Any whole seed >= 0 gives the same numbers each time (llama.cpp's sampler, used before, took 32 bits
+    and read 0xFFFFFFFF as "draw a random one"), and another seed other numbers."""
     from csm_gguf.generator import Sampler
 
-    logits = np.zeros(1000, dtype=np.float32)
-    runs = [Sampler(Sampling(temperature=1.0, top_k=1000, seed=seed), len(logits)) for _ in range(2)]
-    np.testing.assert_array_equal(*[[sampler(logits) for _ in range(20)] for sampler in runs])
+    runs = [Sampler(Sampling(temperature=1.0, seed=seed), 100).uniforms(64) for _ in range(2)]
+    np.testing.assert_array_equal(*runs)
+    assert not np.array_equal(runs[0], Sampler(Sampling(temperature=1.0, seed=seed + 1), 100).uniforms(64))
+
+
+def test_greedy_and_very_cold_draws_are_argmax():
+    from csm_gguf.generator import Sampler
+
+    greedy, cold = Sampler(Sampling(temperature=0), 100), Sampler(Sampling(temperature=1e-30, top_k=7), 100)
+    assert (greedy.top_k, greedy.inv_temperature) == (1, 1.0)
+    assert (cold.top_k, cold.inv_temperature) == (7, Sampler.MAX_INV_TEMPERATURE)  # no inf, no NaN
 
 
 def test_prompt_that_does_not_fit_is_refused(f32_model):
@@ -193,13 +205,23 @@ def test_bad_sampling_values(kwargs, match):
         Sampling(**kwargs)
 
 
-def test_batched_streams_equal_solo_streams(f32_model):
+SOLO_OR_BATCHED = {
+    "greedy": [Sampling(temperature=0, max_audio_ms=10 * 80)] * 3,
+    # each its own top-k (three top-k buckets) and temperature, one greedy: a stream draws as it would alone
+    "sampled": [Sampling(temperature=0.9, top_k=50, seed=1, max_audio_ms=10 * 80),
+                Sampling(temperature=1.3, top_k=5, seed=2, max_audio_ms=10 * 80),
+                Sampling(temperature=0, max_audio_ms=10 * 80)],
+}
+
+
+@pytest.mark.parametrize("samplings", SOLO_OR_BATCHED.values(), ids=SOLO_OR_BATCHED.keys())
+def test_batched_streams_equal_solo_streams(f32_model, samplings):
     """Several sequences in one llama_decode give the codes each gives alone (the server's path)."""
     model = CSMModel(f32_model)
     texts = ["First voice.", "A second, somewhat longer sentence to say.", "Third!"]
-    solo = [ours(f32_model, text=t, ctx=[], sampling=Sampling(temperature=0, max_audio_ms=10 * 80)) for t in texts]
+    solo = [ours(f32_model, text=t, ctx=[], sampling=sp) for t, sp in zip(texts, samplings)]
     gen = Generator(model, max_streams=4, kv_type="f32")
-    streams = [gen.start(gen.prompt_embeddings(t, 0), Sampling(temperature=0, max_audio_ms=10 * 80)) for t in texts]
+    streams = [gen.start(gen.prompt_embeddings(t, 0), sp) for t, sp in zip(texts, samplings)]
     frames: list[list[np.ndarray]] = [[] for _ in texts]
     active = list(range(len(texts)))
     calls_before = gen.decode_calls

@@ -1,4 +1,6 @@
-"""The codebook heads on ggml: the same logits as a plain matrix product, for every stored type."""
+"""The codebook heads on ggml: the same logits as a plain matrix product, for every stored type; and the draw
+in their graphs: argmax when greedy, the top-k temperature softmax's odds otherwise, each stream's codes its own
+whatever else shares the step."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import gguf
 import numpy as np
 import pytest
 
-from csm_gguf.heads import CodebookHeads
+from csm_gguf.heads import CodebookHeads, gpu_present
 from csm_gguf.model import CSMModel
 
 Q = gguf.GGMLQuantizationType
@@ -33,16 +35,25 @@ def at_offset(raw: np.ndarray, offset: int) -> np.ndarray:
     return placed
 
 
+# The draw runs where the heads are: ggml's CPU backend, or its GPU one (a GPU build: CUDA, Metal).
+DEVICES = ["cpu", pytest.param("gpu", marks=pytest.mark.skipif(not gpu_present(), reason="ggml has no GPU device"))]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    return request.param
+
+
 # ggml rounds the input vector to the weights' type too (8 bits of mantissa for bf16, 8-bit blocks for
 # Q8_0), hence the tolerances. Weights at an address ggml can take are used in place, others copied.
 @pytest.mark.parametrize("offset", [0, 8], ids=["in-place", "copied"])
 @pytest.mark.parametrize("qtype, rtol", [(Q.F32, 1e-6), (Q.F16, 2e-3), (Q.BF16, 1e-2), (Q.Q8_0, 2e-2)])
-def test_logits_equal_a_matrix_product(qtype, rtol, offset):
+def test_logits_equal_a_matrix_product(qtype, rtol, offset, device):
     rng = np.random.default_rng(0)
     w = rng.standard_normal((K, V, D), dtype=np.float32)
     raw, dense = stored(w, qtype)
-    heads = CodebookHeads(at_offset(raw, offset), int(qtype), D, max_streams=4, n_threads=2)
-    assert heads.in_place == (offset == 0)
+    heads = CodebookHeads(at_offset(raw, offset), int(qtype), D, max_streams=4, n_threads=2, device=device)
+    assert heads.in_place == (offset == 0 and device == "cpu")  # a GPU holds its own copy
     try:
         for s in (1, 3, 4):
             x = rng.standard_normal((s, D), dtype=np.float32)
@@ -52,7 +63,8 @@ def test_logits_equal_a_matrix_product(qtype, rtol, offset):
                 assert got.shape == (s, V)
                 want = x @ dense[i].T
                 scale = np.abs(want).max()
-                np.testing.assert_allclose(got, want, atol=rtol * scale, rtol=0)
+                tolerance = rtol if device == "cpu" else max(rtol, 5e-3)  # CUDA: F32 by several rows in TF32
+                np.testing.assert_allclose(got, want, atol=tolerance * scale, rtol=0)
     finally:
         heads.close()
 
@@ -78,3 +90,116 @@ def test_a_model_s_heads_are_read_from_its_mapped_file(converted):
         assert heads.in_place
     finally:
         heads.close()
+
+
+N = 64  # codes: the heads' rows past these are ids the codec has no code for
+def draw_heads(device: str, max_streams: int = 4) -> tuple[CodebookHeads, np.ndarray]:
+    w = np.random.default_rng(1).standard_normal((K, V, D), dtype=np.float32)
+    w[:, N:] *= 100
+    return CodebookHeads(w, int(Q.F32), D, max_streams=max_streams, n_threads=2, n_codes=N, device=device), w
+
+
+def test_a_greedy_draw_is_the_argmax_over_the_codes(device):
+    heads, w = draw_heads(device)
+    rng = np.random.default_rng(2)
+    try:
+        for s in (1, 3, 4):
+            x = rng.standard_normal((s, D), dtype=np.float32)
+            draws = heads.rows(np.ones(s, np.int64), np.ones(s, np.float32))
+            for i in range(K):
+                heads.x[:s] = x
+                got = draws.head(i, rng.random(s, dtype=np.float32)).copy()
+                want = np.argmax(heads.logits(i, s)[:, :N], axis=1)
+                np.testing.assert_array_equal(got, want)
+                if s == 4:  # the rows past the codes (weights 100x) would often win: the test can tell
+                    assert (np.argmax(heads.logits(i, s), axis=1) >= N).any()
+    finally:
+        heads.close()
+
+
+def softmax_odds(logits: np.ndarray, k: int, temperature: float) -> tuple[np.ndarray, np.ndarray]:
+    top = np.argsort(logits)[::-1][:k]
+    p = np.exp((logits[top] - logits[top].max()) / temperature)
+    return top, p / p.sum()
+
+
+def test_draws_follow_each_stream_s_top_k_temperature_softmax(device):
+    """Four streams in one step, each with its own top-k and temperature (one greedy), drawn 20000 times:
+    every code is in its stream's top-k, and each code's frequency is its softmax probability."""
+    heads, _ = draw_heads(device)
+    rng = np.random.default_rng(3)
+    logits = (2 * rng.standard_normal((4, N))).astype(np.float32)
+    settings = [(5, 0.7), (1, 1.0), (N, 1.5), (12, 0.3)]  # (top-k, temperature); (1, 1.0): greedy
+    n = 20_000
+    try:
+        heads.first[:4] = logits
+        draws = heads.rows(np.array([k for k, _ in settings]), np.array([1 / t for _, t in settings], np.float32))
+        got = np.stack([draws.first(u).copy() for u in rng.random((n, 4), dtype=np.float32)])
+    finally:
+        heads.close()
+    for j, (k, t) in enumerate(settings):
+        top, p = softmax_odds(logits[j], k, t)
+        assert set(got[:, j].tolist()) <= set(top.tolist())
+        freq = np.array([(got[:, j] == c).mean() for c in top])
+        np.testing.assert_allclose(freq, p, rtol=0, atol=4 * np.sqrt(p * (1 - p) / n).max() + 1e-12)
+
+
+def test_a_stream_draws_the_same_alone_or_beside_others(device):
+    """A stream's codes depend on its logits and numbers alone: drawn alone (top-k 5: a family of 8) or beside
+    streams with a larger top-k (a family of 64) and a greedy one, the same codes, to the last draw."""
+    heads, _ = draw_heads(device)
+    rng = np.random.default_rng(4)
+    logits = rng.standard_normal((3, N)).astype(np.float32)
+    u = rng.random((2000, 3), dtype=np.float32)
+    try:
+        heads.first[:1] = logits[:1]
+        alone = heads.rows(np.array([5]), np.array([1 / 0.8], np.float32))
+        solo = np.array([alone.first(row[:1])[0] for row in u])
+        heads.first[:3] = logits
+        shared = heads.rows(np.array([5, 40, 1]), np.array([1 / 0.8, 1.0, 1.0], np.float32))
+        together = np.array([shared.first(row)[0] for row in u])
+    finally:
+        heads.close()
+    np.testing.assert_array_equal(solo, together)
+    assert len(set(solo.tolist())) == 5
+
+
+def test_a_draw_near_one_still_picks_within_the_top_k(device):
+    """u just below 1 times a running sum that rounding left short must still land on a code of the top-k."""
+    heads, _ = draw_heads(device)
+    logits = np.zeros((1, N), np.float32)
+    logits[0, :3] = (3.0, 2.0, 1.0)
+    try:
+        heads.first[:1] = logits
+        draws = heads.rows(np.array([3]), np.array([1e-3], np.float32))  # almost flat odds
+        for u in (0.0, 0.5, np.nextafter(np.float32(1), np.float32(0))):
+            assert draws.first(np.array([u], np.float32))[0] in (0, 1, 2)
+    finally:
+        heads.close()
+
+
+def test_the_largest_family_fits_its_buffer(device):
+    """Every stream at once, each with every code in its top-k: the most scratch a draw takes."""
+    heads, _ = draw_heads(device)
+    try:
+        heads.first[:4] = np.random.default_rng(5).standard_normal((4, N)).astype(np.float32)
+        draws = heads.rows(np.full(4, 10**6), np.ones(4, np.float32))
+        codes = draws.first(np.full(4, 0.5, np.float32))
+        assert ((0 <= codes) & (codes < N)).all()
+    finally:
+        heads.close()
+
+
+def test_more_streams_than_the_heads_were_made_for_are_refused():
+    heads, _ = draw_heads("cpu", max_streams=2)
+    try:
+        with pytest.raises(ValueError, match="1 to 2"):
+            heads.rows(np.ones(3, np.int64), np.ones(3, np.float32))
+    finally:
+        heads.close()
+
+
+@pytest.mark.skipif(gpu_present(), reason="this ggml has a GPU device")
+def test_heads_on_a_gpu_this_build_lacks_are_refused():
+    with pytest.raises(RuntimeError, match="no GPU device"):
+        draw_heads("gpu")

@@ -1,0 +1,105 @@
+"""The few ggml calls the codebook heads make, bound with ctypes from llama-cpp-python's own ggml (the very
+library llama.cpp runs on), and `Placer`, which puts each new tensor at the next free place of a buffer.
+
+Graphs here are small and fixed: every tensor gets its memory as it is made (views share their
+source's), so no graph allocator is needed and many graphs can share one scratch buffer, since they
+run one at a time.
+"""
+
+from __future__ import annotations
+
+import ctypes as C
+
+from llama_cpp._ggml import libggml
+
+p = C.c_void_p
+DEVICE_TYPE_CPU, DEVICE_TYPE_GPU = 0, 1  # enum ggml_backend_dev_type
+TYPE_F32, TYPE_I32 = 0, 26  # enum ggml_type
+SORT_DESC = 1  # enum ggml_sort_order
+TENSOR_ALIGNMENT = 32  # ggml's: a CPU buffer made on memory of ours must start at a multiple of it (else abort)
+
+
+class InitParams(C.Structure):
+    _fields_ = [("mem_size", C.c_size_t), ("mem_buffer", p), ("no_alloc", C.c_bool)]
+
+
+def _bind(name: str, restype, *argtypes):
+    f = getattr(libggml, name)
+    f.restype, f.argtypes = restype, list(argtypes)
+    return f
+
+
+_i64, _sz = C.c_int64, C.c_size_t
+init = _bind("ggml_init", p, InitParams)
+free = _bind("ggml_free", None, p)
+tensor_overhead = _bind("ggml_tensor_overhead", _sz)
+graph_overhead = _bind("ggml_graph_overhead_custom", _sz, _sz, C.c_bool)
+row_size = _bind("ggml_row_size", _sz, C.c_int, _i64)
+nbytes = _bind("ggml_nbytes", _sz, p)
+get_data = _bind("ggml_get_data", p, p)
+new_tensor_2d = _bind("ggml_new_tensor_2d", p, p, C.c_int, _i64, _i64)
+view_2d = _bind("ggml_view_2d", p, p, p, _i64, _i64, _sz, _sz)
+reshape_2d = _bind("ggml_reshape_2d", p, p, p, _i64, _i64)
+reshape_3d = _bind("ggml_reshape_3d", p, p, p, _i64, _i64, _i64)
+mul_mat = _bind("ggml_mul_mat", p, p, p, p)
+top_k = _bind("ggml_top_k", p, p, p, C.c_int)
+argsort = _bind("ggml_argsort", p, p, p, C.c_int)
+get_rows = _bind("ggml_get_rows", p, p, p, p)
+mul = _bind("ggml_mul", p, p, p, p)
+add = _bind("ggml_add", p, p, p, p)
+sub = _bind("ggml_sub", p, p, p, p)
+neg = _bind("ggml_neg", p, p, p)
+step = _bind("ggml_step", p, p, p)
+exp = _bind("ggml_exp", p, p, p)
+cumsum = _bind("ggml_cumsum", p, p, p)
+sum_rows = _bind("ggml_sum_rows", p, p, p)
+cast = _bind("ggml_cast", p, p, p, C.c_int)
+new_graph = _bind("ggml_new_graph_custom", p, p, _sz, C.c_bool)
+expand = _bind("ggml_build_forward_expand", None, p, p)
+dev_by_type = _bind("ggml_backend_dev_by_type", p, C.c_int)
+dev_init = _bind("ggml_backend_dev_init", p, p, C.c_char_p)
+dev_reg = _bind("ggml_backend_dev_backend_reg", p, p)
+proc_address = _bind("ggml_backend_reg_get_proc_address", p, p, C.c_char_p)
+backend_free = _bind("ggml_backend_free", None, p)
+alloc_ctx_tensors = _bind("ggml_backend_alloc_ctx_tensors", p, p, p)
+alloc_buffer = _bind("ggml_backend_alloc_buffer", p, p, _sz)
+buffer_from_ptr = _bind("ggml_backend_cpu_buffer_from_ptr", p, p, _sz)
+buffer_base = _bind("ggml_backend_buffer_get_base", p, p)
+buffer_free = _bind("ggml_backend_buffer_free", None, p)
+tensor_alloc = _bind("ggml_backend_tensor_alloc", C.c_int, p, p, p)
+view_init = _bind("ggml_backend_view_init", C.c_int, p)
+tensor_set = _bind("ggml_backend_tensor_set", None, p, p, _sz, _sz)
+tensor_get = _bind("ggml_backend_tensor_get", None, p, p, _sz, _sz)
+supports_op = _bind("ggml_backend_supports_op", C.c_bool, p, p)
+graph_n_nodes = _bind("ggml_graph_n_nodes", C.c_int, p)
+graph_node = _bind("ggml_graph_node", p, p, C.c_int)
+compute = _bind("ggml_backend_graph_compute", C.c_int, p, p)
+SetThreads = C.CFUNCTYPE(None, p, C.c_int)
+
+# Ops whose result is a view of their source: it gets no memory of its own.
+_VIEWS = (view_2d, reshape_2d, reshape_3d)
+
+
+class Placer:
+    """Makes tensors in a ggml context and gives each the next free bytes of a backend buffer from
+    `start` up to `limit` (views: their source's bytes). `end` is where the next tensor would go."""
+
+    def __init__(self, ctx: int, buffer: int, start: int, limit: int):
+        self.ctx, self.buffer, self.end, self.limit = ctx, buffer, start, limit
+
+    def __call__(self, op, *args) -> int:
+        t = op(self.ctx, *args)
+        if not t:
+            raise RuntimeError(f"ggml could not make a tensor ({op.__name__})")
+        if any(op is v for v in _VIEWS):
+            view_init(t)
+        else:
+            self.place(t)
+        return t
+
+    def place(self, t: int) -> int:
+        size = -(-nbytes(t) // TENSOR_ALIGNMENT) * TENSOR_ALIGNMENT
+        if self.end + size > self.limit or tensor_alloc(self.buffer, t, self.end) != 0:
+            raise MemoryError("a ggml tensor did not fit the space kept for it")  # ggml would abort instead
+        self.end += size
+        return t
