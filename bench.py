@@ -152,6 +152,7 @@ class Concurrency:
     seconds: float
     aggregate_xrt: float
     per_stream_rtf: float
+    host_ms: float  # a frame step's time outside llama_decode: the heads, the draw, the inputs (Generator.step)
 
 
 @dataclass
@@ -250,7 +251,7 @@ def wait_for_decodes(gen) -> None:
 
 
 def instrument(tts) -> Profile:
-    from csm_gguf import generator as generator_module
+    from csm_gguf.heads import Draws
 
     gen, prof = tts.generator, Profile()
     wait_for_decodes(gen)
@@ -259,8 +260,9 @@ def instrument(tts) -> Profile:
     prof.wrap(gen, "step", "step")
     prof.wrap(gen.backbone, "decode", "backbone")
     prof.wrap(gen.decoder, "decode", "decoder")
-    prof.wrap(gen, "_sample_codebook", "heads")
-    prof.wrap(generator_module.Sampler, "__call__", "sample")
+    prof.wrap(gen, "_draw_codebook", "heads")
+    prof.wrap(gen.heads, "rows", "heads")
+    prof.wrap(Draws, "first", "heads")  # codebook 0's draw (the others are in _draw_codebook)
     prof.wrap(tts.codec, "decode_step", "mimi")
     return prof
 
@@ -272,7 +274,7 @@ def stages(prof: Profile, seconds: float, frames: int, runs: int) -> Stages:
     parts = dict(
         backbone=prof.get("step/backbone") * ms,
         decoder=prof.get("step/decoder") * ms,
-        heads_sampling=prof.get("step/heads", "step/heads/sample", "step/sample") * ms,
+        heads_sampling=prof.get("step/heads") * ms,
         mimi=prof.get("mimi") * ms,
     )
     return Stages(frame=frame, rest=frame - sum(parts.values()), prompt=prompt * 1000 / runs, **parts)
@@ -327,6 +329,11 @@ def concurrency(tts, n_streams: int, frames: int, seed: int, args) -> Concurrenc
     from csm_gguf.generator import Generator
 
     gen = Generator(tts.model, n_streams, args.threads, args.gpu_layers, args.kv_type)
+    prof = Profile()
+    wait_for_decodes(gen)
+    prof.wrap(gen, "step", "step")
+    for model in (gen.backbone, gen.decoder):
+        prof.wrap(model, "decode", "llama")
     try:
         prompt = gen.prompt_embeddings(TEXT, 0)
 
@@ -343,11 +350,14 @@ def concurrency(tts, n_streams: int, frames: int, seed: int, args) -> Concurrenc
             return seconds
 
         utterances(min(frames, 3))  # warm-up
+        prof.totals.clear()
         seconds = utterances(frames)
     finally:
+        prof.restore()
         gen.close()
     audio = frames * FRAME_S
-    return Concurrency(n_streams, frames, seconds, n_streams * audio / seconds, seconds / audio)
+    host_ms = prof.get("step") * 1000 / frames  # step's own time: its llama_decode calls are their own path
+    return Concurrency(n_streams, frames, seconds, n_streams * audio / seconds, seconds / audio, host_ms)
 
 
 # A voice prompt's transcript, about what a speaker says in 10 s.
@@ -929,8 +939,10 @@ def table(report: dict) -> str:
     lines = ["\n".join(rows)]
     conc = [(v["name"], c) for v in report["variants"] for c in v["concurrency"]]
     if conc:
-        lines.append("| variant | streams | aggregate xRealTime | per-stream RTF |\n|---|---|---|---|\n" + "\n".join(
-            f"| {name} | {c['streams']} | {c['aggregate_xrt']:.2f} | {c['per_stream_rtf']:.2f} |" for name, c in conc))
+        lines.append("| variant | streams | aggregate xRealTime | per-stream RTF | step outside llama.cpp |\n"
+                     "|---|---|---|---|---|\n" + "\n".join(
+                         f"| {name} | {c['streams']} | {c['aggregate_xrt']:.2f} | {c['per_stream_rtf']:.2f} | "
+                         f"{c['host_ms']:.1f} ms |" for name, c in conc))
     batch_rows = [(v["name"], b) for v in report["variants"] for b in v["batched"]]
     if batch_rows:
         lines.append("| variant | batch: streams, rows | whole run | first rows | xRealTime (whole) | "

@@ -40,7 +40,8 @@ def test_bench_writes_every_figure(converted, f32_model, tmp_path):
         assert all(x > 0 for k, x in v["stages_ms"].items() if k != "rest")
         assert v["floor"]["frame_ms"] > 0 and v["frame_over_floor"] > 0 and v["peak_rss_mib"] > 0
         assert [c["streams"] for c in v["concurrency"]] == [1, 2]
-        assert all(c["aggregate_xrt"] > 0 for c in v["concurrency"])
+        assert all(c["aggregate_xrt"] > 0 and 0 < c["host_ms"] < 1000 * c["seconds"] / c["frames"]
+                   for c in v["concurrency"])
         assert [x["streams"] for x in v["served"]] == [1, 2]  # through HTTP, from a server process
         assert all(x["aggregate_xrt"] > 0 for x in v["served"])
         assert all(0 < t < x["seconds"] for x in v["served"] for t in x["first_audio_s"]["values"])
