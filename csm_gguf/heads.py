@@ -28,7 +28,9 @@ import numpy as np
 
 from . import ggml as G
 
-_GRAPH_SIZE = 64  # nodes (and leaves) of one graph: the product, the draw's 20 or so, their inputs
+_GRAPH_SIZE = 48  # nodes and leaves of one draw graph: the product, the draw's 24 tensors, their inputs
+_GRAPH_TENSORS = 28  # tensors one draw graph makes in its family's context (25, views included)
+_MAX_FAMILIES = 64  # kept built (about 0.3 MB of ggml's bookkeeping each); beyond, the least recently used goes
 # The scratch a draw graph takes: its logits (n codes a stream), `_draw`'s 13 tensors of k a stream and a
 # few of one a stream (k is at most n), each of its 20-odd tensors rounded up to ggml's alignment.
 _DRAW_TENSORS, _PLACED = 16, 24
@@ -75,8 +77,10 @@ class CodebookHeads:
 
     def __init__(self, heads: np.ndarray, qtype: int, n_embd: int, max_streams: int, n_threads: int,
                  n_codes: int | None = None, device: str = "cpu"):
-        self._ctx = self._weights_ctx = self._backend = self._weights = self._io = None
+        self._weights_ctx = self._backend = self._weights = self._io = None
         self._families: dict[tuple[int, int], _Family] = {}
+        self._logits: dict[int, list[tuple[int, int, int]]] = {}
+        self._logits_ctxs: list[int] = []
         n_heads = heads.shape[0]
         raw = np.ascontiguousarray(heads).view(np.uint8).reshape(n_heads, -1)
         row_bytes = G.row_size(qtype, n_embd)
@@ -99,7 +103,6 @@ class CodebookHeads:
         try:
             self._load(raw, qtype, n_embd, n_rows)
             self._layout(n_embd, n_rows)
-            self._build_logits(n_embd, n_rows)
             if self.on_gpu:  # every op the draw needs, at the smallest and the largest top-k, or none of it here
                 self._family(1, 1), self._family(1, self.n_codes)
         except BaseException:
@@ -168,24 +171,27 @@ class CodebookHeads:
         if self.on_gpu:
             G.tensor_set(t, self._host_at[name], 0, G.nbytes(t))
 
-    def _build_logits(self, n_embd: int, n_rows: int) -> None:
-        n_graphs = self.n_heads * self.max_streams
-        self._ctx = G.init(G.InitParams(
-            (self.max_streams + n_graphs) * G.tensor_overhead()
-            + n_graphs * G.graph_overhead(_LOGITS_GRAPH_SIZE, False), None, True))
-        self._graphs = {}
-        for s in range(1, self.max_streams + 1):
-            x = self._input(self._ctx, "x", n_embd, s)
-            for i, w in enumerate(self._w):
-                y = G.mul_mat(self._ctx, w, x)
-                G.tensor_alloc(self._io, y, self._at["y"])
-                graph = G.new_graph(self._ctx, _LOGITS_GRAPH_SIZE, False)
-                G.expand(graph, y)
-                self._graphs[i, s] = graph, x, y
+    def _build_logits(self, s: int) -> list[tuple[int, int, int]]:
+        """Every head's logits graph for s streams, each with its input and output tensors."""
+        ctx = G.init(G.InitParams((1 + 2 * self.n_heads) * G.tensor_overhead()
+                                  + self.n_heads * G.graph_overhead(_LOGITS_GRAPH_SIZE, False), None, True))
+        self._logits_ctxs.append(ctx)
+        x = self._input(ctx, "x", self.n_embd, s)
+        graphs = []
+        for w in self._w:
+            y = G.mul_mat(ctx, w, x)
+            G.tensor_alloc(self._io, y, self._at["y"])
+            graph = G.new_graph(ctx, _LOGITS_GRAPH_SIZE, False)
+            G.expand(graph, y)
+            graphs.append((graph, x, y))
+        return graphs
 
     def logits(self, i: int, s: int) -> np.ndarray:
-        """Head i applied to x[:s]: a view valid until the next call."""
-        graph, x, y = self._graphs[i, s]
+        """Head i applied to x[:s], all n_rows of it: a view valid until the next call. (Generation draws
+        without it; tests and bench.py's quality figures read logits.)"""
+        if s not in self._logits:
+            self._logits[s] = self._build_logits(s)
+        graph, x, y = self._logits[s][i]
         self._send(x, "x")
         self._compute(graph)
         if self.on_gpu:
@@ -208,15 +214,18 @@ class CodebookHeads:
         return Draws(self, family, s)
 
     def _family(self, s: int, k: int) -> _Family:
-        family = self._families.get((s, k))
+        family = self._families.pop((s, k), None)  # re-inserted last: the dict's order is the use order
         if family is None:
-            family = self._families[s, k] = self._build_family(s, k)
+            if len(self._families) >= _MAX_FAMILIES:
+                G.free(self._families.pop(next(iter(self._families))).ctx)
+            family = self._build_family(s, k)
+        self._families[s, k] = family
         return family
 
     def _build_family(self, s: int, k: int) -> _Family:
         n_graphs = 1 + self.n_heads
-        ctx = G.init(G.InitParams(n_graphs * (_GRAPH_SIZE * G.tensor_overhead() + G.graph_overhead(_GRAPH_SIZE, False))
-                                  + 8 * G.tensor_overhead(), None, True))
+        per_graph = _GRAPH_TENSORS * G.tensor_overhead() + G.graph_overhead(_GRAPH_SIZE, False)
+        ctx = G.init(G.InitParams(n_graphs * per_graph + 8 * G.tensor_overhead(), None, True))
         if not ctx:
             raise MemoryError("ggml could not make a context for the draw's graphs")
         inputs = {name: self._input(ctx, name, ne0, s) for name, ne0 in
@@ -265,13 +274,13 @@ class CodebookHeads:
         for buffer in (self._io, self._weights):
             if buffer:
                 G.buffer_free(buffer)
-        for ctx in (self._ctx, self._weights_ctx, *(f.ctx for f in self._families.values())):
+        for ctx in (self._weights_ctx, *self._logits_ctxs, *(f.ctx for f in self._families.values())):
             if ctx:
                 G.free(ctx)
         if self._backend:
             G.backend_free(self._backend)
-        self._ctx = self._weights_ctx = self._backend = self._weights = self._io = None
-        self._families = {}
+        self._weights_ctx = self._backend = self._weights = self._io = None
+        self._families, self._logits, self._logits_ctxs = {}, {}, []
 
     def __del__(self) -> None:
         self.close()
