@@ -190,6 +190,26 @@ def test_the_largest_family_fits_its_buffer(device):
         heads.close()
 
 
+def test_families_beyond_the_limit_are_freed_and_made_again(monkeypatch):
+    """Graphs are kept for a few stream counts and top-k buckets; the least recently used go, and one
+    needed again is made again and draws as before."""
+    from csm_gguf import heads as heads_module
+
+    monkeypatch.setattr(heads_module, "_MAX_FAMILIES", 2)
+    heads, _ = draw_heads("cpu")
+    logits = np.random.default_rng(6).standard_normal((4, N)).astype(np.float32)
+    u = np.full(4, 0.3, np.float32)
+    try:
+        heads.first[:4] = logits
+        first = heads.rows(np.full(2, 5), np.ones(2, np.float32)).first(u[:2]).copy()
+        for s, k in ((3, 5), (4, 5), (4, 40)):
+            heads.rows(np.full(s, k), np.ones(s, np.float32)).first(u[:s])
+        assert len(heads._families) == 2 and (2, 8) not in heads._families
+        np.testing.assert_array_equal(heads.rows(np.full(2, 5), np.ones(2, np.float32)).first(u[:2]), first)
+    finally:
+        heads.close()
+
+
 def test_more_streams_than_the_heads_were_made_for_are_refused():
     heads, _ = draw_heads("cpu", max_streams=2)
     try:
