@@ -479,7 +479,7 @@ def teacher_forced(model, codes: np.ndarray, args) -> tuple[np.ndarray, np.ndarr
                 dec.output[:m] = 1
                 dec.set_seq_ids(np.repeat(slot, m))
                 dec.decode(m)
-                dec.copy_hidden(m - 1, gen.heads.x_address)
+                dec.copy_hidden_rows(m - 1, 1, gen.heads.x_address)
                 rest[f, i - 1] = gen.heads.logits(i - 1, 1)[0, :n]
             pending, pos = gen.frame_embedding(frame), pos + 1
     finally:

@@ -371,9 +371,7 @@ class Generator:
 
     def _draw_codebook(self, draws: Draws, u: np.ndarray, codes: np.ndarray, i: int, stride: int = 1) -> None:
         """Codebook i for every stream, from the decoder output of stream j at row stride * j + stride - 1."""
-        heads = self.heads
-        for j in range(len(codes)):
-            self.decoder.copy_hidden(stride * j + stride - 1, heads.x_address + j * heads.x_row_bytes)
+        self.decoder.copy_hidden_rows(stride - 1, len(codes), self.heads.x_address, stride)
         codes[:, i] = draws.head(i - 1, u[:, i])
 
     # --- one utterance ------------------------------------------------------------------------------

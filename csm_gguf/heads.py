@@ -69,7 +69,7 @@ class CodebookHeads:
     `n_codes` rows (default: all). `device`: "cpu", or "gpu" (ggml's first GPU device, in a GPU build).
 
     To draw: `draw = heads.rows(top_k, inv_temperature)` once per frame step, then write hidden states into
-    `x[:s]` (row j starts at `x_address + j * x_row_bytes`) and call `draw.head(i, u)`, or write codebook 0's
+    `x[:s]` (rows of x_row_bytes from `x_address`) and call `draw.head(i, u)`, or write codebook 0's
     logits into `first[:s]` and call `draw.first(u)`. `logits(i, s)` gives head i's logits of `x[:s]`.
 
     On the CPU, `x`, `first` and the outputs are ggml's own buffer; on a GPU they are host copies of it,

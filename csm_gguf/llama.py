@@ -134,14 +134,19 @@ class EmbeddingModel:
         """Output i's logits: a view into llama.cpp's buffer, valid until the next decode."""
         return np.ctypeslib.as_array(L.llama_get_logits_ith(self.ctx, i), shape=(self.n_vocab,))
 
-    def copy_hidden(self, i: int, address: int) -> None:
-        """Copy output i's final-normed hidden state (n_embd float32) to `address`: one memmove, a third
-        of what building a numpy view costs in the generation loop, where every Python step runs on
-        caches llama.cpp has just emptied."""
-        src = L.llama_get_embeddings_ith(self.ctx, i)
+    def copy_hidden_rows(self, start: int, n: int, address: int, stride: int = 1) -> None:
+        """Copy the final-normed hidden states of outputs start, start + stride, ... (n of them) to n
+        consecutive rows at `address`. llama.cpp (from llama-cpp-python 0.3.36, our lowest) puts its outputs
+        in batch order before it hands out the buffer, so consecutive outputs are one memmove."""
+        src = L.llama_get_embeddings(self.ctx)
         if not src:
-            raise RuntimeError(f"llama.cpp has no hidden state for output {i}")
-        ctypes.memmove(address, src, self._hidden_bytes)
+            raise RuntimeError("llama.cpp has no hidden states")
+        base, row = ctypes.cast(src, ctypes.c_void_p).value + start * self._hidden_bytes, self._hidden_bytes
+        if stride == 1:
+            ctypes.memmove(address, base, n * row)
+            return
+        for j in range(n):
+            ctypes.memmove(address + j * row, base + j * stride * row, row)
 
     def clear(self) -> None:
         L.llama_memory_clear(self.memory, False)
