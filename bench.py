@@ -481,7 +481,7 @@ def teacher_forced(model, codes: np.ndarray, args) -> tuple[np.ndarray, np.ndarr
                 dec.decode(m)
                 dec.copy_hidden_rows(m - 1, 1, gen.heads.x_address)
                 rest[f, i - 1] = gen.heads.logits(i - 1, 1)[0, :n]
-            pending, pos = gen.frame_embedding(frame), pos + 1
+            pending, pos = gen.frame_embeddings(frame[None])[0], pos + 1
     finally:
         gen.close()
     return c0, rest

@@ -154,7 +154,6 @@ class Generator:
         v, d = cfg.audio_vocab_size, cfg.decoder.n_embd
         self._proj = slice(v, v + d)  # backbone "logits" rows holding projection(h)
         self._offsets = np.arange(cfg.num_codebooks) * v
-        self._rows = np.empty(cfg.num_codebooks, dtype=np.int64)
         self.heads = self._heads(n_threads, n_gpu_layers)
         self.decode_calls = 0
         self.prompt_positions_read = 0
@@ -178,10 +177,13 @@ class Generator:
         return make(device="cpu")
 
     # --- prompt -------------------------------------------------------------------------------------
-    def frame_embedding(self, codes: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """Backbone input of an audio frame: the sum of its 32 codebook embeddings."""
-        np.add(self._offsets, codes, out=self._rows)
-        return np.sum(self.model.audio_embeddings[self._rows], axis=0, dtype=np.float32, out=out)
+    def frame_embeddings(self, codes: np.ndarray) -> np.ndarray:
+        """Backbone inputs of audio frames (n, 32): each the sum of its 32 codebook embeddings, (n, n_embd).
+        All frames in one gather; the table is float16, and widening the rows first, then summing, takes
+        half the time of a sum that widens as it goes (the same sums, in the same order)."""
+        table = self.model.audio_embeddings
+        rows = table[(self._offsets + codes).ravel()].astype(np.float32)
+        return rows.reshape(len(codes), self.cfg.num_codebooks, table.shape[1]).sum(axis=1)
 
     def prompt_embeddings(self, text: str, speaker: int, context: Sequence[Segment] = ()) -> np.ndarray:
         """Context segments (text frames, audio frames, an all-zero EOS frame), then the text to speak."""
@@ -210,7 +212,7 @@ class Generator:
         for tokens, codes in heard:
             parts.append(self.model.text_embeddings.rows(tokens))
             if codes is not None:
-                parts.append(np.stack([self.frame_embedding(c) for c in codes] + [self.frame_embedding(zero)]))
+                parts.append(self.frame_embeddings(np.concatenate([codes, zero[None]])))
         if prompt:
             parts.append(self.model.text_embeddings.rows(prompt))
         return np.concatenate(parts, axis=0)
@@ -316,13 +318,15 @@ class Generator:
         """One frame for every stream: codes of shape (len(streams), 32). Finished streams are marked done."""
         self._check_open()
         codes = self._draw_frame(streams)
+        ended = ~codes.any(axis=1)  # the all-zero frame ends speech; it is neither decoded nor fed back
+        inputs = iter(self.frame_embeddings(codes[~ended]))
         for j, st in enumerate(streams):
             st.frames_left -= 1
-            if not codes[j].any():  # the all-zero frame ends speech; it is neither decoded nor fed back
+            if ended[j]:
                 st.done = True
                 continue
             st.pos += 1
-            self.frame_embedding(codes[j], out=st.pending)
+            st.pending = next(inputs)
             if st.frames_left <= 0 or st.pos >= self.cfg.backbone.max_seq_len:
                 st.done = True
         return codes

@@ -102,7 +102,7 @@ MUTATIONS = [
       [("                if not frame.any():\n                    break\n", "")],
       [EOS]),
     M("generator", "no all-zero frame after a context segment's audio",
-      [(" + [self.frame_embedding(zero)]", "")],
+      [("self.frame_embeddings(np.concatenate([codes, zero[None]]))", "self.frame_embeddings(codes)")],
       [PROMPT]),
     M("generator", "context segments spoken as the current speaker",
       [("return [(model.prompt_tokens(seg.speaker, seg.text),", "return [(model.prompt_tokens(0, seg.text),")],
