@@ -466,7 +466,7 @@ def teacher_forced(model, codes: np.ndarray, args) -> tuple[np.ndarray, np.ndarr
             bb.embd[0], bb.pos[0], bb.output[0] = pending, pos, 1
             bb.set_seq_ids(slot)
             bb.decode(1)
-            out = bb.logits(0)
+            out = bb.logits(1)[0]
             c0[f] = out[:n]
             dec.clear()
             for i in range(1, k):

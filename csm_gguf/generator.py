@@ -343,19 +343,17 @@ class Generator:
 
         slots = np.fromiter((st.slot for st in streams), dtype=np.int32, count=s)
         bb = self.backbone
-        for j, st in enumerate(streams):
-            bb.embd[j] = st.pending
-            bb.pos[j] = st.pos
+        bb.embd[:s] = [st.pending for st in streams]
+        bb.pos[:s] = [st.pos for st in streams]
         bb.output[:s] = 1
         bb.set_seq_ids(slots)
         bb.decode(s)
 
-        dec, first = self.decoder, self.heads.first
+        dec = self.decoder
         dec.clear()
-        for j in range(s):
-            out = bb.logits(j)
-            first[j] = out[:n_codes]
-            dec.embd[2 * j] = out[self._proj]
+        out = bb.logits(s)
+        self.heads.first[:s] = out[:, :n_codes]
+        dec.embd[0 : 2 * s : 2] = out[:, self._proj]
         codes[:, 0] = draws.first(u[:, 0])
         dec.embd[1 : 2 * s : 2] = model.decoder_inputs[codes[:, 0]]
         dec.pos[: 2 * s] = np.tile((0, 1), s)

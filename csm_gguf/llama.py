@@ -130,9 +130,13 @@ class EmbeddingModel:
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with code {rc} (KV cache full or bad positions)")
 
-    def logits(self, i: int) -> np.ndarray:
-        """Output i's logits: a view into llama.cpp's buffer, valid until the next decode."""
-        return np.ctypeslib.as_array(L.llama_get_logits_ith(self.ctx, i), shape=(self.n_vocab,))
+    def logits(self, n: int) -> np.ndarray:
+        """The first n outputs' logits, (n, n_vocab): a view into llama.cpp's buffer, valid until the next
+        decode (llama.cpp puts its outputs in batch order before it hands out the buffer)."""
+        src = L.llama_get_logits(self.ctx)
+        if not src:
+            raise RuntimeError("llama.cpp has no logits")
+        return np.ctypeslib.as_array(src, shape=(n, self.n_vocab))
 
     def copy_hidden_rows(self, start: int, n: int, address: int, stride: int = 1) -> None:
         """Copy the final-normed hidden states of outputs start, start + stride, ... (n of them) to n

@@ -87,7 +87,7 @@ def c0_logits(model_dir, n_gpu_layers: int = 0) -> np.ndarray:
     bb.embd[0], bb.pos[0], bb.output[0] = stream.pending, stream.pos, 1
     bb.set_seq_ids(np.array([stream.slot], np.int32))
     bb.decode(1)
-    out = bb.logits(0)[: gen.model.n_codes].copy()
+    out = bb.logits(1)[0, : gen.model.n_codes].copy()
     gen.close()
     return out
 
