@@ -86,7 +86,7 @@ MUTATIONS = [
       [SHAPE]),
     M("generator", "codes drawn over the whole vocabulary (ids the codec cannot decode)",
       [("n_threads or default_threads(), n_codes=model.n_codes)", "n_threads or default_threads(), n_codes=v)"),
-       ("first[j] = out[:n_codes]", "first[j] = out[:v]")],
+       ("self.heads.first[:s] = out[:, :n_codes]", "self.heads.first[:s] = out[:, :v]")],
       [SHAPE]),
     M("generator", "every stream drawn with the first stream's top-k",
       [("np.fromiter((st.sampler.top_k for st in streams), np.int64, s)",
