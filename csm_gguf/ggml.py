@@ -61,6 +61,7 @@ dev_init = _bind("ggml_backend_dev_init", p, p, C.c_char_p)
 dev_reg = _bind("ggml_backend_dev_backend_reg", p, p)
 proc_address = _bind("ggml_backend_reg_get_proc_address", p, p, C.c_char_p)
 backend_free = _bind("ggml_backend_free", None, p)
+backend_alignment = _bind("ggml_backend_get_alignment", _sz, p)
 alloc_ctx_tensors = _bind("ggml_backend_alloc_ctx_tensors", p, p, p)
 alloc_buffer = _bind("ggml_backend_alloc_buffer", p, p, _sz)
 buffer_from_ptr = _bind("ggml_backend_cpu_buffer_from_ptr", p, p, _sz)
@@ -82,10 +83,11 @@ _VIEWS = (view_2d, reshape_2d, reshape_3d)
 
 class Placer:
     """Makes tensors in a ggml context and gives each the next free bytes of a backend buffer from
-    `start` up to `limit` (views: their source's bytes). `end` is where the next tensor would go."""
+    `start` up to `limit`, at multiples of `align` (views: their source's bytes). `end` is where the next
+    tensor would go."""
 
-    def __init__(self, ctx: int, buffer: int, start: int, limit: int):
-        self.ctx, self.buffer, self.end, self.limit = ctx, buffer, start, limit
+    def __init__(self, ctx: int, buffer: int, start: int, limit: int, align: int = TENSOR_ALIGNMENT):
+        self.ctx, self.buffer, self.end, self.limit, self.align = ctx, buffer, start, limit, align
 
     def __call__(self, op, *args) -> int:
         t = op(self.ctx, *args)
@@ -98,7 +100,7 @@ class Placer:
         return t
 
     def place(self, t: int) -> int:
-        size = -(-nbytes(t) // TENSOR_ALIGNMENT) * TENSOR_ALIGNMENT
+        size = -(-nbytes(t) // self.align) * self.align
         if self.end + size > self.limit or tensor_alloc(self.buffer, t, self.end) != 0:
             raise MemoryError("a ggml tensor did not fit the space kept for it")  # ggml would abort instead
         self.end += size

@@ -136,22 +136,24 @@ class CodebookHeads:
         """One device buffer: x | logits | first | u | inverse temperature | mask | scratch; and its host side
         (on the CPU: the buffer itself)."""
         s, n = self.max_streams, self.n_codes
+        # The device's alignment (CUDA's is 128 bytes), at least what a CPU buffer of our memory needs.
+        self._align = align = max(G.TENSOR_ALIGNMENT, G.backend_alignment(self._backend))
         parts = dict(x=s * n_embd, y=s * n_rows, first=s * n, u=s, inv_t=s, mask=s * n, out=s,
-                     scratch=s * (n + _DRAW_TENSORS * n) + _PLACED * G.TENSOR_ALIGNMENT // 4)
-        size = 4 * sum(parts.values()) + G.TENSOR_ALIGNMENT * len(parts)
+                     scratch=s * (n + _DRAW_TENSORS * n) + _PLACED * align // 4)
+        size = 4 * sum(parts.values()) + align * len(parts)
         self._io = G.alloc_buffer(self._backend, size)
         if not self._io:
             raise MemoryError("could not allocate the codebook heads' buffer")
         base = G.buffer_base(self._io)
         if self.on_gpu:
-            self._mirror = np.zeros(size + G.TENSOR_ALIGNMENT, np.uint8)
-            host = self._mirror.ctypes.data + (-self._mirror.ctypes.data) % G.TENSOR_ALIGNMENT
+            self._mirror = np.zeros(size + align, np.uint8)
+            host = self._mirror.ctypes.data + (-self._mirror.ctypes.data) % align
         else:
             host = base
         self._at, self._host_at, at = {}, {}, 0
         for name, floats in parts.items():
             self._at[name], self._host_at[name] = base + at, host + at
-            at += -(-4 * floats // G.TENSOR_ALIGNMENT) * G.TENSOR_ALIGNMENT
+            at += -(-4 * floats // align) * align
         self._end = base + at
         self.x = _view(self._host_at["x"], np.float32, (s, n_embd))
         self.x_address, self.x_row_bytes = self._host_at["x"], 4 * n_embd
@@ -232,7 +234,7 @@ class CodebookHeads:
                   (("x", self.n_embd), ("first", self.n_codes), ("u", 1), ("inv_t", 1), ("mask", k))}
 
         def graph(logits: int) -> tuple[int, int, np.ndarray]:
-            put = G.Placer(ctx, self._io, self._at["scratch"], self._end)
+            put = G.Placer(ctx, self._io, self._at["scratch"], self._end, self._align)
             ids = _draw(put, logits(put), self.n_codes, k, s, inputs["u"], inputs["inv_t"], inputs["mask"])
             g = G.new_graph(ctx, _GRAPH_SIZE, False)
             G.expand(g, ids)
