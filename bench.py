@@ -206,6 +206,7 @@ class Variant:
     frame_over_floor: float  # our whole frame (Mimi included) / the floor's
     generation_over_floor: float  # our frame without Mimi / the floor's: the pipeline's overhead alone
     peak_rss_mib: float
+    heads_device: str  # where the codebook heads and the draw ran: cpu, gpu (CSM_GGUF_HEADS_DEVICE to choose)
     concurrency: list[Concurrency] = field(default_factory=list)
     served: list[Served] = field(default_factory=list)
     batched: list[Batched] = field(default_factory=list)
@@ -676,6 +677,7 @@ def bench_variant(name: str, model_dir: Path, weights: str, args, reference: dic
         st = stages(prof, seconds, frames, len(runs))
         prompt_len = len(tts.generator.prompt_embeddings(TEXT, 0))
         fl = floor(tts.generator, args.frames, prompt_len)
+        heads_device = "gpu" if tts.generator.heads.on_gpu else "cpu"
     tts.generator.close()
     rtf = [r[0] / (r[2] * FRAME_S) for r in runs]
     v = Variant(
@@ -684,7 +686,7 @@ def bench_variant(name: str, model_dir: Path, weights: str, args, reference: dic
         rtf=Spread.of(rtf), xrt=Spread.of([1 / r for r in rtf]), ttfa_s=Spread.of([r[1] for r in runs]),
         fps=Spread.of([r[2] / r[0] for r in runs]), stages_ms=st, floor=fl,
         frame_over_floor=st.frame / fl.frame_ms, generation_over_floor=(st.frame - st.mimi) / fl.frame_ms,
-        peak_rss_mib=rss.mib,
+        peak_rss_mib=rss.mib, heads_device=heads_device,
     )
     for s in args.concurrency:
         v.concurrency.append(concurrency(tts, s, args.frames, args.seed, args))
@@ -1153,7 +1155,7 @@ def main(argv: list[str] | None = None) -> int:
         v, tts = bench_variant(name, model_dir, weights, args, reference)
         report["variants"].append(asdict(v))
         print(f"[bench] {name}: RTF {v.rtf.median:.2f}, frame {v.stages_ms.frame:.0f} ms, "
-              f"floor {v.floor.frame_ms:.0f} ms", file=sys.stderr)
+              f"floor {v.floor.frame_ms:.0f} ms, heads on the {v.heads_device}", file=sys.stderr)
         if i == 0:  # the peers against the first variant's model and codec, then freed before the next
             peer = "transformers" in args.compare
             report["peers"]["mimi"] = mimi_figures(tts, args.frames, args.seed, peer, args.runs)

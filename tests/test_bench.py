@@ -39,6 +39,7 @@ def test_bench_writes_every_figure(converted, f32_model, tmp_path):
         assert set(v["stages_ms"]) == {"frame", "backbone", "decoder", "heads_sampling", "mimi", "rest", "prompt"}
         assert all(x > 0 for k, x in v["stages_ms"].items() if k != "rest")
         assert v["floor"]["frame_ms"] > 0 and v["frame_over_floor"] > 0 and v["peak_rss_mib"] > 0
+        assert v["heads_device"] == "cpu"
         assert [c["streams"] for c in v["concurrency"]] == [1, 2]
         assert all(c["aggregate_xrt"] > 0 and 0 < c["host_ms"] < 1000 * c["seconds"] / c["frames"]
                    for c in v["concurrency"])
