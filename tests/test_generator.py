@@ -141,6 +141,28 @@ def test_heads_on_the_gpu_draw_what_heads_on_the_cpu_draw(f32_model, monkeypatch
     np.testing.assert_array_equal(on_gpu, ours(f32_model, sampling=sampling, n_gpu_layers=ALL_LAYERS))
 
 
+def test_heads_fall_back_to_the_cpu_when_the_gpu_backend_lacks_an_op(f32_model, monkeypatch, capsys):
+    """A GPU build whose backend cannot run the draw (CUDA's top-k over 2048 codes needs CUB) keeps the
+    heads on the CPU and says so, instead of failing to load."""
+    import csm_gguf.generator as generator_module
+
+    real = generator_module.CodebookHeads
+
+    def heads(*args, device="cpu", **kwargs):
+        if device == "gpu":
+            raise NotImplementedError("this ggml build's GPU backend lacks an op of the codebook draw")
+        return real(*args, device=device, **kwargs)
+
+    monkeypatch.setattr(generator_module, "gpu_present", lambda: True)
+    monkeypatch.setattr(generator_module, "CodebookHeads", heads)
+    gen = Generator(CSMModel(f32_model), n_gpu_layers=ALL_LAYERS)
+    try:
+        assert not gen.heads.on_gpu
+    finally:
+        gen.close()
+    assert "codebook heads on the CPU: this ggml build's GPU backend lacks an op" in capsys.readouterr().err
+
+
 def test_an_unknown_heads_device_is_refused(f32_model, monkeypatch):
     monkeypatch.setenv("CSM_GGUF_HEADS_DEVICE", "tpu")
     with pytest.raises(ValueError, match="CSM_GGUF_HEADS_DEVICE is cpu or gpu, got 'tpu'"):
