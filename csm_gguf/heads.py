@@ -60,6 +60,7 @@ class _Family:
 
     ctx: int
     inputs: dict[str, int]  # x, first, u, inv_t, mask
+    mask: np.ndarray  # the host side of inputs["mask"], (s, k)
     first: tuple[int, int, np.ndarray]  # a graph, its output tensor, and that output on the host
     heads: list[tuple[int, int, np.ndarray]]
 
@@ -69,7 +70,7 @@ class CodebookHeads:
     `n_codes` rows (default: all). `device`: "cpu", or "gpu" (ggml's first GPU device, in a GPU build).
 
     To draw: `draw = heads.rows(top_k, inv_temperature)` once per frame step, then write hidden states into
-    `x[:s]` (rows of x_row_bytes from `x_address`) and call `draw.head(i, u)`, or write codebook 0's
+    `x[:s]` (n_embd float32 rows from `x_address`) and call `draw.head(i, u)`, or write codebook 0's
     logits into `first[:s]` and call `draw.first(u)`. `logits(i, s)` gives head i's logits of `x[:s]`.
 
     On the CPU, `x`, `first` and the outputs are ggml's own buffer; on a GPU they are host copies of it,
@@ -156,7 +157,7 @@ class CodebookHeads:
             at += -(-4 * floats // align) * align
         self._end = base + at
         self.x = _view(self._host_at["x"], np.float32, (s, n_embd))
-        self.x_address, self.x_row_bytes = self._host_at["x"], 4 * n_embd
+        self.x_address = self._host_at["x"]
         self._y = _view(self._host_at["y"], np.float32, (s, n_rows))
         self.first = _view(self._host_at["first"], np.float32, (s, n))
         self._u = _view(self._host_at["u"], np.float32, (s,))
@@ -208,8 +209,7 @@ class CodebookHeads:
             raise ValueError(f"{s} streams: the heads were made for 1 to {self.max_streams}")
         k = top_k_bucket(int(np.max(top_k)), self.n_codes)
         family = self._family(s, k)
-        mask = _view(self._host_at["mask"], np.float32, (s, k))
-        mask[:] = np.where(np.arange(k) < np.asarray(top_k)[:, None], 0.0, -np.inf)
+        family.mask[:] = np.where(np.arange(k) < np.asarray(top_k)[:, None], 0.0, -np.inf)
         self._inv_t[:s] = inv_temperature
         self._send(family.inputs["mask"], "mask")
         self._send(family.inputs["inv_t"], "inv_t")
@@ -247,7 +247,7 @@ class CodebookHeads:
         except BaseException:
             G.free(ctx)
             raise
-        return _Family(ctx, inputs, first, heads)
+        return _Family(ctx, inputs, _view(self._host_at["mask"], np.float32, (s, k)), first, heads)
 
     def _check_ops(self, graph: int) -> None:
         for i in range(G.graph_n_nodes(graph)):
