@@ -130,7 +130,7 @@ class Stages:
 
     frame: float
     backbone: float
-    decoder: float  # 31 depth-decoder steps
+    decoder: float  # the depth decoder's frame: one ggml graph with every head and draw, or 31 llama.cpp steps
     heads_sampling: float
     mimi: float
     rest: float
@@ -152,7 +152,7 @@ class Concurrency:
     seconds: float
     aggregate_xrt: float
     per_stream_rtf: float
-    host_ms: float  # a frame step's time outside llama_decode: the heads, the draw, the inputs (Generator.step)
+    host_ms: float  # a frame step's time outside llama.cpp's and ggml's calls: inputs, bookkeeping (Generator.step)
 
 
 @dataclass
@@ -207,6 +207,7 @@ class Variant:
     generation_over_floor: float  # our frame without Mimi / the floor's: the pipeline's overhead alone
     peak_rss_mib: float
     heads_device: str  # where the codebook heads and the draw ran: cpu, gpu (CSM_GGUF_HEADS_DEVICE to choose)
+    decoder_path: str  # graph: the depth decoder's frame as one ggml graph; llama: 31 steps (CSM_GGUF_DECODER)
     concurrency: list[Concurrency] = field(default_factory=list)
     served: list[Served] = field(default_factory=list)
     batched: list[Batched] = field(default_factory=list)
@@ -233,14 +234,21 @@ def run_once(tts, frames: int, seed: int) -> tuple[float, float, int]:
     return time.perf_counter() - t0, first or 0.0, n
 
 
-def wait_for_decodes(gen) -> None:
+def llama_models(gen) -> tuple:
+    """The generator's llama.cpp contexts that its frames use: the backbone, and the depth decoder's when it
+    runs through llama.cpp (CSM_GGUF_DECODER=llama)."""
+    return (gen.backbone,) if gen.depth is not None else (gen.backbone, gen.decoder)
+
+
+def wait_for_decodes(*models) -> None:
     """On a GPU llama_decode returns before the work is done, and the wait lands in whatever reads the
     output next. Waiting inside decode puts each step's time in its own stage, and makes the floor
     wait for every step, as generation must (each step's input depends on the last one's output). On
-    the CPU a decode is already finished when it returns."""
+    the CPU a decode is already finished when it returns. (The depth decoder's ggml graph returns its
+    codes, so it has waited.)"""
     import llama_cpp
 
-    for model in (gen.backbone, gen.decoder):
+    for model in models:
         if getattr(model, "bench_waits", False):
             continue
 
@@ -255,12 +263,15 @@ def instrument(tts) -> Profile:
     from csm_gguf.heads import Draws
 
     gen, prof = tts.generator, Profile()
-    wait_for_decodes(gen)
+    wait_for_decodes(*llama_models(gen))
     prof.wrap(gen, "prompt_embeddings", "prompt")
     prof.wrap(gen, "start", "prompt")
     prof.wrap(gen, "step", "step")
     prof.wrap(gen.backbone, "decode", "backbone")
-    prof.wrap(gen.decoder, "decode", "decoder")
+    if gen.depth is not None:  # the heads and draws are in its graph
+        prof.wrap(gen.depth, "frame", "decoder")
+    else:
+        prof.wrap(gen.decoder, "decode", "decoder")
     prof.wrap(gen, "_draw_codebook", "heads")
     prof.wrap(gen.heads, "rows", "heads")
     prof.wrap(Draws, "first", "heads")  # codebook 0's draw (the others are in _draw_codebook)
@@ -282,10 +293,11 @@ def stages(prof: Profile, seconds: float, frames: int, runs: int) -> Stages:
 
 
 def floor(gen, frames: int, prompt_len: int, streams: int = 1) -> Floor:
-    """The same llama.cpp decodes as `Generator.step` (same models, contexts and batch shapes), inputs
-    filled once, nothing else: what a frame costs with no pipeline at all."""
+    """The llama.cpp decodes of a frame (`Generator.step` with CSM_GGUF_DECODER=llama: same models, contexts and
+    batch shapes), inputs filled once, nothing else: what a frame costs in llama.cpp with no pipeline at all.
+    (The default depth decoder, one ggml graph a frame, can beat it.)"""
     bb, dec, k, s = gen.backbone, gen.decoder, gen.cfg.num_codebooks, streams
-    wait_for_decodes(gen)
+    wait_for_decodes(bb, dec)
     rng = np.random.default_rng(0)
     bb.embd[: max(prompt_len, s)] = 0.02 * rng.standard_normal((max(prompt_len, s), bb.n_embd), dtype=np.float32)
     dec.embd[: 2 * s] = 0.02 * rng.standard_normal((2 * s, dec.n_embd), dtype=np.float32)
@@ -331,10 +343,12 @@ def concurrency(tts, n_streams: int, frames: int, seed: int, args) -> Concurrenc
 
     gen = Generator(tts.model, n_streams, args.threads, args.gpu_layers, args.kv_type)
     prof = Profile()
-    wait_for_decodes(gen)
+    wait_for_decodes(*llama_models(gen))
     prof.wrap(gen, "step", "step")
-    for model in (gen.backbone, gen.decoder):
-        prof.wrap(model, "decode", "llama")
+    for model in llama_models(gen):
+        prof.wrap(model, "decode", "calls")
+    if gen.depth is not None:
+        prof.wrap(gen.depth, "frame", "calls")
     try:
         prompt = gen.prompt_embeddings(TEXT, 0)
 
@@ -357,7 +371,7 @@ def concurrency(tts, n_streams: int, frames: int, seed: int, args) -> Concurrenc
         prof.restore()
         gen.close()
     audio = frames * FRAME_S
-    host_ms = prof.get("step") * 1000 / frames  # step's own time: its llama_decode calls are their own path
+    host_ms = prof.get("step") * 1000 / frames  # step's own time: its llama.cpp and ggml calls are their own path
     return Concurrency(n_streams, frames, seconds, n_streams * audio / seconds, seconds / audio, host_ms)
 
 
@@ -675,9 +689,10 @@ def bench_variant(name: str, model_dir: Path, weights: str, args, reference: dic
             prof.restore()
         seconds, frames = sum(r[0] for r in runs), sum(r[2] for r in runs)
         st = stages(prof, seconds, frames, len(runs))
-        prompt_len = len(tts.generator.prompt_embeddings(TEXT, 0))
-        fl = floor(tts.generator, args.frames, prompt_len)
         heads_device = "gpu" if tts.generator.heads.on_gpu else "cpu"
+        decoder_path = "llama" if tts.generator.depth is None else "graph"
+    # After the peak memory: the floor may load the depth decoder into llama.cpp, which the runs did not.
+    fl = floor(tts.generator, args.frames, len(tts.generator.prompt_embeddings(TEXT, 0)))
     tts.generator.close()
     rtf = [r[0] / (r[2] * FRAME_S) for r in runs]
     v = Variant(
@@ -686,7 +701,7 @@ def bench_variant(name: str, model_dir: Path, weights: str, args, reference: dic
         rtf=Spread.of(rtf), xrt=Spread.of([1 / r for r in rtf]), ttfa_s=Spread.of([r[1] for r in runs]),
         fps=Spread.of([r[2] / r[0] for r in runs]), stages_ms=st, floor=fl,
         frame_over_floor=st.frame / fl.frame_ms, generation_over_floor=(st.frame - st.mimi) / fl.frame_ms,
-        peak_rss_mib=rss.mib, heads_device=heads_device,
+        peak_rss_mib=rss.mib, heads_device=heads_device, decoder_path=decoder_path,
     )
     for s in args.concurrency:
         v.concurrency.append(concurrency(tts, s, args.frames, args.seed, args))
@@ -930,7 +945,7 @@ def machine(args) -> dict:
 
 def table(report: dict) -> str:
     rows = ["| variant | RTF (median, min-max) | xRealTime | TTFA | frame | floor | frame / floor | backbone | "
-            "decoder (31) | heads+sampling | Mimi | rest | peak RSS |", "|" + "---|" * 13]
+            "depth decoder | heads+sampling | Mimi | rest | peak RSS |", "|" + "---|" * 13]
     for v in report["variants"]:
         s, r = v["stages_ms"], v["rtf"]
         rows.append(
@@ -941,7 +956,7 @@ def table(report: dict) -> str:
     lines = ["\n".join(rows)]
     conc = [(v["name"], c) for v in report["variants"] for c in v["concurrency"]]
     if conc:
-        lines.append("| variant | streams | aggregate xRealTime | per-stream RTF | step outside llama.cpp |\n"
+        lines.append("| variant | streams | aggregate xRealTime | per-stream RTF | step outside llama.cpp and ggml |\n"
                      "|---|---|---|---|---|\n" + "\n".join(
                          f"| {name} | {c['streams']} | {c['aggregate_xrt']:.2f} | {c['per_stream_rtf']:.2f} | "
                          f"{c['host_ms']:.1f} ms |" for name, c in conc))
@@ -1155,7 +1170,8 @@ def main(argv: list[str] | None = None) -> int:
         v, tts = bench_variant(name, model_dir, weights, args, reference)
         report["variants"].append(asdict(v))
         print(f"[bench] {name}: RTF {v.rtf.median:.2f}, frame {v.stages_ms.frame:.0f} ms, "
-              f"floor {v.floor.frame_ms:.0f} ms, heads on the {v.heads_device}", file=sys.stderr)
+              f"llama.cpp floor {v.floor.frame_ms:.0f} ms, depth decoder: {v.decoder_path}, "
+              f"heads on the {v.heads_device}", file=sys.stderr)
         if i == 0:  # the peers against the first variant's model and codec, then freed before the next
             peer = "transformers" in args.compare
             report["peers"]["mimi"] = mimi_figures(tts, args.frames, args.seed, peer, args.runs)

@@ -1,7 +1,9 @@
-"""Frame generation: the backbone and the depth decoder on llama.cpp, any number of streams at once.
+"""Frame generation: the backbone on llama.cpp, the depth decoder on ggml, any number of streams at once.
 
-Each 80 ms frame is one backbone step (all active streams in one llama_decode) and 31 depth-decoder
-steps (likewise batched). A single `generate` call is simply a batch of one stream.
+Each 80 ms frame is one backbone step (all active streams in one llama_decode) and the depth decoder's
+frame: one ggml graph of its 32 positions with every codebook's head and draw (depth.py), or, with
+CSM_GGUF_DECODER=llama, 31 llama.cpp steps (likewise batched) with the heads' draws between them. A single
+`generate` call is simply a batch of one stream.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from . import prompt_cache
+from .depth import DepthFrames
 from .formats import FRAME_MS
 from .heads import CodebookHeads, Draws, gpu_present
 from .llama import ContextOptions, EmbeddingModel, default_threads
@@ -96,7 +99,8 @@ class Stream:
 
 
 class Generator:
-    """Owns the two llama.cpp contexts. `generate` may be called from several threads (they take turns
+    """Owns the backbone's llama.cpp context and the depth decoder (depth.py's graph, or a llama.cpp context).
+    `generate` may be called from several threads (they take turns
     at each llama.cpp call); the lower-level calls (start, prefill, step, finish) are for one thread
     that drives every stream, like the server's engine thread.
 
@@ -132,18 +136,16 @@ class Generator:
                 kv_type=kv_type,
             ),
         )
-        self.decoder = EmbeddingModel(
-            model.decoder_path,
-            ContextOptions(
-                n_ctx=max_streams * cfg.num_codebooks,
-                n_batch=2 * max_streams,
-                n_seq_max=max_streams,
-                n_threads=n_threads,
-                n_gpu_layers=n_gpu_layers,
-                kv_type=kv_type,
-                want_hidden=True,
-            ),
+        self._decoder_options = ContextOptions(
+            n_ctx=max_streams * cfg.num_codebooks,
+            n_batch=2 * max_streams,
+            n_seq_max=max_streams,
+            n_threads=n_threads,
+            n_gpu_layers=n_gpu_layers,
+            kv_type=kv_type,
+            want_hidden=True,
         )
+        self._decoder: EmbeddingModel | None = None
         self.free_slots = list(range(max_streams))
         # Held for each call into llama.cpp by `generate`, never across a yield. Reentrant: an abandoned
         # generator in a reference cycle may be finalized (and give its slot back) by a collection that
@@ -155,10 +157,22 @@ class Generator:
         self._proj = slice(v, v + d)  # backbone "logits" rows holding projection(h)
         self._offsets = np.arange(cfg.num_codebooks) * v
         self.heads = self._heads(n_threads, n_gpu_layers)
+        self.depth = self._depth()
+        if self.depth is None:
+            self.decoder  # loaded now, not at the first frame
         self.decode_calls = 0
         self.prompt_positions_read = 0
         self.prompt_cache = PromptCache(max_streams, cached, cache_positions, self.backbone.copy_sequence,
                                         self.backbone.remove_sequence)
+
+    @property
+    def decoder(self) -> EmbeddingModel:
+        """The depth decoder in llama.cpp: the frame's path with CSM_GGUF_DECODER=llama; otherwise loaded only if
+        asked for (bench.py's llama.cpp floor and teacher-forced logits)."""
+        if self._decoder is None:
+            self._check_open()
+            self._decoder = EmbeddingModel(self.model.decoder_path, self._decoder_options)
+        return self._decoder
 
     def _heads(self, n_threads: int, n_gpu_layers: int) -> CodebookHeads:
         """The codebook heads on the GPU when the model's layers are there (unless CSM_GGUF_HEADS_DEVICE=cpu),
@@ -175,6 +189,22 @@ class Generator:
             except NotImplementedError as e:
                 print(f"csm-gguf: codebook heads on the CPU: {e}", file=sys.stderr)
         return make(device="cpu")
+
+    def _depth(self) -> DepthFrames | None:
+        """The depth decoder's frame as one ggml graph where the heads run (depth.py), unless
+        CSM_GGUF_DECODER=llama (None: 31 llama.cpp steps a frame); llama.cpp's too when the heads' backend
+        lacks an op of the graph."""
+        chosen = os.environ.get("CSM_GGUF_DECODER", "graph")
+        if chosen not in ("graph", "llama"):
+            raise ValueError(f"CSM_GGUF_DECODER is graph or llama, got {chosen!r}")
+        if chosen == "llama":
+            return None
+        try:
+            return DepthFrames(self.model.decoder_path, self.cfg.decoder, self.model.decoder_inputs,
+                               self.cfg.audio_vocab_size, self.heads, self.max_streams)
+        except NotImplementedError as e:
+            print(f"csm-gguf: the depth decoder through llama.cpp: {e}", file=sys.stderr)
+            return None
 
     # --- prompt -------------------------------------------------------------------------------------
     def frame_embeddings(self, codes: np.ndarray) -> np.ndarray:
@@ -332,14 +362,11 @@ class Generator:
         return codes
 
     def _draw_frame(self, streams: Sequence[Stream]) -> np.ndarray:
-        """The backbone's step and the decoder's 31, with every codebook's draw: codes (s, 32)."""
-        s = len(streams)
-        cfg, model = self.cfg, self.model
-        v, n_codes, k = cfg.audio_vocab_size, model.n_codes, cfg.num_codebooks
-        codes = np.zeros((s, k), dtype=np.int64)
-        draws = self.heads.rows(np.fromiter((st.sampler.top_k for st in streams), np.int64, s),
-                                np.fromiter((st.sampler.inv_temperature for st in streams), np.float32, s))
-        u = np.stack([st.sampler.uniforms(k) for st in streams])
+        """The backbone's step and the depth decoder's frame, with every codebook's draw: codes (s, 32)."""
+        s, n = len(streams), self.model.n_codes
+        top_k = np.fromiter((st.sampler.top_k for st in streams), np.int64, s)
+        inv_t = np.fromiter((st.sampler.inv_temperature for st in streams), np.float32, s)
+        u = np.stack([st.sampler.uniforms(self.cfg.num_codebooks) for st in streams])
 
         slots = np.fromiter((st.slot for st in streams), dtype=np.int32, count=s)
         bb = self.backbone
@@ -348,10 +375,26 @@ class Generator:
         bb.output[:s] = 1
         bb.set_seq_ids(slots)
         bb.decode(s)
+        out = bb.logits(s)
+        self.decode_calls += self.calls_per_frame
+        if self.depth is not None:
+            return self.depth.frame(out[:, :n], out[:, self._proj], u, top_k, inv_t).astype(np.int64)
+        return self._decoder_steps(out, slots, u, self.heads.rows(top_k, inv_t))
 
+    @property
+    def calls_per_frame(self) -> int:
+        """Calls into llama.cpp or ggml a frame step makes (for any number of streams): the backbone's, then the
+        depth decoder's graph or its 31 llama.cpp steps."""
+        return 2 if self.depth is not None else self.cfg.num_codebooks
+
+    def _decoder_steps(self, out: np.ndarray, slots: np.ndarray, u: np.ndarray, draws: Draws) -> np.ndarray:
+        """The depth decoder through llama.cpp, one position of every stream at a time, drawing each codebook with
+        the heads: codes (s, 32) from the backbone's outputs `out`."""
+        cfg, model = self.cfg, self.model
+        s, v, n_codes, k = len(slots), cfg.audio_vocab_size, model.n_codes, cfg.num_codebooks
+        codes = np.zeros((s, k), dtype=np.int64)
         dec = self.decoder
         dec.clear()
-        out = bb.logits(s)
         self.heads.first[:s] = out[:, :n_codes]
         dec.embd[0 : 2 * s : 2] = out[:, self._proj]
         codes[:, 0] = draws.first(u[:, 0])
@@ -368,7 +411,6 @@ class Generator:
             dec.pos[:s] = i
             dec.decode(s)
             self._draw_codebook(draws, u, codes, i)
-        self.decode_calls += k
         return codes
 
     def _draw_codebook(self, draws: Draws, u: np.ndarray, codes: np.ndarray, i: int, stride: int = 1) -> None:
@@ -423,6 +465,9 @@ class Generator:
     def close(self) -> None:
         with self.lock:  # not during another thread's step: it would run on freed memory
             self.backbone.close()
-            self.decoder.close()
+            if self._decoder is not None:
+                self._decoder.close()
+            if self.depth is not None:
+                self.depth.close()
             self.heads.close()
             self._slot_freed.notify_all()  # waiting calls find the model closed

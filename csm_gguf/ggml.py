@@ -1,9 +1,10 @@
-"""The few ggml calls the codebook heads make, bound with ctypes from llama-cpp-python's own ggml (the very
-library llama.cpp runs on), and `Placer`, which puts each new tensor at the next free place of a buffer.
+"""The ggml calls the codebook heads and the depth decoder's graph make, bound with ctypes from
+llama-cpp-python's own ggml (the very library llama.cpp runs on), and `Placer`, which puts each new tensor
+at the next free place of a buffer.
 
-Graphs here are small and fixed: every tensor gets its memory as it is made (views share their
-source's), so no graph allocator is needed and many graphs can share one scratch buffer, since they
-run one at a time.
+The heads' graphs are small and fixed: every tensor gets its memory as it is made (views share their
+source's), so many graphs share one scratch buffer, since they run one at a time. The depth decoder's
+graph has thousands of intermediate tensors, whose memory ggml's graph allocator reuses (depth.py).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from llama_cpp._ggml import libggml
 
 p = C.c_void_p
 DEVICE_TYPE_CPU, DEVICE_TYPE_GPU = 0, 1  # enum ggml_backend_dev_type
-TYPE_F32, TYPE_I32 = 0, 26  # enum ggml_type
+TYPE_F32, TYPE_F16, TYPE_I32 = 0, 1, 26  # enum ggml_type
 SORT_DESC = 1  # enum ggml_sort_order
 TENSOR_ALIGNMENT = 32  # ggml's: a CPU buffer made on memory of ours must start at a multiple of it (else abort)
 
@@ -54,6 +55,18 @@ exp = _bind("ggml_exp", p, p, p)
 cumsum = _bind("ggml_cumsum", p, p, p)
 sum_rows = _bind("ggml_sum_rows", p, p, p)
 cast = _bind("ggml_cast", p, p, p, C.c_int)
+new_tensor_1d = _bind("ggml_new_tensor_1d", p, p, C.c_int, _i64)
+view_1d = _bind("ggml_view_1d", p, p, p, _i64, _sz)
+reshape_1d = _bind("ggml_reshape_1d", p, p, p, _i64)
+reshape_4d = _bind("ggml_reshape_4d", p, p, p, _i64, _i64, _i64, _i64)
+permute = _bind("ggml_permute", p, p, p, C.c_int, C.c_int, C.c_int, C.c_int)
+cont = _bind("ggml_cont", p, p, p)
+concat = _bind("ggml_concat", p, p, p, p, C.c_int)
+rms_norm = _bind("ggml_rms_norm", p, p, p, C.c_float)
+soft_max_ext = _bind("ggml_soft_max_ext", p, p, p, p, C.c_float, C.c_float)
+swiglu_split = _bind("ggml_swiglu_split", p, p, p, p)
+_f = C.c_float
+rope_ext = _bind("ggml_rope_ext", p, p, p, p, p, C.c_int, C.c_int, C.c_int, _f, _f, _f, _f, _f, _f)
 new_graph = _bind("ggml_new_graph_custom", p, p, _sz, C.c_bool)
 expand = _bind("ggml_build_forward_expand", None, p, p)
 dev_by_type = _bind("ggml_backend_dev_by_type", p, C.c_int)
@@ -63,6 +76,7 @@ proc_address = _bind("ggml_backend_reg_get_proc_address", p, p, C.c_char_p)
 backend_free = _bind("ggml_backend_free", None, p)
 backend_alignment = _bind("ggml_backend_get_alignment", _sz, p)
 alloc_ctx_tensors = _bind("ggml_backend_alloc_ctx_tensors", p, p, p)
+alloc_ctx_tensors_from_buft = _bind("ggml_backend_alloc_ctx_tensors_from_buft", p, p, p)
 alloc_buffer = _bind("ggml_backend_alloc_buffer", p, p, _sz)
 buffer_from_ptr = _bind("ggml_backend_cpu_buffer_from_ptr", p, p, _sz)
 buffer_base = _bind("ggml_backend_buffer_get_base", p, p)
@@ -74,8 +88,27 @@ tensor_get = _bind("ggml_backend_tensor_get", None, p, p, _sz, _sz)
 supports_op = _bind("ggml_backend_supports_op", C.c_bool, p, p)
 graph_n_nodes = _bind("ggml_graph_n_nodes", C.c_int, p)
 graph_node = _bind("ggml_graph_node", p, p, C.c_int)
+default_buffer_type = _bind("ggml_backend_get_default_buffer_type", p, p)
+gallocr_new = _bind("ggml_gallocr_new", p, p)
+gallocr_alloc_graph = _bind("ggml_gallocr_alloc_graph", C.c_bool, p, p)
+gallocr_buffer_size = _bind("ggml_gallocr_get_buffer_size", _sz, p, C.c_int)
+gallocr_free = _bind("ggml_gallocr_free", None, p)
 compute = _bind("ggml_backend_graph_compute", C.c_int, p, p)
 SetThreads = C.CFUNCTYPE(None, p, C.c_int)
+_ExtraBufts = C.CFUNCTYPE(C.POINTER(p), p)
+
+
+def cpu_extra_buffer_types() -> list[int]:
+    """The CPU backend's extra weight buffer types, in llama.cpp's order of preference: CPU_REPACK (weights
+    interleaved for this CPU's SIMD as they are set; on AVX2 and NEON for Q4_0, Q4_K, Q8_0, ...), AMX, ..."""
+    dev = dev_by_type(DEVICE_TYPE_CPU)
+    get = proc_address(dev_reg(dev), b"ggml_backend_dev_get_extra_bufts")
+    if not get:
+        return []
+    array, found = _ExtraBufts(get)(dev), []
+    while array and array[len(found)]:
+        found.append(array[len(found)])
+    return found
 
 # Ops whose result is a view of their source: it gets no memory of its own.
 _VIEWS = (view_2d, reshape_2d, reshape_3d)

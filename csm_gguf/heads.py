@@ -5,7 +5,7 @@ decoder's single llama.cpp output layer. numpy would have to hold them in float3
 frame; ggml multiplies them in their stored type (Q8_0 for quantized models) with its SIMD kernels
 and all threads: about 6x faster for one stream and 8x for four.
 
-The draw is in the same graph (`_draw`): top-k, temperature, softmax, and the pick by a uniform number
+The draw is in the same graph (`draw`): top-k, temperature, softmax, and the pick by a uniform number
 each stream draws from its own generator, for all streams at once in C. A step so gives back one int32
 per stream instead of a row of logits for a per-stream sampler in Python: that per-stream work was what
 grew with the number of streams. Codebook 0, drawn from the backbone's logits, goes through a graph of
@@ -31,7 +31,7 @@ from . import ggml as G
 _GRAPH_SIZE = 48  # nodes and leaves of one draw graph: the product, the draw's 24 tensors, their inputs
 _GRAPH_TENSORS = 28  # tensors one draw graph makes in its family's context (25, views included)
 _MAX_FAMILIES = 64  # kept built (about 0.3 MB of ggml's bookkeeping each); beyond, the least recently used goes
-# The scratch a draw graph takes: its logits (n codes a stream), `_draw`'s 13 tensors of k a stream and a
+# The scratch a draw graph takes: its logits (n codes a stream), `draw`'s 13 tensors of k a stream and a
 # few of one a stream (k is at most n), each of its 20-odd tensors rounded up to ggml's alignment.
 _DRAW_TENSORS, _PLACED = 16, 24
 _LOGITS_GRAPH_SIZE = 4  # `logits`: one matrix product, its two inputs
@@ -132,6 +132,16 @@ class CodebookHeads:
                          for w in weights]
         for w in self._w_codes:
             G.view_init(w)
+
+    @property
+    def backend(self) -> int:
+        """The ggml backend the heads run on (the depth decoder's graph runs there too: depth.py)."""
+        return self._backend
+
+    @property
+    def code_weights(self) -> list[int]:
+        """Each head's first n_codes rows, as ggml tensors."""
+        return self._w_codes
 
     def _layout(self, n_embd: int, n_rows: int) -> None:
         """One device buffer: x | logits | first | u | inverse temperature | mask | scratch; and its host side
@@ -235,10 +245,10 @@ class CodebookHeads:
 
         def graph(logits: int) -> tuple[int, int, np.ndarray]:
             put = G.Placer(ctx, self._io, self._at["scratch"], self._end, self._align)
-            ids = _draw(put, logits(put), self.n_codes, k, s, inputs["u"], inputs["inv_t"], inputs["mask"])
+            ids = draw(put, logits(put), self.n_codes, k, s, inputs["u"], inputs["inv_t"], inputs["mask"])
             g = G.new_graph(ctx, _GRAPH_SIZE, False)
             G.expand(g, ids)
-            self._check_ops(g)
+            self.check_ops(g, "the codebook draw")
             return g, ids, self._out[:s] if self.on_gpu else _view(G.get_data(ids), np.int32, (s,))
 
         try:
@@ -249,12 +259,13 @@ class CodebookHeads:
             raise
         return _Family(ctx, inputs, _view(self._host_at["mask"], np.float32, (s, k)), first, heads)
 
-    def _check_ops(self, graph: int) -> None:
+    def check_ops(self, graph: int, what: str) -> None:
+        """NotImplementedError unless the heads' backend has every op of `graph` (`what` it computes)."""
         for i in range(G.graph_n_nodes(graph)):
             node = G.graph_node(graph, i)
             if not G.supports_op(self._backend, node):
                 raise NotImplementedError(f"this ggml build's {'GPU' if self.on_gpu else 'CPU'} backend lacks an "
-                                          "op of the codebook draw")
+                                          f"op of {what}")
 
     def _compute(self, graph: int) -> None:
         status = G.compute(self._backend, graph)
@@ -305,7 +316,7 @@ class Draws:
         return self._heads._draw_with(self._family.heads[i], self._head_in, u, self._s)
 
 
-def _draw(put: G.Placer, logits: int, n: int, k: int, s: int, u: int, inv_t: int, mask: int) -> int:
+def draw(put, logits: int, n: int, k: int, s: int, u: int, inv_t: int, mask: int) -> int:
     """Codes drawn from (n, s) logits: the top k, largest first; weights exp((logit - largest) / temperature),
     zero past each stream's own top-k; the first code whose running sum of weights passes u times their sum.
 

@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 TARGETS = {
     "generator": "csm_gguf/generator.py",
+    "depth": "csm_gguf/depth.py",
     "tts": "csm_gguf/tts.py",
     "plan": "csm_gguf/plan.py",
     "sampling": "csm_gguf/sampling.py",
@@ -41,6 +42,8 @@ TARGETS = {
 }
 # Fast subsets, the likeliest to fail first (pytest runs with -x).
 SHAPE = "tests/test_real_model_shape.py::test_greedy_codes_equal_transformers_with_a_wider_vocabulary"
+CORE = "tests/test_generator.py::test_greedy_codes_equal_transformers"
+DEPTH = "tests/test_depth.py"
 PROMPT = "tests/test_real_model_shape.py::test_prompt_equals_transformers_embeddings_of_the_llama3_encoding"
 ORIGINAL = "tests/test_real_model_shape.py::test_original_format_gives_the_same_codes"
 EOS = "tests/test_end_of_speech.py"
@@ -72,6 +75,28 @@ class Mutation:
 
 M = Mutation
 MUTATIONS = [
+    # --- depth.py: the depth decoder's frame as one ggml graph -------------------------------------------
+    M("depth", "RoPE in NEOX order (halves), not llama's adjacent pairs",
+      [("pos, self._rope_freqs, hd, 0,", "pos, self._rope_freqs, hd, 2,")], [CORE]),
+    M("depth", "RoPE without the llama-3 frequency factors",
+      [("pos, self._rope_freqs, hd, 0,", "pos, None, hd, 0,")], [CORE, DEPTH]),
+    M("depth", "attention scaled by 1 / head_dim, not its square root",
+      [("None, 1.0 / hd**0.5, 0.0)", "None, 1.0 / hd, 0.0)")], [CORE]),
+    M("depth", "every position at position 0",
+      [("put(G.view_1d, pos, s, 4 * self.max_streams * p)", "put(G.view_1d, pos, s, 0)")], [CORE]),
+    M("depth", "decoder input rows strided by the codec's size",
+      [("d, v, row_bytes, (p - 1) * v * row_bytes)", "d, v, row_bytes, (p - 1) * self.n_codes * row_bytes)")],
+      [SHAPE]),
+    M("depth", "every codebook drawn with codebook 0's uniform number",
+      [("put(G.view_2d, inputs[\"u\"], 1, s, 4, 4 * s * p)", "put(G.view_2d, inputs[\"u\"], 1, s, 4, 0)")], [DEPTH]),
+    M("depth", "each stream's top-k ignored (all k of the bucket drawn from)",
+      [("mask=np.where(np.arange(k) < np.asarray(top_k)[:, None], 0.0, -np.inf))",
+        "mask=np.zeros((s, k)))")], [DEPTH]),
+    M("depth", "the temperature ignored",
+      [("inv_t=inv_temperature,", "inv_t=np.ones_like(inv_temperature),")], [DEPTH]),
+    M("depth", "plans into the allocator's old memory kept when it grows",
+      [("            for other in self._families.values():\n                G.free(other.ctx)\n"
+        "            self._families.clear()\n", "")], [DEPTH]),
     # --- generator.py -----------------------------------------------------------------------------------
     M("generator", "audio embedding rows strided by the codec's size, not the vocabulary's",
       [("self._offsets = np.arange(cfg.num_codebooks) * v",

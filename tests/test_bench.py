@@ -37,7 +37,9 @@ def test_bench_writes_every_figure(converted, f32_model, tmp_path):
         for key in ("rtf", "xrt", "ttfa_s", "fps"):
             assert len(v[key]["values"]) == 2 and v[key]["min"] <= v[key]["median"] <= v[key]["max"]
         assert set(v["stages_ms"]) == {"frame", "backbone", "decoder", "heads_sampling", "mimi", "rest", "prompt"}
-        assert all(x > 0 for k, x in v["stages_ms"].items() if k != "rest")
+        # The default depth decoder draws in its own graph: no heads stage beside it.
+        assert v["decoder_path"] == "graph" and v["stages_ms"]["heads_sampling"] == 0
+        assert all(x > 0 for k, x in v["stages_ms"].items() if k not in ("rest", "heads_sampling"))
         assert v["floor"]["frame_ms"] > 0 and v["frame_over_floor"] > 0 and v["peak_rss_mib"] > 0
         assert v["heads_device"] == "cpu"
         assert [c["streams"] for c in v["concurrency"]] == [1, 2]

@@ -38,7 +38,10 @@ def reference_codes(tiny_csm, f32_model):
     return reference_greedy_codes(tiny_csm, emb, FRAMES)
 
 
-def test_greedy_codes_equal_transformers(f32_model, reference_codes):
+@pytest.mark.parametrize("decoder", ["graph", "llama"])
+def test_greedy_codes_equal_transformers(f32_model, reference_codes, decoder, monkeypatch):
+    """Either depth decoder: the frame as one ggml graph (the default, depth.py), or 31 llama.cpp steps."""
+    monkeypatch.setenv("CSM_GGUF_DECODER", decoder)
     codes = ours(f32_model)
     assert codes.shape == (FRAMES, 32)
     np.testing.assert_array_equal(codes, reference_codes)
@@ -67,13 +70,16 @@ def test_sharded_checkpoint_with_sesame_index_name(tiny_csm, tokenizer_json, wor
     np.testing.assert_array_equal(ours(out), reference_codes)
 
 
-def test_untied_decoder_embeddings_are_used(tokenizer_json, workdir):
+@pytest.mark.parametrize("decoder", ["graph", "llama"])
+def test_untied_decoder_embeddings_are_used(tokenizer_json, workdir, decoder, monkeypatch):
     """A fine-tune whose depth decoder has its own audio embeddings."""
     from converter.convert import convert
 
+    monkeypatch.setenv("CSM_GGUF_DECODER", decoder)
+
     model = make_tiny_csm(seed=3, untie_decoder_embeddings=True)
-    folder = save_transformers_format(model, workdir / "untied", tokenizer_json)
-    out = convert(model_path=str(folder), output_dir=workdir / "untied-f32", qtype="f32")
+    folder = save_transformers_format(model, workdir / f"untied-{decoder}", tokenizer_json)
+    out = convert(model_path=str(folder), output_dir=workdir / f"untied-f32-{decoder}", qtype="f32")
     ctx = context()
     emb = reference_prompt_embeddings(model, CSMModel(out).prompt_tokens, TEXT, 0, ctx)
     np.testing.assert_array_equal(ours(out, ctx=ctx)[:12], reference_greedy_codes(model, emb, 12))
@@ -256,5 +262,5 @@ def test_batched_streams_equal_solo_streams(f32_model, samplings):
     batched_calls = gen.decode_calls - calls_before
     for i in range(len(texts)):
         np.testing.assert_array_equal(np.stack(frames[i]), solo[i])
-    assert batched_calls == 10 * 32  # one set of calls per frame, not one per stream
+    assert batched_calls == 10 * gen.calls_per_frame  # one set of calls per frame, not one per stream
     gen.close()

@@ -99,7 +99,10 @@ def test_the_fixture_is_shaped_like_csm_1b(wide, wide_transformers, reference_co
     assert reference_codes.max() < CODEC
 
 
-def test_greedy_codes_equal_transformers_with_a_wider_vocabulary(wide_transformers, reference_codes):
+@pytest.mark.parametrize("decoder", ["graph", "llama"])
+def test_greedy_codes_equal_transformers_with_a_wider_vocabulary(wide_transformers, reference_codes, decoder,
+                                                                 monkeypatch):
+    monkeypatch.setenv("CSM_GGUF_DECODER", decoder)  # the depth decoder as one ggml graph, or through llama.cpp
     codes = ours(wide_transformers)
     assert codes.shape == (FRAMES, 32)
     np.testing.assert_array_equal(codes, reference_codes)

@@ -1,0 +1,324 @@
+"""The depth decoder's whole frame as one ggml graph: its 32 positions, the 31 codebook heads and all 32 draws,
+for every stream at once, in one compute call.
+
+Through llama.cpp a frame is 31 `llama_decode` calls, each building, scheduling and launching a graph of
+some 150 nodes, then returning to Python for the head and the draw before the next position can start.
+On a GPU those round trips, not the arithmetic, are most of a frame (about 10 ms of 31 steps where the
+decoder's weights take well under 1 ms to read). Here the host sends the backbone's codebook-0 logits and
+projected hidden state and each stream's 32 uniform numbers, and gets back 32 codes a stream.
+
+Each position runs the decoder's llama layers exactly as llama.cpp's graph does (RMS norm, RoPE with the
+llama-3 frequency factors, grouped-query attention, SwiGLU), with one difference: keys and values stay in
+float32 within the graph (llama.cpp's cache holds them in its cache type). No mask is needed: a position's
+query meets the keys of its own stream's earlier positions only, gathered by concatenation, and streams are
+the fourth axis, so one matrix product serves them all and grouped-query heads broadcast as in llama.cpp.
+The draw is the heads' own (heads.draw), so a stream's codes do not depend on which streams share a frame.
+
+Graphs are built per stream count and top-k bucket (a "family") at first use. Their intermediate tensors
+get memory from one ggml graph allocator, planned once per family; the allocator's buffer is first sized for
+the largest family (all streams, every code), so a plan stays valid when other families are planned.
+"""
+
+from __future__ import annotations
+
+import ctypes as C
+from dataclasses import dataclass
+
+import gguf
+import numpy as np
+
+from . import ggml as G
+from .config import TransformerConfig
+from .heads import CodebookHeads, draw, top_k_bucket
+
+# Tensors one position makes in its family's context: 32 a layer, the final norm, head, draw and next input.
+_LAYER_TENSORS, _POSITION_TENSORS = 40, 48
+_MAX_FAMILIES = 32  # kept built (about 2.5 MB of ggml's bookkeeping each for a 4-layer decoder)
+_LAYER_WEIGHTS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up",
+                  "ffn_down")
+
+
+def _new_tensor(ctx: int, qtype: int, ne: list[int]) -> int:
+    return G.new_tensor_1d(ctx, qtype, ne[0]) if len(ne) == 1 else G.new_tensor_2d(ctx, qtype, ne[0], ne[1])
+
+
+@dataclass
+class _Family:
+    ctx: int
+    graph: int
+    inputs: dict[str, int]  # tensor of each per-frame input: first, h0, u, inv_t, mask
+
+
+class DepthFrames:
+    """The depth decoder of `decoder_path` (a converter-written llama GGUF with the layout `cfg` describes),
+    fed from `inputs` ((codebooks - 1) * vocabulary rows: each codebook's code as the decoder reads it), its
+    heads and draws those of `heads` (whose backend, CPU or GPU, it runs on).
+
+    `frame(first, h0, u, top_k, inv_temperature)` gives (s, 32) codes for s streams."""
+
+    def __init__(self, decoder_path, cfg: TransformerConfig, inputs: np.ndarray, vocab: int, heads: CodebookHeads,
+                 max_streams: int):
+        self._io = self._io_ctx = self._galloc = None
+        self._ctxs, self._buffers = [], []
+        self._families: dict[tuple[int, int], _Family] = {}
+        self.cfg, self.vocab, self.max_streams = cfg, vocab, max_streams
+        self._heads = heads
+        self.n_codes, self.codebooks = heads.n_codes, heads.n_heads + 1
+        self._backend, self.on_gpu = heads.backend, heads.on_gpu
+        try:
+            self._load(decoder_path, inputs)
+            self._layout()
+            self._galloc = G.gallocr_new(G.default_buffer_type(self._backend))
+            self._family(max_streams, self.n_codes)  # the largest plan first: later ones fit its buffer
+            self._planned_size = G.gallocr_buffer_size(self._galloc, 0)
+        except BaseException:
+            self.close()
+            raise
+
+    # --- weights ------------------------------------------------------------------------------------
+    def _load(self, decoder_path, table: np.ndarray) -> None:
+        """The decoder's weights and the input table on the heads' backend. On the CPU, the matrices that one of
+        its extra buffer types multiplies faster (CPU_REPACK: interleaved for this CPU's SIMD, as llama.cpp
+        loads them) are copied there; the rest are read in place from the mapped files."""
+        reader = gguf.GGUFReader(decoder_path)
+        wanted = {"rope_freqs.weight", "output_norm.weight"} | {
+            f"blk.{i}.{name}.weight" for i in range(self.cfg.n_layer) for name in _LAYER_WEIGHTS}
+        found = {t.name: t for t in reader.tensors if t.name in wanted}
+        if len(found) != len(wanted):
+            raise ValueError(f"{decoder_path} lacks {sorted(wanted - set(found))[:3]}: convert the model again")
+        table = np.ascontiguousarray(table)
+        self._table_type = {np.dtype(np.float32): G.TYPE_F32, np.dtype(np.float16): G.TYPE_F16}[table.dtype]
+        arrays = {name: (int(t.tensor_type), [int(n) for n in t.shape], t.data) for name, t in found.items()}
+        arrays["table"] = (self._table_type, [table.shape[1], table.shape[0]], table)
+        groups: dict[int | None, list[str]] = {}  # buffer type (None: the backend's own) -> names
+        for name, (qtype, ne, _) in arrays.items():
+            buft = None if self.on_gpu or len(ne) != 2 else self._faster_buffer_type(qtype, ne)
+            groups.setdefault(buft, []).append(name)
+        self._ctxs, self._buffers, tensors = [], [], {}
+        for buft, names in groups.items():
+            ctx = G.init(G.InitParams((len(names) + 1) * G.tensor_overhead(), None, True))
+            self._ctxs.append(ctx)
+            for name in names:
+                qtype, ne, _ = arrays[name]
+                tensors[name] = _new_tensor(ctx, qtype, ne)
+            data = {tensors[name]: arrays[name][2] for name in names}
+            if buft is None and not self.on_gpu and all(a.ctypes.data % G.TENSOR_ALIGNMENT == 0 for a in data.values()):
+                for t, a in data.items():  # read where they lie: kept alive (self._data) as long as ggml reads them
+                    buffer = G.buffer_from_ptr(a.ctypes.data, a.nbytes)
+                    self._buffers.append(buffer)
+                    G.tensor_alloc(buffer, t, a.ctypes.data)
+                continue
+            buffer = (G.alloc_ctx_tensors(ctx, self._backend) if buft is None
+                      else G.alloc_ctx_tensors_from_buft(ctx, buft))
+            if not buffer:
+                raise MemoryError("could not allocate the depth decoder's weights")
+            self._buffers.append(buffer)
+            for t, a in data.items():
+                a = np.ascontiguousarray(a)
+                G.tensor_set(t, a.ctypes.data, 0, a.nbytes)
+        self._data = (reader, table)
+        self._table = tensors["table"]
+        self._rope_freqs = tensors["rope_freqs.weight"]
+        self._output_norm = tensors["output_norm.weight"]
+        self._layers = [{name: tensors[f"blk.{i}.{name}.weight"] for name in _LAYER_WEIGHTS}
+                        for i in range(self.cfg.n_layer)]
+
+    def _faster_buffer_type(self, qtype: int, ne: list[int]) -> int | None:
+        """The first of the CPU's extra buffer types whose matrix product takes a (ne) matrix of qtype, if any:
+        asked of the backend with a probe allocated there (its memory never touched) and freed."""
+        for buft in G.cpu_extra_buffer_types():
+            ctx = G.init(G.InitParams(3 * G.tensor_overhead(), None, True))
+            try:
+                w = _new_tensor(ctx, qtype, ne)
+                buffer = G.alloc_ctx_tensors_from_buft(ctx, buft)
+                if not buffer:
+                    continue
+                try:
+                    x = G.new_tensor_2d(ctx, G.TYPE_F32, ne[0], 1)
+                    if G.supports_op(self._backend, G.mul_mat(ctx, w, x)):
+                        return buft
+                finally:
+                    G.buffer_free(buffer)
+            finally:
+                G.free(ctx)
+        return None
+
+    # --- inputs and outputs -------------------------------------------------------------------------
+    def _layout(self) -> None:
+        """One device buffer for the inputs, the positions and the codes; on a GPU with a host copy."""
+        s, n, d, k = self.max_streams, self.n_codes, self.cfg.n_embd, self.codebooks
+        align = max(G.TENSOR_ALIGNMENT, G.backend_alignment(self._backend))
+        parts = dict(first=s * n, h0=s * d, u=s * k, inv_t=s, mask=s * n, pos=s * k, codes=s * k)
+        size = sum(-(-4 * floats // align) * align for floats in parts.values())
+        self._io = G.alloc_buffer(self._backend, size)
+        if not self._io:
+            raise MemoryError("could not allocate the depth decoder's input buffer")
+        base = G.buffer_base(self._io)
+        if self.on_gpu:
+            self._mirror = np.zeros(size + align, np.uint8)
+            host = self._mirror.ctypes.data + (-self._mirror.ctypes.data) % align
+        else:
+            host = base
+        self._at, self._host, at = {}, {}, 0
+        for name, floats in parts.items():
+            self._at[name] = base + at
+            self._host[name] = (host + at, floats)
+            at += -(-4 * floats // align) * align
+        # Row p: position p for each of the streams (the same for all: they run in step).
+        positions = np.repeat(np.arange(k, dtype=np.int32), s)
+        self._host_view("pos", np.int32)[:] = positions
+        # The codes of a frame of any s streams are its first 32 s int32: fetched through one tensor.
+        self._io_ctx = G.init(G.InitParams(2 * G.tensor_overhead(), None, True))
+        self._codes = self._tensor_at(self._io_ctx, "codes", G.TYPE_I32, s * k)
+        if self.on_gpu:
+            G.tensor_set(self._tensor_at(self._io_ctx, "pos", G.TYPE_I32, s * k), self._host["pos"][0], 0, 4 * s * k)
+
+    def _host_view(self, name: str, dtype, count: int | None = None) -> np.ndarray:
+        address, floats = self._host[name]
+        ctype = C.c_int32 if dtype == np.int32 else C.c_float
+        return np.ctypeslib.as_array((ctype * (floats if count is None else count)).from_address(address))
+
+    def _tensor_at(self, ctx: int, name: str, ttype: int, ne0: int, ne1: int = 1, offset: int = 0) -> int:
+        t = G.new_tensor_2d(ctx, ttype, ne0, ne1)
+        if G.tensor_alloc(self._io, t, self._at[name] + offset) != 0:
+            raise MemoryError("a depth-decoder input did not fit its buffer")
+        return t
+
+    # --- graphs -------------------------------------------------------------------------------------
+    def _family(self, s: int, k: int) -> _Family:
+        family = self._families.pop((s, k), None)  # re-inserted last: the dict's order is the use order
+        if family is None:
+            if len(self._families) >= _MAX_FAMILIES:
+                G.free(self._families.pop(next(iter(self._families))).ctx)
+            family = self._build(s, k)
+        self._families[s, k] = family
+        return family
+
+    def _build(self, s: int, k: int) -> _Family:
+        cfg = self.cfg
+        n_tensors = self.codebooks * (cfg.n_layer * _LAYER_TENSORS + _POSITION_TENSORS) + 16
+        ctx = G.init(G.InitParams(n_tensors * G.tensor_overhead() + G.graph_overhead(n_tensors, False), None, True))
+        if not ctx:
+            raise MemoryError("ggml could not make a context for the depth decoder's graph")
+        try:
+            return self._build_in(ctx, s, k, n_tensors)
+        except BaseException:
+            G.free(ctx)
+            raise
+
+    def _build_in(self, ctx: int, s: int, k: int, n_tensors: int) -> _Family:
+        def put(op, *args) -> int:
+            t = op(ctx, *args)
+            if not t:
+                raise RuntimeError(f"ggml could not make a tensor ({op.__name__})")
+            return t
+
+        n, d, v = self.n_codes, self.cfg.n_embd, self.vocab
+        inputs = dict(first=self._tensor_at(ctx, "first", G.TYPE_F32, n, s),
+                      h0=self._tensor_at(ctx, "h0", G.TYPE_F32, d, s),
+                      u=self._tensor_at(ctx, "u", G.TYPE_F32, s, self.codebooks),
+                      inv_t=self._tensor_at(ctx, "inv_t", G.TYPE_F32, 1, s),
+                      mask=self._tensor_at(ctx, "mask", G.TYPE_F32, k, s))
+        pos = self._tensor_at(ctx, "pos", G.TYPE_I32, self.max_streams * self.codebooks)
+        row_bytes = G.row_size(self._table_type, d)
+        caches: list[tuple[int, int] | None] = [None] * self.cfg.n_layer
+
+        def draw_at(logits: int, p: int) -> int:
+            u = put(G.view_2d, inputs["u"], 1, s, 4, 4 * s * p)
+            code = draw(put, logits, n, k, s, u, inputs["inv_t"], inputs["mask"])
+            if G.tensor_alloc(self._io, code, self._at["codes"] + 4 * s * p) != 0:
+                raise MemoryError("the depth decoder's codes did not fit their buffer")
+            return code
+
+        code = draw_at(inputs["first"], 0)
+        x = inputs["h0"]
+        for p in range(self.codebooks):
+            if p:  # the previous codebook's code as the decoder reads it: row (p - 1) * v + code of the table
+                table = put(G.view_2d, self._table, d, v, row_bytes, (p - 1) * v * row_bytes)
+                x = put(G.get_rows, table, put(G.reshape_1d, code, s))
+            x = self._position(put, x, put(G.view_1d, pos, s, 4 * self.max_streams * p), caches, s)
+            if p:  # codebook p, from head p - 1
+                norm = put(G.mul, put(G.rms_norm, x, self.cfg.norm_eps), self._output_norm)
+                code = draw_at(put(G.mul_mat, self._heads.code_weights[p - 1], norm), p)
+        graph = G.new_graph(ctx, n_tensors, False)
+        G.expand(graph, code)
+        self._heads.check_ops(graph, "the depth decoder's frame")
+        if not G.gallocr_alloc_graph(self._galloc, graph):
+            raise MemoryError("could not allocate the depth decoder's working memory")
+        if self._families and G.gallocr_buffer_size(self._galloc, 0) != self._planned_size:
+            # The allocator's buffer grew (this family needs more than the largest did): the other plans
+            # point into the old one.
+            for other in self._families.values():
+                G.free(other.ctx)
+            self._families.clear()
+            self._planned_size = G.gallocr_buffer_size(self._galloc, 0)
+        return _Family(ctx, graph, inputs)
+
+    def _position(self, put, x: int, pos: int, caches: list, s: int) -> int:
+        """One position of every stream through the decoder's layers: x (n_embd, s) in, out. `caches[i]` holds
+        layer i's keys (head_dim, positions, kv heads, s) and values (positions, head_dim, kv heads, s) so far."""
+        cfg = self.cfg
+        hd, nh, nkv, eps = cfg.head_dim, cfg.n_head, cfg.n_head_kv, cfg.norm_eps
+
+        def rope(t: int, heads: int) -> int:
+            return put(G.rope_ext, put(G.reshape_3d, t, hd, heads, s), pos, self._rope_freqs, hd, 0,
+                       cfg.max_seq_len, cfg.rope_theta, 1.0, 0.0, 1.0, 32.0, 1.0)
+
+        for i, w in enumerate(self._layers):
+            h = put(G.mul, put(G.rms_norm, x, eps), w["attn_norm"])
+            q = put(G.permute, put(G.reshape_4d, rope(put(G.mul_mat, w["attn_q"], h), nh), hd, nh, 1, s), 0, 2, 1, 3)
+            key = put(G.reshape_4d, rope(put(G.mul_mat, w["attn_k"], h), nkv), hd, nkv, 1, s)
+            key = put(G.cont, put(G.permute, key, 0, 2, 1, 3))  # (hd, 1, kv heads, s)
+            value = put(G.reshape_4d, put(G.mul_mat, w["attn_v"], h), 1, hd, nkv, s)
+            if caches[i] is not None:
+                key = put(G.concat, caches[i][0], key, 1)
+                value = put(G.concat, caches[i][1], value, 0)
+            caches[i] = (key, value)
+            weights = put(G.soft_max_ext, put(G.mul_mat, key, q), None, 1.0 / hd**0.5, 0.0)  # (positions, 1, nh, s)
+            out = put(G.cont, put(G.permute, put(G.mul_mat, value, weights), 0, 2, 1, 3))  # (hd, nh, 1, s)
+            x = put(G.add, put(G.mul_mat, w["attn_output"], put(G.reshape_2d, out, hd * nh, s)), x)
+            h = put(G.mul, put(G.rms_norm, x, eps), w["ffn_norm"])
+            ffn = put(G.swiglu_split, put(G.mul_mat, w["ffn_gate"], h), put(G.mul_mat, w["ffn_up"], h))
+            x = put(G.add, put(G.mul_mat, w["ffn_down"], ffn), x)
+        return x
+
+    # --- a frame ------------------------------------------------------------------------------------
+    def frame(self, first: np.ndarray, h0: np.ndarray, u: np.ndarray, top_k: np.ndarray,
+              inv_temperature: np.ndarray) -> np.ndarray:
+        """Codes (s, 32) int32 for s streams: `first` their codebook-0 logits (s, n_codes), `h0` the backbone's
+        projected hidden state (s, n_embd), `u` their uniform numbers (s, 32), with top-k and 1 / temperature as
+        in `CodebookHeads.rows`. A view, valid until the next frame."""
+        s = len(first)
+        if not 1 <= s <= self.max_streams:
+            raise ValueError(f"{s} streams: the depth decoder was made for 1 to {self.max_streams}")
+        k = top_k_bucket(int(np.max(top_k)), self.n_codes)
+        family = self._family(s, k)
+        sent = dict(first=first, h0=h0, u=np.asarray(u, np.float32).T, inv_t=inv_temperature,
+                    mask=np.where(np.arange(k) < np.asarray(top_k)[:, None], 0.0, -np.inf))
+        for name, values in sent.items():
+            count = values.size
+            self._host_view(name, np.float32, count)[:] = values.ravel()
+            if self.on_gpu:
+                G.tensor_set(family.inputs[name], self._host[name][0], 0, 4 * count)
+        status = G.compute(self._backend, family.graph)
+        if status != 0:
+            raise RuntimeError(f"ggml failed to compute the depth decoder's frame (status {status})")
+        codes = self._host_view("codes", np.int32, s * self.codebooks)
+        if self.on_gpu:
+            G.tensor_get(self._codes, codes.ctypes.data, 0, codes.nbytes)
+        return codes.reshape(self.codebooks, s).T
+
+    def close(self) -> None:
+        if self._galloc:
+            G.gallocr_free(self._galloc)
+        for buffer in (self._io, *self._buffers):
+            if buffer:
+                G.buffer_free(buffer)
+        for ctx in (self._io_ctx, *self._ctxs, *(f.ctx for f in self._families.values())):
+            if ctx:
+                G.free(ctx)
+        self._io = self._io_ctx = self._galloc = None
+        self._ctxs, self._buffers, self._families = [], [], {}
+
+    def __del__(self) -> None:
+        self.close()

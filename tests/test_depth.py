@@ -1,0 +1,151 @@
+"""The depth decoder's frame as one ggml graph (depth.py) against the same decoder through llama.cpp.
+
+test_generator.py's core test holds both against transformers' codes (greedy, f32). Here: the two paths draw
+the same codes when sampling too, many streams at once; a graph evicted and rebuilt, or planned after its
+allocator's memory grew, draws what it drew before; the graph loads no llama.cpp decoder; a backend without
+one of its ops leaves the frame to llama.cpp."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import csm_gguf.depth as depth_module
+from csm_gguf.generator import Generator, Sampling
+from csm_gguf.heads import CodebookHeads, gpu_present
+from csm_gguf.model import CSMModel
+
+TEXTS = ["First voice.", "A second, somewhat longer sentence to say.", "Third!"]
+# Greedy, the default top-k and temperature, and a small top-k with a hot temperature: three top-k buckets
+# in one frame.
+SAMPLINGS = [Sampling(temperature=0, max_audio_ms=12 * 80), Sampling(seed=7, max_audio_ms=12 * 80),
+             Sampling(temperature=1.5, top_k=3, seed=11, max_audio_ms=12 * 80)]
+
+
+def frames_of(gen: Generator, texts=TEXTS, samplings=SAMPLINGS) -> list[np.ndarray]:
+    """Every stream's frames, the streams stepped together (the server's path) until all have ended."""
+    streams = [gen.start(gen.prompt_embeddings(t, 0), sp) for t, sp in zip(texts, samplings)]
+    frames: list[list[np.ndarray]] = [[] for _ in texts]
+    active = list(range(len(texts)))
+    while active:
+        codes = gen.step([streams[i] for i in active])
+        for row, i in enumerate(active):
+            if codes[row].any():
+                frames[i].append(codes[row].copy())
+        active = [i for i in active if not streams[i].done]
+    return [np.stack(f) for f in frames]
+
+
+def generated(model_dir, decoder: str, monkeypatch, **kw) -> list[np.ndarray]:
+    monkeypatch.setenv("CSM_GGUF_DECODER", decoder)
+    gen = Generator(CSMModel(model_dir), max_streams=4, kv_type="f32", **kw)
+    try:
+        assert (gen.depth is None) == (decoder == "llama")
+        return frames_of(gen)
+    finally:
+        gen.close()
+
+
+def test_the_graph_draws_what_llama_cpp_steps_draw(f32_model, monkeypatch):
+    """Sampled as well as greedy, three streams a frame: the same codes, frame after frame (a draw parts only
+    where a uniform number falls within rounding of a boundary; these seeds have no such draw)."""
+    graph = generated(f32_model, "graph", monkeypatch)
+    llama = generated(f32_model, "llama", monkeypatch)
+    for a, b in zip(graph, llama):
+        np.testing.assert_array_equal(a, b)
+    assert all(len(f) > 3 for f in graph)
+
+
+def test_a_graph_evicted_or_replanned_draws_what_it_drew(f32_model, monkeypatch):
+    """Families (a graph per stream count and top-k bucket) beyond the limit are freed and built again; a
+    plan made after the allocator's memory grew drops the plans that point into the old memory."""
+    expected = generated(f32_model, "graph", monkeypatch)
+    monkeypatch.setattr(depth_module, "_MAX_FAMILIES", 1)
+    np.testing.assert_equal(generated(f32_model, "graph", monkeypatch), expected)
+    monkeypatch.undo()
+
+    monkeypatch.setenv("CSM_GGUF_DECODER", "graph")
+    gen = Generator(CSMModel(f32_model), max_streams=4, kv_type="f32")
+    try:
+        sizes = iter(range(10**6, 10**9))  # every plan seems to grow the buffer
+        monkeypatch.setattr(depth_module.G, "gallocr_buffer_size", lambda galloc, i: next(sizes))
+        got = frames_of(gen)
+        assert len(gen.depth._families) == 1  # each new plan dropped the others
+    finally:
+        gen.close()
+    np.testing.assert_equal(got, expected)
+
+
+def test_the_graph_loads_no_llama_cpp_decoder(f32_model, monkeypatch):
+    monkeypatch.setenv("CSM_GGUF_DECODER", "graph")
+    gen = Generator(CSMModel(f32_model), kv_type="f32")
+    try:
+        list(gen.generate("Hi.", 0, (), SAMPLINGS[0]))
+        assert gen._decoder is None and gen.calls_per_frame == 2
+    finally:
+        gen.close()
+    monkeypatch.setenv("CSM_GGUF_DECODER", "llama")
+    gen = Generator(CSMModel(f32_model), kv_type="f32")
+    try:
+        assert gen._decoder is not None and gen.calls_per_frame == 32  # loaded with the model, not at a frame
+    finally:
+        gen.close()
+
+
+def test_a_backend_lacking_an_op_of_the_graph_leaves_the_frame_to_llama_cpp(f32_model, monkeypatch, capsys):
+    real = CodebookHeads.check_ops
+
+    def check_ops(self, graph, what):
+        if what == "the depth decoder's frame":
+            raise NotImplementedError(f"this ggml build's GPU backend lacks an op of {what}")
+        return real(self, graph, what)
+
+    monkeypatch.setattr(CodebookHeads, "check_ops", check_ops)
+    expected = generated(f32_model, "llama", monkeypatch)
+    monkeypatch.setenv("CSM_GGUF_DECODER", "graph")
+    gen = Generator(CSMModel(f32_model), max_streams=4, kv_type="f32")
+    try:
+        assert gen.depth is None
+        np.testing.assert_equal(frames_of(gen), expected)
+    finally:
+        gen.close()
+    assert "the depth decoder through llama.cpp: this ggml build's GPU backend lacks an op" in capsys.readouterr().err
+
+
+def test_an_unknown_decoder_is_refused(f32_model, monkeypatch):
+    monkeypatch.setenv("CSM_GGUF_DECODER", "onnx")
+    with pytest.raises(ValueError, match="CSM_GGUF_DECODER is graph or llama, got 'onnx'"):
+        Generator(CSMModel(f32_model))
+
+
+def test_too_many_streams_for_the_graph_are_refused(f32_model, monkeypatch):
+    monkeypatch.setenv("CSM_GGUF_DECODER", "graph")
+    gen = Generator(CSMModel(f32_model), max_streams=2, kv_type="f32")
+    try:
+        n, d = gen.model.n_codes, gen.cfg.decoder.n_embd
+        with pytest.raises(ValueError, match="3 streams: the depth decoder was made for 1 to 2"):
+            gen.depth.frame(np.zeros((3, n), np.float32), np.zeros((3, d), np.float32), np.zeros((3, 32), np.float32),
+                            np.ones(3, np.int64), np.ones(3, np.float32))
+    finally:
+        gen.close()
+
+
+@pytest.mark.skipif(not gpu_present(), reason="llama.cpp's ggml has no GPU device in this build")
+def test_the_graph_on_the_gpu_draws_what_llama_cpp_steps_draw_there(f32_model, monkeypatch):
+    """With every layer on the GPU the graph runs there (where its one call a frame replaces 31 decodes and
+    their round trips). Greedy, one stream: the same codes as llama.cpp's steps on the same GPU."""
+    kw = dict(n_gpu_layers=999)
+    one = dict(texts=TEXTS[:1], samplings=SAMPLINGS[:1])
+    monkeypatch.setenv("CSM_GGUF_DECODER", "graph")
+    gen = Generator(CSMModel(f32_model), kv_type="f32", **kw)
+    try:
+        assert gen.depth is not None and gen.depth.on_gpu
+        graph = frames_of(gen, **one)
+    finally:
+        gen.close()
+    monkeypatch.setenv("CSM_GGUF_DECODER", "llama")
+    gen = Generator(CSMModel(f32_model), kv_type="f32", **kw)
+    try:
+        np.testing.assert_array_equal(graph[0], frames_of(gen, **one)[0])
+    finally:
+        gen.close()
