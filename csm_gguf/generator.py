@@ -157,7 +157,7 @@ class Generator:
         self._proj = slice(v, v + d)  # backbone "logits" rows holding projection(h)
         self._offsets = np.arange(cfg.num_codebooks) * v
         self.heads = self._heads(n_threads, n_gpu_layers)
-        self.depth = self._depth()
+        self.depth = self._depth(n_gpu_layers)
         if self.depth is None:
             self.decoder  # loaded now, not at the first frame
         self.decode_calls = 0
@@ -190,14 +190,21 @@ class Generator:
                 print(f"csm-gguf: codebook heads on the CPU: {e}", file=sys.stderr)
         return make(device="cpu")
 
-    def _depth(self) -> DepthFrames | None:
-        """The depth decoder's frame as one ggml graph where the heads run (depth.py), unless
-        CSM_GGUF_DECODER=llama (None: 31 llama.cpp steps a frame); llama.cpp's too when the heads' backend
-        lacks an op of the graph."""
-        chosen = os.environ.get("CSM_GGUF_DECODER", "graph")
-        if chosen not in ("graph", "llama"):
+    def _depth(self, n_gpu_layers: int) -> DepthFrames | None:
+        """The depth decoder's frame as one ggml graph where the heads run (depth.py), or None: 31 llama.cpp
+        steps a frame. CSM_GGUF_DECODER=graph or llama chooses; by default the graph on the CPU, and llama.cpp
+        where the layers are on a GPU (the graph has not yet been run on one: issue 26). Through llama.cpp
+        also when the heads' backend lacks an op of the graph, or when the heads stay on the CPU while the
+        layers are on a GPU (the graph would take the decoder's layers off the GPU)."""
+        chosen = os.environ.get("CSM_GGUF_DECODER")
+        if chosen not in (None, "graph", "llama"):
             raise ValueError(f"CSM_GGUF_DECODER is graph or llama, got {chosen!r}")
-        if chosen == "llama":
+        layers_on_gpu = bool(n_gpu_layers) and gpu_present()
+        if (chosen or ("llama" if layers_on_gpu else "graph")) == "llama":
+            return None
+        if layers_on_gpu and not self.heads.on_gpu:
+            print("csm-gguf: the depth decoder through llama.cpp, on the GPU: the codebook heads are on the CPU",
+                  file=sys.stderr)
             return None
         try:
             return DepthFrames(self.model.decoder_path, self.cfg.decoder, self.model.decoder_inputs,

@@ -3,7 +3,8 @@
 test_generator.py's core test holds both against transformers' codes (greedy, f32). Here: the two paths draw
 the same codes when sampling too, many streams at once; a graph evicted and rebuilt, or planned after its
 allocator's memory grew, draws what it drew before; the graph loads no llama.cpp decoder; a backend without
-one of its ops leaves the frame to llama.cpp."""
+one of its ops, or heads kept off the GPU that holds the layers, leave the frame to llama.cpp, which is also
+the default with the layers on a GPU until the graph has been measured there."""
 
 from __future__ import annotations
 
@@ -110,6 +111,50 @@ def test_a_backend_lacking_an_op_of_the_graph_leaves_the_frame_to_llama_cpp(f32_
     finally:
         gen.close()
     assert "the depth decoder through llama.cpp: this ggml build's GPU backend lacks an op" in capsys.readouterr().err
+
+
+def test_heads_kept_on_the_cpu_leave_a_gpu_s_decoder_to_llama_cpp(f32_model, monkeypatch, capsys):
+    """The graph runs where the heads do: with the layers on a GPU and the heads on the CPU (asked for, or for
+    want of an op), the graph would take the decoder's layers off the GPU; its 31 steps stay in llama.cpp."""
+    import csm_gguf.generator as generator_module
+
+    monkeypatch.setattr(generator_module, "gpu_present", lambda: True)
+    monkeypatch.setenv("CSM_GGUF_HEADS_DEVICE", "cpu")
+    monkeypatch.setenv("CSM_GGUF_DECODER", "graph")
+    gen = Generator(CSMModel(f32_model), n_gpu_layers=999)
+    try:
+        assert gen.depth is None and not gen.heads.on_gpu
+    finally:
+        gen.close()
+    said = capsys.readouterr().err
+    assert "the depth decoder through llama.cpp, on the GPU: the codebook heads are on the CPU" in said
+
+
+def test_the_default_is_the_graph_on_the_cpu_and_llama_cpp_with_layers_on_a_gpu(f32_model, monkeypatch):
+    """Until the graph has been measured on a GPU (issue 26), llama.cpp's steps stay the default there."""
+    import csm_gguf.generator as generator_module
+
+    monkeypatch.delenv("CSM_GGUF_DECODER", raising=False)
+    gen = Generator(CSMModel(f32_model))
+    try:
+        assert gen.depth is not None
+    finally:
+        gen.close()
+    real = Generator._heads
+
+    def heads_said_on_the_gpu(self, *args):  # this build has no GPU backend to put them on
+        heads = real(self, *args)
+        heads.on_gpu = True
+        return heads
+
+    monkeypatch.setattr(generator_module, "gpu_present", lambda: True)
+    monkeypatch.setenv("CSM_GGUF_HEADS_DEVICE", "cpu")
+    monkeypatch.setattr(Generator, "_heads", heads_said_on_the_gpu)
+    gen = Generator(CSMModel(f32_model), n_gpu_layers=999)
+    try:
+        assert gen.heads.on_gpu and gen.depth is None
+    finally:
+        gen.close()
 
 
 def test_an_unknown_decoder_is_refused(f32_model, monkeypatch):
