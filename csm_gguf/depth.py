@@ -28,8 +28,8 @@ import gguf
 import numpy as np
 
 from . import ggml as G
-from .config import TransformerConfig
 from .heads import CodebookHeads, draw, top_k_bucket
+from .model import CSMModel
 
 # Tensors one position makes in its family's context: 32 a layer, the final norm, head, draw and next input.
 _LAYER_TENSORS, _POSITION_TENSORS = 40, 48
@@ -50,23 +50,24 @@ class _Family:
 
 
 class DepthFrames:
-    """The depth decoder of `decoder_path` (a converter-written llama GGUF with the layout `cfg` describes),
-    fed from `inputs` ((codebooks - 1) * vocabulary rows: each codebook's code as the decoder reads it), its
-    heads and draws those of `heads` (whose backend, CPU or GPU, it runs on).
+    """The depth decoder of a model (its decoder.gguf, fed from the sidecar's input table: each codebook's code
+    as the decoder reads it), its heads and draws those of `heads` (whose backend, CPU or GPU, it runs on).
 
-    `frame(first, h0, u, top_k, inv_temperature)` gives (s, 32) codes for s streams."""
+    `frame(first, h0, u, top_k, inv_temperature)` gives (s, 32) codes for s streams; then `next_inputs(s)` their
+    sums of the backbone's 32 audio embeddings, the backbone's next inputs (`Generator.frame_embeddings`),
+    made in the same graph."""
 
-    def __init__(self, decoder_path, cfg: TransformerConfig, inputs: np.ndarray, vocab: int, heads: CodebookHeads,
-                 max_streams: int):
+    def __init__(self, model: CSMModel, heads: CodebookHeads, max_streams: int):
         self._io = self._io_ctx = self._galloc = None
         self._ctxs, self._buffers = [], []
         self._families: dict[tuple[int, int], _Family] = {}
-        self.cfg, self.vocab, self.max_streams = cfg, vocab, max_streams
+        self.cfg, self.vocab, self.max_streams = model.config.decoder, model.config.audio_vocab_size, max_streams
+        self.n_embd_backbone = model.config.backbone.n_embd
         self._heads = heads
         self.n_codes, self.codebooks = heads.n_codes, heads.n_heads + 1
         self._backend, self.on_gpu = heads.backend, heads.on_gpu
         try:
-            self._load(decoder_path, inputs)
+            self._load(model.decoder_path, {"table": model.decoder_inputs, "audio": model.audio_embeddings})
             self._layout()
             self._galloc = G.gallocr_new(G.default_buffer_type(self._backend))
             self._family(max_streams, self.n_codes)  # the largest plan first: later ones fit its buffer
@@ -76,23 +77,26 @@ class DepthFrames:
             raise
 
     # --- weights ------------------------------------------------------------------------------------
-    def _load(self, decoder_path, table: np.ndarray) -> None:
-        """The decoder's weights and the input table on the heads' backend. On the CPU, the matrices that one of
-        its extra buffer types multiplies faster (CPU_REPACK: interleaved for this CPU's SIMD, as llama.cpp
-        loads them) are copied there; the rest are read in place from the mapped files."""
+    def _load(self, decoder_path, tables: dict[str, np.ndarray]) -> None:
+        """The decoder's weights and `tables` (float16 or float32 rows to gather) on the heads' backend. On the
+        CPU, the matrices that one of its extra buffer types multiplies faster (CPU_REPACK: interleaved for this
+        CPU's SIMD, as llama.cpp loads them) are copied there; the rest are read in place from the mapped
+        files."""
         reader = gguf.GGUFReader(decoder_path)
         wanted = {"rope_freqs.weight", "output_norm.weight"} | {
             f"blk.{i}.{name}.weight" for i in range(self.cfg.n_layer) for name in _LAYER_WEIGHTS}
         found = {t.name: t for t in reader.tensors if t.name in wanted}
         if len(found) != len(wanted):
             raise ValueError(f"{decoder_path} lacks {sorted(wanted - set(found))[:3]}: convert the model again")
-        table = np.ascontiguousarray(table)
-        self._table_type = {np.dtype(np.float32): G.TYPE_F32, np.dtype(np.float16): G.TYPE_F16}[table.dtype]
         arrays = {name: (int(t.tensor_type), [int(n) for n in t.shape], t.data) for name, t in found.items()}
-        arrays["table"] = (self._table_type, [table.shape[1], table.shape[0]], table)
+        for name, table in tables.items():
+            table = np.ascontiguousarray(table)
+            ttype = {np.dtype(np.float32): G.TYPE_F32, np.dtype(np.float16): G.TYPE_F16}[table.dtype]
+            arrays[name] = (ttype, [table.shape[1], table.shape[0]], table)
         groups: dict[int | None, list[str]] = {}  # buffer type (None: the backend's own) -> names
         for name, (qtype, ne, _) in arrays.items():
-            buft = None if self.on_gpu or len(ne) != 2 else self._faster_buffer_type(qtype, ne)
+            multiplied = name not in tables and len(ne) == 2
+            buft = self._faster_buffer_type(qtype, ne) if multiplied and not self.on_gpu else None
             groups.setdefault(buft, []).append(name)
         self._ctxs, self._buffers, tensors = [], [], {}
         for buft, names in groups.items():
@@ -116,8 +120,10 @@ class DepthFrames:
             for t, a in data.items():
                 a = np.ascontiguousarray(a)
                 G.tensor_set(t, a.ctypes.data, 0, a.nbytes)
-        self._data = (reader, table)
-        self._table = tensors["table"]
+        self._data = (reader, tables)
+        self._table, self._audio = tensors["table"], tensors["audio"]
+        # Bytes a row of each table (float16 or float32).
+        self._row_bytes = {name: G.row_size(arrays[name][0], arrays[name][1][0]) for name in tables}
         self._rope_freqs = tensors["rope_freqs.weight"]
         self._output_norm = tensors["output_norm.weight"]
         self._layers = [{name: tensors[f"blk.{i}.{name}.weight"] for name in _LAYER_WEIGHTS}
@@ -148,7 +154,8 @@ class DepthFrames:
         """One device buffer for the inputs, the positions and the codes; on a GPU with a host copy."""
         s, n, d, k = self.max_streams, self.n_codes, self.cfg.n_embd, self.codebooks
         align = max(G.TENSOR_ALIGNMENT, G.backend_alignment(self._backend))
-        parts = dict(first=s * n, h0=s * d, u=s * k, inv_t=s, mask=s * n, pos=s * k, codes=s * k)
+        parts = dict(first=s * n, h0=s * d, u=s * k, inv_t=s, mask=s * n, pos=s * k, codes=s * k,
+                     embd=s * self.n_embd_backbone)
         size = sum(-(-4 * floats // align) * align for floats in parts.values())
         self._io = G.alloc_buffer(self._backend, size)
         if not self._io:
@@ -168,8 +175,9 @@ class DepthFrames:
         positions = np.repeat(np.arange(k, dtype=np.int32), s)
         self._host_view("pos", np.int32)[:] = positions
         # The codes of a frame of any s streams are its first 32 s int32: fetched through one tensor.
-        self._io_ctx = G.init(G.InitParams(2 * G.tensor_overhead(), None, True))
+        self._io_ctx = G.init(G.InitParams(3 * G.tensor_overhead(), None, True))
         self._codes = self._tensor_at(self._io_ctx, "codes", G.TYPE_I32, s * k)
+        self._embd = self._tensor_at(self._io_ctx, "embd", G.TYPE_F32, s * self.n_embd_backbone)
         if self.on_gpu:
             G.tensor_set(self._tensor_at(self._io_ctx, "pos", G.TYPE_I32, s * k), self._host["pos"][0], 0, 4 * s * k)
 
@@ -220,7 +228,7 @@ class DepthFrames:
                       inv_t=self._tensor_at(ctx, "inv_t", G.TYPE_F32, 1, s),
                       mask=self._tensor_at(ctx, "mask", G.TYPE_F32, k, s))
         pos = self._tensor_at(ctx, "pos", G.TYPE_I32, self.max_streams * self.codebooks)
-        row_bytes = G.row_size(self._table_type, d)
+        row_bytes = self._row_bytes["table"]
         caches: list[tuple[int, int] | None] = [None] * self.cfg.n_layer
 
         def draw_at(logits: int, p: int) -> int:
@@ -230,7 +238,12 @@ class DepthFrames:
                 raise MemoryError("the depth decoder's codes did not fit their buffer")
             return code
 
+        def audio_embedding(code: int, p: int) -> int:  # codebook p's row of the backbone's audio table
+            e, row = self.n_embd_backbone, self._row_bytes["audio"]
+            return put(G.get_rows, put(G.view_2d, self._audio, e, v, row, p * v * row), put(G.reshape_1d, code, s))
+
         code = draw_at(inputs["first"], 0)
+        embd = audio_embedding(code, 0)
         x = inputs["h0"]
         for p in range(self.codebooks):
             if p:  # the previous codebook's code as the decoder reads it: row (p - 1) * v + code of the table
@@ -240,8 +253,12 @@ class DepthFrames:
             if p:  # codebook p, from head p - 1
                 norm = put(G.mul, put(G.rms_norm, x, self.cfg.norm_eps), self._output_norm)
                 code = draw_at(put(G.mul_mat, self._heads.code_weights[p - 1], norm), p)
+                embd = put(G.add, embd, audio_embedding(code, p))  # summed in codebook order, as frame_embeddings
+        if G.tensor_alloc(self._io, embd, self._at["embd"]) != 0:
+            raise MemoryError("the backbone's next inputs did not fit their buffer")
         graph = G.new_graph(ctx, n_tensors, False)
         G.expand(graph, code)
+        G.expand(graph, embd)
         self._heads.check_ops(graph, "the depth decoder's frame")
         if not G.gallocr_alloc_graph(self._galloc, graph):
             raise MemoryError("could not allocate the depth decoder's working memory")
@@ -307,6 +324,14 @@ class DepthFrames:
         if self.on_gpu:
             G.tensor_get(self._codes, codes.ctypes.data, 0, codes.nbytes)
         return codes.reshape(self.codebooks, s).T
+
+    def next_inputs(self, s: int) -> np.ndarray:
+        """The last frame's (s, backbone n_embd) sums of each stream's 32 audio embeddings: a view, valid until
+        the next frame."""
+        rows = self._host_view("embd", np.float32, s * self.n_embd_backbone)
+        if self.on_gpu:
+            G.tensor_get(self._embd, rows.ctypes.data, 0, rows.nbytes)
+        return rows.reshape(s, self.n_embd_backbone)
 
     def close(self) -> None:
         if self._galloc:

@@ -207,8 +207,7 @@ class Generator:
                   file=sys.stderr)
             return None
         try:
-            return DepthFrames(self.model.decoder_path, self.cfg.decoder, self.model.decoder_inputs,
-                               self.cfg.audio_vocab_size, self.heads, self.max_streams)
+            return DepthFrames(self.model, self.heads, self.max_streams)
         except NotImplementedError as e:
             print(f"csm-gguf: the depth decoder through llama.cpp: {e}", file=sys.stderr)
             return None
@@ -356,7 +355,9 @@ class Generator:
         self._check_open()
         codes = self._draw_frame(streams)
         ended = ~codes.any(axis=1)  # the all-zero frame ends speech; it is neither decoded nor fed back
-        inputs = iter(self.frame_embeddings(codes[~ended]))
+        # The next inputs: made in the depth decoder's graph, or here.
+        inputs = iter(self.frame_embeddings(codes[~ended]) if self.depth is None
+                      else self.depth.next_inputs(len(streams))[~ended])
         for j, st in enumerate(streams):
             st.frames_left -= 1
             if ended[j]:

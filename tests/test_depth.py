@@ -57,6 +57,23 @@ def test_the_graph_draws_what_llama_cpp_steps_draw(f32_model, monkeypatch):
     assert all(len(f) > 3 for f in graph)
 
 
+@pytest.mark.parametrize("qtype", ["f32", "q4_k"])  # float32 and float16 audio tables
+def test_the_backbone_s_next_inputs_from_the_graph_are_the_frame_s_embeddings(converted, qtype, monkeypatch):
+    """The graph sums each stream's 32 audio embeddings as it draws them: exactly what `frame_embeddings`
+    sums on the host from the codes (rows widened to float32, added in codebook order)."""
+    monkeypatch.setenv("CSM_GGUF_DECODER", "graph")
+    gen = Generator(CSMModel(converted(qtype)), max_streams=4, kv_type="f32")
+    try:
+        streams = [gen.start(gen.prompt_embeddings(t, 0), sp) for t, sp in zip(TEXTS, SAMPLINGS)]
+        for _ in range(3):
+            codes = gen.step(streams)
+            np.testing.assert_array_equal(gen.depth.next_inputs(len(streams)), gen.frame_embeddings(codes))
+            for st, row in zip(streams, gen.frame_embeddings(codes)):
+                np.testing.assert_array_equal(st.pending, row)
+    finally:
+        gen.close()
+
+
 def test_a_graph_evicted_or_replanned_draws_what_it_drew(f32_model, monkeypatch):
     """Families (a graph per stream count and top-k bucket) beyond the limit are freed and built again; a
     plan made after the allocator's memory grew drops the plans that point into the old memory."""
