@@ -22,6 +22,7 @@ the largest family (all streams, every code), so a plan stays valid when other f
 from __future__ import annotations
 
 import ctypes as C
+import mmap
 from dataclasses import dataclass
 
 import gguf
@@ -31,7 +32,7 @@ from . import ggml as G
 from .heads import CodebookHeads, draw, top_k_bucket
 from .model import CSMModel
 
-# Tensors one position makes in its family's context: 32 a layer, the final norm, head, draw and next input.
+# Tensors one position makes in its family's context: 27 a layer, the final norm, head, draw and next inputs.
 _LAYER_TENSORS, _POSITION_TENSORS = 40, 48
 _MAX_FAMILIES = 32  # kept built (about 2.5 MB of ggml's bookkeeping each for a 4-layer decoder)
 _LAYER_WEIGHTS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up",
@@ -40,6 +41,17 @@ _LAYER_WEIGHTS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn
 
 def _new_tensor(ctx: int, qtype: int, ne: list[int]) -> int:
     return G.new_tensor_1d(ctx, qtype, ne[0]) if len(ne) == 1 else G.new_tensor_2d(ctx, qtype, ne[0], ne[1])
+
+
+def _release(mapped: np.memmap, part: np.ndarray) -> None:
+    """Give back the mapped file's pages under `part`, copied elsewhere: they would stay in the process's resident
+    memory for as long as the file is mapped (the file stays in the page cache; a later read maps it again)."""
+    mm = getattr(mapped, "_mmap", None)
+    start = part.ctypes.data - mapped.ctypes.data
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+    end = (start + part.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if mm is not None and hasattr(mm, "madvise") and end > first:
+        mm.madvise(mmap.MADV_DONTNEED, first, end - first)
 
 
 @dataclass
@@ -120,6 +132,8 @@ class DepthFrames:
             for t, a in data.items():
                 a = np.ascontiguousarray(a)
                 G.tensor_set(t, a.ctypes.data, 0, a.nbytes)
+                if not any(a is table for table in tables.values()):
+                    _release(reader.data, a)
         self._data = (reader, tables)
         self._table, self._audio = tensors["table"], tensors["audio"]
         # Bytes a row of each table (float16 or float32).
@@ -281,19 +295,20 @@ class DepthFrames:
             return put(G.rope_ext, put(G.reshape_3d, t, hd, heads, s), pos, self._rope_freqs, hd, 0,
                        cfg.max_seq_len, cfg.rope_theta, 1.0, 0.0, 1.0, 32.0, 1.0)
 
+        # One position a stream: a head's (hd) row of positions is its own slice already, so the queries, keys
+        # and outputs need only new shapes, never a permuted copy.
         for i, w in enumerate(self._layers):
             h = put(G.mul, put(G.rms_norm, x, eps), w["attn_norm"])
-            q = put(G.permute, put(G.reshape_4d, rope(put(G.mul_mat, w["attn_q"], h), nh), hd, nh, 1, s), 0, 2, 1, 3)
-            key = put(G.reshape_4d, rope(put(G.mul_mat, w["attn_k"], h), nkv), hd, nkv, 1, s)
-            key = put(G.cont, put(G.permute, key, 0, 2, 1, 3))  # (hd, 1, kv heads, s)
+            q = put(G.reshape_4d, rope(put(G.mul_mat, w["attn_q"], h), nh), hd, 1, nh, s)
+            key = put(G.reshape_4d, rope(put(G.mul_mat, w["attn_k"], h), nkv), hd, 1, nkv, s)
             value = put(G.reshape_4d, put(G.mul_mat, w["attn_v"], h), 1, hd, nkv, s)
             if caches[i] is not None:
                 key = put(G.concat, caches[i][0], key, 1)
                 value = put(G.concat, caches[i][1], value, 0)
             caches[i] = (key, value)
             weights = put(G.soft_max_ext, put(G.mul_mat, key, q), None, 1.0 / hd**0.5, 0.0)  # (positions, 1, nh, s)
-            out = put(G.cont, put(G.permute, put(G.mul_mat, value, weights), 0, 2, 1, 3))  # (hd, nh, 1, s)
-            x = put(G.add, put(G.mul_mat, w["attn_output"], put(G.reshape_2d, out, hd * nh, s)), x)
+            out = put(G.reshape_2d, put(G.mul_mat, value, weights), hd * nh, s)  # (hd, 1, nh, s) as (hd * nh, s)
+            x = put(G.add, put(G.mul_mat, w["attn_output"], out), x)
             h = put(G.mul, put(G.rms_norm, x, eps), w["ffn_norm"])
             ffn = put(G.swiglu_split, put(G.mul_mat, w["ffn_gate"], h), put(G.mul_mat, w["ffn_up"], h))
             x = put(G.add, put(G.mul_mat, w["ffn_down"], ffn), x)

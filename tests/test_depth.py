@@ -211,3 +211,20 @@ def test_the_graph_on_the_gpu_draws_what_llama_cpp_steps_draw_there(f32_model, m
         np.testing.assert_array_equal(graph[0], frames_of(gen, **one)[0])
     finally:
         gen.close()
+
+
+def test_weights_copied_elsewhere_give_their_mapped_pages_back(tmp_path):
+    """Weights copied into another buffer (CPU_REPACK, a GPU's) leave the process's resident memory: mapped
+    pages once read would count there for as long as the file stays mapped."""
+    import psutil
+
+    path = tmp_path / "weights.bin"
+    path.write_bytes(np.random.default_rng(0).integers(0, 255, 64 * 2**20, np.uint8).tobytes())
+    mapped = np.memmap(path, np.uint8, "r")
+    part = mapped[4096 + 123 : 60 * 2**20 + 7]  # not page-aligned at either end
+    proc = psutil.Process()
+    int(part.sum())  # read: now resident
+    before = proc.memory_info().rss
+    depth_module._release(mapped, part)
+    assert before - proc.memory_info().rss > 50 * 2**20
+    assert int(part[:10].sum()) == int(np.fromfile(path, np.uint8, 10, offset=4096 + 123).sum())  # still readable
