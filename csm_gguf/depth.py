@@ -1,11 +1,12 @@
-"""The depth decoder's whole frame as one ggml graph: its 32 positions, the 31 codebook heads and all 32 draws,
-for every stream at once, in one compute call.
+"""The depth decoder's whole frame as one ggml graph: its 32 positions, the 31 codebook heads, all 32 draws and
+the backbone's next inputs, for every stream at once, in one compute call.
 
 Through llama.cpp a frame is 31 `llama_decode` calls, each building, scheduling and launching a graph of
 some 150 nodes, then returning to Python for the head and the draw before the next position can start.
 On a GPU those round trips, not the arithmetic, are most of a frame (about 10 ms of 31 steps where the
 decoder's weights take well under 1 ms to read). Here the host sends the backbone's codebook-0 logits and
-projected hidden state and each stream's 32 uniform numbers, and gets back 32 codes a stream.
+projected hidden state and each stream's 32 uniform numbers, and gets back 32 codes a stream and the sum of
+their audio embeddings (the backbone's next input, which the host would otherwise gather and sum).
 
 Each position runs the decoder's llama layers exactly as llama.cpp's graph does (RMS norm, RoPE with the
 llama-3 frequency factors, grouped-query attention, SwiGLU), with one difference: keys and values stay in
@@ -43,14 +44,20 @@ def _new_tensor(ctx: int, qtype: int, ne: list[int]) -> int:
     return G.new_tensor_1d(ctx, qtype, ne[0]) if len(ne) == 1 else G.new_tensor_2d(ctx, qtype, ne[0], ne[1])
 
 
-def _release(mapped: np.memmap, part: np.ndarray) -> None:
-    """Give back the mapped file's pages under `part`, copied elsewhere: they would stay in the process's resident
-    memory for as long as the file is mapped (the file stays in the page cache; a later read maps it again)."""
-    mm = getattr(mapped, "_mmap", None)
-    start = part.ctypes.data - mapped.ctypes.data
-    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+def _release(part: np.ndarray) -> None:
+    """Give back the pages of a mapped file under `part` (a numpy view of a file mapping), copied elsewhere:
+    they would stay in the process's resident memory for as long as the file is mapped. The file stays in the
+    page cache, and a later read maps them again."""
+    root = part
+    while isinstance(root, np.ndarray) and not isinstance(root.base, mmap.mmap):
+        root = root.base
+    if not isinstance(root, np.ndarray) or not hasattr(root.base, "madvise"):
+        return  # not a mapped file's memory
+    mm = root.base
+    start = part.ctypes.data - (root.ctypes.data - getattr(root, "offset", 0) % mmap.ALLOCATIONGRANULARITY)
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages only: a neighbour may still be read
     end = (start + part.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
-    if mm is not None and hasattr(mm, "madvise") and end > first:
+    if 0 <= first < end <= len(mm):
         mm.madvise(mmap.MADV_DONTNEED, first, end - first)
 
 
@@ -130,10 +137,8 @@ class DepthFrames:
                 raise MemoryError("could not allocate the depth decoder's weights")
             self._buffers.append(buffer)
             for t, a in data.items():
-                a = np.ascontiguousarray(a)
-                G.tensor_set(t, a.ctypes.data, 0, a.nbytes)
-                if not any(a is table for table in tables.values()):
-                    _release(reader.data, a)
+                G.tensor_set(t, np.ascontiguousarray(a).ctypes.data, 0, a.nbytes)
+                _release(a)
         self._data = (reader, tables)
         self._table, self._audio = tensors["table"], tensors["audio"]
         # Bytes a row of each table (float16 or float32).

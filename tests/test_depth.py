@@ -225,6 +225,12 @@ def test_weights_copied_elsewhere_give_their_mapped_pages_back(tmp_path):
     proc = psutil.Process()
     int(part.sum())  # read: now resident
     before = proc.memory_info().rss
-    depth_module._release(mapped, part)
+    depth_module._release(part)
     assert before - proc.memory_info().rss > 50 * 2**20
     assert int(part[:10].sum()) == int(np.fromfile(path, np.uint8, 10, offset=4096 + 123).sum())  # still readable
+    depth_module._release(np.zeros(2**20, np.uint8))  # not a mapping's memory: nothing to give back
+    at_an_offset = np.memmap(path, np.uint8, "r", offset=3 * 4096 + 5)  # a mapping that starts inside the file
+    int(at_an_offset.sum())
+    before = proc.memory_info().rss
+    depth_module._release(at_an_offset[: 50 * 2**20])
+    assert before - proc.memory_info().rss > 40 * 2**20
