@@ -192,6 +192,31 @@ def test_too_many_streams_for_the_graph_are_refused(f32_model, monkeypatch):
         gen.close()
 
 
+def test_the_device_path_computes_what_the_in_place_path_computes(f32_model, monkeypatch):
+    """A GPU's path on the CPU backend: weights and tables copied into the backend's buffers (and their
+    mapped pages given back), inputs sent and codes and next inputs fetched through a host copy. The same
+    codes as the CPU's own path, which reads the mapped files in place and its buffer directly."""
+    monkeypatch.setenv("CSM_GGUF_DECODER", "graph")
+    expected = generated(f32_model, "graph", monkeypatch)
+    real = Generator._heads
+
+    def heads_as_if_on_a_device(self, *args):
+        heads = real(self, *args)
+        heads.on_gpu = True  # what DepthFrames reads; the heads' own draws are not used with the graph
+        return heads
+
+    monkeypatch.setattr(Generator, "_heads", heads_as_if_on_a_device)
+    gen = Generator(CSMModel(f32_model), max_streams=4, kv_type="f32")
+    try:
+        assert gen.depth.on_gpu
+        got = frames_of(gen)
+        codes = gen.step([gen.start(gen.prompt_embeddings(TEXTS[0], 0), SAMPLINGS[1])])
+        np.testing.assert_array_equal(gen.depth.next_inputs(1), gen.frame_embeddings(codes))
+    finally:
+        gen.close()
+    np.testing.assert_equal(got, expected)
+
+
 @pytest.mark.skipif(not gpu_present(), reason="llama.cpp's ggml has no GPU device in this build")
 def test_the_graph_on_the_gpu_draws_what_llama_cpp_steps_draw_there(f32_model, monkeypatch):
     """With every layer on the GPU the graph runs there (where its one call a frame replaces 31 decodes and
