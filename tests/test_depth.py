@@ -192,29 +192,26 @@ def test_too_many_streams_for_the_graph_are_refused(f32_model, monkeypatch):
         gen.close()
 
 
-def test_the_device_path_computes_what_the_in_place_path_computes(f32_model, monkeypatch):
-    """A GPU's path on the CPU backend: weights and tables copied into the backend's buffers (and their
-    mapped pages given back), inputs sent and codes and next inputs fetched through a host copy. The same
-    codes as the CPU's own path, which reads the mapped files in place and its buffer directly."""
-    monkeypatch.setenv("CSM_GGUF_DECODER", "graph")
-    expected = generated(f32_model, "graph", monkeypatch)
-    real = Generator._heads
-
-    def heads_as_if_on_a_device(self, *args):
-        heads = real(self, *args)
-        heads.on_gpu = True  # what DepthFrames reads; the heads' own draws are not used with the graph
-        return heads
-
-    monkeypatch.setattr(Generator, "_heads", heads_as_if_on_a_device)
-    gen = Generator(CSMModel(f32_model), max_streams=4, kv_type="f32")
-    try:
-        assert gen.depth.on_gpu
-        got = frames_of(gen)
-        codes = gen.step([gen.start(gen.prompt_embeddings(TEXTS[0], 0), SAMPLINGS[1])])
-        np.testing.assert_array_equal(gen.depth.next_inputs(1), gen.frame_embeddings(codes))
-    finally:
-        gen.close()
-    np.testing.assert_equal(got, expected)
+def test_the_gpu_paths_run_on_the_cpu_backend_compute_what_the_cpu_paths_compute(f32_model, monkeypatch):
+    """The GPU's code paths, with ggml's CPU device standing in for the GPU device: the heads' weights, the
+    decoder's and its tables copied into the backend's buffers (their mapped pages given back), inputs sent and
+    codes and next inputs fetched through host copies, for the graph and for the heads' draws between
+    llama.cpp's steps. The same codes as the CPU's own paths, which read mapped files in place and their
+    buffers directly. (What only a GPU can show, its kernels, is test_the_graph_on_the_gpu_... below.)"""
+    expected = {decoder: generated(f32_model, decoder, monkeypatch) for decoder in ("graph", "llama")}
+    cpu = depth_module.G.dev_by_type(depth_module.G.DEVICE_TYPE_CPU)
+    monkeypatch.setattr(depth_module.G, "dev_by_type", lambda kind: cpu)
+    for decoder in ("graph", "llama"):
+        monkeypatch.setenv("CSM_GGUF_DECODER", decoder)
+        gen = Generator(CSMModel(f32_model), max_streams=4, kv_type="f32", n_gpu_layers=999)
+        try:
+            assert gen.heads.on_gpu and (gen.depth is None or gen.depth.on_gpu)
+            np.testing.assert_equal(frames_of(gen), expected[decoder])
+            if gen.depth is not None:
+                codes = gen.step([gen.start(gen.prompt_embeddings(TEXTS[0], 0), SAMPLINGS[1])])
+                np.testing.assert_array_equal(gen.depth.next_inputs(1), gen.frame_embeddings(codes))
+        finally:
+            gen.close()
 
 
 @pytest.mark.skipif(not gpu_present(), reason="llama.cpp's ggml has no GPU device in this build")
