@@ -22,7 +22,6 @@ the largest family (all streams, every code), so a plan stays valid when other f
 
 from __future__ import annotations
 
-import ctypes as C
 import mmap
 from dataclasses import dataclass
 
@@ -79,7 +78,7 @@ class DepthFrames:
     def __init__(self, model: CSMModel, heads: CodebookHeads, max_streams: int):
         self._io = self._io_ctx = self._galloc = None
         self._ctxs, self._buffers = [], []
-        self._families: dict[tuple[int, int], _Family] = {}
+        self._families = G.Families(self._build, _MAX_FAMILIES)
         self.cfg, self.vocab, self.max_streams = model.config.decoder, model.config.audio_vocab_size, max_streams
         self.n_embd_backbone = model.config.backbone.n_embd
         self._heads = heads
@@ -89,7 +88,7 @@ class DepthFrames:
             self._load(model.decoder_path, {"table": model.decoder_inputs, "audio": model.audio_embeddings})
             self._layout()
             self._galloc = G.gallocr_new(G.default_buffer_type(self._backend))
-            self._family(max_streams, self.n_codes)  # the largest plan first: later ones fit its buffer
+            self._families.get(max_streams, self.n_codes)  # the largest plan first: later ones fit its buffer
             self._planned_size = G.gallocr_buffer_size(self._galloc, 0)
         except BaseException:
             self.close()
@@ -170,57 +169,20 @@ class DepthFrames:
 
     # --- inputs and outputs -------------------------------------------------------------------------
     def _layout(self) -> None:
-        """One device buffer for the inputs, the positions and the codes; on a GPU with a host copy."""
-        s, n, d, k = self.max_streams, self.n_codes, self.cfg.n_embd, self.codebooks
-        align = max(G.TENSOR_ALIGNMENT, G.backend_alignment(self._backend))
-        parts = dict(first=s * n, h0=s * d, u=s * k, inv_t=s, mask=s * n, pos=s * k, codes=s * k,
-                     embd=s * self.n_embd_backbone)
-        size = sum(-(-4 * floats // align) * align for floats in parts.values())
-        self._io = G.alloc_buffer(self._backend, size)
-        if not self._io:
-            raise MemoryError("could not allocate the depth decoder's input buffer")
-        base = G.buffer_base(self._io)
-        if self.on_gpu:
-            self._mirror = np.zeros(size + align, np.uint8)
-            host = self._mirror.ctypes.data + (-self._mirror.ctypes.data) % align
-        else:
-            host = base
-        self._at, self._host, at = {}, {}, 0
-        for name, floats in parts.items():
-            self._at[name] = base + at
-            self._host[name] = (host + at, floats)
-            at += -(-4 * floats // align) * align
-        # Row p: position p for each of the streams (the same for all: they run in step).
-        positions = np.repeat(np.arange(k, dtype=np.int32), s)
-        self._host_view("pos", np.int32)[:] = positions
-        # The codes of a frame of any s streams are its first 32 s int32: fetched through one tensor.
+        """One device buffer for the inputs, the positions, the codes and the next inputs; on a GPU with a host
+        copy."""
+        s, n, d, k, e = self.max_streams, self.n_codes, self.cfg.n_embd, self.codebooks, self.n_embd_backbone
+        parts = dict(first=s * n, h0=s * d, u=s * k, inv_t=s, mask=s * n, pos=s * k, codes=s * k, embd=s * e)
+        self._io = io = G.IOBuffer(self._backend, parts, not self.on_gpu, "the depth decoder's input buffer")
         self._io_ctx = G.init(G.InitParams(3 * G.tensor_overhead(), None, True))
-        self._codes = self._tensor_at(self._io_ctx, "codes", G.TYPE_I32, s * k)
-        self._embd = self._tensor_at(self._io_ctx, "embd", G.TYPE_F32, s * self.n_embd_backbone)
-        if self.on_gpu:
-            G.tensor_set(self._tensor_at(self._io_ctx, "pos", G.TYPE_I32, s * k), self._host["pos"][0], 0, 4 * s * k)
-
-    def _host_view(self, name: str, dtype, count: int | None = None) -> np.ndarray:
-        address, floats = self._host[name]
-        ctype = C.c_int32 if dtype == np.int32 else C.c_float
-        return np.ctypeslib.as_array((ctype * (floats if count is None else count)).from_address(address))
-
-    def _tensor_at(self, ctx: int, name: str, ttype: int, ne0: int, ne1: int = 1, offset: int = 0) -> int:
-        t = G.new_tensor_2d(ctx, ttype, ne0, ne1)
-        if G.tensor_alloc(self._io, t, self._at[name] + offset) != 0:
-            raise MemoryError("a depth-decoder input did not fit its buffer")
-        return t
+        # Row p: position p for each of the streams (the same for all: they run in step).
+        io.view("pos", np.int32, (k, s))[:] = np.arange(k, dtype=np.int32)[:, None]
+        io.send(io.place(G.new_tensor_1d(self._io_ctx, G.TYPE_I32, s * k), "pos"), "pos")
+        # A frame of any s streams leaves its codes and next inputs at the start of their parts: fetched from there.
+        self._codes = io.place(G.new_tensor_1d(self._io_ctx, G.TYPE_I32, s * k), "codes")
+        self._embd = io.place(G.new_tensor_1d(self._io_ctx, G.TYPE_F32, s * e), "embd")
 
     # --- graphs -------------------------------------------------------------------------------------
-    def _family(self, s: int, k: int) -> _Family:
-        family = self._families.pop((s, k), None)  # re-inserted last: the dict's order is the use order
-        if family is None:
-            if len(self._families) >= _MAX_FAMILIES:
-                G.free(self._families.pop(next(iter(self._families))).ctx)
-            family = self._build(s, k)
-        self._families[s, k] = family
-        return family
-
     def _build(self, s: int, k: int) -> _Family:
         cfg = self.cfg
         n_tensors = self.codebooks * (cfg.n_layer * _LAYER_TENSORS + _POSITION_TENSORS) + 16
@@ -241,21 +203,17 @@ class DepthFrames:
             return t
 
         n, d, v = self.n_codes, self.cfg.n_embd, self.vocab
-        inputs = dict(first=self._tensor_at(ctx, "first", G.TYPE_F32, n, s),
-                      h0=self._tensor_at(ctx, "h0", G.TYPE_F32, d, s),
-                      u=self._tensor_at(ctx, "u", G.TYPE_F32, s, self.codebooks),
-                      inv_t=self._tensor_at(ctx, "inv_t", G.TYPE_F32, 1, s),
-                      mask=self._tensor_at(ctx, "mask", G.TYPE_F32, k, s))
-        pos = self._tensor_at(ctx, "pos", G.TYPE_I32, self.max_streams * self.codebooks)
+        io = self._io
+        inputs = {name: io.place(G.new_tensor_2d(ctx, G.TYPE_F32, ne0, ne1), name) for name, ne0, ne1 in
+                  (("first", n, s), ("h0", d, s), ("u", s, self.codebooks), ("inv_t", 1, s), ("mask", k, s))}
+        pos = io.place(G.new_tensor_1d(ctx, G.TYPE_I32, self.max_streams * self.codebooks), "pos")
         row_bytes = self._row_bytes["table"]
         caches: list[tuple[int, int] | None] = [None] * self.cfg.n_layer
 
         def draw_at(logits: int, p: int) -> int:
             u = put(G.view_2d, inputs["u"], 1, s, 4, 4 * s * p)
             code = draw(put, logits, n, k, s, u, inputs["inv_t"], inputs["mask"])
-            if G.tensor_alloc(self._io, code, self._at["codes"] + 4 * s * p) != 0:
-                raise MemoryError("the depth decoder's codes did not fit their buffer")
-            return code
+            return io.place(code, "codes", 4 * s * p)
 
         def audio_embedding(code: int, p: int) -> int:  # codebook p's row of the backbone's audio table
             e, row = self.n_embd_backbone, self._row_bytes["audio"]
@@ -273,20 +231,17 @@ class DepthFrames:
                 norm = put(G.mul, put(G.rms_norm, x, self.cfg.norm_eps), self._output_norm)
                 code = draw_at(put(G.mul_mat, self._heads.code_weights[p - 1], norm), p)
                 embd = put(G.add, embd, audio_embedding(code, p))  # summed in codebook order, as frame_embeddings
-        if G.tensor_alloc(self._io, embd, self._at["embd"]) != 0:
-            raise MemoryError("the backbone's next inputs did not fit their buffer")
+        io.place(embd, "embd")
         graph = G.new_graph(ctx, n_tensors, False)
         G.expand(graph, code)
         G.expand(graph, embd)
         self._heads.check_ops(graph, "the depth decoder's frame")
         if not G.gallocr_alloc_graph(self._galloc, graph):
             raise MemoryError("could not allocate the depth decoder's working memory")
-        if self._families and G.gallocr_buffer_size(self._galloc, 0) != self._planned_size:
+        if len(self._families) and G.gallocr_buffer_size(self._galloc, 0) != self._planned_size:
             # The allocator's buffer grew (this family needs more than the largest did): the other plans
             # point into the old one.
-            for other in self._families.values():
-                G.free(other.ctx)
-            self._families.clear()
+            self._families.free_all()
             self._planned_size = G.gallocr_buffer_size(self._galloc, 0)
         return _Family(ctx, graph, inputs)
 
@@ -329,41 +284,37 @@ class DepthFrames:
         if not 1 <= s <= self.max_streams:
             raise ValueError(f"{s} streams: the depth decoder was made for 1 to {self.max_streams}")
         k = top_k_bucket(int(np.max(top_k)), self.n_codes)
-        family = self._family(s, k)
+        family = self._families.get(s, k)
         sent = dict(first=first, h0=h0, u=np.asarray(u, np.float32).T, inv_t=inv_temperature,
                     mask=np.where(np.arange(k) < np.asarray(top_k)[:, None], 0.0, -np.inf))
         for name, values in sent.items():
-            count = values.size
-            self._host_view(name, np.float32, count)[:] = values.ravel()
-            if self.on_gpu:
-                G.tensor_set(family.inputs[name], self._host[name][0], 0, 4 * count)
+            self._io.view(name, np.float32, (values.size,))[:] = values.ravel()
+            self._io.send(family.inputs[name], name)
         status = G.compute(self._backend, family.graph)
         if status != 0:
             raise RuntimeError(f"ggml failed to compute the depth decoder's frame (status {status})")
-        codes = self._host_view("codes", np.int32, s * self.codebooks)
-        if self.on_gpu:
-            G.tensor_get(self._codes, codes.ctypes.data, 0, codes.nbytes)
-        return codes.reshape(self.codebooks, s).T
+        self._io.fetch(self._codes, "codes", 4 * s * self.codebooks)
+        return self._io.view("codes", np.int32, (self.codebooks, s)).T
 
     def next_inputs(self, s: int) -> np.ndarray:
         """The last frame's (s, backbone n_embd) sums of each stream's 32 audio embeddings: a view, valid until
         the next frame."""
-        rows = self._host_view("embd", np.float32, s * self.n_embd_backbone)
-        if self.on_gpu:
-            G.tensor_get(self._embd, rows.ctypes.data, 0, rows.nbytes)
-        return rows.reshape(s, self.n_embd_backbone)
+        self._io.fetch(self._embd, "embd", 4 * s * self.n_embd_backbone)
+        return self._io.view("embd", np.float32, (s, self.n_embd_backbone))
 
     def close(self) -> None:
         if self._galloc:
             G.gallocr_free(self._galloc)
-        for buffer in (self._io, *self._buffers):
-            if buffer:
-                G.buffer_free(buffer)
-        for ctx in (self._io_ctx, *self._ctxs, *(f.ctx for f in self._families.values())):
+        if self._io:
+            self._io.free()
+        for buffer in self._buffers:
+            G.buffer_free(buffer)
+        self._families.free_all()
+        for ctx in (self._io_ctx, *self._ctxs):
             if ctx:
                 G.free(ctx)
         self._io = self._io_ctx = self._galloc = None
-        self._ctxs, self._buffers, self._families = [], [], {}
+        self._ctxs, self._buffers = [], []
 
     def __del__(self) -> None:
         self.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes as C
 
+import numpy as np
 from llama_cpp._ggml import libggml
 
 p = C.c_void_p
@@ -138,3 +139,90 @@ class Placer:
             raise MemoryError("a ggml tensor did not fit the space kept for it")  # ggml would abort instead
         self.end += size
         return t
+
+
+class Families:
+    """Graphs kept by key (stream count and top-k bucket), each family with its ggml context `ctx`: built by
+    `build(*key)` at first use; beyond `limit`, the least recently used is freed."""
+
+    def __init__(self, build, limit: int):
+        self._build, self._limit, self._kept = build, limit, {}
+
+    def get(self, *key):
+        family = self._kept.pop(key, None)  # re-inserted last: the dict's order is the use order
+        if family is None:
+            if len(self._kept) >= self._limit:
+                free(self._kept.pop(next(iter(self._kept))).ctx)
+            family = self._build(*key)
+        self._kept[key] = family
+        return family
+
+    def free_all(self) -> None:
+        for family in self._kept.values():
+            free(family.ctx)
+        self._kept.clear()
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def __contains__(self, key: tuple) -> bool:
+        return key in self._kept
+
+
+class IOBuffer:
+    """Named parts of one backend buffer (`parts`: name -> number of 4-byte values), each at the backend's
+    alignment (CUDA's is 128 bytes; at least what a CPU buffer of our memory needs), with their host side:
+    on the CPU the buffer itself (`on_host`), else a host copy that `send` and `fetch` move through tensors
+    placed in the parts. `at[name]` is a part's address in the buffer, `host[name]` on the host, `end` the
+    buffer's end."""
+
+    def __init__(self, backend: int, parts: dict[str, int], on_host: bool, what: str):
+        self.align = max(TENSOR_ALIGNMENT, backend_alignment(backend))
+        rounded = {name: -(-4 * count // self.align) * self.align for name, count in parts.items()}
+        size = sum(rounded.values())
+        self.buffer = alloc_buffer(backend, size)
+        if not self.buffer:
+            raise MemoryError(f"could not allocate {what}")
+        base = buffer_base(self.buffer)
+        if on_host:
+            host = base
+        else:
+            self._mirror = np.zeros(size + self.align, np.uint8)
+            host = self._mirror.ctypes.data + (-self._mirror.ctypes.data) % self.align
+        self.on_host, self.at, self.host, at = on_host, {}, {}, 0
+        for name, count in rounded.items():
+            self.at[name], self.host[name] = base + at, host + at
+            at += count
+        self.end = base + at
+
+    def view(self, name: str, dtype, shape: tuple[int, ...]) -> np.ndarray:
+        """Part `name`'s host side as a float32 or int32 array."""
+        return host_array(self.host[name], dtype, shape)
+
+    def place(self, t: int, name: str, offset: int = 0) -> int:
+        """Tensor t in part `name`, `offset` bytes in."""
+        if tensor_alloc(self.buffer, t, self.at[name] + offset) != 0:
+            raise MemoryError("a ggml tensor did not fit the part of the buffer kept for it")  # ggml would abort
+        return t
+
+    def send(self, t: int, name: str, size: int | None = None) -> None:
+        """The host side of part `name` (its first `size` bytes; default: all of t) to tensor t placed in it."""
+        if not self.on_host:
+            tensor_set(t, self.host[name], 0, nbytes(t) if size is None else size)
+
+    def fetch(self, t: int, name: str, size: int | None = None) -> None:
+        """Tensor t, placed in part `name`, to its host side (the first `size` bytes; default: all of t)."""
+        if not self.on_host:
+            tensor_get(t, self.host[name], 0, nbytes(t) if size is None else size)
+
+    def free(self) -> None:
+        if self.buffer:
+            buffer_free(self.buffer)
+        self.buffer = None
+
+
+def host_array(address: int, dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """A float32 or int32 numpy array over memory at `address` (the caller keeps that memory alive)."""
+    count = int(np.prod(shape))
+    ctype = C.c_float if dtype == np.float32 else C.c_int32
+    return np.ctypeslib.as_array((ctype * count).from_address(address)).reshape(shape)

@@ -21,7 +21,6 @@ fetched every stream's logits and worked through them on the host at each of the
 
 from __future__ import annotations
 
-import ctypes as C
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,12 +34,6 @@ _MAX_FAMILIES = 64  # kept built (about 0.3 MB of ggml's bookkeeping each); beyo
 # few of one a stream (k is at most n), each of its 20-odd tensors rounded up to ggml's alignment.
 _DRAW_TENSORS, _PLACED = 16, 24
 _LOGITS_GRAPH_SIZE = 4  # `logits`: one matrix product, its two inputs
-
-
-def _view(address: int, dtype, shape: tuple[int, ...]) -> np.ndarray:
-    count = int(np.prod(shape))
-    ctype = C.c_float if dtype == np.float32 else C.c_int32
-    return np.ctypeslib.as_array((ctype * count).from_address(address)).reshape(shape)
 
 
 def gpu_present() -> bool:
@@ -79,7 +72,7 @@ class CodebookHeads:
     def __init__(self, heads: np.ndarray, qtype: int, n_embd: int, max_streams: int, n_threads: int,
                  n_codes: int | None = None, device: str = "cpu"):
         self._weights_ctx = self._backend = self._weights = self._io = None
-        self._families: dict[tuple[int, int], _Family] = {}
+        self._families = G.Families(self._build_family, _MAX_FAMILIES)
         self._logits: dict[int, list[tuple[int, int, int]]] = {}
         self._logits_ctxs: list[int] = []
         n_heads = heads.shape[0]
@@ -105,7 +98,7 @@ class CodebookHeads:
             self._load(raw, qtype, n_embd, n_rows)
             self._layout(n_embd, n_rows)
             if self.on_gpu:  # every op the draw needs, at the smallest and the largest top-k, or none of it here
-                self._family(1, 1), self._family(1, self.n_codes)
+                self._families.get(1, 1), self._families.get(1, self.n_codes)
         except BaseException:
             self.close()
             raise
@@ -147,42 +140,20 @@ class CodebookHeads:
         """One device buffer: x | logits | first | u | inverse temperature | mask | scratch; and its host side
         (on the CPU: the buffer itself)."""
         s, n = self.max_streams, self.n_codes
-        # The device's alignment (CUDA's is 128 bytes), at least what a CPU buffer of our memory needs.
-        self._align = align = max(G.TENSOR_ALIGNMENT, G.backend_alignment(self._backend))
+        align = max(G.TENSOR_ALIGNMENT, G.backend_alignment(self._backend))
         parts = dict(x=s * n_embd, y=s * n_rows, first=s * n, u=s, inv_t=s, mask=s * n, out=s,
                      scratch=s * (n + _DRAW_TENSORS * n) + _PLACED * align // 4)
-        size = 4 * sum(parts.values()) + align * len(parts)
-        self._io = G.alloc_buffer(self._backend, size)
-        if not self._io:
-            raise MemoryError("could not allocate the codebook heads' buffer")
-        base = G.buffer_base(self._io)
-        if self.on_gpu:
-            self._mirror = np.zeros(size + align, np.uint8)
-            host = self._mirror.ctypes.data + (-self._mirror.ctypes.data) % align
-        else:
-            host = base
-        self._at, self._host_at, at = {}, {}, 0
-        for name, floats in parts.items():
-            self._at[name], self._host_at[name] = base + at, host + at
-            at += -(-4 * floats // align) * align
-        self._end = base + at
-        self.x = _view(self._host_at["x"], np.float32, (s, n_embd))
-        self.x_address = self._host_at["x"]
-        self._y = _view(self._host_at["y"], np.float32, (s, n_rows))
-        self.first = _view(self._host_at["first"], np.float32, (s, n))
-        self._u = _view(self._host_at["u"], np.float32, (s,))
-        self._inv_t = _view(self._host_at["inv_t"], np.float32, (s,))
-        self._out = _view(self._host_at["out"], np.int32, (s,))
+        self._io = io = G.IOBuffer(self._backend, parts, not self.on_gpu, "the codebook heads' buffer")
+        self.x = io.view("x", np.float32, (s, n_embd))
+        self.x_address = io.host["x"]
+        self._y = io.view("y", np.float32, (s, n_rows))
+        self.first = io.view("first", np.float32, (s, n))
+        self._u = io.view("u", np.float32, (s,))
+        self._inv_t = io.view("inv_t", np.float32, (s,))
+        self._out = io.view("out", np.int32, (s,))
 
     def _input(self, ctx: int, name: str, ne0: int, s: int) -> int:
-        t = G.new_tensor_2d(ctx, G.TYPE_F32, ne0, s)
-        G.tensor_alloc(self._io, t, self._at[name])
-        return t
-
-    def _send(self, t: int, name: str) -> None:
-        """The host side of input `name` to its tensor t (on the CPU they are one memory)."""
-        if self.on_gpu:
-            G.tensor_set(t, self._host_at[name], 0, G.nbytes(t))
+        return self._io.place(G.new_tensor_2d(ctx, G.TYPE_F32, ne0, s), name)
 
     def _build_logits(self, s: int) -> list[tuple[int, int, int]]:
         """Every head's logits graph for s streams, each with its input and output tensors."""
@@ -193,7 +164,7 @@ class CodebookHeads:
         graphs = []
         for w in self._w:
             y = G.mul_mat(ctx, w, x)
-            G.tensor_alloc(self._io, y, self._at["y"])
+            self._io.place(y, "y")
             graph = G.new_graph(ctx, _LOGITS_GRAPH_SIZE, False)
             G.expand(graph, y)
             graphs.append((graph, x, y))
@@ -205,10 +176,9 @@ class CodebookHeads:
         if s not in self._logits:
             self._logits[s] = self._build_logits(s)
         graph, x, y = self._logits[s][i]
-        self._send(x, "x")
+        self._io.send(x, "x")
         self._compute(graph)
-        if self.on_gpu:
-            G.tensor_get(y, self._y.ctypes.data, 0, G.nbytes(y))
+        self._io.fetch(y, "y")
         return self._y[:s]
 
     def rows(self, top_k: np.ndarray, inv_temperature: np.ndarray) -> Draws:
@@ -218,21 +188,12 @@ class CodebookHeads:
         if not 1 <= s <= self.max_streams:
             raise ValueError(f"{s} streams: the heads were made for 1 to {self.max_streams}")
         k = top_k_bucket(int(np.max(top_k)), self.n_codes)
-        family = self._family(s, k)
+        family = self._families.get(s, k)
         family.mask[:] = np.where(np.arange(k) < np.asarray(top_k)[:, None], 0.0, -np.inf)
         self._inv_t[:s] = inv_temperature
-        self._send(family.inputs["mask"], "mask")
-        self._send(family.inputs["inv_t"], "inv_t")
+        self._io.send(family.inputs["mask"], "mask")
+        self._io.send(family.inputs["inv_t"], "inv_t")
         return Draws(self, family, s)
-
-    def _family(self, s: int, k: int) -> _Family:
-        family = self._families.pop((s, k), None)  # re-inserted last: the dict's order is the use order
-        if family is None:
-            if len(self._families) >= _MAX_FAMILIES:
-                G.free(self._families.pop(next(iter(self._families))).ctx)
-            family = self._build_family(s, k)
-        self._families[s, k] = family
-        return family
 
     def _build_family(self, s: int, k: int) -> _Family:
         n_graphs = 1 + self.n_heads
@@ -244,12 +205,12 @@ class CodebookHeads:
                   (("x", self.n_embd), ("first", self.n_codes), ("u", 1), ("inv_t", 1), ("mask", k))}
 
         def graph(logits: int) -> tuple[int, int, np.ndarray]:
-            put = G.Placer(ctx, self._io, self._at["scratch"], self._end, self._align)
+            put = G.Placer(ctx, self._io.buffer, self._io.at["scratch"], self._io.end, self._io.align)
             ids = draw(put, logits(put), self.n_codes, k, s, inputs["u"], inputs["inv_t"], inputs["mask"])
             g = G.new_graph(ctx, _GRAPH_SIZE, False)
             G.expand(g, ids)
             self.check_ops(g, "the codebook draw")
-            return g, ids, self._out[:s] if self.on_gpu else _view(G.get_data(ids), np.int32, (s,))
+            return g, ids, self._out[:s] if self.on_gpu else G.host_array(G.get_data(ids), np.int32, (s,))
 
         try:
             first = graph(lambda put: inputs["first"])
@@ -257,7 +218,7 @@ class CodebookHeads:
         except BaseException:
             G.free(ctx)
             raise
-        return _Family(ctx, inputs, _view(self._host_at["mask"], np.float32, (s, k)), first, heads)
+        return _Family(ctx, inputs, self._io.view("mask", np.float32, (s, k)), first, heads)
 
     def check_ops(self, graph: int, what: str) -> None:
         """NotImplementedError unless the heads' backend has every op of `graph` (`what` it computes)."""
@@ -276,7 +237,7 @@ class CodebookHeads:
                    u: np.ndarray, s: int) -> np.ndarray:
         self._u[:s] = u
         for t, name in inputs:
-            self._send(t, name)
+            self._io.send(t, name)
         g, ids, out = graph
         self._compute(g)
         if self.on_gpu:
@@ -284,16 +245,18 @@ class CodebookHeads:
         return out
 
     def close(self) -> None:
-        for buffer in (self._io, self._weights):
-            if buffer:
-                G.buffer_free(buffer)
-        for ctx in (self._weights_ctx, *self._logits_ctxs, *(f.ctx for f in self._families.values())):
+        if self._io:
+            self._io.free()
+        if self._weights:
+            G.buffer_free(self._weights)
+        self._families.free_all()
+        for ctx in (self._weights_ctx, *self._logits_ctxs):
             if ctx:
                 G.free(ctx)
         if self._backend:
             G.backend_free(self._backend)
         self._weights_ctx = self._backend = self._weights = self._io = None
-        self._families, self._logits, self._logits_ctxs = {}, {}, []
+        self._logits, self._logits_ctxs = {}, []
 
     def __del__(self) -> None:
         self.close()

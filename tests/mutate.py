@@ -98,8 +98,7 @@ MUTATIONS = [
     M("depth", "the temperature ignored",
       [("inv_t=inv_temperature,", "inv_t=np.ones_like(inv_temperature),")], [DEPTH]),
     M("depth", "plans into the allocator's old memory kept when it grows",
-      [("            for other in self._families.values():\n                G.free(other.ctx)\n"
-        "            self._families.clear()\n", "")], [DEPTH]),
+      [("            self._families.free_all()\n", "")], [DEPTH]),
     # --- generator.py -----------------------------------------------------------------------------------
     M("generator", "audio embedding rows strided by the codec's size, not the vocabulary's",
       [("self._offsets = np.arange(cfg.num_codebooks) * v",
