@@ -100,7 +100,10 @@ class DepthFrames:
         CPU, the matrices that one of its extra buffer types multiplies faster (CPU_REPACK: interleaved for this
         CPU's SIMD, as llama.cpp loads them) are copied there; the rest are read in place from the mapped
         files."""
-        reader = gguf.GGUFReader(decoder_path)
+        try:
+            reader = gguf.GGUFReader(decoder_path)
+        except Exception as e:
+            raise ValueError(f"{decoder_path} is damaged or incomplete ({e}); convert the model again") from e
         wanted = {"rope_freqs.weight", "output_norm.weight"} | {
             f"blk.{i}.{name}.weight" for i in range(self.cfg.n_layer) for name in _LAYER_WEIGHTS}
         found = {t.name: t for t in reader.tensors if t.name in wanted}
@@ -274,6 +277,23 @@ class DepthFrames:
             x = put(G.add, put(G.mul_mat, w["ffn_down"], ffn), x)
         return x
 
+    def prepare(self, stream_counts, top_k: int) -> None:
+        """Build the graphs of these stream counts for top-k `top_k` now, not at their first frame (10-20 ms
+        each), as many as are kept beside the largest; on a GPU also run each twice, which ggml's CUDA backend
+        takes before it captures a graph."""
+        for s in list(stream_counts)[: _MAX_FAMILIES - 1]:
+            if not self.on_gpu:
+                self._families.get(s, top_k_bucket(top_k, self.n_codes))
+                continue
+            for _ in range(2):  # on inputs that draw codes in range (the buffer's own content might not)
+                self.frame(np.zeros((s, self.n_codes), np.float32), np.zeros((s, self.cfg.n_embd), np.float32),
+                           np.zeros((s, self.codebooks), np.float32), np.full(s, top_k), np.ones(s, np.float32))
+
+    def _compute(self, family: _Family) -> None:
+        status = G.compute(self._backend, family.graph)
+        if status != 0:
+            raise RuntimeError(f"ggml failed to compute the depth decoder's frame (status {status})")
+
     # --- a frame ------------------------------------------------------------------------------------
     def frame(self, first: np.ndarray, h0: np.ndarray, u: np.ndarray, top_k: np.ndarray,
               inv_temperature: np.ndarray) -> np.ndarray:
@@ -290,9 +310,7 @@ class DepthFrames:
         for name, values in sent.items():
             self._io.view(name, np.float32, (values.size,))[:] = values.ravel()
             self._io.send(family.inputs[name], name)
-        status = G.compute(self._backend, family.graph)
-        if status != 0:
-            raise RuntimeError(f"ggml failed to compute the depth decoder's frame (status {status})")
+        self._compute(family)
         self._io.fetch(self._codes, "codes", 4 * s * self.codebooks)
         return self._io.view("codes", np.int32, (self.codebooks, s)).T
 

@@ -212,6 +212,12 @@ class Generator:
             print(f"csm-gguf: the depth decoder through llama.cpp: {e}", file=sys.stderr)
             return None
 
+    def prepare(self, top_k: int) -> None:
+        """Build the depth decoder's graphs for 1 to max_streams streams at top-k `top_k` (as many as it keeps),
+        so that a new number of streams does not wait for its graph at its first frame: a server's start."""
+        if self.depth is not None:
+            self.depth.prepare(range(1, self.max_streams + 1), top_k)
+
     # --- prompt -------------------------------------------------------------------------------------
     def frame_embeddings(self, codes: np.ndarray) -> np.ndarray:
         """Backbone inputs of audio frames (n, 32): each the sum of its 32 codebook embeddings, (n, n_embd).

@@ -94,6 +94,22 @@ def test_a_graph_evicted_or_replanned_draws_what_it_drew(f32_model, monkeypatch)
     np.testing.assert_equal(got, expected)
 
 
+def test_prepared_graphs_are_not_built_again_at_a_frame(f32_model, monkeypatch):
+    """A server builds the graphs of 1 to max_streams requests at its start, so that no request's first frame
+    waits for one."""
+    monkeypatch.setenv("CSM_GGUF_DECODER", "graph")
+    gen = Generator(CSMModel(f32_model), max_streams=4, kv_type="f32")
+    try:
+        gen.prepare(SAMPLINGS[1].top_k)
+        monkeypatch.setattr(depth_module.DepthFrames, "_build", lambda *a: pytest.fail("a graph built at a frame"))
+        streams = []
+        for text in TEXTS:  # 1, 2, then 3 streams a frame
+            streams.append(gen.start(gen.prompt_embeddings(text, 0), SAMPLINGS[1]))
+            gen.step(streams)
+    finally:
+        gen.close()
+
+
 def test_the_graph_loads_no_llama_cpp_decoder(f32_model, monkeypatch):
     monkeypatch.setenv("CSM_GGUF_DECODER", "graph")
     gen = Generator(CSMModel(f32_model), kv_type="f32")
@@ -206,6 +222,7 @@ def test_the_gpu_paths_run_on_the_cpu_backend_compute_what_the_cpu_paths_compute
         gen = Generator(CSMModel(f32_model), max_streams=4, kv_type="f32", n_gpu_layers=999)
         try:
             assert gen.heads.on_gpu and (gen.depth is None or gen.depth.on_gpu)
+            gen.prepare(SAMPLINGS[1].top_k)  # on a GPU the graphs run twice, on whatever their inputs hold
             np.testing.assert_equal(frames_of(gen), expected[decoder])
             if gen.depth is not None:
                 codes = gen.step([gen.start(gen.prompt_embeddings(TEXTS[0], 0), SAMPLINGS[1])])
