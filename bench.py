@@ -152,7 +152,8 @@ class Concurrency:
     seconds: float
     aggregate_xrt: float
     per_stream_rtf: float
-    host_ms: float  # a frame step's time outside llama.cpp's and ggml's calls: inputs, bookkeeping (Generator.step)
+    host_ms: float  # a frame step's time outside llama_decode and the depth graph's call (Generator.step); with
+    # CSM_GGUF_DECODER=llama it includes the heads' and draws' ggml calls
 
 
 @dataclass
@@ -371,7 +372,7 @@ def concurrency(tts, n_streams: int, frames: int, seed: int, args) -> Concurrenc
         prof.restore()
         gen.close()
     audio = frames * FRAME_S
-    host_ms = prof.get("step") * 1000 / frames  # step's own time: its llama.cpp and ggml calls are their own path
+    host_ms = prof.get("step") * 1000 / frames  # step's own time: the wrapped calls are their own path
     return Concurrency(n_streams, frames, seconds, n_streams * audio / seconds, seconds / audio, host_ms)
 
 
@@ -956,7 +957,8 @@ def table(report: dict) -> str:
     lines = ["\n".join(rows)]
     conc = [(v["name"], c) for v in report["variants"] for c in v["concurrency"]]
     if conc:
-        lines.append("| variant | streams | aggregate xRealTime | per-stream RTF | step outside llama.cpp and ggml |\n"
+        lines.append("| variant | streams | aggregate xRealTime | per-stream RTF | "
+                     "step outside llama_decode and the depth graph |\n"
                      "|---|---|---|---|---|\n" + "\n".join(
                          f"| {name} | {c['streams']} | {c['aggregate_xrt']:.2f} | {c['per_stream_rtf']:.2f} | "
                          f"{c['host_ms']:.1f} ms |" for name, c in conc))
