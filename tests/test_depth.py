@@ -2,9 +2,11 @@
 
 test_generator.py's core test holds both against transformers' codes (greedy, f32). Here: the two paths draw
 the same codes when sampling too, many streams at once; a graph evicted and rebuilt, or planned after its
-allocator's memory grew, draws what it drew before; the graph loads no llama.cpp decoder; a backend without
-one of its ops, or heads kept off the GPU that holds the layers, leave the frame to llama.cpp, which is also
-the default with the layers on a GPU until the graph has been measured there."""
+allocator's memory grew, draws what it drew before; graphs built at a server's start are not built again; the
+graph loads no llama.cpp decoder; a backend without one of its ops, or heads kept off the GPU that holds the
+layers, leave the frame to llama.cpp, which is also the default with the layers on a GPU until the graph has
+been measured there; and the GPU code paths, run with ggml's CPU device standing in for the GPU, compute what
+the CPU paths compute."""
 
 from __future__ import annotations
 
