@@ -214,7 +214,7 @@ class Generator:
 
     def prepare(self, top_k: int) -> None:
         """Build the depth decoder's graphs for 1 to max_streams streams at top-k `top_k` (as many as it keeps),
-        so that a new number of streams does not wait for its graph at its first frame: a server's start."""
+        so that a new number of streams does not wait for its graph at its first frame (CSM does at load)."""
         if self.depth is not None:
             self.depth.prepare(range(1, self.max_streams + 1), top_k)
 

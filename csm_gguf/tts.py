@@ -139,6 +139,8 @@ class CSM:
             # the interpreter down under a thread that is importing torch (seen once as SIGABRT at exit).
             threading.Thread(target=self._load_codec_quietly, name="codec-load").start()
         self.generator = Generator(self.model, max_streams, n_threads, n_gpu_layers, kv_type)
+        # The depth decoder's graphs for 1..max_streams streams now (while the codec loads), not at a first frame.
+        self.generator.prepare(TOP_K.default)
         if n_threads:
             import torch
 

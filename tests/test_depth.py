@@ -2,7 +2,7 @@
 
 test_generator.py's core test holds both against transformers' codes (greedy, f32). Here: the two paths draw
 the same codes when sampling too, many streams at once; a graph evicted and rebuilt, or planned after its
-allocator's memory grew, draws what it drew before; graphs built at a server's start are not built again; the
+allocator's memory grew, draws what it drew before; graphs built at load are not built again; the
 graph loads no llama.cpp decoder; a backend without one of its ops, or heads kept off the GPU that holds the
 layers, leave the frame to llama.cpp, which is also the default with the layers on a GPU until the graph has
 been measured there; and the GPU code paths, run with ggml's CPU device standing in for the GPU, compute what
@@ -97,8 +97,8 @@ def test_a_graph_evicted_or_replanned_draws_what_it_drew(f32_model, monkeypatch)
 
 
 def test_prepared_graphs_are_not_built_again_at_a_frame(f32_model, monkeypatch):
-    """A server builds the graphs of 1 to max_streams requests at its start, so that no request's first frame
-    waits for one."""
+    """CSM builds the graphs of 1 to max_streams streams when it loads (a server's start), so that no request's
+    first frame waits for one."""
     monkeypatch.setenv("CSM_GGUF_DECODER", "graph")
     gen = Generator(CSMModel(f32_model), max_streams=4, kv_type="f32")
     try:
@@ -110,6 +110,20 @@ def test_prepared_graphs_are_not_built_again_at_a_frame(f32_model, monkeypatch):
             gen.step(streams)
     finally:
         gen.close()
+
+
+def test_csm_prepares_the_graphs_of_its_streams_when_it_loads(f32_model, monkeypatch):
+    from csm_gguf.heads import top_k_bucket
+    from csm_gguf.sampling import TOP_K
+    from csm_gguf.tts import CSM
+
+    monkeypatch.setenv("CSM_GGUF_DECODER", "graph")
+    tts = CSM(f32_model, max_streams=3)
+    try:
+        depth = tts.generator.depth
+        assert all((s, top_k_bucket(TOP_K.default, depth.n_codes)) in depth._families for s in (1, 2, 3))
+    finally:
+        tts.close()
 
 
 def test_the_graph_loads_no_llama_cpp_decoder(f32_model, monkeypatch):

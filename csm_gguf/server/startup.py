@@ -4,7 +4,6 @@ server (app.py) and the Wyoming server; imports no web framework."""
 
 from __future__ import annotations
 
-from ..sampling import Sampling
 from ..tts import CSM, NO_VOICE
 from ..voices import max_voices, voice_speaker
 from .engine import Engine
@@ -42,7 +41,6 @@ def start_engine(settings: Settings) -> tuple[CSM, Engine]:
     torch.set_num_threads(1)
     codec = tts.codec  # loaded now, not racing in the first requests' threads
     codec.warm_up(codebooks=tts.model.config.num_codebooks)  # the CPU traces are made now, not in requests
-    tts.generator.prepare(Sampling().top_k)  # the depth decoder's graphs for 1..max_streams requests, likewise
     # The requests' audio: decoded beside the engine, the frames of each frame step in one batched step of the
     # codec, a row (10 MB) for each request spoken; a websocket file or Wyoming text stream waiting for its
     # next sentence keeps its row, so a request beyond the rows decodes on a state of its own.
