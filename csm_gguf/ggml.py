@@ -60,8 +60,6 @@ new_tensor_1d = _bind("ggml_new_tensor_1d", p, p, C.c_int, _i64)
 view_1d = _bind("ggml_view_1d", p, p, p, _i64, _sz)
 reshape_1d = _bind("ggml_reshape_1d", p, p, p, _i64)
 reshape_4d = _bind("ggml_reshape_4d", p, p, p, _i64, _i64, _i64, _i64)
-permute = _bind("ggml_permute", p, p, p, C.c_int, C.c_int, C.c_int, C.c_int)
-cont = _bind("ggml_cont", p, p, p)
 concat = _bind("ggml_concat", p, p, p, p, C.c_int)
 rms_norm = _bind("ggml_rms_norm", p, p, p, C.c_float)
 soft_max_ext = _bind("ggml_soft_max_ext", p, p, p, p, C.c_float, C.c_float)
@@ -101,7 +99,7 @@ _ExtraBufts = C.CFUNCTYPE(C.POINTER(p), p)
 
 def cpu_extra_buffer_types() -> list[int]:
     """The CPU backend's extra weight buffer types, in llama.cpp's order of preference: CPU_REPACK (weights
-    interleaved for this CPU's SIMD as they are set; on AVX2 and NEON for Q4_0, Q4_K, Q8_0, ...), AMX, ..."""
+    interleaved for this CPU's SIMD as they are set: Q4_0, Q4_K and IQ4_NL on AVX2, Q8_0 too on NEON), ..."""
     dev = dev_by_type(DEVICE_TYPE_CPU)
     get = proc_address(dev_reg(dev), b"ggml_backend_dev_get_extra_bufts")
     if not get:
