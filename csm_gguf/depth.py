@@ -29,7 +29,7 @@ import gguf
 import numpy as np
 
 from . import ggml as G
-from .heads import CodebookHeads, draw, top_k_bucket
+from .heads import CodebookHeads, draw, top_k_bucket, top_k_mask
 from .model import CSMModel
 
 # Tensors one position makes in its family's context: 27 a layer, the final norm, head, draw and next inputs.
@@ -306,7 +306,7 @@ class DepthFrames:
         k = top_k_bucket(int(np.max(top_k)), self.n_codes)
         family = self._families.get(s, k)
         sent = dict(first=first, h0=h0, u=np.asarray(u, np.float32).T, inv_t=inv_temperature,
-                    mask=np.where(np.arange(k) < np.asarray(top_k)[:, None], 0.0, -np.inf))
+                    mask=top_k_mask(top_k, k))
         for name, values in sent.items():
             self._io.view(name, np.float32, (values.size,))[:] = values.ravel()
             self._io.send(family.inputs[name], name)

@@ -63,7 +63,8 @@ class Sampler:
     """A stream's draw settings and its own random generator: top-k and 1 / temperature (temperature 0 is
     greedy: top-1), and a uniform number in [0, 1) per codebook and frame, from the stream's seed.
 
-    The draws themselves are made for all streams at once, in the heads' ggml graphs (heads.py): top-k,
+    The draws themselves are made for all streams at once, in ggml graphs (heads.draw, in the depth
+    decoder's frame graph or the heads' own between llama.cpp's steps): top-k,
     then the temperature softmax (the reference's order), then the code where the cumulative probability
     passes the stream's number. A stream's codes so depend on its seed and its logits alone, never on which
     streams share its steps."""

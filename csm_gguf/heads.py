@@ -46,6 +46,11 @@ def top_k_bucket(k: int, n_codes: int) -> int:
     return min(n_codes, 1 << (max(k, 1) - 1).bit_length())
 
 
+def top_k_mask(top_k: np.ndarray, k: int) -> np.ndarray:
+    """(s, k) additions to each stream's k largest weights' exponents: 0 within its own top-k, -inf past it."""
+    return np.where(np.arange(k) < np.asarray(top_k)[:, None], 0.0, -np.inf)
+
+
 @dataclass
 class _Family:
     """The graphs of one stream count and top-k bucket: `first` (codebook 0) and `heads[i]`, each a graph and
@@ -189,7 +194,7 @@ class CodebookHeads:
             raise ValueError(f"{s} streams: the heads were made for 1 to {self.max_streams}")
         k = top_k_bucket(int(np.max(top_k)), self.n_codes)
         family = self._families.get(s, k)
-        family.mask[:] = np.where(np.arange(k) < np.asarray(top_k)[:, None], 0.0, -np.inf)
+        family.mask[:] = top_k_mask(top_k, k)
         self._inv_t[:s] = inv_temperature
         self._io.send(family.inputs["mask"], "mask")
         self._io.send(family.inputs["inv_t"], "inv_t")

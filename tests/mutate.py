@@ -93,7 +93,7 @@ MUTATIONS = [
     M("depth", "every codebook drawn with codebook 0's uniform number",
       [("put(G.view_2d, inputs[\"u\"], 1, s, 4, 4 * s * p)", "put(G.view_2d, inputs[\"u\"], 1, s, 4, 0)")], [DEPTH]),
     M("depth", "each stream's top-k ignored (all k of the bucket drawn from)",
-      [("mask=np.where(np.arange(k) < np.asarray(top_k)[:, None], 0.0, -np.inf))",
+      [("mask=top_k_mask(top_k, k))",
         "mask=np.zeros((s, k)))")], [DEPTH]),
     M("depth", "the temperature ignored",
       [("inv_t=inv_temperature,", "inv_t=np.ones_like(inv_temperature),")], [DEPTH]),
