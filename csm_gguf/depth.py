@@ -13,6 +13,11 @@ llama-3 frequency factors, grouped-query attention, SwiGLU), with one difference
 float32 within the graph (llama.cpp's cache holds them in its cache type). No mask is needed: a position's
 query meets the keys of its own stream's earlier positions only, gathered by concatenation, and streams are
 the fourth axis, so one matrix product serves them all and grouped-query heads broadcast as in llama.cpp.
+Positions 0 and 1 (the backbone's state and codebook 0's code) go through the layers in one pass, as in
+llama.cpp's first step: one read of the weights for both, and position 0's attention is its own values (a
+softmax over one key is exactly 1). A layer's query, key and value matrices are joined into one at load
+where their types match, so one product and one RoPE serve them. Fewer, larger operations: about 3,000
+kernels a frame instead of 3,400, which is what a GPU's frame time goes by; on the CPU it is the same speed.
 The draw is the heads' own (heads.draw), so a stream's codes do not depend on which streams share a frame.
 
 Graphs are built per stream count and top-k bucket (a "family") at first use. Their intermediate tensors
@@ -32,15 +37,35 @@ from . import ggml as G
 from .heads import CodebookHeads, draw, top_k_bucket, top_k_mask
 from .model import CSMModel
 
-# Tensors one position makes in its family's context: 27 a layer, the final norm, head, draw and next inputs.
+# Tensors one position makes in its family's context, with room: up to 32 a layer (the first pass, matrices not
+# joined), the final norm, head, draw and next inputs.
 _LAYER_TENSORS, _POSITION_TENSORS = 40, 48
 _MAX_FAMILIES = 32  # kept built (about 2.5 MB of ggml's bookkeeping each for a 4-layer decoder)
 _LAYER_WEIGHTS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up",
                   "ffn_down")
+_FUSED = ("attn_qk", "attn_qkv")  # made at load from attn_q, attn_k (and attn_v): _fuse_rows
 
 
 def _new_tensor(ctx: int, qtype: int, ne: list[int]) -> int:
     return G.new_tensor_1d(ctx, qtype, ne[0]) if len(ne) == 1 else G.new_tensor_2d(ctx, qtype, ne[0], ne[1])
+
+
+def _fuse_rows(arrays: dict, prefix: str) -> None:
+    """A layer's query and key matrices (and value matrix) as one where they share a type (`attn_qk`,
+    `attn_qkv`): one product a position instead of three, and one RoPE for queries and keys. Their rows stay
+    as they are, so each output is what its own matrix makes. (Q4_K_M gives some layers' values Q6_K.) The
+    file's pages of the parts are given back: the joined copy is what is read."""
+    names = [f"{prefix}{part}.weight" for part in ("attn_q", "attn_k", "attn_v")]
+    qtype, (n_in, _), _ = arrays[names[0]]
+    same = [arrays[name][0] == qtype and arrays[name][1][0] == n_in for name in names]
+    joined = names[:3] if all(same) else names[:2] if same[1] else []
+    if not joined:
+        return
+    parts = [arrays.pop(name)[2] for name in joined]
+    arrays[f"{prefix}{_FUSED[len(joined) - 2]}.weight"] = (
+        qtype, [n_in, sum(len(part) for part in parts)], np.concatenate(parts))
+    for part in parts:
+        _release(part)
 
 
 def _release(part: np.ndarray) -> None:
@@ -110,28 +135,33 @@ class DepthFrames:
         if len(found) != len(wanted):
             raise ValueError(f"{decoder_path} lacks {sorted(wanted - set(found))[:3]}: convert the model again")
         arrays = {name: (int(t.tensor_type), [int(n) for n in t.shape], t.data) for name, t in found.items()}
+        for i in range(self.cfg.n_layer):
+            _fuse_rows(arrays, f"blk.{i}.")
         for name, table in tables.items():
             table = np.ascontiguousarray(table)
             ttype = {np.dtype(np.float32): G.TYPE_F32, np.dtype(np.float16): G.TYPE_F16}[table.dtype]
             arrays[name] = (ttype, [table.shape[1], table.shape[0]], table)
-        groups: dict[int | None, list[str]] = {}  # buffer type (None: the backend's own) -> names
-        for name, (qtype, ne, _) in arrays.items():
+        # Buffer type (None: the backend's own) and whether read in place -> names.
+        groups: dict[tuple[int | None, bool], list[str]] = {}
+        for name, (qtype, ne, data) in arrays.items():
             multiplied = name not in tables and len(ne) == 2
             buft = self._faster_buffer_type(qtype, ne) if multiplied and not self.on_gpu else None
-            groups.setdefault(buft, []).append(name)
-        self._ctxs, self._buffers, tensors = [], [], {}
-        for buft, names in groups.items():
+            in_place = buft is None and not self.on_gpu and data.ctypes.data % G.TENSOR_ALIGNMENT == 0
+            groups.setdefault((buft, in_place), []).append(name)
+        self._ctxs, self._buffers, tensors, kept = [], [], {}, []
+        for (buft, in_place), names in groups.items():
             ctx = G.init(G.InitParams((len(names) + 1) * G.tensor_overhead(), None, True))
             self._ctxs.append(ctx)
             for name in names:
                 qtype, ne, _ = arrays[name]
                 tensors[name] = _new_tensor(ctx, qtype, ne)
             data = {tensors[name]: arrays[name][2] for name in names}
-            if buft is None and not self.on_gpu and all(a.ctypes.data % G.TENSOR_ALIGNMENT == 0 for a in data.values()):
+            if in_place:
                 for t, a in data.items():  # read where they lie: kept alive (self._data) as long as ggml reads them
                     buffer = G.buffer_from_ptr(a.ctypes.data, a.nbytes)
                     self._buffers.append(buffer)
                     G.tensor_alloc(buffer, t, a.ctypes.data)
+                    kept.append(a)
                 continue
             buffer = (G.alloc_ctx_tensors(ctx, self._backend) if buft is None
                       else G.alloc_ctx_tensors_from_buft(ctx, buft))
@@ -141,14 +171,14 @@ class DepthFrames:
             for t, a in data.items():
                 G.tensor_set(t, np.ascontiguousarray(a).ctypes.data, 0, a.nbytes)
                 _release(a)
-        self._data = (reader, tables)
+        self._data = (reader, kept)
         self._table, self._audio = tensors["table"], tensors["audio"]
         # Bytes a row of each table (float16 or float32).
         self._row_bytes = {name: G.row_size(arrays[name][0], arrays[name][1][0]) for name in tables}
         self._rope_freqs = tensors["rope_freqs.weight"]
         self._output_norm = tensors["output_norm.weight"]
-        self._layers = [{name: tensors[f"blk.{i}.{name}.weight"] for name in _LAYER_WEIGHTS}
-                        for i in range(self.cfg.n_layer)]
+        self._layers = [{name: tensors[f"blk.{i}.{name}.weight"] for name in (*_LAYER_WEIGHTS, *_FUSED)
+                         if f"blk.{i}.{name}.weight" in tensors} for i in range(self.cfg.n_layer)]
 
     def _faster_buffer_type(self, qtype: int, ne: list[int]) -> int | None:
         """The first of the CPU's extra buffer types whose matrix product takes a (ne) matrix of qtype, if any:
@@ -224,16 +254,19 @@ class DepthFrames:
 
         code = draw_at(inputs["first"], 0)
         embd = audio_embedding(code, 0)
-        x = inputs["h0"]
-        for p in range(self.codebooks):
-            if p:  # the previous codebook's code as the decoder reads it: row (p - 1) * v + code of the table
-                table = put(G.view_2d, self._table, d, v, row_bytes, (p - 1) * v * row_bytes)
-                x = put(G.get_rows, table, put(G.reshape_1d, code, s))
-            x = self._position(put, x, put(G.view_1d, pos, s, 4 * self.max_streams * p), caches, s)
-            if p:  # codebook p, from head p - 1
-                norm = put(G.mul, put(G.rms_norm, x, self.cfg.norm_eps), self._output_norm)
-                code = draw_at(put(G.mul_mat, self._heads.code_weights[p - 1], norm), p)
-                embd = put(G.add, embd, audio_embedding(code, p))  # summed in codebook order, as frame_embeddings
+        for p in range(1, self.codebooks):
+            # The previous codebook's code as the decoder reads it: row (p - 1) * v + code of the table.
+            table = put(G.view_2d, self._table, d, v, row_bytes, (p - 1) * v * row_bytes)
+            x = put(G.get_rows, table, put(G.reshape_1d, code, s))
+            if p == 1:  # positions 0 (the backbone's state) and 1 in one pass: columns of position 0, then 1
+                zeros_then_ones = put(G.view_1d, pos, 2 * s, 4 * (self.max_streams - s))  # the end of row 0
+                x = self._layers_pass(put, put(G.concat, inputs["h0"], x, 1), 2, zeros_then_ones, caches, s)
+            else:
+                x = self._layers_pass(put, x, 1, put(G.view_1d, pos, s, 4 * self.max_streams * p), caches, s)
+            # Codebook p, from head p - 1.
+            norm = put(G.mul, put(G.rms_norm, x, self.cfg.norm_eps), self._output_norm)
+            code = draw_at(put(G.mul_mat, self._heads.code_weights[p - 1], norm), p)
+            embd = put(G.add, embd, audio_embedding(code, p))  # summed in codebook order, as frame_embeddings
         io.place(embd, "embd")
         graph = G.new_graph(ctx, n_tensors, False)
         G.expand(graph, code)
@@ -248,34 +281,56 @@ class DepthFrames:
             self._planned_size = G.gallocr_buffer_size(self._galloc, 0)
         return _Family(ctx, graph, inputs)
 
-    def _position(self, put, x: int, pos: int, caches: list, s: int) -> int:
-        """One position of every stream through the decoder's layers: x (n_embd, s) in, out. `caches[i]` holds
-        layer i's keys (head_dim, positions, kv heads, s) and values (positions, head_dim, kv heads, s) so far."""
+    def _layers_pass(self, put, x: int, t: int, pos: int, caches: list, s: int) -> int:
+        """Positions through the decoder's layers: t (1, or 2 for positions 0 and 1) of every stream, x (n_embd,
+        s * t) in, its columns position by position, their positions in `pos`; out the last position's (n_embd,
+        s). `caches[i]` holds layer i's keys (head_dim, positions, kv heads, s) and values (positions, head_dim,
+        kv heads, s) so far."""
         cfg = self.cfg
         hd, nh, nkv, eps = cfg.head_dim, cfg.n_head, cfg.n_head_kv, cfg.norm_eps
-
-        def rope(t: int, heads: int) -> int:
-            return put(G.rope_ext, put(G.reshape_3d, t, hd, heads, s), pos, self._rope_freqs, hd, 0,
-                       cfg.max_seq_len, cfg.rope_theta, 1.0, 0.0, 1.0, 32.0, 1.0)
-
-        # One position a stream: a head's (hd) row of positions is its own slice already, so the queries, keys
-        # and outputs need only new shapes, never a permuted copy.
+        column = (nh + nkv) * hd * 4  # bytes of a column's roped queries and keys
         for i, w in enumerate(self._layers):
             h = put(G.mul, put(G.rms_norm, x, eps), w["attn_norm"])
-            q = put(G.reshape_4d, rope(put(G.mul_mat, w["attn_q"], h), nh), hd, 1, nh, s)
-            key = put(G.reshape_4d, rope(put(G.mul_mat, w["attn_k"], h), nkv), hd, 1, nkv, s)
-            value = put(G.reshape_4d, put(G.mul_mat, w["attn_v"], h), 1, hd, nkv, s)
-            if caches[i] is not None:
-                key = put(G.concat, caches[i][0], key, 1)
-                value = put(G.concat, caches[i][1], value, 0)
-            caches[i] = (key, value)
-            weights = put(G.soft_max_ext, put(G.mul_mat, key, q), None, 1.0 / hd**0.5, 0.0)  # (positions, 1, nh, s)
-            out = put(G.reshape_2d, put(G.mul_mat, value, weights), hd * nh, s)  # (hd, 1, nh, s) as (hd * nh, s)
+            qk, (values, v_offset, v_column) = self._qkv(put, w, h, s * t)
+            qk = put(G.rope_ext, qk, pos, self._rope_freqs, hd, 0, cfg.max_seq_len, cfg.rope_theta, 1.0, 0.0, 1.0,
+                     32.0, 1.0)  # (hd, nh + nkv, s * t): each column's query heads, then its key heads
+
+            def key(p: int) -> int:  # position p's keys (hd, 1, nkv, s)
+                return put(G.view_4d, qk, hd, 1, nkv, s, hd * 4, hd * 4, column, (p * s * column) + nh * hd * 4)
+
+            def value(p: int) -> int:  # position p's values (1, hd, nkv, s): a position is a row of the cache
+                return put(G.view_4d, values, 1, hd, nkv, s, 4, hd * 4, v_column, v_offset + p * s * v_column)
+
+            first = caches[i] is None
+            caches[i] = ((put(G.concat, key(0), key(1), 1), put(G.concat, value(0), value(1), 0)) if first else
+                         (put(G.concat, caches[i][0], key(0), 1), put(G.concat, caches[i][1], value(0), 0)))
+            # The last position's attention: its query meets its own stream's keys so far, no mask needed.
+            q = put(G.view_4d, qk, hd, 1, nh, s, hd * 4, hd * 4, column, (t - 1) * s * column)
+            weights = put(G.soft_max_ext, put(G.mul_mat, caches[i][0], q), None, 1.0 / hd**0.5, 0.0)
+            out = put(G.reshape_2d, put(G.mul_mat, caches[i][1], weights), hd * nh, s)  # (hd, 1, nh, s)
+            if t == 2:  # position 0 meets only its own key: its weight is exactly 1, its output its own values
+                own = put(G.view_4d, values, hd, 1, nkv, s, hd * 4, hd * 4, v_column, v_offset)
+                own = put(G.repeat_4d, own, hd, nh // nkv, nkv, s)  # query head j reads kv head j // (nh / nkv)
+                out = put(G.concat, put(G.reshape_2d, own, hd * nh, s), out, 1)
             x = put(G.add, put(G.mul_mat, w["attn_output"], out), x)
             h = put(G.mul, put(G.rms_norm, x, eps), w["ffn_norm"])
             ffn = put(G.swiglu_split, put(G.mul_mat, w["ffn_gate"], h), put(G.mul_mat, w["ffn_up"], h))
             x = put(G.add, put(G.mul_mat, w["ffn_down"], ffn), x)
-        return x
+        n = cfg.n_embd
+        return x if t == 1 else put(G.view_2d, x, n, s, n * 4, (t - 1) * s * n * 4)
+
+    def _qkv(self, put, w: dict, h: int, columns: int) -> tuple[int, tuple[int, int, int]]:
+        """The products of a layer's queries, keys and values with h (n_embd, columns): queries and keys as
+        (hd, nh + nkv, columns) for one RoPE, and where the values lie: (tensor, byte offset, bytes a column)."""
+        hd, nh, nkv = self.cfg.head_dim, self.cfg.n_head, self.cfg.n_head_kv
+        if "attn_qkv" in w:
+            both = put(G.mul_mat, w["attn_qkv"], h)
+            column = (nh + 2 * nkv) * hd * 4
+            qk = put(G.view_3d, both, hd, nh + nkv, columns, hd * 4, column, 0)
+            return qk, (both, (nh + nkv) * hd * 4, column)
+        qk = (put(G.mul_mat, w["attn_qk"], h) if "attn_qk" in w else
+              put(G.concat, put(G.mul_mat, w["attn_q"], h), put(G.mul_mat, w["attn_k"], h), 0))
+        return put(G.reshape_3d, qk, hd, nh + nkv, columns), (put(G.mul_mat, w["attn_v"], h), 0, nkv * hd * 4)
 
     def prepare(self, stream_counts, top_k: int) -> None:
         """Build the graphs of these stream counts for top-k `top_k` now, not at their first frame (10-20 ms
