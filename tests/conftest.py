@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -20,8 +22,9 @@ from eos_fixtures import end_at  # noqa: F401 (a fixture: end of speech on deman
 
 warnings.filterwarnings("ignore", message=".*rope_parameters.*")
 # Built-in voices' prompts are made on first use and kept in the cache: the tests' own, never the user's
-# (subprocesses inherit it).
+# (subprocesses inherit it). Removed when the session's process exits, else every run left one in /tmp.
 os.environ["CSM_GGUF_CACHE"] = tempfile.mkdtemp(prefix="csm-gguf-test-cache-")
+atexit.register(shutil.rmtree, os.environ["CSM_GGUF_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
