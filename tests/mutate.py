@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TARGETS = {
     "generator": "csm_gguf/generator.py",
     "depth": "csm_gguf/depth.py",
+    "heads": "csm_gguf/heads.py",
     "tts": "csm_gguf/tts.py",
     "plan": "csm_gguf/plan.py",
     "sampling": "csm_gguf/sampling.py",
@@ -108,6 +109,10 @@ MUTATIONS = [
       [DEPTH]),
     M("depth", "the first pass attends from position 0's queries, not position 1's",
       [("column, (t - 1) * s * column)", "column, 0)")], [DEPTH]),
+    M("heads", "a GPU draw's top-k from each half's smallest codes (halves sorted the wrong way)",
+      [("first = put(G.view_2d, put(G.argsort, halves, G.SORT_DESC)",
+        "first = put(G.view_2d, put(G.argsort, halves, 0)")],
+      [DEPTH + "::test_the_gpu_paths_run_on_the_cpu_backend_compute_what_the_cpu_paths_compute"]),
     M("depth", "joined matrices with the keys' rows before the queries'",
       [('for part in ("attn_q", "attn_k", "attn_v")]', 'for part in ("attn_k", "attn_q", "attn_v")]')], [DEPTH]),
     # --- generator.py -----------------------------------------------------------------------------------

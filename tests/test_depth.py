@@ -23,6 +23,10 @@ TEXTS = ["First voice.", "A second, somewhat longer sentence to say.", "Third!"]
 # in one frame.
 SAMPLINGS = [Sampling(temperature=0, max_audio_ms=12 * 80), Sampling(seed=7, max_audio_ms=12 * 80),
              Sampling(temperature=1.5, top_k=3, seed=11, max_audio_ms=12 * 80)]
+# A step's top-k bucket is its streams' largest: these share one of 8, less than half the tiny codec's 64 codes.
+SMALL_TOP_K = [Sampling(temperature=0, top_k=1, max_audio_ms=12 * 80),
+               Sampling(temperature=1.5, top_k=3, seed=11, max_audio_ms=12 * 80),
+               Sampling(top_k=8, seed=5, max_audio_ms=12 * 80)]
 
 
 def frames_of(gen: Generator, texts=TEXTS, samplings=SAMPLINGS) -> list[np.ndarray]:
@@ -36,15 +40,17 @@ def frames_of(gen: Generator, texts=TEXTS, samplings=SAMPLINGS) -> list[np.ndarr
             if codes[row].any():
                 frames[i].append(codes[row].copy())
         active = [i for i in active if not streams[i].done]
+    for stream in streams:
+        gen.finish(stream)  # the slots free for the next streams
     return [np.stack(f) for f in frames]
 
 
-def generated(model_dir, decoder: str, monkeypatch, **kw) -> list[np.ndarray]:
+def generated(model_dir, decoder: str, monkeypatch, samplings=SAMPLINGS, **kw) -> list[np.ndarray]:
     monkeypatch.setenv("CSM_GGUF_DECODER", decoder)
     gen = Generator(CSMModel(model_dir), max_streams=4, kv_type="f32", **kw)
     try:
         assert (gen.depth is None) == (decoder == "llama")
-        return frames_of(gen)
+        return frames_of(gen, samplings=samplings)
     finally:
         gen.close()
 
@@ -254,8 +260,12 @@ def test_the_gpu_paths_run_on_the_cpu_backend_compute_what_the_cpu_paths_compute
     decoder's and its tables copied into the backend's buffers (their mapped pages given back), inputs sent and
     codes and next inputs fetched through host copies, for the graph and for the heads' draws between
     llama.cpp's steps. The same codes as the CPU's own paths, which read mapped files in place and their
-    buffers directly. (What only a GPU can show, its kernels, is test_the_graph_on_the_gpu_... below.)"""
-    expected = {decoder: generated(f32_model, decoder, monkeypatch) for decoder in ("graph", "llama")}
+    buffers directly. On a GPU the graph's draws take their top-k from sorted halves of the codes (whole
+    halves for the default top-k's bucket on the tiny codec, the first 8 of each for SMALL_TOP_K's).
+    (What only a GPU can show, its kernels, is test_the_graph_on_the_gpu_... below.)"""
+    runs = {"default": SAMPLINGS, "small": SMALL_TOP_K}
+    expected = {(decoder, run): generated(f32_model, decoder, monkeypatch, samplings)
+                for decoder in ("graph", "llama") for run, samplings in runs.items()}
     cpu = depth_module.G.dev_by_type(depth_module.G.DEVICE_TYPE_CPU)
     monkeypatch.setattr(depth_module.G, "dev_by_type", lambda kind: cpu)
     for decoder in ("graph", "llama"):
@@ -264,7 +274,8 @@ def test_the_gpu_paths_run_on_the_cpu_backend_compute_what_the_cpu_paths_compute
         try:
             assert gen.heads.on_gpu and (gen.depth is None or gen.depth.on_gpu)
             gen.prepare(SAMPLINGS[1].top_k)  # on a GPU the graphs run twice, on whatever their inputs hold
-            np.testing.assert_equal(frames_of(gen), expected[decoder])
+            for run, samplings in runs.items():
+                np.testing.assert_equal(frames_of(gen, samplings=samplings), expected[decoder, run])
             if gen.depth is not None:
                 codes = gen.step([gen.start(gen.prompt_embeddings(TEXTS[0], 0), SAMPLINGS[1])])
                 np.testing.assert_array_equal(gen.depth.next_inputs(1), gen.frame_embeddings(codes))
