@@ -109,8 +109,6 @@ class DepthFrames:
         self._heads = heads
         self.n_codes, self.codebooks = heads.n_codes, heads.n_heads + 1
         self._backend, self.on_gpu = heads.backend, heads.on_gpu
-        # The draw's top-k from sorted halves of the codes on a GPU (heads._top_k_of_sorted_halves).
-        self._sort_halves = self.on_gpu and self.n_codes % 2 == 0
         try:
             self._load(model.decoder_path, {"table": model.decoder_inputs, "audio": model.audio_embeddings})
             self._layout()
@@ -208,16 +206,11 @@ class DepthFrames:
         copy."""
         s, n, d, k, e = self.max_streams, self.n_codes, self.cfg.n_embd, self.codebooks, self.n_embd_backbone
         parts = dict(first=s * n, h0=s * d, u=s * k, inv_t=s, mask=s * n, pos=s * k, codes=s * k, embd=s * e)
-        if self._sort_halves:
-            parts["numbers"] = s * n
         self._io = io = G.IOBuffer(self._backend, parts, not self.on_gpu, "the depth decoder's input buffer")
-        self._io_ctx = G.init(G.InitParams(4 * G.tensor_overhead(), None, True))
+        self._io_ctx = G.init(G.InitParams(3 * G.tensor_overhead(), None, True))
         # Row p: position p for each of the streams (the same for all: they run in step).
         io.view("pos", np.int32, (k, s))[:] = np.arange(k, dtype=np.int32)[:, None]
         io.send(io.place(G.new_tensor_1d(self._io_ctx, G.TYPE_I32, s * k), "pos"), "pos")
-        if self._sort_halves:  # each code's number, once a stream: what the draw's selection gathers
-            io.view("numbers", np.int32, (s, n))[:] = np.arange(n, dtype=np.int32)
-            io.send(io.place(G.new_tensor_1d(self._io_ctx, G.TYPE_I32, s * n), "numbers"), "numbers")
         # A frame of any s streams leaves its codes and next inputs at the start of their parts: fetched from there.
         self._codes = io.place(G.new_tensor_1d(self._io_ctx, G.TYPE_I32, s * k), "codes")
         self._embd = io.place(G.new_tensor_1d(self._io_ctx, G.TYPE_F32, s * e), "embd")
@@ -250,10 +243,7 @@ class DepthFrames:
         row_bytes = self._row_bytes["table"]
         caches: list[tuple[int, int] | None] = [None] * self.cfg.n_layer
 
-        numbers = None
-        if self._sort_halves:  # (1, n / 2, 2 s): each half of each stream's codes
-            numbers = io.place(G.new_tensor_1d(ctx, G.TYPE_I32, self.max_streams * n), "numbers")
-            numbers = put(G.view_3d, numbers, 1, n // 2, 2 * s, 4, 4 * (n // 2), 0)
+        numbers = self._heads.numbers_view(ctx, s) if self._heads.sort_halves else None  # draws as the heads'
 
         def draw_at(logits: int, p: int) -> int:
             u = put(G.view_2d, inputs["u"], 1, s, 4, 4 * s * p)

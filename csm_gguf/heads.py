@@ -28,10 +28,11 @@ import numpy as np
 from . import ggml as G
 
 _GRAPH_SIZE = 48  # nodes and leaves of one draw graph: the product, the draw's 24 tensors, their inputs
-_GRAPH_TENSORS = 28  # tensors one draw graph makes in its family's context (25, views included)
+_GRAPH_TENSORS = 32  # tensors one draw graph makes in its family's context (at most 29, views included)
 _MAX_FAMILIES = 64  # kept built (about 0.3 MB of ggml's bookkeeping each); beyond, the least recently used goes
-# The scratch a draw graph takes: its logits (n codes a stream), `draw`'s 13 tensors of k a stream and a
-# few of one a stream (k is at most n), each of its 20-odd tensors rounded up to ggml's alignment.
+# The scratch a draw graph takes: its logits (n codes a stream), `draw`'s 13 tensors of k a stream (k is at most
+# n; sorting halves on a GPU, three of them are of up to 2 k and at most n, and one more is of n) and a few of one
+# a stream, each of its 20-odd tensors rounded up to ggml's alignment.
 _DRAW_TENSORS, _PLACED = 16, 24
 _LOGITS_GRAPH_SIZE = 4  # `logits`: one matrix product, its two inputs
 
@@ -76,7 +77,7 @@ class CodebookHeads:
 
     def __init__(self, heads: np.ndarray, qtype: int, n_embd: int, max_streams: int, n_threads: int,
                  n_codes: int | None = None, device: str = "cpu"):
-        self._weights_ctx = self._backend = self._weights = self._io = None
+        self._weights_ctx = self._backend = self._weights = self._io = self._numbers_ctx = None
         self._families = G.Families(self._build_family, _MAX_FAMILIES)
         self._logits: dict[int, list[tuple[int, int, int]]] = {}
         self._logits_ctxs: list[int] = []
@@ -91,6 +92,8 @@ class CodebookHeads:
         self.n_heads, self.n_embd, self.max_streams = n_heads, n_embd, max_streams
         self.n_codes = n_rows if n_codes is None else n_codes
         self.on_gpu = device == "gpu"
+        # Draws select the top-k from sorted halves of the codes on a GPU (`_top_k_of_sorted_halves`).
+        self.sort_halves = self.on_gpu and self.n_codes % 2 == 0
         dev = G.dev_by_type(G.DEVICE_TYPE_GPU if self.on_gpu else G.DEVICE_TYPE_CPU)
         if not dev:
             raise RuntimeError(f"this build of llama.cpp has no {device.upper()} device")
@@ -148,7 +151,13 @@ class CodebookHeads:
         align = max(G.TENSOR_ALIGNMENT, G.backend_alignment(self._backend))
         parts = dict(x=s * n_embd, y=s * n_rows, first=s * n, u=s, inv_t=s, mask=s * n, out=s,
                      scratch=s * (n + _DRAW_TENSORS * n) + _PLACED * align // 4)
+        if self.sort_halves:
+            parts["numbers"] = s * n
         self._io = io = G.IOBuffer(self._backend, parts, not self.on_gpu, "the codebook heads' buffer")
+        if self.sort_halves:  # each code's number, once a stream: what the draw's selection gathers
+            io.view("numbers", np.int32, (s, n))[:] = np.arange(n, dtype=np.int32)
+            self._numbers_ctx = G.init(G.InitParams(G.tensor_overhead(), None, True))
+            io.send(io.place(G.new_tensor_1d(self._numbers_ctx, G.TYPE_I32, s * n), "numbers"), "numbers")
         self.x = io.view("x", np.float32, (s, n_embd))
         self.x_address = io.host["x"]
         self._y = io.view("y", np.float32, (s, n_rows))
@@ -208,10 +217,11 @@ class CodebookHeads:
             raise MemoryError("ggml could not make a context for the draw's graphs")
         inputs = {name: self._input(ctx, name, ne0, s) for name, ne0 in
                   (("x", self.n_embd), ("first", self.n_codes), ("u", 1), ("inv_t", 1), ("mask", k))}
+        numbers = self.numbers_view(ctx, s) if self.sort_halves else None
 
         def graph(logits: int) -> tuple[int, int, np.ndarray]:
             put = G.Placer(ctx, self._io.buffer, self._io.at["scratch"], self._io.end, self._io.align)
-            ids = draw(put, logits(put), self.n_codes, k, s, inputs["u"], inputs["inv_t"], inputs["mask"])
+            ids = draw(put, logits(put), self.n_codes, k, s, inputs["u"], inputs["inv_t"], inputs["mask"], numbers)
             g = G.new_graph(ctx, _GRAPH_SIZE, False)
             G.expand(g, ids)
             self.check_ops(g, "the codebook draw")
@@ -224,6 +234,15 @@ class CodebookHeads:
             G.free(ctx)
             raise
         return _Family(ctx, inputs, self._io.view("mask", np.float32, (s, k)), first, heads)
+
+    def numbers_view(self, ctx: int, s: int) -> int:
+        """For a draw of s streams that sorts halves: each code's number as (1, n / 2, 2 s) int32, a view in ctx
+        of the buffer's part that holds them."""
+        n = self.n_codes
+        whole = self._io.place(G.new_tensor_1d(ctx, G.TYPE_I32, self.max_streams * n), "numbers")
+        view = G.view_3d(ctx, whole, 1, n // 2, 2 * s, 4, 4 * (n // 2), 0)
+        G.view_init(view)
+        return view
 
     def check_ops(self, graph: int, what: str) -> None:
         """NotImplementedError unless the heads' backend has every op of `graph` (`what` it computes)."""
@@ -255,12 +274,12 @@ class CodebookHeads:
         if self._weights:
             G.buffer_free(self._weights)
         self._families.free_all()
-        for ctx in (self._weights_ctx, *self._logits_ctxs):
+        for ctx in (self._weights_ctx, self._numbers_ctx, *self._logits_ctxs):
             if ctx:
                 G.free(ctx)
         if self._backend:
             G.backend_free(self._backend)
-        self._weights_ctx = self._backend = self._weights = self._io = None
+        self._weights_ctx = self._backend = self._weights = self._io = self._numbers_ctx = None
         self._logits, self._logits_ctxs = {}, []
 
     def __del__(self) -> None:

@@ -260,9 +260,9 @@ def test_the_gpu_paths_run_on_the_cpu_backend_compute_what_the_cpu_paths_compute
     decoder's and its tables copied into the backend's buffers (their mapped pages given back), inputs sent and
     codes and next inputs fetched through host copies, for the graph and for the heads' draws between
     llama.cpp's steps. The same codes as the CPU's own paths, which read mapped files in place and their
-    buffers directly. On a GPU the graph's draws take their top-k from sorted halves of the codes (whole
-    halves for the default top-k's bucket on the tiny codec, the first 8 of each for SMALL_TOP_K's).
-    (What only a GPU can show, its kernels, is test_the_graph_on_the_gpu_... below.)"""
+    buffers directly. On a GPU the draws (the graph's and the heads') take their top-k from sorted halves of
+    the codes (whole halves for the default top-k's bucket on the tiny codec, the first 8 of each for
+    SMALL_TOP_K's). (What only a GPU can show, its kernels, is test_the_graph_on_the_gpu_... below.)"""
     runs = {"default": SAMPLINGS, "small": SMALL_TOP_K}
     expected = {(decoder, run): generated(f32_model, decoder, monkeypatch, samplings)
                 for decoder in ("graph", "llama") for run, samplings in runs.items()}
