@@ -325,7 +325,7 @@ def draw(put, logits: int, n: int, k: int, s: int, u: int, inv_t: int, mask: int
 
 def _top_k(put, logits: int, n: int, k: int, s: int) -> tuple[int, int]:
     """Each stream's k largest logits (k, s), largest first, and their codes (1, k, s) int32: ggml's top-k (on
-    the CPU a partial sort, far cheaper than sorting all n), then those k sorted."""
+    the CPU a partial sort, cheaper there than sorting halves: docs/performance.md), then those k sorted."""
     idx = put(G.top_k, logits, k)  # (k, s) int32, in no particular order
     vals = put(G.reshape_2d, put(G.get_rows, put(G.reshape_3d, logits, 1, n, s), idx), k, s)
     order = put(G.argsort, vals, G.SORT_DESC)  # largest first, so a stream's top-k is a prefix
