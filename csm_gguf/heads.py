@@ -27,7 +27,7 @@ import numpy as np
 
 from . import ggml as G
 
-_GRAPH_SIZE = 48  # nodes and leaves of one draw graph: the product, the draw's 24 tensors, their inputs
+_GRAPH_SIZE = 48  # nodes and leaves of one draw graph: the product, the draw's 24 to 28 tensors, their inputs
 _GRAPH_TENSORS = 32  # tensors one draw graph makes in its family's context (at most 29, views included)
 _MAX_FAMILIES = 64  # kept built (about 0.3 MB of ggml's bookkeeping each); beyond, the least recently used goes
 # The scratch a draw graph takes: its logits (n codes a stream), `draw`'s 13 tensors of k a stream (k is at most
@@ -303,17 +303,17 @@ class Draws:
         return self._heads._draw_with(self._family.heads[i], self._head_in, u, self._s)
 
 
-def draw(put, logits: int, n: int, k: int, s: int, u: int, inv_t: int, mask: int, codes: int | None = None) -> int:
+def draw(put, logits: int, n: int, k: int, s: int, u: int, inv_t: int, mask: int, numbers: int | None = None) -> int:
     """Codes drawn from (n, s) logits: the top k, largest first; weights exp((logit - largest) / temperature),
     zero past each stream's own top-k; the first code whose running sum of weights passes u times their sum.
-    `codes`: a (1, n / 2, 2 s) int32 view of each code's number, to select the top k by sorting halves
+    `numbers`: a (1, n / 2, 2 s) int32 view of each code's number, to select the top k by sorting halves
     (`_top_k_of_sorted_halves`); else by ggml's top-k.
 
     Not a softmax: its sum over all k would round differently for another k (another bucket, when other
     streams share the step), and so could the draw. A running sum taken in order is the same for any k
     past the stream's own top-k (the weights there are exactly 0), and so is the draw."""
-    vals, ranked = (_top_k(put, logits, n, k, s) if codes is None else
-                    _top_k_of_sorted_halves(put, logits, n, k, s, codes))
+    vals, ranked = (_top_k(put, logits, n, k, s) if numbers is None else
+                    _top_k_of_sorted_halves(put, logits, n, k, s, numbers))
     largest = put(G.view_2d, vals, 1, s, 4 * k, 0)
     weights = put(G.exp, put(G.add, put(G.mul, put(G.sub, vals, largest), inv_t), mask))
     running = put(G.cumsum, weights)
@@ -333,7 +333,7 @@ def _top_k(put, logits: int, n: int, k: int, s: int) -> tuple[int, int]:
     return vals, put(G.get_rows, put(G.reshape_3d, idx, 1, k, s), order)
 
 
-def _top_k_of_sorted_halves(put, logits: int, n: int, k: int, s: int, codes: int) -> tuple[int, int]:
+def _top_k_of_sorted_halves(put, logits: int, n: int, k: int, s: int, numbers: int) -> tuple[int, int]:
     """What `_top_k` gives, from each half of a stream's n logits sorted on its own: its first k (or all) hold
     the stream's k largest. For a GPU: ggml's CUDA sort is one bitonic kernel for rows of at most 1,024, where
     its top-k of 2,048 runs CUB's segmented radix sort (or one CUB call per row)."""
@@ -342,7 +342,7 @@ def _top_k_of_sorted_halves(put, logits: int, n: int, k: int, s: int, codes: int
     halves = put(G.reshape_2d, logits, m, 2 * s)  # stream j's halves are rows 2j and 2j + 1
     first = put(G.view_2d, put(G.argsort, halves, G.SORT_DESC), kk, 2 * s, 4 * m, 0)  # each half's kk largest
     vals = put(G.reshape_2d, put(G.get_rows, put(G.reshape_3d, halves, 1, m, 2 * s), first), 2 * kk, s)
-    numbers = put(G.reshape_3d, put(G.get_rows, codes, first), 1, 2 * kk, s)  # their codes, (1, 2 kk, s)
+    candidates = put(G.reshape_3d, put(G.get_rows, numbers, first), 1, 2 * kk, s)  # their codes, (1, 2 kk, s)
     order = put(G.view_2d, put(G.argsort, vals, G.SORT_DESC), k, s, 4 * 2 * kk, 0)
     vals = put(G.reshape_2d, put(G.get_rows, put(G.reshape_3d, vals, 1, 2 * kk, s), order), k, s)
-    return vals, put(G.get_rows, numbers, order)
+    return vals, put(G.get_rows, candidates, order)

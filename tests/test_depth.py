@@ -1,12 +1,13 @@
 """The depth decoder's frame as one ggml graph (depth.py) against the same decoder through llama.cpp.
 
 test_generator.py's core test holds both against transformers' codes (greedy, f32). Here: the two paths draw
-the same codes when sampling too, many streams at once; a graph evicted and rebuilt, or planned after its
+the same codes when sampling too, many streams at once, with each layer's query, key and value matrices
+joined at load or not (and joined ones make what their parts make); a graph evicted and rebuilt, or planned after its
 allocator's memory grew, draws what it drew before; graphs built at load are not built again; the
 graph loads no llama.cpp decoder; a backend without one of its ops, or heads kept off the GPU that holds the
 layers, leave the frame to llama.cpp, which is also the default with the layers on a GPU until the graph has
-been measured there; and the GPU code paths, run with ggml's CPU device standing in for the GPU, compute what
-the CPU paths compute."""
+been measured there; and the GPU code paths, run with ggml's CPU device standing in for the GPU (the draws'
+top-k from sorted halves included), compute what the CPU paths compute."""
 
 from __future__ import annotations
 
