@@ -5,8 +5,9 @@ decoder's single llama.cpp output layer. numpy would have to hold them in float3
 frame; ggml multiplies them in their stored type (Q8_0 for quantized models) with its SIMD kernels
 and all threads: about 6x faster for one stream and 8x for four.
 
-The draw is in the same graph (`draw`): top-k, temperature, softmax, and the pick by a uniform number
-each stream draws from its own generator, for all streams at once in C. A step so gives back one int32
+The draw is in the same graph (`draw`): top-k (ggml's on the CPU, from sorted halves of the codes on a GPU),
+temperature, weights and the pick by a uniform number each stream draws from its own generator, for all
+streams at once in C. A step so gives back one int32
 per stream instead of a row of logits for a per-stream sampler in Python: that per-stream work was what
 grew with the number of streams. Codebook 0, drawn from the backbone's logits, goes through a graph of
 the draw alone.
