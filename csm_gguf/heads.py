@@ -78,7 +78,7 @@ class CodebookHeads:
 
     def __init__(self, heads: np.ndarray, qtype: int, n_embd: int, max_streams: int, n_threads: int,
                  n_codes: int | None = None, device: str = "cpu"):
-        self._weights_ctx = self._backend = self._weights = self._io = self._numbers_ctx = None
+        self._weights_ctx = self._backend = self._weights = self._io = self._numbers_ctx = self._numbers = None
         self._families = G.Families(self._build_family, _MAX_FAMILIES)
         self._logits: dict[int, list[tuple[int, int, int]]] = {}
         self._logits_ctxs: list[int] = []
@@ -158,7 +158,8 @@ class CodebookHeads:
         if self.sort_halves:  # each code's number, once a stream: what the draw's selection gathers
             io.view("numbers", np.int32, (s, n))[:] = np.arange(n, dtype=np.int32)
             self._numbers_ctx = G.init(G.InitParams(G.tensor_overhead(), None, True))
-            io.send(io.place(G.new_tensor_1d(self._numbers_ctx, G.TYPE_I32, s * n), "numbers"), "numbers")
+            self._numbers = io.place(G.new_tensor_1d(self._numbers_ctx, G.TYPE_I32, s * n), "numbers")
+            io.send(self._numbers, "numbers")
         self.x = io.view("x", np.float32, (s, n_embd))
         self.x_address = io.host["x"]
         self._y = io.view("y", np.float32, (s, n_rows))
@@ -240,8 +241,7 @@ class CodebookHeads:
         """For a draw of s streams that sorts halves: each code's number as (1, n / 2, 2 s) int32, a view in ctx
         of the buffer's part that holds them."""
         n = self.n_codes
-        whole = self._io.place(G.new_tensor_1d(ctx, G.TYPE_I32, self.max_streams * n), "numbers")
-        view = G.view_3d(ctx, whole, 1, n // 2, 2 * s, 4, 4 * (n // 2), 0)
+        view = G.view_3d(ctx, self._numbers, 1, n // 2, 2 * s, 4, 4 * (n // 2), 0)
         G.view_init(view)
         return view
 
@@ -280,7 +280,7 @@ class CodebookHeads:
                 G.free(ctx)
         if self._backend:
             G.backend_free(self._backend)
-        self._weights_ctx = self._backend = self._weights = self._io = self._numbers_ctx = None
+        self._weights_ctx = self._backend = self._weights = self._io = self._numbers_ctx = self._numbers = None
         self._logits, self._logits_ctxs = {}, []
 
     def __del__(self) -> None:
