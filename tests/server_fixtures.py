@@ -16,7 +16,6 @@ from typing import Iterator
 
 import httpx
 import numpy as np
-import openai
 import pytest
 import soundfile as sf
 from flask import Flask
@@ -74,6 +73,8 @@ def engine(services):
 
 @pytest.fixture
 def client(base):
+    import openai  # here, not at the top: conftest loads this module, and the GPU machine's image has no openai
+
     return openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
 
 
