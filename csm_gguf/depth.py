@@ -20,9 +20,11 @@ where their types match, so one product and one RoPE serve them. Fewer, larger o
 kernels a frame instead of 3,400, which is what a GPU's frame time goes by; on the CPU it is the same speed.
 The draw is the heads' own (heads.draw), so a stream's codes do not depend on which streams share a frame.
 
-Graphs are built per stream count and top-k bucket (a "family") at first use. Their intermediate tensors
-get memory from one ggml graph allocator, planned once per family; the allocator's buffer is first sized for
-the largest family (all streams, every code), so a plan stays valid when other families are planned.
+Graphs are built per stream count and top-k bucket (a "family") at first use; on a GPU per power of two of
+streams, the rest of its columns idle (`columns`), so that a server's comings and goings reuse a few graphs.
+Their intermediate tensors get memory from one ggml graph allocator, planned once per family; the allocator's
+buffer is first sized for the largest family (all streams, every code), so a plan stays valid when other
+families are planned.
 """
 
 from __future__ import annotations
@@ -83,6 +85,12 @@ def _release(part: np.ndarray) -> None:
     end = (start + part.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
     if 0 <= first < end <= len(mm):
         mm.madvise(mmap.MADV_DONTNEED, first, end - first)
+
+
+def _padded(rows: np.ndarray, more: int, fill: float = 0) -> np.ndarray:
+    """`rows`, then `more` rows of `fill`."""
+    rows = np.asarray(rows)
+    return np.concatenate([rows, np.full((more, *rows.shape[1:]), fill, rows.dtype)]) if more else rows
 
 
 @dataclass
@@ -335,16 +343,26 @@ class DepthFrames:
         return put(G.reshape_3d, qk, hd, nh + nkv, columns), (put(G.mul_mat, w["attn_v"], h), 0, nkv * hd * 4)
 
     def prepare(self, stream_counts, top_k: int) -> None:
-        """Build the graphs of these stream counts for top-k `top_k` now, not at their first frame (10-20 ms
-        each), as many as are kept beside the largest; on a GPU also run each twice, which ggml's CUDA backend
-        takes before it captures a graph."""
-        for s in list(stream_counts)[: _MAX_FAMILIES - 1]:
+        """Build the graphs of these stream counts (on a GPU: of their `columns`) for top-k `top_k` now, not at
+        their first frame (10-20 ms each), as many as are kept beside the largest; on a GPU also run each twice,
+        which ggml's CUDA backend takes before it captures a graph."""
+        counts = sorted({self.columns(s) for s in stream_counts}) if self.on_gpu else list(stream_counts)
+        for s in counts[: _MAX_FAMILIES - 1]:
             if not self.on_gpu:
                 self._families.get(s, top_k_bucket(top_k, self.n_codes))
                 continue
             for _ in range(2):  # on inputs that draw codes in range (the buffer's own content might not)
                 self.frame(np.zeros((s, self.n_codes), np.float32), np.zeros((s, self.cfg.n_embd), np.float32),
                            np.zeros((s, self.codebooks), np.float32), np.full(s, top_k), np.ones(s, np.float32))
+
+    def columns(self, s: int) -> int:
+        """The streams a frame of s computes. On the CPU s: its time grows with each. On a GPU s rounded up to a
+        power of two (at most max_streams), the rest idle columns, so that a few graphs serve every number of
+        streams, each built once and recorded as a CUDA graph once (as the codec's pool does): in a server
+        requests come and go, and a graph per count would be built (10-20 ms) and captured again and again."""
+        if not self.on_gpu:
+            return s
+        return min(1 << (s - 1).bit_length(), self.max_streams)
 
     def _compute(self, family: _Family) -> None:
         status = G.compute(self._backend, family.graph)
@@ -361,15 +379,17 @@ class DepthFrames:
         if not 1 <= s <= self.max_streams:
             raise ValueError(f"{s} streams: the depth decoder was made for 1 to {self.max_streams}")
         k = top_k_bucket(int(np.max(top_k)), self.n_codes)
-        family = self._families.get(s, k)
-        sent = dict(first=first, h0=h0, u=np.asarray(u, np.float32).T, inv_t=inv_temperature,
-                    mask=top_k_mask(top_k, k))
+        c = self.columns(s)
+        family = self._families.get(c, k)
+        idle = c - s  # columns beyond the streams: zeros in, greedy; what they draw is never read
+        sent = dict(first=_padded(first, idle), h0=_padded(h0, idle), u=_padded(np.asarray(u, np.float32), idle).T,
+                    inv_t=_padded(inv_temperature, idle, 1), mask=top_k_mask(_padded(top_k, idle, 1), k))
         for name, values in sent.items():
             self._io.view(name, np.float32, (values.size,))[:] = values.ravel()
             self._io.send(family.inputs[name], name)
         self._compute(family)
-        self._io.fetch(self._codes, "codes", 4 * s * self.codebooks)
-        return self._io.view("codes", np.int32, (self.codebooks, s)).T
+        self._io.fetch(self._codes, "codes", 4 * c * self.codebooks)
+        return self._io.view("codes", np.int32, (self.codebooks, c)).T[:s]
 
     def next_inputs(self, s: int) -> np.ndarray:
         """The last frame's (s, backbone n_embd) sums of each stream's 32 audio embeddings: a view, valid until

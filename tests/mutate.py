@@ -45,6 +45,7 @@ TARGETS = {
 SHAPE = "tests/test_real_model_shape.py::test_greedy_codes_equal_transformers_with_a_wider_vocabulary"
 CORE = "tests/test_generator.py::test_greedy_codes_equal_transformers"
 DEPTH = "tests/test_depth.py"
+POWERS = f"{DEPTH}::test_on_a_gpu_graphs_of_powers_of_two_streams_serve_every_count"
 PROMPT = "tests/test_real_model_shape.py::test_prompt_equals_transformers_embeddings_of_the_llama3_encoding"
 ORIGINAL = "tests/test_real_model_shape.py::test_original_format_gives_the_same_codes"
 EOS = "tests/test_end_of_speech.py"
@@ -94,10 +95,11 @@ MUTATIONS = [
     M("depth", "every codebook drawn with codebook 0's uniform number",
       [("put(G.view_2d, inputs[\"u\"], 1, s, 4, 4 * s * p)", "put(G.view_2d, inputs[\"u\"], 1, s, 4, 0)")], [DEPTH]),
     M("depth", "each stream's top-k ignored (all k of the bucket drawn from)",
-      [("mask=top_k_mask(top_k, k))",
-        "mask=np.zeros((s, k)))")], [DEPTH]),
+      [("mask=top_k_mask(_padded(top_k, idle, 1), k))",
+        "mask=np.zeros((s + idle, k)))")], [DEPTH]),
     M("depth", "the temperature ignored",
-      [("inv_t=inv_temperature,", "inv_t=np.ones_like(inv_temperature),")], [DEPTH]),
+      [("inv_t=_padded(inv_temperature, idle, 1),", "inv_t=_padded(np.ones_like(inv_temperature), idle, 1),")],
+      [DEPTH]),
     M("depth", "plans into the allocator's old memory kept when it grows",
       [("            self._families.free_all()\n", "")], [DEPTH]),
     M("depth", "positions 0 and 1 read their positions one place too far (a stream's position 0 as 1)",
@@ -113,6 +115,11 @@ MUTATIONS = [
       [("first = put(G.view_2d, put(G.argsort, halves, G.SORT_DESC)",
         "first = put(G.view_2d, put(G.argsort, halves, 0)")],
       [DEPTH + "::test_the_gpu_paths_run_on_the_cpu_backend_compute_what_the_cpu_paths_compute"]),
+    M("depth", "on a GPU a graph for every stream count (none rounded up to a power of two)",
+      [("        return min(1 << (s - 1).bit_length(), self.max_streams)", "        return s")], [POWERS]),
+    M("depth", "a frame's codes read as if the graph had as many columns as streams",
+      [('return self._io.view("codes", np.int32, (self.codebooks, c)).T[:s]',
+        'return self._io.view("codes", np.int32, (self.codebooks, s)).T')], [POWERS]),
     M("depth", "joined matrices with the keys' rows before the queries'",
       [('for part in ("attn_q", "attn_k", "attn_v")]', 'for part in ("attn_k", "attn_q", "attn_v")]')], [DEPTH]),
     # --- generator.py -----------------------------------------------------------------------------------

@@ -7,16 +7,19 @@ allocator's memory grew, draws what it drew before; graphs built at load are not
 graph loads no llama.cpp decoder; a backend without one of its ops, or heads kept off the GPU that holds the
 layers, leave the frame to llama.cpp, which is also the default with the layers on a GPU until the graph has
 been measured there; and the GPU code paths, run with ggml's CPU device standing in for the GPU (the draws'
-top-k from sorted halves included), compute what the CPU paths compute."""
+top-k from sorted halves included), compute what the CPU paths compute, there with a graph per power of two
+of streams serving every count."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 import csm_gguf.depth as depth_module
 from csm_gguf.generator import Generator, Sampling
-from csm_gguf.heads import CodebookHeads, gpu_present
+from csm_gguf.heads import CodebookHeads, gpu_present, top_k_bucket
 from csm_gguf.model import CSMModel
 
 TEXTS = ["First voice.", "A second, somewhat longer sentence to say.", "Third!"]
@@ -282,6 +285,34 @@ def test_the_gpu_paths_run_on_the_cpu_backend_compute_what_the_cpu_paths_compute
                 np.testing.assert_array_equal(gen.depth.next_inputs(1), gen.frame_embeddings(codes))
         finally:
             gen.close()
+
+
+def test_on_a_gpu_graphs_of_powers_of_two_streams_serve_every_count(f32_model, monkeypatch):
+    """On a GPU (ggml's CPU device standing in) a frame of s streams runs the graph of the next power of two,
+    its other columns idle: the graphs of 1, 2, 4 and 8 streams, made when the generator is prepared (a server's
+    start), serve 6 streams down to 1 without another being built, and draw what the CPU's graphs of s streams
+    draw."""
+    six = [replace(SAMPLINGS[1], seed=i, temperature=t, max_audio_ms=(4 + i) * 80)  # 6 streams, then 5, ... 1
+           for i, t in enumerate((0.9, 1.5, 0.5, 0.9, 1.2, 1))]
+    texts = [*TEXTS, *TEXTS]
+    monkeypatch.setenv("CSM_GGUF_DECODER", "graph")
+    gen = Generator(CSMModel(f32_model), max_streams=8, kv_type="f32")
+    try:
+        expected = frames_of(gen, texts, six)
+    finally:
+        gen.close()
+    assert len({len(f) for f in expected}) == 6
+    cpu = depth_module.G.dev_by_type(depth_module.G.DEVICE_TYPE_CPU)
+    monkeypatch.setattr(depth_module.G, "dev_by_type", lambda kind: cpu)
+    gen = Generator(CSMModel(f32_model), max_streams=8, kv_type="f32", n_gpu_layers=999)
+    try:
+        gen.prepare(six[0].top_k)
+        k = top_k_bucket(six[0].top_k, gen.depth.n_codes)
+        assert sorted(gen.depth._families._kept) == [(1, k), (2, k), (4, k), (8, k)]
+        monkeypatch.setattr(depth_module.DepthFrames, "_build", lambda *a: pytest.fail("a graph built at a frame"))
+        np.testing.assert_equal(frames_of(gen, texts, six), expected)
+    finally:
+        gen.close()
 
 
 @pytest.mark.skipif(not gpu_present(), reason="llama.cpp's ggml has no GPU device in this build")
