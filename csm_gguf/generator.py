@@ -8,6 +8,7 @@ CSM_GGUF_DECODER=llama, 31 llama.cpp steps (likewise batched) with the heads' dr
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 import sys
@@ -302,45 +303,68 @@ class Generator:
             self.backbone.remove_sequence(stream.slot)
             self._reuse(stream)
             if read_prompt:
-                self.prefill(stream)
+                self.prefill([stream])
         except BaseException:  # a failed read (or Ctrl-C during a long prompt) must not keep the slot
             self.finish(stream)
             raise
         return stream
 
-    def prefill(self, stream: Stream, max_rows: int | None = None) -> bool:
-        """Run up to `max_rows` more prompt rows (all but the last, which is the first step's input)
-        through the backbone. True once the whole prompt is read and the stream can step."""
-        prompt = stream.prompt
-        if prompt is None:
-            return True
+    def prefill(self, streams: Sequence[Stream], max_rows: int | None = None) -> None:
+        """Run up to `max_rows` more prompt rows in all (default: all of them) of `streams`, in their order,
+        through the backbone: all of a prompt but its last row, which is its stream's first step's input. A
+        stream whose prompt is read (its `prompt` None) can step. Rows of several streams share a llama_decode,
+        up to the backbone's batch: prompts that arrive together take a few decodes, not one each."""
         self._check_open()
-        if stream.pos < stream.shared:  # another stream in this voice may have cached it meanwhile
-            self._reuse(stream)
-        n = len(prompt) - 1
-        end = n if max_rows is None else min(n, stream.pos + max_rows)
-        bb = self.backbone
-        while stream.pos < end:
-            start = stream.pos
-            stop = min(end, start + bb.n_batch)
-            if start < stream.shared < stop:  # the voice prompt's cells are complete at its end: keep them
-                stop = stream.shared
-            m = stop - start
-            bb.embd[:m] = prompt[start:stop]
-            bb.pos[:m] = np.arange(start, stop)
-            bb.output[:m] = 0
-            bb.set_seq_ids(np.full(m, stream.slot, dtype=np.int32))
-            bb.decode(m)
-            self.decode_calls += 1
-            self.prompt_positions_read += m
-            stream.pos = stop
+        left = math.inf if max_rows is None else max_rows
+        batch: list[tuple[Stream, int, int]] = []  # each stream's rows (start, stop) in the decode being filled
+        for stream in streams:
+            if stream.prompt is None:
+                continue
+            if stream.pos < stream.shared:  # another stream in this voice may have cached it meanwhile
+                self._reuse(stream)
+            n = len(stream.prompt) - 1
+            while stream.pos < n and left > 0:
+                start, room = stream.pos, self.backbone.n_batch - sum(b - a for _, a, b in batch)
+                stop = min(n, start + room, start + left)
+                if start < stream.shared < stop:  # the voice prompt's cells are complete at its end: keep them
+                    stop = stream.shared
+                batch.append((stream, start, stop))
+                stream.pos, left = stop, left - (stop - start)
+                if stop - start == room or stop == stream.shared:
+                    self._read(batch)
+                    batch = []
+            if stream.pos == n and stream.prompt is not None and not (batch and batch[-1][0] is stream):
+                self._ready(stream)  # nothing left to read (a one-row prompt)
+        self._read(batch)
+
+    def _read(self, batch: list[tuple[Stream, int, int]]) -> None:
+        """One llama_decode of the prompt rows in `batch`; then each voice prompt read to its end is cached, and
+        each stream whose prompt is read can step."""
+        if not batch:
+            return
+        bb, m = self.backbone, 0
+        seq_ids = np.empty(sum(stop - start for _, start, stop in batch), np.int32)
+        for stream, start, stop in batch:
+            rows = slice(m, m + stop - start)
+            bb.embd[rows] = stream.prompt[start:stop]
+            bb.pos[rows] = np.arange(start, stop)
+            seq_ids[rows] = stream.slot
+            m = rows.stop
+        bb.output[:m] = 0
+        bb.set_seq_ids(seq_ids)
+        bb.decode(m)
+        self.decode_calls += 1
+        self.prompt_positions_read += m
+        for stream, _, stop in batch:
             if stop == stream.shared:
-                self.prompt_cache.add(stream.slot, prompt[:stop])
-        if end < n:
-            return False
-        stream.pending = np.array(prompt[-1], dtype=np.float32)
+                self.prompt_cache.add(stream.slot, stream.prompt[:stop])
+            if stop == len(stream.prompt) - 1:
+                self._ready(stream)
+
+    @staticmethod
+    def _ready(stream: Stream) -> None:
+        stream.pending = np.array(stream.prompt[-1], dtype=np.float32)
         stream.prompt = None
-        return True
 
     def _reuse(self, stream: Stream) -> None:
         """Share the longest cached prompt that the stream's prompt begins with, if it holds more than the

@@ -60,6 +60,7 @@ GIVE_WAY = "tests/test_tts.py::test_context_gives_way_to_the_previous_piece_when
 UNTIED = "tests/test_generator.py::test_untied_decoder_embeddings_are_used"
 SEEDED = "tests/test_generator.py::test_same_seed_same_codes_and_codes_stay_in_codec_range"
 LONG_PROMPT = "tests/test_server_engine.py::test_a_long_prompt_is_read_between_the_frames_of_others"
+TOGETHER = "tests/test_server_engine.py::test_prompts_read_together_share_one_decode_and_say_what_they_say_alone"
 WS_CONTINUES = "tests/test_server_websocket.py::test_websocket_voice_change_mid_sentence_starts_afresh"
 PLAN_TOKENS = "tests/test_plan.py::test_piece_prompts_are_bos_speaker_text_eos_by_tiktoken"
 PLAN_PROMPT = "tests/test_plan.py::test_each_piece_s_prompt_is_the_generator_s_after_what_was_said"
@@ -165,8 +166,17 @@ MUTATIONS = [
         "dec.embd[1 : 2 * s : 2] = model.audio_embeddings[codes[:, 0]]")],
       [UNTIED]),
     M("generator", "a prompt read in parts restarts its positions at 0 in each part",
-      [("bb.pos[:m] = np.arange(start, stop)", "bb.pos[:m] = np.arange(stop - start)")],
+      [("bb.pos[rows] = np.arange(start, stop)", "bb.pos[rows] = np.arange(stop - start)")],
       [LONG_PROMPT]),
+    M("generator", "prompts read together all in the first one's sequence",
+      [("seq_ids[rows] = stream.slot", "seq_ids[rows] = batch[0][0].slot")], [TOGETHER]),
+    M("generator", "prompts that arrive together read one decode each",
+      [("                self._ready(stream)  # nothing left to read (a one-row prompt)\n",
+        "                self._ready(stream)  # nothing left to read (a one-row prompt)\n"
+        "            self._read(batch)\n            batch = []\n")], [TOGETHER]),
+    M("generator", "a voice prompt cached before its last rows are read",
+      [("if stop - start == room or stop == stream.shared:", "if stop - start == room:")],
+      ["tests/test_prompt_cache.py", "tests/test_server_voices.py"]),
     M("generator", "the seed is not used (every draw random)",
       [("self._rng = np.random.default_rng(sampling.seed)", "self._rng = np.random.default_rng()")],
       [SEEDED]),

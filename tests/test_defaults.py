@@ -79,8 +79,8 @@ def test_server_settings_defaults(monkeypatch):
     for var, _, _ in SETTINGS:
         monkeypatch.delenv(var, raising=False)
     assert Settings.from_env() == Settings(model=None, threads=0, gpu_layers=0, kv_type="f16", codec_device="cpu",
-                                           api_key=None, max_streams=4, max_queue=16, voice="alloy", drain_s=30,
-                                           max_websockets=8, ws_idle_s=60)
+                                           api_key=None, max_streams=4, max_queue=16, prefill_rows=32,
+                                           voice="alloy", drain_s=30, max_websockets=8, ws_idle_s=60)
 
 
 # --- applied, not only declared --------------------------------------------------------------------------
@@ -88,8 +88,13 @@ def test_server_settings_defaults(monkeypatch):
 
 @pytest.fixture(scope="module")
 def server(f32_model, tmp_path_factory):
-    with loopback_server(f32_model, tmp_path_factory.mktemp("default-voices"), max_streams=2) as srv:
+    with loopback_server(f32_model, tmp_path_factory.mktemp("default-voices"), max_streams=2, prefill_rows=8) as srv:
         yield srv
+
+
+def test_the_prefill_rows_setting_reaches_the_engine(server):
+    services, _ = server
+    assert services.engine.prefill_rows == 8
 
 
 def speak(base: str, body: dict) -> httpx.Response:

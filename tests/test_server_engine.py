@@ -49,11 +49,10 @@ def test_engine_batched_greedy_codes_equal_solo_codes(engine):
 
 
 def test_a_long_prompt_is_read_between_the_frames_of_others(engine, monkeypatch):
-    from csm_gguf.server import engine as server_engine
     from csm_gguf.server.engine import SpeechJob
 
     rows = 16
-    monkeypatch.setattr(server_engine, "PREFILL_ROWS", rows)
+    monkeypatch.setattr(engine, "prefill_rows", rows)
     backbone = engine.generator.backbone
     decode, sizes = backbone.decode, []
     monkeypatch.setattr(backbone, "decode", lambda n: (sizes.append(n), decode(n))[1])
@@ -82,6 +81,29 @@ def test_requests_that_arrive_together_start_together(engine):
         while job.next_frames(timeout=30) is not None:
             pass
     assert len({job.first_frame for job in jobs}) == 1  # their first frames came from one step
+    wait_idle(engine)
+
+
+def test_prompts_read_together_share_one_decode_and_say_what_they_say_alone(engine, monkeypatch):
+    """One llama_decode for every prompt that arrived together (on a GPU a decode costs about the same for a
+    few rows as for a batch of them), each row in its own stream's sequence: the same codes as each alone."""
+    from csm_gguf.server.engine import SpeechJob
+
+    backbone = engine.generator.backbone
+    decode, sizes = backbone.decode, []
+    monkeypatch.setattr(backbone, "decode", lambda n: (sizes.append(n), decode(n))[1])
+    specs = [SpeechJob(f"Request {i} arrives{'!' * i}", speaker=i, sampling=GREEDY_800) for i in range(4)]
+    solo, alone = [], []
+    for spec in specs:
+        sizes.clear()
+        solo.append(frames_of(engine.submit(spec)))
+        alone.append(sizes[0])  # its prompt, read in one decode
+    sizes.clear()
+    with engine._wake:  # the engine thread sees all four at once
+        jobs = [engine.submit(spec) for spec in specs]
+    for job, expected in zip(jobs, solo):
+        np.testing.assert_array_equal(frames_of(job), expected)
+    assert sizes[0] == sum(alone) and min(alone) > 2  # all four prompts in the first decode
     wait_idle(engine)
 
 

@@ -315,10 +315,21 @@ def test_settings_from_environment(monkeypatch):
     monkeypatch.setenv("CSM_GGUF_GPU_LAYERS", "-1")
     monkeypatch.setenv("CSM_GGUF_VOICE", "cedar")
     monkeypatch.setenv("CSM_GGUF_API_KEY", "k")
-    assert Settings.from_env() == Settings(max_streams=6, gpu_layers=-1, voice="cedar", api_key="k")
+    monkeypatch.setenv("CSM_GGUF_PREFILL_ROWS", "128")
+    assert Settings.from_env() == Settings(max_streams=6, gpu_layers=-1, voice="cedar", api_key="k", prefill_rows=128)
     monkeypatch.setenv("CSM_GGUF_QUEUE", "many")
     with pytest.raises(ValueError, match="CSM_GGUF_QUEUE must be a whole number"):
         Settings.from_env()
+
+
+@pytest.mark.parametrize("setting, name", [("max_streams", "CSM_GGUF_MAX_STREAMS"), ("max_queue", "CSM_GGUF_QUEUE"),
+                                           ("prefill_rows", "CSM_GGUF_PREFILL_ROWS")])
+def test_settings_out_of_range_are_named_before_the_model_loads(setting, name):
+    from csm_gguf.server.settings import Settings
+    from csm_gguf.server.startup import check_settings
+
+    with pytest.raises(ValueError, match=name):
+        check_settings(Settings(**{setting: -1}))
 
 
 OK = {"model": "csm-1b", "input": TEXT, "voice": "alloy"}

@@ -27,15 +27,13 @@ from ..generator import Generator, Segment, Stream, check_speaker
 from ..plan import Context, Piece, TokenCounts, plan_pieces, split_text
 from ..sampling import Sampling
 from .decoding import DecodeStage
+from .limits import PREFILL_ROWS
 
 if TYPE_CHECKING:
     from ..mimi import AudioStream, DecoderPool
 
 log = logging.getLogger(__name__)
 
-# Prompt rows read per frame while other requests are speaking: they pause for one decode of this
-# many rows (0.24 s on 2 CPU cores at q4_k, milliseconds on a GPU) instead of a whole prompt.
-PREFILL_ROWS = 32
 SHUTTING_DOWN = "the server is shutting down"
 
 
@@ -148,11 +146,14 @@ class Job:
 
 
 class Engine:
-    def __init__(self, generator: Generator, max_queue: int = 16, decoders: DecoderPool | None = None):
-        """`decoders`: the codec's pool, which jobs submitted with an audio stream of it are decoded in."""
+    def __init__(self, generator: Generator, max_queue: int = 16, decoders: DecoderPool | None = None,
+                 prefill_rows: int = PREFILL_ROWS):
+        """`decoders`: the codec's pool, which jobs submitted with an audio stream of it are decoded in.
+        `prefill_rows`: prompt rows read between two frames while others speak (limits.PREFILL_ROWS)."""
         self.generator = generator
         self.max_streams = generator.max_streams
         self.max_queue = max_queue
+        self.prefill_rows = prefill_rows
         self.waiting: deque[Job] = deque()
         self.joining: list[Job] = []  # taken from the queue, their prompts being read
         self.active: list[Job] = []
@@ -350,22 +351,19 @@ class Engine:
             self._decode = []
 
     def _prefill(self) -> None:
-        """Read unread prompts, oldest first: all of them when no one is speaking (requests that arrive
-        together start together), else PREFILL_ROWS rows in all."""
+        """Read unread prompts, oldest first, several in one decode: all of them when no one is speaking
+        (requests that arrive together start together), else `prefill_rows` rows in all."""
         reading = [job for job in self.active if job.stream.prompt is not None and not job.cancelled]
-        budget = PREFILL_ROWS if len(reading) < len(self.active) else None
-        for job in reading:
-            before = job.stream.pos
-            try:
-                self.generator.prefill(job.stream, budget)
-            except Exception as e:  # a llama.cpp failure: fail this request, keep serving
-                log.exception("reading a prompt failed")
-                self._end(job, e)
-                continue
-            if budget is not None:
-                budget -= job.stream.pos - before
-                if budget <= 0:
-                    break
+        if not reading:
+            return
+        budget = self.prefill_rows if len(reading) < len(self.active) else None
+        try:
+            self.generator.prefill([job.stream for job in reading], budget)
+        except Exception as e:  # a llama.cpp failure: fail the requests still reading, keep serving
+            log.exception("reading a prompt failed")
+            for job in reading:
+                if job.stream is not None and job.stream.prompt is not None:
+                    self._end(job, e)
 
     def _step(self) -> None:
         for job in [j for j in self.active if j.cancelled]:

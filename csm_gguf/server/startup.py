@@ -14,8 +14,8 @@ from .settings import Settings
 
 def check_settings(settings: Settings) -> None:
     """ValueError naming the setting, before the (slow) model load."""
-    if settings.max_streams < 1 or settings.max_queue < 0:
-        raise ValueError("CSM_GGUF_MAX_STREAMS must be >= 1 and CSM_GGUF_QUEUE >= 0")
+    if settings.max_streams < 1 or settings.max_queue < 0 or settings.prefill_rows < 1:
+        raise ValueError("CSM_GGUF_MAX_STREAMS and CSM_GGUF_PREFILL_ROWS must be >= 1 and CSM_GGUF_QUEUE >= 0")
     if settings.drain_s < 0 or settings.max_websockets < 0 or settings.ws_idle_s < 1:
         raise ValueError("CSM_GGUF_DRAIN_S and CSM_GGUF_MAX_WEBSOCKETS must be >= 0 and CSM_GGUF_WS_IDLE_S >= 1")
     if settings.voice not in voice_names():
@@ -45,7 +45,7 @@ def start_engine(settings: Settings) -> tuple[CSM, Engine]:
     # codec, a row (10 MB) for each request spoken; a websocket file or Wyoming text stream waiting for its
     # next sentence keeps its row, so a request beyond the rows decodes on a state of its own.
     decoders = DecoderPool(codec, settings.max_streams, tts.model.config.num_codebooks)
-    engine = Engine(tts.generator, settings.max_queue, decoders)
+    engine = Engine(tts.generator, settings.max_queue, decoders, settings.prefill_rows)
     if settings.voice != NO_VOICE:
         try:  # a built-in default voice's prompt is made now, not in the first request; a damaged one fails now
             served_voice(tts, engine, settings.voice)
