@@ -158,8 +158,9 @@ class Generator:
         v, d = cfg.audio_vocab_size, cfg.decoder.n_embd
         self._proj = slice(v, v + d)  # backbone "logits" rows holding projection(h)
         self._offsets = np.arange(cfg.num_codebooks) * v
-        self.heads = self._heads(n_threads, n_gpu_layers)
-        self.depth = self._depth(n_gpu_layers)
+        self.layers_on_gpu = bool(n_gpu_layers) and gpu_present()  # the heads, the depth decoder and a server follow
+        self.heads = self._heads(n_threads)
+        self.depth = self._depth()
         if self.depth is None:
             self.decoder  # loaded now, not at the first frame
         self.decode_calls = 0
@@ -176,11 +177,11 @@ class Generator:
             self._decoder = EmbeddingModel(self.model.decoder_path, self._decoder_options)
         return self._decoder
 
-    def _heads(self, n_threads: int, n_gpu_layers: int) -> CodebookHeads:
+    def _heads(self, n_threads: int) -> CodebookHeads:
         """The codebook heads on the GPU when the model's layers are there (unless CSM_GGUF_HEADS_DEVICE=cpu),
         else on the CPU; on the CPU too when the GPU backend lacks an op of the draw."""
         model, d = self.model, self.cfg.decoder.n_embd
-        chosen = os.environ.get("CSM_GGUF_HEADS_DEVICE", "gpu" if n_gpu_layers and gpu_present() else "cpu")
+        chosen = os.environ.get("CSM_GGUF_HEADS_DEVICE", "gpu" if self.layers_on_gpu else "cpu")
         if chosen not in ("cpu", "gpu"):
             raise ValueError(f"CSM_GGUF_HEADS_DEVICE is cpu or gpu, got {chosen!r}")
         make = partial(CodebookHeads, model.audio_head, model.audio_head_type, d, self.max_streams,
@@ -192,7 +193,7 @@ class Generator:
                 print(f"csm-gguf: codebook heads on the CPU: {e}", file=sys.stderr)
         return make(device="cpu")
 
-    def _depth(self, n_gpu_layers: int) -> DepthFrames | None:
+    def _depth(self) -> DepthFrames | None:
         """The depth decoder's frame as one ggml graph where the heads run (depth.py), or None: 31 llama.cpp
         steps a frame. CSM_GGUF_DECODER=graph or llama chooses; by default the graph on the CPU, and llama.cpp
         where the layers are on a GPU (the graph has not yet been run on one: issue 26). Through llama.cpp
@@ -201,10 +202,9 @@ class Generator:
         chosen = os.environ.get("CSM_GGUF_DECODER")
         if chosen not in (None, "graph", "llama"):
             raise ValueError(f"CSM_GGUF_DECODER is graph or llama, got {chosen!r}")
-        layers_on_gpu = bool(n_gpu_layers) and gpu_present()
-        if (chosen or ("llama" if layers_on_gpu else "graph")) == "llama":
+        if (chosen or ("llama" if self.layers_on_gpu else "graph")) == "llama":
             return None
-        if layers_on_gpu and not self.heads.on_gpu:
+        if self.layers_on_gpu and not self.heads.on_gpu:
             print("csm-gguf: the depth decoder through llama.cpp, on the GPU: the codebook heads are on the CPU",
                   file=sys.stderr)
             return None

@@ -72,6 +72,20 @@ def test_a_long_prompt_is_read_between_the_frames_of_others(engine, monkeypatch)
     wait_idle(engine)
 
 
+def test_the_prompt_rows_read_between_frames_follow_where_the_layers_are(engine, monkeypatch):
+    from csm_gguf.server.engine import Engine
+    from csm_gguf.server.limits import PREFILL_ROWS_CPU, PREFILL_ROWS_GPU
+
+    assert engine.prefill_rows == PREFILL_ROWS_CPU == 32
+    monkeypatch.setattr(engine.generator, "layers_on_gpu", True)
+    for asked, rows in ((0, PREFILL_ROWS_GPU), (7, 7)):
+        other = Engine(engine.generator, prefill_rows=asked)
+        try:
+            assert other.prefill_rows == rows
+        finally:
+            other.close()
+
+
 def test_requests_that_arrive_together_start_together(engine):
     from csm_gguf.server.engine import SpeechJob
 

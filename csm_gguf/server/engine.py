@@ -27,7 +27,7 @@ from ..generator import Generator, Segment, Stream, check_speaker
 from ..plan import Context, Piece, TokenCounts, plan_pieces, split_text
 from ..sampling import Sampling
 from .decoding import DecodeStage
-from .limits import PREFILL_ROWS
+from .limits import PREFILL_ROWS_CPU, PREFILL_ROWS_GPU
 
 if TYPE_CHECKING:
     from ..mimi import AudioStream, DecoderPool
@@ -147,13 +147,13 @@ class Job:
 
 class Engine:
     def __init__(self, generator: Generator, max_queue: int = 16, decoders: DecoderPool | None = None,
-                 prefill_rows: int = PREFILL_ROWS):
+                 prefill_rows: int = 0):
         """`decoders`: the codec's pool, which jobs submitted with an audio stream of it are decoded in.
-        `prefill_rows`: prompt rows read between two frames while others speak (limits.PREFILL_ROWS)."""
+        `prefill_rows`: prompt rows read between two frames while others speak (0: by device, limits.py)."""
         self.generator = generator
         self.max_streams = generator.max_streams
         self.max_queue = max_queue
-        self.prefill_rows = prefill_rows
+        self.prefill_rows = prefill_rows or (PREFILL_ROWS_GPU if generator.layers_on_gpu else PREFILL_ROWS_CPU)
         self.waiting: deque[Job] = deque()
         self.joining: list[Job] = []  # taken from the queue, their prompts being read
         self.active: list[Job] = []

@@ -11,7 +11,10 @@ MAX_SPEAKER = 1_000_000  # speaker ids: any CSM takes, within reason
 # Nesting of a request's JSON: a speech request needs 5 levels (body, context, segment, codes, frame).
 # Deeper JSON is refused before anything recurses through it (Python's json parser stops near 1000).
 MAX_JSON_DEPTH = 32
-# Prompt rows read between two frames while other requests are speaking (CSM_GGUF_PREFILL_ROWS): they pause
-# for one decode of this many rows (0.24 s on 2 CPU cores at q4_k, milliseconds on a GPU) instead of a whole
-# prompt; the rows of several joining requests share that decode.
-PREFILL_ROWS = 32
+# Prompt rows read between two frames while other requests are speaking (CSM_GGUF_PREFILL_ROWS; 0: by device):
+# they pause for one decode of this many rows instead of a whole prompt, and the rows of several joining
+# requests share that decode. On the CPU, where each row costs its arithmetic, 32 (0.24 s on 2 cores at q4_k).
+# With the layers on a GPU a whole batch of the backbone: there a decode's rows cost little beside its launches
+# and its reading of the weights (on the CPU, with the tiny test model, whose rows are as cheap, 64 requests
+# sent at once had their first audio 3-5x sooner with 512 than with 32).
+PREFILL_ROWS_CPU, PREFILL_ROWS_GPU = 32, 512

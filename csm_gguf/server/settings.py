@@ -6,8 +6,6 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .limits import PREFILL_ROWS
-
 # (environment variable, Settings field, what it sets)
 SETTINGS = (
     ("CSM_GGUF_MODEL", "model", "converted model directory (default: the converted model in the cache, as for say)"),
@@ -20,8 +18,9 @@ SETTINGS = (
     ("CSM_GGUF_MAX_STREAMS", "max_streams", "requests generated together in one batch (default 4)"),
     ("CSM_GGUF_QUEUE", "max_queue", "requests that may wait for a free stream before 429 (default 16)"),
     ("CSM_GGUF_PREFILL_ROWS", "prefill_rows", "prompt positions of joining requests read between two frames "
-                                              "while others speak (default 32): more start them sooner and "
-                                              "pause the others longer"),
+                                              "while others speak (default 0: 32 on the CPU, 512 with the "
+                                              "layers on a GPU): more start them sooner and pause the "
+                                              "others longer"),
     ("CSM_GGUF_VOICE", "voice", "voice used when a request names none (default alloy)"),
     ("CSM_GGUF_DRAIN_S", "drain_s", "on SIGTERM, seconds that requests in flight get to finish (default 30); "
                                     "gunicorn's --graceful-timeout must be longer"),
@@ -42,7 +41,7 @@ class Settings:
     api_key: str | None = None
     max_streams: int = 4
     max_queue: int = 16
-    prefill_rows: int = PREFILL_ROWS
+    prefill_rows: int = 0
     voice: str = "alloy"
     drain_s: int = 30
     max_websockets: int = 8

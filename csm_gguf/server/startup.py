@@ -14,8 +14,8 @@ from .settings import Settings
 
 def check_settings(settings: Settings) -> None:
     """ValueError naming the setting, before the (slow) model load."""
-    if settings.max_streams < 1 or settings.max_queue < 0 or settings.prefill_rows < 1:
-        raise ValueError("CSM_GGUF_MAX_STREAMS and CSM_GGUF_PREFILL_ROWS must be >= 1 and CSM_GGUF_QUEUE >= 0")
+    if settings.max_streams < 1 or settings.max_queue < 0 or settings.prefill_rows < 0:
+        raise ValueError("CSM_GGUF_MAX_STREAMS must be >= 1, CSM_GGUF_QUEUE and CSM_GGUF_PREFILL_ROWS >= 0")
     if settings.drain_s < 0 or settings.max_websockets < 0 or settings.ws_idle_s < 1:
         raise ValueError("CSM_GGUF_DRAIN_S and CSM_GGUF_MAX_WEBSOCKETS must be >= 0 and CSM_GGUF_WS_IDLE_S >= 1")
     if settings.voice not in voice_names():
