@@ -33,14 +33,18 @@ SENTENCE = ("Hello, and thank you for listening. I will read your text aloud in 
 # How it is sampled: CSM's usual settings, written out (a voice must not move with a default), a fixed seed,
 # and a bound on its length.
 SAMPLING = Sampling(temperature=0.9, top_k=50, seed=20_241_206, max_audio_ms=12_000)
+# The draw that samples it (heads.draw): 2, the exponential race (1 drew by a uniform number and the running
+# sum of the odds). Another draw makes other codes from the same seed, so a prompt an earlier draw made is made
+# again rather than kept, and every machine of a version speaks a built-in voice alike.
+DRAW = 2
 
 MakeCodes = Callable[[int, str], np.ndarray]  # (speaker, text) -> codes (frames, 32), sampled with SAMPLING
 
 
 def model_key(model_dir: str | os.PathLike) -> str:
-    """A name for a converted model's files: their sizes and modification times (reading a gigabyte to
-    hash it would cost seconds at every start)."""
-    stats = []
+    """A name for a converted model's files, their sizes and modification times (reading a gigabyte to hash it
+    would cost seconds at every start), and the draw that makes the prompts."""
+    stats: list[list] = [["draw", DRAW]]
     for name in MODEL_FILES:
         st = os.stat(Path(model_dir) / name)
         stats.append([name, st.st_size, st.st_mtime_ns])

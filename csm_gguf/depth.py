@@ -5,8 +5,8 @@ Through llama.cpp a frame is 31 `llama_decode` calls, each building, scheduling 
 some 150 nodes, then returning to Python for the head and the draw before the next position can start.
 On a GPU those round trips, not the arithmetic, are most of a frame (about 10 ms of 31 steps where the
 decoder's weights take well under 1 ms to read). Here the host sends the backbone's codebook-0 logits and
-projected hidden state and each stream's 32 uniform numbers, and gets back 32 codes a stream and the sum of
-their audio embeddings (the backbone's next input, which the host would otherwise gather and sum).
+projected hidden state and each stream's noise for its 32 draws, and gets back 32 codes a stream and the sum
+of their audio embeddings (the backbone's next input, which the host would otherwise gather and sum).
 
 Each position runs the decoder's llama layers exactly as llama.cpp's graph does (RMS norm, RoPE with the
 llama-3 frequency factors, grouped-query attention, SwiGLU), with one difference: keys and values stay in
@@ -16,8 +16,9 @@ the fourth axis, so one matrix product serves them all and grouped-query heads b
 Positions 0 and 1 (the backbone's state and codebook 0's code) go through the layers in one pass, as in
 llama.cpp's first step: one read of the weights for both, and position 0's attention is its own values (a
 softmax over one key is exactly 1). A layer's query, key and value matrices are joined into one at load
-where their types match, so one product and one RoPE serve them. Fewer, larger operations: about 3,000
-kernels a frame instead of 3,400, which is what a GPU's frame time goes by; on the CPU it is the same speed.
+where their types match, so one product and one RoPE serve them, and a draw is a race of 3 operations after
+its top-k. Fewer, larger operations: about 2,750 kernels a frame instead of 3,400, which is what a GPU's frame
+time goes by; on the CPU it is the same speed.
 The draw is the heads' own (heads.draw), so a stream's codes do not depend on which streams share a frame.
 
 Graphs are built per stream count and top-k bucket (a "family") at first use; on a GPU per power of two of
@@ -36,7 +37,7 @@ import gguf
 import numpy as np
 
 from . import ggml as G
-from .heads import CodebookHeads, draw, top_k_bucket, top_k_mask
+from .heads import CodebookHeads, draw, top_k_bucket
 from .model import CSMModel
 
 # Tensors one position makes in its family's context, with room: up to 32 a layer (the first pass, matrices not
@@ -97,14 +98,14 @@ def _padded(rows: np.ndarray, more: int, fill: float = 0) -> np.ndarray:
 class _Family:
     ctx: int
     graph: int
-    inputs: dict[str, int]  # tensor of each per-frame input: first, h0, u, inv_t, mask
+    inputs: dict[str, int]  # tensor of each per-frame input: first, h0, noise
 
 
 class DepthFrames:
     """The depth decoder of a model (its decoder.gguf, fed from the sidecar's input table: each codebook's code
     as the decoder reads it), its heads and draws those of `heads` (whose backend, CPU or GPU, it runs on).
 
-    `frame(first, h0, u, top_k, inv_temperature)` gives (s, 32) codes for s streams; then `next_inputs(s)` their
+    `frame(first, h0, noise)` gives (s, 32) codes for s streams; then `next_inputs(s)` their
     sums of the backbone's 32 audio embeddings, the backbone's next inputs (`Generator.frame_embeddings`),
     made in the same graph."""
 
@@ -213,7 +214,7 @@ class DepthFrames:
         """One device buffer for the inputs, the positions, the codes and the next inputs; on a GPU with a host
         copy."""
         s, n, d, k, e = self.max_streams, self.n_codes, self.cfg.n_embd, self.codebooks, self.n_embd_backbone
-        parts = dict(first=s * n, h0=s * d, u=s * k, inv_t=s, mask=s * n, pos=s * k, codes=s * k, embd=s * e)
+        parts = dict(first=s * n, h0=s * d, noise=s * n * k, pos=s * k, codes=s * k, embd=s * e)
         self._io = io = G.IOBuffer(self._backend, parts, not self.on_gpu, "the depth decoder's input buffer")
         self._io_ctx = G.init(G.InitParams(3 * G.tensor_overhead(), None, True))
         # Row p: position p for each of the streams (the same for all: they run in step).
@@ -246,7 +247,7 @@ class DepthFrames:
         n, d, v = self.n_codes, self.cfg.n_embd, self.vocab
         io = self._io
         inputs = {name: io.place(G.new_tensor_2d(ctx, G.TYPE_F32, ne0, ne1), name) for name, ne0, ne1 in
-                  (("first", n, s), ("h0", d, s), ("u", s, self.codebooks), ("inv_t", 1, s), ("mask", k, s))}
+                  (("first", n, s), ("h0", d, s), ("noise", k, s * self.codebooks))}
         pos = io.place(G.new_tensor_1d(ctx, G.TYPE_I32, self.max_streams * self.codebooks), "pos")
         row_bytes = self._row_bytes["table"]
         caches: list[tuple[int, int] | None] = [None] * self.cfg.n_layer
@@ -254,8 +255,8 @@ class DepthFrames:
         numbers = self._heads.numbers_view(ctx, s) if self._heads.sort_halves else None  # draws as the heads'
 
         def draw_at(logits: int, p: int) -> int:
-            u = put(G.view_2d, inputs["u"], 1, s, 4, 4 * s * p)
-            code = draw(put, logits, n, k, s, u, inputs["inv_t"], inputs["mask"], numbers)
+            noise = put(G.view_2d, inputs["noise"], k, s, 4 * k, 4 * k * s * p)  # codebook p's (k, s)
+            code = draw(put, logits, n, k, s, noise, numbers)
             return io.place(code, "codes", 4 * s * p)
 
         def audio_embedding(code: int, p: int) -> int:  # codebook p's row of the backbone's audio table
@@ -351,9 +352,10 @@ class DepthFrames:
             if not self.on_gpu:
                 self._families.get(s, top_k_bucket(top_k, self.n_codes))
                 continue
+            k = top_k_bucket(top_k, self.n_codes)
             for _ in range(2):  # on inputs that draw codes in range (the buffer's own content might not)
                 self.frame(np.zeros((s, self.n_codes), np.float32), np.zeros((s, self.cfg.n_embd), np.float32),
-                           np.zeros((s, self.codebooks), np.float32), np.full(s, top_k), np.ones(s, np.float32))
+                           np.zeros((s, self.codebooks, k), np.float32))
 
     def columns(self, s: int) -> int:
         """The streams a frame of s computes. On the CPU s: its time grows with each. On a GPU s rounded up to a
@@ -370,20 +372,20 @@ class DepthFrames:
             raise RuntimeError(f"ggml failed to compute the depth decoder's frame (status {status})")
 
     # --- a frame ------------------------------------------------------------------------------------
-    def frame(self, first: np.ndarray, h0: np.ndarray, u: np.ndarray, top_k: np.ndarray,
-              inv_temperature: np.ndarray) -> np.ndarray:
+    def frame(self, first: np.ndarray, h0: np.ndarray, noise: np.ndarray) -> np.ndarray:
         """Codes (s, 32) int32 for s streams: `first` their codebook-0 logits (s, n_codes), `h0` the backbone's
-        projected hidden state (s, n_embd), `u` their uniform numbers (s, 32), with top-k and 1 / temperature as
-        in `CodebookHeads.rows`. A view, valid until the next frame."""
-        s = len(first)
+        projected hidden state (s, n_embd), `noise` (s, 32, k) each draw's noise as `heads.draw` takes it (k:
+        the top-k bucket of the streams' largest top-k). A view, valid until the next frame."""
+        s, k = len(first), noise.shape[2]
         if not 1 <= s <= self.max_streams:
             raise ValueError(f"{s} streams: the depth decoder was made for 1 to {self.max_streams}")
-        k = top_k_bucket(int(np.max(top_k)), self.n_codes)
+        if noise.shape != (s, self.codebooks, k) or top_k_bucket(k, self.n_codes) != k:
+            raise ValueError(f"noise of shape {noise.shape} for {s} streams: (s, {self.codebooks}, a top-k bucket)")
         c = self.columns(s)
         family = self._families.get(c, k)
-        idle = c - s  # columns beyond the streams: zeros in, greedy; what they draw is never read
-        sent = dict(first=_padded(first, idle), h0=_padded(h0, idle), u=_padded(np.asarray(u, np.float32), idle).T,
-                    inv_t=_padded(inv_temperature, idle, 1), mask=top_k_mask(_padded(top_k, idle, 1), k))
+        idle = c - s  # columns beyond the streams: zeros in; what they draw is never read
+        sent = dict(first=_padded(first, idle), h0=_padded(h0, idle),
+                    noise=_padded(noise, idle).transpose(1, 0, 2))  # codebook by codebook
         for name, values in sent.items():
             self._io.view(name, np.float32, (values.size,))[:] = values.ravel()
             self._io.send(family.inputs[name], name)

@@ -23,7 +23,7 @@ import numpy as np
 from . import prompt_cache
 from .depth import DepthFrames
 from .formats import FRAME_MS
-from .heads import CodebookHeads, Draws, gpu_present
+from .heads import CodebookHeads, Draws, gpu_present, race_noise, top_k_bucket
 from .llama import ContextOptions, EmbeddingModel, default_threads
 from .model import CSMModel
 from .prompt_cache import PromptCache
@@ -61,28 +61,33 @@ def check_codes(codes, codebooks: int, n_codes: int, what: str = "codes") -> np.
 
 
 class Sampler:
-    """A stream's draw settings and its own random generator: top-k and 1 / temperature (temperature 0 is
-    greedy: top-1), and a uniform number in [0, 1) per codebook and frame, from the stream's seed.
+    """A stream's draw settings and its own random generator: top-k and temperature (0 is greedy: top-1), and
+    the noise of each frame's draws, from the stream's seed.
 
     The draws themselves are made for all streams at once, in ggml graphs (heads.draw, in the depth
-    decoder's frame graph or the heads' own between llama.cpp's steps): top-k,
-    then the temperature softmax (the reference's order), then the code where the cumulative probability
-    passes the stream's number. A stream's codes so depend on its seed and its logits alone, never on which
-    streams share its steps."""
+    decoder's frame graph or the heads' own between llama.cpp's steps): top-k, then an exponential race as in
+    CSM's reference (the argmax of the temperature softmax's probabilities over Exp(1) numbers), which this
+    noise runs. A stream's codes so depend on its seed and its logits alone, never on which streams share its
+    steps."""
 
-    # Above this, 1 / temperature could overflow the scaled logits (inf - inf is NaN): any temperature
-    # below 1e-6 draws as 1e-6 does, which is argmax unless logits tie within about 1e-5.
-    MAX_INV_TEMPERATURE = 1e6
+    # Beyond it the noise (temperature times Gumbel numbers, which reach about 100) could overflow float32;
+    # the draw there is as flat as can be anyway.
+    MAX_TEMPERATURE = 1e30
 
     def __init__(self, sampling: Sampling, n: int):
         greedy = sampling.temperature <= 0
         self.top_k = 1 if greedy else min(sampling.top_k, n)
-        self.inv_temperature = 1.0 if greedy else min(1.0 / sampling.temperature, self.MAX_INV_TEMPERATURE)
+        self.temperature = 0.0 if greedy else min(sampling.temperature, self.MAX_TEMPERATURE)
         self._rng = np.random.default_rng(sampling.seed)  # None: a fresh seed from the OS
 
-    def uniforms(self, n: int) -> np.ndarray:
-        """The numbers for one frame's n codebooks."""
-        return self._rng.random(n, dtype=np.float32)
+    def noise(self, codebooks: int) -> np.ndarray:
+        """(codebooks, top_k) float32: for one frame's draws, temperature times Gumbel numbers (-log of Exp(1)
+        numbers) for the stream's top-k codes from the largest logit down; greedy: 0, no number drawn."""
+        if self.temperature == 0:
+            return np.zeros((codebooks, 1), np.float32)
+        q = self._rng.standard_exponential((codebooks, self.top_k), dtype=np.float32)
+        with np.errstate(divide="ignore"):  # q = 0 (never seen): -log 0 = inf, that code wins
+            return np.float32(-self.temperature) * np.log(q)
 
 
 @dataclass
@@ -403,9 +408,8 @@ class Generator:
     def _draw_frame(self, streams: Sequence[Stream]) -> np.ndarray:
         """The backbone's step and the depth decoder's frame, with every codebook's draw: codes (s, 32)."""
         s, n = len(streams), self.model.n_codes
-        top_k = np.fromiter((st.sampler.top_k for st in streams), np.int64, s)
-        inv_t = np.fromiter((st.sampler.inv_temperature for st in streams), np.float32, s)
-        u = np.stack([st.sampler.uniforms(self.cfg.num_codebooks) for st in streams])
+        k = top_k_bucket(max(st.sampler.top_k for st in streams), n)
+        noise = race_noise([st.sampler.noise(self.cfg.num_codebooks) for st in streams], k)  # (s, 32, k)
 
         slots = np.fromiter((st.slot for st in streams), dtype=np.int32, count=s)
         bb = self.backbone
@@ -417,8 +421,8 @@ class Generator:
         out = bb.logits(s)
         self.decode_calls += self.calls_per_frame
         if self.depth is not None:
-            return self.depth.frame(out[:, :n], out[:, self._proj], u, top_k, inv_t).astype(np.int64)
-        return self._decoder_steps(out, slots, u, self.heads.rows(top_k, inv_t))
+            return self.depth.frame(out[:, :n], out[:, self._proj], noise).astype(np.int64)
+        return self._decoder_steps(out, slots, noise, self.heads.rows(s, k))
 
     @property
     def calls_per_frame(self) -> int:
@@ -426,7 +430,7 @@ class Generator:
         depth decoder's graph or its 31 llama.cpp steps."""
         return 2 if self.depth is not None else self.cfg.num_codebooks
 
-    def _decoder_steps(self, out: np.ndarray, slots: np.ndarray, u: np.ndarray, draws: Draws) -> np.ndarray:
+    def _decoder_steps(self, out: np.ndarray, slots: np.ndarray, noise: np.ndarray, draws: Draws) -> np.ndarray:
         """The depth decoder through llama.cpp, one position of every stream at a time, drawing each codebook with
         the heads: codes (s, 32) from the backbone's outputs `out`."""
         cfg, model = self.cfg, self.model
@@ -436,26 +440,26 @@ class Generator:
         dec.clear()
         self.heads.first[:s] = out[:, :n_codes]
         dec.embd[0 : 2 * s : 2] = out[:, self._proj]
-        codes[:, 0] = draws.first(u[:, 0])
+        codes[:, 0] = draws.first(noise[:, 0])
         dec.embd[1 : 2 * s : 2] = model.decoder_inputs[codes[:, 0]]
         dec.pos[: 2 * s] = np.tile((0, 1), s)
         dec.output[: 2 * s] = 1  # the later one-token-per-stream steps reuse these flags
         dec.set_seq_ids(np.repeat(slots, 2))
         dec.decode(2 * s)
-        self._draw_codebook(draws, u, codes, 1, stride=2)  # each stream's second row
+        self._draw_codebook(draws, noise, codes, 1, stride=2)  # each stream's second row
 
         dec.set_seq_ids(slots)
         for i in range(2, k):
             dec.embd[:s] = model.decoder_inputs[(i - 1) * v + codes[:, i - 1]]  # all streams' rows at once
             dec.pos[:s] = i
             dec.decode(s)
-            self._draw_codebook(draws, u, codes, i)
+            self._draw_codebook(draws, noise, codes, i)
         return codes
 
-    def _draw_codebook(self, draws: Draws, u: np.ndarray, codes: np.ndarray, i: int, stride: int = 1) -> None:
+    def _draw_codebook(self, draws: Draws, noise: np.ndarray, codes: np.ndarray, i: int, stride: int = 1) -> None:
         """Codebook i for every stream, from the decoder output of stream j at row stride * j + stride - 1."""
         self.decoder.copy_hidden_rows(stride - 1, len(codes), self.heads.x_address, stride)
-        codes[:, i] = draws.head(i - 1, u[:, i])
+        codes[:, i] = draws.head(i - 1, noise[:, i])
 
     # --- one utterance ------------------------------------------------------------------------------
     def generate(

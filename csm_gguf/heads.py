@@ -5,12 +5,11 @@ decoder's single llama.cpp output layer. numpy would have to hold them in float3
 frame; ggml multiplies them in their stored type (Q8_0 for quantized models) with its SIMD kernels
 and all threads: about 6x faster for one stream and 8x for four.
 
-The draw is in the same graph (`draw`): top-k (ggml's on the CPU, from sorted halves of the codes on a GPU),
-temperature, weights and the pick by a uniform number each stream draws from its own generator, for all
-streams at once in C. A step so gives back one int32
-per stream instead of a row of logits for a per-stream sampler in Python: that per-stream work was what
-grew with the number of streams. Codebook 0, drawn from the backbone's logits, goes through a graph of
-the draw alone.
+The draw is in the same graph (`draw`): top-k (ggml's on the CPU, from sorted halves of the codes on a GPU), then
+an exponential race, as CSM's reference samples, run by the noise each stream draws from its own generator, for
+all streams at once in C. A step so gives back one int32 per stream instead of a row of logits for a per-stream
+sampler in Python: that per-stream work was what grew with the number of streams. Codebook 0, drawn from the
+backbone's logits, goes through a graph of the draw alone.
 
 Graphs are built per stream count and top-k bucket (a "family": codebook 0's and one per head), the
 first time that pair is drawn. Inputs, outputs and every graph's intermediate tensors live in one buffer
@@ -28,13 +27,13 @@ import numpy as np
 
 from . import ggml as G
 
-_GRAPH_SIZE = 48  # nodes and leaves of one draw graph: the product, the draw's 24 to 28 tensors, their inputs
-_GRAPH_TENSORS = 32  # tensors one draw graph makes in its family's context (at most 29, views included)
+_GRAPH_SIZE = 32  # nodes and leaves of one draw graph: the product, the draw's 14 to 18 tensors, their inputs
+_GRAPH_TENSORS = 24  # tensors one draw graph makes in its family's context (at most 19, views included)
 _MAX_FAMILIES = 64  # kept built (about 0.3 MB of ggml's bookkeeping each); beyond, the least recently used goes
-# The scratch a draw graph takes: its logits (n codes a stream), `draw`'s 13 tensors of k a stream (k is at most
-# n; sorting halves on a GPU, three of them are of up to 2 k and at most n, and one more is of n) and a few of one
-# a stream, each of its 20-odd tensors rounded up to ggml's alignment.
-_DRAW_TENSORS, _PLACED = 16, 24
+# The scratch a draw graph takes: its logits (n codes a stream) and `draw`'s tensors, at most 7 of k a stream (k is
+# at most n; sorting halves on a GPU, three of them are of up to 2 k and at most n, and one more is of n) and 2 of
+# one a stream, each of its at most 10 placed tensors rounded up to ggml's alignment.
+_DRAW_TENSORS, _PLACED = 7, 12
 _LOGITS_GRAPH_SIZE = 4  # `logits`: one matrix product, its two inputs
 
 
@@ -48,9 +47,13 @@ def top_k_bucket(k: int, n_codes: int) -> int:
     return min(n_codes, 1 << (max(k, 1) - 1).bit_length())
 
 
-def top_k_mask(top_k: np.ndarray, k: int) -> np.ndarray:
-    """(s, k) additions to each stream's k largest weights' exponents: 0 within its own top-k, -inf past it."""
-    return np.where(np.arange(k) < np.asarray(top_k)[:, None], 0.0, -np.inf)
+def race_noise(noise: list[np.ndarray], k: int) -> np.ndarray:
+    """(s, codebooks, k) noise for `draw`, from each stream's (codebooks, its top-k) noise: -inf past a stream's
+    own top-k (those codes cannot win)."""
+    out = np.full((len(noise), len(noise[0]), k), -np.inf, np.float32)
+    for row, own in zip(out, noise):
+        row[:, : own.shape[1]] = own
+    return out
 
 
 @dataclass
@@ -59,8 +62,7 @@ class _Family:
     its output (s,) int32 tensor, and their inputs."""
 
     ctx: int
-    inputs: dict[str, int]  # x, first, u, inv_t, mask
-    mask: np.ndarray  # the host side of inputs["mask"], (s, k)
+    inputs: dict[str, int]  # x, first, noise
     first: tuple[int, int, np.ndarray]  # a graph, its output tensor, and that output on the host
     heads: list[tuple[int, int, np.ndarray]]
 
@@ -69,9 +71,10 @@ class CodebookHeads:
     """`heads`: raw GGUF data of a (n_heads, n_rows, n_embd) matrix of ggml type `qtype`; codes are the first
     `n_codes` rows (default: all). `device`: "cpu", or "gpu" (ggml's first GPU device, in a GPU build).
 
-    To draw: `draw = heads.rows(top_k, inv_temperature)` once per frame step, then write hidden states into
-    `x[:s]` (n_embd float32 rows from `x_address`) and call `draw.head(i, u)`, or write codebook 0's
-    logits into `first[:s]` and call `draw.first(u)`. `logits(i, s)` gives head i's logits of `x[:s]`.
+    To draw: `draw = heads.rows(s, k)` once per frame step (k: the top-k bucket of the streams' largest top-k),
+    then write hidden states into `x[:s]` (n_embd float32 rows from `x_address`) and call `draw.head(i, noise)`,
+    or write codebook 0's logits into `first[:s]` and call `draw.first(noise)`; noise (s, k) as `draw` takes it.
+    `logits(i, s)` gives head i's logits of `x[:s]`.
 
     On the CPU, `x`, `first` and the outputs are ggml's own buffer; on a GPU they are host copies of it,
     sent before and fetched after each graph (a few KB: the hidden states in, one int32 per stream out)."""
@@ -146,12 +149,12 @@ class CodebookHeads:
         return self._w_codes
 
     def _layout(self, n_embd: int, n_rows: int) -> None:
-        """One device buffer: x | logits | first | u | inverse temperature | mask | scratch; and its host side
-        (on the CPU: the buffer itself)."""
+        """One device buffer: x | logits | first | noise | out | scratch; and its host side (on the CPU: the buffer
+        itself)."""
         s, n = self.max_streams, self.n_codes
         align = max(G.TENSOR_ALIGNMENT, G.backend_alignment(self._backend))
-        parts = dict(x=s * n_embd, y=s * n_rows, first=s * n, u=s, inv_t=s, mask=s * n, out=s,
-                     scratch=s * (n + _DRAW_TENSORS * n) + _PLACED * align // 4)
+        parts = dict(x=s * n_embd, y=s * n_rows, first=s * n, noise=s * n, out=s,
+                     scratch=s * (n + _DRAW_TENSORS * n + 2) + _PLACED * align // 4)
         if self.sort_halves:
             parts["numbers"] = s * n
         self._io = io = G.IOBuffer(self._backend, parts, not self.on_gpu, "the codebook heads' buffer")
@@ -164,8 +167,6 @@ class CodebookHeads:
         self.x_address = io.host["x"]
         self._y = io.view("y", np.float32, (s, n_rows))
         self.first = io.view("first", np.float32, (s, n))
-        self._u = io.view("u", np.float32, (s,))
-        self._inv_t = io.view("inv_t", np.float32, (s,))
         self._out = io.view("out", np.int32, (s,))
 
     def _input(self, ctx: int, name: str, ne0: int, s: int) -> int:
@@ -197,19 +198,14 @@ class CodebookHeads:
         self._io.fetch(y, "y")
         return self._y[:s]
 
-    def rows(self, top_k: np.ndarray, inv_temperature: np.ndarray) -> Draws:
-        """Draws for s = len(top_k) streams, row j with its top_k[j] and 1 / temperature (greedy: top-k 1,
-        inverse temperature 1). Valid until the next `rows`."""
-        s = len(top_k)
+    def rows(self, s: int, k: int) -> Draws:
+        """Draws for s streams whose top-k bucket is k (`top_k_bucket` of their largest top-k). Valid until the
+        next `rows`."""
         if not 1 <= s <= self.max_streams:
             raise ValueError(f"{s} streams: the heads were made for 1 to {self.max_streams}")
-        k = top_k_bucket(int(np.max(top_k)), self.n_codes)
-        family = self._families.get(s, k)
-        family.mask[:] = top_k_mask(top_k, k)
-        self._inv_t[:s] = inv_temperature
-        self._io.send(family.inputs["mask"], "mask")
-        self._io.send(family.inputs["inv_t"], "inv_t")
-        return Draws(self, family, s)
+        if top_k_bucket(k, self.n_codes) != k:
+            raise ValueError(f"top-k bucket {k} is not one of {self.n_codes} codes' (top_k_bucket)")
+        return Draws(self, self._families.get(s, k), s, k)
 
     def _build_family(self, s: int, k: int) -> _Family:
         n_graphs = 1 + self.n_heads
@@ -218,12 +214,12 @@ class CodebookHeads:
         if not ctx:
             raise MemoryError("ggml could not make a context for the draw's graphs")
         inputs = {name: self._input(ctx, name, ne0, s) for name, ne0 in
-                  (("x", self.n_embd), ("first", self.n_codes), ("u", 1), ("inv_t", 1), ("mask", k))}
+                  (("x", self.n_embd), ("first", self.n_codes), ("noise", k))}
         numbers = self.numbers_view(ctx, s) if self.sort_halves else None
 
         def graph(logits: int) -> tuple[int, int, np.ndarray]:
             put = G.Placer(ctx, self._io.buffer, self._io.at["scratch"], self._io.end, self._io.align)
-            ids = draw(put, logits(put), self.n_codes, k, s, inputs["u"], inputs["inv_t"], inputs["mask"], numbers)
+            ids = draw(put, logits(put), self.n_codes, k, s, inputs["noise"], numbers)
             g = G.new_graph(ctx, _GRAPH_SIZE, False)
             G.expand(g, ids)
             self.check_ops(g, "the codebook draw")
@@ -235,7 +231,7 @@ class CodebookHeads:
         except BaseException:
             G.free(ctx)
             raise
-        return _Family(ctx, inputs, self._io.view("mask", np.float32, (s, k)), first, heads)
+        return _Family(ctx, inputs, first, heads)
 
     def numbers_view(self, ctx: int, s: int) -> int:
         """For a draw of s streams that sorts halves: each code's number as (1, n / 2, 2 s) int32, a view in ctx
@@ -259,8 +255,8 @@ class CodebookHeads:
             raise RuntimeError(f"ggml failed to compute a codebook head (status {status})")
 
     def _draw_with(self, graph: tuple[int, int, np.ndarray], inputs: tuple[tuple[int, str], ...],
-                   u: np.ndarray, s: int) -> np.ndarray:
-        self._u[:s] = u
+                   noise: np.ndarray) -> np.ndarray:
+        self._io.view("noise", np.float32, (noise.size,))[:] = noise.ravel()
         for t, name in inputs:
             self._io.send(t, name)
         g, ids, out = graph
@@ -288,39 +284,40 @@ class CodebookHeads:
 
 
 class Draws:
-    """One frame step's draws for s streams: `first(u)` (codebook 0) and `head(i, u)`, u (s,) uniform numbers
-    in [0, 1), one per stream. Each returns the s codes drawn (a view, valid until the next draw)."""
+    """One frame step's draws for s streams: `first(noise)` (codebook 0) and `head(i, noise)`, noise (s, k) as
+    `draw` takes it, a row a stream. Each returns the s codes drawn (a view, valid until the next draw)."""
 
-    def __init__(self, heads: CodebookHeads, family: _Family, s: int):
-        self._heads, self._family, self._s = heads, family, s
+    def __init__(self, heads: CodebookHeads, family: _Family, s: int, k: int):
+        self._heads, self._family, self._s, self._k = heads, family, s, k
         inputs = family.inputs
-        self._first_in = ((inputs["first"], "first"), (inputs["u"], "u"))
-        self._head_in = ((inputs["x"], "x"), (inputs["u"], "u"))
+        self._first_in = ((inputs["first"], "first"), (inputs["noise"], "noise"))
+        self._head_in = ((inputs["x"], "x"), (inputs["noise"], "noise"))
 
-    def first(self, u: np.ndarray) -> np.ndarray:
-        return self._heads._draw_with(self._family.first, self._first_in, u, self._s)
+    def first(self, noise: np.ndarray) -> np.ndarray:
+        return self._heads._draw_with(self._family.first, self._first_in, self._checked(noise))
 
-    def head(self, i: int, u: np.ndarray) -> np.ndarray:
-        return self._heads._draw_with(self._family.heads[i], self._head_in, u, self._s)
+    def head(self, i: int, noise: np.ndarray) -> np.ndarray:
+        return self._heads._draw_with(self._family.heads[i], self._head_in, self._checked(noise))
+
+    def _checked(self, noise: np.ndarray) -> np.ndarray:
+        if noise.shape != (self._s, self._k):
+            raise ValueError(f"noise of shape {noise.shape} for {self._s} streams of top-k bucket {self._k}")
+        return noise
 
 
-def draw(put, logits: int, n: int, k: int, s: int, u: int, inv_t: int, mask: int, numbers: int | None = None) -> int:
-    """Codes drawn from (n, s) logits: the top k, largest first; weights exp((logit - largest) / temperature),
-    zero past each stream's own top-k; the first code whose running sum of weights passes u times their sum.
+def draw(put, logits: int, n: int, k: int, s: int, noise: int, numbers: int | None = None) -> int:
+    """Codes drawn from (n, s) logits by an exponential race over each stream's top k, as CSM's reference draws
+    (the argmax of its softmax's probabilities over Exp(1) numbers q): argmax p_i / q_i = argmax logit_i / T -
+    log q_i = argmax logit_i + T (-log q_i). `noise` (k, s) holds each stream's T (-log q_i) for its codes from the
+    largest logit down, -inf past its own top-k (`race_noise`; greedy: top-k 1, 0). So no softmax, no division by
+    the temperature, no sum in the graph: the scores, their argmax, its code. A stream's code depends on its
+    logits and its noise alone, whatever k its family was built for (other streams' top-k): past its own top-k
+    every score is -inf.
     `numbers`: a (1, n / 2, 2 s) int32 view of each code's number, to select the top k by sorting halves
-    (`_top_k_of_sorted_halves`); else by ggml's top-k.
-
-    Not a softmax: its sum over all k would round differently for another k (another bucket, when other
-    streams share the step), and so could the draw. A running sum taken in order is the same for any k
-    past the stream's own top-k (the weights there are exactly 0), and so is the draw."""
+    (`_top_k_of_sorted_halves`); else by ggml's top-k."""
     vals, ranked = (_top_k(put, logits, n, k, s) if numbers is None else
                     _top_k_of_sorted_halves(put, logits, n, k, s, numbers))
-    largest = put(G.view_2d, vals, 1, s, 4 * k, 0)
-    weights = put(G.exp, put(G.add, put(G.mul, put(G.sub, vals, largest), inv_t), mask))
-    running = put(G.cumsum, weights)
-    target = put(G.mul, u, put(G.view_2d, running, 1, s, 4 * k, 4 * (k - 1)))
-    short = put(G.step, put(G.neg, put(G.sub, running, target)))  # 1 where the running sum is below target
-    pick = put(G.cast, put(G.sum_rows, short), G.TYPE_I32)  # (1, s): how many were below
+    pick = put(G.reshape_2d, put(G.argmax, put(G.add, vals, noise)), 1, s)  # (1, s): each stream's winner
     return put(G.get_rows, ranked, pick)  # (1, 1, s) int32
 
 

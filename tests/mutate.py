@@ -59,6 +59,7 @@ ROOM = "tests/test_tts.py::test_context_that_leaves_the_text_too_little_room_is_
 GIVE_WAY = "tests/test_tts.py::test_context_gives_way_to_the_previous_piece_when_both_do_not_fit"
 UNTIED = "tests/test_generator.py::test_untied_decoder_embeddings_are_used"
 SEEDED = "tests/test_generator.py::test_same_seed_same_codes_and_codes_stay_in_codec_range"
+SEEDED_NOISE = "tests/test_generator.py::test_a_stream_s_noise_is_its_temperature_times_gumbel_numbers_over_its_top_k"
 LONG_PROMPT = "tests/test_server_engine.py::test_a_long_prompt_is_read_between_the_frames_of_others"
 TOGETHER = "tests/test_server_engine.py::test_prompts_read_together_share_one_decode_and_say_what_they_say_alone"
 WS_CONTINUES = "tests/test_server_websocket.py::test_websocket_voice_change_mid_sentence_starts_afresh"
@@ -93,14 +94,19 @@ MUTATIONS = [
     M("depth", "the backbone's next input summed from codebook 0's rows of the audio table for every codebook",
       [("put(G.view_2d, self._audio, e, v, row, p * v * row)", "put(G.view_2d, self._audio, e, v, row, 0)")],
       [CORE]),
-    M("depth", "every codebook drawn with codebook 0's uniform number",
-      [("put(G.view_2d, inputs[\"u\"], 1, s, 4, 4 * s * p)", "put(G.view_2d, inputs[\"u\"], 1, s, 4, 0)")], [DEPTH]),
-    M("depth", "each stream's top-k ignored (all k of the bucket drawn from)",
-      [("mask=top_k_mask(_padded(top_k, idle, 1), k))",
-        "mask=np.zeros((s + idle, k)))")], [DEPTH]),
-    M("depth", "the temperature ignored",
-      [("inv_t=_padded(inv_temperature, idle, 1),", "inv_t=_padded(np.ones_like(inv_temperature), idle, 1),")],
-      [DEPTH]),
+    M("depth", "every codebook drawn with codebook 0's noise",
+      [("noise = put(G.view_2d, inputs[\"noise\"], k, s, 4 * k, 4 * k * s * p)",
+        "noise = put(G.view_2d, inputs[\"noise\"], k, s, 4 * k, 0)")], [DEPTH]),
+    M("depth", "the streams' noise sent stream by stream, not codebook by codebook",
+      [("noise=_padded(noise, idle).transpose(1, 0, 2))", "noise=_padded(noise, idle))")], [DEPTH]),
+    M("heads", "each stream's top-k ignored (every code of the bucket may win)",
+      [("out = np.full((len(noise), len(noise[0]), k), -np.inf, np.float32)",
+        "out = np.zeros((len(noise), len(noise[0]), k), np.float32)")], ["tests/test_heads.py"]),
+    M("heads", "the race run without its noise (the largest logit always wins)",
+      [("put(G.argmax, put(G.add, vals, noise))", "put(G.argmax, vals)")],
+      ["tests/test_heads.py"]),
+    M("generator", "the temperature ignored (every stream's noise at temperature 1)",
+      [("return np.float32(-self.temperature) * np.log(q)", "return -np.log(q)")], [SEEDED_NOISE]),
     M("depth", "plans into the allocator's old memory kept when it grows",
       [("            self._families.free_all()\n", "")], [DEPTH]),
     M("depth", "positions 0 and 1 read their positions one place too far (a stream's position 0 as 1)",
@@ -139,9 +145,9 @@ MUTATIONS = [
       [("n_threads or default_threads(), n_codes=model.n_codes)", "n_threads or default_threads(), n_codes=v)"),
        ("self.heads.first[:s] = out[:, :n_codes]", "self.heads.first[:s] = out[:, :v]")],
       [SHAPE]),
-    M("generator", "every stream drawn with the first stream's top-k",
-      [("np.fromiter((st.sampler.top_k for st in streams), np.int64, s)",
-        "np.full(s, streams[0].sampler.top_k)")],
+    M("generator", "every stream drawn in the first stream's top-k bucket",
+      [("k = top_k_bucket(max(st.sampler.top_k for st in streams), n)",
+        "k = top_k_bucket(streams[0].sampler.top_k, n)")],
       ["tests/test_generator.py::test_batched_streams_equal_solo_streams"]),
     M("generator", "the end-of-speech frame does not mark the stream done",
       [("                st.done = True\n                continue", "                continue")],

@@ -137,6 +137,14 @@ def test_another_model_has_its_own_prompts(f32_model, converted):
     assert builtin_voices.prompt_path("alloy", f32_model) != builtin_voices.prompt_path("alloy", converted("q8_0"))
 
 
+def test_a_prompt_made_by_another_draw_is_made_again(f32_model, monkeypatch):
+    """The same seed makes other codes under another draw (heads.draw): a prompt made before the draw changed is
+    not this version's voice."""
+    now = builtin_voices.prompt_path("alloy", f32_model)
+    monkeypatch.setattr(builtin_voices, "DRAW", builtin_voices.DRAW - 1)
+    assert builtin_voices.prompt_path("alloy", f32_model) != now
+
+
 def test_a_damaged_prompt_names_the_voice_and_the_fix_and_others_still_work(tts):
     path = builtin_voices.prompt_path("coral", tts.model.path)
     path.parent.mkdir(parents=True)

@@ -67,8 +67,8 @@ def unjoined(monkeypatch) -> None:
 @pytest.mark.parametrize("joined", [True, False])
 def test_the_graph_draws_what_llama_cpp_steps_draw(f32_model, joined, monkeypatch):
     """Sampled as well as greedy, three streams a frame: the same codes, frame after frame (a draw parts only
-    where a uniform number falls within rounding of a boundary; these seeds have no such draw). With each
-    layer's query, key and value matrices joined into one at load, and not."""
+    where two codes' scores in the race tie within rounding; these seeds have no such draw). With each layer's
+    query, key and value matrices joined into one at load, and not."""
     if not joined:
         unjoined(monkeypatch)
     graph = generated(f32_model, "graph", monkeypatch)
@@ -252,9 +252,15 @@ def test_too_many_streams_for_the_graph_are_refused(f32_model, monkeypatch):
     gen = Generator(CSMModel(f32_model), max_streams=2, kv_type="f32")
     try:
         n, d = gen.model.n_codes, gen.cfg.decoder.n_embd
+
+        def frame(s: int, k: int):
+            zeros = np.zeros((s, n), np.float32), np.zeros((s, d), np.float32), np.zeros((s, 32, k), np.float32)
+            gen.depth.frame(*zeros)
+
         with pytest.raises(ValueError, match="3 streams: the depth decoder was made for 1 to 2"):
-            gen.depth.frame(np.zeros((3, n), np.float32), np.zeros((3, d), np.float32), np.zeros((3, 32), np.float32),
-                            np.ones(3, np.int64), np.ones(3, np.float32))
+            frame(3, 1)
+        with pytest.raises(ValueError, match=r"noise of shape \(2, 32, 3\) for 2 streams"):  # 3: no top-k bucket
+            frame(2, 3)
     finally:
         gen.close()
 

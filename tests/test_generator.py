@@ -199,17 +199,27 @@ def test_every_seed_is_reproducible(seed):
     and read 0xFFFFFFFF as "draw a random one"), and another seed other numbers."""
     from csm_gguf.generator import Sampler
 
-    runs = [Sampler(Sampling(temperature=1.0, seed=seed), 100).uniforms(64) for _ in range(2)]
+    runs = [Sampler(Sampling(temperature=1.0, seed=seed), 100).noise(32) for _ in range(2)]
     np.testing.assert_array_equal(*runs)
-    assert not np.array_equal(runs[0], Sampler(Sampling(temperature=1.0, seed=seed + 1), 100).uniforms(64))
+    assert not np.array_equal(runs[0], Sampler(Sampling(temperature=1.0, seed=seed + 1), 100).noise(32))
 
 
-def test_greedy_and_very_cold_draws_are_argmax():
+def test_a_stream_s_noise_is_its_temperature_times_gumbel_numbers_over_its_top_k():
+    """The noise that runs the draw's exponential race: greedy draws none (top-1, noise 0); otherwise one number
+    per code of the stream's top-k (at most every code) and codebook, temperature x Gumbel(0, 1), finite even for
+    the largest temperature."""
     from csm_gguf.generator import Sampler
 
-    greedy, cold = Sampler(Sampling(temperature=0), 100), Sampler(Sampling(temperature=1e-30, top_k=7), 100)
-    assert (greedy.top_k, greedy.inv_temperature) == (1, 1.0)
-    assert (cold.top_k, cold.inv_temperature) == (7, Sampler.MAX_INV_TEMPERATURE)  # no inf, no NaN
+    greedy = Sampler(Sampling(temperature=0), 100)
+    assert greedy.top_k == 1 and np.array_equal(greedy.noise(32), np.zeros((32, 1), np.float32))
+    assert Sampler(Sampling(top_k=500), 100).noise(32).shape == (32, 100)
+    warm = Sampler(Sampling(temperature=2.0, top_k=50, seed=1), 100)
+    noise = np.concatenate([warm.noise(32) for _ in range(50)])  # 50 frames
+    assert noise.shape == (1600, 50) and noise.dtype == np.float32
+    euler_gamma, sd = 0.5772, np.pi / np.sqrt(6)  # Gumbel(0, 1)'s mean and standard deviation
+    assert abs(noise.mean() / 2 - euler_gamma) < 0.01 and abs(noise.std() / 2 - sd) < 0.01
+    hot = Sampler(Sampling(temperature=1e300, top_k=7), 100)
+    assert hot.temperature == Sampler.MAX_TEMPERATURE and np.isfinite(hot.noise(32)).all()
 
 
 def test_prompt_that_does_not_fit_is_refused(f32_model):
@@ -235,9 +245,10 @@ def test_bad_sampling_values(kwargs, match):
 
 SOLO_OR_BATCHED = {
     "greedy": [Sampling(temperature=0, max_audio_ms=10 * 80)] * 3,
-    # each its own top-k (three top-k buckets) and temperature, one greedy: a stream draws as it would alone
-    "sampled": [Sampling(temperature=0.9, top_k=50, seed=1, max_audio_ms=10 * 80),
-                Sampling(temperature=1.3, top_k=5, seed=2, max_audio_ms=10 * 80),
+    # each its own top-k (three top-k buckets, the first stream's not the largest) and temperature, one greedy: a
+    # stream draws as it would alone
+    "sampled": [Sampling(temperature=1.3, top_k=5, seed=2, max_audio_ms=10 * 80),
+                Sampling(temperature=0.9, top_k=50, seed=1, max_audio_ms=10 * 80),
                 Sampling(temperature=0, max_audio_ms=10 * 80)],
 }
 

@@ -1,6 +1,6 @@
 """The codebook heads on ggml: the same logits as a plain matrix product, for every stored type; and the draw
-in their graphs: argmax when greedy, the top-k temperature softmax's odds otherwise, each stream's codes its own
-whatever else shares the step."""
+in their graphs, an exponential race over each stream's top-k: argmax when greedy, the top-k temperature
+softmax's odds otherwise, each stream's codes its own whatever else shares the step."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import gguf
 import numpy as np
 import pytest
 
-from csm_gguf.heads import CodebookHeads, gpu_present
+from csm_gguf.heads import CodebookHeads, gpu_present, race_noise, top_k_bucket
 from csm_gguf.model import CSMModel
 
 Q = gguf.GGMLQuantizationType
@@ -99,16 +99,23 @@ def draw_heads(device: str, max_streams: int = 4) -> tuple[CodebookHeads, np.nda
     return CodebookHeads(w, int(Q.F32), D, max_streams=max_streams, n_threads=2, n_codes=N, device=device), w
 
 
+def noise(rng, settings: list[tuple[int, float]], k: int) -> np.ndarray:
+    """(s, k) noise of one draw for streams of these (top-k, temperature), as a stream's Sampler makes it."""
+    own = [np.zeros((1, 1), np.float32) if t == 0 else -t * np.log(rng.standard_exponential((1, top_k)))
+           for top_k, t in settings]
+    return race_noise(own, k)[:, 0]
+
+
 def test_a_greedy_draw_is_the_argmax_over_the_codes(device):
     heads, w = draw_heads(device)
     rng = np.random.default_rng(2)
     try:
         for s in (1, 3, 4):
             x = rng.standard_normal((s, D), dtype=np.float32)
-            draws = heads.rows(np.ones(s, np.int64), np.ones(s, np.float32))
+            draws = heads.rows(s, 1)
             for i in range(K):
                 heads.x[:s] = x
-                got = draws.head(i, rng.random(s, dtype=np.float32)).copy()
+                got = draws.head(i, noise(rng, [(1, 0)] * s, 1)).copy()
                 want = np.argmax(heads.logits(i, s)[:, :N], axis=1)
                 np.testing.assert_array_equal(got, want)
                 if s == 4:  # the rows past the codes (weights 100x) would often win: the test can tell
@@ -129,51 +136,57 @@ def test_draws_follow_each_stream_s_top_k_temperature_softmax(device):
     heads, _ = draw_heads(device)
     rng = np.random.default_rng(3)
     logits = (2 * rng.standard_normal((4, N))).astype(np.float32)
-    settings = [(5, 0.7), (1, 1.0), (N, 1.5), (12, 0.3)]  # (top-k, temperature); (1, 1.0): greedy
+    settings = [(5, 0.7), (1, 0), (N, 1.5), (12, 0.3)]  # (top-k, temperature); (1, 0): greedy
     n = 20_000
     try:
         heads.first[:4] = logits
-        draws = heads.rows(np.array([k for k, _ in settings]), np.array([1 / t for _, t in settings], np.float32))
-        got = np.stack([draws.first(u).copy() for u in rng.random((n, 4), dtype=np.float32)])
+        draws = heads.rows(4, N)
+        got = np.stack([draws.first(noise(rng, settings, N)).copy() for _ in range(n)])
     finally:
         heads.close()
     for j, (k, t) in enumerate(settings):
-        top, p = softmax_odds(logits[j], k, t)
+        top, p = softmax_odds(logits[j], k, t or 1.0)
         assert set(got[:, j].tolist()) <= set(top.tolist())
         freq = np.array([(got[:, j] == c).mean() for c in top])
         np.testing.assert_allclose(freq, p, rtol=0, atol=4 * np.sqrt(p * (1 - p) / n).max() + 1e-12)
 
 
 def test_a_stream_draws_the_same_alone_or_beside_others(device):
-    """A stream's codes depend on its logits and numbers alone: drawn alone (top-k 5: a family of 8) or beside
+    """A stream's codes depend on its logits and noise alone: drawn alone (top-k 5: a family of 8) or beside
     streams with a larger top-k (a family of 64) and a greedy one, the same codes, to the last draw."""
     heads, _ = draw_heads(device)
     rng = np.random.default_rng(4)
     logits = rng.standard_normal((3, N)).astype(np.float32)
-    u = rng.random((2000, 3), dtype=np.float32)
+    settings = [(5, 0.8), (40, 1.0), (1, 0)]
+    races = [[-t * np.log(rng.standard_exponential((1, k), np.float32)) for k, t in settings] for _ in range(2000)]
     try:
         heads.first[:1] = logits[:1]
-        alone = heads.rows(np.array([5]), np.array([1 / 0.8], np.float32))
-        solo = np.array([alone.first(row[:1])[0] for row in u])
+        alone = heads.rows(1, 8)
+        solo = np.array([alone.first(race_noise(own[:1], 8)[:, 0])[0] for own in races])
         heads.first[:3] = logits
-        shared = heads.rows(np.array([5, 40, 1]), np.array([1 / 0.8, 1.0, 1.0], np.float32))
-        together = np.array([shared.first(row)[0] for row in u])
+        shared = heads.rows(3, 64)
+        together = np.array([shared.first(race_noise(own, 64)[:, 0])[0] for own in races])
     finally:
         heads.close()
     np.testing.assert_array_equal(solo, together)
     assert len(set(solo.tolist())) == 5
 
 
-def test_a_draw_near_one_still_picks_within_the_top_k(device):
-    """u just below 1 times a running sum that rounding left short must still land on a code of the top-k."""
+def test_infinite_noise_wins_and_codes_past_the_top_k_never_do(device):
+    """An Exp(1) number of 0 gives its code infinite noise: that code wins. A code past the stream's top-k (here
+    the 4th, in a family of 4) never wins, whatever the noise of the others: its score is -inf."""
     heads, _ = draw_heads(device)
     logits = np.zeros((1, N), np.float32)
-    logits[0, :3] = (3.0, 2.0, 1.0)
+    logits[0, :4] = (3.0, 2.0, 1.0, 0.5)
     try:
         heads.first[:1] = logits
-        draws = heads.rows(np.array([3]), np.array([1e-3], np.float32))  # almost flat odds
-        for u in (0.0, 0.5, np.nextafter(np.float32(1), np.float32(0))):
-            assert draws.first(np.array([u], np.float32))[0] in (0, 1, 2)
+        draws = heads.rows(1, 4)
+        assert draws.first(race_noise([np.array([[0, np.inf, 0]], np.float32)], 4)[:, 0])[0] == 1
+        assert draws.first(race_noise([np.full((1, 3), -1e6, np.float32)], 4)[:, 0])[0] == 0
+        with pytest.raises(ValueError, match=r"noise of shape \(1, 8\) for 1 streams of top-k bucket 4"):
+            draws.first(np.zeros((1, 8), np.float32))
+        with pytest.raises(ValueError, match="bucket 3 is not one"):
+            heads.rows(1, 3)
     finally:
         heads.close()
 
@@ -183,8 +196,8 @@ def test_the_largest_family_fits_its_buffer(device):
     heads, _ = draw_heads(device)
     try:
         heads.first[:4] = np.random.default_rng(5).standard_normal((4, N)).astype(np.float32)
-        draws = heads.rows(np.full(4, 10**6), np.ones(4, np.float32))
-        codes = draws.first(np.full(4, 0.5, np.float32))
+        draws = heads.rows(4, top_k_bucket(10**6, N))
+        codes = draws.first(np.zeros((4, N), np.float32))
         assert ((0 <= codes) & (codes < N)).all()
     finally:
         heads.close()
@@ -198,14 +211,15 @@ def test_families_beyond_the_limit_are_freed_and_made_again(monkeypatch):
     monkeypatch.setattr(heads_module, "_MAX_FAMILIES", 2)
     heads, _ = draw_heads("cpu")
     logits = np.random.default_rng(6).standard_normal((4, N)).astype(np.float32)
-    u = np.full(4, 0.3, np.float32)
+    rng = np.random.default_rng(7)
+    drawn = race_noise([-np.log(rng.standard_exponential((1, 5), np.float32)) for _ in range(2)], 8)[:, 0]
     try:
         heads.first[:4] = logits
-        first = heads.rows(np.full(2, 5), np.ones(2, np.float32)).first(u[:2]).copy()
-        for s, k in ((3, 5), (4, 5), (4, 40)):
-            heads.rows(np.full(s, k), np.ones(s, np.float32)).first(u[:s])
+        first = heads.rows(2, 8).first(drawn).copy()
+        for s, k in ((3, 8), (4, 8), (4, 64)):
+            heads.rows(s, k).first(np.zeros((s, k), np.float32))
         assert len(heads._families) == 2 and (2, 8) not in heads._families
-        np.testing.assert_array_equal(heads.rows(np.full(2, 5), np.ones(2, np.float32)).first(u[:2]), first)
+        np.testing.assert_array_equal(heads.rows(2, 8).first(drawn), first)
     finally:
         heads.close()
 
@@ -214,7 +228,7 @@ def test_more_streams_than_the_heads_were_made_for_are_refused():
     heads, _ = draw_heads("cpu", max_streams=2)
     try:
         with pytest.raises(ValueError, match="1 to 2"):
-            heads.rows(np.ones(3, np.int64), np.ones(3, np.float32))
+            heads.rows(3, 1)
     finally:
         heads.close()
 
