@@ -347,12 +347,12 @@ class DepthFrames:
         """Build the graphs of these stream counts (on a GPU: of their `columns`) for top-k `top_k` now, not at
         their first frame (10-20 ms each), as many as are kept beside the largest; on a GPU also run each twice,
         which ggml's CUDA backend takes before it captures a graph."""
+        k = top_k_bucket(top_k, self.n_codes)
         counts = sorted({self.columns(s) for s in stream_counts}) if self.on_gpu else list(stream_counts)
         for s in counts[: _MAX_FAMILIES - 1]:
             if not self.on_gpu:
-                self._families.get(s, top_k_bucket(top_k, self.n_codes))
+                self._families.get(s, k)
                 continue
-            k = top_k_bucket(top_k, self.n_codes)
             for _ in range(2):  # on inputs that draw codes in range (the buffer's own content might not)
                 self.frame(np.zeros((s, self.n_codes), np.float32), np.zeros((s, self.cfg.n_embd), np.float32),
                            np.zeros((s, self.codebooks, k), np.float32))

@@ -16,5 +16,5 @@ MAX_JSON_DEPTH = 32
 # requests share that decode. On the CPU, where each row costs its arithmetic, 32 (0.24 s on 2 cores at q4_k).
 # With the layers on a GPU a whole batch of the backbone: there a decode's rows cost little beside its launches
 # and its reading of the weights (on the CPU, with the tiny test model, whose rows are as cheap, 64 requests
-# sent at once had their first audio 3-5x sooner with 512 than with 32).
+# sent at once had their median first audio 3-6x sooner with 512 than with 32: docs/performance.md).
 PREFILL_ROWS_CPU, PREFILL_ROWS_GPU = 32, 512
