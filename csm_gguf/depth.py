@@ -387,7 +387,7 @@ class DepthFrames:
         sent = dict(first=_padded(first, idle), h0=_padded(h0, idle),
                     noise=_padded(noise, idle).transpose(1, 0, 2))  # codebook by codebook
         for name, values in sent.items():
-            self._io.view(name, np.float32, (values.size,))[:] = values.ravel()
+            self._io.view(name, np.float32, values.shape)[:] = values  # the noise transposed as it is copied
             self._io.send(family.inputs[name], name)
         self._compute(family)
         self._io.fetch(self._codes, "codes", 4 * c * self.codebooks)

@@ -256,7 +256,7 @@ class CodebookHeads:
 
     def _draw_with(self, graph: tuple[int, int, np.ndarray], inputs: tuple[tuple[int, str], ...],
                    noise: np.ndarray) -> np.ndarray:
-        self._io.view("noise", np.float32, (noise.size,))[:] = noise.ravel()
+        self._io.view("noise", np.float32, noise.shape)[:] = noise
         for t, name in inputs:
             self._io.send(t, name)
         g, ids, out = graph
