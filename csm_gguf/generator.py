@@ -408,9 +408,6 @@ class Generator:
     def _draw_frame(self, streams: Sequence[Stream]) -> np.ndarray:
         """The backbone's step and the depth decoder's frame, with every codebook's draw: codes (s, 32)."""
         s, n = len(streams), self.model.n_codes
-        k = top_k_bucket(max(st.sampler.top_k for st in streams), n)
-        noise = race_noise([st.sampler.noise(self.cfg.num_codebooks) for st in streams], k)  # (s, 32, k)
-
         slots = np.fromiter((st.slot for st in streams), dtype=np.int32, count=s)
         bb = self.backbone
         bb.embd[:s] = [st.pending for st in streams]
@@ -418,6 +415,10 @@ class Generator:
         bb.output[:s] = 1
         bb.set_seq_ids(slots)
         bb.decode(s)
+        # Drawn while a GPU runs the backbone's step (llama_decode returns before it ends; the logits wait for
+        # it): about 11 us a stream.
+        k = top_k_bucket(max(st.sampler.top_k for st in streams), n)
+        noise = race_noise([st.sampler.noise(self.cfg.num_codebooks) for st in streams], k)  # (s, 32, k)
         out = bb.logits(s)
         self.decode_calls += self.calls_per_frame
         if self.depth is not None:
