@@ -99,8 +99,8 @@ def test_requests_that_arrive_together_start_together(engine):
 
 
 def test_prompts_read_together_share_one_decode_and_say_what_they_say_alone(engine, monkeypatch):
-    """One llama_decode for every prompt that arrived together (on a GPU a decode costs about the same for a
-    few rows as for a batch of them), each row in its own stream's sequence: the same codes as each alone."""
+    """One llama_decode for every prompt that arrived together (a decode's fixed costs, its launches on a GPU,
+    paid once), each row in its own stream's sequence: the same codes as each alone."""
     from csm_gguf.server.engine import SpeechJob
 
     backbone = engine.generator.backbone
