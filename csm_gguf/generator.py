@@ -104,6 +104,11 @@ class Stream:
     pending: np.ndarray | None = None  # the backbone's next input row
     done: bool = False
 
+    def prompt_read(self) -> None:
+        """The prompt is read but for its last row: that is the first step's input."""
+        self.pending = np.array(self.prompt[-1], dtype=np.float32)
+        self.prompt = None
+
 
 class Generator:
     """Owns the backbone's llama.cpp context and the depth decoder (depth.py's graph, or a llama.cpp context).
@@ -322,39 +327,41 @@ class Generator:
         self._check_open()
         left = math.inf if max_rows is None else max_rows
         batch: list[tuple[Stream, int, int]] = []  # each stream's rows (start, stop) in the decode being filled
+        filled = 0  # rows in it
         for stream in streams:
             if stream.prompt is None:
                 continue
             if stream.pos < stream.shared:  # another stream in this voice may have cached it meanwhile
                 self._reuse(stream)
             n = len(stream.prompt) - 1
+            if stream.pos == n:  # nothing left to read (a one-row prompt)
+                stream.prompt_read()
+                continue
             while stream.pos < n and left > 0:
-                start, room = stream.pos, self.backbone.n_batch - sum(b - a for _, a, b in batch)
-                stop = min(n, start + room, start + left)
+                start = stream.pos
+                stop = min(n, start + self.backbone.n_batch - filled, start + left)
                 if start < stream.shared < stop:  # the voice prompt's cells are complete at its end: keep them
                     stop = stream.shared
                 batch.append((stream, start, stop))
-                stream.pos, left = stop, left - (stop - start)
-                if stop - start == room or stop == stream.shared:
-                    self._read(batch)
-                    batch = []
-            if stream.pos == n and stream.prompt is not None and not (batch and batch[-1][0] is stream):
-                self._ready(stream)  # nothing left to read (a one-row prompt)
-        self._read(batch)
+                stream.pos, left, filled = stop, left - (stop - start), filled + stop - start
+                if filled == self.backbone.n_batch or stop == stream.shared:
+                    self._read(batch, filled)
+                    batch, filled = [], 0
+        self._read(batch, filled)
 
-    def _read(self, batch: list[tuple[Stream, int, int]]) -> None:
-        """One llama_decode of the prompt rows in `batch`; then each voice prompt read to its end is cached, and
-        each stream whose prompt is read can step."""
+    def _read(self, batch: list[tuple[Stream, int, int]], rows: int) -> None:
+        """One llama_decode of the `rows` prompt rows in `batch`; then each voice prompt read to its end is cached,
+        and each stream whose prompt is read can step."""
         if not batch:
             return
         bb, m = self.backbone, 0
-        seq_ids = np.empty(sum(stop - start for _, start, stop in batch), np.int32)
+        seq_ids = np.empty(rows, np.int32)
         for stream, start, stop in batch:
-            rows = slice(m, m + stop - start)
-            bb.embd[rows] = stream.prompt[start:stop]
-            bb.pos[rows] = np.arange(start, stop)
-            seq_ids[rows] = stream.slot
-            m = rows.stop
+            part = slice(m, m + stop - start)
+            bb.embd[part] = stream.prompt[start:stop]
+            bb.pos[part] = np.arange(start, stop)
+            seq_ids[part] = stream.slot
+            m = part.stop
         bb.output[:m] = 0
         bb.set_seq_ids(seq_ids)
         bb.decode(m)
@@ -364,12 +371,7 @@ class Generator:
             if stop == stream.shared:
                 self.prompt_cache.add(stream.slot, stream.prompt[:stop])
             if stop == len(stream.prompt) - 1:
-                self._ready(stream)
-
-    @staticmethod
-    def _ready(stream: Stream) -> None:
-        stream.pending = np.array(stream.prompt[-1], dtype=np.float32)
-        stream.prompt = None
+                stream.prompt_read()
 
     def _reuse(self, stream: Stream) -> None:
         """Share the longest cached prompt that the stream's prompt begins with, if it holds more than the
