@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +31,60 @@ def _log(level: int, text: bytes, user_data) -> None:
 
 L.llama_log_set(_log, None)
 L.llama_backend_init()
+
+
+class _Interrupt:
+    """Ctrl-C during a llama.cpp load. Python raises KeyboardInterrupt at the next bytecode it runs, and while
+    llama.cpp loads, that is in one of our ctypes callbacks (its log), where ctypes prints the exception and
+    drops it: the load went on and the program with it. So during a load (`interruptible`) SIGINT only records
+    itself; the load's progress callback then stops the load, and KeyboardInterrupt is raised once it returns."""
+
+    def __init__(self):
+        self.pending = False
+
+    def record(self, signum, frame) -> None:
+        self.pending = True
+
+
+_interrupt = _Interrupt()
+
+
+@L.llama_progress_callback
+def _progress(progress: float, user_data) -> bool:
+    return not _interrupt.pending  # False stops the load
+
+
+@contextmanager
+def interruptible():
+    """Run a llama.cpp load (model or context) so that Ctrl-C stops it: from the main thread, where Python
+    handles signals, while SIGINT raises KeyboardInterrupt (its default); elsewhere the call runs as it is."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    _interrupt.pending = False
+    signal.signal(signal.SIGINT, _interrupt.record)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if _interrupt.pending:
+        raise KeyboardInterrupt
+
+
+def _load_model(path: Path, params) -> int | None:
+    """llama.cpp's model at `path` (None if it could not be read); Ctrl-C stops the load (`interruptible`)."""
+    params.progress_callback = _progress
+    model = None
+    try:
+        with interruptible():
+            model = L.llama_model_load_from_file(str(path).encode(), params)
+    except KeyboardInterrupt:
+        if model:  # loaded before the progress callback could stop it
+            L.llama_model_free(model)
+        raise
+    return model
+
 
 KV_TYPES = {"f32": L.GGML_TYPE_F32, "f16": L.GGML_TYPE_F16, "q8_0": L.GGML_TYPE_Q8_0}
 
@@ -50,7 +107,7 @@ def default_threads() -> int:
 def load_vocab_only(path: Path):
     params = L.llama_model_default_params()
     params.vocab_only = True
-    model = L.llama_model_load_from_file(str(path).encode(), params)
+    model = _load_model(path, params)
     if not model:
         raise ValueError(f"llama.cpp could not read the tokenizer in {path}: the file is damaged or incomplete, "
                          "convert again")
@@ -67,7 +124,7 @@ class EmbeddingModel:
             # Read, not mapped: on CPU llama.cpp repacks quantized weights into buffers of its own, and the mapped
             # file then stayed resident beside its repacked copy (q4_k's backbone: 1.4 GB instead of 0.93 GB).
             mparams.load_mode = L.LLAMA_LOAD_MODE_NONE
-        self.model = L.llama_model_load_from_file(str(path).encode(), mparams)
+        self.model = _load_model(path, mparams)
         if not self.model:
             raise ValueError(f"llama.cpp could not load {path}; the file is damaged or incomplete: convert again")
         self.n_embd = L.llama_model_n_embd(self.model)
@@ -95,7 +152,16 @@ class EmbeddingModel:
         cparams.flash_attn_type = (
             L.LLAMA_FLASH_ATTN_TYPE_DISABLED if opts.kv_type == "f32" else L.LLAMA_FLASH_ATTN_TYPE_AUTO
         )
-        self.ctx = L.llama_init_from_model(self.model, cparams)
+        self.ctx = None
+        try:
+            with interruptible():
+                self.ctx = L.llama_init_from_model(self.model, cparams)
+        except KeyboardInterrupt:
+            if self.ctx:
+                L.llama_free(self.ctx)
+                self.ctx = None
+            L.llama_model_free(self.model)
+            raise
         if not self.ctx:
             L.llama_model_free(self.model)
             raise MemoryError(f"llama.cpp could not create a context for {path} (n_ctx={opts.n_ctx})")
