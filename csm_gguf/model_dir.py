@@ -32,8 +32,10 @@ def default_model_dir(source: str, qtype: str, decoder_qtype: str | None = None)
 def check_model_dir(path: str | Path) -> Path:
     path = Path(path).expanduser()
     if not path.is_dir():
+        why = "is a file, not a model directory" if path.exists() else "does not exist"
         raise FileNotFoundError(
-            f"model directory {path} does not exist; convert a model first: python -m csm_gguf.convert"
+            f"model directory {path} {why}; give the folder a conversion wrote, or convert a model first: "
+            "python -m csm_gguf.convert"
         )
     missing = [f for f in MODEL_FILES if not (path / f).exists()]
     if missing:

@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
         "into the cache if no model is given or found.",
     )
     p.add_argument("text", nargs="?", help="what to say; '-' reads standard input")
-    p.add_argument("--input", "-i", metavar="FILE", help="read the text from FILE (UTF-8, any length; '-': stdin)")
+    p.add_argument("--input", "-i", metavar="FILE", help="read the text from FILE (UTF-8, up to 16 MiB; '-': stdin)")
     p.add_argument("--dialogue", action="store_true",
                    help="the text is a conversation: one turn per line, SPEAKER: TEXT, where SPEAKER is a speaker id "
                    "or a voice name; each turn is spoken after the ones before it")
@@ -150,6 +150,55 @@ def check_writable(path: str, what: str) -> None:
         raise UsageError(f"cannot write {what} {path}: no permission to write in {folder}")
 
 
+def check_outputs(args, has_text: bool) -> None:
+    """Where the audio and the codes go: checked now, not after generating."""
+    if not has_text:  # --save-voice alone
+        speaking = [option for option, given in (
+            ("--output", args.output), ("--save-codes", args.save_codes), ("--play", args.play),
+            ("--format", args.format), ("--voice", args.voice), ("--seed", args.seed is not None),
+            ("--speed", args.speed != 1), ("--max-audio-ms", args.max_audio_ms is not None)) if given]
+        if speaking:
+            raise UsageError(f"{', '.join(speaking)}: for speaking, and there is no text to speak: give TEXT too "
+                             "(it is spoken after the voice is saved), or leave them out")
+    if args.save_codes == "-":
+        raise UsageError("--save-codes needs a file name (.npy): standard output is for the audio (-o -)")
+    if args.output == "-" and sys.stdout is None:
+        raise UsageError("cannot write to standard output: it is closed; give -o FILE")
+    files = [(what, path) for what, path in (("--output", args.output), ("--save-codes", args.save_codes))
+             if path and path != "-"]
+    for what, path in files:
+        check_writable(path, what)
+    if len(files) == 2 and os.path.realpath(args.output) == os.path.realpath(args.save_codes):
+        raise UsageError(f"--output and --save-codes both name {args.output}: the codes would replace the audio; "
+                         "give the codes a file of their own (.npy)")
+    if args.format and args.output and args.output != "-":
+        check_extension(args.output, args.format)
+
+
+def check_extension(path: str, fmt: str) -> None:
+    """A --format that its file's known extension contradicts (-o speech.mp3 -f wav) is a mistake, not a wish: a
+    player goes by the extension. An unknown extension is what --format is for."""
+    from .audio import AudioError, format_from_path
+
+    try:
+        named = format_from_path(path)
+    except AudioError:
+        return
+    if named != fmt:
+        raise UsageError(f"--format {fmt}, but {path} is named for {named}: make them agree, or leave out --format")
+
+
+def check_context_files(items: list[list[str]]) -> None:
+    """--context's audio and codes files exist: now, not after loading (or first converting) the model."""
+    for _, _, source in items:
+        if source == "-":
+            raise UsageError("--context reads a file, not standard input: give the audio's path (or /dev/stdin)")
+        if not os.path.exists(source):
+            raise UsageError(f"--context {source}: no such file")
+        if os.path.isdir(source):
+            raise UsageError(f"--context {source} is a folder: give an audio file or a .npy of codes")
+
+
 def default_output(text: str, fmt: str) -> str:
     words = re.findall(r"\w+", text.lower())[:6]
     stem = "-".join(words)[:60] or "speech"
@@ -263,11 +312,8 @@ def run(args) -> int:
 
     written = bool(args.output) or not args.play  # --play alone: heard, not kept
     fmt = check_format(output_format(args)) if written else None
-    if args.save_codes == "-":
-        raise UsageError("--save-codes needs a file name (.npy): standard output is for the audio (-o -)")
-    for what, path in (("--output", args.output), ("--save-codes", args.save_codes)):
-        if path and path != "-":
-            check_writable(path, what)
+    check_outputs(args, has_text)
+    check_context_files(args.context)
     if args.voice and args.voice != voices.NO_VOICE:
         voices.voice_speaker(args.voice)  # known and readable: now, not after the model loads
     context_ids = [context_speaker(speaker) for speaker, _, _ in args.context]  # now, not after the model loads
@@ -323,15 +369,30 @@ def manage_voices(args) -> int:
     return 0
 
 
+def check_threads(threads: int) -> None:
+    """--threads: 0 (all cores) up to the cores this process may use. More only wait for each other: llama.cpp's
+    threads meet at every operation, and 1,000 threads on 2 cores made a second of speech take minutes."""
+    from .llama import default_threads
+
+    cores = default_threads()
+    if not 0 <= threads <= cores:
+        raise UsageError(f"--threads must be from 0 (all cores) to {cores} (the cores this process may use), "
+                         f"got {threads}")
+
+
 def checked_text(args) -> str | None:
     """The options checked, then the text to speak read (None: none, for --save-voice alone)."""
     from .tempo import MAX_SPEED, MIN_SPEED
     from .text import is_blank
 
+    for option, value in (("--output", args.output), ("--save-codes", args.save_codes), ("--input", args.input)):
+        if value == "":
+            raise UsageError(f"{option} is empty: give a file name")
     check_sampling(args)
+    check_threads(args.threads)
     if not MIN_SPEED <= args.speed <= MAX_SPEED:
         raise UsageError(f"--speed must be from {MIN_SPEED} to {MAX_SPEED} (1 = as spoken), got {args.speed}")
-    for option, value in (("--speaker", args.speaker), ("--threads", args.threads)):
+    for option, value in (("--speaker", args.speaker),):
         if value is not None and value < 0:
             raise UsageError(f"{option} must be >= 0, got {value}")
     text = read_text(args)

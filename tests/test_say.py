@@ -322,7 +322,7 @@ def test_a_voice_is_saved_with_its_codes_or_not_at_all():
     (["hi", "-o", "{tmp}/garbage.wav/x.wav"], "garbage.wav is not a folder"),
     (["hi", "-o", "{tmp}/voices", "-f", "wav"], "is a folder: give a file name"),
     (["hi", "-o", "{tmp}/x.wav", "--save-codes", "{tmp}/nowhere/c.npy"], "cannot write --save-codes"),
-    (["hi", "--threads", "-3", "-o", "{tmp}/x.wav"], "--threads must be >= 0"),
+    (["hi", "--threads", "-3", "-o", "{tmp}/x.wav"], "--threads must be from 0 (all cores) to"),
     (["hi", "--seed", "-1", "-o", "{tmp}/x.wav"], "--seed must be >= 0"),
     (["hi", "--speaker", "-5", "-o", "{tmp}/x.wav"], "--speaker must be >= 0"),
     (["hi", "--context", "-1", "words", "{tmp}/tone.wav", "-o", "{tmp}/x.wav"], "speaker must be a whole number"),
@@ -394,6 +394,45 @@ def test_stdin_and_files_are_utf8_with_or_without_a_byte_order_mark(tmp_path):
     done = subprocess.run([sys.executable, "-m", "csm_gguf.say", "-", *no_model], preexec_fn=lambda: os.close(0),
                           capture_output=False, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert (done.returncode, done.stderr) == (2, b"error: cannot read standard input: it is closed\n")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["hi", "-o", "{tmp}/x.npy", "--save-codes", "{tmp}/./x.npy", "-f", "wav"],
+     "--output and --save-codes both name {tmp}/x.npy: the codes would replace the audio"),
+    (["hi", "-o", "{tmp}/x.mp3", "-f", "wav"], "--format wav, but {tmp}/x.mp3 is named for mp3"),
+    (["hi", "-o", "{tmp}/x.wav", "-f", "pcm"], "--format pcm, but {tmp}/x.wav is named for wav"),
+    (["hi", "-o", ""], "--output is empty: give a file name"),
+    (["hi", "-o", "{tmp}/x.wav", "--save-codes", ""], "--save-codes is empty"),
+    (["-i", ""], "--input is empty"),
+    (["--save-voice", "v", "--context", "0", "words", "{tmp}/tone.wav", "-o", "{tmp}/x.wav", "--seed", "3"],
+     "--output, --seed: for speaking, and there is no text to speak"),
+    (["--save-voice", "v", "--voice", "nova", "--context", "0", "words", "{tmp}/tone.wav"], "--voice: for speaking"),
+    (["hi", "--context", "0", "words", "{tmp}/missing.wav", "-o", "{tmp}/x.wav"],
+     "--context {tmp}/missing.wav: no such file"),
+    (["hi", "--context", "0", "words", "{tmp}", "-o", "{tmp}/x.wav"], "is a folder: give an audio file"),
+    (["hi", "--context", "0", "words", "-", "-o", "{tmp}/x.wav"], "--context reads a file, not standard input"),
+    (["hi", "--threads", "100000", "-o", "{tmp}/x.wav"], "--threads must be from 0 (all cores) to"),
+])
+def test_outputs_and_files_are_checked_before_the_model_loads(tmp_path, capsys, args, message):
+    sf.write(tmp_path / "tone.wav", np.zeros(2400, np.float32), 24_000)
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in args] + ["--model", str(tmp_path / "no-model")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message.replace("{tmp}", str(tmp_path)) in err and "no-model" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tone.wav"]
+
+
+def test_a_model_that_is_a_file_is_named_as_such(tmp_path, capsys):
+    (tmp_path / "speech.wav").write_bytes(b"")
+    assert main(["hi", "-o", str(tmp_path / "x.wav"), "--model", str(tmp_path / "speech.wav")]) == 2
+    assert "speech.wav is a file, not a model directory" in capsys.readouterr().err
+
+
+def test_audio_to_a_closed_stdout_is_refused_before_the_model_loads(tmp_path):
+    say = [sys.executable, "-m", "csm_gguf.say", "hi", "-o", "-", "--model", str(tmp_path / "no-model")]
+    done = subprocess.run(say, preexec_fn=lambda: os.close(1), stderr=subprocess.PIPE)
+    assert done.returncode == 2
+    assert done.stderr == b"error: cannot write to standard output: it is closed; give -o FILE\n"
 
 
 def test_voice_names_and_folder_are_checked_before_the_model_loads(tmp_path, monkeypatch, capsys):
