@@ -5,13 +5,17 @@ processes in test_replicas.py)."""
 from __future__ import annotations
 
 import json
+import socket
+import struct
 import sys
+import threading
 import time
 
 import httpx
 import pytest
-from flask import Flask
+from flask import Flask, Response
 from simple_websocket import Client as WsClient
+from werkzeug.serving import make_server
 
 from csm_gguf.server import metrics
 from csm_gguf.server.drain import Drain
@@ -169,6 +173,71 @@ def test_a_websocket_is_out_of_flight_when_its_session_ends():
         assert drain.describe() == "1 requests in flight (/v1/audio/speech x1)"
         result.close()
         assert drain.in_flight == 0 and not drain.paths
+
+
+def test_a_response_is_out_of_flight_once_whether_exhausted_closed_or_dropped():
+    drain = Drain(1)
+    closed = []
+
+    class Body:
+        def __init__(self):
+            self.chunks = iter([b"a", b"b"])
+
+        def __iter__(self):
+            return self.chunks
+
+        def close(self):
+            closed.append(self)
+
+    app = drain.middleware(lambda environ, start_response: Body())
+    environ = {"PATH_INFO": "/v1/audio/speech"}
+    exhausted = app(environ, None)
+    assert list(exhausted) == [b"a", b"b"] and drain.in_flight == 0  # out at its end: its close may never come
+    exhausted.close()
+    exhausted.close()
+    assert drain.in_flight == 0 and len(closed) == 1  # closed once, counted once
+    cut = app(environ, None)
+    assert next(cut) == b"a" and drain.in_flight == 1
+    cut.close()
+    assert drain.in_flight == 0 and len(closed) == 2
+    dropped = app(environ, None)
+    next(dropped)
+    del dropped  # neither exhausted nor closed: the WSGI server gave up on it
+    assert drain.in_flight == 0 and not drain.paths and len(closed) == 3  # and its clean-up still ran
+
+
+def test_a_response_whose_client_reset_the_connection_is_out_of_flight():
+    """werkzeug's server (`flask run`) reads what a client left unread before it closes the response; after a
+    reset that read raises, and the response is never closed: it must not stay in flight (a drain on SIGTERM
+    waited CSM_GGUF_DRAIN_S for it)."""
+    drain, sent, reset = Drain(1), threading.Event(), threading.Event()
+    app = Flask("bare")
+
+    @app.get("/v1/audio/voices")
+    def answer():
+        def body():
+            yield b"x" * 100  # all of it at once, as a flac file or a JSON answer goes out
+            sent.set()  # (werkzeug asks for more once it has written it)
+            reset.wait(10)  # the response ends after the client has gone
+
+        return Response(body(), headers={"Content-Length": "100"})
+
+    app.wsgi_app = drain.middleware(app.wsgi_app)
+    served = make_server("127.0.0.1", 0, app, threaded=True)
+    threading.Thread(target=served.serve_forever, daemon=True).start()
+    try:
+        client = socket.create_connection(("127.0.0.1", served.server_port), timeout=10)
+        client.sendall(b"GET /v1/audio/voices HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert client.recv(12) == b"HTTP/1.1 200" and sent.wait(10)  # the body is sent, and left unread
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()  # a reset, not a FIN
+        reset.set()
+        deadline = time.monotonic() + 5
+        while drain.in_flight and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert drain.in_flight == 0, drain.describe()
+    finally:
+        served.shutdown()
 
 
 def test_readiness_says_when_the_engine_stopped():

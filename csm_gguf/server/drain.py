@@ -17,10 +17,9 @@ import sys
 import threading
 import time
 from collections import Counter
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 from flask import Flask, current_app, request
-from werkzeug.wsgi import ClosingIterator
 
 from .engine import Engine
 from .errors import ApiError, api_error
@@ -36,7 +35,7 @@ RETRY_AFTER_S = 1  # another replica can take the request at once
 
 class Drain:
     """Whether the server drains, since when, and how many requests are in flight (counted by
-    `middleware` from the call of the app to the close of its response, streams and websockets included)."""
+    `middleware` from the call of the app to the end of its response, streams and websockets included)."""
 
     def __init__(self, seconds: float):
         self.seconds = seconds
@@ -82,7 +81,7 @@ class Drain:
                 # returns (its socket is closed by then, and the clean-up after the response raises).
                 self._add(path, -1)
                 return result
-            return ClosingIterator(result, lambda: self._add(path, -1))
+            return InFlight(result, lambda: self._add(path, -1))
 
         return counted
 
@@ -99,6 +98,48 @@ class Drain:
             if not self.paths[path]:
                 del self.paths[path]  # paths are the clients' own: keep only those in flight
             self._changed.notify_all()
+
+
+class InFlight:
+    """A response in flight: `done` is called once, at its end, whichever comes first of its last chunk
+    taken, its close, or its being dropped unclosed. A WSGI server need not get to the close: werkzeug's
+    (`flask run`) reads what the client left unread before it closes the response, and that read raises
+    when the client reset the connection; a drain would then wait for a request long over."""
+
+    def __init__(self, response: Iterable[bytes], done: Callable[[], None]):
+        self._lock = threading.Lock()  # __del__ may run on whichever thread collects it
+        self._done: Callable[[], None] | None = done
+        self._closed = False
+        self.response = response
+        self.chunks = iter(response)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        try:
+            return next(self.chunks)
+        except BaseException:  # the last chunk taken, or the response failed: nothing more is sent
+            self._end()
+            raise
+
+    def close(self) -> None:
+        with self._lock:
+            closing, self._closed = not self._closed, True
+        try:
+            if closing and hasattr(self.response, "close"):
+                self.response.close()
+        finally:
+            self._end()
+
+    def __del__(self) -> None:
+        self.close()  # its clean-up, as the WSGI server would have had it, and its count
+
+    def _end(self) -> None:
+        with self._lock:
+            done, self._done = self._done, None
+        if done is not None:
+            done()
 
 
 def refuse_while_draining():
