@@ -30,6 +30,14 @@ PIECE_TOKENS = 60
 # 3 frames per token; this leaves room for slow speakers and pauses).
 FRAMES_PER_TOKEN = 8
 MIN_FRAMES = 25
+# A piece's prompt beyond its text tokens: BOS, the speaker's tag ("[12]"), EOS, with room to spare.
+PIECE_PROMPT_EXTRA = 8
+
+
+def context_room(max_seq_len: int) -> int:
+    """Positions a context (a voice's prompt) may take so that any piece still fits beside it: the model's
+    context less a whole piece's prompt and the frames it may speak. About 1,500 of CSM's 2,048 (120 s)."""
+    return max_seq_len - (PIECE_TOKENS + PIECE_PROMPT_EXTRA) - FRAMES_PER_TOKEN * PIECE_TOKENS
 
 
 class TokenCounts:

@@ -332,8 +332,10 @@ def run(args) -> int:
     context = context_segments(tts, args.context)
     if args.save_voice is not None:
         speaker = args.speaker if args.speaker is not None else context[0].speaker
+        voice = voices.Voice(context, speaker)
+        tts.check_voice(voice)
         with taken_name_explained():  # saved meanwhile, by another program
-            path = voices.save_voice(args.save_voice, voices.Voice(context, speaker))
+            path = voices.save_voice(args.save_voice, voice)
         print(f"voice {args.save_voice!r} saved to {path}", file=sys.stderr)
         if not has_text:
             return 0

@@ -25,7 +25,7 @@ import numpy as np
 from .formats import FRAME_MS, SAMPLE_RATE
 from .generator import Generator, Segment, check_codes, check_speaker
 from .model import CSMModel
-from .plan import Context, Piece, TokenCounts, plan_pieces, split_text
+from .plan import Context, Heard, Piece, TokenCounts, context_room, plan_pieces, split_text
 from .sampling import MAX_AUDIO_MS, SEED, TEMPERATURE, TOP_K, Sampling
 from .tempo import check_speed, stretched
 from .text import take_sentences, take_sentences_within
@@ -35,6 +35,7 @@ from .text import take_sentences, take_sentences_within
 UNFINISHED_CHARS = 1000
 DEFAULT_VOICE = "alloy"  # a built-in voice (csm_gguf.builtin_voices): the voice when none is named
 NO_VOICE = "none"  # the voice name for no prompt at all
+MIN_VOICE_MS = 1000  # the shortest recording saved as a voice: shorter ones hardly hold a voice
 
 
 @dataclass
@@ -220,14 +221,36 @@ class CSM:
             raise ValueError("a context segment needs its audio or its codes (one of them)")
         if audio is not None:
             # Checked before encoding, which for minutes of audio takes minutes.
-            limit = self.model.config.backbone.max_seq_len * FRAME_MS / 1000
+            limit = context_room(self.model.config.backbone.max_seq_len) * FRAME_MS / 1000
             samples = self._samples(audio, max_seconds=limit)
             if len(samples) > limit * SAMPLE_RATE:
-                raise ValueError(f"the context audio lasts more than the {limit:g} s of audio the model's whole "
-                                 "context holds: cut it (a voice prompt needs 5 to 30 s)")
+                raise ValueError(f"the context audio lasts more than {limit:.0f} s, and beside it the model's "
+                                 "context would leave no room for a piece of text and its speech: cut it (a voice "
+                                 "prompt needs 5 to 30 s)")
             codes = self.encode(samples)
         codes = check_codes(codes, self.model.config.num_codebooks, self.model.n_codes, "context codes")
-        return Segment(speaker, text, codes)
+        segment = Segment(speaker, text, codes)
+        self.check_context([segment])
+        return segment
+
+    def check_context(self, segments: Sequence[Segment], what: str = "the context") -> None:
+        """ValueError unless `segments` leave room in the model's context for any piece of text and its speech
+        (`plan.context_room`): a longer context could never be spoken after."""
+        rows = sum(Heard(s, self.model.prompt_tokens(s.speaker, s.text)).rows for s in segments)
+        room = context_room(self.model.config.backbone.max_seq_len)
+        if rows > room:
+            raise ValueError(f"{what} takes {rows} positions of the model's context, and beside a piece of text "
+                             f"and its speech there is room for {room} (about {room * FRAME_MS / 1000:.0f} s of "
+                             "audio with its words): use less audio (a voice prompt needs 5 to 30 s)")
+
+    def check_voice(self, voice: Voice) -> None:
+        """ValueError unless `voice` can be saved: a prompt of at least MIN_VOICE_MS of audio, which leaves room
+        for speaking (check_context)."""
+        frames = sum(len(s.codes) for s in voice.segments if s.codes is not None)
+        if frames * FRAME_MS < MIN_VOICE_MS:
+            raise ValueError(f"the voice's recording lasts {frames * FRAME_MS / 1000:g} s: a voice needs at least "
+                             f"{MIN_VOICE_MS / 1000:g} s of speech (5 to 30 s is best)")
+        self.check_context(voice.segments, "the voice's prompt")
 
     # --- generation ---------------------------------------------------------------------------------
     def frames(

@@ -16,6 +16,7 @@ from api_fixtures import TEXT, reference_audio
 from audio_fixtures import needs_ffmpeg
 from csm_gguf.audio import load_audio, to_int16
 from csm_gguf.generator import Segment
+from csm_gguf.plan import context_room
 from csm_gguf.say import main
 from csm_gguf.tts import CSM
 
@@ -219,6 +220,24 @@ def test_saved_voice_gives_the_same_codes_as_its_context(f32_model, tts, tmp_pat
     assert saved_lines(capsys.readouterr().out) == []
     assert main(["--delete-voice", "narrator"]) == 2
     assert "no saved voice 'narrator'" in capsys.readouterr().err
+
+
+def test_a_voice_is_saved_only_if_it_can_be_spoken_in(f32_model, tts, tmp_path, capsys):
+    """A voice whose prompt leaves a piece of text no room in the model's context failed at every use, and one
+    of a single sample was saved as a voice."""
+    too_long = context_room(tts.model.config.backbone.max_seq_len) - len(tts.model.prompt_tokens(0, "words"))
+    np.save(tmp_path / "long.npy", np.ones((too_long, 32), np.int64))
+    np.save(tmp_path / "fits.npy", np.ones((too_long - 1, 32), np.int64))
+    sf.write(tmp_path / "blip.wav", np.zeros(1, np.float32), 24_000)
+    save = ["--model", str(f32_model), "--save-voice", "v", "--context", "0", "words"]
+    assert main([*save, str(tmp_path / "long.npy")]) == 2
+    assert f"--context {tmp_path / 'long.npy'}: the context takes" in capsys.readouterr().err
+    assert main([*save, str(tmp_path / "blip.wav")]) == 2
+    assert "a voice needs at least 1 s of speech" in capsys.readouterr().err
+    assert not (tmp_path / "voices" / "v.npz").exists()
+    assert main([*save, str(tmp_path / "fits.npy")]) == 0
+    assert main(["Hi.", "--model", str(f32_model), "--voice", "v", "--max-audio-ms", "160", "-o",
+                 str(tmp_path / "x.wav")]) == 0
 
 
 def test_say_dialogue_speaks_the_script_with_its_voices(f32_model, tmp_path, monkeypatch):

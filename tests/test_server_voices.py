@@ -178,7 +178,7 @@ def test_a_voice_from_a_phone_recording(client, engine, tmp_path, services):
      "send 'audio_sample' as a file, not a text field"),
     ({"name": ["v1", "v2"], "transcript": "Words."}, {"audio_sample": True}, "name", 400, "'name' was sent more than"),
     ({"name": "v1", "transcript": "Words."}, {"audio_sample": "long"}, "audio_sample", 400,
-     "audio_sample: the context audio lasts more than the"),
+     "audio_sample: the context audio lasts more than"),
 ])
 def test_bad_voice_uploads_are_refused_and_save_nothing(base, engine, form, files, param, status, message, services):
     sample = {True: voice_wav(services), "long": LONG_FLAC}

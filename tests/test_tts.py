@@ -14,7 +14,7 @@ import torch
 
 from api_fixtures import TEXT, reference_audio
 from csm_gguf.generator import Segment
-from csm_gguf.plan import PIECE_TOKENS, Context, TokenCounts, frame_budget, split_text
+from csm_gguf.plan import PIECE_TOKENS, Context, TokenCounts, context_room, frame_budget, split_text
 from csm_gguf.sampling import Sampling
 from csm_gguf.tempo import change_speed
 from csm_gguf.tts import CSM, UNFINISHED_CHARS
@@ -362,8 +362,8 @@ def test_api_refuses_bad_arguments_clearly(tts, call, match):
 def test_context_audio_longer_than_the_context_is_refused_before_encoding(tts, monkeypatch):
     """Five minutes of reference audio took 3 minutes and 10 GB to encode, then did not fit."""
     monkeypatch.setattr(tts, "encode", lambda *a: pytest.fail("encoded"))
-    seconds = tts.model.config.backbone.max_seq_len * 0.08
-    with pytest.raises(ValueError, match=f"more than the {seconds:g} s of audio the model's whole context holds"):
+    seconds = context_room(tts.model.config.backbone.max_seq_len) * 0.08
+    with pytest.raises(ValueError, match=f"lasts more than {seconds:.0f} s, and beside it the model's context would"):
         tts.segment(0, "Words.", audio=np.zeros(round((seconds + 0.1) * 24_000), np.float32))
 
 
