@@ -137,11 +137,11 @@ def test_websocket_flushes_sent_at_once_each_get_their_done(base, engine, monkey
     assert [text for _, text in seen] == ["One two three.", "Four five."]
 
 
-def test_websocket_speed_applies_from_its_sentence_on(base, engine, services):
+def test_websocket_speed_applies_to_the_text_sent_after_it(base, engine, services):
     files = ws_session(base, [{"voice": "alloy", "response_format": "pcm", **GREEDY},
-                              {"type": "text", "text": "One two three. Four"},  # the first is complete
+                              {"type": "text", "text": "One two three. "},  # not known complete: pending
                               {"type": "speech", "speed": 2},
-                              {"type": "text", "text": " five."}, {"type": "flush"}], dones=1)
+                              {"type": "text", "text": "Four five."}, {"type": "flush"}], dones=1)
     (audio, done), frame = files[0], services.tts.codec.cfg.frame_size
     assert done["frames"] == 20 and done["bytes"] == len(audio)
     # 10 frames as spoken, then 10 at double speed, through one stretch from the change to the end
@@ -184,22 +184,37 @@ def test_websocket_text_without_sentence_ends_is_cut_between_words(base, engine,
     assert " ".join(" ".join(texts).split()) == " ".join(["word"] * 1000)  # every word, once, in order
 
 
-def test_websocket_voice_change_mid_sentence_starts_afresh(base, engine, services, monkeypatch):
-    """A sentence takes the settings in force when it is complete (when the next one starts); the previous
-    sentence prompts the next only in the same voice (a format change keeps the voice, and ends the file
-    being sent)."""
+def test_websocket_text_keeps_the_settings_it_was_sent_under(base, engine, services, monkeypatch):
+    """A change of settings ends the text pending there, which is spoken with the settings it was sent under
+    (mid-sentence too, as `input` does): a dialogue's next speaker never says the last sentence of the one
+    before. The previous sentence prompts the next only in the same voice (a format change keeps the voice,
+    and ends the file being sent)."""
     services.voice("echo")  # its prompt made now, if need be: not among the pieces recorded
     seen = record_starts(engine, monkeypatch)
     files = ws_session(base, [{"voice": "alloy", "response_format": "pcm", **GREEDY},
-                              {"type": "text", "text": "First sentence is spoken now. Sec"},
-                              {"voice": "echo"}, {"type": "text", "text": "ond one is here. "},
-                              {"response_format": "wav"}, {"type": "text", "text": "Third in wav."},
+                              {"type": "text", "text": "Turn A ends here. "},
+                              {"voice": "echo"}, {"type": "text", "text": "Turn B is cut"},
+                              {"response_format": "wav"}, {"type": "text", "text": " in two."},
                               {"type": "flush"}], dones=2)
-    assert seen == [(0, "First sentence is spoken now.", []), (4, "Second one is here.", []),
-                    (4, "Third in wav.", ["Second one is here."])]
+    assert seen == [(0, "Turn A ends here.", []), (4, "Turn B is cut", []), (4, "in two.", ["Turn B is cut"])]
     (pcm_audio, first), (wav_audio, second) = files
-    assert (first["response_format"], first["sentences"]) == ("pcm", 1) and not pcm_audio.startswith(b"RIFF")
-    assert (second["response_format"], second["sentences"]) == ("wav", 2) and wav_audio.startswith(b"RIFF")
+    assert (first["response_format"], first["sentences"]) == ("pcm", 2) and not pcm_audio.startswith(b"RIFF")
+    assert (second["response_format"], second["sentences"]) == ("wav", 1) and wav_audio.startswith(b"RIFF")
+
+
+def test_websocket_a_format_change_after_pending_text_gives_two_files(base, engine):
+    files = ws_session(base, [{"response_format": "wav", **GREEDY}, {"type": "text", "text": "One sentence. "},
+                              {"response_format": "pcm"}, {"type": "text", "text": "Two sentence. "},
+                              {"type": "flush"}], dones=2)
+    assert [(done["response_format"], done["sentences"]) for _, done in files] == [("wav", 1), ("pcm", 1)]
+    assert files[0][0].startswith(b"RIFF") and not files[1][0].startswith(b"RIFF")
+
+
+def test_websocket_settings_unchanged_do_not_end_the_pending_sentence(base, engine, monkeypatch):
+    seen = record_submits(engine, monkeypatch)
+    ws_session(base, [{"voice": "alloy", "response_format": "pcm", **GREEDY}, {"type": "text", "text": "One"},
+                      {"voice": "alloy"}, {"type": "text", "text": " sentence."}, {"type": "flush"}], dones=1)
+    assert seen == [(0, "One sentence.")]
 
 
 def test_websocket_each_file_is_decoded_from_its_start(base, engine, services):

@@ -154,7 +154,9 @@ class WebsocketSession:
 
     def change(self, message: Speech) -> None:
         """New settings, checked whole before they apply; with input, a whole request spoken with them (as
-        over HTTP, in CSM's pieces), and the file ends with it."""
+        over HTTP, in CSM's pieces), and the file ends with it. Text sent before keeps the settings it was
+        sent under: what is still pending ends there, as a sentence of its own (a dialogue's next speaker
+        never says the last sentence of the one before)."""
         text, fields = message.input, {**self.fields, **message.fields}
         checked = self.services.check({**fields, "input": text} if text is not None else fields,
                                       need_input=text is not None)
@@ -164,7 +166,7 @@ class WebsocketSession:
         with self.services.place() if new_audio else nullcontext():
             request = self.services.encode(checked, self.encoded)
         self.encoded = {a: self.encoded[a] for a in checked.job.context if isinstance(a, ContextAudio)}
-        if text is not None:
+        if text is not None or fields != self.fields:
             self.add_text("\n")  # text still pending is spoken first, as it was sent
         if voice_changed(self.fields, fields):
             self.voice += 1
