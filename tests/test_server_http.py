@@ -413,6 +413,20 @@ def test_unknown_routes_and_methods_answer_in_openai_shape(base):
                                                                                          "code"}
 
 
+def test_plain_http_to_the_websocket_says_how_to_connect(base):
+    response = httpx.get(f"{base}/v1/audio/speech/ws")
+    error = response.json()["error"]
+    assert response.status_code == 426 and response.headers["Upgrade"] == "websocket"
+    assert error["code"] == "upgrade_required" and "websocket endpoint" in error["message"]
+    assert "ws://HOST/v1/audio/speech/ws" in error["message"]
+    upgrade = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+               "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+    response = httpx.get(f"{base}/v1/models", headers=upgrade)  # the other way round
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["code"] == "not_a_websocket"
+    assert "the speech websocket is /v1/audio/speech/ws" in error["message"]
+
+
 VALUES = st.one_of(
     st.none(), st.booleans(), st.integers(-10, 10**7), st.floats(allow_nan=True), st.text(max_size=8),
     st.lists(st.integers(-2, 70), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),

@@ -13,6 +13,7 @@ from .limits import MAX_SPEECH_REQUEST, MAX_VOICE_UPLOAD
 if TYPE_CHECKING:
     from flask import Flask
     from werkzeug.exceptions import HTTPException
+    from werkzeug.routing import WebsocketMismatch
 
 log = logging.getLogger(__name__)
 VOICES_PATH = "/v1/audio/voices"
@@ -68,6 +69,25 @@ def http_error(e: HTTPException):
     return api_error(ApiError(e.code or 500, message, code=e.name.lower().replace(" ", "_")))
 
 
+def websocket_mismatch(e: WebsocketMismatch):
+    """An HTTP request to the websocket, or a websocket upgrade to an HTTP endpoint: where to go instead.
+    The websocket answers plain HTTP with 426 Upgrade Required, which names the protocol to switch to (RFC
+    9110 15.5.22, its Upgrade header; the Connection option that goes with it is the WSGI server's to add)."""
+    from flask import request
+
+    from .ws_protocol import WEBSOCKET_PATH  # here: ws_protocol imports this module
+
+    if request.path == WEBSOCKET_PATH:
+        response = api_error(ApiError(426, f"{WEBSOCKET_PATH} is a websocket endpoint: connect with a websocket "
+                                      f"client (ws://HOST{WEBSOCKET_PATH}, a GET with 'Upgrade: websocket'); "
+                                      "POST /v1/audio/speech speaks a whole request over plain HTTP",
+                                      code="upgrade_required"))
+        response.headers["Upgrade"] = "websocket"
+        return response
+    return api_error(ApiError(400, f"{request.path} is no websocket endpoint: the speech websocket is "
+                              f"{WEBSOCKET_PATH}; send this one a plain HTTP request", code="not_a_websocket"))
+
+
 def voices_full(e: VoicesFull):
     return api_error(ApiError(507, f"{e} (DELETE /v1/audio/voices/NAME deletes one)", param="name",
                               code="voices_full"))
@@ -94,8 +114,10 @@ def server_error(e: Exception):
 
 def register_error_handlers(app: Flask) -> None:
     from werkzeug.exceptions import HTTPException
+    from werkzeug.routing import WebsocketMismatch
 
     app.register_error_handler(ApiError, api_error)
+    app.register_error_handler(WebsocketMismatch, websocket_mismatch)
     app.register_error_handler(HTTPException, http_error)
     app.register_error_handler(VoicesFull, voices_full)
     app.register_error_handler(VoicesFolderError, voices_folder_error)
