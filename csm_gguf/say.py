@@ -261,11 +261,13 @@ def context_segments(tts, items: list[list[str]]):
 def read_codes(path: str):
     import numpy as np
 
+    from .voices import numpy_failure
+
     try:
         codes = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
-        raise UsageError(f"cannot read codes {path}: {e or 'the file is empty'}; give a .npy file written by "
-                         "--save-codes") from e
+        raise UsageError(f"cannot read codes {path}: {numpy_failure(e) or 'the file is empty'}; give a .npy file "
+                         "written by --save-codes") from e
     if not isinstance(codes, np.ndarray):  # np.load gives an archive for .npz content
         codes.close()
         raise UsageError(f"{path} is an archive of arrays (a saved voice?), not one array of codes: "

@@ -23,6 +23,9 @@ from .model_dir import cache_root
 from .tts import NO_VOICE, Voice
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # fullmatch: "$" would let a final newline in
+# Device names on Windows, where no file may be called so (also with an extension: "con.voice.npz").
+WINDOWS_DEVICES = frozenset({"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)),
+                             *(f"LPT{i}" for i in range(1, 10))})
 BUILTIN_VOICES = builtin_voices.SPEAKERS  # OpenAI's names, each a fixed prompt of a CSM speaker id
 
 
@@ -108,7 +111,14 @@ def check_saveable(name: str) -> Path:
     if name.isdigit():
         raise ValueError(f"voice name {name!r} is all digits, which a dialogue script reads as a speaker id: "
                          "save the voice under a name with a letter in it")
+    if name.split(".")[0].upper() in WINDOWS_DEVICES:
+        raise ValueError(f"voice name {name!r} is a device's name on Windows, where no file may have it: save the "
+                         "voice under another name")
     _folder()
+    twin = next((other for other in all_voices() if other.lower() == name.lower() and other != name), None)
+    if twin is not None:
+        raise ValueError(f"voice name {name!r} differs from voice {twin!r} only in case, and on macOS and Windows "
+                         f"their files are one: save it under another name, or under {twin!r}")
     if path.exists():
         raise VoiceExists(name)
     saved, limit = len(list_voices()), max_voices()
@@ -266,8 +276,14 @@ def read_voice(path: Path, name: str, fix: str = "delete it and save it again") 
     except FileNotFoundError:  # deleted meanwhile (by another replica sharing the folder, say)
         raise _unknown(name) from None
     except Exception as e:  # a damaged file fails in any of zipfile's, zlib's, json's or numpy's ways
-        reason = str(e).replace(str(path), path.name)  # named by the voice: a server shows this to its clients
+        reason = numpy_failure(e).replace(str(path), path.name)  # named by the voice: a server shows this to clients
         raise ValueError(f"voice {name!r} is damaged ({reason}): {fix}") from None
+
+
+def numpy_failure(e: Exception) -> str:
+    """Why np.load failed, for a user. Of a file that is no .npy or .npz, numpy says it "contains pickled (object)
+    data" and advises loading it unsafely, which no one should do with a file that was not saved as a voice."""
+    return "not a numpy file (.npy or .npz)" if str(e).startswith("This file contains pickled") else str(e)
 
 
 def _unknown(name: str) -> ValueError:

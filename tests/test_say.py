@@ -349,7 +349,10 @@ def test_a_voice_is_saved_with_its_codes_or_not_at_all():
     (["hi", "--max-audio-ms", "inf", "-o", "{tmp}/x.wav"], "--max-audio-ms must be"),
     (["hi", "--speed", "4.5", "-o", "{tmp}/x.wav"], "--speed must be from 0.25 to 4.0"),
     (["--input", "{tmp}/latin1.txt", "-o", "{tmp}/x.wav"], "latin1.txt is not UTF-8"),
-    (["hi", "--voice", "broken", "-o", "{tmp}/x.wav"], "voice 'broken' is damaged"),
+    (["hi", "--voice", "broken", "-o", "{tmp}/x.wav"],  # not numpy's advice to load it unsafely
+     "voice 'broken' is damaged (not a numpy file (.npy or .npz)): delete it and save it again"),
+    (["hi", "--context", "0", "words", "{tmp}/latin1.npy", "-o", "{tmp}/x.wav"],
+     "cannot read codes {tmp}/latin1.npy: not a numpy file (.npy or .npz); give a .npy file written by"),
     (["hi", "--voice", "empty", "-o", "{tmp}/x.wav"], "voice 'empty' is damaged"),
     (["--save-voice", "none", "--context", "0", "words", "{tmp}/tone.wav"], "'none' means no voice prompt"),
     (["hi", "--context", "0", "words", "{tmp}/archive.NPY", "-o", "{tmp}/x.wav"], "is an archive of arrays"),
@@ -365,6 +368,10 @@ def test_a_voice_is_saved_with_its_codes_or_not_at_all():
     (["0: hi", "--dialogue", "--save-voice", "v", "--context", "0", "words", "{tmp}/tone.wav", "-o", "{tmp}/x.wav"],
      "--save-voice and --dialogue go in separate runs"),
     (["--save-voice", "42", "--context", "0", "words", "{tmp}/tone.wav"], "is all digits"),
+    (["--save-voice", "ALLOY", "--context", "0", "words", "{tmp}/tone.wav"],
+     "voice name 'ALLOY' differs from voice 'alloy' only in case, and on macOS and Windows their files are one"),
+    (["--save-voice", "Broken", "--context", "0", "words", "{tmp}/tone.wav"], "differs from voice 'broken' only in"),
+    (["--save-voice", "con.2", "--context", "0", "words", "{tmp}/tone.wav"], "'con.2' is a device's name on Windows"),
     (["--save-voice", "alloy\n", "--context", "0", "words", "{tmp}/tone.wav"], "bad voice name 'alloy\\n'"),
     (["--save-voice", "broken", "--context", "0", "words", "{tmp}/tone.wav"],
      "voice 'broken' exists: delete it first (--delete-voice broken)"),
@@ -375,6 +382,7 @@ def test_a_voice_is_saved_with_its_codes_or_not_at_all():
 def test_bad_input_is_a_clear_error_with_no_output(f32_model, tmp_path, capsys, args, message):
     (tmp_path / "garbage.wav").write_bytes(b"RIFF nonsense")
     (tmp_path / "latin1.txt").write_bytes("Café au lait.".encode("latin-1"))
+    (tmp_path / "latin1.npy").write_bytes("Café au lait.".encode("latin-1"))
     (tmp_path / "utf16.txt").write_bytes("Hi.".encode("utf-16-le"))
     np.save(tmp_path / "float.npy", np.full((3, 32), 1.5))
     np.save(tmp_path / "no-frames.npy", np.zeros((0, 32), dtype=np.int64))
@@ -390,7 +398,7 @@ def test_bad_input_is_a_clear_error_with_no_output(f32_model, tmp_path, capsys, 
     (tmp_path / "voices" / "empty.npz").write_bytes(b"")
     argv = [a.replace("{tmp}", str(tmp_path)) for a in args] + ["--model", str(f32_model)]
     assert main(argv) == 2
-    assert message in capsys.readouterr().err
+    assert message.replace("{tmp}", str(tmp_path)) in capsys.readouterr().err
     assert not (tmp_path / "x.wav").exists() and not (tmp_path / "x.aac").exists()
     assert not (tmp_path / "voices" / "v.npz").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
