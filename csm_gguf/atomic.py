@@ -14,6 +14,9 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, replace: bool = True
     so it appears whole or not at all; a symlink keeps pointing at it. Anything else (a pipe, a device
     such as /dev/null, a terminal behind /dev/stdout) is written to in place: a rename would replace it.
 
+    A file replaced so keeps its permissions (a private file stays private), and one this process may not write
+    is refused (PermissionError), as the shell's `>` refuses it: a rename would replace it all the same.
+
     With replace=False a file already at `path` stays, and FileExistsError is raised; the new file is
     hard-linked into place, which is atomic, so of two processes writing the same name one wins."""
     try:
@@ -29,6 +32,8 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, replace: bool = True
         except OSError as e:
             raise OSError(e.errno, e.strerror, os.fspath(path)) from None
         return
+    if mode is not None and not os.access(path, os.W_OK):
+        raise PermissionError(errno.EACCES, "the file is read-only", os.fspath(path))
     directory, base = os.path.split(os.path.realpath(path))
     # Unique across hosts too (a folder shared over NFS): the host's name, the process and a random part.
     tmp = os.path.join(directory, f".{base}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
@@ -38,6 +43,8 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, replace: bool = True
     except OSError as e:  # name the file the caller asked for, not our temporary one
         raise OSError(e.errno, e.strerror, os.fspath(path)) from None
     try:
+        if mode is not None:
+            os.fchmod(fd, stat.S_IMODE(mode))
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -142,6 +142,8 @@ def check_writable(path: str, what: str) -> None:
         if not os.access(path, os.W_OK):
             raise UsageError(f"cannot write {what} {path}: no permission")
         return
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise UsageError(f"cannot write {what} {path}: the file is read-only")
     folder = os.path.dirname(os.path.realpath(path))  # a link's target is replaced, in its own folder
     if not os.path.isdir(folder):
         why = "is not a folder" if os.path.exists(folder) else "does not exist"
