@@ -36,7 +36,10 @@ def find_player() -> list[str]:
     """The command that plays speech here, or a ValueError that says how to get one."""
     chosen = os.environ.get("CSM_GGUF_PLAYER", "").strip()
     if chosen:
-        command = shlex.split(chosen)
+        try:
+            command = shlex.split(chosen)
+        except ValueError as e:  # an unclosed quotation
+            raise ValueError(f"CSM_GGUF_PLAYER={chosen!r} is not a command: {e}") from None
         if shutil.which(command[0]) is None:
             raise ValueError(f"CSM_GGUF_PLAYER={chosen!r}: {command[0]!r} is not a program on PATH")
         return command

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 
 from .generator import Segment
 from .text import is_blank
-from .tts import Voice
+from .tts import NO_VOICE, Voice
 from .voices import load_voice
 
 _TURN = re.compile(r"(?P<who>[^:]*?)\s*:\s*(?P<text>.*)")
@@ -50,6 +50,9 @@ def read_script(script: str, reserved: Iterable[int] = (), load: Callable[[str],
             raise ValueError(f"dialogue line {number}: {who!r} says nothing")
         if re.fullmatch(r"[-+]\d+", who):
             raise ValueError(f"dialogue line {number}: a speaker id is a whole number >= 0, got {who}")
+        if who == NO_VOICE:
+            raise ValueError(f"dialogue line {number}: {NO_VOICE!r} is no speaker: a turn without a voice prompt "
+                             "names its speaker id (0: ...)")
         lines.append((number, who, match["text"]))
     if not lines:
         raise ValueError("the dialogue has no turns: write one per line, as SPEAKER: TEXT")

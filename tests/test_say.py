@@ -121,6 +121,9 @@ def test_play_with_a_chosen_player_or_none(f32_model, tmp_path, monkeypatch, cap
     monkeypatch.setenv("CSM_GGUF_PLAYER", "nonesuch")
     assert main(common) == 2
     assert "CSM_GGUF_PLAYER='nonesuch': 'nonesuch' is not a program on PATH" in capsys.readouterr().err
+    monkeypatch.setenv("CSM_GGUF_PLAYER", "my-player 'unclosed")
+    assert main(common) == 2
+    assert "CSM_GGUF_PLAYER=\"my-player 'unclosed\" is not a command: No closing quotation" in capsys.readouterr().err
     monkeypatch.delenv("CSM_GGUF_PLAYER")
     assert main(common) == 2 and "no audio player found: install one of paplay" in capsys.readouterr().err
     assert main([*common, "-o", "-"]) == 2 and "--play and -o -" in capsys.readouterr().err
@@ -297,6 +300,7 @@ def test_dialogue_script_names_speakers_by_id_or_voice():
     ("Hello there.", "dialogue line 1 names no speaker"),
     ("0: Hi.\n\n1:  ", "dialogue line 3: '1' says nothing"),
     ("0: Hi.\nnobody: Hey.", "dialogue line 2: unknown voice 'nobody'"),
+    ("0: Hi.\nnone: Hey.", "dialogue line 2: 'none' is no speaker: a turn without a voice prompt names its"),
     ("Dr Who: Hi.", "dialogue line 1: bad voice name 'Dr Who'"),
     ("0: Hi.\n-1: Yo.", "dialogue line 2: a speaker id is a whole number >= 0, got -1"),
     ("0: Hi.\r\u200b: Yo.", "dialogue line 2 names no speaker"),
