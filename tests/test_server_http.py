@@ -308,6 +308,21 @@ def test_models_voices_health(client, base):
     assert "CSM_GGUF_MAX_STREAMS" in page and "<td>8</td>" in page and "/v1/audio/speech" in page
 
 
+def test_a_model_is_retrieved_as_listed(client, base):
+    import openai
+
+    listed = {m.id: m for m in client.models.list()}
+    for name in ("csm-1b", "tts-1"):
+        assert client.models.retrieve(name) == listed[name]  # the official client's retrieve
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
+    response = httpx.get(f"{base}/v1/models/gpt-4o")
+    error = response.json()["error"]
+    assert response.status_code == 404
+    assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", "model_not_found", None)
+    assert "'gpt-4o'" in error["message"] and "csm-1b, tts-1, tts-1-hd, gpt-4o-mini-tts" in error["message"]
+
+
 def test_settings_from_environment(monkeypatch):
     from csm_gguf.server.settings import Settings
 

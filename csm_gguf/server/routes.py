@@ -77,9 +77,20 @@ def health():
 
 @bp.get("/v1/models")
 def models():
-    created = services().created
-    return {"object": "list",
-            "data": [{"id": m, "object": "model", "created": created, "owned_by": "sesame"} for m in MODELS]}
+    return {"object": "list", "data": [model_object(m) for m in MODELS]}
+
+
+@bp.get("/v1/models/<model>")
+def model(model: str):
+    if model not in MODELS:
+        raise ApiError(404, f"the model {model!r} does not exist; this server speaks with: {', '.join(MODELS)}",
+                       code="model_not_found")
+    return model_object(model)
+
+
+def model_object(model: str) -> dict:
+    """A model as OpenAI's API lists and retrieves it."""
+    return {"id": model, "object": "model", "created": services().created, "owned_by": "sesame"}
 
 
 @bp.get(VOICES_PATH)
