@@ -365,6 +365,7 @@ OK = {"model": "csm-1b", "input": TEXT, "voice": "alloy"}
     ({**OK, "voice": {"id": "nobody"}}, "voice", "voice_not_found"),
     ({**OK, "response_format": "ogg"}, "response_format", "unsupported_value"),
     ({**OK, "stream_format": "json"}, "stream_format", "invalid_value"),
+    ({**OK, "stream_format": "sse", "stream": False}, "stream", "invalid_value"),  # no whole file of events
     ({**OK, "speed": 0.2}, "speed", "out_of_range"),
     ({**OK, "speed": 10**400}, "speed", "out_of_range"),  # JSON numbers have any number of digits
     ({**OK, "temperature": -(10**400)}, "temperature", "out_of_range"),

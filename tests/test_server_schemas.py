@@ -107,11 +107,29 @@ def test_websocket_messages_parse_into_typed_values(message, parsed):
     (json.dumps({"type": "text", "text": 5}), None, "text"),
     (json.dumps({"type": "text", "text": "a", "more": 1}), None, "text"),
     (json.dumps({"type": "shout"}), None, "type"),
+    (json.dumps({"type": "flush", "foo": 1}), "unknown_parameter", "foo"),  # as over HTTP
+    (json.dumps({"type": "speech", "stream_format": "sse"}), "unsupported_parameter", "stream_format"),
+    (json.dumps({"input": "Hi.", "stream": False}), "unsupported_parameter", "stream"),
+    (json.dumps({"stream": True}), "unsupported_parameter", "stream"),  # its HTTP default means nothing here too
 ])
 def test_bad_websocket_messages_are_api_errors(message, code, param):
     with pytest.raises(ApiError) as e:
         parse_message(message)
     assert (e.value.status, e.value.code, e.value.param) == (400, code, param)
+
+
+@pytest.mark.parametrize("field", ["stream", "stream_format"])
+def test_websocket_speech_refuses_what_only_shapes_http_responses(field):
+    with pytest.raises(ApiError) as e:
+        parse_message(json.dumps({"voice": "echo", field: "x"}))
+    assert e.value.message.startswith(f"'{field}' is for HTTP responses: the websocket always sends audio")
+
+
+def test_an_sse_stream_cannot_be_a_whole_file(tts):
+    error = refused({**OK, "stream_format": "sse", "stream": False}, tts)
+    assert (error.param, error.code) == ("stream", "invalid_value")
+    assert "'stream': false" in error.message and "'stream_format': 'sse'" in error.message
+    assert parse_speech({**OK, "stream_format": "sse", "stream": True}, tts).stream_format == "sse"
 
 
 def test_only_the_voice_fields_make_another_voice():

@@ -196,6 +196,9 @@ def _output(body: dict) -> tuple[str, str, bool]:
     stream = body.get("stream", True)
     if not isinstance(stream, bool):
         raise invalid("stream", "'stream' must be true or false")
+    if stream_format == "sse" and not stream:  # events are sent as the audio is made: there is no whole file
+        raise invalid("stream", "'stream': false (the whole file at once) and 'stream_format': 'sse' (events sent "
+                      "as the audio is made) contradict each other: leave out one of them")
     return fmt, stream_format, stream
 
 

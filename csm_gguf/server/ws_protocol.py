@@ -19,6 +19,9 @@ from .schemas import parse_json
 
 WEBSOCKET_PATH = "/v1/audio/speech/ws"
 VOICE_FIELDS = ("voice", "speaker_id", "context")  # what makes a session's voice (not format or sampling)
+# Speech request fields that shape an HTTP response: the websocket sends its audio as binary messages while it
+# is made, one file per flush or input, whatever they say, so a speech message refuses them.
+HTTP_ONLY_FIELDS = ("stream", "stream_format")
 
 
 @dataclass(frozen=True)
@@ -59,8 +62,17 @@ def parse_message(message: str | bytes) -> Message:
             raise ApiError(400, "'text' holds lone surrogates, which are not Unicode text", param="text")
         return Text(body["text"])
     if kind == "flush":
+        if body:
+            field = sorted(body)[0]
+            raise ApiError(400, f"unrecognized field {field!r}: a flush message is {{\"type\": \"flush\"}}",
+                           param=field, code="unknown_parameter")
         return Flush()
     if kind == "speech":
+        http_only = [field for field in HTTP_ONLY_FIELDS if field in body]
+        if http_only:
+            raise ApiError(400, f"'{http_only[0]}' is for HTTP responses: the websocket always sends audio as binary "
+                           "messages while it is made, one file per flush or input; leave it out",
+                           param=http_only[0], code="unsupported_parameter")
         text = body.pop("input", None)
         return Speech(body, text)
     raise ApiError(400, f"unknown message type {kind!r}: use speech, text or flush", param="type")
