@@ -361,6 +361,7 @@ OK = {"model": "csm-1b", "input": TEXT, "voice": "alloy"}
     ({**OK, "input": 5}, "input", "invalid_value"),
     ({**OK, "model": "whisper-1"}, "model", "model_not_found"),
     ({"input": TEXT, "voice": "alloy"}, "model", "missing_required_parameter"),
+    ({**OK, "model": 1}, "model", "invalid_value"),  # sent, but not a string: not "required"
     ({**OK, "voice": "nobody"}, "voice", "voice_not_found"),
     ({**OK, "voice": {"id": "nobody"}}, "voice", "voice_not_found"),
     ({**OK, "response_format": "ogg"}, "response_format", "unsupported_value"),

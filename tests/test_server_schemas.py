@@ -125,6 +125,22 @@ def test_websocket_speech_refuses_what_only_shapes_http_responses(field):
     assert e.value.message.startswith(f"'{field}' is for HTTP responses: the websocket always sends audio")
 
 
+def test_a_model_of_the_wrong_type_is_named_as_such(tts):
+    error = refused({**OK, "model": 1}, tts)
+    assert (error.param, error.code) == ("model", "invalid_value")
+    assert error.message == "'model' must be a string, one of: csm-1b, tts-1, tts-1-hd, gpt-4o-mini-tts"
+    for body in ({"input": "Hello."}, {"input": "Hello.", "model": None}):  # null: left out (as for voice)
+        assert (refused(body, tts).param, refused(body, tts).code) == ("model", "missing_required_parameter")
+
+
+def test_a_null_voice_is_the_default_voice_as_when_left_out(tts):
+    unnamed = {k: v for k, v in OK.items() if k != "voice"}
+    default = parse_speech(unnamed, tts, default_voice="echo").job
+    null = parse_speech({**unnamed, "voice": None}, tts, default_voice="echo").job
+    assert null.speaker == default.speaker == 4 and len(null.context) == len(default.context) == 1
+    np.testing.assert_array_equal(null.context[0].codes, default.context[0].codes)  # echo's prompt
+
+
 def test_an_sse_stream_cannot_be_a_whole_file(tts):
     error = refused({**OK, "stream_format": "sse", "stream": False}, tts)
     assert (error.param, error.code) == ("stream", "invalid_value")

@@ -127,7 +127,9 @@ def parse_speech(body: Any, tts: CSM, default_voice: str = "alloy", need_input: 
         raise invalid("instructions", f"'instructions' must be a string of at most {MAX_INPUT_CHARS} characters")
     fmt, stream_format, stream = _output(body)
     speed = _value(body, SPEED)
-    speaker, segments = _voice(body.get("voice", default_voice), tts, load or tts.voice)
+    voice = body.get("voice")
+    # null is the field left out, as for the sampling settings and speaker_id: the server's default voice
+    speaker, segments = _voice(default_voice if voice is None else voice, tts, load or tts.voice)
     if "speaker_id" in body and body["speaker_id"] is not None:
         speaker = _value(body, SPEAKER_ID)
     sampling = Sampling(*(_value(body, setting) for setting in SAMPLING_SETTINGS))
@@ -157,9 +159,13 @@ def encode_context(req: SpeechRequest, tts: CSM, encoded: dict[ContextAudio, Seg
 
 
 def _model(body: dict, need_input: bool) -> None:
-    model = body.get("model", MODELS[0] if not need_input else None)
-    if not isinstance(model, str) or not model:
+    model = body.get("model")
+    if model is None and not need_input:  # a websocket's settings: the model is this server's one
+        return
+    if model is None:  # left out, or null (as for voice)
         raise invalid("model", "'model' is required: a string such as 'csm-1b'", code="missing_required_parameter")
+    if not isinstance(model, str):
+        raise invalid("model", f"'model' must be a string, one of: {', '.join(MODELS)}")
     if model not in MODELS:
         raise invalid("model", f"unknown model {model!r}; this server speaks with: {', '.join(MODELS)}",
                       code="model_not_found")
@@ -267,8 +273,8 @@ def _voice(voice: Any, tts: CSM, load: Callable[[str], Voice]) -> tuple[int, lis
         voice = voice.get("id")
     if voice == NO_VOICE:  # no prompt: the raw model
         return 0, []
-    if voice is None:
-        raise invalid("voice", "'voice' is required: one of " + ", ".join(voice_names()),
+    if voice is None:  # {"id": null}
+        raise invalid("voice", "'voice' needs its id: one of " + ", ".join(voice_names()),
                       code="missing_required_parameter")
     if not isinstance(voice, str):
         raise invalid("voice", "'voice' must be a voice name or {\"id\": name}")
