@@ -92,7 +92,7 @@ def test_websocket_text_with_a_lone_surrogate_is_an_error_and_the_session_goes_o
         ws.send(json.dumps({"type": "flush"}))
         audio, events = replies(ws)
         errors = [e["error"] for e in events if e["type"] == "error"]
-        assert [(e["param"], e["code"]) for e in errors] == [("text", None)], events
+        assert [(e["param"], e["code"]) for e in errors] == [("text", "invalid_value")], events
         assert "lone surrogates" in errors[0]["message"]
         done = events[-1]
         assert done["sentences"] == 2 and done["frames"] == 2 and done["bytes"] == len(audio) > 0  # nothing lost

@@ -104,9 +104,11 @@ def test_websocket_messages_parse_into_typed_values(message, parsed):
     (b"\x00binary", "invalid_json", None),
     ("{not json", "invalid_json", None),
     ("[1, 2]", "invalid_json", None),
-    (json.dumps({"type": "text", "text": 5}), None, "text"),
-    (json.dumps({"type": "text", "text": "a", "more": 1}), None, "text"),
-    (json.dumps({"type": "shout"}), None, "type"),
+    (json.dumps({"type": "text", "text": 5}), "invalid_value", "text"),
+    (json.dumps({"type": "text"}), "missing_required_parameter", "text"),
+    (json.dumps({"type": "text", "text": "caf\ud800"}), "invalid_value", "text"),  # a lone surrogate
+    (json.dumps({"type": "text", "text": "a", "more": 1}), "unknown_parameter", "more"),
+    (json.dumps({"type": "shout"}), "invalid_value", "type"),
     (json.dumps({"type": "flush", "foo": 1}), "unknown_parameter", "foo"),  # as over HTTP
     (json.dumps({"type": "speech", "stream_format": "sse"}), "unsupported_parameter", "stream_format"),
     (json.dumps({"input": "Hi.", "stream": False}), "unsupported_parameter", "stream"),

@@ -14,7 +14,7 @@ from typing import Any, Union
 from ..audio import SAMPLE_RATE
 from ..text import is_unicode
 from .engine import usage
-from .errors import ApiError
+from .errors import ApiError, invalid
 from .schemas import parse_json
 
 WEBSOCKET_PATH = "/v1/audio/speech/ws"
@@ -22,6 +22,7 @@ VOICE_FIELDS = ("voice", "speaker_id", "context")  # what makes a session's voic
 # Speech request fields that shape an HTTP response: the websocket sends its audio as binary messages while it
 # is made, one file per flush or input, whatever they say, so a speech message refuses them.
 HTTP_ONLY_FIELDS = ("stream", "stream_format")
+MESSAGE_FIELDS = {"text": ("text",), "flush": ()}  # the other messages' fields, besides their type: no others
 
 
 @dataclass(frozen=True)
@@ -55,17 +56,11 @@ def parse_message(message: str | bytes) -> Message:
     if not isinstance(body, dict):
         raise ApiError(400, "a message must be a JSON object", code="invalid_json")
     kind = body.pop("type", "speech")
+    if kind in MESSAGE_FIELDS:
+        _no_other_fields(kind, body)
     if kind == "text":
-        if set(body) != {"text"} or not isinstance(body["text"], str):
-            raise ApiError(400, 'a text message is {"type": "text", "text": "..."}', param="text")
-        if not is_unicode(body["text"]):
-            raise ApiError(400, "'text' holds lone surrogates, which are not Unicode text", param="text")
-        return Text(body["text"])
+        return Text(_text(body.get("text")))
     if kind == "flush":
-        if body:
-            field = sorted(body)[0]
-            raise ApiError(400, f"unrecognized field {field!r}: a flush message is {{\"type\": \"flush\"}}",
-                           param=field, code="unknown_parameter")
         return Flush()
     if kind == "speech":
         http_only = [field for field in HTTP_ONLY_FIELDS if field in body]
@@ -75,7 +70,29 @@ def parse_message(message: str | bytes) -> Message:
                            param=http_only[0], code="unsupported_parameter")
         text = body.pop("input", None)
         return Speech(body, text)
-    raise ApiError(400, f"unknown message type {kind!r}: use speech, text or flush", param="type")
+    raise invalid("type", f"unknown message type {kind!r}: use speech, text or flush")
+
+
+def shape(kind: str) -> str:
+    """A message of `kind` as its sender writes it: '{"type": "text", "text": "..."}'."""
+    return json.dumps({"type": kind, **{field: "..." for field in MESSAGE_FIELDS[kind]}})
+
+
+def _no_other_fields(kind: str, body: dict[str, Any]) -> None:
+    unknown = sorted(set(body) - set(MESSAGE_FIELDS[kind]))
+    if unknown:
+        raise invalid(unknown[0], f"unrecognized field {unknown[0]!r}: a {kind} message is {shape(kind)}",
+                      code="unknown_parameter")
+
+
+def _text(text: Any) -> str:
+    if text is None:
+        raise invalid("text", f"a text message needs its text: {shape('text')}", code="missing_required_parameter")
+    if not isinstance(text, str):
+        raise invalid("text", f"'text' must be a string: {shape('text')}")
+    if not is_unicode(text):
+        raise invalid("text", "'text' holds lone surrogates, which are not Unicode text")
+    return text
 
 
 def voice_changed(before: dict[str, Any], after: dict[str, Any]) -> bool:
