@@ -109,6 +109,7 @@ def test_websocket_messages_parse_into_typed_values(message, parsed):
     (json.dumps({"type": "text", "text": "caf\ud800"}), "invalid_value", "text"),  # a lone surrogate
     (json.dumps({"type": "text", "text": "a", "more": 1}), "unknown_parameter", "more"),
     (json.dumps({"type": "shout"}), "invalid_value", "type"),
+    (json.dumps({"type": [], "": 0}), "invalid_value", "type"),  # not a name at all (hypothesis found it)
     (json.dumps({"type": "flush", "foo": 1}), "unknown_parameter", "foo"),  # as over HTTP
     (json.dumps({"type": "speech", "stream_format": "sse"}), "unsupported_parameter", "stream_format"),
     (json.dumps({"input": "Hi.", "stream": False}), "unsupported_parameter", "stream"),

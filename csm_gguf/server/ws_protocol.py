@@ -56,7 +56,7 @@ def parse_message(message: str | bytes) -> Message:
     if not isinstance(body, dict):
         raise ApiError(400, "a message must be a JSON object", code="invalid_json")
     kind = body.pop("type", "speech")
-    if kind in MESSAGE_FIELDS:
+    if isinstance(kind, str) and kind in MESSAGE_FIELDS:  # a type can be any JSON, a list too (unhashable)
         _no_other_fields(kind, body)
     if kind == "text":
         return Text(_text(body.get("text")))
