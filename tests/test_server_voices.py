@@ -211,8 +211,11 @@ def test_voice_uploads_need_multipart_and_a_size_limit(base):
 
 def test_built_in_and_default_voices_cannot_be_deleted(base, f32_model):
     response = httpx.delete(f"{base}/v1/audio/voices/alloy")
-    assert response.status_code == 400 and "built-in voice" in response.json()["error"]["message"]
-    assert httpx.delete(f"{base}/v1/audio/voices/no%20such").status_code == 404
+    error = response.json()["error"]
+    assert response.status_code == 400 and "built-in voice" in error["message"]
+    assert (error["param"], error["code"]) == ("name", "voice_builtin")  # the name, as when voices are made
+    response = httpx.delete(f"{base}/v1/audio/voices/no%20such")
+    assert response.status_code == 404 and response.json()["error"]["param"] == "name"
     from csm_gguf.web import create_app
 
     app = create_app(model=str(f32_model), voice="narrator", kv_type="f32")
@@ -221,4 +224,5 @@ def test_built_in_and_default_voices_cannot_be_deleted(base, f32_model):
     finally:
         app.extensions["csm_gguf"].engine.close()
     assert response.status_code == 409 and "this server's default voice" in response.json["error"]["message"]
+    assert response.json["error"]["param"] == "name"
     assert (voices_dir() / "narrator.npz").exists()

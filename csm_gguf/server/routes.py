@@ -122,17 +122,17 @@ def add_voice():
 def remove_voice(name: str):
     if name == services().settings.voice and name not in BUILTIN_VOICES:
         raise ApiError(409, f"{name!r} is this server's default voice (CSM_GGUF_VOICE): it cannot be deleted "
-                       "while the server runs", param="voice_id", code="voice_in_use")
+                       "while the server runs", param="name", code="voice_in_use")
     try:
         services().forget(name)
         deleted = delete_voice(name)
     except VoicesFolderError:  # the file would not go: the server's setup (its handler says so)
         raise
     except ValueError as e:  # a built-in voice
-        raise ApiError(400, str(e), param="voice_id") from None
-    if not deleted:
+        raise ApiError(400, str(e), param="name", code="voice_builtin") from None
+    if not deleted:  # (param: the name, which is the id, as when the voice was made)
         raise ApiError(404, f"no saved voice {name!r}; saved: {', '.join(list_voices()) or 'none'}",
-                       param="voice_id", code="voice_not_found")
+                       param="name", code="voice_not_found")
     return {"id": name, "object": "audio.voice", "deleted": True}
 
 
