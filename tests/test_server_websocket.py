@@ -16,7 +16,7 @@ from csm_fixtures import random_codes
 from csm_gguf.audio import load_audio
 from csm_gguf.sampling import Sampling
 from csm_gguf.server.limits import MAX_SPEECH_REQUEST
-from csm_gguf.server.ws_session import WebsocketSession
+from csm_gguf.server.ws_session import RETRY_S, WebsocketSession
 from server_fixtures import (
     GREEDY,
     MAX_QUEUE,
@@ -254,6 +254,27 @@ def test_websocket_waits_for_a_full_server_instead_of_dropping_sentences(base, e
         ws.close()
     assert [text for _, text in seen] == ["One.", "Two.", "Three."]
     assert done["sentences"] == 3 and len(first + audio) == 2 * done["frames"] * services.tts.codec.cfg.frame_size
+
+
+def test_websocket_times_count_from_when_the_sentence_was_complete(base, engine, monkeypatch):
+    """done.first_audio_ms and elapsed_ms count from when the file's first sentence was complete (here: at
+    the flush), as its client waits from then: the time it waits for a slot on a full server included."""
+    from csm_gguf.server.engine import QueueFull
+
+    submit, refused = engine.submit, []
+
+    def full_twice(*args, **kwargs):
+        if len(refused) < 2:
+            refused.append(args[0].text)
+            raise QueueFull("the server is busy (test)")
+        return submit(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "submit", full_twice)
+    [(audio, done)] = ws_session(base, [{"response_format": "pcm", **GREEDY}, {"type": "text", "text": "Hello there."},
+                                        {"type": "flush"}], dones=1)
+    assert refused == ["Hello there."] * 2 and done["frames"] == 10 and len(audio) == done["bytes"]
+    assert done["first_audio_ms"] >= 2 * RETRY_S * 1000  # two retries before it had a slot
+    assert done["elapsed_ms"] >= done["first_audio_ms"]
 
 
 def session_on_a_full_server(base, engine, monkeypatch, first: str, later: str) -> tuple[list[str], dict]:

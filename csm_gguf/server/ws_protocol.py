@@ -109,7 +109,7 @@ class Summary:
     """What a session sends after a flush: the audio file's figures since the last one."""
 
     response_format: str
-    started: float
+    started: float  # when its first sentence was complete (ws_session.Sentence.complete_at): where its times count from
     first_audio: float | None = None
     sentences: int = 0
     frames: int = 0

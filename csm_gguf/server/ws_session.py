@@ -10,7 +10,7 @@ import queue
 import time
 from collections import deque
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -63,6 +63,9 @@ class Sentence:
     voice: int  # sentences of one voice prompt each other; another voice starts afresh
     job: Job | None = None  # once submitted (the next sentence is, while the one before is spoken)
     audio: AudioStream | None = None  # the codec stream of its file, from its submission
+    # When the client had sent all of it (the message that completed it was read): where a file's figures
+    # count from, as a client waits from then, also while the sentence waits for a slot or for the one before
+    complete_at: float = field(default_factory=time.monotonic)
 
 
 class WebsocketSession:
@@ -239,7 +242,7 @@ class WebsocketSession:
         self.queue.popleft()
         self.job = sentence.job
         if self.utterance is None:
-            self.utterance = Utterance(StreamEncoder(fmt), Summary(fmt, started=time.monotonic()), sentence.audio)
+            self.utterance = Utterance(StreamEncoder(fmt), Summary(fmt, started=sentence.complete_at), sentence.audio)
         u, speed = self.utterance, sentence.settings.speed
         if u.stretch is not None:
             u.stretch.speed = speed
