@@ -127,7 +127,8 @@ def wait_idle(engine, timeout: float = 5.0) -> None:
 
 def voice_wav(services) -> bytes:
     wav = io.BytesIO()
-    sf.write(wav, services.tts.decode(random_codes(8, 64, seed=5)), 24_000, format="WAV")
+    # 16 frames: at least the 1 s a voice needs, in CSM's 80 ms frames (the tiny codec's are shorter)
+    sf.write(wav, services.tts.decode(random_codes(16, 64, seed=5)), 24_000, format="WAV")
     return wav.getvalue()
 
 

@@ -10,6 +10,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
+import soundfile as sf
 
 from audio_fixtures import needs_ffmpeg
 from csm_gguf.server.limits import MAX_SPEECH_REQUEST, MAX_VOICE_UPLOAD
@@ -24,6 +25,10 @@ from server_fixtures import (
     reference,
     voice_wav,
 )
+
+_blip = io.BytesIO()
+sf.write(_blip, np.zeros(1, np.int16), 24_000, format="WAV")
+BLIP_WAV = _blip.getvalue()  # one sample: encoded, one frame
 
 
 def test_damaged_saved_voice_is_a_400(base):
@@ -179,9 +184,11 @@ def test_a_voice_from_a_phone_recording(client, engine, tmp_path, services):
     ({"name": ["v1", "v2"], "transcript": "Words."}, {"audio_sample": True}, "name", 400, "'name' was sent more than"),
     ({"name": "v1", "transcript": "Words."}, {"audio_sample": "long"}, "audio_sample", 400,
      "audio_sample: the context audio lasts more than"),
+    ({"name": "v1", "transcript": "Words."}, {"audio_sample": "blip"}, "audio_sample", 400,
+     "audio_sample: the voice's recording lasts 0.08 s: a voice needs at least 1 s of speech"),
 ])
 def test_bad_voice_uploads_are_refused_and_save_nothing(base, engine, form, files, param, status, message, services):
-    sample = {True: voice_wav(services), "long": LONG_FLAC}
+    sample = {True: voice_wav(services), "long": LONG_FLAC, "blip": BLIP_WAV}
     parts = [(k, (None, v)) for k, vs in form.items() for v in (vs if isinstance(vs, list) else [vs])]
     parts += [(k, ("v.wav", sample.get(v, v))) for k, v in files.items()]
     response = httpx.post(f"{base}/v1/audio/voices", files=parts)  # multipart, with or without a file

@@ -258,9 +258,11 @@ def parse_voice(form: MultiDict[str, str], files: MultiDict[str, FileStorage], t
     sample.name = upload.filename or "the uploaded file"  # for messages
     try:
         segment = tts.segment(int(speaker), transcript, audio=sample)
-    except (ValueError, RuntimeError) as e:  # the audio file's and the codec's complaints
+        voice = Voice([segment], segment.speaker)
+        tts.check_voice(voice)
+    except (ValueError, RuntimeError) as e:  # the audio file's and the codec's complaints, or too short
         raise invalid("audio_sample", f"audio_sample: {e}") from None
-    return name, Voice([segment], segment.speaker)
+    return name, voice
 
 
 def voice_exists(name: str) -> ApiError:
