@@ -125,10 +125,11 @@ def wait_idle(engine, timeout: float = 5.0) -> None:
     assert len(engine.generator.free_slots) == engine.max_streams
 
 
-def voice_wav(services) -> bytes:
+def voice_wav(tts) -> bytes:
+    """A voice's recording, made by `tts`'s codec."""
     wav = io.BytesIO()
     # 16 frames: at least the 1 s a voice needs, in CSM's 80 ms frames (the tiny codec's are shorter)
-    sf.write(wav, services.tts.decode(random_codes(16, 64, seed=5)), 24_000, format="WAV")
+    sf.write(wav, tts.decode(random_codes(16, 64, seed=5)), 24_000, format="WAV")
     return wav.getvalue()
 
 

@@ -20,12 +20,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from simple_websocket import Client as WsClient
 
-from csm_fixtures import random_codes
 from csm_gguf.audio import FORMATS
 from csm_gguf.server import engine as server_engine
 from csm_gguf.server import schemas
 from csm_gguf.server.limits import MAX_JSON_DEPTH, MAX_SPEECH_REQUEST
-from server_fixtures import serving
+from server_fixtures import serving, voice_wav
 
 MAX_STREAMS, MAX_QUEUE = 2, 2
 QUICK = {"temperature": 0, "max_audio_ms": 80}  # one frame a sentence
@@ -383,10 +382,8 @@ def test_deep_or_huge_json_never_gets_a_500_nor_ends_a_session(base, body, tts):
 
 
 def voice_upload(base: str, tts, name: str) -> httpx.Response:
-    wav = io.BytesIO()
-    sf.write(wav, tts.decode(random_codes(8, 64, seed=5)), 24_000, format="WAV")
     return httpx.post(f"{base}/v1/audio/voices", data={"name": name, "transcript": "Some words."},
-                      files={"audio_sample": ("v.wav", wav.getvalue())}, timeout=60)
+                      files={"audio_sample": ("v.wav", voice_wav(tts))}, timeout=60)
 
 
 def test_the_voices_folder_has_a_limit_and_a_full_one_saves_nothing(base, engine, monkeypatch, tts):

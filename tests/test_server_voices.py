@@ -77,7 +77,7 @@ def test_saved_voice_uses_its_prompt(client, engine, services):
 
 
 def test_voices_are_made_from_a_sample_used_and_deleted(client, base, engine, services):
-    sample = voice_wav(services)
+    sample = voice_wav(services.tts)
     made = client.audio.voices.create(name="lena", audio_sample=("lena.wav", sample, "audio/wav"), consent="cons_1",
                                       extra_body={"transcript": "A sample of my voice.", "speaker_id": 5})
     assert (made.id, made.name, made.object, made.type) == ("lena", "lena", "audio.voice", "audio_sample")
@@ -117,7 +117,7 @@ def test_a_replaced_or_deleted_voice_leaves_the_prompt_cache(client, base, engin
     assert post(base, speak).status_code == 200
     builtin = services.voice("ash")  # its prompt, made by the engine for that request
     assert in_prompt_cache(engine, builtin.segments)
-    client.audio.voices.create(name="ash", audio_sample=("ash.wav", voice_wav(services), "audio/wav"),
+    client.audio.voices.create(name="ash", audio_sample=("ash.wav", voice_wav(services.tts), "audio/wav"),
                                consent="cons_1", extra_body={"transcript": "My own ash.", "speaker_id": 1})
     wait_until(lambda: not in_prompt_cache(engine, builtin.segments))
     assert post(base, speak).status_code == 200
@@ -132,7 +132,7 @@ def test_a_replaced_or_deleted_voice_leaves_the_prompt_cache(client, base, engin
 def test_one_of_several_saving_the_same_name_wins(base, engine, services):
     from concurrent.futures import ThreadPoolExecutor
 
-    sample = voice_wav(services)
+    sample = voice_wav(services.tts)
 
     def save(i: int) -> int:
         return httpx.post(f"{base}/v1/audio/voices", data={"name": "same", "transcript": f"Take {i}."},
@@ -146,7 +146,7 @@ def test_one_of_several_saving_the_same_name_wins(base, engine, services):
 @needs_ffmpeg
 def test_a_voice_from_a_phone_recording(client, engine, tmp_path, services):
     wav, m4a = tmp_path / "v.wav", tmp_path / "v.m4a"
-    wav.write_bytes(voice_wav(services))
+    wav.write_bytes(voice_wav(services.tts))
     subprocess.run(["ffmpeg", "-loglevel", "error", "-i", str(wav), "-c:a", "aac", str(m4a)], check=True)
     with m4a.open("rb") as f:
         made = client.audio.voices.create(name="memo", audio_sample=f, consent="cons_1",
@@ -188,7 +188,7 @@ def test_a_voice_from_a_phone_recording(client, engine, tmp_path, services):
      "audio_sample: the voice's recording lasts 0.08 s: a voice needs at least 1 s of speech"),
 ])
 def test_bad_voice_uploads_are_refused_and_save_nothing(base, engine, form, files, param, status, message, services):
-    sample = {True: voice_wav(services), "long": LONG_FLAC, "blip": BLIP_WAV}
+    sample = {True: voice_wav(services.tts), "long": LONG_FLAC, "blip": BLIP_WAV}
     parts = [(k, (None, v)) for k, vs in form.items() for v in (vs if isinstance(vs, list) else [vs])]
     parts += [(k, ("v.wav", sample.get(v, v))) for k, v in files.items()]
     response = httpx.post(f"{base}/v1/audio/voices", files=parts)  # multipart, with or without a file
