@@ -398,9 +398,8 @@ def checked_text(args) -> str | None:
     check_threads(args.threads)
     if not MIN_SPEED <= args.speed <= MAX_SPEED:
         raise UsageError(f"--speed must be from {MIN_SPEED} to {MAX_SPEED} (1 = as spoken), got {args.speed}")
-    for option, value in (("--speaker", args.speaker),):
-        if value is not None and value < 0:
-            raise UsageError(f"{option} must be >= 0, got {value}")
+    if args.speaker is not None and args.speaker < 0:
+        raise UsageError(f"--speaker must be >= 0, got {args.speaker}")
     text = read_text(args)
     has_text = text is not None and not is_blank(text)
     if args.save_voice is None and not has_text:
