@@ -62,7 +62,7 @@ SEEDED = "tests/test_generator.py::test_same_seed_same_codes_and_codes_stay_in_c
 SEEDED_NOISE = "tests/test_generator.py::test_a_stream_s_noise_is_its_temperature_times_gumbel_numbers_over_its_top_k"
 LONG_PROMPT = "tests/test_server_engine.py::test_a_long_prompt_is_read_between_the_frames_of_others"
 TOGETHER = "tests/test_server_engine.py::test_prompts_read_together_share_one_decode_and_say_what_they_say_alone"
-WS_CONTINUES = "tests/test_server_websocket.py::test_websocket_voice_change_mid_sentence_starts_afresh"
+WS_CONTINUES = "tests/test_server_websocket.py::test_websocket_text_keeps_the_settings_it_was_sent_under"
 PLAN_TOKENS = "tests/test_plan.py::test_piece_prompts_are_bos_speaker_text_eos_by_tiktoken"
 PLAN_PROMPT = "tests/test_plan.py::test_each_piece_s_prompt_is_the_generator_s_after_what_was_said"
 ENDS_AT_ONCE = f"{EOS}::test_pieces_that_end_at_once_say_nothing_and_the_text_goes_on"
@@ -341,8 +341,13 @@ def check(numbers: list[int]) -> list[str]:
     return problems
 
 
+class Broken(Exception):
+    """pytest did not run the tests (a test named that does not exist, a usage or internal error): a run that
+    says nothing of the mutation, where counting its exit status as a catch would count a catch."""
+
+
 def run_tests(tests: list[str], stop_at_first: bool = True) -> tuple[list[str], float]:
-    """(the tests that failed, as pytest names them, or ["timeout"]; seconds)."""
+    """(the tests that failed, as pytest names them, or ["timeout"]; seconds). Broken if pytest ran none."""
     start = time.monotonic()
     cmd = [sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider", "-p", "no:warnings", *tests]
     if stop_at_first:
@@ -352,6 +357,8 @@ def run_tests(tests: list[str], stop_at_first: bool = True) -> tuple[list[str], 
                               check=False)
     except subprocess.TimeoutExpired:
         return ["timeout"], time.monotonic() - start
+    if done.returncode not in (0, 1):  # 1: tests failed; 2-5: interrupted, internal, usage error, none collected
+        raise Broken(f"pytest exit {done.returncode}: {(done.stdout + done.stderr).strip()[-600:]}")
     failed = [line.split()[1] for line in done.stdout.splitlines()  # not captured log lines ("ERROR    module:...")
               if line.startswith(("FAILED tests/", "ERROR tests/"))]
     if done.returncode != 0 and not failed:
@@ -368,12 +375,16 @@ def run(numbers: list[int], stop_at_first: bool = True) -> int:
         try:
             path.write_text(mutated(original, m.edits))
             failed, seconds = run_tests(m.tests, stop_at_first)
+        except Broken as e:
+            failed, seconds = [str(e)], 0.0
+            verdict = "BROKEN"
+        else:
+            verdict = "caught" if failed else "SURVIVED"
         finally:
             path.write_text(original)
-        verdict = "caught" if failed else "SURVIVED"
         print(f"[{n:2}] {verdict:8} {seconds:5.0f}s  {m.target}: {m.what}", flush=True)
         for name in failed:
-            print(f"       by {name}", flush=True)
+            print(f"       {'' if verdict == 'BROKEN' else 'by '}{name}", flush=True)
         results.append((n, verdict))
     caught = sum(v == "caught" for _, v in results)
     print(f"\n{caught}/{len(results)} caught ({100 * caught / max(len(results), 1):.0f}%)")
@@ -386,7 +397,11 @@ def run(numbers: list[int], stop_at_first: bool = True) -> int:
 def baseline(numbers: list[int]) -> int:
     """Every test these mutations run, on the unmutated code: all must pass."""
     tests = list(dict.fromkeys(t for n in numbers for t in MUTATIONS[n].tests))
-    failed, seconds = run_tests(tests, stop_at_first=False)
+    try:
+        failed, seconds = run_tests(tests, stop_at_first=False)
+    except Broken as e:
+        print(f"baseline: {e}")
+        return 1
     print(f"baseline: {len(tests)} test selections, {seconds:.0f}s: " + ("all pass" if not failed else
                                                                           f"FAILED: {', '.join(failed)}"))
     return 1 if failed else 0
