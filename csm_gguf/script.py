@@ -12,12 +12,11 @@ import unicodedata
 from collections.abc import Callable, Iterable
 
 from .generator import Segment
-from .text import is_blank
+from .text import LINE_BREAK, is_blank
 from .tts import NO_VOICE, Voice
 from .voices import load_voice
 
 _TURN = re.compile(r"(?P<who>[^:]*?)\s*:\s*(?P<text>.*)")
-_LINE_BREAK = re.compile(r"\r\n|\r|\n")  # as editors number lines (not at \f or U+2028)
 
 
 def _visible(text: str) -> str:
@@ -38,7 +37,7 @@ def read_script(script: str, reserved: Iterable[int] = (), load: Callable[[str],
     then that id moves to the smallest free one, prompt segments and all, since CSM tells speakers apart
     only by their ids."""
     lines = []
-    for number, line in enumerate(_LINE_BREAK.split(script), 1):
+    for number, line in enumerate(LINE_BREAK.split(script), 1):
         if is_blank(line):
             continue
         match = _TURN.fullmatch(line.strip())

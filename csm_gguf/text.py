@@ -11,6 +11,9 @@ from itertools import accumulate
 # Sentence ends: runs of . ! ? … and the full stops and question marks of other scripts that put a space
 # after them (Devanagari । ॥, Arabic and Urdu ؟ ۔, Armenian ։, Ethiopic ።, Burmese ။), or of the CJK forms
 # (CJK text has no spaces), then any closing quotes or brackets.
+# Where a file's lines end, as editors number them: at \n, \r\n or \r, not where str.splitlines also breaks (form
+# feeds, U+0085, U+2028 and U+2029 are characters within a line, and valid within a JSON string).
+LINE_BREAK = re.compile(r"\r\n|\r|\n")
 _SPACED_ENDS = ".!?…।॥؟۔։።။"
 _CJK_ENDS = "。！？｡"
 _CJK_CLOSERS = "」』）】》〉"

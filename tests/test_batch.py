@@ -247,6 +247,35 @@ def test_input_formats_and_line_numbers_as_ids(tmp_path):
     assert [(r.id, r.seed) for r in read_rows(jsonl)] == [("5", None), ("2", 3)]
 
 
+def test_lines_end_where_editors_end_them_not_at_unicode_separators(tmp_path):
+    """str.splitlines also breaks at form feeds, U+0085, U+2028 and U+2029: a .txt line holding one became two
+    rows (and every later id another line's number), and a valid JSON line holding one unescaped was refused."""
+    inside = "a\x0cb\x85c\u2028d\u2029e"
+    txt = tmp_path / "lines.txt"
+    txt.write_text(f"One {inside}.\r\nTwo.\rThree.\n")
+    assert [(r.id, r.text) for r in read_rows(txt)] == [("1", f"One {inside}."), ("2", "Two."), ("3", "Three.")]
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text(json.dumps({"text": inside}, ensure_ascii=False) + "\n" + json.dumps({"text": "Two."}) + "\n")
+    assert [(r.id, r.text) for r in read_rows(jsonl)] == [("1", inside), ("2", "Two.")]
+
+
+def test_a_row_whose_text_holds_a_unicode_separator_is_done_once(tmp_path):
+    """Its manifest line was read back as two broken lines: every run made the row again and added a line."""
+    from csm_gguf.batch.manifest import Manifest
+
+    entry = {"id": "a", "text": "First\u2028line.", "voice": None, "speaker": 0, "seed": 1, "path": "a.wav",
+             "error": None}
+    folder = tmp_path / "out"
+    folder.mkdir()
+    manifest = Manifest(folder)
+    manifest.add(entry, b"audio")
+    manifest.close()
+    assert "\u2028" not in (folder / "manifest.jsonl").read_text()  # escaped: a line to every reader
+    (folder / "manifest.jsonl").write_text(json.dumps(entry, ensure_ascii=False) + "\n")  # an older run's
+    assert manifest.read() == [entry]
+    assert manifest.resume({"a": entry}) == {"a"}
+
+
 @pytest.mark.parametrize("name, content, message", [
     ("a.jsonl", '{"text": "fine"}\n{"text": "oops"\n', "line 2: not a JSON object"),
     ("a.jsonl", '{"text": "fine"}\n\n["a list"]\n', "line 3: expected an object"),

@@ -30,10 +30,15 @@ def audio_path(row_id: str, fmt: str, metadata: str | None) -> str:
     return f"{LJSPEECH_AUDIO}/{row_id}.wav" if metadata == "ljspeech" else f"{row_id}.{fmt}"
 
 
+# Characters that JSON leaves as they are within a string and Python's str.splitlines (and so many a reader of
+# JSON lines) takes for line ends: escaped, so that a line is a line to every reader.
+_SPLITTING = str.maketrans({c: f"\\u{ord(c):04x}" for c in "\x85\u2028\u2029"})
+
+
 def line_json(entry: dict) -> str:
     text = json.dumps(entry, ensure_ascii=False)
     # Text with lone surrogates (JSON escapes can make them) has no UTF-8: then the line is escaped.
-    return text if is_unicode(text) else json.dumps(entry)
+    return text.translate(_SPLITTING) if is_unicode(text) else json.dumps(entry)
 
 
 class Manifest:
@@ -47,12 +52,13 @@ class Manifest:
         if not self.path.exists():
             return []
         lines = []
-        for text in self.path.read_text(encoding="utf-8").splitlines(keepends=True):
+        # Lines end at \n only (as they are written); the last piece is empty, or a line a killed run cut short.
+        for text in self.path.read_text(encoding="utf-8").split("\n")[:-1]:
             try:
                 entry = json.loads(text)
             except ValueError:
                 continue
-            if text.endswith("\n") and isinstance(entry, dict) and "id" in entry:
+            if isinstance(entry, dict) and "id" in entry:
                 lines.append(entry)
         return lines
 

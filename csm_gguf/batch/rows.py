@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from ..text import LINE_BREAK
+
 FIELDS = ("id", "text", "voice", "speaker", "seed")
 # Ids name files: letters, digits, '-', '_' and '.', not starting with '.', so no id reaches outside the folder.
 ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
@@ -79,7 +81,7 @@ def _records(path: Path, text: str) -> Iterator[tuple[int, dict]]:
     if suffix == ".csv":
         yield from _csv_records(path, text)
         return
-    for line, content in enumerate(text.splitlines(), 1):
+    for line, content in enumerate(LINE_BREAK.split(text), 1):
         if not content.strip():
             continue
         if suffix == ".txt":
