@@ -212,7 +212,9 @@ def test_a_worker_killed_mid_run_is_replaced_and_its_rows_made_again(reference, 
 
 
 def test_a_run_killed_and_run_again_ends_like_an_uninterrupted_one(reference, f32_model, ray_session, tmp_path):
-    """The run in a process of its own, joining this module's Ray cluster (--address), killed after two rows."""
+    """The run in a process of its own, joining this module's Ray cluster (--address), stopped by SIGTERM (as
+    `kill` or a scheduler stops it) after two rows: as Ctrl-C stops it (Ray's own handler, installed by
+    ray.init over the command's, ended it with a stack dump and exit status 134)."""
     source, out = write_jsonl(tmp_path / "corpus.jsonl", CORPUS), tmp_path / "out"
     cmd = [sys.executable, "-m", "csm_gguf.batch", str(source), "-o", str(out), "--model", str(f32_model),
            "--workers", "2", "--streams", "1", "--max-audio-ms", str(FRAMES * 80), "--kv-type", "f32",
@@ -221,9 +223,12 @@ def test_a_run_killed_and_run_again_ends_like_an_uninterrupted_one(reference, f3
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE)
     try:
         wait_for_lines(out, 2, lambda: proc.poll() is None)
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
         proc.wait()
+    assert proc.returncode == 130 and b"interrupted: the rows written so far are kept" in err, err[-2000:]
     assert len(manifest(out)) < len(CORPUS), "the run ended before it was killed"
     summary = synthesize(source, out, model=f32_model, **SETTINGS)
     assert summary.skipped >= 2 and summary.done + summary.skipped == len(CORPUS)

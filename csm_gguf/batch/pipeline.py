@@ -13,6 +13,8 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -70,15 +72,24 @@ def ray_session(pool: Pool) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
+    handler = signal.getsignal(signal.SIGTERM)
     if pool.address:
         ray.init(address=pool.address, logging_level="WARNING")
     else:
         ray.init(num_cpus=max(os.cpu_count() or 1, pool.workers * pool.cpus), include_dashboard=False,
                  object_store_memory=OBJECT_STORE_BYTES, logging_level="WARNING")
+    keep_sigterm(handler)
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def keep_sigterm(handler) -> None:
+    """Put this process's Python SIGTERM handler back: ray.init installs Ray's native one over it, which ended the
+    command (whose handler stops a run as Ctrl-C does, Ray shut down) with a stack dump and exit status 134."""
+    if callable(handler) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
 
 
 def actor_pool(strategy, size: int):
