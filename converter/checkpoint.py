@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,28 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be converted; the message says what is wrong and what to do."""
 
 
+# Each local option beside the hub option it stands in for.
+HUB_OPTION = {"--model-path": "--model-id", "--tokenizer-path": "--tokenizer-id", "--mimi-path": "--mimi-id"}
+
+
+def check_repo_id(repo_id: str, local_option: str = "--model-path") -> None:
+    """A hub repo name, or the user's mistake named: most often a local folder given to --model-id."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+        return
+    except HFValidationError:
+        pass
+    option = HUB_OPTION.get(local_option, "the hub option")
+    if Path(repo_id).expanduser().exists() or repo_id.startswith((".", "/", "~")):
+        raise CheckpointError(f"{option} {repo_id} is a path, not a hub repo: pass a local copy "
+                              f"with {local_option} {repo_id}")
+    raise CheckpointError(f"{option} {repo_id!r} is not a hub repo name: that is namespace/name (such as "
+                          f"{UNGATED_COPY}), of letters, digits, '-', '_' and '.'")
+
+
 def download(repo_id: str, patterns: list[str], token: str | None = None,
              local_option: str = "--model-path") -> Path:
     """Fetch the files of a hub repo that conversion needs, with huggingface_hub's progress bars."""
@@ -34,6 +57,7 @@ def download(repo_id: str, patterns: list[str], token: str | None = None,
         RepositoryNotFoundError,
     )
 
+    check_repo_id(repo_id, local_option)
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns, token=token))
     except GatedRepoError as e:
@@ -78,7 +102,7 @@ class SafetensorsFiles:
         # The index file's name varies (sesame/csm-1b: transformers.safetensors.index.json).
         indexes = sorted(folder.glob("*.safetensors.index.json"))
         if indexes:
-            weight_map = _read_json(indexes[0]).get("weight_map")
+            weight_map = read_json(indexes[0]).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{indexes[0]} has no weight_map: is it a safetensors index?")
             files = [folder / name for name in sorted(set(weight_map.values()))]
@@ -119,50 +143,95 @@ def _unpermute_rotate_half(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, head_dim // 2, dim).swapaxes(1, 2).reshape(rows, dim)
 
 
-def _transformer_from_hf(c: dict) -> TransformerConfig:
-    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
-    theta = rope.get("rope_theta", c.get("rope_theta", 500000.0))
+class ConfigSection:
+    """One JSON object of config.json, read with the types CSM needs. A wrong value is refused here, named with
+    its fix: past this point a string layer count or a zero head count is a traceback deep in the conversion."""
+
+    def __init__(self, values: object, name: str, path: Path):
+        self.name, self.path = name, path
+        if not isinstance(values, dict):
+            raise self._wrong(values, "a JSON object {...}")
+        self.values = values
+
+    def _wrong(self, value: object, kind: str, key: str | None = None) -> CheckpointError:
+        field = ".".join(part for part in (self.name, key) if part) or "the top level"
+        return CheckpointError(f"{self.path} gives {field} = {json.dumps(value)[:60]}: it must be {kind}; "
+                               "correct the config")
+
+    def _given(self, key: str, default: object) -> object:
+        """The value at key; an optional key that is absent or null (transformers writes unset ones so) is its
+        default."""
+        if key not in self.values and default is None:
+            raise KeyError(".".join(part for part in (self.name, key) if part))
+        value = self.values.get(key)
+        return default if value is None and default is not None else value
+
+    def count(self, key: str, default: int | None = None) -> int:
+        """A whole number above 0: layers, heads, sizes."""
+        value = self._given(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise self._wrong(value, "a whole number above 0", key)
+        return value
+
+    def number(self, key: str, default: float | None = None) -> float:
+        """A finite number above 0: epsilons, RoPE's base and factors."""
+        value = self._given(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise self._wrong(value, "a number above 0", key)
+        return float(value)
+
+    def section(self, key: str, optional: bool = False) -> ConfigSection:
+        """A nested object; an optional one that is absent or null reads as empty."""
+        value = self._given(key, {} if optional else None)
+        return ConfigSection(value, ".".join(part for part in (self.name, key) if part), self.path)
+
+
+def _transformer_from_hf(c: ConfigSection) -> TransformerConfig:
+    rope = c.section("rope_parameters" if c.values.get("rope_parameters") else "rope_scaling", optional=True)
+    theta = rope.number("rope_theta", c.number("rope_theta", 500000.0))
     scaling = None
-    if rope.get("rope_type", rope.get("type")) == "llama3":
+    if rope.values.get("rope_type", rope.values.get("type")) == "llama3":
         scaling = RopeScaling(
-            factor=rope["factor"],
-            low_freq_factor=rope["low_freq_factor"],
-            high_freq_factor=rope["high_freq_factor"],
-            original_context=rope["original_max_position_embeddings"],
+            factor=rope.number("factor"),
+            low_freq_factor=rope.number("low_freq_factor"),
+            high_freq_factor=rope.number("high_freq_factor"),
+            original_context=rope.count("original_max_position_embeddings"),
         )
-    n_head = c["num_attention_heads"]
+    n_head = c.count("num_attention_heads")
     return TransformerConfig(
-        n_layer=c["num_hidden_layers"],
-        n_embd=c["hidden_size"],
+        n_layer=c.count("num_hidden_layers"),
+        n_embd=c.count("hidden_size"),
         n_head=n_head,
-        n_head_kv=c.get("num_key_value_heads") or n_head,
-        n_ff=c["intermediate_size"],
-        head_dim=c.get("head_dim") or c["hidden_size"] // n_head,
-        norm_eps=c.get("rms_norm_eps", 1e-5),
+        n_head_kv=c.count("num_key_value_heads", n_head),
+        n_ff=c.count("intermediate_size"),
+        head_dim=c.count("head_dim", c.count("hidden_size") // n_head or 1),
+        norm_eps=c.number("rms_norm_eps", 1e-5),
         rope_theta=theta,
         rope_scaling=scaling,
-        max_seq_len=c.get("max_position_embeddings", 2048),
+        max_seq_len=c.count("max_position_embeddings", 2048),
     )
 
 
-def _transformer_from_flavor(flavor: str | dict) -> TransformerConfig:
+def _transformer_from_flavor(config: ConfigSection, key: str) -> TransformerConfig:
+    flavor = config.values.get(key)
     if isinstance(flavor, str):
         if flavor not in FLAVORS:
             raise CheckpointError(f"unknown flavor {flavor!r}; known: {sorted(FLAVORS)}")
         return FLAVORS[flavor]
     # Dimensions spelled out with torchtune's llama3_2 builder arguments.
-    scaling = RopeScaling(factor=flavor.get("scale_factor", 32.0))
+    f = config.section(key)
+    scaling = RopeScaling(factor=f.number("scale_factor", 32.0))
     return TransformerConfig(
-        n_layer=flavor["num_layers"],
-        n_embd=flavor["embed_dim"],
-        n_head=flavor["num_heads"],
-        n_head_kv=flavor["num_kv_heads"],
-        n_ff=flavor["intermediate_dim"],
-        head_dim=flavor["embed_dim"] // flavor["num_heads"],
-        norm_eps=flavor.get("norm_eps", 1e-5),
-        rope_theta=flavor.get("rope_base", 500000.0),
+        n_layer=f.count("num_layers"),
+        n_embd=f.count("embed_dim"),
+        n_head=f.count("num_heads"),
+        n_head_kv=f.count("num_kv_heads"),
+        n_ff=f.count("intermediate_dim"),
+        head_dim=f.count("embed_dim") // f.count("num_heads") or 1,
+        norm_eps=f.number("norm_eps", 1e-5),
+        rope_theta=f.number("rope_base", 500000.0),
         rope_scaling=scaling,
-        max_seq_len=flavor.get("max_seq_len", 2048),
+        max_seq_len=f.count("max_seq_len", 2048),
     )
 
 
@@ -213,7 +282,7 @@ class Checkpoint:
         return {k: self.files.get(k) for k in self.files.keys() if k.startswith(tm.CODEC_PREFIX)}
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -237,7 +306,7 @@ def open_checkpoint(folder: str | Path) -> Checkpoint:
                               "(peft's merge_and_unload), save that with save_pretrained, and convert it")
     if not config_path.exists():
         raise CheckpointError(f"{folder} has no config.json; is it a CSM checkpoint?")
-    raw = _read_json(config_path)
+    raw = read_json(config_path)
     files = SafetensorsFiles(folder)
     keys = set(files.keys())
     adapters = sorted(k for k in keys if ".lora_" in k or ".base_layer." in k)  # any PEFT tuner wraps a base_layer
@@ -245,30 +314,30 @@ def open_checkpoint(folder: str | Path) -> Checkpoint:
         raise CheckpointError(f"{folder} holds adapter (LoRA/PEFT) weights that are not merged ({adapters[0]}, ...): "
                               "merge them into the base weights (peft's merge_and_unload), save with save_pretrained, "
                               "and convert that")
+    config_json = ConfigSection(raw, "", config_path)
     if tm.FORMAT_MARKERS[tm.TRANSFORMERS] in keys:
         fmt = tm.TRANSFORMERS
-        if "depth_decoder_config" not in raw:
-            raise CheckpointError(f"{config_path} lacks depth_decoder_config for a transformers-format CSM")
         try:
             config = CSMConfig(
-                backbone=_transformer_from_hf(raw),
-                decoder=_transformer_from_hf(raw["depth_decoder_config"]),
-                text_vocab_size=raw.get("text_vocab_size", 128256),
-                audio_vocab_size=raw.get("vocab_size", 2051),
-                num_codebooks=raw.get("num_codebooks", 32),
+                backbone=_transformer_from_hf(config_json),
+                decoder=_transformer_from_hf(config_json.section("depth_decoder_config")),
+                text_vocab_size=config_json.count("text_vocab_size", 128256),
+                audio_vocab_size=config_json.count("vocab_size", 2051),
+                num_codebooks=config_json.count("num_codebooks", 32),
             )
         except KeyError as e:
             raise CheckpointError(f"{config_path} lacks {e.args[0]!r} for a transformers-format CSM") from e
-        codec_config = raw.get("codec_config")
+        # A Mimi config of its own, else run time's default (moshi's Mimi).
+        codec_config = config_json.section("codec_config", optional=True).values or None
     elif tm.FORMAT_MARKERS[tm.ORIGINAL] in keys:
         fmt = tm.ORIGINAL
         try:
             config = CSMConfig(
-                backbone=_transformer_from_flavor(raw["backbone_flavor"]),
-                decoder=_transformer_from_flavor(raw["decoder_flavor"]),
-                text_vocab_size=raw["text_vocab_size"],
-                audio_vocab_size=raw["audio_vocab_size"],
-                num_codebooks=raw["audio_num_codebooks"],
+                backbone=_transformer_from_flavor(config_json, "backbone_flavor"),
+                decoder=_transformer_from_flavor(config_json, "decoder_flavor"),
+                text_vocab_size=config_json.count("text_vocab_size"),
+                audio_vocab_size=config_json.count("audio_vocab_size"),
+                num_codebooks=config_json.count("audio_num_codebooks"),
             )
         except KeyError as e:
             raise CheckpointError(f"{config_path} lacks {e.args[0]!r} for an original-format CSM") from e

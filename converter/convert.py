@@ -21,7 +21,7 @@ from csm_gguf.model_dir import (
     TOKENIZER_FILE,
 )
 
-from .checkpoint import Checkpoint, CheckpointError, download, open_checkpoint
+from .checkpoint import Checkpoint, CheckpointError, check_repo_id, download, open_checkpoint, read_json
 from .gguf_files import (
     FILE_TYPE,
     QTYPES,
@@ -87,7 +87,7 @@ def _codec_weights(ckpt: Checkpoint, codec: Path | None, token: str | None) -> t
         except Exception as e:
             raise CheckpointError(f"cannot read Mimi weights {f}: {e}") from e
     config_path = (codec if codec.is_dir() else codec.parent) / "config.json"
-    config = json.loads(config_path.read_text()) if config_path.exists() else MOSHI_MIMI_CONFIG
+    config = read_json(config_path) if config_path.exists() else MOSHI_MIMI_CONFIG
     if config.get("model_type") not in (None, "mimi"):
         config = MOSHI_MIMI_CONFIG
     return runtime_codec(config, mimi_tensors_to_transformers(raw), str(codec))
@@ -101,7 +101,8 @@ def runtime_codec(config: dict, tensors: dict[str, np.ndarray], source: str) -> 
 
     try:
         mimi = Mimi.from_state_dict(MimiConfig.from_transformers(config), tensors)
-    except (KeyError, ValueError, RuntimeError) as e:
+    # TypeError and ZeroDivisionError: a Mimi config with values of the wrong type (a string size, 0 heads).
+    except (KeyError, ValueError, RuntimeError, TypeError, ZeroDivisionError) as e:
         raise CheckpointError(f"the Mimi codec from {source} does not load: {e}") from None
     return config, {key: np.ascontiguousarray(t.numpy()) for key, t in mimi.state_dict().items()}
 
@@ -304,6 +305,12 @@ def convert(
     if qtype not in QTYPES or (decoder_qtype is not None and decoder_qtype not in QTYPES):
         bad = qtype if qtype not in QTYPES else decoder_qtype
         raise ConversionError(f"unknown qtype {bad!r}; choose one of {', '.join(QTYPES)}")
+    # A mistyped repo name is refused before anything is downloaded or named after it.
+    hub_ids = {"--model-path": None if model_path else model_id, "--tokenizer-path": tokenizer_id,
+               "--mimi-path": mimi_id}
+    for local_option, repo_id in hub_ids.items():
+        if repo_id:
+            check_repo_id(repo_id, local_option)
     source_name = model_path and Path(model_path).resolve().name or model_id
     out = Path(output_dir) if output_dir else default_model_dir(source_name, qtype, decoder_qtype)
     check_output_dir(out.expanduser().resolve())  # before any download

@@ -417,6 +417,58 @@ def test_config_without_a_field_names_it(hf_checkpoint, tmp_path):
         convert(model_path=str(broken), output_dir=tmp_path / "out", qtype="f32")
 
 
+@pytest.mark.parametrize("fmt, change, match", [
+    ("hf", {"num_hidden_layers": "two"}, 'num_hidden_layers = "two": it must be a whole number above 0'),
+    ("hf", {"num_attention_heads": 0}, "num_attention_heads = 0: it must be a whole number above 0"),
+    ("hf", {"depth_decoder_config": None}, "depth_decoder_config = null: it must be a JSON object"),
+    ("hf", {"codec_config": "x"}, 'codec_config = "x": it must be a JSON object'),
+    ("hf", {"rms_norm_eps": "tiny"}, 'rms_norm_eps = "tiny": it must be a number above 0'),
+    ("original", {"text_vocab_size": True}, "text_vocab_size = true: it must be a whole number above 0"),
+    ("original", {"decoder_flavor": 3}, "decoder_flavor = 3: it must be a JSON object"),
+])
+def test_config_value_of_the_wrong_type_is_an_error_naming_it(hf_checkpoint, original_checkpoint, tmp_path, capsys,
+                                                              fmt, change, match):
+    """Not a traceback from deep in the conversion (a string as a layer count, a division by 0 heads)."""
+    from csm_gguf.convert import main
+
+    broken = tmp_path / "broken"
+    shutil.copytree(hf_checkpoint if fmt == "hf" else original_checkpoint, broken)
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, **change}))
+    assert main(["--model-path", str(broken), "--qtype", "f32", "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and match in err and "correct the config" in err
+    _no_leftovers(tmp_path, "out")
+
+
+def test_config_of_the_decoder_names_its_field(hf_checkpoint, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(hf_checkpoint, broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["depth_decoder_config"]["intermediate_size"] = 1.5
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="depth_decoder_config.intermediate_size = 1.5"):
+        convert(model_path=str(broken), output_dir=tmp_path / "out", qtype="f32")
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--model-id", "./tiny/hf"], "--model-id ./tiny/hf is a path, not a hub repo: pass a local copy with "
+                                  "--model-path ./tiny/hf"),
+    (["--model-id", "bad id with spaces"], "--model-id 'bad id with spaces' is not a hub repo name"),
+    (["--model-path", "x", "--mimi-id", "/abs/mimi"], "--mimi-id /abs/mimi is a path, not a hub repo: pass a "
+                                                      "local copy with --mimi-path"),
+])
+def test_hub_option_given_a_path_or_a_bad_name_says_so(tmp_path, monkeypatch, capsys, argv, match):
+    from csm_gguf.convert import main
+
+    monkeypatch.setattr("converter.convert.download", lambda *a: pytest.fail("downloaded anyway"))
+    monkeypatch.setattr("converter.convert.open_checkpoint", lambda *a: pytest.fail("read a checkpoint anyway"))
+    assert main([*argv, "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and match in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_config_with_fewer_layers_than_the_weights_is_refused(hf_checkpoint, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(hf_checkpoint, broken)
