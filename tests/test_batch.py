@@ -292,6 +292,8 @@ def test_a_row_whose_text_holds_a_unicode_separator_is_done_once(tmp_path):
     ("a.jsonl", '{"text": "a", "speaker": "two"}\n', "line 1: 'speaker' must be a whole number"),
     ("a.csv", "words,id\nhello,1\n", "line 1: the header must name a 'text' column"),
     ("a.csv", "text,id\nhello,1\nhi,2,extra\n", "line 3: 3 fields where the header has 2"),
+    # an unclosed quote: the rest of the file was one row's text
+    ("a.csv", 'text,id\n"unclosed,1\nmore,2\n', "line 3: unexpected end of data (a quote opened"),
     ("a.txt", b"fine\n\xff\xfe bad\n", "line 2: not UTF-8 text"),
     ("a.txt", "\n\n", "holds no rows"),
     ("a.tsv", "text\n", "unknown input type '.tsv'"),
@@ -311,7 +313,8 @@ def test_bad_settings_are_refused_before_anything_runs(f32_model, tmp_path, caps
     for args, message in ((["--streams", "0"], "streams must be a whole number >= 1"),
                           (["--temperature", "-1"], "temperature must be a number >= 0"),
                           (["--metadata", "ljspeech", "--format", "mp3"], "the LJSpeech layout holds wav files"),
-                          (["--model", str(tmp_path / "none")], "none")):
+                          (["--model", str(tmp_path / "none")], "none"),
+                          (["-o", str(source)], f"the output folder {source} is a file: give a folder")):
         assert main([str(source), "-o", str(tmp_path / "out"), "--model", str(f32_model), *args]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

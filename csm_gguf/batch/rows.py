@@ -96,7 +96,7 @@ def _records(path: Path, text: str) -> Iterator[tuple[int, dict]]:
 
 
 def _csv_records(path: Path, text: str) -> Iterator[tuple[int, dict]]:
-    reader = csv.reader(io.StringIO(text, newline=""))
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)  # strict: an unclosed quote is an error
     try:
         header = next(reader, None)
         if header is None or "text" not in header:
@@ -111,7 +111,8 @@ def _csv_records(path: Path, text: str) -> Iterator[tuple[int, dict]]:
                 raise InputError(f"{path} line {line}: {len(values)} fields where the header has {len(header)}")
             yield line, {k: v for k, v in zip(header, values) if v != "" or k == "text"}
     except csv.Error as e:
-        raise InputError(f"{path} line {reader.line_num}: {e}") from None
+        hint = " (a quote opened and never closed runs to the end)" if "end of data" in str(e) else ""
+        raise InputError(f"{path} line {reader.line_num}: {e}{hint}") from None
 
 
 def _row(record: Any, line: int, where: str) -> Row:

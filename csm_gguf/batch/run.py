@@ -11,7 +11,7 @@ from typing import Any, Iterable
 from ..sampling import TEMPERATURE, TOP_K, Sampling
 from .manifest import Manifest, audio_path, write_ljspeech
 from .pipeline import Pool, import_ray, made_rows, ray_session
-from .rows import Row, read_rows
+from .rows import InputError, Row, read_rows
 from .tally import Summary, Tally
 from .voices import load_voices, row_voice
 from .worker import failed
@@ -56,6 +56,8 @@ def synthesize(
 
     start = time.perf_counter()
     fmt = check_settings(format, speaker, temperature, top_k, seed, max_audio_ms, workers, streams, threads, metadata)
+    if Path(output_dir).exists() and not Path(output_dir).is_dir():
+        raise InputError(f"the output folder {output_dir} is a file: give a folder (made if need be)")
     rows = read_rows(input)
     pool = Pool(str(check_model_dir(find_model(model)).resolve()), workers, streams, threads, gpu_layers, gpus, kv_type,
                 address)
