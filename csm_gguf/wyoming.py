@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
+import socket
 import sys
 from dataclasses import fields, replace
 from functools import partial
+from pathlib import Path
 from urllib.parse import urlparse
 
 from .say import add_sampling_arguments
@@ -37,12 +40,57 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def reserve(uri: str) -> socket.socket | None:
+    """Check --uri, and bind its TCP address now: a bad URI or a port in use is refused before the model loads
+    (seconds to minutes), not as a traceback after. The socket holds the port until the server binds it."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "unix":
+        folder = Path(parsed.path).parent
+        if not parsed.path or not folder.is_dir():
+            raise ValueError(f"--uri {uri!r}: unix://PATH needs the path of a socket in an existing folder")
+        return None
+    if parsed.scheme != "tcp":
+        raise ValueError(f"--uri {uri!r}: serve on tcp://HOST:PORT or unix://PATH")
+    try:
+        port = parsed.port
+    except ValueError as e:  # not a number, or above 65535
+        raise ValueError(f"--uri {uri!r}: {e}") from None
+    if not parsed.hostname or port is None:
+        raise ValueError(f"--uri {uri!r} lacks a host or a port: tcp://HOST:PORT, such as tcp://0.0.0.0:10200")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(parsed.hostname, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as e:
+        raise ValueError(f"--uri {uri!r}: cannot listen on {parsed.hostname}: {e.strerror or e}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server's own bind does
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise ValueError(f"--uri {uri}: port {port} is in use (another server?): stop that, or give another "
+                             "port") from None
+        raise ValueError(f"--uri {uri}: cannot listen there: {e.strerror or e}") from None
+    return sock
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if urlparse(args.uri).scheme not in ("tcp", "unix"):
-        print(f"error: --uri {args.uri!r}: serve on tcp://HOST:PORT or unix://PATH", file=sys.stderr)
+    try:
+        reserved = reserve(args.uri)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
+    try:
+        return _load_and_serve(args, reserved)
+    finally:
+        if reserved is not None:
+            reserved.close()
+
+
+def _load_and_serve(args: argparse.Namespace, reserved: socket.socket | None) -> int:
     from .sampling import Sampling
     from .server.errors import ApiError
     from .server.startup import check_settings
@@ -60,10 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if reserved is not None:
+        reserved.close()  # the server binds the port itself, at once
     try:
         asyncio.run(serve(service, args.uri))
     except KeyboardInterrupt:
         pass
+    except OSError as e:  # taken in the moment between the two binds
+        print(f"error: --uri {args.uri}: {e}", file=sys.stderr)
+        return 2
     finally:
         service.close()
     return 0

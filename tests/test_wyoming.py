@@ -464,3 +464,22 @@ def test_the_command_refuses_bad_options(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "csm_gguf.wyoming", "--voice", "nobody"], env=env,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "'nobody' is not a voice" in bad.stderr
+
+
+@pytest.mark.parametrize("uri, match", [
+    (None, "is in use (another server?)"),  # None: the port another server listens on
+    ("tcp://127.0.0.1", "lacks a host or a port"),
+    ("tcp://127.0.0.1:99999", "Port out of range"),
+    ("unix:///no/such/folder/csm.sock", "in an existing folder"),
+])
+def test_the_command_refuses_an_address_it_cannot_serve_before_loading_the_model(monkeypatch, capsys, uri, match):
+    from csm_gguf import wyoming
+
+    monkeypatch.setattr(WyomingService, "start", lambda *a: pytest.fail("loaded the model first"))
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        uri = uri or f"tcp://127.0.0.1:{other.getsockname()[1]}"
+        assert wyoming.main(["--uri", uri]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --uri") and match in err
