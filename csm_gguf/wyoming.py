@@ -23,6 +23,9 @@ from .server.settings import SETTINGS, Settings
 log = logging.getLogger("csm_gguf.wyoming")
 # HTTP-only settings: Wyoming has no authentication (keep the port to your network), drain or websockets.
 UNUSED = {"api_key", "drain_s", "max_websockets", "ws_idle_s"}
+# Settings that mean something else here: Wyoming has no busy answer, so a full server makes a request wait.
+WYOMING_HELP = {"max_queue": "requests the engine queues for a free stream (default 16); more wait their turn "
+                             "too: none is refused"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     for var, name, doc in SETTINGS:
         if name not in UNUSED:
             p.add_argument("--" + name.replace("_", "-"), type=int if types[name] == "int" else str,
-                           help=f"{doc}; or ${var}")
+                           help=f"{WYOMING_HELP.get(name, doc)}; or ${var}")
     add_sampling_arguments(p)
     p.add_argument("--debug", action="store_true", help="log every event")
     return p
@@ -106,7 +109,7 @@ def _load_and_serve(args: argparse.Namespace, reserved: socket.socket | None) ->
         print(f"error: {e.message.replace(repr(e.param), option) if option else e.message}", file=sys.stderr)
         return 2
     except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_named_as_given(str(e), chosen)}", file=sys.stderr)
         return 2
     if reserved is not None:
         reserved.close()  # the server binds the port itself, at once
@@ -120,6 +123,15 @@ def _load_and_serve(args: argparse.Namespace, reserved: socket.socket | None) ->
     finally:
         service.close()
     return 0
+
+
+def _named_as_given(message: str, chosen: dict[str, object]) -> str:
+    """A settings error names the environment variable; where the user gave the option instead, the option."""
+    for var, name, _ in SETTINGS:
+        if chosen.get(name) is not None:
+            option = "--" + name.replace("_", "-")
+            message = message.replace(f"{var}=", f"{option} ").replace(var, option)
+    return message
 
 
 async def serve(service, uri: str) -> None:

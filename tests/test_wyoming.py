@@ -32,6 +32,8 @@ from csm_fixtures import random_codes
 from csm_gguf import builtin_voices
 from csm_gguf.generator import Segment
 from csm_gguf.sampling import Sampling
+from csm_gguf.server.errors import ApiError
+from csm_gguf.server.limits import MAX_INPUT_CHARS
 from csm_gguf.tts import Voice
 from csm_gguf.voices import BUILTIN_VOICES
 from csm_gguf.wyoming_server.handler import WyomingHandler
@@ -347,6 +349,17 @@ def test_bad_events_are_answered_with_errors_and_the_connection_goes_on(greedy, 
     wait_idle(engine)
 
 
+@pytest.mark.parametrize("text, message", [
+    ("  ", "'text' is empty: give some words to speak"),
+    ("a" * (MAX_INPUT_CHARS + 1), f"'text' has {MAX_INPUT_CHARS + 1} characters; at most {MAX_INPUT_CHARS}"),
+])
+def test_errors_name_the_synthesize_field_not_the_http_one(greedy, text, message):
+    """A synthesize has `text`; the HTTP request it is read as has `input`, which the client never sent."""
+    with pytest.raises(ApiError) as e:
+        greedy.service.request(None, text=text)
+    assert e.value.message.startswith(message) and e.value.param == "text"
+
+
 def test_a_stream_with_an_unknown_voice_is_an_error_and_still_stops(greedy, engine):
     async def converse():
         async with greedy.client() as client:
@@ -463,7 +476,14 @@ def test_the_command_refuses_bad_options(tmp_path):
     assert bad.returncode == 2 and "tcp://HOST:PORT" in bad.stderr
     bad = subprocess.run([sys.executable, "-m", "csm_gguf.wyoming", "--voice", "nobody"], env=env,
                          capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and "'nobody' is not a voice" in bad.stderr
+    assert bad.returncode == 2 and "error: --voice 'nobody' is not a voice" in bad.stderr  # not the variable
+
+
+def test_the_help_says_what_wyoming_does_with_a_full_server():
+    from csm_gguf.wyoming import build_parser
+
+    help_text = " ".join(build_parser().format_help().split())
+    assert "429" not in help_text and "none is refused" in help_text
 
 
 @pytest.mark.parametrize("uri, match", [

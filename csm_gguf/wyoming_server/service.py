@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from ..mimi import AudioStream
 
 WAIT_S = 1.0  # a thread waiting for a job's frames looks up this often (its job may have been let go)
+# A synthesize is read as an HTTP speech request: its errors name the fields by what the Wyoming client sent.
+WYOMING_FIELDS = {"input": "text", "speaker_id": "speaker"}
 
 
 @dataclass
@@ -69,6 +71,8 @@ class WyomingService:
             return parse_speech(body, self.tts, self.settings.voice, text is not None, self.voice)
         except VoicesFolderError as e:  # the server's setup: said in its log, with the path
             raise folder_error(e) from None
+        except ApiError as e:
+            raise _in_wyoming_terms(e) from None
 
     def voice(self, name: str) -> Voice:
         """A voice by name; a built-in voice's prompt, on its first use, is made by the engine (served_voices)."""
@@ -101,6 +105,13 @@ class WyomingService:
         except queue.Empty:
             return b""
         return None if audio is None else pcm_bytes(np.concatenate(audio))
+
+
+def _in_wyoming_terms(e: ApiError) -> ApiError:
+    field = WYOMING_FIELDS.get(e.param or "")
+    if field is None:
+        return e
+    return ApiError(e.status, e.message.replace(repr(e.param), repr(field)), field, e.code, e.type)
 
 
 def _speaker_id(speaker: Any) -> int:
