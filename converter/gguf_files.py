@@ -142,6 +142,8 @@ def quantize(src: Path, dst: Path, ftype: int, n_threads: int = 0) -> None:
     """llama.cpp's own quantizer, so quantized bytes are the real ggml layout."""
     import llama_cpp
 
+    import csm_gguf.llama  # noqa: F401  (its log filter: the quantizer's line per tensor only for CSM_GGUF_VERBOSE)
+
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = n_threads

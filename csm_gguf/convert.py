@@ -15,7 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m csm_gguf.convert",
         description="Convert Sesame CSM weights (original or transformers format) into a model directory: "
         "backbone.gguf and decoder.gguf (llama models stock llama.cpp loads), csm.gguf (embeddings, heads, "
-        "config, Mimi codec) and tokenizer.gguf (the Llama 3 tokenizer as a vocab-only llama model).",
+        "config, Mimi codec) and tokenizer.gguf (the Llama 3 tokenizer as a vocab-only llama model). "
+        "CSM_GGUF_VERBOSE=1 shows llama.cpp's quantizer log.",
     )
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model-id", default="sesame/csm-1b", help="hub repo to download (default: %(default)s; "

@@ -387,6 +387,19 @@ def test_output_dir_that_cannot_be_replaced_is_refused_before_the_work(hf_checkp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["volume"]
 
 
+def test_quantizing_is_quiet_unless_verbose(hf_checkpoint, tmp_path):
+    """llama.cpp's quantizer narrates every tensor (about 60 lines a conversion) on stderr, as its loader
+    does at run time: kept for CSM_GGUF_VERBOSE only."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "CSM_GGUF_VERBOSE"}  # a fresh process: no filter yet
+    command = [sys.executable, "-m", "csm_gguf.convert", "--model-path", str(hf_checkpoint), "--qtype", "q8_0",
+               "--output-dir", str(tmp_path / "out")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "llama_model_loader" not in done.stderr, done.stderr[-2000:]
+
+
 def test_empty_output_dir_is_used(hf_checkpoint, tmp_path):
     (tmp_path / "empty").mkdir()
     convert(model_path=str(hf_checkpoint), output_dir=tmp_path / "empty", qtype="f16")
