@@ -115,16 +115,19 @@ def check_saveable(name: str) -> Path:
         raise ValueError(f"voice name {name!r} is a device's name on Windows, where no file may have it: save the "
                          "voice under another name")
     _folder()
-    twin = next((other for other in all_voices() if other.lower() == name.lower() and other != name), None)
+    saved = list_voices()
+    twin = next((other for other in (*BUILTIN_VOICES, *saved) if other.lower() == name.lower() and other != name),
+                None)
     if twin is not None:
         raise ValueError(f"voice name {name!r} differs from voice {twin!r} only in case, and on macOS and Windows "
                          f"their files are one: save it under another name, or under {twin!r}")
     if path.exists():
         raise VoiceExists(name)
-    saved, limit = len(list_voices()), max_voices()
-    if saved >= limit:
+    limit = max_voices()
+    if len(saved) >= limit:
         var = MAX_VOICES[0]
-        raise VoicesFull(f"{saved} voices are saved, the most {var}={limit} allows: delete one first, or raise {var}")
+        raise VoicesFull(f"{len(saved)} voices are saved, the most {var}={limit} allows: delete one first, or raise "
+                         f"{var}")
     return path
 
 
