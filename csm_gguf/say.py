@@ -50,8 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_arguments(p)
     p.add_argument("--speed", type=float, default=1.0, help="faster (up to 4) or slower (down to 0.25) speech at "
                    "the same pitch, by time-stretching the audio (default: %(default)s)")
-    p.add_argument("--save-codes", metavar="OUT.npy", help="also write the generated codes, shape (frames, 32)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
+    p.add_argument("--save-codes", metavar="OUT.npy", help="also write the generated codes, shape (frames, 32), to "
+                   "a file other than the audio's")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads, at most the cores this process may "
+                   "use (default: all of them)")
     p.add_argument("--gpu-layers", type=int, default=0,
                    help="layers to offload on CUDA/Metal builds (99: all; 0: nothing runs on the GPU)")
     p.add_argument("--codec-device", default="cpu", help="torch device of the Mimi codec: cpu (default), cuda")
