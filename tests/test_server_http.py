@@ -399,7 +399,7 @@ def test_bad_requests_get_400_in_openai_shape(base, body, param, code):
     assert (error["param"], error["code"], error["type"]) == (param, code, "invalid_request_error")
 
 
-def test_api_key(server, client, base):
+def test_api_key(server, client, base, services):
     app = server[0]
     app.config["API_KEY"] = "secret"
     try:
@@ -409,7 +409,11 @@ def test_api_key(server, client, base):
         ok = openai.OpenAI(base_url=f"{base}/v1", api_key="secret", max_retries=0)
         assert len(ok.audio.speech.create(model="csm-1b", voice="alloy", input="Hi.", response_format="pcm",
                                           extra_body=GREEDY).content) > 0
-        assert httpx.get(f"{base}/health").status_code == 200  # health checks need no key
+        health = httpx.get(f"{base}/health")
+        assert health.status_code == 200  # health checks need no key, and show no path of the server's
+        model = services.tts.model.path
+        assert health.json()["model"] == model.name and str(model.parent) not in health.text
+        assert str(model.parent) not in httpx.get(f"{base}/").text
         lower = post(base, {"model": "csm-1b", "input": "Hi.", **GREEDY}, headers={"Authorization": "bearer secret"})
         assert lower.status_code == 200  # the scheme's case does not matter (RFC 9110)
         assert httpx.get(f"{base}/v1/models?api_key=secret").status_code == 401  # a key in a URL: websockets only

@@ -63,7 +63,9 @@ def index():
     page = resources.files("csm_gguf").joinpath("static/index.html").read_text()
     key_needed = bool(current_app.config["API_KEY"])
     shown = {name: getattr(s.settings, name) for _, name, _ in SETTINGS}
-    shown.update(model=str(s.tts.model.path), api_key="(set)" if key_needed else "(none)")
+    # Where the files lie is the operator's business: a page anyone may load shows it only on a server open to all.
+    model = s.tts.model.path.name if key_needed else str(s.tts.model.path)
+    shown.update(model=model, api_key="(set)" if key_needed else "(none)")
     env = [(var, shown[name], doc) for var, name, doc in SETTINGS]
     return render_template_string(page, env=env, default_voice=s.settings.voice, key_needed=key_needed,
                                   aac=ffmpeg.find() is not None)
@@ -72,7 +74,8 @@ def index():
 @bp.get("/health")
 def health():
     s = services()
-    return {"status": "ok", "model_loaded": True, "model": str(s.tts.model.path), **s.engine.stats()}
+    # Answered without a key (probes): the model's folder by name, not where it lies on the server.
+    return {"status": "ok", "model_loaded": True, "model": s.tts.model.path.name, **s.engine.stats()}
 
 
 @bp.get("/v1/models")
