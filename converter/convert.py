@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -152,8 +153,11 @@ def write_model_dir(
 
     out_dir = out_dir.expanduser().resolve()
     check_output_dir(out_dir)  # the callers checked before their slow work; the folder may have changed since
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    except OSError as e:
+        raise ConversionError(writing_failed(out_dir, e)) from e
     work.chmod(0o755)  # mkdtemp makes it private; a model directory is an ordinary folder
     try:
         _write_transformers(ckpt, work, qtype, decoder_qtype, source_name)
@@ -163,9 +167,24 @@ def write_model_dir(
                           tokenizer_metadata(tok))
         write_gguf(work / TOKENIZER_FILE, "llama", tokenizer, [], "tokenizer")
         _replace_dir(work, out_dir)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(work, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise ConversionError(writing_failed(out_dir, e)) from e
         raise
+
+
+def writing_failed(out_dir: Path, e: OSError) -> str:
+    """What went wrong writing the model, named by the folder the user gave (not the hidden one it is built
+    in beside it, nor numpy's byte offsets)."""
+    full = e.errno == errno.ENOSPC or "free space" in str(e)  # numpy's tofile says "Not enough free space"
+    if full:
+        return (f"cannot write the model to {out_dir}: the disk is full (a q4_k model takes about 1.7 GB, other "
+                f"qtypes more); nothing was written: free some space, or give an --output-dir on another disk")
+    ours = f".{out_dir.name}."  # the hidden folder the model is built in (or the old model kept in while replaced)
+    if e.filename and not any(part.startswith(ours) for part in Path(e.filename).parts):  # another file's error
+        return f"converting to {out_dir} failed: {e}; nothing was written"
+    return f"cannot write the model to {out_dir}: {e.strerror or e}; nothing was written"
 
 
 def _write_transformers(ckpt: Checkpoint, work: Path, qtype: str, decoder_qtype: str, source_name: str) -> None:

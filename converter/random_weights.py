@@ -112,14 +112,12 @@ def convert_random(
     out = Path(output_dir) if output_dir else default_model_dir(SOURCE_NAME, qtype, decoder_qtype)
     if _holds_random_model(out, qtype, decoder_qtype or qtype):
         return out
-    check_output_dir(out.expanduser().resolve())  # before drawing any weights
+    check_output_dir(out.expanduser().resolve())  # before drawing any weights, as the tokenizer given
+    given = tokenizer_at(tokenizer_path) if tokenizer_path else None
     codec = runtime_codec(codec_config, mimi_tensors_to_transformers(random_mimi(codec_config, seed).state_dict()),
                            "random weights")
     with tempfile.TemporaryDirectory() as tmp:
-        if tokenizer_path:
-            tokenizer = tokenizer_at(tokenizer_path)
-        else:
-            tokenizer = llama3_tokenizer_json(Path(tmp) / "tokenizer.json")
+        tokenizer = given or llama3_tokenizer_json(Path(tmp) / "tokenizer.json")
         write_model_dir(RandomCheckpoint(config, seed), tokenizer, out, qtype, decoder_qtype, codec, SOURCE_NAME)
     return out
 

@@ -599,3 +599,53 @@ def test_interrupted_replacement_keeps_the_old_model(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         conversion._replace_dir(new, old)
     assert (old / "which").read_text() == "old" and not (tmp_path / ".model.old").exists()
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device", "/x/.out.abc/csm.gguf"),
+                                     OSError("Not enough free space to write 34885632 bytes after offset 8352")])
+def test_a_full_disk_is_named_with_the_output_folder(hf_checkpoint, tmp_path, monkeypatch, capsys, failure):
+    """A full disk said only numpy's "Not enough free space to write N bytes after offset M", or named the hidden
+    folder the model is built in; now the folder given, what is wrong, and what to do."""
+    import converter.convert as cc
+    from csm_gguf.convert import main
+
+    def full(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(cc, "write_gguf", full)
+    assert main(["--model-path", str(hf_checkpoint), "--qtype", "f16", "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write the model to {tmp_path / 'out'}: the disk is full" in err and "another disk" in err
+    assert ".out." not in err and "offset" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_folder_that_cannot_be_made_is_named(hf_checkpoint, tmp_path, monkeypatch):
+    import converter.convert as cc
+
+    def refused(*args, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory", str(tmp_path / ".out.n5aea_ti"))
+
+    monkeypatch.setattr(cc.tempfile, "mkdtemp", refused)
+    with pytest.raises(ConversionError, match=f"cannot write the model to {tmp_path / 'out'}: No such file") as e:
+        convert(model_path=str(hf_checkpoint), output_dir=tmp_path / "out", qtype="f16")
+    assert ".out." not in str(e.value)
+
+
+def test_another_files_error_while_converting_names_that_file(hf_checkpoint, tmp_path, monkeypatch):
+    import converter.convert as cc
+
+    def unreadable(*args, **kwargs):
+        raise OSError(5, "Input/output error", str(hf_checkpoint / "model.safetensors"))
+
+    monkeypatch.setattr(cc, "write_gguf", unreadable)
+    with pytest.raises(ConversionError, match=f"converting to {tmp_path / 'out'} failed: .*model.safetensors"):
+        convert(model_path=str(hf_checkpoint), output_dir=tmp_path / "out", qtype="f16")
+
+
+def test_random_model_tokenizer_is_checked_before_drawing_weights(tmp_path, monkeypatch):
+    from converter.random_weights import convert_random
+
+    monkeypatch.setattr("converter.random_weights.random_mimi", lambda *a: pytest.fail("drew the weights first"))
+    with pytest.raises(CheckpointError, match="no tokenizer.json at"):
+        convert_random(tmp_path / "out", "f16", tokenizer_path=str(tmp_path / "nothing"))
