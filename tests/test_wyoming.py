@@ -31,13 +31,14 @@ from wyoming.tts import (
 from csm_fixtures import random_codes
 from csm_gguf import builtin_voices
 from csm_gguf.generator import Segment
+from csm_gguf.plan import TokenCounts, split_text
 from csm_gguf.sampling import Sampling
 from csm_gguf.server.errors import ApiError
 from csm_gguf.server.limits import MAX_INPUT_CHARS
 from csm_gguf.tts import Voice
 from csm_gguf.voices import BUILTIN_VOICES
 from csm_gguf.wyoming_server.handler import WyomingHandler
-from csm_gguf.wyoming_server.service import WyomingService
+from csm_gguf.wyoming_server.service import MAX_TEXT_CHARS, WyomingService
 from server_fixtures import wait_idle
 
 TEXT = "Hello there, how are you doing today?"
@@ -349,9 +350,22 @@ def test_bad_events_are_answered_with_errors_and_the_connection_goes_on(greedy, 
     wait_idle(engine)
 
 
+def test_a_text_longer_than_the_http_limit_is_spoken_in_pieces_as_one_audio(app, greedy, engine):
+    """Home Assistant sends a whole answer in one synthesize to a server that does not stream (and to all before
+    2025.7): the HTTP API's 4096 characters refused long answers. Spoken piece by piece, as a long HTTP input."""
+    text = " ".join(f"This is sentence number {i}, which goes on for a while." for i in range(76))
+    assert MAX_INPUT_CHARS < len(text) < MAX_TEXT_CHARS
+    pieces = split_text(text, TokenCounts(engine.generator.model))
+    events = run(synthesize(greedy, text))
+    kinds = [e.type for e in events]
+    assert kinds[0] == "audio-start" and kinds[-1] == "audio-stop" and set(kinds[1:-1]) == {"audio-chunk"}
+    assert len(pcm_of(events)) == 10 * len(pieces) * frame_bytes(app)
+    wait_idle(engine)
+
+
 @pytest.mark.parametrize("text, message", [
     ("  ", "'text' is empty: give some words to speak"),
-    ("a" * (MAX_INPUT_CHARS + 1), f"'text' has {MAX_INPUT_CHARS + 1} characters; at most {MAX_INPUT_CHARS}"),
+    ("a" * (MAX_TEXT_CHARS + 1), f"'text' has {MAX_TEXT_CHARS + 1} characters; at most {MAX_TEXT_CHARS}"),
 ])
 def test_errors_name_the_synthesize_field_not_the_http_one(greedy, text, message):
     """A synthesize has `text`; the HTTP request it is read as has `input`, which the client never sent."""

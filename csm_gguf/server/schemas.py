@@ -109,11 +109,12 @@ def _nested_at_most(value: Any, depth: int) -> bool:
 
 
 def parse_speech(body: Any, tts: CSM, default_voice: str = "alloy", need_input: bool = True,
-                 load: Callable[[str], Voice] | None = None) -> SpeechRequest:
+                 load: Callable[[str], Voice] | None = None, max_chars: int = MAX_INPUT_CHARS) -> SpeechRequest:
     """The request as the engine needs it, but for encoding its context audio (`encode_context`); ApiError
     (400) for the first bad field. need_input=False for a websocket session's settings, whose text comes
     later. `load` reads a voice by name (a server's: a built-in voice's prompt made through its engine, see
-    served_voices); default tts.voice."""
+    served_voices); default tts.voice. `max_chars`: the longest input (OpenAI's limit, unless a protocol
+    without one reads its requests here)."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
     unknown = sorted(set(body) - FIELDS)
@@ -121,7 +122,7 @@ def parse_speech(body: Any, tts: CSM, default_voice: str = "alloy", need_input: 
         raise invalid(unknown[0], f"unrecognized request argument: {unknown[0]!r}; known: {', '.join(sorted(FIELDS))}",
                       code="unknown_parameter")
     _model(body, need_input)
-    text = _input(body, need_input)
+    text = _input(body, need_input, max_chars)
     instructions = body.get("instructions")  # accepted for compatibility; CSM takes no style instructions
     if instructions is not None and (not isinstance(instructions, str) or len(instructions) > MAX_INPUT_CHARS):
         raise invalid("instructions", f"'instructions' must be a string of at most {MAX_INPUT_CHARS} characters")
@@ -171,7 +172,7 @@ def _model(body: dict, need_input: bool) -> None:
                       code="model_not_found")
 
 
-def _input(body: dict, need_input: bool) -> str:
+def _input(body: dict, need_input: bool, max_chars: int) -> str:
     text = body.get("input", "")
     if need_input and "input" not in body:
         raise invalid("input", "'input' is required: the text to speak", code="missing_required_parameter")
@@ -181,8 +182,8 @@ def _input(body: dict, need_input: bool) -> str:
         raise invalid("input", "'input' is empty: give some words to speak")
     if not is_unicode(text):
         raise invalid("input", "'input' holds lone surrogates, which are not Unicode text")
-    if len(text) > MAX_INPUT_CHARS:
-        raise invalid("input", f"'input' has {len(text)} characters; at most {MAX_INPUT_CHARS} are allowed",
+    if len(text) > max_chars:
+        raise invalid("input", f"'input' has {len(text)} characters; at most {max_chars} are allowed",
                       code="string_above_max_length")
     return text
 

@@ -22,10 +22,14 @@ from ..server.settings import Settings
 from ..server.startup import start_engine
 from ..tts import CSM, Voice
 from ..voices import VoicesFolderError
+from .events import MAX_DATA
 
 if TYPE_CHECKING:
     from ..mimi import AudioStream
 
+# A synthesize's text: whatever one event holds, not the HTTP API's 4096 characters (OpenAI's). Home Assistant
+# sends a whole answer at once to a server that does not stream, and the engine speaks a long text piece by piece.
+MAX_TEXT_CHARS = MAX_DATA
 WAIT_S = 1.0  # a thread waiting for a job's frames looks up this often (its job may have been let go)
 # A synthesize is read as an HTTP speech request: its errors name the fields by what the Wyoming client sent.
 WYOMING_FIELDS = {"input": "text", "speaker_id": "speaker"}
@@ -68,7 +72,7 @@ class WyomingService:
         if text is not None:
             body["input"] = text
         try:
-            return parse_speech(body, self.tts, self.settings.voice, text is not None, self.voice)
+            return parse_speech(body, self.tts, self.settings.voice, text is not None, self.voice, MAX_TEXT_CHARS)
         except VoicesFolderError as e:  # the server's setup: said in its log, with the path
             raise folder_error(e) from None
         except ApiError as e:
