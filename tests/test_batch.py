@@ -309,8 +309,15 @@ def test_malformed_input_is_an_error_naming_its_line(f32_model, tmp_path, capsys
 
 
 def test_bad_settings_are_refused_before_anything_runs(f32_model, tmp_path, capsys):
+    import socket
+
     source = write_jsonl(tmp_path / "a.jsonl", CORPUS[:1])
+    with socket.socket() as s:  # a port nothing listens on (Ray waited for a head there without end)
+        s.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{s.getsockname()[1]}"
     for args, message in ((["--streams", "0"], "streams must be a whole number >= 1"),
+                          (["--address", closed], f"cannot reach the Ray cluster at {closed} (Connection refused)"),
+                          (["--address", "ray://head"], "--address 'ray://head' is not a Ray address"),
                           (["--temperature", "-1"], "temperature must be a number >= 0"),
                           (["--metadata", "ljspeech", "--format", "mp3"], "the LJSpeech layout holds wav files"),
                           (["--model", str(tmp_path / "none")], "none"),

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -51,6 +52,29 @@ class Pool:
 
 class RayMissing(ImportError):
     pass
+
+
+class ClusterUnreachable(OSError):
+    pass
+
+
+CONNECT_S = 10  # how long joining a cluster may take to answer at all (Ray itself waits for it without end)
+
+
+def check_address(address: str | None) -> None:
+    """A cluster's address that answers: Ray waits without end, printing other addresses, for a head that is not
+    there. 'auto' and 'local' are Ray's to find."""
+    if address is None or address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--address {address!r} is not a Ray address: give 'auto' (the cluster this machine is "
+                         "part of), HOST:6379 (its head) or ray://HOST:10001 (Ray Client)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_S).close()
+    except OSError as e:
+        raise ClusterUnreachable(f"cannot reach the Ray cluster at {address} ({e.strerror or e}): is its head running "
+                                 "(ray start --head) and its port open from here?") from None
 
 
 def import_ray():

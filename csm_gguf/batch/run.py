@@ -10,7 +10,7 @@ from typing import Any, Iterable
 
 from ..sampling import TEMPERATURE, TOP_K, Sampling
 from .manifest import Manifest, audio_path, write_ljspeech
-from .pipeline import Pool, import_ray, made_rows, ray_session
+from .pipeline import Pool, check_address, import_ray, made_rows, ray_session
 from .rows import InputError, Row, read_rows
 from .tally import Summary, Tally
 from .voices import load_voices, row_voice
@@ -62,6 +62,7 @@ def synthesize(
     pool = Pool(str(check_model_dir(find_model(model)).resolve()), workers, streams, threads, gpu_layers, gpus, kv_type,
                 address)
     import_ray()  # now, not after the output folder is made
+    check_address(address)
     voices, voice_errors = load_voices({row_voice(row, voice, speaker) for row in rows}, pool)
     entries = {row.id: entry(row, voice, speaker, seed, voices, fmt, metadata) for row in rows}
     folder = Path(output_dir)
