@@ -76,7 +76,9 @@ def _codec_weights(ckpt: Checkpoint, codec: Path | None, token: str | None) -> t
         if tensors:
             return runtime_codec(ckpt.codec_config or MOSHI_MIMI_CONFIG, mimi_tensors_to_transformers(tensors),
                                   str(ckpt.folder))
-        # Original-format checkpoints carry no codec.
+        # Original-format checkpoints carry no codec; said, as a transformers one without it may be a mistake.
+        warnings.warn(f"{ckpt.folder} holds no Mimi codec weights: using {DEFAULT_MIMI_ID}'s (--mimi-path: a copy "
+                      f"on disk)")
         codec = download(DEFAULT_MIMI_ID, ["*.json", "*.safetensors"], token, "--mimi-path")
     files = [codec] if codec.is_file() else sorted(codec.glob("*.safetensors"))
     if not files:

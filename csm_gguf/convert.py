@@ -76,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # cleaned up already (nothing half-written is left): no traceback
         print("interrupted: nothing was written", file=sys.stderr)
         return 130
+    except SystemExit as e:
+        if e.code == 128 + signal.SIGTERM:  # `kill`, `timeout`: cleaned up as for Ctrl-C
+            print("terminated: nothing was written", file=sys.stderr)
+        raise
     print(f"model written to {out}")
     return 0
 

@@ -345,7 +345,8 @@ def test_codec_download_offline_names_its_own_option(monkeypatch, tmp_path, orig
 
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    with pytest.raises(CheckpointError, match="unreachable.*--mimi-path"):
+    with (pytest.raises(CheckpointError, match="unreachable.*--mimi-path"),
+          pytest.warns(UserWarning, match=f"{original_checkpoint} holds no Mimi codec weights: using kyutai/mimi")):
         convert(model_path=str(original_checkpoint), tokenizer_path=str(tokenizer_json),
                 output_dir=tmp_path / "out", qtype="f32")
     _no_leftovers(tmp_path, "out")
@@ -501,7 +502,7 @@ def test_weights_that_are_no_mimi_are_refused(original_checkpoint, tokenizer_jso
     _no_leftovers(tmp_path, "out")
 
 
-def test_sigterm_mid_conversion_leaves_nothing(hf_checkpoint, tmp_path, monkeypatch):
+def test_sigterm_mid_conversion_leaves_nothing(hf_checkpoint, tmp_path, monkeypatch, capsys):
     """`kill` / `timeout` stop the CLI through its clean-up, like Ctrl-C (they left a hidden half-written
     folder). The signal arrives while the first model file is being written."""
     import signal
@@ -526,6 +527,7 @@ def test_sigterm_mid_conversion_leaves_nothing(hf_checkpoint, tmp_path, monkeypa
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert e.value.code == 128 + signal.SIGTERM
+    assert "terminated: nothing was written" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 
