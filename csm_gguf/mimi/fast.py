@@ -16,11 +16,12 @@ on a stream's state buffers, which every step updates in place (streaming.py), a
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import platform
 import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, List, Optional, Protocol, Union
@@ -78,7 +79,18 @@ IM2COL_ROWS = 1024
 def _packed_product() -> Callable[[Tensor, Tensor, Tensor | None], Tensor]:
     """x [..., K] @ w.T (+ bias) for a `PackedWeight` w, scripted: a trace records the call to it, where it cannot
     record the op's (empty) list of scalars."""
-    return torch.jit.script(_onednn_product)
+    with _jit_quietly():
+        return torch.jit.script(_onednn_product)
+
+
+@contextlib.contextmanager
+def _jit_quietly() -> Iterator[None]:
+    """Around a torch.jit call: without its deprecation warning (torch 2.13), which a program run with -W error
+    or pytest's filterwarnings = error raised at its first codec step. The traces stay while they pay (a
+    step's Python share, 13% of it for one frame)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", DeprecationWarning)
+        yield
 
 
 class Packable(Protocol):
@@ -166,7 +178,8 @@ def _trace(step: Step, codes: Tensor, state: DecoderState, packed: list[Tensor])
         audio.append(step(codes, held[0]))
         return audio[-1]
 
-    traced = torch.jit.trace(recorded_step, (codes, *state.buffers(), *packed), check_trace=False)
+    with _jit_quietly():
+        traced = torch.jit.trace(recorded_step, (codes, *state.buffers(), *packed), check_trace=False)
     recorded = audio.pop() if audio else None
     held.clear()  # the trace keeps its Python function, but not the stream
     if not isinstance(traced, torch.jit.ScriptFunction):  # tracing is off: trace gave the function back uncalled
