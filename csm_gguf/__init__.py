@@ -14,16 +14,16 @@ from typing import TYPE_CHECKING
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 __version__ = "0.1.0"
-__all__ = ["CSM", "Segment", "Sampling", "SAMPLE_RATE"]
+__all__ = ["CSM", "Segment", "Voice", "Sampling", "SAMPLE_RATE"]
 
 if TYPE_CHECKING:
     from .generator import Segment
     from .sampling import Sampling
-    from .tts import CSM, SAMPLE_RATE
+    from .tts import CSM, SAMPLE_RATE, Voice
 
 
 def __getattr__(name: str):
-    if name in ("CSM", "SAMPLE_RATE"):
+    if name in ("CSM", "SAMPLE_RATE", "Voice"):
         from . import tts
 
         return getattr(tts, name)
