@@ -48,6 +48,24 @@ def check_speaker(who: object) -> None:
         raise ValueError(f"a speaker id is a whole number >= 0, got {who!r}")
 
 
+# llama.cpp's limit of a context's sequences (LLAMA_MAX_SEQ), less those the prompt cache keeps its prompts in.
+MAX_STREAMS = 256 - prompt_cache.ENTRIES
+
+
+def check_options(n_threads: object, n_gpu_layers: object, max_streams: object) -> None:
+    """A generator's numbers, before anything loads: a ValueError naming the option and its range (llama.cpp
+    and ggml took 0 streams for None, -1 for 16 EiB to allocate, and a bad thread count after the whole load).
+    More threads than this process's cores only wait for each other."""
+    cores = default_threads()
+    for name, value, least, most, meaning in (
+            ("n_threads", n_threads, 0, cores, f"0 (all cores) to {cores}, the cores this process may use"),
+            ("n_gpu_layers", n_gpu_layers, -1, None, "-1 (all layers), 0 (none) or a number of layers"),
+            ("max_streams", max_streams, 1, MAX_STREAMS, f"1 to {MAX_STREAMS}")):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not (
+                least <= value and (most is None or value <= most)):
+            raise ValueError(f"{name} must be a whole number from {meaning}, got {value!r}")
+
+
 def check_codes(codes, codebooks: int, n_codes: int, what: str = "codes") -> np.ndarray:
     """`codes` as int64 (frames, codebooks), or a ValueError that says which rule they break."""
     codes = np.asarray(codes)

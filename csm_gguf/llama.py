@@ -114,6 +114,11 @@ def load_vocab_only(path: Path):
     return model
 
 
+def free_model(model) -> None:
+    """Free a model of load_vocab_only."""
+    L.llama_model_free(model)
+
+
 class EmbeddingModel:
     def __init__(self, path: Path, opts: ContextOptions):
         if opts.kv_type not in KV_TYPES:

@@ -9,7 +9,7 @@ import gguf
 import numpy as np
 
 from .config import CSMConfig
-from .llama import load_vocab_only, tokenize
+from .llama import free_model, load_vocab_only, tokenize
 from .model_dir import BACKBONE_FILE, DECODER_FILE, SIDECAR_FILE, SIDECAR_VERSION, TOKENIZER_FILE, check_model_dir
 
 Q = gguf.GGMLQuantizationType
@@ -96,7 +96,25 @@ class CSMModel:
         return dict(self._codec_tensors)
 
     def tokenize(self, text: str) -> list[int]:
+        if not self._vocab:  # llama.cpp would read freed memory
+            raise RuntimeError("the model is closed: create a new CSM to speak again")
         return tokenize(self._vocab, text)
+
+    def close(self) -> None:
+        """Free the tokenizer (a llama.cpp model of its own: 48 MB each CSM kept for good) and let go of the
+        sidecar's mapped tables (unmapped once nothing else holds them)."""
+        if self._vocab:
+            free_model(self._vocab)
+            self._vocab = None
+        self.text_embeddings = self.audio_embeddings = self.decoder_inputs = self.audio_head = None
+        self._codec_tensors = {}
+
+    def __del__(self) -> None:
+        try:
+            if getattr(self, "_vocab", None):  # not if __init__ failed before it
+                self.close()
+        except Exception:  # at interpreter exit llama.cpp's binding may be gone already
+            pass
 
     def prompt_tokens(self, speaker: int, text: str) -> list[int]:
         """BOS + `[speaker]text` + EOS, built here so the tokenizer never adds a second BOS."""

@@ -27,15 +27,8 @@ def _visible(text: str) -> str:
 
 def read_script(script: str, reserved: Iterable[int] = (), load: Callable[[str], Voice] = load_voice
                 ) -> tuple[list[tuple[int, str]], list[Segment]]:
-    """The script's turns as (speaker id, text), and the prompt segments of the voices it names (in the
-    order they first speak, each read by `load`: a built-in voice's prompt needs the model, CSM.voice),
-    to go before any other context.
-
-    Speaker ids written in the script are used as they are. A voice keeps the ids it was saved with
-    (its own and those of any other speakers in its prompt) unless one is taken, by the script's ids,
-    by `reserved` (the ids of the caller's other context segments) or by a voice that speaks before it:
-    then that id moves to the smallest free one, prompt segments and all, since CSM tells speakers apart
-    only by their ids."""
+    """The script's turns as (speaker id, text), and the prompt segments of the voices it names (see
+    `voice_turns`)."""
     lines = []
     for number, line in enumerate(LINE_BREAK.split(script), 1):
         if is_blank(line):
@@ -52,20 +45,33 @@ def read_script(script: str, reserved: Iterable[int] = (), load: Callable[[str],
         if who == NO_VOICE:
             raise ValueError(f"dialogue line {number}: {NO_VOICE!r} is no speaker: a turn without a voice prompt "
                              "names its speaker id (0: ...)")
-        lines.append((number, who, match["text"]))
+        lines.append((f"dialogue line {number}", int(who) if who.isascii() and who.isdigit() else who,
+                      match["text"]))
     if not lines:
         raise ValueError("the dialogue has no turns: write one per line, as SPEAKER: TEXT")
+    return voice_turns(lines, reserved, load)
 
-    ids = {who: int(who) for _, who, _ in lines if who.isascii() and who.isdigit()}
+
+def voice_turns(lines: list[tuple[str, int | str, str]], reserved: Iterable[int] = (),
+                load: Callable[[str], Voice] = load_voice) -> tuple[list[tuple[int, str]], list[Segment]]:
+    """Turns (where, speaker id or voice name, text) as (speaker id, text), and the prompt segments of the
+    voices they name (in the order they first speak, each read by `load`: a built-in voice's prompt needs the
+    model, CSM.voice), to go before any other context. `where` names the turn in errors.
+
+    Speaker ids are used as they are. A voice keeps the ids it was saved with (its own and those of any other
+    speakers in its prompt) unless one is taken, by the turns' ids, by `reserved` (the ids of the caller's
+    other context segments) or by a voice that speaks before it: then that id moves to the smallest free one,
+    prompt segments and all, since CSM tells speakers apart only by their ids."""
+    ids: dict[int | str, int] = {who: int(who) for _, who, _ in lines if not isinstance(who, str)}
     taken = {*reserved, *ids.values()}
     prompts: list[Segment] = []
-    for number, who, _ in lines:
+    for where, who, _ in lines:
         if who in ids:
             continue
         try:
             voice = load(who)
         except ValueError as e:
-            raise ValueError(f"dialogue line {number}: {e}") from None
+            raise ValueError(f"{where}: {e}") from None
         moved: dict[int, int] = {}
         for speaker in dict.fromkeys([voice.speaker, *(seg.speaker for seg in voice.segments)]):
             moved[speaker] = speaker if speaker not in taken else min(set(range(len(taken) + 1)) - taken)

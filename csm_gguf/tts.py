@@ -16,19 +16,22 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, BinaryIO, Iterable, Iterator, Sequence, TypedDict
 
 import numpy as np
 
 from .formats import FRAME_MS, SAMPLE_RATE
-from .generator import Generator, Segment, check_codes, check_speaker
+from .generator import Generator, Segment, check_codes, check_options, check_speaker
 from .model import CSMModel
 from .plan import Context, Heard, Piece, TokenCounts, context_room, plan_pieces, split_text
 from .sampling import MAX_AUDIO_MS, SEED, TEMPERATURE, TOP_K, Sampling
 from .tempo import check_speed, stretched
 from .text import take_sentences, take_sentences_within
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 # Text arriving without a sentence end is spoken once this long (`stream_text`): more than a piece, so the
 # wait costs no prosody, and short enough that nothing waits for ever (nor re-splits ever longer text).
@@ -44,6 +47,24 @@ class Voice:
 
     segments: list[Segment]
     speaker: int = 0
+
+
+class DialogueOptions(TypedDict, total=False):
+    """How a conversation is spoken: `dialogue_frames`' settings, which `dialogue` passes on."""
+
+    context: Sequence[Segment]
+    temperature: float
+    top_k: int
+    seed: int | None
+    max_audio_ms: float | None
+    progress: bool
+
+
+class SpeechOptions(DialogueOptions, total=False):
+    """How a text is spoken: `frames`' settings, which `generate` and `stream` pass on."""
+
+    speaker: int | None
+    voice: str | Voice | None
 
 
 def find_model(model: str | Path | None) -> Path:
@@ -83,7 +104,15 @@ def _segments(context: Sequence[Segment]) -> list[Segment]:
     context = list(context) if isinstance(context, Iterable) and not isinstance(context, (str, bytes)) else None
     if context is None or not all(isinstance(seg, Segment) for seg in context):
         raise ValueError("context must be a list of Segments (tts.segment(speaker, text, audio=...))")
+    for seg in context:
+        check_transcript(seg.text)
     return context
+
+
+def check_transcript(text: object) -> None:
+    """A context segment's text: a string (it was read as str(text): None spoken as "None")."""
+    if not isinstance(text, str):
+        raise ValueError(f"a context segment's text is what its audio says, a string; got {type(text).__name__}")
 
 
 def _progress(work: list) -> Iterator:
@@ -129,17 +158,25 @@ class CSM:
         max_streams: int = 1,
         codec_device: str = "cpu",
     ):
+        check_options(n_threads, n_gpu_layers, max_streams)
         if codec_device != "cpu":
             check_torch_device(codec_device)
         self.model = CSMModel(find_model(model))
         self.codec_device = codec_device
         self._codec = None
         self._codec_lock = threading.Lock()
+        self._closed = False
         if codec_device == "cpu":  # torch's import and the codec, meanwhile: llama.cpp loads without the GIL
             # Not a daemon: a process that ends early (an error, Ctrl-C) waits for the load instead of tearing
             # the interpreter down under a thread that is importing torch (seen once as SIGABRT at exit).
             threading.Thread(target=self._load_codec_quietly, name="codec-load").start()
-        self.generator = Generator(self.model, max_streams, n_threads, n_gpu_layers, kv_type)
+        try:
+            self.generator = Generator(self.model, max_streams, n_threads, n_gpu_layers, kv_type)
+        except BaseException:  # what was loaded goes now, not with the last reference to this half-made CSM
+            with self._codec_lock:
+                self._closed = True
+            self.model.close()
+            raise
         # The depth decoder's graphs for 1..max_streams streams now (while the codec loads), not at a first frame.
         self.generator.prepare(TOP_K.default)
         if n_threads:
@@ -158,6 +195,8 @@ class CSM:
 
     def _loaded_codec(self):
         with self._codec_lock:
+            if self._closed:
+                raise RuntimeError("the model is closed: create a new CSM to speak again")
             if self._codec is None:
                 if not self.model.has_codec:
                     raise ValueError(f"{self.model.path} carries no Mimi codec: convert the model again")
@@ -217,6 +256,7 @@ class CSM:
                 codes: np.ndarray | None = None) -> Segment:
         """A context segment from audio (encoded here, as for `encode`) or from codes, checked now."""
         check_speaker(speaker)
+        check_transcript(text)
         if (audio is None) == (codes is None):
             raise ValueError("a context segment needs its audio or its codes (one of them)")
         if audio is not None:
@@ -256,6 +296,7 @@ class CSM:
     def frames(
         self,
         text: str,
+        *,
         speaker: int | None = None,
         context: Sequence[Segment] = (),
         temperature: float = TEMPERATURE.default,
@@ -266,7 +307,16 @@ class CSM:
         voice: str | Voice | None = None,
     ) -> Iterator[np.ndarray]:
         """Codes (32,) per 80 ms frame as they are made. Long texts are spoken piece by piece, each piece
-        with the previous one as context so the voice carries over. The voice: see `with_voice`."""
+        with the previous one as context so the voice carries over.
+
+        voice: a voice's name (built-in or saved, see `voice`), a Voice, or "none" (no prompt: another voice
+            every time). Default: alloy, unless `speaker` or `context` is given (see `with_voice`).
+        speaker: the CSM speaker id (default: the voice's).
+        context: Segments heard before the text (after the voice's prompt), from `segment`.
+        temperature, top_k: how the codes are drawn (0: always the likeliest). seed: the same seed, text and
+            settings give the same speech (None: another every time; piece i of a long text draws with
+            seed + i). max_audio_ms: the most audio of each piece (~60 tokens of text), not of the whole text.
+        progress: a progress bar over a long text's pieces (tqdm)."""
         sampling = Sampling(temperature, top_k, seed, max_audio_ms)
         count = TokenCounts(self.model)
         texts = split_text(text, count)  # checked before a built-in voice's prompt is made for it
@@ -275,7 +325,8 @@ class CSM:
 
     def dialogue_frames(
         self,
-        turns: Iterable[tuple[int, str]],
+        turns: Iterable[tuple[int | str, str]],
+        *,
         context: Sequence[Segment] = (),
         temperature: float = TEMPERATURE.default,
         top_k: int = TOP_K.default,
@@ -285,37 +336,66 @@ class CSM:
     ) -> Iterator[np.ndarray]:
         """A conversation's codes, frame by frame: turns of (speaker, text), each spoken after `context`
         and the last piece each speaker said, which is how CSM keeps a conversation's voices and flow.
-        Every turn is checked before anything is generated. Pieces count on from the first turn for
-        the seed (piece i samples with seed + i)."""
+        A turn's speaker is a speaker id (no prompt: the raw model, other voices every time unless seeded)
+        or a voice's name: its prompt goes before `context`, its ids moved where the turns' ids or the
+        context's take them (as in `say --dialogue`). Every turn is checked before anything is generated.
+        Pieces count on from the first turn for the seed (piece i samples with seed + i); the other settings
+        as for `frames`."""
+        from .script import voice_turns
+
         if isinstance(turns, (str, bytes)) or not isinstance(turns, Iterable):
             raise ValueError("turns must be a list of (speaker, text) pairs")
+        context = _segments(context)
         count = TokenCounts(self.model)
-        lines = []  # (speaker, piece) in the order spoken
+        checked = []  # (where, speaker id or voice name, its pieces)
         for i, turn in enumerate(turns):
             if not isinstance(turn, Sequence) or isinstance(turn, str) or len(turn) != 2:
                 raise ValueError(f"turn {i} must be a (speaker, text) pair, got {turn!r}")
+            who, text = turn
             try:
-                check_speaker(turn[0])
-                lines += [(turn[0], piece) for piece in split_text(turn[1], count)]
+                if who == NO_VOICE:
+                    raise ValueError(f"{NO_VOICE!r} is no speaker: a turn without a voice prompt gives a speaker id")
+                if not isinstance(who, str):
+                    check_speaker(who)
+                checked.append((f"turn {i}", who, split_text(text, count)))
             except ValueError as e:
                 raise ValueError(f"turn {i}: {e}") from None
-        if not lines:
+        if not checked:
             raise ValueError("no turns to speak: give at least one (speaker, text) pair")
-        return self._speak(lines, context, Sampling(temperature, top_k, seed, max_audio_ms), count, progress)
+        ids, prompts = voice_turns(checked, {seg.speaker for seg in context}, self.voice)
+        lines = [(speaker, piece) for speaker, pieces in ids for piece in pieces]  # (speaker, piece) in order
+        return self._speak(lines, [*prompts, *context], Sampling(temperature, top_k, seed, max_audio_ms), count,
+                           progress)
 
     def voice(self, name: str) -> Voice:
         """A voice by name: a saved one (csm_gguf.voices), or a built-in one, whose fixed prompt this model
         makes on first use (seconds) and keeps (csm_gguf.builtin_voices)."""
         from .voices import load_voice
 
-        return load_voice(name, self.model.path, self.prompt_codes)
+        return self.usable_voice(name, load_voice(name, self.model.path, self.prompt_codes))
+
+    def usable_voice(self, name: str, voice: Voice) -> Voice:
+        """`voice` (`name`'s) with its codes checked against this model, now: a ValueError naming the voice and
+        the fix rather than a generation's failure over "context codes"."""
+        k, n_codes = self.model.config.num_codebooks, self.model.n_codes
+        try:
+            segments = [replace(s, codes=check_codes(s.codes, k, n_codes, f"the codes of voice {name!r}"))
+                        for s in voice.segments]
+        except ValueError as e:
+            raise ValueError(f"{e}: it was saved for another model, or damaged; delete it and save it again"
+                             ) from None
+        return replace(voice, segments=segments)
 
     def prompt_codes(self, speaker: int, text: str) -> np.ndarray:
         """The codes of a built-in voice's prompt (builtin_voices.MakeCodes): `text` said as `speaker`, with no
         prompt, sampled as builtin_voices.SAMPLING says."""
         from .builtin_voices import SAMPLING
 
-        return np.stack(list(self.frames(text, speaker=speaker, voice=NO_VOICE, **asdict(SAMPLING))))
+        frames = list(self.frames(text, speaker=speaker, voice=NO_VOICE, **asdict(SAMPLING)))
+        if not frames:  # the model ended the speech at once: no prompt (a fine-tune gone wrong, or a broken model)
+            raise ValueError(f"this model said nothing for a built-in voice's prompt ({text!r} as speaker "
+                             f"{speaker}): is it a CSM model? Use a saved voice, or voice 'none'")
+        return np.stack(frames)
 
     def with_voice(self, voice: str | Voice | None, speaker: int | None, context: Sequence[Segment]
                    ) -> tuple[int, list[Segment]]:
@@ -362,6 +442,7 @@ class CSM:
     def stream_text(
         self,
         text: Iterable[str],
+        *,
         speaker: int | None = None,
         context: Sequence[Segment] = (),
         temperature: float = TEMPERATURE.default,
@@ -375,8 +456,8 @@ class CSM:
         """Speech for text that arrives in pieces, such as an LLM's tokens: audio chunks as for `stream`.
         Each sentence is spoken as soon as it is complete (once the next one begins, at a line break, or
         at the end of the text), with the sentence before it as context, so speech can start long before
-        the text ends. `text` is only read on between sentences. Piece i samples with seed + i. The voice: see
-        `with_voice`."""
+        the text ends. `text` is only read on between sentences. Piece i samples with seed + i. The other
+        settings as for `frames` and `stream`."""
         if isinstance(text, (str, bytes)) or not isinstance(text, Iterable):
             raise ValueError("text must be an iterable of strings (an LLM's tokens, lines...); for one string "
                              "use stream()")
@@ -389,10 +470,13 @@ class CSM:
         # Each piece's last frames are decoded when it ends, not with the next: the text may stall there.
         return self.decode_stream(self._generate(pieces, heard, piece_ends=True), chunk_frames, speed)
 
-    def stream(self, text: str, chunk_frames: int = 1, speed: float = 1.0, **kwargs) -> Iterator[np.ndarray]:
-        """Audio chunks (float32, 24 kHz) as frames are generated; equal to decoding all frames at once.
-        `speed` (0.25 to 4) makes the speech faster or slower at the same pitch (see csm_gguf.tempo)."""
-        frames = self.frames(text, **kwargs)
+    def stream(self, text: str, *, chunk_frames: int = 1, speed: float = 1.0, **options: Unpack[SpeechOptions]
+               ) -> Iterator[np.ndarray]:
+        """Audio chunks (float32, 24 kHz) as frames are generated, `chunk_frames` frames (80 ms each) a chunk;
+        equal to decoding all frames at once. `speed` (0.25 to 4) makes the speech faster or slower at the same
+        pitch (see csm_gguf.tempo). `options`: how it is spoken, as for `frames` (voice, speaker, context,
+        temperature, top_k, seed, max_audio_ms, progress)."""
+        frames = self.frames(text, **options)
         return self.decode_stream(frames, chunk_frames, speed)
 
     def decode_stream(self, frames: Iterable[np.ndarray | None], chunk_frames: int = 1,
@@ -428,17 +512,32 @@ class CSM:
         if pending:
             yield flush()
 
-    def generate(self, text: str, speed: float = 1.0, **kwargs) -> np.ndarray:
-        """The whole speech (float32, 24 kHz); `speed` as for `stream`."""
-        return self._audio(self.frames(text, **kwargs), speed)
+    def generate(self, text: str, *, speed: float = 1.0, **options: Unpack[SpeechOptions]) -> np.ndarray:
+        """The whole speech (float32, 24 kHz); `speed` as for `stream`; `options`: how it is spoken, as for
+        `frames` (voice, speaker, context, temperature, top_k, seed, max_audio_ms, progress)."""
+        return self._audio(self.frames(text, **options), speed)
 
-    def dialogue(self, turns: Iterable[tuple[int, str]], speed: float = 1.0, **kwargs) -> np.ndarray:
-        """A whole conversation's audio (see `dialogue_frames`), its turns joined in one codec stream."""
-        return self._audio(self.dialogue_frames(turns, **kwargs), speed)
+    def dialogue(self, turns: Iterable[tuple[int | str, str]], *, speed: float = 1.0,
+                 **options: Unpack[DialogueOptions]) -> np.ndarray:
+        """A whole conversation's audio (see `dialogue_frames`, and its options), its turns joined in one codec
+        stream; `speed` as for `stream`."""
+        return self._audio(self.dialogue_frames(turns, **options), speed)
 
     def _audio(self, frames: Iterable[np.ndarray], speed: float) -> np.ndarray:
         chunks = self.decode_stream(frames, chunk_frames=25, speed=speed)
         return np.concatenate([np.zeros(0, dtype=np.float32), *chunks])
 
     def close(self) -> None:
+        """Free llama.cpp's models and contexts and let go of the codec and the mapped files; speaking,
+        encoding or decoding afterwards is a RuntimeError. `with CSM(...) as tts:` closes it at the end."""
+        with self._codec_lock:  # the codec's load, in its thread, ends first
+            self._closed = True
+            self._codec = None
         self.generator.close()
+        self.model.close()
+
+    def __enter__(self) -> CSM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -15,6 +15,8 @@ parser.add_argument("--max-audio-ms", type=float)
 args = parser.parse_args()
 
 tts = CSM(args.model)
-audio = tts.generate("Hello from CSM, running on llama.cpp.", speaker=0, seed=42, max_audio_ms=args.max_audio_ms)
+# In voice alloy, the default: a built-in voice prompt, made on first use and kept (a bare speaker id would be
+# the raw model, another voice every time).
+audio = tts.generate("Hello from CSM, running on llama.cpp.", seed=42, max_audio_ms=args.max_audio_ms)
 write_audio(args.output, audio)
 print(f"{len(audio) / tts.sample_rate:.2f} s of speech written to {args.output}")

@@ -13,11 +13,13 @@ import soundfile as sf
 import torch
 
 from api_fixtures import TEXT, reference_audio
+from csm_fixtures import random_codes
 from csm_gguf.generator import Segment
+from csm_gguf.llama import free_model
 from csm_gguf.plan import PIECE_TOKENS, Context, TokenCounts, context_room, frame_budget, split_text
 from csm_gguf.sampling import Sampling
 from csm_gguf.tempo import change_speed
-from csm_gguf.tts import CSM, UNFINISHED_CHARS
+from csm_gguf.tts import CSM, UNFINISHED_CHARS, Voice
 
 pytestmark = pytest.mark.usefixtures("voices_home")  # a voices folder of its own
 
@@ -162,6 +164,94 @@ def test_close_during_another_threads_generation_is_an_error_not_a_crash(f32_mod
         "    except RuntimeError as e: errors.append(str(e))\n"
         "t = threading.Thread(target=speak); t.start(); started.wait(30); tts.close(); t.join(30)\n"
         "assert errors and 'closed' in errors[0], errors; print('ok')"))
+
+
+def test_close_frees_the_tokenizer_and_the_codec_and_with_closes(f32_model, monkeypatch):
+    """Each CSM kept its tokenizer, a llama.cpp model of its own (48 MB for Llama 3's), for good: ten loads in a
+    notebook or a server swapping models took half a GB. After close, the codec went on encoding."""
+    import csm_gguf.model
+
+    freed = []
+    monkeypatch.setattr(csm_gguf.model, "free_model", lambda model: freed.append(model) or free_model(model))
+    with CSM(f32_model, n_threads=1) as tts:
+        vocab = tts.model._vocab
+        assert len(tts.generate("Hi.", voice="none", seed=1, max_audio_ms=160))
+    assert freed == [vocab]
+    for call in (lambda: tts.encode(np.zeros(4800, np.float32)), lambda: tts.decode(np.zeros((1, 32), int)),
+                 lambda: tts.generate("Hi.", voice="none"), lambda: tts.model.tokenize("Hi.")):
+        with pytest.raises(RuntimeError, match="the model is closed"):
+            call()
+    tts.close()  # twice: nothing more to free
+    assert freed == [vocab]
+
+
+@pytest.mark.parametrize("option, value, match", [
+    ("max_streams", 0, "max_streams must be a whole number from 1 to 248, got 0"),
+    ("max_streams", -1, "max_streams must be a whole number from 1 to 248"),
+    ("max_streams", 249, "max_streams must be a whole number from 1 to 248"),
+    ("max_streams", "2", "max_streams must be a whole number from 1 to 248, got '2'"),
+    ("max_streams", 2.5, "max_streams must be a whole number"),
+    ("n_threads", -1, "n_threads must be a whole number from 0 .all cores. to"),
+    ("n_threads", 10_000, "n_threads must be a whole number from 0 .all cores. to"),
+    ("n_threads", True, "n_threads must be a whole number"),
+    ("n_gpu_layers", "0", "n_gpu_layers must be a whole number from -1 .all layers."),
+    ("n_gpu_layers", -2, "n_gpu_layers must be a whole number from -1"),
+])
+def test_constructor_options_are_checked_before_anything_loads(f32_model, monkeypatch, option, value, match):
+    """ggml was asked for 16 EiB (max_streams=-1), None + 1 failed inside it (0), and torch refused n_threads=-1
+    after llama.cpp had loaded everything."""
+    monkeypatch.setattr("csm_gguf.tts.CSMModel", lambda *a: pytest.fail("loaded the model first"))
+    with pytest.raises(ValueError, match=match):
+        CSM(f32_model, **{option: value})
+
+
+def test_settings_after_the_text_are_keywords(tts):
+    """generate("Hi.", 2) was speed 2, frames("Hi.", 2) speaker 2 and stream("Hi.", 2) chunks of 2 frames."""
+    for call in (tts.generate, tts.frames, tts.stream, tts.stream_text, tts.dialogue, tts.dialogue_frames):
+        with pytest.raises(TypeError, match="positional argument"):
+            call("Hi." if call not in (tts.dialogue, tts.dialogue_frames) else [(0, "Hi.")], 2)
+
+
+def test_dialogue_turns_name_voices_as_a_script_does(tts):
+    """A turn's speaker may be a voice's name, as a `say --dialogue` line's: its prompt goes first, its ids
+    moved off those the turns and the context take (csm_gguf.script)."""
+    from csm_gguf import voices
+    from csm_gguf.script import read_script
+
+    voices.save_voice("ann", Voice([Segment(0, "Ann here.", random_codes(8, 64, seed=1))], 0))
+    heard = Segment(1, "Before.", random_codes(4, 64, seed=2))
+    turns, prompts = read_script("ann: Hi there.\n0: Hello.\nalloy: Bye now.", reserved=[1], load=tts.voice)
+    kw = dict(temperature=0, max_audio_ms=160)
+    expected = np.stack(list(tts.dialogue_frames(turns, context=[*prompts, heard], **kw)))
+    named = [("ann", "Hi there."), (0, "Hello."), ("alloy", "Bye now.")]
+    np.testing.assert_array_equal(np.stack(list(tts.dialogue_frames(named, context=[heard], **kw))), expected)
+    for who, match in (("nobody", "turn 0: unknown voice 'nobody'"), ("none", "turn 0: 'none' is no speaker")):
+        with pytest.raises(ValueError, match=match):
+            tts.dialogue_frames([(who, "Hi.")])
+
+
+def test_a_voice_made_for_another_model_is_named_with_the_fix(tts):
+    from csm_gguf import voices
+
+    voices.save_voice("big", Voice([Segment(0, "Made by CSM-1B.", np.full((20, 32), 2000))], 0))
+    for call in (lambda: tts.generate("Hi.", voice="big"), lambda: tts.dialogue([("big", "Hi.")])):
+        with pytest.raises(ValueError, match="the codes of voice 'big' must lie in 0..63: it was saved for another"):
+            call()
+
+
+@pytest.mark.parametrize("text", [None, 5, b"bytes"])
+def test_a_segments_text_is_a_string(tts, text):
+    """Spoken as its str(): "None", "5", "b'bytes'"."""
+    with pytest.raises(ValueError, match="a context segment's text is what its audio says, a string"):
+        tts.segment(0, text, codes=random_codes(4, 64, seed=0))
+    with pytest.raises(ValueError, match="a context segment's text is what its audio says, a string"):
+        tts.generate("Hi.", context=[Segment(0, text, random_codes(4, 64, seed=0))])
+
+
+def test_a_built_in_voice_the_model_says_nothing_for_is_an_error(tts, monkeypatch):
+    monkeypatch.setattr(tts, "frames", lambda *a, **k: iter(()))
+    with pytest.raises(ValueError, match="this model said nothing for a built-in voice's prompt"):
+        tts.prompt_codes(0, "Hello.")
 
 
 def test_unfinished_stream_in_this_thread_is_an_error_in_another_a_wait(tts):

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..audio import FORMATS, AudioError, check_format
-from ..generator import Segment, check_codes
+from ..generator import Segment
 from ..sampling import SETTINGS as SAMPLING_SETTINGS
 from ..sampling import Sampling, Setting
 from ..tempo import MAX_SPEED, MIN_SPEED
@@ -130,7 +130,7 @@ def parse_speech(body: Any, tts: CSM, default_voice: str = "alloy", need_input: 
     speed = _value(body, SPEED)
     voice = body.get("voice")
     # null is the field left out, as for the sampling settings and speaker_id: the server's default voice
-    speaker, segments = _voice(default_voice if voice is None else voice, tts, load or tts.voice)
+    speaker, segments = _voice(default_voice if voice is None else voice, load or tts.voice)
     if "speaker_id" in body and body["speaker_id"] is not None:
         speaker = _value(body, SPEAKER_ID)
     sampling = Sampling(*(_value(body, setting) for setting in SAMPLING_SETTINGS))
@@ -271,7 +271,7 @@ def voice_exists(name: str) -> ApiError:
                     code="voice_exists")
 
 
-def _voice(voice: Any, tts: CSM, load: Callable[[str], Voice]) -> tuple[int, list[Segment]]:
+def _voice(voice: Any, load: Callable[[str], Voice]) -> tuple[int, list[Segment]]:
     if isinstance(voice, dict):
         voice = voice.get("id")
     if voice == NO_VOICE:  # no prompt: the raw model
@@ -288,18 +288,11 @@ def _voice(voice: Any, tts: CSM, load: Callable[[str], Voice]) -> tuple[int, lis
         saved = load(voice)
     except VoicesFolderError:  # a built-in voice's prompt could not be kept: the server's (its handler says so)
         raise
-    except ValueError as e:  # a damaged voice file
+    except ValueError as e:  # a damaged voice file, or codes of another model (CSM.usable_voice)
         raise invalid("voice", str(e), code="voice_unusable") from None
     except RuntimeError as e:  # the engine, making a built-in voice's prompt, stopped (shutting down: a 503)
         raise generation_error(e) from None
-    k, n_codes = tts.model.config.num_codebooks, tts.model.n_codes
-    try:
-        segments = [replace(s, codes=check_codes(s.codes, k, n_codes, f"the codes of voice {voice!r}"))
-                    for s in saved.segments]
-    except ValueError as e:  # checked now: in the engine, it would be a failed generation, not a voice's fault
-        raise invalid("voice", f"{e}: it was saved for another model, or damaged; delete it and save it again",
-                      code="voice_unusable") from None
-    return saved.speaker, segments
+    return saved.speaker, saved.segments
 
 
 def _value(body: dict, setting: Setting) -> Any:

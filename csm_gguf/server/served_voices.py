@@ -20,7 +20,7 @@ from .engine import Engine, SpeechJob
 
 def served_voice(tts: CSM, engine: Engine, name: str) -> Voice:
     """Voice `name` (a saved one, else a built-in one, its prompt made now if need be): see load_voice."""
-    return load_voice(name, tts.model.path, partial(_prompt_codes, engine))
+    return tts.usable_voice(name, load_voice(name, tts.model.path, partial(_prompt_codes, engine)))
 
 
 def _prompt_codes(engine: Engine, speaker: int, text: str) -> np.ndarray:
