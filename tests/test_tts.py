@@ -154,6 +154,16 @@ def test_closed_model_is_an_error_not_a_crash(f32_model):
         "del chunks; gc.collect(); print('ok')"))
 
 
+def test_streaming_works_with_deprecation_warnings_as_errors(f32_model):
+    """torch 2.13 deprecates torch.jit, which the codec's traces use: a program run with -W error (or pytest's
+    filterwarnings = error) failed at its first codec step."""
+    code = (f"from csm_gguf import CSM\ntts = CSM({str(f32_model)!r}, n_threads=1)\n"
+            "assert sum(map(len, tts.stream('Hi.', voice='none', seed=1, max_audio_ms=240))); print('ok')")
+    done = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", code], capture_output=True,
+                          text=True, timeout=120)
+    assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stderr[-2000:]
+
+
 def test_close_during_another_threads_generation_is_an_error_not_a_crash(f32_model):
     """close() freed llama.cpp's contexts under a step running in another thread: a segfault."""
     in_child_process(f32_model, (
