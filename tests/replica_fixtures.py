@@ -8,6 +8,7 @@ import getpass
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -71,21 +72,37 @@ def stop(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 
         return process.wait()
 
 
-def start_nginx(prefix: Path, port: int, upstreams: list[str]) -> subprocess.Popen:
-    """deploy/nginx/default.conf.template, filled in as the nginx image's entrypoint would, inside a main
-    configuration of the test's own: its pid file, logs and temporary files under `prefix`."""
+def nginx_site(port: int, upstreams: str) -> str:
+    """deploy/nginx/default.conf.template filled in as the nginx image's entrypoint does (envsubst, which
+    fills in ${NAME} and $NAME of the variables it is given, comments included)."""
+    template = (DEPLOY / "nginx" / "default.conf.template").read_text()
+    values = {"NGINX_PORT": f"127.0.0.1:{port}", "CSM_UPSTREAM_SERVERS": upstreams}
+    if shutil.which("envsubst") is None:  # gettext-base; the same for the template's ${NAME}s
+        return re.sub(r"\$\{(\w+)\}", lambda m: values[m.group(1)], template)
+    return subprocess.run(["envsubst", " ".join(f"${{{name}}}" for name in values)], input=template, text=True,
+                          env={**os.environ, **values}, capture_output=True, check=True).stdout
+
+
+def nginx_conf(prefix: Path, site: str) -> Path:
+    """A main configuration of the test's own around `site` (a filled-in template): its pid file, logs
+    (the template's /var/log/nginx/ too) and temporary files under `prefix`."""
     prefix.mkdir(parents=True, exist_ok=True)
-    site = (DEPLOY / "nginx" / "default.conf.template").read_text()
-    values = {"NGINX_PORT": f"127.0.0.1:{port}", "CSM_UPSTREAM_SERVERS": " ".join(f"server {u};" for u in upstreams)}
-    site = re.sub(r"\$\{(\w+)\}", lambda m: values[m.group(1)], site)
-    (prefix / "site.conf").write_text(site)
+    (prefix / "site.conf").write_text(site.replace("/var/log/nginx/", f"{prefix}/"))
     temp = "".join(f"{kind}_temp_path {prefix / kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi",
                                                                           "scgi"))
     user = f"user {getpass.getuser()};\n" if os.geteuid() == 0 else ""  # else workers run as nobody
-    (prefix / "nginx.conf").write_text(
+    conf = prefix / "nginx.conf"
+    conf.write_text(
         f"{user}daemon off;\nworker_processes 1;\npid {prefix / 'nginx.pid'};\nerror_log {prefix / 'error.log'};\n"
         f"events {{ worker_connections 4096; }}\n"
         f"http {{\naccess_log {prefix / 'access.log'};\n{temp}include {prefix / 'site.conf'};\n}}\n")
+    return conf
+
+
+def start_nginx(prefix: Path, port: int, upstreams: list[str]) -> subprocess.Popen:
+    """deploy/nginx/default.conf.template, filled in as the nginx image's entrypoint would, inside a main
+    configuration of the test's own (nginx_conf)."""
+    nginx_conf(prefix, nginx_site(port, " ".join(f"server {u};" for u in upstreams)))
     process = subprocess.Popen(["nginx", "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e",
                                 str(prefix / "error.log")], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 20

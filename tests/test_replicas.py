@@ -10,6 +10,7 @@ import json
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from replica_fixtures import (
     free_port,
     gunicorn_command,
     metric,
+    nginx_conf,
+    nginx_site,
     scrape,
     server_env,
     start,
@@ -50,6 +53,7 @@ class Cluster:
     replicas: list[str]  # each replica's own address
     processes: list[Popen]
     lb: str  # nginx
+    access_log: Path  # nginx's
 
 
 def settings(f32_model: Path, voices: Path) -> dict[str, str]:
@@ -75,7 +79,7 @@ def cluster(f32_model, tmp_path_factory):
             wait_ready(base, process, log)
         lb_port = free_port()
         nginx = start_nginx(tmp / "nginx", lb_port, [f"127.0.0.1:{port}" for port in ports])
-        yield Cluster(replicas, processes, f"http://127.0.0.1:{lb_port}")
+        yield Cluster(replicas, processes, f"http://127.0.0.1:{lb_port}", tmp / "nginx" / "access.log")
     finally:
         if nginx is not None:
             stop(nginx)
@@ -244,6 +248,80 @@ def assert_intact_sse(body: bytes, short_body: bytes) -> None:
     assert long_frames > frames > 0 and len(audio) == long_frames * (len(short) // frames)
 
 
+
+
+def test_nginx_logs_no_api_key_of_a_websocket_url(cluster):
+    """The websocket may pass its key as `?api_key=` (browsers cannot set its headers): nginx's access log
+    keeps the path, not the query."""
+    before = len(cluster.access_log.read_text())  # earlier tests' lines
+    ws = WsClient.connect(cluster.lb.replace("http", "ws") + "/v1/audio/speech/ws?api_key=sekrit-123")
+    close_quietly(ws)
+    deadline = time.monotonic() + 10
+    while "/v1/audio/speech/ws" not in (log := cluster.access_log.read_text()[before:]):  # once it is closed
+        assert time.monotonic() < deadline, log[-2000:]
+        time.sleep(0.1)
+    assert "sekrit" not in log and "api_key" not in log, log[-2000:]
+    line = next(line for line in log.splitlines() if "/v1/audio/speech/ws" in line)
+    assert '"GET /v1/audio/speech/ws HTTP/1.1" 101 ' in line, line
+
+
+def test_upstream_servers_on_several_lines_make_a_configuration_nginx_accepts(tmp_path):
+    """CSM_UPSTREAM_SERVERS as a YAML block, one `server` a line: envsubst fills in the template's
+    comments too, so no variable may appear in them."""
+    if shutil.which("nginx") is None:
+        pytest.skip("nginx is not installed")
+    servers = "server 127.0.0.1:8101;\n    server 127.0.0.1:8102;\n"
+    site = nginx_site(free_port(), servers)
+    conf = nginx_conf(tmp_path, site)
+    checked = subprocess.run(["nginx", "-t", "-p", str(tmp_path), "-c", str(conf), "-e", str(tmp_path / "error.log")],
+                             capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
+    assert site.count("server 127.0.0.1:8102;") == 1  # in the upstream block only
+
+
+def raw_response(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """The status, headers and body (by its Content-Length) of one request sent raw."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(65536)
+        head, _, body = data.partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        headers = {k.lower(): v for k, v in (line.split(": ", 1) for line in lines[1:])}
+        while len(body) < int(headers["content-length"]):
+            body += sock.recv(65536)
+    return int(lines[0].split()[1]), headers, body
+
+
+def assert_openai_error(headers: dict[str, str], body: bytes, type: str, code: str) -> str:
+    assert headers["content-type"] == "application/json"
+    error = json.loads(body)["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["param"] is None
+    assert (error["type"], error["code"]) == (type, code) and error["message"]
+    return error["message"]
+
+
+def test_what_nginx_answers_itself_is_json_in_openai_shape(tmp_path):
+    """No replica answering is a 503 with Retry-After (clients retry it), not nginx's HTML 502; a body
+    over nginx's limit a 413; and nginx does not say its version."""
+    if shutil.which("nginx") is None:
+        pytest.skip("nginx is not installed")
+    port = free_port()
+    nginx = start_nginx(tmp_path, port, [f"127.0.0.1:{free_port()}"])  # where nothing listens
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for response in (speak(base), httpx.get(f"{base}/v1/models", timeout=10)):
+            assert response.status_code == 503 and response.headers["retry-after"] == "1"
+            assert response.headers["server"] == "nginx"
+            assert_openai_error(response.headers, response.content, "server_error", "unavailable")
+        status, headers, body = raw_response(port, b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\n"
+                                             b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                                             % (64 * 2**20 + 1))
+        assert status == 413 and headers["server"] == "nginx"
+        assert "64 MiB" in assert_openai_error(headers, body, "invalid_request_error", "request_entity_too_large")
+    finally:
+        stop(nginx)
 
 
 def wait_status(url: str, status: int, within: float = 2.0) -> None:
