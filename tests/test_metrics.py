@@ -247,7 +247,7 @@ def test_readiness_says_when_the_engine_stopped():
 
     app = Flask("bare")
     app.extensions["csm_gguf.drain"] = Drain(1)
-    app.extensions["csm_gguf"] = SimpleNamespace(engine=SimpleNamespace(running=False))
+    app.extensions["csm_gguf"] = SimpleNamespace(engine=SimpleNamespace(running=False, failed=False))  # closed
     app.register_blueprint(health.bp)
     response = app.test_client().get("/health/ready")
     assert response.status_code == 503 and response.json == {"status": "engine stopped"}

@@ -173,6 +173,47 @@ def test_engine_closing_ends_a_following_request_with_the_shutdown_error(f32_mod
         tts.close()
 
 
+def test_an_engine_thread_that_dies_fails_its_requests_and_the_liveness_probe(f32_model, monkeypatch):
+    """An error the engine's steps do not catch ended its thread: requests then waited for ever, new ones were
+    taken, and /health/live stayed 200, so an orchestrator never restarted the server."""
+    from types import SimpleNamespace
+
+    from flask import Flask
+
+    from csm_gguf.server import health, routes
+    from csm_gguf.server.engine import Engine, SpeechJob
+    from csm_gguf.server.routes import EXTENSION as SERVICES
+    from csm_gguf.tts import CSM
+
+    tts = CSM(f32_model, kv_type="f32", max_streams=1)
+    engine = Engine(tts.generator)
+
+    def broken_step(streams):
+        raise SystemExit("a bug of ours")
+
+    monkeypatch.setattr(engine.generator, "step", broken_step)
+    app = Flask(__name__)
+    app.register_blueprint(health.bp)
+    app.register_blueprint(routes.bp)
+    app.config["API_KEY"] = None
+    app.extensions[SERVICES] = SimpleNamespace(engine=engine, tts=tts)
+    try:
+        assert app.test_client().get("/health/live").status_code == 200
+        job = engine.submit(SpeechJob("One.", sampling=Sampling(temperature=0, max_audio_ms=800)))
+        with pytest.raises(RuntimeError, match="engine stopped on an internal error"):
+            job.next_frames(timeout=10)
+        assert engine.failed and not engine.running
+        with pytest.raises(RuntimeError, match="engine stopped on an internal error"):
+            engine.submit(SpeechJob("Two."))
+        live = app.test_client().get("/health/live")
+        assert live.status_code == 503 and live.json == {"status": "engine failed"}
+        about = app.test_client().get("/health")
+        assert about.status_code == 503 and about.json["status"] == "engine failed"
+    finally:
+        engine.close()
+        tts.close()
+
+
 def test_waiting_followers_do_not_fill_the_queue_against_new_requests(f32_model):
     """Sessions that keep talking keep their next sentences in the queue: if those counted against its size,
     every new request would be refused for as long as the sessions talk."""

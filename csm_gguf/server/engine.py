@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SHUTTING_DOWN = "the server is shutting down"
+ENGINE_FAILED = "the server's engine stopped on an internal error (its log says which): the server must be restarted"
 
 
 class QueueFull(RuntimeError):
@@ -163,7 +164,8 @@ class Engine:
         # Called on the engine thread as each job ends, with the error that ended it (or None): metrics.
         self.on_end: Callable[[Job, BaseException | None], None] | None = None
         self._wake = threading.Condition()
-        self._closing = False
+        self._closing = False  # closed, or failed: no new work
+        self._stopped = SHUTTING_DOWN  # why, for what is refused or ended from then on
         self.decoders = decoders
         self.decoding = DecodeStage(decoders) if decoders is not None else None
         self._decode: list[tuple[Job, Any]] = []  # this frame step's output for `decoding`, put at its end
@@ -175,7 +177,7 @@ class Engine:
         """A place in line for a request about to be read; QueueFull now if there is none (see Place)."""
         with self._wake:
             if self._closing:
-                raise RuntimeError(SHUTTING_DOWN)
+                raise RuntimeError(self._stopped)
             self._check_room()
             self.reserved += 1
         return Place(self)
@@ -223,7 +225,7 @@ class Engine:
         job.audio = audio
         with self._wake:
             if self._closing:
-                raise RuntimeError(SHUTTING_DOWN)
+                raise RuntimeError(self._stopped)
             if after is not None and not after.ended:
                 if after.successor is not None:
                     raise ValueError("that request already has a successor")
@@ -252,7 +254,7 @@ class Engine:
         job = self._job(spec, continues=False)
         with self._wake:
             if self._closing:
-                raise RuntimeError(SHUTTING_DOWN)
+                raise RuntimeError(self._stopped)
             self.waiting.append(job)
             self._wake.notify()
         frames = []
@@ -287,6 +289,11 @@ class Engine:
         """Whether the engine thread is serving (not closed, not died)."""
         return self._thread.is_alive() and not self._closing
 
+    @property
+    def failed(self) -> bool:
+        """Whether the engine thread died of an error of ours rather than being closed: only a restart helps."""
+        return self._stopped == ENGINE_FAILED or (not self._thread.is_alive() and not self._closing)
+
     def close(self) -> None:
         with self._wake:
             self._closing = True
@@ -295,6 +302,25 @@ class Engine:
 
     # --- the engine thread --------------------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException:  # a bug of ours (a step's own failures end its requests): nothing more is served
+            log.critical("the engine stopped on an internal error: every request fails from now on; restart "
+                         "the server", exc_info=True)
+            with self._wake:
+                self._closing, self._stopped = True, ENGINE_FAILED
+            self.active += [job for job in self.joining if job not in self.active]
+            self.joining.clear()
+        for job in [*self.active, *self.waiting]:
+            try:
+                self._end(job, RuntimeError(self._stopped))
+            except Exception:  # after a failure the generator may be in any state: the others still end
+                log.exception("ending a request failed")
+        self._to_decoding()
+        if self.decoding is not None:
+            self.decoding.close()
+
+    def _serve(self) -> None:
         while True:
             with self._wake:
                 while not (self.active or self.waiting or self.forgotten or self._closing):
@@ -312,11 +338,6 @@ class Engine:
             with self.generator.lock:
                 self._frame_step(gone, forgotten)
             self._to_decoding()
-        for job in [*self.active, *self.waiting]:
-            self._end(job, RuntimeError(SHUTTING_DOWN))
-        self._to_decoding()
-        if self.decoding is not None:
-            self.decoding.close()
 
     def _frame_step(self, gone: list[Job], forgotten: list[list[Segment]]) -> None:
         """End the jobs whose clients left while queued, start the joining ones, read prompts, make a frame."""
@@ -438,4 +459,4 @@ class Engine:
             except Exception:  # an observer's bug must not stop generation
                 log.exception("the engine's on_end hook failed")
         if successor is not None and self._closing:
-            self._end(successor, RuntimeError(SHUTTING_DOWN))
+            self._end(successor, RuntimeError(self._stopped))

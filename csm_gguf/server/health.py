@@ -1,5 +1,6 @@
-"""Probes for orchestrators and load balancers: `/health/live` (the process answers) and `/health/ready`
-(model loaded, engine running, not draining: else 503, and a load balancer sends no new work here).
+"""Probes for orchestrators and load balancers: `/health/live` (the process answers, its engine has not died)
+and `/health/ready` (model loaded, engine running, not draining: else 503, and a load balancer sends no new
+work here).
 `/health` (in routes) stays, with the engine's numbers."""
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ bp = Blueprint("csm_gguf_health", __name__)
 
 @bp.get("/health/live")
 def live():
+    # An engine that died of an error of ours never serves again: an orchestrator restarts the process.
+    if current_app.extensions[SERVICES].engine.failed:
+        return {"status": "engine failed"}, 503
     return {"status": "alive"}
 
 

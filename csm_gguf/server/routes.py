@@ -75,7 +75,9 @@ def index():
 def health():
     s = services()
     # Answered without a key (probes): the model's folder by name, not where it lies on the server.
-    return {"status": "ok", "model_loaded": True, "model": s.tts.model.path.name, **s.engine.stats()}
+    status = "ok" if s.engine.running else "engine failed" if s.engine.failed else "engine stopped"
+    return {"status": status, "model_loaded": True, "model": s.tts.model.path.name, **s.engine.stats()}, \
+        200 if status == "ok" else 503
 
 
 @bp.get("/v1/models")
