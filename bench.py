@@ -148,12 +148,16 @@ class Floor:
 @dataclass
 class Concurrency:
     streams: int
-    frames: int
+    frames: int  # asked per stream (--frames)
     seconds: float
-    aggregate_xrt: float
-    per_stream_rtf: float
+    aggregate_xrt: float  # audio made by all streams (samples / SAMPLE_RATE) per second
+    per_stream_rtf: float | None  # streams / aggregate_xrt (None: no audio)
     host_ms: float  # a frame step's time outside llama_decode and the depth graph's call (Generator.step); with
     # CSM_GGUF_DECODER=llama it includes the heads' and draws' ggml calls
+    frames_made: int = 0  # all streams together: fewer than streams x frames where a stream ended early
+    # (end of speech, the context's end): a stream that is done is no longer stepped, as Generator.speak
+    steps: int = 0  # frame steps run (the longest stream's frames)
+    audio_s: float = 0.0  # samples decoded by all streams / SAMPLE_RATE
 
 
 @dataclass
@@ -337,12 +341,14 @@ def floor(gen, frames: int, prompt_len: int, streams: int = 1) -> Floor:
 
 
 def concurrency(tts, n_streams: int, frames: int, seed: int, args) -> Concurrency:
-    """`n_streams` utterances decoded together (Generator.step batching, batched Mimi): the server's path."""
-    import torch
-
+    """`n_streams` utterances decoded together (Generator.step batching, the codec's DecoderPool): the server's
+    path. A stream that is done (end of speech, its frames, the context's end) is stepped no more, as
+    Generator.speak and the server's engine do; the audio counted is the samples the codec made."""
     from csm_gguf.generator import Generator
+    from csm_gguf.mimi import DecoderPool
 
     gen = Generator(tts.model, n_streams, args.threads, args.gpu_layers, args.kv_type)
+    pool = DecoderPool(tts.codec, n_streams, tts.model.config.num_codebooks)
     prof = Profile()
     wait_for_decodes(*llama_models(gen))
     prof.wrap(gen, "step", "step")
@@ -353,27 +359,40 @@ def concurrency(tts, n_streams: int, frames: int, seed: int, args) -> Concurrenc
     try:
         prompt = gen.prompt_embeddings(TEXT, 0)
 
-        def utterances(n_frames: int) -> float:
-            state = tts.codec.decoder_state(n_streams)
+        def utterances(n_frames: int) -> tuple[float, int, int, int]:
+            """(seconds, frames made, frame steps, samples made)"""
             t0 = time.perf_counter()
             streams = [gen.start(prompt, sampling(n_frames, seed + j)) for j in range(n_streams)]
-            for _ in range(n_frames):
-                codes = gen.step(streams)
-                tts.codec.decode_step(torch.from_numpy(codes[:, :, None]), state)
-            seconds = time.perf_counter() - t0
-            for st in streams:
-                gen.finish(st)
-            return seconds
+            audio = {id(st): pool.open() for st in streams}
+            made = steps = samples = 0
+            try:
+                live = [st for st in streams if not st.done]
+                while live:
+                    codes = gen.step(live)
+                    steps += 1
+                    # The all-zero frame ends speech: neither decoded nor counted (as Generator.speak).
+                    speaking = {audio[id(st)]: codes[j : j + 1] for j, st in enumerate(live) if codes[j].any()}
+                    made += len(speaking)
+                    samples += sum(len(pcm) for pcm in pool.decode_many(speaking).values())
+                    live = [st for st in live if not st.done]
+                seconds = time.perf_counter() - t0
+            finally:
+                for st in streams:
+                    gen.finish(st)
+                    audio[id(st)].close()
+            return seconds, made, steps, samples
 
         utterances(min(frames, 3))  # warm-up
         prof.totals.clear()
-        seconds = utterances(frames)
+        seconds, made, steps, samples = utterances(frames)
     finally:
         prof.restore()
         gen.close()
-    audio = frames * FRAME_S
-    host_ms = prof.get("step") * 1000 / frames  # step's own time: the wrapped calls are their own path
-    return Concurrency(n_streams, frames, seconds, n_streams * audio / seconds, seconds / audio, host_ms)
+    audio_s = samples / SAMPLE_RATE
+    xrt = audio_s / seconds
+    host_ms = prof.get("step") * 1000 / max(steps, 1)  # step's own time: the wrapped calls are their own path
+    return Concurrency(n_streams, frames, seconds, xrt, n_streams / xrt if xrt else None, host_ms, made, steps,
+                       audio_s)
 
 
 # A voice prompt's transcript, about what a speaker says in 10 s.
@@ -944,6 +963,10 @@ def machine(args) -> dict:
     )
 
 
+def _num(x: float | None, digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
 def table(report: dict) -> str:
     rows = ["| variant | RTF (median, min-max) | xRealTime | TTFA | frame | floor | frame / floor | backbone | "
             "depth decoder | heads+sampling | Mimi | rest | peak RSS |", "|" + "---|" * 13]
@@ -957,10 +980,11 @@ def table(report: dict) -> str:
     lines = ["\n".join(rows)]
     conc = [(v["name"], c) for v in report["variants"] for c in v["concurrency"]]
     if conc:
-        lines.append("| variant | streams | aggregate xRealTime | per-stream RTF | "
+        lines.append("| variant | streams | frames made (of asked) | aggregate xRealTime | per-stream RTF | "
                      "step outside llama_decode and the depth graph |\n"
-                     "|---|---|---|---|---|\n" + "\n".join(
-                         f"| {name} | {c['streams']} | {c['aggregate_xrt']:.2f} | {c['per_stream_rtf']:.2f} | "
+                     "|---|---|---|---|---|---|\n" + "\n".join(
+                         f"| {name} | {c['streams']} | {c['frames_made']} ({c['streams'] * c['frames']}) | "
+                         f"{c['aggregate_xrt']:.2f} | {_num(c['per_stream_rtf'])} | "
                          f"{c['host_ms']:.1f} ms |" for name, c in conc))
     batch_rows = [(v["name"], b) for v in report["variants"] for b in v["batched"]]
     if batch_rows:

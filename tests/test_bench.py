@@ -43,7 +43,8 @@ def test_bench_writes_every_figure(converted, f32_model, tmp_path):
         assert v["floor"]["frame_ms"] > 0 and v["frame_over_floor"] > 0 and v["peak_rss_mib"] > 0
         assert v["heads_device"] == "cpu"
         assert [c["streams"] for c in v["concurrency"]] == [1, 2]
-        assert all(c["aggregate_xrt"] > 0 and 0 < c["host_ms"] < 1000 * c["seconds"] / c["frames"]
+        assert all(c["aggregate_xrt"] > 0 and 0 < c["host_ms"] < 1000 * c["seconds"] / c["steps"]
+                   and c["frames_made"] == c["streams"] * c["frames"] == c["streams"] * c["steps"]
                    for c in v["concurrency"])
         assert [x["streams"] for x in v["served"]] == [1, 2]  # through HTTP, from a server process
         assert all(x["aggregate_xrt"] > 0 for x in v["served"])
@@ -132,3 +133,35 @@ def test_batch_rows_runs_the_corpus_path_beside_the_in_process_engine(f32_model,
         assert b["steady_xrt"] > 0
         assert b["ray_cost"] == pytest.approx(1 - b["steady_xrt"] / b["in_process_xrt"])
     assert "Ray's cost" in done.stdout
+
+
+def _bench():
+    sys.path.insert(0, str(ROOT))
+    import bench
+
+    return bench
+
+
+def test_concurrency_stops_streams_that_end_and_counts_what_they_made(tts, f32_model, monkeypatch):
+    """A stream that ends (here: stream 0's third frame is the end-of-speech frame) is stepped no more (stepping
+    it crashed llama.cpp), and only the frames and samples actually made count."""
+    from csm_gguf.generator import Generator
+
+    bench = _bench()
+    real = Generator._draw_frame
+
+    def draw(self, streams):
+        codes = real(self, streams)
+        for j, st in enumerate(streams):
+            st.drawn = st.__dict__.get("drawn", 0) + 1
+            if st.sampling.seed == 1234 and st.drawn == 3:  # stream 0 (seed + 0)
+                codes[j] = 0
+        return codes
+
+    monkeypatch.setattr(Generator, "_draw_frame", draw)
+    args = bench.parse_args(["--model", str(f32_model), "--threads", "1"])
+    c = bench.concurrency(tts, 2, 8, 1234, args)
+    frame_size = tts.codec.cfg.frame_size
+    assert (c.streams, c.frames, c.steps, c.frames_made) == (2, 8, 8, 2 + 8)
+    assert c.audio_s == pytest.approx(c.frames_made * frame_size / bench.SAMPLE_RATE)
+    assert c.aggregate_xrt == pytest.approx(c.audio_s / c.seconds)
