@@ -209,7 +209,8 @@ class Generator:
         """The codebook heads on the GPU when the model's layers are there (unless CSM_GGUF_HEADS_DEVICE=cpu),
         else on the CPU; on the CPU too when the GPU backend lacks an op of the draw."""
         model, d = self.model, self.cfg.decoder.n_embd
-        chosen = os.environ.get("CSM_GGUF_HEADS_DEVICE", "gpu" if self.layers_on_gpu else "cpu")
+        # Set but empty (a compose or k8s template's blank) is unset, as for every other setting.
+        chosen = os.environ.get("CSM_GGUF_HEADS_DEVICE") or ("gpu" if self.layers_on_gpu else "cpu")
         if chosen not in ("cpu", "gpu"):
             raise ValueError(f"CSM_GGUF_HEADS_DEVICE is cpu or gpu, got {chosen!r}")
         make = partial(CodebookHeads, model.audio_head, model.audio_head_type, d, self.max_streams,
@@ -227,7 +228,7 @@ class Generator:
         where the layers are on a GPU (the graph has not yet been run on one: issue 26). Through llama.cpp
         also when the heads' backend lacks an op of the graph, or when the heads stay on the CPU while the
         layers are on a GPU (the graph would take the decoder's layers off the GPU)."""
-        chosen = os.environ.get("CSM_GGUF_DECODER")
+        chosen = os.environ.get("CSM_GGUF_DECODER") or None  # set but empty: unset
         if chosen not in (None, "graph", "llama"):
             raise ValueError(f"CSM_GGUF_DECODER is graph or llama, got {chosen!r}")
         if (chosen or ("llama" if self.layers_on_gpu else "graph")) == "llama":

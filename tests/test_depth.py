@@ -177,6 +177,18 @@ def test_the_graph_loads_no_llama_cpp_decoder(f32_model, monkeypatch):
         gen.close()
 
 
+def test_settings_set_but_empty_are_the_defaults(f32_model, monkeypatch):
+    """A compose or k8s template's blank (`CSM_GGUF_DECODER: ""`) was "got ''", where every other setting
+    takes it for unset."""
+    monkeypatch.setenv("CSM_GGUF_DECODER", "")
+    monkeypatch.setenv("CSM_GGUF_HEADS_DEVICE", "")
+    gen = Generator(CSMModel(f32_model), kv_type="f32")
+    try:
+        assert gen.depth is not None and not gen.heads.on_gpu  # the CPU's defaults: the graph, heads on the CPU
+    finally:
+        gen.close()
+
+
 def test_a_backend_lacking_an_op_of_the_graph_leaves_the_frame_to_llama_cpp(f32_model, monkeypatch, capsys):
     real = CodebookHeads.check_ops
 
