@@ -337,14 +337,19 @@ def test_settings_from_environment(monkeypatch):
         Settings.from_env()
 
 
-@pytest.mark.parametrize("setting, name", [("max_streams", "CSM_GGUF_MAX_STREAMS"), ("max_queue", "CSM_GGUF_QUEUE"),
-                                           ("prefill_rows", "CSM_GGUF_PREFILL_ROWS")])
-def test_settings_out_of_range_are_named_before_the_model_loads(setting, name):
+@pytest.mark.parametrize("setting, value, name", [
+    ("max_streams", -1, "CSM_GGUF_MAX_STREAMS"), ("max_queue", -1, "CSM_GGUF_QUEUE"),
+    ("prefill_rows", -1, "CSM_GGUF_PREFILL_ROWS"), ("threads", -1, "CSM_GGUF_THREADS must be a whole number from 0"),
+    ("threads", 10_000, "CSM_GGUF_THREADS must be a whole number from 0"),
+    ("gpu_layers", -5, "CSM_GGUF_GPU_LAYERS must be a whole number from -1"),
+    ("max_streams", 1000, "CSM_GGUF_MAX_STREAMS must be a whole number from 1 to 248")])
+def test_settings_out_of_range_are_named_before_the_model_loads(setting, value, name):
+    """CSM_GGUF_THREADS=-1 failed in torch after the model loaded; CSM_GGUF_GPU_LAYERS=-5 was taken."""
     from csm_gguf.server.settings import Settings
     from csm_gguf.server.startup import check_settings
 
     with pytest.raises(ValueError, match=name):
-        check_settings(Settings(**{setting: -1}))
+        check_settings(Settings(**{setting: value}))
 
 
 OK = {"model": "csm-1b", "input": TEXT, "voice": "alloy"}

@@ -4,6 +4,7 @@ server (app.py) and the Wyoming server; imports no web framework."""
 
 from __future__ import annotations
 
+from ..generator import check_options
 from ..tts import CSM, NO_VOICE
 from ..voices import max_voices, voice_speaker
 from .engine import Engine
@@ -14,8 +15,16 @@ from .settings import Settings
 
 def check_settings(settings: Settings) -> None:
     """ValueError naming the setting, before the (slow) model load."""
-    if settings.max_streams < 1 or settings.max_queue < 0 or settings.prefill_rows < 0:
-        raise ValueError("CSM_GGUF_MAX_STREAMS must be >= 1, CSM_GGUF_QUEUE and CSM_GGUF_PREFILL_ROWS >= 0")
+    try:
+        check_options(settings.threads, settings.gpu_layers, settings.max_streams)
+    except ValueError as e:  # named as the server's variables, not as CSM's arguments
+        message = str(e)
+        for argument, variable in (("n_threads", "CSM_GGUF_THREADS"), ("n_gpu_layers", "CSM_GGUF_GPU_LAYERS"),
+                                   ("max_streams", "CSM_GGUF_MAX_STREAMS")):
+            message = message.replace(argument, variable)
+        raise ValueError(message) from None
+    if settings.max_queue < 0 or settings.prefill_rows < 0:
+        raise ValueError("CSM_GGUF_QUEUE and CSM_GGUF_PREFILL_ROWS must be >= 0")
     if settings.drain_s < 0 or settings.max_websockets < 0 or settings.ws_idle_s < 1:
         raise ValueError("CSM_GGUF_DRAIN_S and CSM_GGUF_MAX_WEBSOCKETS must be >= 0 and CSM_GGUF_WS_IDLE_S >= 1")
     if settings.voice not in voice_names():
