@@ -178,10 +178,14 @@ class Batched:
 @dataclass
 class Served:
     streams: int  # requests sent at once
-    frames: int  # per request
+    frames: int  # asked per request
     seconds: float
-    aggregate_xrt: float
-    first_audio_s: Spread  # per request: to the first audio bytes over HTTP
+    aggregate_xrt: float  # the audio of the requests that succeeded (samples / SAMPLE_RATE) per second
+    first_audio_s: Spread | None  # per request that succeeded: to the first audio bytes over HTTP (None: none did)
+    errors: list[str] = field(default_factory=list)  # requests that failed (an HTTP error, a reset, no audio), and
+    # those short of the audio asked where speech cannot end early (random weights): none of them is a sample
+    short: int = 0  # requests that ended with less audio than asked (real weights end speech early)
+    audio_s: float = 0.0  # of the requests counted
 
 
 @dataclass
@@ -535,9 +539,11 @@ def agreement(ref: np.ndarray, q: np.ndarray) -> tuple[float, float]:
     return float((ref.argmax(-1) == q.argmax(-1)).mean()), float(kl.mean())
 
 
-def served(model_dir: Path, counts: list[int], frames: int, args) -> list[Served]:
+def served(model_dir: Path, counts: list[int], frames: int, args, frame_samples: int, can_end: bool) -> list[Served]:
     """The OpenAI server as a client sees it: `flask --app csm_gguf.web run` in its own process, then for
-    each n, n streaming requests at once (HTTP, request threads and the engine all included)."""
+    each n, n streaming requests at once (HTTP, request threads and the engine all included). A request
+    that fails, or (unless `can_end`: weights that may end speech early) brings fewer than `frames` x
+    `frame_samples` samples, is an error, not a sample."""
     import socket
     import subprocess
     import tempfile
@@ -556,8 +562,8 @@ def served(model_dir: Path, counts: list[int], frames: int, args) -> list[Served
     server = subprocess.Popen([sys.executable, "-m", "flask", "--app", "csm_gguf.web", "run", "--port", str(port)],
                               env=env, stdout=log, stderr=log)
 
-    def request(seed: int, n_frames: int) -> tuple[float, float]:
-        """(seconds to the first audio, seconds of audio) of one streamed pcm request."""
+    def request(seed: int, n_frames: int) -> tuple[float | None, int]:
+        """(seconds to the first audio or None, samples) of one streamed pcm request."""
         body = json.dumps({"model": "csm-1b", "input": TEXT, "response_format": "pcm", "seed": seed,
                            "max_audio_ms": n_frames * FRAME_MS}).encode()
         req = urllib.request.Request(f"{base}/v1/audio/speech", body, {"Content-Type": "application/json"})
@@ -566,7 +572,7 @@ def served(model_dir: Path, counts: list[int], frames: int, args) -> list[Served
             while chunk := response.read1(1 << 16):
                 first = first or time.perf_counter() - t0
                 size += len(chunk)
-        return first or 0.0, size / 2 / SAMPLE_RATE  # pcm: 16-bit samples
+        return first, size // 2  # pcm: 16-bit samples
 
     out = []
     try:
@@ -580,11 +586,15 @@ def served(model_dir: Path, counts: list[int], frames: int, args) -> list[Served
                     log.seek(0)
                     raise RuntimeError(f"the server did not start:\n{log.read().decode()[-3000:]}") from None
                 time.sleep(0.5)
-        def at_once(n: int, n_frames: int) -> tuple[float, list[tuple[float, float]]]:
-            results: list[tuple[float, float]] = [(0.0, 0.0)] * n
+        def at_once(n: int, n_frames: int) -> tuple[float, list[tuple[float | None, int] | str]]:
+            """(seconds, each request's (first audio, samples), or what went wrong)"""
+            results: list[tuple[float | None, int] | str] = ["not run"] * n
 
             def one(i: int) -> None:
-                results[i] = request(args.seed + i, n_frames)
+                try:
+                    results[i] = request(args.seed + i, n_frames)
+                except Exception as e:  # noqa: BLE001 (an HTTP error, a reset, a timeout: reported, not a sample)
+                    results[i] = f"{type(e).__name__}: {e}"
 
             threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
             t0 = time.perf_counter()
@@ -596,10 +606,30 @@ def served(model_dir: Path, counts: list[int], frames: int, args) -> list[Served
 
         for n in counts:  # warm-up: the codec traces its step of n streams once, at its second step (0.2 s)
             at_once(n, min(frames, 3))
+        asked = frames * frame_samples
         for n in counts:
             seconds, results = at_once(n, frames)
-            audio = sum(a for _, a in results)
-            out.append(Served(n, frames, seconds, audio / seconds, Spread.of([f for f, _ in results])))
+            good, errors, short = [], [], 0
+            for i, r in enumerate(results):
+                what = f"{n} at once, request {i} (seed {args.seed + i})"
+                if isinstance(r, str):
+                    errors.append(f"{what}: {r}")
+                elif r[0] is None or not r[1]:
+                    errors.append(f"{what}: no audio")
+                elif r[1] < asked:
+                    short += 1
+                    if can_end:
+                        good.append(r)
+                    else:
+                        errors.append(f"{what}: {r[1]} of the {asked} samples asked (these weights never end "
+                                      "speech early: the stream was cut)")
+                else:
+                    good.append(r)
+            audio = sum(a for _, a in good) / SAMPLE_RATE
+            out.append(Served(n, frames, seconds, audio / seconds,
+                              Spread.of([f for f, _ in good]) if good else None, errors, short, audio))
+            for e in errors:
+                print(f"[bench] server error: {e}", file=sys.stderr)
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -730,7 +760,8 @@ def bench_variant(name: str, model_dir: Path, weights: str, args, reference: dic
         for s in args.concurrency or [4]:
             v.batched.append(batched(model_dir, s, args.batch_rows, args, in_process.get(s)))
     if args.server:
-        v.served = served(model_dir, args.server, args.frames, args)
+        v.served = served(model_dir, args.server, args.frames, args, tts.codec.cfg.frame_size,
+                          can_end=weights != "random")
     if reference is not None:
         c0, rest = teacher_forced(tts.model, reference["codes"], args)
         top1_0, kl_0 = agreement(reference["c0"], c0)
@@ -996,10 +1027,11 @@ def table(report: dict) -> str:
                          for name, b in batch_rows))
     served_rows = [(v["name"], x) for v in report["variants"] for x in v["served"]]
     if served_rows:
-        lines.append("| variant | server requests at once | aggregate xRealTime | first audio (median) |\n"
-                     "|---|---|---|---|\n"
+        lines.append("| variant | server requests at once | aggregate xRealTime | first audio (median) | errors | "
+                     "short |\n|---|---|---|---|---|---|\n"
                      + "\n".join(f"| {name} | {x['streams']} | {x['aggregate_xrt']:.2f} | "
-                                 f"{x['first_audio_s']['median'] * 1000:.0f} ms |" for name, x in served_rows))
+                                 + (f"{x['first_audio_s']['median'] * 1000:.0f} ms" if x["first_audio_s"] else "-")
+                                 + f" | {len(x['errors'])} | {x['short']} |" for name, x in served_rows))
     qual = [v for v in report["variants"] if v["quality"]]
     if qual:
         lines.append("| variant | codebook-0 top-1 | codebook-0 KL | decoder top-1 | decoder KL |\n"
@@ -1224,6 +1256,11 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps(report, indent=2))
     if args.plot:
         plot(report, args.plot)
+    errors = [e for v in report["variants"] for x in v["served"] for e in x["errors"]]
+    if errors:
+        print(f"[bench] {len(errors)} server requests failed (not counted in the figures):\n  "
+              + "\n  ".join(errors), file=sys.stderr)
+        return 1
     return 0
 
 

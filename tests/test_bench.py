@@ -47,7 +47,7 @@ def test_bench_writes_every_figure(converted, f32_model, tmp_path):
                    and c["frames_made"] == c["streams"] * c["frames"] == c["streams"] * c["steps"]
                    for c in v["concurrency"])
         assert [x["streams"] for x in v["served"]] == [1, 2]  # through HTTP, from a server process
-        assert all(x["aggregate_xrt"] > 0 for x in v["served"])
+        assert all(x["aggregate_xrt"] > 0 and x["errors"] == [] and x["short"] == 0 for x in v["served"])
         assert all(0 < t < x["seconds"] for x in v["served"] for t in x["first_audio_s"]["values"])
         q = v["quality"]
         assert q["frames"] == 3 and 0 <= q["codebook0_top1"] <= 1 and 0 <= q["decoder_top1"] <= 1
@@ -165,3 +165,57 @@ def test_concurrency_stops_streams_that_end_and_counts_what_they_made(tts, f32_m
     assert (c.streams, c.frames, c.steps, c.frames_made) == (2, 8, 8, 2 + 8)
     assert c.audio_s == pytest.approx(c.frames_made * frame_size / bench.SAMPLE_RATE)
     assert c.aggregate_xrt == pytest.approx(c.audio_s / c.seconds)
+
+
+def test_server_requests_that_fail_or_are_cut_are_errors_not_samples(f32_model, monkeypatch):
+    """Of 3 requests at once, one fails (HTTP 503) and one is cut after its first chunk: both are errors, and the
+    figures are the third's alone (they were counted as 0.0 s first audio and 0 s of audio)."""
+    import urllib.error
+    import urllib.request
+
+    bench = _bench()
+    real = urllib.request.urlopen
+
+    class Cut:
+        def __init__(self, response):
+            self.response, self.reads = response, 0
+
+        def read1(self, n):
+            self.reads += 1
+            return self.response.read1(min(n, 64)) if self.reads == 1 else b""
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.response.close()
+
+    def urlopen(req, *a, **k):
+        body = getattr(req, "data", None) or b""
+        if b'"seed": 1235' in body:
+            raise urllib.error.HTTPError(req.full_url, 503, "stand-in for a failed request", {}, None)
+        response = real(req, *a, **k)
+        return Cut(response) if b'"seed": 1236' in body else response
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    args = bench.parse_args(["--model", str(f32_model), "--threads", "1"])
+    frame_size = 64  # the tiny codec's
+    (x,) = bench.served(f32_model, [3], 3, args, frame_size, can_end=False)
+    assert len(x.errors) == 2 and "503" in x.errors[0] and "cut" in x.errors[1] and x.short == 1
+    assert len(x.first_audio_s.values) == 1 and x.first_audio_s.values[0] > 0
+    assert x.audio_s == pytest.approx(3 * frame_size / bench.SAMPLE_RATE)
+
+
+def test_a_server_error_fails_the_run(f32_model, tmp_path, monkeypatch):
+    bench = _bench()
+
+    def served(model_dir, counts, frames, args, frame_samples, can_end):
+        return [bench.Served(1, frames, 1.0, 0.5, None, ["1 at once, request 0 (seed 1234): HTTPError 503"])]
+
+    monkeypatch.setattr(bench, "served", served)
+    out = tmp_path / "bench.json"
+    code = bench.main(["--model", str(f32_model), "--threads", "1", "--frames", "2", "--runs", "1", "--warmup", "0",
+                       "--server", "1", "--json", str(out)])
+    assert code == 1
+    (x,) = json.loads(out.read_text())["variants"][0]["served"]
+    assert x["errors"] and x["first_audio_s"] is None
