@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import shutil
 import signal
 import socket
@@ -367,5 +368,10 @@ def test_sigterm_under_flask_run_drains_and_exits_0(f32_model, tmp_path):
         assert process.poll() is None
         assert_intact_sse(read_all(sock)[1], short)
         assert process.wait(timeout=30) == 0, log.read_text()[-3000:]
+        # The server's own lines, timed and leveled (Python's default dropped the INFO ones, printed the rest bare).
+        said = log.read_text()
+        stamp = r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d [+-]\d{4}\] \[\d+\] \[INFO\] csm_gguf\.server"
+        for line in (": serving .* 2 streams, a queue of 4", r"\.drain: SIGTERM: draining", r"\.drain: drained"):
+            assert re.search(stamp + line, said), said[-3000:]
     finally:
         stop(process)

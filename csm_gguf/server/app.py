@@ -3,6 +3,7 @@ the error handlers and the endpoints registered."""
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import replace
 from typing import Any
@@ -17,13 +18,21 @@ from .services import EXTENSION, Services
 from .settings import Settings
 from .startup import check_settings, start_engine
 
+log = logging.getLogger("csm_gguf.server")
+# gunicorn's own line format, so that the server's lines read as its do.
+LOG_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s"
+
 
 def create_app(**overrides: Any) -> Flask:
     """The app, its model loaded; keyword arguments override the environment (see Settings)."""
     settings = replace(Settings.from_env(), **overrides)
+    configure_logging()
     check_settings(settings)
     app = Flask("csm_gguf.web")
     app.extensions[EXTENSION] = start_services(settings)
+    log.info("serving %s: %d streams, a queue of %d, %s threads, voice %s, %s",
+             app.extensions[EXTENSION].tts.model.path, settings.max_streams, settings.max_queue,
+             settings.threads or "all", settings.voice, "an API key" if settings.api_key else "no API key")
     app.config["API_KEY"] = settings.api_key
     app.config["MAX_CONTENT_LENGTH"] = MAX_SPEECH_REQUEST
     app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": MAX_SPEECH_REQUEST}  # closes with 1009 beyond
@@ -31,6 +40,18 @@ def create_app(**overrides: Any) -> Flask:
     app.register_blueprint(bp)
     serve_replicas(app, settings)
     return app
+
+
+def configure_logging() -> None:
+    """The server's lines (its start, the drain, warnings) at INFO, with a time, the process and a level, unless
+    the program hosting it set up logging: Python's default dropped the INFO ones and printed the rest bare."""
+    ours = logging.getLogger("csm_gguf")
+    if ours.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, "%Y-%m-%d %H:%M:%S %z"))
+    ours.addHandler(handler)
+    ours.setLevel(logging.INFO)
 
 
 def serve_replicas(app: Flask, settings: Settings) -> None:
