@@ -61,6 +61,35 @@ def test_web_page_speaks_in_chromium(browser, base, engine, fmt, services):
     wait_idle(engine)
 
 
+def test_web_page_takes_a_blank_speed_as_1_and_says_stopped_when_stopped(browser, base, engine):
+    """A blank Speed was sent as 0 ("'speed' is 0; it must lie from 0.25 to 4"); Stop said "error: signal is
+    aborted without reason"."""
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    browser.get(base + "/")
+    wait = WebDriverWait(browser, 30)
+    wait.until(lambda b: len(Select(b.find_element("id", "voice")).options) >= 13)
+    last = ("return window.lastResult && (window.lastResult.done || window.lastResult.error || "
+            "window.lastResult.stopped) ? window.lastResult : null")
+    browser.find_element("id", "speed").clear()
+    text = browser.find_element("id", "text")
+    text.clear()
+    text.send_keys("Hi there.")
+    Select(browser.find_element("id", "format")).select_by_value("pcm")
+    browser.find_element("id", "speak").click()
+    result = wait.until(lambda b: b.execute_script(last))
+    assert result["error"] is None and result["done"], result
+    text.clear()
+    text.send_keys("This is a sentence that goes on for a while. " * 40)
+    browser.find_element("id", "speak").click()
+    wait.until(lambda b: "first audio" in b.find_element("id", "status").text)
+    browser.find_element("id", "stop").click()
+    result = wait.until(lambda b: b.execute_script(last))
+    assert result["stopped"] and result["error"] is None, result
+    assert browser.find_element("id", "status").text.startswith("stopped after ")
+    wait_idle(engine)
+
+
 def save_voice_in_page(browser, name: str, transcript: str) -> str:
     from selenium.webdriver.support.ui import WebDriverWait
 
