@@ -29,6 +29,25 @@ def default_model_dir(source: str, qtype: str, decoder_qtype: str | None = None)
     return cache_root() / "models" / f"{name}-{suffix}"
 
 
+# The hub's CSM-1B conversions, in the order a model is looked for in the cache (see cached_models).
+DEFAULT_SOURCES = ("sesame/csm-1b", "unsloth/csm-1b")
+DEFAULT_QTYPES = ("q4_k", "q8_0", "f16", "bf16", "f32")
+
+
+def cached_models() -> list[Path]:
+    """The converted models in the cache: the hub's CSM-1B first (q4_k before q8_0..., sesame before
+    unsloth), then the others (another --decoder-qtype, a --model-path's), newest first. Never a model of
+    random weights (`convert --random-weights`, bench.py's: noise), nor a conversion still being written."""
+    folder = cache_root() / "models"
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if not p.name.startswith((".", "random-")) and p.is_dir()
+             and all((p / f).exists() for f in MODEL_FILES)]
+    preferred = [default_model_dir(source, qtype) for qtype in DEFAULT_QTYPES for source in DEFAULT_SOURCES]
+    others = sorted((p for p in found if p not in preferred), key=lambda p: p.lstat().st_mtime, reverse=True)
+    return [p for p in preferred if p in found] + others
+
+
 def check_model_dir(path: str | Path) -> Path:
     path = Path(path).expanduser()
     if not path.is_dir():

@@ -68,18 +68,17 @@ class SpeechOptions(DialogueOptions, total=False):
 
 
 def find_model(model: str | Path | None) -> Path:
-    """An explicit path, else $CSM_GGUF_MODEL, else the default model converted into the cache."""
-    from .model_dir import MODEL_FILES, default_model_dir
+    """An explicit path, else $CSM_GGUF_MODEL, else a model converted into the cache (model_dir.cached_models:
+    CSM-1B's q4_k first)."""
+    from .model_dir import cached_models
 
     if model:
         return Path(model)
     if os.environ.get("CSM_GGUF_MODEL"):
         return Path(os.environ["CSM_GGUF_MODEL"])
-    for qtype in ("q4_k", "q8_0", "f16", "bf16", "f32"):
-        for source in ("sesame/csm-1b", "unsloth/csm-1b"):
-            path = default_model_dir(source, qtype)
-            if all((path / f).exists() for f in MODEL_FILES):
-                return path
+    cached = cached_models()
+    if cached:
+        return cached[0]
     raise FileNotFoundError(
         "no converted CSM model found: convert one with `python -m csm_gguf.convert` "
         "(or `--model-id unsloth/csm-1b`, which needs no hub login), or pass a model directory "

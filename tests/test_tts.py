@@ -6,6 +6,7 @@ import io
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -494,3 +495,31 @@ def test_budget_is_proportional_to_text(tts):
     short, long = frame_budget(count("Hi.")), frame_budget(count("A much longer sentence " * 5))
     assert short < long
     assert Sampling(max_audio_ms=1234.0).for_piece(0, short).max_audio_ms == 1234.0
+
+
+def test_models_converted_into_the_cache_under_any_name_are_found(f32_model, tmp_path, monkeypatch):
+    """A conversion with --decoder-qtype (the README's advice) or of a --model-path went into the cache under a
+    name CSM() did not look for ("no converted CSM model found"; say then converted sesame/csm-1b again)."""
+    import os
+
+    from csm_gguf.model_dir import default_model_dir
+    from csm_gguf.tts import find_model
+
+    monkeypatch.setenv("CSM_GGUF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("CSM_GGUF_MODEL", raising=False)
+    models = tmp_path / "cache" / "models"
+    models.mkdir(parents=True)
+
+    def converted(name: str, age: int = 0) -> Path:
+        (models / name).symlink_to(f32_model, target_is_directory=True)
+        os.utime(models / name, (1e9 + age, 1e9 + age), follow_symlinks=False)
+        return models / name
+
+    (models / "random-q4_k").symlink_to(f32_model, target_is_directory=True)  # bench.py's noise: never the model
+    (models / ".sesame--csm-1b-q4_k.x1y2").mkdir()  # a conversion still being written
+    with pytest.raises(FileNotFoundError, match="no converted CSM model found"):
+        find_model(None)
+    older, newer = converted("hf-q8_0", 1), converted("sesame--csm-1b-q4_k-decoder-q8_0", 2)
+    assert find_model(None) == newer and older != newer  # the newest conversion
+    plain = converted(default_model_dir("sesame/csm-1b", "q8_0").name)
+    assert find_model(None) == plain  # the hub's CSM-1B, whatever else is there
