@@ -181,7 +181,7 @@ def writing_failed(out_dir: Path, e: OSError) -> str:
     in beside it, nor numpy's byte offsets)."""
     full = e.errno == errno.ENOSPC or "free space" in str(e)  # numpy's tofile says "Not enough free space"
     if full:
-        return (f"cannot write the model to {out_dir}: the disk is full (a q4_k model takes about 1.7 GB, other "
+        return (f"cannot write the model to {out_dir}: the disk is full (a q4_k model takes about 1.8 GB, other "
                 f"qtypes more); nothing was written: free some space, or give an --output-dir on another disk")
     ours = f".{out_dir.name}."  # the hidden folder the model is built in (or the old model kept in while replaced)
     if e.filename and not any(part.startswith(ours) for part in Path(e.filename).parts):  # another file's error
