@@ -292,4 +292,5 @@ def numpy_failure(e: Exception) -> str:
 def _unknown(name: str) -> ValueError:
     saved = ", ".join(list_voices()) or "none yet"
     return ValueError(f"unknown voice {name!r} (saved: {saved}; built-in: {', '.join(BUILTIN_VOICES)}; "
-                      f"{NO_VOICE!r} for none); save one with --save-voice")
+                      f"{NO_VOICE!r} for none; names are case-sensitive); save one with say --save-voice (or "
+                      "voices.save_voice)")
