@@ -2,7 +2,8 @@
 
 For each model variant: real-time factor (generation seconds per audio second), time to first audio
 (streaming, prompt included), frames per second and peak memory over several runs after a warm-up;
-the per-frame stage breakdown; the floor (the same llama.cpp decodes with no pipeline around them);
+the per-frame stage breakdown (runs of its own); the floor (the compute of the frame path in use, its llama.cpp
+decodes and depth-decoder frame, with no pipeline around them);
 optionally batched streams (--concurrency), the corpus path on Ray beside them (--batch-rows), the
 OpenAI server under concurrent streaming requests (--server), fidelity against the f32 model (--quality)
 and peers: transformers' CSM and Mimi (--compare transformers), moshi's own streaming Mimi (--compare
@@ -63,6 +64,12 @@ class Profile:
         self.totals: dict[str, float] = defaultdict(float)
         self._undo: list[tuple[Any, str, Any]] = []
 
+    def patch(self, owner: Any, attr: str, new: Any) -> None:
+        """Replace owner.attr with `new` until `restore`."""
+        own = attr in getattr(owner, "__dict__", {})
+        self._undo.append((owner, attr, getattr(owner, attr) if own else None))
+        setattr(owner, attr, new)
+
     def wrap(self, owner: Any, attr: str, label: str) -> None:
         fn = getattr(owner, attr)
 
@@ -78,9 +85,7 @@ class Profile:
                 if self.stack:  # the caller's own time excludes its callees'
                     self.totals["/".join(self.stack)] -= dt
 
-        own = attr in getattr(owner, "__dict__", {})
-        self._undo.append((owner, attr, fn if own else None))
-        setattr(owner, attr, timed)
+        self.patch(owner, attr, timed)
 
     def restore(self) -> None:
         for owner, attr, fn in reversed(self._undo):
@@ -139,10 +144,19 @@ class Stages:
 
 @dataclass
 class Floor:
-    frame_ms: float
+    """The compute of the frame path in use alone, with fixed inputs and nothing around it: the backbone's
+    llama_decode and the depth decoder's frame (path "graph": csm_gguf/depth.py's one ggml graph, its draws and the
+    next inputs included; path "llama": llama.cpp's 31 llama_decode calls, no heads or draws), each waited for as a
+    frame must. Warmed up, then one run of --frames frames after each headline run: medians of --runs."""
+
+    frame_ms: float  # median over the runs
     backbone_ms: float
-    decoder_step_ms: float
-    rtf: float
+    decoder_step_ms: float | None  # path llama: one of the 31 llama_decode calls; graph: None (one call a frame)
+    rtf: float  # the floor's seconds per second of audio (samples / SAMPLE_RATE)
+    path: str = ""  # graph or llama: the decoder path timed (that of the runs)
+    what: str = ""  # in words
+    decoder_ms: float = 0.0
+    frame_ms_spread: Spread | None = None  # frame_ms of each run
 
 
 @dataclass
@@ -210,13 +224,14 @@ class Variant:
     xrt: Spread
     ttfa_s: Spread
     fps: Spread
-    stages_ms: Stages
+    stages_ms: Stages  # from --stage-runs runs of their own (timed, each llama_decode waited for): means
     floor: Floor
-    frame_over_floor: float  # our whole frame (Mimi included) / the floor's
-    generation_over_floor: float  # our frame without Mimi / the floor's: the pipeline's overhead alone
+    frame_over_floor: float  # our whole frame (Mimi included, from the stage runs) / the floor's median
+    generation_over_floor: float  # our frame without Mimi / the floor's: what the pipeline adds to the same compute
     peak_rss_mib: float
     heads_device: str  # where the codebook heads and the draw ran: cpu, gpu (CSM_GGUF_HEADS_DEVICE to choose)
     decoder_path: str  # graph: the depth decoder's frame as one ggml graph; llama: 31 steps (CSM_GGUF_DECODER)
+    stage_runs: int = 0
     concurrency: list[Concurrency] = field(default_factory=list)
     served: list[Served] = field(default_factory=list)
     batched: list[Batched] = field(default_factory=list)
@@ -249,30 +264,29 @@ def llama_models(gen) -> tuple:
     return (gen.backbone,) if gen.depth is not None else (gen.backbone, gen.decoder)
 
 
-def wait_for_decodes(*models) -> None:
+def wait_for_decodes(prof: Profile, *models) -> None:
     """On a GPU llama_decode returns before the work is done, and the wait lands in whatever reads the
-    output next. Waiting inside decode puts each step's time in its own stage, and makes the floor
-    wait for every step, as generation must (each step's input depends on the last one's output). On
-    the CPU a decode is already finished when it returns. (The depth decoder's ggml graph returns its
-    codes, so it has waited.)"""
+    output next. Waiting inside decode (until prof.restore) puts each step's time in its own stage. It also
+    takes away the overlap of the host's work with the GPU's that generation relies on, so only the stage-split
+    runs wait so, never the headline ones. On the CPU a decode is already finished when it returns. (The depth
+    decoder's ggml graph returns its codes, so it has waited.)"""
     import llama_cpp
 
     for model in models:
-        if getattr(model, "bench_waits", False):
-            continue
-
         def decode(n_tokens: int, model=model, run=model.decode) -> None:
             run(n_tokens)
             llama_cpp.llama_synchronize(model.ctx)
 
-        model.decode, model.bench_waits = decode, True
+        prof.patch(model, "decode", decode)
 
 
-def instrument(tts) -> Profile:
+def instrument(tts, prof: Profile | None = None) -> Profile:
+    """The stage split's timers and waits around tts's generator, until the Profile's `restore` (its totals
+    stay: instrumenting again adds to them)."""
     from csm_gguf.heads import Draws
 
-    gen, prof = tts.generator, Profile()
-    wait_for_decodes(*llama_models(gen))
+    gen, prof = tts.generator, prof or Profile()
+    wait_for_decodes(prof, *llama_models(gen))
     prof.wrap(gen, "prompt_embeddings", "prompt")
     prof.wrap(gen, "start", "prompt")
     prof.wrap(gen, "step", "step")
@@ -301,15 +315,27 @@ def stages(prof: Profile, seconds: float, frames: int, runs: int) -> Stages:
     return Stages(frame=frame, rest=frame - sum(parts.values()), prompt=prompt * 1000 / runs, **parts)
 
 
-def floor(gen, frames: int, prompt_len: int, streams: int = 1) -> Floor:
-    """The llama.cpp decodes of a frame (`Generator.step` with CSM_GGUF_DECODER=llama: same models, contexts and
-    batch shapes), inputs filled once, nothing else: what a frame costs in llama.cpp with no pipeline at all.
-    (The default depth decoder, one ggml graph a frame, can beat it.)"""
-    bb, dec, k, s = gen.backbone, gen.decoder, gen.cfg.num_codebooks, streams
-    wait_for_decodes(bb, dec)
+FLOOR_WHAT = {
+    "graph": "the backbone's llama_decode + the depth decoder's one-graph frame (csm_gguf/depth.py: heads, draws and "
+             "next inputs included), fixed inputs, nothing else",
+    "llama": "llama.cpp's own path: the backbone's llama_decode + the depth decoder's 31 llama_decode calls "
+             "(no heads, no draws), fixed inputs, nothing else",
+}
+
+
+def floor(gen, frames: int, prompt_len: int, streams: int = 1) -> tuple[float, float]:
+    """(backbone seconds, depth decoder seconds) of `frames` frames of the frame path in use (Generator._draw_frame:
+    same models, contexts and batch shapes), inputs filled once, nothing else: what a frame costs with no pipeline
+    around it. Each call waits for its work, as a frame must (each step's input depends on the last's output):
+    the graph path reads the backbone's logits (as the frame does), the llama.cpp steps synchronize."""
+    import llama_cpp
+
+    from csm_gguf.generator import Sampler
+    from csm_gguf.heads import race_noise, top_k_bucket
+
+    bb, k, s, n = gen.backbone, gen.cfg.num_codebooks, streams, gen.model.n_codes
     rng = np.random.default_rng(0)
     bb.embd[: max(prompt_len, s)] = 0.02 * rng.standard_normal((max(prompt_len, s), bb.n_embd), dtype=np.float32)
-    dec.embd[: 2 * s] = 0.02 * rng.standard_normal((2 * s, dec.n_embd), dtype=np.float32)
     slots = np.arange(s, dtype=np.int32)
     # A prompt's worth of cache first, so attention spans the positions it spans in the real run.
     for slot in slots:
@@ -318,6 +344,13 @@ def floor(gen, frames: int, prompt_len: int, streams: int = 1) -> Floor:
         bb.output[:prompt_len] = 0
         bb.set_seq_ids(np.full(prompt_len, slot, dtype=np.int32))
         bb.decode(prompt_len)
+    llama_cpp.llama_synchronize(bb.ctx)
+    if gen.depth is not None:
+        samplers = [Sampler(sampling(frames, j), n) for j in range(s)]
+        noise = race_noise([x.noise(k) for x in samplers], top_k_bucket(max(x.top_k for x in samplers), n))
+    else:
+        dec = gen.decoder
+        dec.embd[: 2 * s] = 0.02 * rng.standard_normal((2 * s, dec.n_embd), dtype=np.float32)
     backbone = decoder = 0.0
     for f in range(frames):
         t0 = time.perf_counter()
@@ -325,23 +358,32 @@ def floor(gen, frames: int, prompt_len: int, streams: int = 1) -> Floor:
         bb.output[:s] = 1
         bb.set_seq_ids(slots)
         bb.decode(s)
+        if gen.depth is not None:
+            out = bb.logits(s)  # waits for the step, as the frame's read of its outputs does
+        else:
+            llama_cpp.llama_synchronize(bb.ctx)
         t1 = time.perf_counter()
-        dec.clear()
-        dec.pos[: 2 * s] = np.tile([0, 1], s)
-        dec.output[: 2 * s] = 1
-        dec.set_seq_ids(np.repeat(slots, 2))
-        dec.decode(2 * s)
-        dec.output[:s] = 1
-        dec.set_seq_ids(slots)
-        for i in range(2, k):
-            dec.pos[:s] = i
-            dec.decode(s)
+        if gen.depth is not None:
+            gen.depth.frame(out[:, :n], out[:, gen._proj], noise)
+            gen.depth.next_inputs(s)
+        else:
+            dec.clear()
+            dec.pos[: 2 * s] = np.tile([0, 1], s)
+            dec.output[: 2 * s] = 1
+            dec.set_seq_ids(np.repeat(slots, 2))
+            dec.decode(2 * s)
+            llama_cpp.llama_synchronize(dec.ctx)
+            dec.output[:s] = 1
+            dec.set_seq_ids(slots)
+            for i in range(2, k):
+                dec.pos[:s] = i
+                dec.decode(s)
+                llama_cpp.llama_synchronize(dec.ctx)
         backbone += t1 - t0
         decoder += time.perf_counter() - t1
     for slot in slots:
         bb.remove_sequence(int(slot))
-    frame_ms = (backbone + decoder) * 1000 / frames
-    return Floor(frame_ms, backbone * 1000 / frames, decoder * 1000 / frames / (k - 1), frame_ms / FRAME_MS)
+    return backbone, decoder
 
 
 def concurrency(tts, n_streams: int, frames: int, seed: int, args) -> Concurrency:
@@ -354,7 +396,7 @@ def concurrency(tts, n_streams: int, frames: int, seed: int, args) -> Concurrenc
     gen = Generator(tts.model, n_streams, args.threads, args.gpu_layers, args.kv_type)
     pool = DecoderPool(tts.codec, n_streams, tts.model.config.num_codebooks)
     prof = Profile()
-    wait_for_decodes(*llama_models(gen))
+    wait_for_decodes(prof, *llama_models(gen))
     prof.wrap(gen, "step", "step")
     for model in llama_models(gen):
         prof.wrap(model, "decode", "calls")
@@ -732,18 +774,36 @@ def bench_variant(name: str, model_dir: Path, weights: str, args, reference: dic
         load_s = time.perf_counter() - t0
         for _ in range(args.warmup):
             run_once(tts, min(args.frames, 10), args.seed)
-        prof = instrument(tts)
-        try:
-            runs = [run_once(tts, args.frames, args.seed) for _ in range(args.runs)]
-        finally:
-            prof.restore()
-        seconds, frames = sum(r[0] for r in runs), sum(r[2] for r in runs)
-        st = stages(prof, seconds, frames, len(runs))
-        heads_device = "gpu" if tts.generator.heads.on_gpu else "cpu"
-        decoder_path = "llama" if tts.generator.depth is None else "graph"
-    # After the peak memory: the floor may load the depth decoder into llama.cpp, which the runs did not.
-    fl = floor(tts.generator, args.frames, len(tts.generator.prompt_embeddings(TEXT, 0)))
+        gen = tts.generator
+        prompt_len = len(gen.prompt_embeddings(TEXT, 0))
+        floor(gen, min(args.frames, 3), prompt_len)  # warm-up
+        # The headline runs, plain (no timers, no waits: on a GPU the host's work overlaps the backbone's step as in
+        # any user's process), each followed by one of the floor and one for the stage split (every call timed,
+        # every llama_decode waited for), so a busier moment of the machine falls on all three alike.
+        runs, floors, split, prof = [], [], [], Profile()
+        for i in range(max(args.runs, args.stage_runs)):
+            if i < args.runs:
+                runs.append(run_once(tts, args.frames, args.seed))
+                floors.append(floor(gen, args.frames, prompt_len))
+            if i < args.stage_runs:
+                instrument(tts, prof)
+                try:
+                    split.append(run_once(tts, args.frames, args.seed))
+                finally:
+                    prof.restore()
+        seconds, frames = sum(r[0] for r in split), sum(r[2] for r in split)
+        st = stages(prof, seconds, frames, len(split))
+        heads_device = "gpu" if gen.heads.on_gpu else "cpu"
+        decoder_path = "llama" if gen.depth is None else "graph"
     tts.generator.close()
+    floor_ms = [(b + d) * 1000 / args.frames for b, d in floors]
+    fl = Floor(frame_ms=statistics.median(floor_ms),
+               backbone_ms=statistics.median(b * 1000 / args.frames for b, _ in floors),
+               decoder_step_ms=(statistics.median(d for _, d in floors) * 1000 / args.frames
+                                / (gen.cfg.num_codebooks - 1)) if decoder_path == "llama" else None,
+               rtf=statistics.median(floor_ms) / FRAME_MS, path=decoder_path, what=FLOOR_WHAT[decoder_path],
+               decoder_ms=statistics.median(d * 1000 / args.frames for _, d in floors),
+               frame_ms_spread=Spread.of(floor_ms))
     rtf = [r[0] / (r[2] * FRAME_S) for r in runs]
     v = Variant(
         name=name, model_dir=str(model_dir), qtype=tts.model.qtype, decoder_qtype=tts.model.decoder_qtype,
@@ -751,7 +811,7 @@ def bench_variant(name: str, model_dir: Path, weights: str, args, reference: dic
         rtf=Spread.of(rtf), xrt=Spread.of([1 / r for r in rtf]), ttfa_s=Spread.of([r[1] for r in runs]),
         fps=Spread.of([r[2] / r[0] for r in runs]), stages_ms=st, floor=fl,
         frame_over_floor=st.frame / fl.frame_ms, generation_over_floor=(st.frame - st.mimi) / fl.frame_ms,
-        peak_rss_mib=rss.mib, heads_device=heads_device, decoder_path=decoder_path,
+        peak_rss_mib=rss.mib, heads_device=heads_device, decoder_path=decoder_path, stage_runs=len(split),
     )
     for s in args.concurrency:
         v.concurrency.append(concurrency(tts, s, args.frames, args.seed, args))
@@ -1130,6 +1190,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--frames", type=int, default=50, help="frames (80 ms each) per run (default: %(default)s)")
     p.add_argument("--runs", type=int, default=3,
                    help="timed runs per variant, and of each Mimi figure (default: %(default)s)")
+    p.add_argument("--stage-runs", type=int, help="runs of their own for the per-frame stage split (every call "
+                   "timed, every llama_decode waited for), interleaved with the headline runs, which are timed plain "
+                   "(default: --runs)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up runs (up to 10 frames) first (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all usable cores)")
     p.add_argument("--gpu-layers", type=int, default=0, help="layers offloaded to a GPU build of llama.cpp")
@@ -1167,7 +1230,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         for q in values:
             if q not in QTYPES:
                 p.error(f"{option}: unknown qtype {q!r}; choose from {', '.join(QTYPES)}")
-    for option, value, least in (("--frames", args.frames, 1), ("--runs", args.runs, 1), ("--warmup", args.warmup, 0),
+    for option, value, least in (("--frames", args.frames, 1), ("--runs", args.runs, 1),
+                                 ("--stage-runs", 1 if args.stage_runs is None else args.stage_runs, 1),
+                                 ("--warmup", args.warmup, 0),
                                  ("--threads", args.threads, 0), ("--quality-frames", args.quality_frames, 1),
                                  ("--peer-frames", args.peer_frames, 1), ("--batch-rows", args.batch_rows, 0),
                                  *(("--concurrency", n, 1) for n in args.concurrency),
@@ -1182,6 +1247,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for option, path in (("--json", args.json), ("--plot", args.plot)):
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             p.error(f"{option} {path}: its folder does not exist (checked now, not after the benchmark)")
+    if args.stage_runs is None:
+        args.stage_runs = args.runs
     if args.startup_only:
         args.startup = args.startup or 3
     if args.startup < 0:
@@ -1228,7 +1295,8 @@ def main(argv: list[str] | None = None) -> int:
         v, tts = bench_variant(name, model_dir, weights, args, reference)
         report["variants"].append(asdict(v))
         print(f"[bench] {name}: RTF {v.rtf.median:.2f}, frame {v.stages_ms.frame:.0f} ms, "
-              f"llama.cpp floor {v.floor.frame_ms:.0f} ms, depth decoder: {v.decoder_path}, "
+              f"floor ({v.floor.path} path's compute alone) {v.floor.frame_ms:.0f} ms, "
+              f"depth decoder: {v.decoder_path}, "
               f"heads on the {v.heads_device}", file=sys.stderr)
         if i == 0:  # the peers against the first variant's model and codec, then freed before the next
             peer = "transformers" in args.compare

@@ -41,6 +41,7 @@ def test_bench_writes_every_figure(converted, f32_model, tmp_path):
         assert v["decoder_path"] == "graph" and v["stages_ms"]["heads_sampling"] == 0
         assert all(x > 0 for k, x in v["stages_ms"].items() if k not in ("rest", "heads_sampling"))
         assert v["floor"]["frame_ms"] > 0 and v["frame_over_floor"] > 0 and v["peak_rss_mib"] > 0
+        assert v["floor"]["path"] == "graph" and len(v["floor"]["frame_ms_spread"]["values"]) == 2
         assert v["heads_device"] == "cpu"
         assert [c["streams"] for c in v["concurrency"]] == [1, 2]
         assert all(c["aggregate_xrt"] > 0 and 0 < c["host_ms"] < 1000 * c["seconds"] / c["steps"]
@@ -105,6 +106,7 @@ def test_moshi_streaming_mimi_equals_ours():
     (["--qtype", "q9"], "unknown qtype 'q9'"),
     (["--frames", "0"], "--frames must be >= 1"),
     (["--runs", "0"], "--runs must be >= 1"),
+    (["--stage-runs", "0"], "--stage-runs must be >= 1"),
     (["--concurrency", "1,0"], "--concurrency must be >= 1"),
     (["--concurrency", "a"], "invalid comma-separated int value: 'a'"),
     (["--threads", "-1"], "--threads must be >= 0"),
@@ -219,3 +221,34 @@ def test_a_server_error_fails_the_run(f32_model, tmp_path, monkeypatch):
     assert code == 1
     (x,) = json.loads(out.read_text())["variants"][0]["served"]
     assert x["errors"] and x["first_audio_s"] is None
+
+
+@pytest.mark.parametrize("decoder", ["graph", "llama"])
+def test_headline_runs_are_plain_and_the_floor_times_the_path_in_use(f32_model, monkeypatch, decoder):
+    """The headline runs (RTF, TTFA, fps) run without the stage split's timers and waits (on a GPU a wait after
+    every llama_decode takes away the overlap generation relies on), the split has runs of its own, and the floor
+    times the decoder path the runs take: with the one-graph decoder its frame, not llama.cpp's 31 steps."""
+    monkeypatch.setenv("CSM_GGUF_DECODER", decoder)
+    bench = _bench()
+    real_run, seen = bench.run_once, []
+
+    def run_once(tts, frames, seed):
+        gen = tts.generator
+        seen.append((frames, "decode" in vars(gen.backbone), gen._decoder is not None))
+        return real_run(tts, frames, seed)
+
+    monkeypatch.setattr(bench, "run_once", run_once)
+    args = bench.parse_args(["--model", str(f32_model), "--threads", "1", "--frames", "3", "--runs", "2",
+                             "--stage-runs", "1", "--warmup", "1"])
+    v, tts = bench.bench_variant("f32", f32_model, "given", args, None)
+    timed = [s[1] for s in seen]
+    assert timed == [False, False, True, False]  # warm-up, then headline runs, the stage split's run between
+    assert (v.decoder_path, v.floor.path, v.stage_runs) == (decoder, decoder, 1)
+    assert ("31 llama_decode" in v.floor.what) == (decoder == "llama")
+    assert (v.floor.decoder_step_ms is None) == (decoder == "graph")
+    assert len(v.floor.frame_ms_spread.values) == len(v.rtf.values) == 2
+    assert v.floor.frame_ms == pytest.approx(v.floor.frame_ms_spread.median)
+    assert v.floor.backbone_ms > 0 and v.floor.decoder_ms > 0
+    if decoder == "graph":  # nothing loaded llama.cpp's depth decoder (the floor did, to time its 31 steps)
+        assert tts.generator._decoder is None
+    assert "decode" not in vars(tts.generator.backbone)  # the waits are undone
