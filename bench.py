@@ -219,7 +219,8 @@ class Variant:
     decoder_qtype: str
     weights: str
     load_s: float
-    frames: int
+    frames: int  # made by a run
+    audio_s: float  # made by a run: samples / SAMPLE_RATE (what RTF and xRealTime divide by, as every figure here)
     rtf: Spread
     xrt: Spread
     ttfa_s: Spread
@@ -247,15 +248,17 @@ def sampling(frames: int, seed: int):
     return Sampling(seed=seed, max_audio_ms=frames * FRAME_MS)
 
 
-def run_once(tts, frames: int, seed: int) -> tuple[float, float, int]:
-    """(seconds, seconds to the first audio, frames) of one streamed utterance via the public API."""
+def run_once(tts, frames: int, seed: int) -> tuple[float, float, int, int]:
+    """(seconds, seconds to the first audio, frames, samples) of one streamed utterance via the public API
+    (chunk_frames=1: a chunk a frame)."""
     t0 = time.perf_counter()
-    first, n = None, 0
-    for _ in tts.stream(TEXT, seed=seed, max_audio_ms=frames * FRAME_MS, voice="none"):  # no prompt: the text alone
+    first, n, samples = None, 0, 0
+    for chunk in tts.stream(TEXT, seed=seed, max_audio_ms=frames * FRAME_MS, voice="none"):  # no prompt: the text
         if first is None:
             first = time.perf_counter() - t0
         n += 1
-    return time.perf_counter() - t0, first or 0.0, n
+        samples += len(chunk)
+    return time.perf_counter() - t0, first or 0.0, n, samples
 
 
 def llama_models(gen) -> tuple:
@@ -801,13 +804,14 @@ def bench_variant(name: str, model_dir: Path, weights: str, args, reference: dic
                backbone_ms=statistics.median(b * 1000 / args.frames for b, _ in floors),
                decoder_step_ms=(statistics.median(d for _, d in floors) * 1000 / args.frames
                                 / (gen.cfg.num_codebooks - 1)) if decoder_path == "llama" else None,
-               rtf=statistics.median(floor_ms) / FRAME_MS, path=decoder_path, what=FLOOR_WHAT[decoder_path],
+               rtf=statistics.median(floor_ms) / (1000 * tts.codec.cfg.frame_size / SAMPLE_RATE),
+               path=decoder_path, what=FLOOR_WHAT[decoder_path],
                decoder_ms=statistics.median(d * 1000 / args.frames for _, d in floors),
                frame_ms_spread=Spread.of(floor_ms))
-    rtf = [r[0] / (r[2] * FRAME_S) for r in runs]
+    rtf = [r[0] / (r[3] / SAMPLE_RATE) for r in runs]  # audio seconds: samples made / SAMPLE_RATE, everywhere
     v = Variant(
         name=name, model_dir=str(model_dir), qtype=tts.model.qtype, decoder_qtype=tts.model.decoder_qtype,
-        weights=weights, load_s=load_s, frames=runs[0][2],
+        weights=weights, load_s=load_s, frames=runs[0][2], audio_s=runs[0][3] / SAMPLE_RATE,
         rtf=Spread.of(rtf), xrt=Spread.of([1 / r for r in rtf]), ttfa_s=Spread.of([r[1] for r in runs]),
         fps=Spread.of([r[2] / r[0] for r in runs]), stages_ms=st, floor=fl,
         frame_over_floor=st.frame / fl.frame_ms, generation_over_floor=(st.frame - st.mimi) / fl.frame_ms,
@@ -1014,14 +1018,15 @@ def transformers_peer(model, frames: int, seed: int) -> dict:
                                  depth_decoder_do_sample=True, depth_decoder_temperature=0.9, depth_decoder_top_k=50,
                                  max_new_tokens=n, min_new_tokens=n)
             t1 = time.perf_counter()
-            csm.codec_model.decode(codes[0].T[None])
-            return t1 - t0, time.perf_counter() - t1, codes.shape[1]
+            audio = csm.codec_model.decode(codes[0].T[None]).audio_values
+            return t1 - t0, time.perf_counter() - t1, codes.shape[1], audio.shape[-1]
 
     generate(2)  # warm-up
-    gen_s, mimi_s, n = generate(frames)
+    gen_s, mimi_s, n, samples = generate(frames)
     total = gen_s + mimi_s
     return dict(device=device, dtype=str(dtype).removeprefix("torch."), frames=n, seconds=total,
-                frame_ms=total * 1000 / n, rtf=total / (n * FRAME_S), mimi_ms=mimi_s * 1000 / n)
+                frame_ms=total * 1000 / n, rtf=total / (samples / SAMPLE_RATE), audio_s=samples / SAMPLE_RATE,
+                mimi_ms=mimi_s * 1000 / n)
 
 
 # --- report -------------------------------------------------------------------------------------------

@@ -62,6 +62,7 @@ def test_bench_writes_every_figure(converted, f32_model, tmp_path):
     assert set(mimi["ours_stream_chunk_ms"]) == {"2", "5"} and min(mimi["ours_stream_chunk_ms"].values()) > 0
     t = report["peers"]["transformers"]
     assert t["frames"] == 2 and t["rtf"] > 0 and len(t["speedup"]) == 2
+    assert t["rtf"] == pytest.approx(t["seconds"] / t["audio_s"]) and t["audio_s"] == pytest.approx(2 * 64 / 24000)
     if "--plot" in cmd:
         assert (tmp_path / "bench.png").stat().st_size > 0
 
@@ -249,6 +250,11 @@ def test_headline_runs_are_plain_and_the_floor_times_the_path_in_use(f32_model, 
     assert len(v.floor.frame_ms_spread.values) == len(v.rtf.values) == 2
     assert v.floor.frame_ms == pytest.approx(v.floor.frame_ms_spread.median)
     assert v.floor.backbone_ms > 0 and v.floor.decoder_ms > 0
+    # Audio seconds are the samples made / SAMPLE_RATE (the tiny codec makes 64 a frame, not 80 ms' 1920).
+    audio = 3 * tts.codec.cfg.frame_size / bench.SAMPLE_RATE
+    assert v.audio_s == pytest.approx(audio)
+    assert v.rtf.values == pytest.approx([3 / (fps * audio) for fps in v.fps.values])
+    assert v.floor.rtf == pytest.approx(v.floor.frame_ms / 1000 / (audio / 3))
     if decoder == "graph":  # nothing loaded llama.cpp's depth decoder (the floor did, to time its 31 steps)
         assert tts.generator._decoder is None
     assert "decode" not in vars(tts.generator.backbone)  # the waits are undone
