@@ -22,6 +22,7 @@ import importlib.util
 import json
 import os
 import platform
+import signal
 import statistics
 import sys
 import threading
@@ -641,7 +642,7 @@ def served(model_dir: Path, counts: list[int], frames: int, args, frame_samples:
                 except Exception as e:  # noqa: BLE001 (an HTTP error, a reset, a timeout: reported, not a sample)
                     results[i] = f"{type(e).__name__}: {e}"
 
-            threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+            threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(n)]
             t0 = time.perf_counter()
             for t in threads:
                 t.start()
@@ -1250,8 +1251,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         except FileNotFoundError as e:
             p.error(str(e))
     for option, path in (("--json", args.json), ("--plot", args.plot)):
-        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        if not path:
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
             p.error(f"{option} {path}: its folder does not exist (checked now, not after the benchmark)")
+        if os.path.isdir(path):
+            p.error(f"{option} {path}: is a directory (checked now, not after the benchmark)")
+        if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+            p.error(f"{option} {path}: not writable (checked now, not after the benchmark)")
     if args.stage_runs is None:
         args.stage_runs = args.runs
     if args.startup_only:
@@ -1265,8 +1273,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def write_report(report: dict, path: str) -> None:
+    """The JSON, whole or not at all (written beside it, then renamed over it)."""
+    from csm_gguf.atomic import write_atomic
+
+    write_atomic(path, json.dumps(report, indent=2).encode())
+
+
+def _terminated(signum, frame) -> None:
+    """SIGTERM (timeout, CI, kill) unwinds like Ctrl-C: the server's process is ended by its `finally`."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminated) if threading.current_thread() is threading.main_thread() \
+        else None
+    try:
+        return _main(args, argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
     if args.threads:
         import torch
 
@@ -1286,6 +1316,8 @@ def main(argv: list[str] | None = None) -> int:
         figures = {name: startup(model_dir, args) for name, model_dir, _ in todo}
         report["startup"] = {name: asdict(f) for name, f in figures.items()}
         print(startup_table(figures))
+        if args.json:
+            write_report(report, args.json)
         if args.startup_only:
             todo = []
     reference = None
@@ -1299,6 +1331,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] {name}: {model_dir}", file=sys.stderr)
         v, tts = bench_variant(name, model_dir, weights, args, reference)
         report["variants"].append(asdict(v))
+        if args.json:  # after each variant: an interrupted sweep keeps what it measured
+            write_report(report, args.json)
         print(f"[bench] {name}: RTF {v.rtf.median:.2f}, frame {v.stages_ms.frame:.0f} ms, "
               f"floor ({v.floor.path} path's compute alone) {v.floor.frame_ms:.0f} ms, "
               f"depth decoder: {v.decoder_path}, "
@@ -1326,7 +1360,7 @@ def main(argv: list[str] | None = None) -> int:
     if report["variants"]:
         print(table(report))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        write_report(report, args.json)
     if args.plot:
         plot(report, args.plot)
     errors = [e for v in report["variants"] for x in v["served"] for e in x["errors"]]

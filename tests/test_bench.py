@@ -258,3 +258,46 @@ def test_headline_runs_are_plain_and_the_floor_times_the_path_in_use(f32_model, 
     if decoder == "graph":  # nothing loaded llama.cpp's depth decoder (the floor did, to time its 31 steps)
         assert tts.generator._decoder is None
     assert "decode" not in vars(tts.generator.backbone)  # the waits are undone
+
+
+def test_sigterm_ends_the_server_and_keeps_the_variants_measured(f32_model, tmp_path):
+    """SIGTERM (timeout, CI, kill) during the second variant's server: the server's process ends with bench (it
+    was left running, holding the model), and the JSON holds the first variant (written after each)."""
+    import signal
+    import time
+
+    import psutil
+
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "bench.py", "--model", str(f32_model), "--model", str(f32_model), "--frames", "3",
+           "--runs", "1", "--warmup", "0", "--server", "1", "--threads", "1", "--json", str(out)]
+    bench = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    servers: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 300
+        while len(servers) < 2 and bench.poll() is None and time.monotonic() < deadline:
+            for child in psutil.Process(bench.pid).children():
+                try:
+                    if "flask" in child.cmdline() and child.pid not in [s.pid for s in servers]:
+                        servers.append(child)
+                except psutil.Error:  # one that has just ended (a zombie until bench reaps it)
+                    pass
+            time.sleep(0.05)
+        assert len(servers) == 2, bench.stderr.read().decode()[-3000:] if bench.poll() is not None else "no server"
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(timeout=60) != 0
+        gone, alive = psutil.wait_procs(servers, timeout=30)
+        assert not alive
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+        for s in servers:
+            if s.is_running():
+                s.kill()
+    assert [v["qtype"] for v in json.loads(out.read_text())["variants"]] == ["f32"]
+
+
+def test_json_that_is_a_directory_fails_before_any_work(tmp_path):
+    done = subprocess.run([sys.executable, "bench.py", "--json", str(tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and "is a directory" in done.stderr, done.stderr[-2000:]
