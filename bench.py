@@ -699,26 +699,42 @@ class Startup:
     server_ready_s: Spread  # `flask --app csm_gguf.web run`: process start to /health answering
 
 
-def say_startup(model_dir: Path, args) -> tuple[float, float, float, float]:
-    """(seconds to the first audio byte, seconds to exit, peak RSS in MiB, CPU seconds) of one `say` of a
-    sentence."""
-    import subprocess
-
+def say_command(model_dir: Path, args) -> list[str]:
     command = [sys.executable, "-m", "csm_gguf.say", STARTUP_TEXT, "-o", "-", "-f", "pcm", "--model", str(model_dir),
                "--seed", str(args.seed), "--max-audio-ms", "2000", "--voice", "none"]  # as run_once: no prompt
     if args.threads:
         command += ["--threads", str(args.threads)]
+    return command
+
+
+def say_startup(model_dir: Path, args, timeout: float = 600) -> tuple[float, float, float, float]:
+    """(seconds to the first audio byte, seconds to exit, peak RSS in MiB, CPU seconds) of one `say` of a
+    sentence. Its stderr is read as it comes (CSM_GGUF_VERBOSE's llama.cpp log fills a pipe and blocked say)."""
+    import subprocess
+
     t0 = time.perf_counter()
-    say = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    first_byte = say.stdout.read(1)
-    first = time.perf_counter() - t0
-    say.stdout.read()
-    stderr = say.stderr.read()
-    _, status, usage = os.wait4(say.pid, 0)
-    total = time.perf_counter() - t0
+    say = subprocess.Popen(say_command(model_dir, args), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stderr = bytearray()
+    drain = threading.Thread(target=lambda: stderr.extend(say.stderr.read()), daemon=True)
+    drain.start()
+    timer = threading.Timer(timeout, say.kill)
+    timer.start()
+    status = None
+    try:
+        first_byte = say.stdout.read(1)
+        first = time.perf_counter() - t0
+        say.stdout.read()
+        drain.join()
+        _, status, usage = os.wait4(say.pid, 0)
+        total = time.perf_counter() - t0
+    finally:
+        timer.cancel()
+        if status is None:  # interrupted: not left running
+            say.kill()
+            say.wait()
     say.returncode = os.waitstatus_to_exitcode(status)
     if say.returncode or not first_byte:
-        raise RuntimeError(f"say failed ({say.returncode}):\n{stderr.decode()[-3000:]}")
+        raise RuntimeError(f"say failed ({say.returncode}):\n{stderr.decode(errors='replace')[-3000:]}")
     return first, total, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime  # ru_maxrss: KiB on Linux
 
 

@@ -301,3 +301,20 @@ def test_json_that_is_a_directory_fails_before_any_work(tmp_path):
     done = subprocess.run([sys.executable, "bench.py", "--json", str(tmp_path)], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 2 and "is a directory" in done.stderr, done.stderr[-2000:]
+
+
+def test_startup_reads_a_long_stderr_while_say_runs(monkeypatch):
+    """say's stderr is read as it comes: with CSM_GGUF_VERBOSE llama.cpp's log (160 KB) filled the pipe before the
+    first audio, and bench waited for that audio forever."""
+    import threading
+
+    bench = _bench()
+    chatty = "import sys; sys.stderr.write('log line\\n' * 100000); sys.stderr.flush(); sys.stdout.write('pcm')"
+    monkeypatch.setattr(bench, "say_command", lambda model_dir, args: [sys.executable, "-c", chatty])
+    result = []
+    worker = threading.Thread(target=lambda: result.append(bench.say_startup(Path("."), None)), daemon=True)
+    worker.start()
+    worker.join(60)
+    assert result, "say_startup hung"
+    first, total, rss, cpu = result[0]
+    assert 0 < first <= total and rss > 0
