@@ -20,8 +20,10 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import platform
+import shlex
 import signal
 import statistics
 import sys
@@ -1293,7 +1295,41 @@ def write_report(report: dict, path: str) -> None:
     """The JSON, whole or not at all (written beside it, then renamed over it)."""
     from csm_gguf.atomic import write_atomic
 
-    write_atomic(path, json.dumps(report, indent=2).encode())
+    write_atomic(path, json.dumps(finite(report), indent=2, allow_nan=False).encode())
+
+
+def finite(x: Any) -> Any:
+    """NaN and infinities as None (JSON's null: a bare NaN is not JSON, and jq and JavaScript reject it)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite(v) for v in x]
+    return x
+
+
+def provenance() -> dict:
+    """When, and which code: csm-gguf's version, the git commit of this checkout and whether it had changes
+    (None where git or the checkout is not there), and the CSM_GGUF_* settings that change the figures."""
+    import datetime
+    import subprocess
+
+    from csm_gguf import __version__
+
+    def git(*a: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *a], cwd=Path(__file__).resolve().parent, capture_output=True, text=True,
+                                  timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return dict(timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                csm_gguf_version=__version__, git_commit=git("rev-parse", "HEAD"),
+                git_dirty=None if status is None else bool(status),
+                env={k: v for k, v in sorted(os.environ.items()) if k.startswith("CSM_GGUF_")})
 
 
 def _terminated(signum, frame) -> None:
@@ -1317,8 +1353,8 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    command = " ".join(["python", "bench.py", *(argv if argv is not None else sys.argv[1:])])
-    report: dict[str, Any] = dict(command=command,
+    command = shlex.join(["python", "bench.py", *(argv if argv is not None else sys.argv[1:])])
+    report: dict[str, Any] = dict(command=command, **provenance(),
                                   machine=machine(args), text=TEXT, settings={}, variants=[], peers={})
     report["settings"] = {k: v for k, v in vars(args).items() if k not in ("json", "plot")}
     busy, m = os.getloadavg()[0], report["machine"]

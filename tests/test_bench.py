@@ -29,6 +29,8 @@ def test_bench_writes_every_figure(converted, f32_model, tmp_path):
     report = json.loads(out.read_text())
     assert "| variant |" in done.stdout
 
+    assert report["timestamp"] and report["csm_gguf_version"] and "CSM_GGUF_CACHE" in report["env"]
+    assert report["git_commit"] is None or len(report["git_commit"]) == 40
     m = report["machine"]
     assert m["cpu"] and m["threads"] == 1 and m["llama_system_info"]
     assert [v["qtype"] for v in report["variants"]] == ["q4_k", "f32"]
@@ -318,3 +320,12 @@ def test_startup_reads_a_long_stderr_while_say_runs(monkeypatch):
     assert result, "say_startup hung"
     first, total, rss, cpu = result[0]
     assert 0 < first <= total and rss > 0
+
+
+def test_json_has_null_for_nan(tmp_path):
+    """Batched.steady_xrt is NaN when every row lands in one poll: a bare NaN is not JSON."""
+    bench = _bench()
+    out = tmp_path / "bench.json"
+    bench.write_report({"steady_xrt": float("nan"), "rows": [1.0, float("inf")]}, str(out))
+    assert json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the JSON")) == {
+        "steady_xrt": None, "rows": [1.0, None]}
