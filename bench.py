@@ -1278,6 +1278,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"{option} {path}: is a directory (checked now, not after the benchmark)")
         if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
             p.error(f"{option} {path}: not writable (checked now, not after the benchmark)")
+    if args.voice_prompt is not None and not args.voice_prompt >= 0:
+        p.error(f"--voice-prompt must be >= 0 seconds, got {args.voice_prompt}")
     if args.stage_runs is None:
         args.stage_runs = args.runs
     if args.startup_only:
@@ -1392,7 +1394,7 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
         if i == 0:  # the peers against the first variant's model and codec, then freed before the next
             peer = "transformers" in args.compare
             report["peers"]["mimi"] = mimi_figures(tts, args.frames, args.seed, peer, args.runs)
-            if args.voice_prompt:
+            if args.voice_prompt is not None:
                 report["voice_prompt"] = v = voice_prompt_ttfa(tts, args.voice_prompt, args)
                 print(f"[bench] first audio: no voice {v['no_voice']:.3f} s; {args.voice_prompt:g} s voice "
                       f"({v['prompt_positions']} positions) cached {v['voice_cached']:.3f} s "

@@ -110,6 +110,7 @@ def test_moshi_streaming_mimi_equals_ours():
     (["--frames", "0"], "--frames must be >= 1"),
     (["--runs", "0"], "--runs must be >= 1"),
     (["--stage-runs", "0"], "--stage-runs must be >= 1"),
+    (["--voice-prompt", "-3"], "--voice-prompt must be >= 0"),
     (["--concurrency", "1,0"], "--concurrency must be >= 1"),
     (["--concurrency", "a"], "invalid comma-separated int value: 'a'"),
     (["--threads", "-1"], "--threads must be >= 0"),
