@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="CPU threads, at most the cores this process may "
                    "use (default: all of them)")
     p.add_argument("--gpu-layers", type=int, default=0,
-                   help="layers to offload on CUDA/Metal builds (99: all; 0: nothing runs on the GPU)")
+                   help="layers to offload on CUDA/Metal builds (99 or -1: all; 0: nothing runs on the GPU)")
     p.add_argument("--codec-device", default="cpu", help="torch device of the Mimi codec: cpu (default), cuda")
     return p
 

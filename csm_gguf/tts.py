@@ -137,7 +137,7 @@ class CSM:
     model: the directory (default: $CSM_GGUF_MODEL, else the converted model in the cache).
     n_threads: CPU threads for llama.cpp, and for torch in this whole process (0: all usable cores for
         llama.cpp, and torch keeps its own setting).
-    n_gpu_layers: layers offloaded on CUDA/Metal builds of llama.cpp (0: nothing runs on the GPU; 99: all).
+    n_gpu_layers: layers offloaded on CUDA/Metal builds of llama.cpp (0: nothing runs on the GPU; 99 or -1: all).
     kv_type: the KV cache's type, "f16", "f32" or "q8_0".
     max_streams: calls that may generate at once, from several threads (see the README).
     codec_device: the torch device of the Mimi codec, "cpu" or "cuda".

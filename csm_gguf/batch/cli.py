@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="CPU threads per worker, and the CPUs Ray reserves for "
                    "it (default: 0, all cores of its node, reserving 1)")
     p.add_argument("--gpu-layers", type=int, default=0, help="layers each worker offloads on CUDA/Metal builds "
-                   "(99: all)")
+                   "(99 or -1: all)")
     p.add_argument("--gpus", type=float, default=0, help="GPUs Ray reserves per worker (e.g. 1 with --gpu-layers 99 "
                    "on a GPU cluster; default: none)")
     p.add_argument("--kv-type", default="f16", choices=("f16", "f32", "q8_0"), help="KV cache type (default: "
