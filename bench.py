@@ -169,8 +169,9 @@ class Concurrency:
     seconds: float
     aggregate_xrt: float  # audio made by all streams (samples / SAMPLE_RATE) per second
     per_stream_rtf: float | None  # streams / aggregate_xrt (None: no audio)
-    host_ms: float  # a frame step's time outside llama_decode and the depth graph's call (Generator.step); with
-    # CSM_GGUF_DECODER=llama it includes the heads' and draws' ggml calls
+    host_ms: float  # a frame step's time outside llama_decode and the depth graph's call (Generator.step), from a
+    # run of its own (HOST_FRAMES, each decode waited for: step_host_ms); with CSM_GGUF_DECODER=llama it includes
+    # the heads' and draws' ggml calls. The timed run has no timers or waits.
     frames_made: int = 0  # all streams together: fewer than streams x frames where a stream ended early
     # (end of speech, the context's end): a stream that is done is no longer stepped, as Generator.speak
     steps: int = 0  # frame steps run (the longest stream's frames)
@@ -401,13 +402,6 @@ def concurrency(tts, n_streams: int, frames: int, seed: int, args) -> Concurrenc
 
     gen = Generator(tts.model, n_streams, args.threads, args.gpu_layers, args.kv_type)
     pool = DecoderPool(tts.codec, n_streams, tts.model.config.num_codebooks)
-    prof = Profile()
-    wait_for_decodes(prof, *llama_models(gen))
-    prof.wrap(gen, "step", "step")
-    for model in llama_models(gen):
-        prof.wrap(model, "decode", "calls")
-    if gen.depth is not None:
-        prof.wrap(gen.depth, "frame", "calls")
     try:
         prompt = gen.prompt_embeddings(TEXT, 0)
 
@@ -435,16 +429,36 @@ def concurrency(tts, n_streams: int, frames: int, seed: int, args) -> Concurrenc
             return seconds, made, steps, samples
 
         utterances(min(frames, 3))  # warm-up
-        prof.totals.clear()
+        # Timed plain: on a GPU the host's work overlaps the device's, as in the server (waits would undo that).
         seconds, made, steps, samples = utterances(frames)
+        host_ms = step_host_ms(gen, lambda: utterances(min(frames, HOST_FRAMES))[2])
     finally:
-        prof.restore()
         gen.close()
     audio_s = samples / SAMPLE_RATE
     xrt = audio_s / seconds
-    host_ms = prof.get("step") * 1000 / max(steps, 1)  # step's own time: the wrapped calls are their own path
     return Concurrency(n_streams, frames, seconds, xrt, n_streams / xrt if xrt else None, host_ms, made, steps,
                        audio_s)
+
+
+HOST_FRAMES = 10  # frames of the run that times a frame step's host work (--concurrency): a mean, not a total
+
+
+def step_host_ms(gen, run: Callable[[], int]) -> float:
+    """A frame step's time outside llama_decode and the depth graph's call (`Generator.step`'s own), from `run`
+    (which returns its frame steps) with every decode waited for, so that a GPU's work is not counted as the
+    host's; the timers and waits are undone after."""
+    prof = Profile()
+    wait_for_decodes(prof, *llama_models(gen))
+    prof.wrap(gen, "step", "step")
+    for model in llama_models(gen):
+        prof.wrap(model, "decode", "calls")
+    if gen.depth is not None:
+        prof.wrap(gen.depth, "frame", "calls")
+    try:
+        steps = run()
+    finally:
+        prof.restore()
+    return prof.get("step") * 1000 / max(steps, 1)  # step's own time: the wrapped calls are their own path
 
 
 # A voice prompt's transcript, about what a speaker says in 10 s.

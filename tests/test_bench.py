@@ -165,8 +165,19 @@ def test_concurrency_stops_streams_that_end_and_counts_what_they_made(tts, f32_m
         return codes
 
     monkeypatch.setattr(Generator, "_draw_frame", draw)
+    real_step, waited = Generator.step, []
+
+    def step(self, streams):  # whether this step's decodes are waited for (bench's timers patch the instance)
+        waited.append("decode" in vars(self.backbone))
+        return real_step(self, streams)
+
+    monkeypatch.setattr(Generator, "step", step)
+    monkeypatch.setattr(bench, "HOST_FRAMES", 4)
     args = bench.parse_args(["--model", str(f32_model), "--threads", "1"])
     c = bench.concurrency(tts, 2, 8, 1234, args)
+    # The warm-up's 3 steps and the timed run's 8 plain (on a GPU a wait after every decode undoes the overlap
+    # the server has); then HOST_FRAMES steps with the waits, for host_ms.
+    assert waited == [False] * (3 + 8) + [True] * 4 and c.host_ms > 0
     frame_size = tts.codec.cfg.frame_size
     assert (c.streams, c.frames, c.steps, c.frames_made) == (2, 8, 8, 2 + 8)
     assert c.audio_s == pytest.approx(c.frames_made * frame_size / bench.SAMPLE_RATE)
