@@ -109,7 +109,7 @@ class PeakRSS:
         import psutil
 
         self._proc = psutil.Process()
-        self.peak = self._proc.memory_info().rss
+        self.peak = self.start = self._proc.memory_info().rss
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -127,6 +127,12 @@ class PeakRSS:
     @property
     def mib(self) -> float:
         return self.peak / 2**20
+
+    @property
+    def added_mib(self) -> float:
+        """The peak over what the process held as the block began: a variant's own, whatever ran before it in
+        this process (torch, earlier variants' leftovers)."""
+        return (self.peak - self.start) / 2**20
 
 
 # --- figures ------------------------------------------------------------------------------------------
@@ -233,7 +239,8 @@ class Variant:
     floor: Floor
     frame_over_floor: float  # our whole frame (Mimi included, from the stage runs) / the floor's median
     generation_over_floor: float  # our frame without Mimi / the floor's: what the pipeline adds to the same compute
-    peak_rss_mib: float
+    peak_rss_mib: float  # the process's peak while the variant loaded and ran (earlier variants' leftovers included)
+    rss_added_mib: float  # that peak less the process's memory as the variant began: the variant's own
     heads_device: str  # where the codebook heads and the draw ran: cpu, gpu (CSM_GGUF_HEADS_DEVICE to choose)
     decoder_path: str  # graph: the depth decoder's frame as one ggml graph; llama: 31 steps (CSM_GGUF_DECODER)
     stage_runs: int = 0
@@ -848,7 +855,8 @@ def bench_variant(name: str, model_dir: Path, weights: str, args, reference: dic
         rtf=Spread.of(rtf), xrt=Spread.of([1 / r for r in rtf]), ttfa_s=Spread.of([r[1] for r in runs]),
         fps=Spread.of([r[2] / r[0] for r in runs]), stages_ms=st, floor=fl,
         frame_over_floor=st.frame / fl.frame_ms, generation_over_floor=(st.frame - st.mimi) / fl.frame_ms,
-        peak_rss_mib=rss.mib, heads_device=heads_device, decoder_path=decoder_path, stage_runs=len(split),
+        peak_rss_mib=rss.mib, rss_added_mib=rss.added_mib, heads_device=heads_device, decoder_path=decoder_path,
+        stage_runs=len(split),
     )
     for s in args.concurrency:
         v.concurrency.append(concurrency(tts, s, args.frames, args.seed, args))
@@ -1109,14 +1117,14 @@ def _num(x: float | None, digits: int = 2) -> str:
 
 def table(report: dict) -> str:
     rows = ["| variant | RTF (median, min-max) | xRealTime | TTFA | frame | floor | frame / floor | backbone | "
-            "depth decoder | heads+sampling | Mimi | rest | peak RSS |", "|" + "---|" * 13]
+            "depth decoder | heads+sampling | Mimi | rest | peak RSS (its own) |", "|" + "---|" * 13]
     for v in report["variants"]:
         s, r = v["stages_ms"], v["rtf"]
         rows.append(
             f"| {v['name']} | {r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f}) | {v['xrt']['median']:.2f} | "
             f"{v['ttfa_s']['median'] * 1000:.0f} ms | {s['frame']:.0f} ms | {v['floor']['frame_ms']:.0f} ms | "
             f"{v['frame_over_floor']:.2f} | {s['backbone']:.1f} | {s['decoder']:.1f} | {s['heads_sampling']:.1f} | "
-            f"{s['mimi']:.1f} | {s['rest']:.1f} | {v['peak_rss_mib']:.0f} MiB |")
+            f"{s['mimi']:.1f} | {s['rest']:.1f} | {v['peak_rss_mib']:.0f} MiB ({v['rss_added_mib']:.0f}) |")
     lines = ["\n".join(rows)]
     conc = [(v["name"], c) for v in report["variants"] for c in v["concurrency"]]
     if conc:

@@ -43,6 +43,7 @@ def test_bench_writes_every_figure(converted, f32_model, tmp_path):
         assert v["decoder_path"] == "graph" and v["stages_ms"]["heads_sampling"] == 0
         assert all(x > 0 for k, x in v["stages_ms"].items() if k not in ("rest", "heads_sampling"))
         assert v["floor"]["frame_ms"] > 0 and v["frame_over_floor"] > 0 and v["peak_rss_mib"] > 0
+        assert 0 < v["rss_added_mib"] <= v["peak_rss_mib"]
         assert v["floor"]["path"] == "graph" and len(v["floor"]["frame_ms_spread"]["values"]) == 2
         assert v["heads_device"] == "cpu"
         assert [c["streams"] for c in v["concurrency"]] == [1, 2]
@@ -67,6 +68,17 @@ def test_bench_writes_every_figure(converted, f32_model, tmp_path):
     assert t["rtf"] == pytest.approx(t["seconds"] / t["audio_s"]) and t["audio_s"] == pytest.approx(2 * 64 / 24000)
     if "--plot" in cmd:
         assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+def test_a_variants_own_memory_leaves_out_what_the_process_held_before():
+    """Each variant's peak RSS held the earlier variants' leftovers (the same model measured 1476, then 1977 MiB)."""
+    bench = _bench()
+    # 64 MiB each: above glibc's largest mmap threshold (32 MiB), so each is memory of its own, not reused pages.
+    before = np.ones(64 * 2**20 // 8)  # held before the block
+    with bench.PeakRSS() as rss:
+        inside = np.ones(64 * 2**20 // 8)  # the block's own, still held at its end (sampled there)
+    assert rss.mib > 128 and 56 < rss.added_mib < 80
+    del before, inside
 
 
 def test_the_transformers_peers_frame_leaves_out_its_prompt_as_ours_does():
