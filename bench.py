@@ -1243,8 +1243,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", help="model directory to benchmark (repeatable); default: "
                    "full-size CSM-1B with random weights, converted once per --qtype")
-    p.add_argument("--qtype", type=csv(str), default=["q4_k"], help="random-weight variants, comma-separated "
-                   "(f32, f16, bf16, q8_0, q4_k; default: q4_k)")
+    p.add_argument("--qtype", type=csv(str), help="random-weight variants, comma-separated "
+                   "(f32, f16, bf16, q8_0, q4_k; default: q4_k); not with --model, whose files say theirs")
     p.add_argument("--decoder-qtype", type=csv(str), help="depth-decoder qtypes to sweep with each --qtype")
     p.add_argument("--frames", type=int, default=50, help="frames (80 ms each) per run (default: %(default)s)")
     p.add_argument("--runs", type=int, default=3,
@@ -1285,6 +1285,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from converter.gguf_files import QTYPES
     from csm_gguf.model_dir import check_model_dir
 
+    if args.model and (args.qtype or args.decoder_qtype):  # else ignored, and recorded as if used
+        p.error("--qtype and --decoder-qtype choose random-weight models: a --model's files have their own qtypes")
+    args.qtype = args.qtype or ["q4_k"]
     for option, values in (("--qtype", args.qtype), ("--decoder-qtype", args.decoder_qtype or [])):
         for q in values:
             if q not in QTYPES:

@@ -127,6 +127,7 @@ def test_moshi_streaming_mimi_equals_ours():
 
 @pytest.mark.parametrize("args, message", [
     (["--qtype", "q9"], "unknown qtype 'q9'"),
+    (["--model", "{tmp}", "--qtype", "q8_0"], "--qtype and --decoder-qtype choose random-weight models"),
     (["--frames", "0"], "--frames must be >= 1"),
     (["--runs", "0"], "--runs must be >= 1"),
     (["--stage-runs", "0"], "--stage-runs must be >= 1"),
