@@ -112,7 +112,7 @@ class DepthFrames:
     def __init__(self, model: CSMModel, heads: CodebookHeads, max_streams: int):
         self._io = self._io_ctx = self._galloc = None
         self._ctxs, self._buffers = [], []
-        self._data = None  # decoder.gguf's map, read in place until now
+        self._data = None  # decoder.gguf's map and the arrays ggml reads in place (_load), until close
         self._families = G.Families(self._build, _MAX_FAMILIES)
         self.cfg, self.vocab, self.max_streams = model.config.decoder, model.config.audio_vocab_size, max_streams
         self.n_embd_backbone = model.config.backbone.n_embd
