@@ -68,12 +68,24 @@ def test_metrics_count_what_was_served(base):
     for _ in range(2):
         assert httpx.get(f"{base}/v1/models").status_code == 200
     assert httpx.get(f"{base}/nowhere").status_code == 404
+    assert httpx.get(ws_url(base).replace("ws", "http", 1)).status_code == 426  # plain HTTP to the websocket
+    ws = WsClient.connect(ws_url(base))
+    close_quietly(ws)
+    deadline = time.monotonic() + 10  # the session is counted as its handler ends
+    while delta(scrape(base), before, "csm_gguf_requests_total", endpoint=WS_PATH, status="101") < 1:
+        assert time.monotonic() < deadline, "the websocket session was not counted"
+        time.sleep(0.1)
     after = scrape(base)
     assert delta(after, before, "csm_gguf_requests_total", endpoint="/v1/audio/speech", status="200") == 3
     assert delta(after, before, "csm_gguf_requests_total", endpoint="/v1/audio/speech", status="400") == 1
     assert delta(after, before, "csm_gguf_requests_total", endpoint="/v1/models", status="200") == 2
     assert delta(after, before, "csm_gguf_requests_total", endpoint="unmatched", status="404") == 1
-    assert delta(after, before, "csm_gguf_requests_total", endpoint="/metrics", status="200") == 1  # `before`
+    # `before`, and those of the wait for the websocket's count
+    assert delta(after, before, "csm_gguf_requests_total", endpoint="/metrics", status="200") >= 1
+    # A websocket session is its handshake's 101 (flask-sock answers 200 once it ends), plain HTTP to it a 426.
+    assert delta(after, before, "csm_gguf_requests_total", endpoint=WS_PATH, status="101") == 1
+    assert delta(after, before, "csm_gguf_requests_total", endpoint=WS_PATH, status="426") == 1
+    assert delta(after, before, "csm_gguf_requests_total", endpoint=WS_PATH, status="200") == 0
     assert frames == 30 and delta(after, before, "csm_gguf_frames_total") == frames
     # one request at a time: a codec step decodes one stream (a step of one frame, or of several if it lagged)
     steps = delta(after, before, "csm_gguf_codec_steps_total")
@@ -96,8 +108,11 @@ def test_metrics_without_prometheus_client_is_a_clear_501(monkeypatch):
     assert "pip install 'csm-gguf[server]'" in response.json["error"]["message"]
 
 
+WS_PATH = "/v1/audio/speech/ws"
+
+
 def ws_url(base: str) -> str:
-    return base.replace("http", "ws") + "/v1/audio/speech/ws"
+    return base.replace("http", "ws") + WS_PATH
 
 
 def test_websockets_have_a_limit_and_idle_ones_are_closed(server):

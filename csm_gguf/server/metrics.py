@@ -15,6 +15,7 @@ from ..formats import FRAME_MS
 from .drain import Drain
 from .engine import Engine, Job
 from .errors import ApiError
+from .ws_protocol import WEBSOCKET_PATH
 
 if TYPE_CHECKING:
     from .ws_guard import WebsocketSlots
@@ -57,7 +58,13 @@ class Metrics:
 
     def count_response(self, response: Response) -> Response:
         rule = request.url_rule
-        self.requests.labels(rule.rule if rule is not None else "unmatched", str(response.status_code)).inc()
+        upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
+        # A plain request to the websocket matches no route (its rule takes upgrades only) and is answered 426.
+        endpoint = rule.rule if rule is not None else WEBSOCKET_PATH if request.path == WEBSOCKET_PATH else "unmatched"
+        status = response.status_code
+        if rule is not None and rule.rule == WEBSOCKET_PATH and upgrade and status == 200:
+            status = 101  # the session, counted as it ends: its handshake switched protocols (flask-sock says 200)
+        self.requests.labels(endpoint, str(status)).inc()
         return response
 
 
