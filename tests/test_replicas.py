@@ -63,10 +63,14 @@ def settings(f32_model: Path, voices: Path) -> dict[str, str]:
             "CSM_GGUF_MAX_WEBSOCKETS": str(MAX_WEBSOCKETS), "CSM_GGUF_WS_IDLE_S": str(IDLE_S)}
 
 
+NO_NGINX = "nginx is not installed (apt-get install nginx; .ci/run installs it)"
+needs_nginx = pytest.mark.skipif(shutil.which("nginx") is None, reason=NO_NGINX)
+
+
 @pytest.fixture(scope="module")
 def cluster(f32_model, tmp_path_factory):
     if shutil.which("nginx") is None:
-        pytest.skip("nginx is not installed (apt-get install nginx; .ci/run installs it)")
+        pytest.skip(NO_NGINX)
     tmp = tmp_path_factory.mktemp("replicas")
     voices = tmp / "voices"
     env = server_env(**settings(f32_model, voices))
@@ -266,11 +270,10 @@ def test_nginx_logs_no_api_key_of_a_websocket_url(cluster):
     assert '"GET /v1/audio/speech/ws HTTP/1.1" 101 ' in line, line
 
 
+@needs_nginx
 def test_upstream_servers_on_several_lines_make_a_configuration_nginx_accepts(tmp_path):
     """CSM_UPSTREAM_SERVERS as a YAML block, one `server` a line: envsubst fills in the template's
     comments too, so no variable may appear in them."""
-    if shutil.which("nginx") is None:
-        pytest.skip("nginx is not installed")
     servers = "server 127.0.0.1:8101;\n    server 127.0.0.1:8102;\n"
     site = nginx_site(free_port(), servers)
     conf = nginx_conf(tmp_path, site)
@@ -303,11 +306,10 @@ def assert_openai_error(headers: dict[str, str], body: bytes, type: str, code: s
     return error["message"]
 
 
+@needs_nginx
 def test_what_nginx_answers_itself_is_json_in_openai_shape(tmp_path):
     """No replica answering is a 503 with Retry-After (clients retry it), not nginx's HTML 502; a body
     over nginx's limit a 413; and nginx does not say its version."""
-    if shutil.which("nginx") is None:
-        pytest.skip("nginx is not installed")
     port = free_port()
     nginx = start_nginx(tmp_path, port, [f"127.0.0.1:{free_port()}"])  # where nothing listens
     try:
