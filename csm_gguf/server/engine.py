@@ -292,7 +292,7 @@ class Engine:
     @property
     def failed(self) -> bool:
         """Whether the engine thread died of an error of ours rather than being closed: only a restart helps."""
-        return self._stopped == ENGINE_FAILED or (not self._thread.is_alive() and not self._closing)
+        return self._stopped == ENGINE_FAILED  # _run sets it on any exception that ends the thread
 
     def close(self) -> None:
         with self._wake:

@@ -58,11 +58,10 @@ class Metrics:
 
     def count_response(self, response: Response) -> Response:
         rule = request.url_rule
-        upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
         # A plain request to the websocket matches no route (its rule takes upgrades only) and is answered 426.
         endpoint = rule.rule if rule is not None else WEBSOCKET_PATH if request.path == WEBSOCKET_PATH else "unmatched"
         status = response.status_code
-        if rule is not None and rule.rule == WEBSOCKET_PATH and upgrade and status == 200:
+        if rule is not None and endpoint == WEBSOCKET_PATH and status == 200:
             status = 101  # the session, counted as it ends: its handshake switched protocols (flask-sock says 200)
         self.requests.labels(endpoint, str(status)).inc()
         return response
