@@ -13,6 +13,7 @@ import queue
 import shlex
 import shutil
 import subprocess
+import sys
 import threading
 import time
 
@@ -30,6 +31,9 @@ PLAYERS = {
     "ffplay": ["-nodisp", "-autoexit", "-loglevel", "error", "-f", "s16le", "-ar", RATE, "-ac", "1", "-i", "-"],
     "play": ["-q", "-t", "raw", "-r", RATE, "-e", "signed", "-b", "16", "-c", "1", "-"],
 }
+# What a player says when it cannot play but still exits 0: ffplay with no sound device prints this, stops
+# reading and leaves as if done.
+NO_SOUND_SAID = {"ffplay": "audio open failed"}
 
 
 def find_player() -> list[str]:
@@ -76,14 +80,20 @@ class Playout:
 
 class Player:
     """One player process for one stream of speech: `feed` never blocks, `finish` waits for the end. The
-    player's own messages (a missing sound device, say) go to stderr as it writes them."""
+    player's own messages (a missing sound device, say) go to stderr as it writes them, and are watched
+    for the one that says it could not play (NO_SOUND_SAID)."""
 
     def __init__(self, command: list[str]) -> None:
         self.name = os.path.basename(command[0])
-        self._process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+        self._no_sound_said = NO_SOUND_SAID.get(self.name)
+        self.no_sound = False  # the player said it has no sound device
+        self._process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.PIPE)
         self._chunks: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._writer = threading.Thread(target=self._write, name="player", daemon=True)
+        self._listener = threading.Thread(target=self._listen, name="player-messages", daemon=True)
         self._writer.start()
+        self._listener.start()
 
     def feed(self, samples: np.ndarray) -> None:
         self._chunks.put(to_int16(samples).astype("<i2").tobytes())
@@ -92,9 +102,14 @@ class Player:
         """Waits until everything fed has played; a ValueError if the player failed."""
         self._chunks.put(None)
         self._writer.join()
-        if status := self._process.wait():
+        status = self._process.wait()
+        self._listener.join()
+        if status:
             raise ValueError(f"the audio player {self.name} failed (exit status {status}): see its message above, "
                              "or set CSM_GGUF_PLAYER to another player")
+        if self.no_sound:
+            raise ValueError(f"the audio player {self.name} could not open a sound device, so nothing was heard: "
+                             "see its message above; write to a file with -o instead, or set CSM_GGUF_PLAYER")
 
     def close(self) -> None:
         """Stops playing now."""
@@ -103,6 +118,17 @@ class Player:
         self._chunks.put(None)
         self._writer.join()
         self._process.wait()
+        self._listener.join()
+
+    def _listen(self) -> None:
+        """Passes the player's messages on to stderr, noting the one that says it cannot play."""
+        for line in self._process.stderr:
+            text = line.decode(errors="replace")
+            sys.stderr.write(text)
+            sys.stderr.flush()
+            if self._no_sound_said and self._no_sound_said in text:
+                self.no_sound = True
+        self._process.stderr.close()
 
     def _write(self) -> None:
         playout, held = Playout(), []

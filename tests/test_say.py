@@ -139,6 +139,25 @@ def test_play_with_a_chosen_player_or_none(f32_model, tmp_path, monkeypatch, cap
     assert main([*common, "-f", "aac"]) == 0
 
 
+def test_play_says_when_ffplay_has_no_sound_device(f32_model, tmp_path, monkeypatch, capsys):
+    """ffplay with no sound device prints that, stops reading and exits 0: the speech is still written,
+    ffplay's message passed on, and the command fails saying nothing was heard."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "ffplay").write_text(f"""#!{sys.executable}
+import sys
+print("SDL_OpenAudio (1 channels, 24000 Hz): ALSA: Couldn't open audio device", file=sys.stderr)
+print("No more combinations to try, audio open failed", file=sys.stderr)
+""")
+    (bin_ / "ffplay").chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_))
+    common = [TEXT, "--model", str(f32_model), "--seed", "1", "--max-audio-ms", "800", "--play"]
+    assert main([*common, "-o", str(tmp_path / "x.wav")]) == 2 and sf.info(tmp_path / "x.wav").frames > 0
+    err = capsys.readouterr().err
+    assert "ALSA: Couldn't open audio device" in err
+    assert "the audio player ffplay could not open a sound device, so nothing was heard" in err
+
+
 @pytest.mark.parametrize("rtf, most_dry", [(0.3, 0), (1.2, 4), (2.0, 5)])
 def test_playout_holds_speech_made_slower_than_real_time_in_growing_stretches(rtf, most_dry):
     """say --play's 0.4 s chunks (5 frames), made at `rtf` seconds per second of audio, for 60 s of speech:
