@@ -1283,7 +1283,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--plot", help="draw RTF per variant and the stage breakdown into this PNG (needs matplotlib)")
     args = p.parse_args(argv)
     from converter.gguf_files import QTYPES
+    from csm_gguf.generator import check_options
     from csm_gguf.model_dir import check_model_dir
+    from csm_gguf.sampling import Sampling
+    from csm_gguf.tts import check_torch_device
 
     if args.model and (args.qtype or args.decoder_qtype):  # else ignored, and recorded as if used
         p.error("--qtype and --decoder-qtype choose random-weight models: a --model's files have their own qtypes")
@@ -1316,12 +1319,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"{option} {path}: is a directory (checked now, not after the benchmark)")
         if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
             p.error(f"{option} {path}: not writable (checked now, not after the benchmark)")
+    try:  # with the runtime's own checks, before anything loads (they were tracebacks mid-run)
+        check_options(args.threads, args.gpu_layers, 1)
+        Sampling(seed=args.seed)
+        check_torch_device(args.codec_device)
+    except ValueError as e:
+        message = str(e)
+        for name, option in (("n_threads", "--threads"), ("n_gpu_layers", "--gpu-layers"), ("seed", "--seed"),
+                             ("codec device", "--codec-device")):
+            message = message.replace(name, option, 1) if message.startswith(name) else message
+        p.error(message)
     if args.voice_prompt is not None and not args.voice_prompt >= 0:
         p.error(f"--voice-prompt must be >= 0 seconds, got {args.voice_prompt}")
     if args.stage_runs is None:
         args.stage_runs = args.runs
     if args.startup_only:
         args.startup = args.startup or 3
+        unrun = [option for option, given in (
+            ("--quality", args.quality), ("--compare", args.compare), ("--concurrency", args.concurrency),
+            ("--server", args.server), ("--batch-rows", args.batch_rows), ("--voice-prompt", args.voice_prompt),
+            ("--plot", args.plot)) if given not in (None, False, 0, [])]
+        if unrun:  # else some were run anyway (--quality built its f32 model) and the rest silently not
+            p.error(f"--startup-only measures start-up alone: {', '.join(unrun)} would not run; drop "
+                    f"{'it' if len(unrun) == 1 else 'them'}, or --startup-only")
     if args.startup < 0:
         p.error(f"--startup must be >= 0, got {args.startup}")
     if args.quality and args.model and not args.reference:

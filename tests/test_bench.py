@@ -135,6 +135,11 @@ def test_moshi_streaming_mimi_equals_ours():
     (["--concurrency", "1,0"], "--concurrency must be >= 1"),
     (["--concurrency", "a"], "invalid comma-separated int value: 'a'"),
     (["--threads", "-1"], "--threads must be >= 0"),
+    (["--threads", "100000"], "the cores this process may use, got 100000"),
+    (["--gpu-layers", "-3"], "--gpu-layers must be a whole number from -1 (all layers)"),
+    (["--seed", "-1"], "--seed must be a whole number >= 0"),
+    (["--codec-device", "foo"], "--codec-device 'foo' is not usable with this torch"),
+    (["--startup-only", "--quality"], "--startup-only measures start-up alone: --quality would not run"),
     (["--model", "{tmp}"], "is not a csm-gguf model directory"),
     (["--json", "{tmp}/nowhere/bench.json"], "its folder does not exist"),
 ])
