@@ -27,8 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "or a voice name; each turn is spoken after the ones before it")
     p.add_argument("--output", "-o", help="output file, or '-' for stdout (default: named after the text; with "
                    "--play, none)")
-    p.add_argument("--play", "-p", action="store_true", help="play the speech while it is made (through paplay, "
-                   "aplay, ffplay or sox's play, or $CSM_GGUF_PLAYER)")
+    p.add_argument("--play", "-p", action="store_true", help="play the speech while it is made (through "
+                   "$CSM_GGUF_PLAYER if set, else paplay, aplay, ffplay or sox's play)")
     p.add_argument("--format", "-f", choices=FORMATS, help="audio format (default: from --output's extension, "
                    "else wav); pcm is raw 16-bit little-endian 24 kHz mono; aac needs ffmpeg")
     p.add_argument("--model", "-m", help="converted model directory (default: $CSM_GGUF_MODEL, else the cache)")

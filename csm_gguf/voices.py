@@ -70,7 +70,8 @@ def voices_dir() -> Path:
 
 def _path(name: str) -> Path:
     if not NAME.fullmatch(name):
-        raise ValueError(f"bad voice name {name!r}: use letters, digits, '-', '_' or '.' (at most 64)")
+        raise ValueError(f"bad voice name {name!r}: use letters, digits, '-', '_' or '.', starting with a letter or "
+                         "digit (at most 64)")
     return voices_dir() / f"{name}.npz"
 
 

@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speaker", type=int, help="speaker id of the rows that give none (default: the voice's, else 0; "
                    "alone, without a voice: no prompt, the raw model)")
     p.add_argument("--temperature", "-t", type=float, default=TEMPERATURE.default,
-                   help="sampling temperature; 0 = greedy, the same speech as `say` (default: %(default)s)")
+                   help="sampling temperature; 0 = greedy, with --streams 1 the same speech as `say` (more streams "
+                   "share steps, which round differently) (default: %(default)s)")
     p.add_argument("--top-k", type=int, default=TOP_K.default,
                    help="sample among the K likeliest codes (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="a row without its own seed samples with one derived from "

@@ -20,7 +20,8 @@ METADATA_LAYOUTS = ("ljspeech",)
 
 
 def row_seed(run_seed: int, row_id: str) -> int:
-    """A row's seed from the run's and its id alone: the same speech whichever worker makes it, in any order."""
+    """A row's seed from the run's and its id alone, whichever worker makes it, in any order (the same speech
+    where its steps are not shared with other rows: --streams 1)."""
     digest = hashlib.blake2b(f"{run_seed}\x00{row_id}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") % 2**31
 

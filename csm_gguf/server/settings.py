@@ -8,13 +8,14 @@ from typing import Any
 
 # (environment variable, Settings field, what it sets)
 SETTINGS = (
-    ("CSM_GGUF_MODEL", "model", "converted model directory (default: the converted model in the cache, as for say)"),
+    ("CSM_GGUF_MODEL", "model", "converted model directory (default: the converted model in the cache, as for "
+                                "say; the server converts none)"),
     ("CSM_GGUF_THREADS", "threads", "CPU threads for llama.cpp (default 0: all cores; the codec decodes the "
                                     "requests' audio on one thread of its own, all requests in one step)"),
     ("CSM_GGUF_GPU_LAYERS", "gpu_layers", "layers offloaded to the GPU (default 0; -1: all)"),
     ("CSM_GGUF_KV_TYPE", "kv_type", "KV cache type: f16 (default), f32, q8_0"),
     ("CSM_GGUF_CODEC_DEVICE", "codec_device", "torch device of the Mimi codec: cpu (default), cuda"),
-    ("CSM_GGUF_API_KEY", "api_key", "if set, requests need 'Authorization: Bearer <key>'"),
+    ("CSM_GGUF_API_KEY", "api_key", "if set, /v1/* needs 'Authorization: Bearer <key>'"),
     ("CSM_GGUF_MAX_STREAMS", "max_streams", "requests generated together in one batch (default 4)"),
     ("CSM_GGUF_QUEUE", "max_queue", "requests that may wait for a free stream before 429 (default 16)"),
     ("CSM_GGUF_PREFILL_ROWS", "prefill_rows", "prompt positions of joining requests read between two frames "
