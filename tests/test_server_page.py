@@ -90,6 +90,43 @@ def test_web_page_takes_a_blank_speed_as_1_and_says_stopped_when_stopped(browser
     wait_idle(engine)
 
 
+def test_web_page_works_behind_a_path_prefix(browser, server, engine):
+    """A proxy that serves the server under /tts/ (nginx's `location /tts/ { proxy_pass http://csm/; }`):
+    the page's requests go to /tts/v1/..., not to /v1/... beside it."""
+    import threading
+
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+    from werkzeug.serving import make_server
+
+    app = server[0]
+
+    def under_tts(environ, start_response):  # the proxy: strips its prefix, refuses anything else
+        path = environ["PATH_INFO"]
+        if not path.startswith("/tts/"):
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not under /tts/"]
+        environ["PATH_INFO"] = path[len("/tts"):]
+        return app(environ, start_response)
+
+    proxy = make_server("127.0.0.1", 0, under_tts, threaded=True)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        browser.get(f"http://127.0.0.1:{proxy.server_port}/tts/")
+        wait = WebDriverWait(browser, 30)
+        wait.until(lambda b: len(Select(b.find_element("id", "voice")).options) >= 13)
+        text = browser.find_element("id", "text")
+        text.clear()
+        text.send_keys("Hi there.")
+        Select(browser.find_element("id", "format")).select_by_value("pcm")
+        browser.find_element("id", "speak").click()
+        result = wait.until(lambda b: b.execute_script("return window.lastResult && (window.lastResult.done || "
+                                                       "window.lastResult.error) ? window.lastResult : null"))
+        assert result["error"] is None and result["bytes"] > 0, result
+    finally:
+        proxy.shutdown()
+    wait_idle(engine)
+
+
 def save_voice_in_page(browser, name: str, transcript: str) -> str:
     from selenium.webdriver.support.ui import WebDriverWait
 
