@@ -165,6 +165,7 @@ def test_batch_rows_runs_the_corpus_path_beside_the_in_process_engine(f32_model,
         assert b["steady_xrt"] > 0
         assert b["ray_cost"] == pytest.approx(1 - b["steady_xrt"] / b["in_process_xrt"])
     assert "Ray's cost" in done.stdout
+    assert "Token authentication is enabled" not in done.stderr  # Ray's warning at every run of a local Ray
 
 
 def _bench():

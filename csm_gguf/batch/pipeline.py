@@ -27,6 +27,7 @@ from .worker import RowMaker
 CALLS_PER_WORKER = 2
 QUIET_LOGGERS = {"ray.data._internal.progress": logging.ERROR,  # "progress bars disabled"
                  "ray.data._internal.execution.streaming_executor": logging.WARNING}  # "execution finished"
+TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 # The object store of a Ray started here: rows pass through it one batch at a time, a few MB.
 OBJECT_STORE_BYTES = 256 * 2**20
 
@@ -100,6 +101,8 @@ def ray_session(pool: Pool) -> Iterator[None]:
     if pool.address:
         ray.init(address=pool.address, logging_level="WARNING")
     else:
+        # Token authentication is Ray's default for a cluster it starts, and Ray warned so at every run.
+        logging.getLogger(TOKEN_AUTH_LOGGER).setLevel(logging.ERROR)
         ray.init(num_cpus=max(os.cpu_count() or 1, pool.workers * pool.cpus), include_dashboard=False,
                  object_store_memory=OBJECT_STORE_BYTES, logging_level="WARNING")
     keep_sigterm(handler)
