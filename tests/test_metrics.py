@@ -87,6 +87,8 @@ def test_metrics_count_what_was_served(base):
     assert delta(after, before, "csm_gguf_requests_total", endpoint=WS_PATH, status="426") == 1
     assert delta(after, before, "csm_gguf_requests_total", endpoint=WS_PATH, status="200") == 0
     assert frames == 30 and delta(after, before, "csm_gguf_frames_total") == frames
+    assert delta(after, before, "csm_gguf_speech_total", outcome="completed") == 3
+    assert delta(after, before, "csm_gguf_speech_total", outcome="cancelled") == 0
     # one request at a time: a codec step decodes one stream (a step of one frame, or of several if it lagged)
     steps = delta(after, before, "csm_gguf_codec_steps_total")
     assert 3 <= steps == delta(after, before, "csm_gguf_codec_stream_steps_total") <= frames
@@ -96,6 +98,23 @@ def test_metrics_count_what_was_served(base):
         assert delta(after, before, f"{histogram}_sum") > 0
     assert after[("csm_gguf_active_streams", ())] == 0 and after[("csm_gguf_queued_requests", ())] == 0
     assert after[("csm_gguf_draining", ())] == 0
+
+
+def test_a_stream_whose_client_left_counts_as_cancelled(base):
+    """Its response was counted 200 when its first audio went out: the outcome tells what came of it."""
+    before = scrape(base)
+    body = {"model": "csm-1b", "input": "A long text that takes a while to say. " * 20, "voice": "alloy",
+            "response_format": "pcm", "temperature": 0}
+    with httpx.stream("POST", f"{base}/v1/audio/speech", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        next(response.iter_bytes())  # the first audio, then the client goes
+    deadline = time.monotonic() + 20
+    while delta(scrape(base), before, "csm_gguf_speech_total", outcome="cancelled") < 1:
+        assert time.monotonic() < deadline, "the stream left was not counted as cancelled"
+        time.sleep(0.1)
+    after = scrape(base)
+    assert delta(after, before, "csm_gguf_speech_total", outcome="completed") == 0
+    assert delta(after, before, "csm_gguf_requests_total", endpoint="/v1/audio/speech", status="200") == 1
 
 
 def test_metrics_without_prometheus_client_is_a_clear_501(monkeypatch):

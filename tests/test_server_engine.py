@@ -317,10 +317,12 @@ def test_a_codec_failure_fails_its_requests_and_the_codec_goes_on(engine, servic
 
     monkeypatch.setattr(pool, "decode_many", fails_once)
     spec = SpeechJob("The codec fails.", sampling=GREEDY_800)
+    counted = engine.stats()["codec_failed_requests"]
     with pool.open() as stream:
         failed = engine.submit(spec, audio=stream)
         with pytest.raises(RuntimeError, match="out of memory"):
             audio_of(failed)
+    assert engine.stats()["codec_failed_requests"] == counted + 1
     codes = frames_of(engine.submit(spec))
     with pool.open() as stream:
         assert_same_samples(audio_of(engine.submit(spec, audio=stream)), decoded(services, codes))

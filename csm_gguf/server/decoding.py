@@ -29,6 +29,7 @@ class DecodeStage:
 
     def __init__(self, decoders: DecoderPool):
         self.decoders = decoders
+        self.failed_jobs = 0  # requests that got a codec failure instead of their audio
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="csm-codec", daemon=True)
         self._thread.start()
@@ -59,7 +60,7 @@ class DecodeStage:
             except Exception as e:  # a bug of ours: these requests fail, the thread goes on serving
                 log.exception("the codec's thread failed")
                 for job in dict.fromkeys(job for job, _ in items):
-                    job.out.put(e)
+                    self._fail(job, e)
             if closing:
                 return
 
@@ -91,6 +92,15 @@ class DecodeStage:
         for job in dict.fromkeys(job for job, _ in items):
             if job in samples:
                 got = samples[job]
-                job.out.put(got if isinstance(got, Exception) else np.concatenate(got))
+                if isinstance(got, Exception):
+                    self._fail(job, got)
+                else:
+                    job.out.put(np.concatenate(got))
             if job in ends:
                 job.out.put(ends[job])
+
+    def _fail(self, job: Job, error: Exception) -> None:
+        job.out.put(error)
+        if not job.decode_failed:  # its later frames, decoded before it was let go, fail too: counted once
+            job.decode_failed = True
+            self.failed_jobs += 1

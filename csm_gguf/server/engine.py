@@ -109,6 +109,8 @@ class Job:
     follower: bool = False
     continues: bool = False
     ended: bool = False
+    outcome: str | None = None  # once ended: "completed", "cancelled" (its client left) or "failed"
+    decode_failed: bool = False  # the codec failed on its frames (set by the codec's thread)
 
     def usage(self) -> dict:
         return usage(self.input_tokens, self.frames)
@@ -282,6 +284,7 @@ class Engine:
             "requests_completed": self.completed,
             "codec_steps": decoders.steps if decoders else 0,  # the codec's thread's batched steps
             "codec_stream_steps": decoders.stream_steps if decoders else 0,  # the streams they decoded, summed
+            "codec_failed_requests": self.decoding.failed_jobs if self.decoding else 0,
         }
 
     @property
@@ -436,6 +439,8 @@ class Engine:
             self._end(job)
 
     def _end(self, job: Job, error: BaseException | None = None) -> None:
+        # Decided before its end is handed on: after it, its consumer's own clean-up cancels the job.
+        job.outcome = "failed" if error is not None else "cancelled" if job.cancelled else "completed"
         if job.stream is not None:
             self.generator.finish(job.stream)
             job.stream = None

@@ -39,6 +39,10 @@ class Metrics:
         self.audio_seconds = Counter("csm_gguf_audio_seconds", "speech generated, in seconds (before any speed "
                                      "change)", registry=self.registry)
         self.frames = Counter("csm_gguf_frames", "frames generated (80 ms of speech each)", registry=self.registry)
+        # A response's status is sent with its first audio: what happened after shows only here.
+        self.speech = Counter("csm_gguf_speech", "speech requests ended (a websocket's sentences each count), by "
+                              "outcome: completed, cancelled (the client left first) or failed (an error, or the "
+                              "server stopping)", ["outcome"], registry=self.registry)
         self.first_audio = Histogram("csm_gguf_time_to_first_audio_seconds", "from a request's submission to its "
                                      "first frame (queueing included)", buckets=FIRST_AUDIO_BUCKETS,
                                      registry=self.registry)
@@ -50,6 +54,7 @@ class Metrics:
     def job_ended(self, job: Job, error: BaseException | None) -> None:
         seconds = job.frames * FRAME_MS / 1000
         self.frames.inc(job.frames)
+        self.speech.labels(job.outcome).inc()
         self.audio_seconds.inc(seconds)
         # A websocket's following sentence waited for the one before it: no request-level timing.
         if error is None and job.frames and not job.follower and job.first_frame is not None:
@@ -89,6 +94,9 @@ class LiveGauges:
         yield CounterMetricFamily("csm_gguf_codec_steps", "batched steps of the codec's thread", stats["codec_steps"])
         yield CounterMetricFamily("csm_gguf_codec_stream_steps", "streams those steps decoded, summed (divided by "
                                   "csm_gguf_codec_steps: the streams a step decodes)", stats["codec_stream_steps"])
+        yield CounterMetricFamily("csm_gguf_codec_failed_requests", "requests whose audio the codec failed to decode "
+                                  "(after their generation, which csm_gguf_speech counts; the log says why)",
+                                  stats["codec_failed_requests"])
 
 
 @bp.get("/metrics")
