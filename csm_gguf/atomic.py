@@ -53,24 +53,25 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, replace: bool = True
         if replace:
             os.replace(tmp, target)
         else:
-            _link(tmp, target)
-            os.unlink(tmp)
+            _move_new(tmp, target)
     except BaseException:
         if os.path.lexists(tmp):
             os.unlink(tmp)
         raise
 
 
-def _link(tmp: str, target: str) -> None:
+def _move_new(tmp: str, target: str) -> None:
+    """`tmp`'s file to `target`, which must not exist (FileExistsError): a hard link, then `tmp` unlinked."""
     try:
         os.link(tmp, target)
     except FileExistsError:
         # On NFS a LINK whose reply was lost is sent again, and the retry finds the link its first try
         # made: then our file has two names. (The test open(2) gives for lock files over NFS.)
-        if os.stat(tmp).st_nlink == 2 and os.path.samefile(tmp, target):
-            return
-        raise
+        if not (os.stat(tmp).st_nlink == 2 and os.path.samefile(tmp, target)):
+            raise
     except OSError:  # a file system without hard links: check, then rename (a race is then possible)
         if os.path.lexists(target):
             raise FileExistsError(errno.EEXIST, "file exists", target) from None
         os.replace(tmp, target)
+        return
+    os.unlink(tmp)

@@ -43,6 +43,28 @@ def test_a_name_taken_by_another_host_is_still_refused(tmp_path, monkeypatch):
     assert target.read_bytes() == b"theirs" and os.listdir(tmp_path) == ["v.npz"]
 
 
+def test_without_hard_links_a_voice_is_saved_and_a_taken_name_still_refused(tmp_path, monkeypatch):
+    """A file system without hard links (some FUSE mounts, SMB): saving falls back to a check, then a rename."""
+    import errno
+
+    target = tmp_path / "v.npz"
+    taken = []
+
+    def no_links(src, dst):  # and, when asked, another saver's file lands first
+        if taken:
+            target.write_bytes(b"theirs")
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(atomic.os, "link", no_links)
+    atomic.write_atomic(target, b"ours", replace=False)
+    assert target.read_bytes() == b"ours" and os.listdir(tmp_path) == ["v.npz"]
+    target.unlink()
+    taken.append(True)
+    with pytest.raises(FileExistsError):
+        atomic.write_atomic(target, b"ours", replace=False)
+    assert target.read_bytes() == b"theirs" and os.listdir(tmp_path) == ["v.npz"]
+
+
 def test_temporary_names_are_unique_across_hosts(tmp_path, monkeypatch):
     made = []
     real_open = os.open
