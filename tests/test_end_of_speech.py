@@ -64,6 +64,38 @@ def test_the_step_that_draws_it_ends_the_stream_without_feeding_it_back(f32_mode
         gen.close()
 
 
+@pytest.mark.parametrize("decoder", ["graph", "llama"])
+def test_a_stream_ending_mid_batch_leaves_the_streams_after_it_as_alone(f32_model, end_at, decoder, monkeypatch):
+    """Stream a ends (at its frame END) in a step it shares with b, ahead of b in the batch: b's next input
+    must still be its own frame's (the ended stream's row is skipped), on both depth decoders. CSM-1B ends
+    almost every utterance so, beside the other requests a server is speaking."""
+    monkeypatch.setenv("CSM_GGUF_DECODER", decoder)
+    end_at(END + 2)
+    gen = Generator(CSMModel(f32_model), max_streams=2, kv_type="f32")
+    sampling = Sampling(temperature=0, max_audio_ms=BUDGET_MS)
+
+    def frames_of(stream, steps) -> list[np.ndarray]:
+        made = {id(s): [] for batch in steps for s in batch}
+        for batch in steps:
+            live = [s for s in batch if not s.done]
+            for s, row in zip(live, gen.step(live)):
+                if row.any():
+                    made[id(s)].append(row.copy())
+        return made[id(stream)]
+
+    try:
+        b = gen.start(gen.prompt_embeddings(TEXT, 0), sampling)
+        alone = frames_of(b, [[b]] * (END + 3))
+        gen.finish(b)
+        a = gen.start(gen.prompt_embeddings("First.", 1), sampling)
+        b = gen.start(gen.prompt_embeddings(TEXT, 0), sampling)
+        together = frames_of(b, [[a], [a], *[[a, b]] * (END + 3)])  # a ends at b's frame END
+        assert a.done and b.done and len(alone) == END + 2
+        np.testing.assert_array_equal(np.stack(together), np.stack(alone))
+    finally:
+        gen.close()
+
+
 @pytest.mark.parametrize("at", [0, END])
 def test_generator_yields_the_frames_before_it(f32_model, unended, end_at, at):
     end_at(at)

@@ -237,10 +237,25 @@ def test_prompt_that_does_not_fit_is_refused(f32_model):
     (dict(top_k=True), "top_k"),
     (dict(top_k=2**40), "top_k"),
     (dict(seed=1.5), "seed"),
+    (dict(temperature=float("inf")), "temperature"),
+    (dict(temperature=float("nan")), "temperature"),
 ])
 def test_bad_sampling_values(kwargs, match):
+    """(Non-finite temperatures too: the server and say refuse them on their own, the API here.)"""
     with pytest.raises(ValueError, match=match):
         Sampling(**kwargs)
+
+
+def test_a_budget_between_frames_rounds_down(f32_model):
+    """max_audio_ms is "at most": a budget between two frames' lengths gets the frames that fit in it."""
+    gen = Generator(CSMModel(f32_model), kv_type="f32")
+    try:
+        for ms, frames in ((80, 1), (159.9, 1), (160, 2), (160.5, 2), (239.99, 2)):
+            stream = gen.start(gen.prompt_embeddings("Hi.", 0), Sampling(temperature=0, max_audio_ms=ms))
+            assert stream.frames_left == frames, ms
+            gen.finish(stream)
+    finally:
+        gen.close()
 
 
 SOLO_OR_BATCHED = {

@@ -176,7 +176,7 @@ def test_deeply_nested_json_is_a_400_over_http_and_websocket(base, body):
 
 
 def test_json_as_deep_as_the_limit_is_read(base):
-    response = post(base, nested_input(MAX_JSON_DEPTH - 2))  # the body, then 'input' nested: at the limit
+    response = post(base, nested_input(MAX_JSON_DEPTH - 1))  # the body, then 'input' nested: at the limit
     assert response.status_code == 400 and response.json()["error"]["param"] == "input"
 
 

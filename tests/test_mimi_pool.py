@@ -112,13 +112,15 @@ def test_a_closed_streams_row_goes_to_the_last_stream(mimi, alone, monkeypatch):
 
 
 def test_streams_beyond_the_rows_decode_on_states_of_their_own(mimi, alone):
+    """Two streams beyond the one row: each on a state of its own, not one shared between them."""
     pool = DecoderPool(mimi, rows=1)
-    with pool.open() as first, pool.open() as second:
-        out = pool.decode_many({first: stream_codes(0)[:70], second: stream_codes(1)[:70]})
-        assert first.row is not None and second.row is None and second.own is not None
-        out2 = pool.decode_many({first: stream_codes(0)[70:], second: stream_codes(1)[70:]})
-        assert_same_audio(np.concatenate([out[first], out2[first]]), alone[0])
-        assert_same_audio(np.concatenate([out[second], out2[second]]), alone[1])
+    with pool.open() as first, pool.open() as second, pool.open() as third:
+        streams = (first, second, third)
+        out = pool.decode_many({s: stream_codes(i)[:70] for i, s in enumerate(streams)})
+        assert first.row is not None and second.row is None and second.own is not None and third.own is not None
+        out2 = pool.decode_many({s: stream_codes(i)[70:] for i, s in enumerate(streams)})
+        for i, s in enumerate(streams):
+            assert_same_audio(np.concatenate([out[s], out2[s]]), alone[i])
     assert pool.streams() == 0
 
 

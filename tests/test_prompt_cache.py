@@ -81,6 +81,22 @@ def test_least_recently_used_prompts_are_evicted_past_the_limit(model, uncached,
     gen.close()
 
 
+def test_a_prompt_cached_in_a_reused_sequence_is_shared_exactly(model, uncached, monkeypatch):
+    """The evicted voice's cells leave its sequence: the voice cached there next, shared from it, hears
+    only itself (the test above reads every voice afresh, or shares from a sequence never reused)."""
+    monkeypatch.setattr(prompt_cache, "ENTRIES", 1)  # one sequence: each new voice is cached where the last was
+    gen = Generator(model, kv_type="f32", n_threads=1)
+    try:
+        speak(gen, TEXTS[0], voice(1))
+        speak(gen, TEXTS[0], voice(2))  # evicts voice 1, cached in the same sequence
+        before = gen.prompt_positions_read
+        got = speak(gen, TEXTS[1], voice(2))
+        assert gen.prompt_positions_read - before < gen.context_rows(voice(2))  # shared, not read again
+        np.testing.assert_array_equal(got, speak(uncached, TEXTS[1], voice(2)))
+    finally:
+        gen.close()
+
+
 def test_positions_are_bounded_too(model, monkeypatch):
     monkeypatch.setattr(prompt_cache, "POSITIONS", 200)
     gen = Generator(model, kv_type="f32", n_threads=1)

@@ -289,6 +289,28 @@ def test_jobs_following_on_in_one_audio_stream(engine, services):
     wait_idle(engine)
 
 
+def test_a_request_cancelled_as_it_joins_ends_and_its_follower_runs(engine, monkeypatch):
+    """A client that leaves in the moment its request moves from the queue to a stream: the request ends
+    (as one cancelled), and a request submitted to follow it (a websocket's next sentence) still runs."""
+    from csm_gguf.server.engine import SpeechJob
+
+    frame_step = engine._frame_step
+
+    def clients_leave_as_they_join(gone, forgotten):
+        for job in engine.joining:
+            job.cancel()
+        monkeypatch.setattr(engine, "_frame_step", frame_step)  # only the first request's
+        frame_step(gone, forgotten)
+
+    completed = engine.completed
+    monkeypatch.setattr(engine, "_frame_step", clients_leave_as_they_join)
+    job = engine.submit(SpeechJob(TEXT, sampling=GREEDY_800))
+    follower = engine.submit(SpeechJob("And then this.", sampling=GREEDY_800), after=job)
+    assert job.next_frames(timeout=30) is None and job.outcome == "cancelled"
+    assert len(frames_of(follower)) == 10 and engine.completed == completed + 2
+    wait_idle(engine)
+
+
 def test_an_engine_without_decoders_refuses_audio(f32_model):
     from csm_gguf.server.engine import Engine, SpeechJob
     from csm_gguf.tts import CSM

@@ -66,6 +66,19 @@ def test_limits_beyond_what_was_the_servers(tts):
     assert TEMPERATURE.allows(50.0)
 
 
+def test_input_and_context_at_their_limits_are_taken_and_one_more_refused(tts):
+    """OpenAI's 4096 characters and 32 context segments are allowed, not the first refused."""
+    from csm_gguf.server.limits import MAX_CONTEXT_SEGMENTS, MAX_INPUT_CHARS
+
+    assert len(parse_speech({**OK, "input": "a" * MAX_INPUT_CHARS}, tts).job.text) == MAX_INPUT_CHARS
+    assert refused({**OK, "input": "a" * (MAX_INPUT_CHARS + 1)}, tts).param == "input"
+    segment = {"speaker": 0, "text": "Hi.", "codes": [[1] * 32]}
+    no_voice = {**OK, "voice": "none"}  # a voice's prompt would come first, as a segment of its own
+    assert len(parse_speech({**no_voice, "context": [segment] * MAX_CONTEXT_SEGMENTS}, tts).job.context) \
+        == MAX_CONTEXT_SEGMENTS
+    assert refused({**no_voice, "context": [segment] * (MAX_CONTEXT_SEGMENTS + 1)}, tts).param == "context"
+
+
 def test_checking_a_request_does_not_encode_its_context_audio(tts, monkeypatch):
     calls = []
     segment = tts.segment

@@ -4,7 +4,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from csm_gguf.text import chunk_text, is_blank, split_sentences, take_sentences, take_sentences_within
+from csm_gguf.text import (
+    chunk_text,
+    cut_between_words,
+    is_blank,
+    split_sentences,
+    take_sentences,
+    take_sentences_within,
+)
 
 
 def tokens(text: str) -> int:
@@ -337,4 +344,7 @@ def test_take_sentences_within_cuts_text_that_never_ends_a_sentence():
     sentences, rest = take_sentences_within(text, 40)
     assert sentences[0] == "One." and len(sentences) > 1 and all(len(s) <= 40 for s in sentences)
     assert len(rest) <= 40 and " ".join([*sentences, rest]).split() == text.split()  # nothing lost, in order
+    assert all(set(piece.split()) <= {"One.", "Two", "word"} for piece in [*sentences, rest])  # no word cut in two
+    assert cut_between_words("abcdefghij " * 3, 25) == ("abcdefghij abcdefghij", "abcdefghij ")
+    assert cut_between_words("a" * 30, 25) == ("a" * 25, "a" * 5)  # no space to cut at: at the limit
     assert take_sentences_within("One. Two words", 40) == take_sentences("One. Two words")
