@@ -51,3 +51,20 @@ def test_each_piece_s_prompt_is_the_generator_s_after_what_was_said(tts):
         context.said(piece, made)
         said = [seg for seg in said if seg.speaker != piece.speaker] + [Segment(piece.speaker, piece.text,
                                                                                 np.stack(made))]
+
+
+def test_context_gives_way_only_when_the_piece_would_not_fit_and_is_then_not_cached(tts):
+    """Exactly full is full enough: the context gives way at one position more, oldest first; and a prompt
+    whose caller's segments gave way is no voice prompt to keep in the prompt cache."""
+    from dataclasses import replace
+
+    gen = tts.generator
+    first, second = plan_pieces(LINES[:2], Sampling(), TokenCounts(tts.model))
+    context = Context(gen, caller_context())
+    context.said(first, list(random_codes(5, 64, seed=1)))
+    heard = [*context.given, *context.previous]
+    free = gen.cfg.backbone.max_seq_len - len(second.prompt) - sum(h.rows for h in heard)
+    assert context.fitting(replace(second, room=free)) == heard
+    assert context.prompt(replace(second, room=free))[1] == sum(h.rows for h in context.given)
+    assert context.fitting(replace(second, room=free + 1)) == heard[1:]
+    assert context.prompt(replace(second, room=free + 1))[1] == 0
