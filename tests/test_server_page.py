@@ -35,25 +35,46 @@ def browser(tmp_path_factory):
     browser.quit()
 
 
-@pytest.mark.parametrize("fmt", ["pcm", "mp3"])
-def test_web_page_speaks_in_chromium(browser, base, engine, fmt, services):
+# The page's last request's result, once it is over (done, failed or stopped); None before.
+LAST_RESULT = ("return window.lastResult && (window.lastResult.done || window.lastResult.error || "
+               "window.lastResult.stopped) ? window.lastResult : null")
+
+
+def open_page(browser, url: str):
+    """The page at `url` once its voice list is in (the 13 built-in voices and none); a wait for it."""
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
-    browser.get(base + "/")
+    browser.get(url)
     wait = WebDriverWait(browser, 30)
     wait.until(lambda b: len(Select(b.find_element("id", "voice")).options) >= 13)
-    text = browser.find_element("id", "text")
-    text.clear()
-    text.send_keys("Hi there.")
-    Select(browser.find_element("id", "voice")).select_by_value("fable")
+    return wait
+
+
+def set_text(browser, text: str, fmt: str) -> None:
+    from selenium.webdriver.support.ui import Select
+
+    box = browser.find_element("id", "text")
+    box.clear()
+    box.send_keys(text)
     Select(browser.find_element("id", "format")).select_by_value(fmt)
+
+
+def speak_in_page(browser, wait) -> dict:
+    browser.find_element("id", "speak").click()
+    return wait.until(lambda b: b.execute_script(LAST_RESULT))
+
+
+@pytest.mark.parametrize("fmt", ["pcm", "mp3"])
+def test_web_page_speaks_in_chromium(browser, base, engine, fmt, services):
+    from selenium.webdriver.support.ui import Select
+
+    wait = open_page(browser, base + "/")
+    set_text(browser, "Hi there.", fmt)
+    Select(browser.find_element("id", "voice")).select_by_value("fable")
     speed = browser.find_element("id", "speed")
     speed.clear()
     speed.send_keys("2" if fmt == "pcm" else "1")
-    browser.find_element("id", "speak").click()
-    result = wait.until(lambda b: b.execute_script("return window.lastResult && window.lastResult.done "
-                                                   "|| (window.lastResult && window.lastResult.error) ? "
-                                                   "window.lastResult : null"))
+    result = speak_in_page(browser, wait)
     assert result["error"] is None and result["bytes"] > 0 and result["firstAudioMs"] is not None
     if fmt == "pcm":  # the tiny model makes 25 frames for so short a text (its minimum budget)
         assert result["bytes"] == 25 * 2 * services.tts.codec.cfg.frame_size // 2  # at speed 2
@@ -64,27 +85,16 @@ def test_web_page_speaks_in_chromium(browser, base, engine, fmt, services):
 def test_web_page_takes_a_blank_speed_as_1_and_says_stopped_when_stopped(browser, base, engine):
     """A blank Speed was sent as 0 ("'speed' is 0; it must lie from 0.25 to 4"); Stop said "error: signal is
     aborted without reason"."""
-    from selenium.webdriver.support.ui import Select, WebDriverWait
-
-    browser.get(base + "/")
-    wait = WebDriverWait(browser, 30)
-    wait.until(lambda b: len(Select(b.find_element("id", "voice")).options) >= 13)
-    last = ("return window.lastResult && (window.lastResult.done || window.lastResult.error || "
-            "window.lastResult.stopped) ? window.lastResult : null")
+    wait = open_page(browser, base + "/")
     browser.find_element("id", "speed").clear()
-    text = browser.find_element("id", "text")
-    text.clear()
-    text.send_keys("Hi there.")
-    Select(browser.find_element("id", "format")).select_by_value("pcm")
-    browser.find_element("id", "speak").click()
-    result = wait.until(lambda b: b.execute_script(last))
+    set_text(browser, "Hi there.", "pcm")
+    result = speak_in_page(browser, wait)
     assert result["error"] is None and result["done"], result
-    text.clear()
-    text.send_keys("This is a sentence that goes on for a while. " * 40)
+    set_text(browser, "This is a sentence that goes on for a while. " * 40, "pcm")
     browser.find_element("id", "speak").click()
     wait.until(lambda b: "first audio" in b.find_element("id", "status").text)
     browser.find_element("id", "stop").click()
-    result = wait.until(lambda b: b.execute_script(last))
+    result = wait.until(lambda b: b.execute_script(LAST_RESULT))
     assert result["stopped"] and result["error"] is None, result
     assert browser.find_element("id", "status").text.startswith("stopped after ")
     wait_idle(engine)
@@ -95,7 +105,6 @@ def test_web_page_works_behind_a_path_prefix(browser, server, engine):
     the page's requests go to /tts/v1/..., not to /v1/... beside it."""
     import threading
 
-    from selenium.webdriver.support.ui import Select, WebDriverWait
     from werkzeug.serving import make_server
 
     app = server[0]
@@ -111,16 +120,9 @@ def test_web_page_works_behind_a_path_prefix(browser, server, engine):
     proxy = make_server("127.0.0.1", 0, under_tts, threaded=True)
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
     try:
-        browser.get(f"http://127.0.0.1:{proxy.server_port}/tts/")
-        wait = WebDriverWait(browser, 30)
-        wait.until(lambda b: len(Select(b.find_element("id", "voice")).options) >= 13)
-        text = browser.find_element("id", "text")
-        text.clear()
-        text.send_keys("Hi there.")
-        Select(browser.find_element("id", "format")).select_by_value("pcm")
-        browser.find_element("id", "speak").click()
-        result = wait.until(lambda b: b.execute_script("return window.lastResult && (window.lastResult.done || "
-                                                       "window.lastResult.error) ? window.lastResult : null"))
+        wait = open_page(browser, f"http://127.0.0.1:{proxy.server_port}/tts/")
+        set_text(browser, "Hi there.", "pcm")
+        result = speak_in_page(browser, wait)
         assert result["error"] is None and result["bytes"] > 0, result
     finally:
         proxy.shutdown()
@@ -140,7 +142,7 @@ def save_voice_in_page(browser, name: str, transcript: str) -> str:
 
 def test_web_page_adds_a_voice_from_a_file_and_from_the_microphone(browser, base, engine, tmp_path, monkeypatch,
                                                                    services):
-    from selenium.webdriver.support.ui import Select, WebDriverWait
+    from selenium.webdriver.support.ui import Select
 
     from csm_gguf.voices import load_voice
 
@@ -150,9 +152,7 @@ def test_web_page_adds_a_voice_from_a_file_and_from_the_microphone(browser, base
     sf.write(stereo, np.stack([np.sin(np.arange(96_000) / 9), np.zeros(96_000)], axis=1).astype(np.float32), 48_000)
     long = tmp_path / "long.wav"
     sf.write(long, np.zeros(70 * 8000, np.int16), 8000)
-    browser.get(base + "/")
-    wait = WebDriverWait(browser, 30)
-    wait.until(lambda b: len(Select(b.find_element("id", "voice")).options) >= 13)
+    wait = open_page(browser, base + "/")
     browser.find_element("id", "voice-file").send_keys(str(long))
     assert save_voice_in_page(browser, "long", "Words.") == "error: long.wav is 70 s long: a voice needs 5 to 30 s " \
                                                              "(at most 60); cut it"
