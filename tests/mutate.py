@@ -40,6 +40,10 @@ TARGETS = {
     "voices": "csm_gguf/voices.py",
     "builtin_voices": "csm_gguf/builtin_voices.py",  # the OpenAI names, each a fixed prompt of a speaker id
     "tensor_map": "converter/tensor_map.py",
+    "prompt_cache": "csm_gguf/prompt_cache.py",
+    "pool": "csm_gguf/mimi/pool.py",
+    "atomic": "csm_gguf/atomic.py",
+    "text": "csm_gguf/text.py",
 }
 # Fast subsets, the likeliest to fail first (pytest runs with -x).
 SHAPE = "tests/test_real_model_shape.py::test_greedy_codes_equal_transformers_with_a_wider_vocabulary"
@@ -66,6 +70,15 @@ WS_CONTINUES = "tests/test_server_websocket.py::test_websocket_text_keeps_the_se
 PLAN_TOKENS = "tests/test_plan.py::test_piece_prompts_are_bos_speaker_text_eos_by_tiktoken"
 PLAN_PROMPT = "tests/test_plan.py::test_each_piece_s_prompt_is_the_generator_s_after_what_was_said"
 ENDS_AT_ONCE = f"{EOS}::test_pieces_that_end_at_once_say_nothing_and_the_text_goes_on"
+MID_BATCH_EOS = f"{EOS}::test_a_stream_ending_mid_batch_leaves_the_streams_after_it_as_alone"
+REUSED_SEQUENCE = "tests/test_prompt_cache.py::test_a_prompt_cached_in_a_reused_sequence_is_shared_exactly"
+OWN_STATES = "tests/test_mimi_pool.py::test_streams_beyond_the_rows_decode_on_states_of_their_own"
+ROUNDS_DOWN = "tests/test_generator.py::test_a_budget_between_frames_rounds_down"
+NO_LINKS = "tests/test_shared_voices.py::test_without_hard_links_a_voice_is_saved_and_a_taken_name_still_refused"
+RUN_ON = "tests/test_text.py::test_take_sentences_within_cuts_text_that_never_ends_a_sentence"
+FULL = "tests/test_plan.py::test_context_gives_way_only_when_the_piece_would_not_fit_and_is_then_not_cached"
+AS_IT_JOINS = "tests/test_server_engine.py::test_a_request_cancelled_as_it_joins_ends_and_its_follower_runs"
+AT_LIMITS = "tests/test_server_schemas.py::test_input_and_context_at_their_limits_are_taken_and_one_more_refused"
 TIMEOUT_S = 600
 
 
@@ -198,8 +211,8 @@ MUTATIONS = [
          "        count = TokenCounts(self.model)\n        texts = split_text(text, count)"))],
       [LONG]),
     M("tts", "a dialogue's turns all spoken as speaker 0",
-      [("lines += [(turn[0], piece) for piece in split_text(turn[1], count)]",
-        "lines += [(0, piece) for piece in split_text(turn[1], count)]")],
+      [("lines = [(speaker, piece) for speaker, pieces in ids for piece in pieces]",
+        "lines = [(0, piece) for speaker, pieces in ids for piece in pieces]")],
       [DIALOGUE]),
     M("tts", "chunks of chunk_frames + 1 frames",
       [("            if len(pending) >= chunk_frames:", "            if len(pending) > chunk_frames:")],
@@ -315,6 +328,37 @@ MUTATIONS = [
       [('("audio_embeddings.weight", "depth_decoder.model.embed_tokens.weight")',
         '("audio_embeddings.weight", "backbone_model.embed_tokens.embed_audio_tokens.weight")')],
       [UNTIED]),
+    # --- found untested by a mutation audit (2026-12-07), each now with its test ---------------------------
+    M("generator", "llama.cpp's decoder: a stream that ends mid-batch shifts the next streams' inputs",
+      [("self.frame_embeddings(codes[~ended])", "self.frame_embeddings(codes)")], [MID_BATCH_EOS]),
+    M("generator", "the one-graph decoder: a stream that ends mid-batch shifts the next streams' inputs",
+      [("self.depth.next_inputs(len(streams))[~ended])", "self.depth.next_inputs(len(streams)).copy())")],
+      [MID_BATCH_EOS]),
+    M("generator", "max_audio_ms between two frames' lengths rounded up",
+      [("int(sampling.max_audio_ms // FRAME_MS)", "-int(-sampling.max_audio_ms // FRAME_MS)")], [ROUNDS_DOWN]),
+    M("prompt_cache", "an evicted prompt's cells left in its sequence, under the next voice cached there",
+      [("        self._remove(entry.seq)\n        self.entries.remove(entry)", "        self.entries.remove(entry)")],
+      [REUSED_SEQUENCE]),
+    M("pool", "streams beyond the rows share one codec state",
+      [("            stream.own = self.codec.decoder_state(1)",
+        "            stream.own = self.__dict__.setdefault('_spare', self.codec.decoder_state(1))")], [OWN_STATES]),
+    M("atomic", "without hard links a name taken meanwhile is replaced",
+      [("        if os.path.lexists(target):\n            raise FileExistsError",
+        "        if False:\n            raise FileExistsError")], [NO_LINKS]),
+    M("text", "text that runs on without a sentence end cut mid-word",
+      [("    cut = cut if cut > 0 else limit", "    cut = limit")], [RUN_ON]),
+    M("plan", "the context gives way when the piece just fits",
+      [("        while heard and rows + piece.room > limit:", "        while heard and rows + piece.room >= limit:")],
+      [FULL]),
+    M("plan", "the caller's segments kept in the prompt cache after they gave way",
+      [("whole = len(heard) >= len(self.given) and all(a is b for a, b in zip(self.given, heard))", "whole = True")],
+      [FULL]),
+    M("engine", "a request cancelled as it joins is never ended",
+      [("            if cancelled:\n                self._end(job)\n", "")], [AS_IT_JOINS]),
+    M("schemas", "an input of exactly OpenAI's 4096 characters refused",
+      [("if len(text) > max_chars:", "if len(text) >= max_chars:")], [AT_LIMITS]),
+    M("schemas", "32 context segments refused",
+      [("len(context) > MAX_CONTEXT_SEGMENTS", "len(context) >= MAX_CONTEXT_SEGMENTS")], [AT_LIMITS]),
 ]
 
 
