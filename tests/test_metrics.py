@@ -20,7 +20,7 @@ from werkzeug.serving import make_server
 from csm_gguf.server import metrics
 from csm_gguf.server.drain import Drain
 from csm_gguf.server.errors import register_error_handlers
-from replica_fixtures import close_quietly, closed_with, scrape, upgrade_status
+from replica_fixtures import UPGRADE, close_quietly, closed_with, scrape, upgrade_status
 from server_fixtures import serving
 
 GREEDY = {"temperature": 0, "max_audio_ms": 800}  # 10 frames
@@ -161,6 +161,61 @@ def test_websockets_have_a_limit_and_idle_ones_are_closed(server):
     while slots.open and time.monotonic() < deadline:
         time.sleep(0.1)
     assert slots.open == 0 and app.extensions["csm_gguf.drain"].in_flight == 0
+
+
+def masked_text_frame(text: str) -> bytes:
+    """A websocket text message as a client sends it (masked, RFC 6455 5.2)."""
+    payload, mask = text.encode(), b"\x01\x02\x03\x04"
+    size = bytes([0x80 | len(payload)]) if len(payload) < 126 else b"\xfe" + struct.pack(">H", len(payload))
+    return b"\x81" + size + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def server_side(client: socket.socket) -> socket.socket:
+    """The in-process server's end of `client`'s connection (a handle on the same socket)."""
+    import os
+
+    for fd in map(int, os.listdir("/proc/self/fd")):
+        try:
+            other = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            continue
+        try:
+            if other.family == socket.AF_INET and other.getpeername() == client.getsockname():
+                return other
+        except OSError:
+            pass
+        other.close()  # the duplicate: the socket itself stays open
+    raise AssertionError("no server socket for this client")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the server's socket in /proc/self/fd")
+def test_a_websocket_client_that_stops_reading_loses_its_session(base, monkeypatch):
+    """Its session's sends block once the buffers are full: without a send timeout the session, its thread and
+    its slot stayed for ever (the idle timeout counts only time with nothing to send)."""
+    from csm_gguf.server import limits
+
+    monkeypatch.setattr(limits, "STALLED_CLIENT_S", 1.0)  # read as each connection arrives
+    port = int(base.rsplit(":", 1)[1])
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    try:
+        sock.sendall(UPGRADE)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(1)  # the head alone: what follows stays unread
+        assert head.startswith(b"HTTP/1.1 101")
+        with server_side(sock) as server:  # small buffers on both sides: the server's sends block soon
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        speech = {"type": "speech", "input": "A sentence that goes on for a while, and then some more. " * 20,
+                  "response_format": "pcm", "speed": 0.25, "temperature": 0}
+        sock.sendall(masked_text_frame(json.dumps(speech)))
+        deadline = time.monotonic() + 30
+        while scrape(base)[("csm_gguf_websocket_sessions", ())] > 0:
+            assert time.monotonic() < deadline, "the session of a client that reads nothing is still open"
+            time.sleep(0.2)
+    finally:
+        sock.close()
 
 
 def test_drain_refuses_new_work_and_lets_streams_finish(server):

@@ -377,3 +377,24 @@ def test_sigterm_under_flask_run_drains_and_exits_0(f32_model, tmp_path):
             assert re.search(stamp + line, said), said[-3000:]
     finally:
         stop(process)
+
+
+def test_a_request_refused_before_its_body_is_read_leaves_its_connection_usable(f32_model, tmp_path):
+    """Under gunicorn, as the images run it: a 401 (or a full queue's 429, the drain's 503) answered before a
+    300 KB body was read kept the connection "alive", and gunicorn, which drains 64 KiB at most, then closed
+    it: the client's next request on it failed ("Server disconnected without sending a response")."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = server_env(**settings(f32_model, tmp_path / "voices"), CSM_GGUF_API_KEY="secret")
+    log = tmp_path / "gunicorn.log"
+    process = start(gunicorn_command(port), env, log)
+    try:
+        wait_ready(base, process, log)
+        with httpx.Client(base_url=base, timeout=30) as client:  # one connection, kept alive
+            for _ in range(3):
+                refused = client.post("/v1/audio/speech", json={**SHORT, "pad": "x" * 300_000},
+                                      headers={"Authorization": "Bearer wrong"})
+                assert refused.status_code == 401
+                assert client.get("/health").status_code == 200  # on the same connection
+    finally:
+        stop(process)

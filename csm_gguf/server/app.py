@@ -10,7 +10,7 @@ from typing import Any
 
 from flask import Flask
 
-from . import drain, health, metrics, ws_guard
+from . import connection, drain, health, metrics, ws_guard
 from .errors import register_error_handlers
 from .limits import MAX_SPEECH_REQUEST
 from .routes import bp
@@ -37,6 +37,7 @@ def create_app(**overrides: Any) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = MAX_SPEECH_REQUEST
     app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": MAX_SPEECH_REQUEST}  # closes with 1009 beyond
     register_error_handlers(app)
+    connection.install(app)
     app.register_blueprint(bp)
     serve_replicas(app, settings)
     return app

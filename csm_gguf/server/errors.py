@@ -51,6 +51,9 @@ def generation_error(e: BaseException) -> ApiError:
 def api_error(e: ApiError):
     from flask import jsonify
 
+    from .connection import drain_unread_body
+
+    drain_unread_body()  # a request refused before its body was read (429, 503, 401...): its connection lives on
     response = jsonify(e.body())
     response.status_code = e.status
     if e.status == 429:

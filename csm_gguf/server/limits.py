@@ -11,6 +11,12 @@ MAX_SPEAKER = 1_000_000  # speaker ids: any CSM takes, within reason
 # Nesting of a request's JSON: a speech request needs 5 levels (body, context, segment, codes, frame).
 # Deeper JSON is refused before anything recurses through it (Python's json parser stops near 1000).
 MAX_JSON_DEPTH = 32
+# A client that takes none of the audio sent to it for this long is dropped (a send's timeout): it would
+# hold its thread, and a websocket its slot, for ever. Well above a player's pauses between reads.
+STALLED_CLIENT_S = 60.0
+# A refused request's body (a 429 or 503 before it was read) read and dropped up to this, so its connection
+# serves the client's next request; a larger one is left and the connection closed.
+DRAIN_REFUSED_BODY = 1 << 20
 # Prompt rows read between two frames while other requests are speaking (CSM_GGUF_PREFILL_ROWS; 0: by device):
 # they pause for one decode of this many rows instead of a whole prompt, and the rows of several joining
 # requests share that decode. On the CPU, where each row costs its arithmetic, 32 (0.24 s on 2 cores at q4_k).

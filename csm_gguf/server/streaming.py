@@ -14,6 +14,7 @@ import numpy as np
 from flask import Response, stream_with_context
 
 from ..audio import StreamEncoder
+from .connection import client_socket
 from .engine import Job
 
 
@@ -37,7 +38,7 @@ def next_audio(job: Job, environ: dict, poll_s: float = 0.25) -> np.ndarray | No
 def client_gone(environ: dict) -> bool:
     """Whether the client closed its connection: readable with nothing to read. Needs the socket, which
     werkzeug and gunicorn put in the WSGI environ; other servers only notice when a write fails."""
-    sock = environ.get("werkzeug.socket") or environ.get("gunicorn.socket")
+    sock = client_socket(environ)
     if sock is None:
         return False
     try:

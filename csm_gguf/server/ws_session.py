@@ -21,6 +21,7 @@ from ..generator import Segment
 from ..tempo import TimeStretch
 from ..text import cut_between_words, is_blank, take_sentences
 from ..voices import VoicesFolderError
+from . import limits
 from .engine import Job
 from .errors import ApiError, folder_error, generation_error
 from .limits import MAX_INPUT_CHARS
@@ -95,8 +96,9 @@ class WebsocketSession:
                     log.exception("unexpected error in a websocket session")
                     self.drop_failed()
                     self.error(ApiError(500, f"internal error: {e}", type="server_error"))
-        except (ConnectionClosed, OSError):  # the client left; a reset can surface as OSError mid-send
-            pass
+        except (ConnectionClosed, OSError) as e:  # the client left; a reset can surface as OSError mid-send
+            if isinstance(e, BlockingIOError):  # a send's timeout (connection.py): the client stopped reading
+                log.info("a websocket client read nothing for %g s: its session is closed", limits.STALLED_CLIENT_S)
         finally:
             for job in [self.job, *(s.job for s in self.queue if s is not FLUSH)]:
                 if job is not None:
