@@ -28,7 +28,7 @@ from ..voices import (
 )
 from .errors import VOICES_PATH, ApiError, generation_error
 from .limits import MAX_SPEECH_REQUEST, MAX_VOICE_UPLOAD
-from .schemas import MODELS, parse_json, parse_voice, voice_exists
+from .schemas import MODELS, parse_json, voice_exists
 from .services import EXTENSION, Services
 from .settings import SETTINGS
 from .streaming import ClientGone, decoded_audio, encoded, let_go, next_audio, sse_events, streamed
@@ -112,7 +112,7 @@ def add_voice():
                        "file) and transcript (its words)", code="invalid_request")
     request.max_content_length = MAX_VOICE_UPLOAD
     with services().place():  # as a speech request: refused (429) before the upload is read and encoded
-        name, voice = parse_voice(request.form, request.files, services().tts)
+        name, voice = services().uploaded_voice(request.form, request.files)
     if name in BUILTIN_VOICES:
         services().forget(name)  # the built-in voice it replaces
     try:

@@ -11,7 +11,7 @@ from ..generator import Segment
 from ..tts import CSM, Voice
 from .engine import Engine, Job, Place, QueueFull
 from .errors import ApiError, generation_error
-from .schemas import ContextAudio, SpeechRequest, encode_context, parse_speech
+from .schemas import ContextAudio, SpeechRequest, encode_context, parse_speech, parse_voice
 from .served_voices import forget_voice, served_voice
 from .settings import Settings
 
@@ -47,7 +47,13 @@ class Services:
 
     def encode(self, req: SpeechRequest, encoded: dict[ContextAudio, Segment] | None = None) -> SpeechRequest:
         """The request with its context audio encoded (see encode_context)."""
+        one_torch_thread()
         return encode_context(req, self.tts, encoded)
+
+    def uploaded_voice(self, form, files) -> tuple[str, Voice]:
+        """A voice upload's name and voice, its recording encoded (see parse_voice)."""
+        one_torch_thread()
+        return parse_voice(form, files, self.tts)
 
     def parse(self, body: Any, need_input: bool = True) -> SpeechRequest:
         return self.encode(self.check(body, need_input))
@@ -74,3 +80,12 @@ def engine_error(e: Exception) -> ApiError:
     if isinstance(e, QueueFull):
         return ApiError(429, str(e), code="queue_full", type="rate_limit_error")
     return generation_error(e)
+
+
+def one_torch_thread() -> None:
+    """The codec's encoding in a request's thread on one torch thread, as all the server's torch work
+    (startup.py). torch's thread count is OpenMP's, kept per thread: without this each request thread that
+    encodes audio started a team of every core for itself, beside llama.cpp's threads, and kept it for life."""
+    import torch
+
+    torch.set_num_threads(1)
