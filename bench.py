@@ -1320,15 +1320,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
             p.error(f"{option} {path}: not writable (checked now, not after the benchmark)")
     try:  # with the runtime's own checks, before anything loads (they were tracebacks mid-run)
-        check_options(args.threads, args.gpu_layers, 1)
+        check_options(args.threads, args.gpu_layers, 1, {"n_threads": "--threads", "n_gpu_layers": "--gpu-layers"})
+    except ValueError as e:
+        p.error(str(e))
+    try:
         Sampling(seed=args.seed)
+    except ValueError as e:
+        p.error(f"--{e}")  # "seed must be ..."
+    try:
         check_torch_device(args.codec_device)
     except ValueError as e:
-        message = str(e)
-        for name, option in (("n_threads", "--threads"), ("n_gpu_layers", "--gpu-layers"), ("seed", "--seed"),
-                             ("codec device", "--codec-device")):
-            message = message.replace(name, option, 1) if message.startswith(name) else message
-        p.error(message)
+        p.error(str(e).replace("codec device", "--codec-device", 1))  # "codec device 'cuda' is not usable..."
     if args.voice_prompt is not None and not args.voice_prompt >= 0:
         p.error(f"--voice-prompt must be >= 0 seconds, got {args.voice_prompt}")
     if args.stage_runs is None:

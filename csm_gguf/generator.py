@@ -52,10 +52,12 @@ def check_speaker(who: object) -> None:
 MAX_STREAMS = 256 - prompt_cache.ENTRIES
 
 
-def check_options(n_threads: object, n_gpu_layers: object, max_streams: object) -> None:
+def check_options(n_threads: object, n_gpu_layers: object, max_streams: object,
+                  names: dict[str, str] | None = None) -> None:
     """A generator's numbers, before anything loads: a ValueError naming the option and its range (llama.cpp
     and ggml took 0 streams for None, -1 for 16 EiB to allocate, and a bad thread count after the whole load).
-    More threads than this process's cores only wait for each other."""
+    More threads than this process's cores only wait for each other. `names`: what the caller calls each
+    argument (a command's flags, a server's variables)."""
     cores = default_threads()
     for name, value, least, most, meaning in (
             ("n_threads", n_threads, 0, cores, f"0 (all cores) to {cores}, the cores this process may use"),
@@ -63,7 +65,7 @@ def check_options(n_threads: object, n_gpu_layers: object, max_streams: object) 
             ("max_streams", max_streams, 1, MAX_STREAMS, f"1 to {MAX_STREAMS}")):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not (
                 least <= value and (most is None or value <= most)):
-            raise ValueError(f"{name} must be a whole number from {meaning}, got {value!r}")
+            raise ValueError(f"{(names or {}).get(name, name)} must be a whole number from {meaning}, got {value!r}")
 
 
 def check_codes(codes, codebooks: int, n_codes: int, what: str = "codes") -> np.ndarray:

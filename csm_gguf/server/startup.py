@@ -15,14 +15,9 @@ from .settings import Settings
 
 def check_settings(settings: Settings) -> None:
     """ValueError naming the setting, before the (slow) model load."""
-    try:
-        check_options(settings.threads, settings.gpu_layers, settings.max_streams)
-    except ValueError as e:  # named as the server's variables, not as CSM's arguments
-        message = str(e)
-        for argument, variable in (("n_threads", "CSM_GGUF_THREADS"), ("n_gpu_layers", "CSM_GGUF_GPU_LAYERS"),
-                                   ("max_streams", "CSM_GGUF_MAX_STREAMS")):
-            message = message.replace(argument, variable)
-        raise ValueError(message) from None
+    check_options(settings.threads, settings.gpu_layers, settings.max_streams,  # named as the server's variables
+                  {"n_threads": "CSM_GGUF_THREADS", "n_gpu_layers": "CSM_GGUF_GPU_LAYERS",
+                   "max_streams": "CSM_GGUF_MAX_STREAMS"})
     if settings.max_queue < 0 or settings.prefill_rows < 0:
         raise ValueError("CSM_GGUF_QUEUE and CSM_GGUF_PREFILL_ROWS must be >= 0")
     if settings.drain_s < 0 or settings.max_websockets < 0 or settings.ws_idle_s < 1:
