@@ -4,6 +4,8 @@ the HTTP server's (one model load for both), so its audio can be compared with t
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import socket
 import subprocess
@@ -17,7 +19,7 @@ import pytest
 from wyoming.audio import AudioChunk, AudioStart
 from wyoming.client import AsyncTcpClient
 from wyoming.error import Error
-from wyoming.event import Event
+from wyoming.event import Event, write_event
 from wyoming.info import Describe, Info
 from wyoming.server import AsyncTcpServer
 from wyoming.tts import (
@@ -33,6 +35,7 @@ from csm_gguf import builtin_voices
 from csm_gguf.generator import Segment
 from csm_gguf.plan import TokenCounts, split_text
 from csm_gguf.sampling import Sampling
+from csm_gguf.server import limits
 from csm_gguf.server.errors import ApiError
 from csm_gguf.server.limits import MAX_INPUT_CHARS
 from csm_gguf.tts import Voice
@@ -423,6 +426,38 @@ def test_a_streaming_client_that_leaves_cancels_its_following_sentences(unlimite
     wait_idle(engine)
     assert len(jobs) == 2 and all(job.cancelled for job in jobs)
     assert jobs[1].frames == 0  # the second sentence did not start in the first one's slot
+
+
+def test_a_client_that_stops_reading_is_dropped_and_its_stream_freed(unlimited, engine, app, monkeypatch, caplog):
+    """A client that takes none of its audio would hold its codec stream and connection for ever: once the
+    buffers between are full, a send waits limits.STALLED_CLIENT_S (shortened here), then the connection closes."""
+    monkeypatch.setattr(limits, "STALLED_CLIENT_S", 0.5)
+    init = WyomingHandler.__init__
+
+    def with_small_buffers(self, service, reader, writer):  # full after a few frames, not megabytes
+        init(self, service, reader, writer)
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        writer.transport.set_write_buffer_limits(high=4096)
+
+    monkeypatch.setattr(WyomingHandler, "__init__", with_small_buffers)
+    caplog.set_level(logging.INFO, logger="csm_gguf.wyoming_server")
+    decoders = app.extensions["csm_gguf"].decoders
+    text = " ".join(f"This is sentence number {i}, which goes on for a while." for i in range(8))
+    with socket.socket() as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.connect(("127.0.0.1", unlimited.port))
+        with client.makefile("wb") as out:
+            write_event(Synthesize(text).event(), out)
+            out.flush()
+        deadline = time.monotonic() + 60
+        while not any("took nothing sent to it" in r.message for r in caplog.records) or decoders.streams():
+            assert time.monotonic() < deadline, f"{decoders.streams()} codec streams still open"
+            time.sleep(0.05)
+        wait_idle(engine, timeout=30)
+        client.settimeout(10)  # the server closed the connection: what it had sent, then its end (or a reset)
+        with contextlib.suppress(ConnectionResetError):
+            while client.recv(65536):
+                pass
 
 
 def test_an_all_zero_frame_ends_the_audio(greedy, engine, monkeypatch, app):

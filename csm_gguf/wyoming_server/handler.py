@@ -9,7 +9,8 @@
 A synthesize sent during a stream is ignored: Home Assistant (2025.7 and later) sends the whole text
 that way too, for servers that do not stream. Bad events are answered with `error` and the connection
 goes on; events of other kinds are ignored, as the protocol asks. The client closing its side ends its
-requests before their next frame."""
+requests before their next frame, and so does a client that takes none of its audio for
+limits.STALLED_CLIENT_S (its connection is closed)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from wyoming.ping import Ping, Pong
 from wyoming.server import AsyncEventHandler
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop
 
+from ..server import limits
 from ..server.errors import ApiError
 from ..text import take_sentences, take_sentences_within
 from ..tts import UNFINISHED_CHARS
@@ -65,6 +67,17 @@ class WyomingHandler(AsyncEventHandler):
 
     async def disconnect(self) -> None:
         self.speaker.close()
+
+    async def write_event(self, event: Event) -> None:
+        """AsyncEventHandler.write_event, bounded: a client that takes nothing sent to it for
+        limits.STALLED_CLIENT_S would hold its codec stream and this connection for ever. It is dropped (its
+        requests end as when it leaves)."""
+        try:
+            await asyncio.wait_for(super().write_event(event), limits.STALLED_CLIENT_S)
+        except asyncio.TimeoutError:
+            log.info("a client took nothing sent to it for %.0f s: its connection is closed", limits.STALLED_CLIENT_S)
+            self.writer.transport.abort()
+            raise ConnectionError("the client stopped reading") from None
 
     async def handle_event(self, event: Event) -> bool:
         log.debug("%s %s", event.type, event.data)
