@@ -44,6 +44,8 @@ TARGETS = {
     "pool": "csm_gguf/mimi/pool.py",
     "atomic": "csm_gguf/atomic.py",
     "text": "csm_gguf/text.py",
+    "services": "csm_gguf/server/services.py",
+    "wyoming": "csm_gguf/wyoming_server/handler.py",
 }
 # Fast subsets, the likeliest to fail first (pytest runs with -x).
 SHAPE = "tests/test_real_model_shape.py::test_greedy_codes_equal_transformers_with_a_wider_vocabulary"
@@ -79,6 +81,8 @@ RUN_ON = "tests/test_text.py::test_take_sentences_within_cuts_text_that_never_en
 FULL = "tests/test_plan.py::test_context_gives_way_only_when_the_piece_would_not_fit_and_is_then_not_cached"
 AS_IT_JOINS = "tests/test_server_engine.py::test_a_request_cancelled_as_it_joins_ends_and_its_follower_runs"
 AT_LIMITS = "tests/test_server_schemas.py::test_input_and_context_at_their_limits_are_taken_and_one_more_refused"
+ENCODE_THREADS = "tests/test_server_http.py::test_request_threads_that_encode_audio_start_no_threads_of_their_own"
+WYOMING_STALL = "tests/test_wyoming.py::test_a_client_that_stops_reading_is_dropped_and_its_stream_freed"
 TIMEOUT_S = 600
 
 
@@ -359,6 +363,14 @@ MUTATIONS = [
       [("if len(text) > max_chars:", "if len(text) >= max_chars:")], [AT_LIMITS]),
     M("schemas", "32 context segments refused",
       [("len(context) > MAX_CONTEXT_SEGMENTS", "len(context) >= MAX_CONTEXT_SEGMENTS")], [AT_LIMITS]),
+    M("services", "context audio encoded on every core by each request thread",
+      [("        one_torch_thread()\n        return encode_context", "        return encode_context")],
+      [ENCODE_THREADS]),
+    M("services", "a voice upload encoded on every core by its request thread",
+      [("        one_torch_thread()\n        return parse_voice", "        return parse_voice")], [ENCODE_THREADS]),
+    M("wyoming", "a send to a Wyoming client that stopped reading waits for ever",
+      [("await asyncio.wait_for(super().write_event(event), limits.STALLED_CLIENT_S)",
+        "await super().write_event(event)")], [WYOMING_STALL]),
 ]
 
 

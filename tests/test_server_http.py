@@ -5,6 +5,9 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -291,6 +294,58 @@ def test_full_queue_answers_429_and_nothing_leaks(base, engine):
         for sock in socks:
             hang_up(sock)
     wait_idle(engine, timeout=20)
+
+
+# Run in a process of its own: within the test run's, threads OpenMP started for earlier tests hide new ones.
+THREADS_LEFT_BY_ENCODING = """
+import base64, io, json, os, sys, threading
+from concurrent.futures import ThreadPoolExecutor
+import numpy as np, soundfile as sf
+from csm_gguf.web import create_app
+
+app = create_app(model=sys.argv[1], max_streams=4, kv_type="f32")
+client = app.test_client()
+wav = io.BytesIO()
+sf.write(wav, (np.random.default_rng(0).standard_normal(24_000 * 2) * 3000).astype(np.int16), 24_000, format="WAV")
+speech = {"model": "csm-1b", "input": "Hi there.", "voice": "none", "speaker_id": 1, "max_audio_ms": 160,
+          "response_format": "pcm",
+          "context": [{"speaker": 1, "text": "Some words.", "audio": base64.b64encode(wav.getvalue()).decode()}]}
+
+def speak(_):
+    answer = client.post("/v1/audio/speech", json=speech)
+    assert answer.status_code == 200, answer.data
+
+def save_voice(i):
+    form = {"name": f"v{i}", "transcript": "Some words.", "audio_sample": (io.BytesIO(wav.getvalue()), "v.wav")}
+    answer = client.post("/v1/audio/voices", data=form)
+    assert answer.status_code == 200, answer.data
+
+def threads():
+    return len(os.listdir("/proc/self/task"))
+
+def threads_started_by(work, n=4):  # the OS threads that n new threads doing `work` leave beside them
+    each = threading.Barrier(n)  # each request on a thread of its own
+    with ThreadPoolExecutor(n) as pool:
+        list(pool.map(lambda _: each.wait(), range(n)))
+        before = threads()
+        list(pool.map(lambda i: (each.wait(), work(i)), range(n)))
+        return threads() - before
+
+speak(0)
+print(json.dumps([threads_started_by(speak), threads_started_by(save_voice)]))
+app.extensions["csm_gguf"].engine.close()
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in Linux's /proc")
+def test_request_threads_that_encode_audio_start_no_threads_of_their_own(f32_model, tmp_path):
+    """Context audio and voice uploads are encoded in the request's thread: on one torch thread, else each such
+    thread starts an OpenMP team for itself and keeps it (64 x cores threads in a busy server)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "CSM_GGUF_VOICES": str(tmp_path)}  # a team even on one core
+    done = subprocess.run([sys.executable, "-c", THREADS_LEFT_BY_ENCODING, str(f32_model)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == [0, 0]  # speech with context audio, voice uploads
 
 
 def test_models_voices_health(client, base):
