@@ -48,6 +48,17 @@ def test_engine_batched_greedy_codes_equal_solo_codes(engine):
     wait_idle(engine)
 
 
+def test_a_voice_prompt_the_engine_cannot_forget_stops_nothing(engine, caplog):
+    """Dropping a voice's cached prompt happens on the engine thread: a failure there ended the thread, and
+    every request after it failed until a restart."""
+    from csm_gguf.server.engine import SpeechJob
+
+    bad = Segment(0, "Codes of another model.", np.full((5, 32), engine.generator.model.n_codes + 10))
+    engine.forget_voice([bad])
+    assert len(frames_of(engine.submit(SpeechJob(TEXT, sampling=GREEDY_800)))) == 10
+    assert "forgetting a voice's cached prompt failed" in caplog.text
+
+
 def test_a_long_prompt_is_read_between_the_frames_of_others(engine, monkeypatch):
     from csm_gguf.server.engine import SpeechJob
 

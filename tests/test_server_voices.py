@@ -45,6 +45,24 @@ def test_damaged_saved_voice_is_a_400(base):
         os.remove(broken)
 
 
+def test_deleting_a_voice_saved_for_another_model_as_its_400_says(base, services, caplog):
+    """Such a voice is a 400 that says to delete it; the DELETE had the engine thread read its codes to drop its
+    prompt from the cache, and their check's ValueError stopped the engine: every request failed until a
+    restart."""
+    from csm_gguf import voices
+    from csm_gguf.generator import Segment
+    from csm_gguf.tts import Voice
+
+    codes = np.full((13, 32), services.tts.model.n_codes + 1)  # a bigger codec's codes: saveable, not usable here
+    voices.save_voice("elsewhere", Voice([Segment(0, "Made for another model.", codes)], speaker=0))
+    used = post(base, {"model": "csm-1b", "voice": "elsewhere", "input": TEXT})
+    assert used.status_code == 400 and "delete it" in used.text, used.text
+    assert httpx.delete(f"{base}/v1/audio/voices/elsewhere", timeout=60).status_code == 200
+    assert httpx.get(f"{base}/health/live", timeout=60).status_code == 200
+    assert post(base, {"model": "csm-1b", "voice": "none", "input": TEXT, **GREEDY}).status_code == 200
+    assert "forgetting a voice" not in caplog.text  # nothing of it was cached: the engine is not asked
+
+
 def test_server_refuses_to_start_with_an_unusable_default_voice(tmp_path, monkeypatch):
     from csm_gguf.web import create_app
 

@@ -347,7 +347,10 @@ class Engine:
         for job in gone:
             self._end(job)
         for segments in forgotten:
-            self.generator.forget_voice(segments)
+            try:
+                self.generator.forget_voice(segments)
+            except Exception:  # a prompt it cannot read was never cached: the engine goes on
+                log.exception("forgetting a voice's cached prompt failed")
         while self.joining:
             job = self.joining[0]
             cancelled = job.cancelled

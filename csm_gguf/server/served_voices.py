@@ -37,6 +37,7 @@ def forget_voice(tts: CSM, engine: Engine, name: str) -> None:
             voice = read_voice(path, name)
         else:
             return
-    except ValueError:  # damaged: nothing of it was cached
+        voice = tts.usable_voice(name, voice)
+    except ValueError:  # damaged, or another model's: refused when used, so nothing of it was cached
         return
     engine.forget_voice(voice.segments)
