@@ -238,6 +238,20 @@ def test_a_whole_body_request_stops_when_its_client_hangs_up(base, engine):
     assert job.cancelled and job.frames < 100  # 750 frames were allowed
 
 
+def test_a_response_that_fails_before_its_body_begins_stops_its_job(base, engine, monkeypatch):
+    """The body's generator lets the job go when it ends; a failure after the first audio but before the body
+    began (here the encoder's start: libsndfile without mp3, no memory) left the job speaking for no one."""
+    from csm_gguf.server import routes
+
+    def no_encoder(fmt):
+        raise OSError("the encoder could not start (test)")
+
+    monkeypatch.setattr(routes, "StreamEncoder", no_encoder)
+    response = post(base, {"model": "csm-1b", "input": TEXT, "response_format": "mp3", "max_audio_ms": 60_000})
+    assert response.status_code == 500
+    wait_idle(engine)  # at once: 750 frames were allowed
+
+
 def test_concurrent_streams_are_batched_and_equal_solo(base, engine, services):
     texts = [f"Client number {i} says something {'rather ' * i}different." for i in range(8)]
     voices = ["alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "nova"]

@@ -26,9 +26,10 @@ from ..voices import (
     save_voice,
     voice_info,
 )
+from .engine import Job
 from .errors import VOICES_PATH, ApiError, generation_error
 from .limits import MAX_SPEECH_REQUEST, MAX_VOICE_UPLOAD
-from .schemas import MODELS, parse_json, voice_exists
+from .schemas import MODELS, SpeechRequest, parse_json, voice_exists
 from .services import EXTENSION, Services
 from .settings import SETTINGS
 from .streaming import ClientGone, decoded_audio, encoded, let_go, next_audio, sse_events, streamed
@@ -156,6 +157,15 @@ def speech():
     except Exception as e:
         let_go(job)
         raise generation_error(e) from None
+    try:
+        return speech_response(req, job, first, environ)
+    except BaseException:  # before its body began, whose end lets the job go: it would speak on for no one
+        let_go(job)
+        raise
+
+
+def speech_response(req: SpeechRequest, job: Job, first: np.ndarray, environ: dict) -> Response:
+    """The response to a speech request, from its first audio on: streamed, as SSE, or one body."""
     audio = decoded_audio(job, first, environ)
     if req.speed != 1.0:
         audio = stretched(audio, req.speed)
