@@ -253,6 +253,70 @@ def test_waiting_followers_do_not_fill_the_queue_against_new_requests(f32_model)
         tts.close()
 
 
+def test_a_built_in_voice_made_for_a_request_takes_no_other_requests_place(f32_model):
+    """A request that holds the last place and then needs a built-in voice's prompt (`codes`, made once) had that
+    job counted as one more request: the next request that had taken its place before was refused its 429
+    after its body was read and its context encoded."""
+    from csm_gguf.server.engine import Engine, SpeechJob
+    from csm_gguf.tts import CSM
+
+    tts = CSM(f32_model, kv_type="f32", max_streams=1)
+    engine = Engine(tts.generator, max_queue=1)
+    speaking = engine.submit(SpeechJob("Someone is being spoken to.", sampling=Sampling(temperature=0,
+                                                                                           max_audio_ms=60_000)))
+    maker = threading.Thread(target=engine.codes, args=(SpeechJob("A voice's prompt.", sampling=GREEDY_800),))
+    try:
+        place = engine.place()  # the last one: the server is full
+        maker.start()  # another request, its place taken, makes a built-in voice's prompt meanwhile
+        deadline = time.monotonic() + 10
+        while not engine.waiting:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        engine.submit_in(place, SpeechJob("My request, read and encoded.", sampling=GREEDY_800)).cancel()
+    finally:
+        speaking.cancel()
+        maker.join(30)
+        engine.close()
+        tts.close()
+
+
+def test_a_close_as_a_request_ends_ends_its_follower_once(f32_model):
+    """close() between the end's decision to queue the follower (under the lock) and its later look at
+    `_closing`: the follower was both queued and ended, then ended again at shutdown (counted twice)."""
+    from collections import Counter
+
+    from csm_gguf.server.engine import Engine, SpeechJob
+    from csm_gguf.tts import CSM
+
+    tts = CSM(f32_model, kv_type="f32", max_streams=1)
+    engine = Engine(tts.generator)
+    ends: Counter = Counter()
+    first = engine.submit(SpeechJob("One.", sampling=Sampling(temperature=0, max_audio_ms=80)))
+    second = engine.submit(SpeechJob("Two.", sampling=GREEDY_800), after=first)
+    closer = threading.Thread(target=engine.close)
+
+    def on_end(job, error):  # runs after the lock is let go, before the look at _closing
+        ends[job] += 1
+        if job is first:
+            closer.start()
+            deadline = time.monotonic() + 10
+            while not engine._closing:
+                assert time.monotonic() < deadline
+                time.sleep(0.001)
+
+    engine.on_end = on_end
+    try:
+        while first.next_frames(timeout=10) is not None:
+            pass
+        with pytest.raises(RuntimeError, match="shutting down"):
+            second.next_frames(timeout=10)
+        closer.join(10)
+        assert ends[second] == 1
+    finally:
+        engine.close()
+        tts.close()
+
+
 def decoded(services, codes: np.ndarray) -> np.ndarray:
     """`codes` (frames, K) decoded from a fresh state, in one go."""
     import torch

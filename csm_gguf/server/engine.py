@@ -107,6 +107,7 @@ class Job:
     # already being served, going on) and takes its last piece as context. `ended` is set under the lock.
     successor: Job | None = None
     follower: bool = False
+    own_work: bool = False  # the server's (`codes`: a built-in voice's prompt), for a request that holds a place
     continues: bool = False
     ended: bool = False
     outcome: str | None = None  # once ended: "completed", "cancelled" (its client left) or "failed"
@@ -186,8 +187,8 @@ class Engine:
 
     def _check_room(self) -> None:
         """QueueFull unless a new request fits: requests spoken, waiting or being read, against the slots
-        and the queue (followers are not counted: see submit)."""
-        queued = sum(not w.follower for w in self.waiting)
+        and the queue (followers are not counted, see submit, nor the server's own work, see codes)."""
+        queued = sum(not (w.follower or w.own_work) for w in self.waiting)
         if len(self.active) + len(self.joining) + queued + self.reserved >= self.max_streams + self.max_queue:
             raise QueueFull(
                 f"the server is busy: {len(self.active) + len(self.joining)} requests are being spoken and "
@@ -252,8 +253,10 @@ class Engine:
     def codes(self, spec: SpeechJob) -> np.ndarray:
         """Speak `spec` to its end, in turn with the requests: its codes, (frames, 32). For the server's own
         work (a built-in voice's prompt, made once per model, while a request waits for it), so it is never
-        refused for a full queue: the requests already in line are the ones it serves."""
+        refused for a full queue: the requests already in line are the ones it serves. Nor does it count against
+        the queue: the request it is made for holds its place already."""
         job = self._job(spec, continues=False)
+        job.own_work = True
         with self._wake:
             if self._closing:
                 raise RuntimeError(self._stopped)
@@ -451,11 +454,12 @@ class Engine:
             if job in self.active:
                 self.active.remove(job)
             job.ended = True
-            successor = job.successor
+            successor, queued = job.successor, False
             if successor is not None:
                 if successor.continues:
                     successor.context.previous = list(job.context.previous)
-                if not self._closing:  # its place in line: after the requests submitted before it
+                queued = not self._closing  # decided once: a close from here on ends it once, below
+                if queued:  # its place in line: after the requests submitted before it
                     place = next((i for i, w in enumerate(self.waiting) if w.submitted > successor.submitted),
                                  len(self.waiting))
                     self.waiting.insert(place, successor)
@@ -466,5 +470,5 @@ class Engine:
                 self.on_end(job, error)
             except Exception:  # an observer's bug must not stop generation
                 log.exception("the engine's on_end hook failed")
-        if successor is not None and self._closing:
+        if successor is not None and not queued:
             self._end(successor, RuntimeError(self._stopped))
