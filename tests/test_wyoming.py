@@ -460,6 +460,61 @@ def test_a_client_that_stops_reading_is_dropped_and_its_stream_freed(unlimited, 
                 pass
 
 
+def test_a_client_that_leaves_frees_the_codec_stream_of_a_text_stream_queued_behind():
+    """A text stream's sentences share its codec stream (on the stream, not on the sentence): one queued behind
+    the request being sent is decoding already, and its stream was left open when the client left."""
+    from csm_gguf.server.engine import SpeechJob
+    from csm_gguf.wyoming_server.speaker import Speaker, Speech, TextStream
+
+    class Stub:  # the service: codec streams and jobs that record being let go
+        def __init__(self):
+            self.opened = []
+
+        def open_audio(self):
+            self.opened.append(audio := type("Audio", (), {"closed": False})())
+            audio.close = lambda: setattr(audio, "closed", True)
+            return audio
+
+        def submit(self, spec, audio, after=None):
+            return type("Job", (), {"cancel": lambda self: None})()
+
+        async def next_audio(self, job):
+            await asyncio.Event().wait()  # no audio yet: the client leaves meanwhile
+
+    async def leave():
+        async def write(event):
+            pass
+
+        service = Stub()
+        speaker = Speaker(service, write)
+        await speaker.say(Speech(SpeechJob("A synthesize, being sent.")))
+        await speaker.say(Speech(SpeechJob("A stream's sentence, queued."), TextStream(settings=None)))
+        await asyncio.sleep(0.01)
+        speaker.close()
+        return service.opened
+
+    opened = run(leave())
+    assert len(opened) == 2 and all(audio.closed for audio in opened)
+
+
+def test_a_speaker_that_fails_on_a_bug_of_ours_hangs_up(greedy, engine, monkeypatch):
+    """Its connection stayed open: the client waited for ever, and its next requests were generated for no one."""
+    from csm_gguf.wyoming_server.speaker import Speaker
+
+    async def broken(self, speech):
+        raise KeyError("a bug of ours (test)")
+
+    monkeypatch.setattr(Speaker, "_speak", broken)
+
+    async def ask():
+        async with greedy.client() as client:
+            await client.write_event(Synthesize(TEXT).event())
+            return await client.read_event()
+
+    assert run(ask()) is None  # the connection closed
+    wait_idle(engine)
+
+
 def test_an_all_zero_frame_ends_the_audio(greedy, engine, monkeypatch, app):
     """The end of speech: after its second frame, each stream makes the all-zero frame."""
     step = engine.generator.step

@@ -63,6 +63,7 @@ class DecodeStage:
                     self._fail(job, e)
             if closing:
                 return
+            del steps, items  # while idle, hold no job or codec stream (its row is freed as its owner lets go)
 
     def _decode(self, items: list[tuple[Job, Any]]) -> None:
         """The items' frames decoded, every stream's in one call, then each job's audio and end handed over."""

@@ -105,6 +105,9 @@ class WebsocketSession:
                     job.cancel()
             if self.utterance is not None:
                 self.utterance.close()
+            for sentence in self.queue:  # a next file's, submitted already: its codec stream holds a row
+                if sentence is not FLUSH and sentence.audio is not None:
+                    sentence.audio.close()
 
     def step(self) -> None:
         """Take a message if there is one, start what is next in line, and send what is spoken."""

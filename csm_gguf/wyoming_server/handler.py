@@ -44,7 +44,7 @@ class WyomingHandler(AsyncEventHandler):
     def __init__(self, service: WyomingService, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         super().__init__(reader, writer)
         self.service = service
-        self.speaker = Speaker(service, self.write_event)
+        self.speaker = Speaker(service, self.write_event, writer.transport.abort)
         self.stream: TextStream | None = None  # between synthesize-start and synthesize-stop
 
     async def run(self) -> None:

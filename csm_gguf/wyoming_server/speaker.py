@@ -67,6 +67,7 @@ def error_event(e: ApiError) -> Event:
 class Speaker:
     service: WyomingService
     write: Callable[[Event], Awaitable[None]]
+    hang_up: Callable[[], None] = lambda: None  # ends the connection: where this can speak no more (a bug)
     queue: deque = field(default_factory=deque)  # Speech and STOPPED, in the order asked
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task | None = None
@@ -95,8 +96,8 @@ class Speaker:
         self.queue.clear()
 
     def audio_streams(self) -> list[AudioStream]:
-        """The codec streams of the requests queued and of the text stream being spoken."""
-        held = [self.spoken, *self.queue]
+        """The codec streams of the requests queued, of their text streams and of the one being spoken."""
+        held = [self.spoken, *self.queue, *(item.stream for item in self.queue if item is not STOPPED)]
         return [a for item in held if item not in (None, STOPPED) and (a := item.audio) is not None]
 
     def end_stream(self) -> None:
@@ -148,6 +149,7 @@ class Speaker:
         except Exception:  # a bug of ours: nothing more is spoken on this connection, nothing left generating
             log.exception("speaking a Wyoming request failed")
             self.close()
+            self.hang_up()  # else its next requests would be generated for no one, and its client wait
 
     async def _speak(self, speech: Speech) -> None:
         while speech.job is None and not speech.failed:
