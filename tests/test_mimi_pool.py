@@ -4,6 +4,7 @@ exactly as it would be alone."""
 from __future__ import annotations
 
 import gc
+import threading
 
 import numpy as np
 import pytest
@@ -135,6 +136,34 @@ def test_a_stream_dropped_unclosed_gives_its_row_back(mimi):
     again = pool.open()
     again.decode(stream_codes(0, 1))
     assert again.row is not None
+
+
+def test_letting_a_stream_go_never_waits_for_a_step(mimi):
+    """A dropped stream's finalizer can run on any thread mid-work: on the engine's, holding the generator's lock
+    that a step of the pool waits for when it records a CUDA graph. Had it waited for the pool's lock, the
+    two threads would wait for each other for ever."""
+    pool = DecoderPool(mimi, rows=2)
+    stream = pool.open()
+    stream.decode(stream_codes(0, 2))
+    stepping, done = threading.Event(), threading.Event()
+
+    def step():  # a step in the codec's thread: the pool's lock held
+        with pool._lock:
+            stepping.set()
+            done.wait(10)
+
+    codec_thread = threading.Thread(target=step)
+    codec_thread.start()
+    stepping.wait(10)
+    closer = threading.Thread(target=stream.close)
+    closer.start()
+    closer.join(2)
+    alive = closer.is_alive()
+    done.set()
+    codec_thread.join(10)
+    closer.join(10)
+    assert not alive  # it did not wait for the step
+    assert pool.streams() == 0  # its row freed once the step was over
 
 
 def test_a_failed_step_fails_its_call_and_the_pool_goes_on(mimi, alone, monkeypatch):

@@ -75,6 +75,7 @@ class DecoderPool:
         self.views: dict[int, DecoderState] = {}  # the state's first n rows, by n: each keeps its CUDA graph
         self.steps = self.stream_steps = 0  # batched steps taken, and streams advanced in them (their sum)
         self._lock = threading.RLock()
+        self._released: list[list[_Row | None]] = []  # holders of rows let go, freed under the lock
 
     def open(self) -> AudioStream:
         return AudioStream(self)
@@ -82,10 +83,23 @@ class DecoderPool:
     def streams(self) -> int:
         """Streams holding a row now."""
         with self._lock:
+            self._free_released()
             return sum(r is not None for r in self.rows)
 
     def _release(self, holder: list[_Row | None]) -> None:
-        with self._lock:
+        """A stream's row let go: freed now, or by the next step if one is running. Never waits for the lock: as
+        a finalizer this can run on any thread in the midst of anything, such as the engine's frame step, which
+        holds the generator's lock that a step of this pool may wait for (to record a CUDA graph)."""
+        self._released.append(holder)
+        if self._lock.acquire(blocking=False):
+            try:
+                self._free_released()
+            finally:
+                self._lock.release()
+
+    def _free_released(self) -> None:
+        while self._released:
+            holder = self._released.pop()
             row, holder[0] = holder[0], None
             if row is not None and self.rows[row.index] is row:
                 self.rows[row.index] = None
@@ -97,6 +111,7 @@ class DecoderPool:
         shortest of them has left. A closed stream's frames are dropped (its consumer has gone): no audio."""
         audio: dict[AudioStream, list[np.ndarray]] = {s: [] for s in frames}
         with self._lock:
+            self._free_released()
             codes = {s: np.asarray(f, dtype=np.int64).reshape(-1, self.codebooks) for s, f in frames.items()
                      if not s.closed}
             codes = {s: c for s, c in codes.items() if len(c)}
