@@ -497,6 +497,45 @@ def test_a_client_that_leaves_frees_the_codec_stream_of_a_text_stream_queued_beh
     assert len(opened) == 2 and all(audio.closed for audio in opened)
 
 
+def test_a_connection_queues_a_bounded_number_of_requests(monkeypatch):
+    """A stream's sentences are submitted at once, as followers no queue limit refuses: a client sending text
+    without end queued jobs without end. Past MAX_QUEUED, its next events wait to be read."""
+    from csm_gguf.server.engine import SpeechJob
+    from csm_gguf.wyoming_server import speaker as speaking
+
+    monkeypatch.setattr(speaking, "MAX_QUEUED", 3)
+
+    class Stub:
+        submitted = 0
+
+        def open_audio(self):
+            return type("Audio", (), {"close": lambda self: None})()
+
+        def submit(self, spec, audio, after=None):
+            Stub.submitted += 1
+            return type("Job", (), {"cancel": lambda self: None})()
+
+        async def next_audio(self, job):
+            await asyncio.Event().wait()  # the first is being spoken meanwhile
+
+    async def flood():
+        async def write(event):
+            pass
+
+        speaker = speaking.Speaker(Stub(), write)
+        stream = speaking.TextStream(settings=None)
+        for i in range(3):
+            await speaker.say(speaking.Speech(SpeechJob(f"Sentence {i}."), stream))
+        fourth = asyncio.ensure_future(speaker.say(speaking.Speech(SpeechJob("Sentence 3."), stream)))
+        await asyncio.sleep(0.05)
+        held = not fourth.done() and Stub.submitted == 3
+        speaker.close()
+        await fourth
+        return held
+
+    assert run(flood())
+
+
 def test_a_speaker_that_fails_on_a_bug_of_ours_hangs_up(greedy, engine, monkeypatch):
     """Its connection stayed open: the client waited for ever, and its next requests were generated for no one."""
     from csm_gguf.wyoming_server.speaker import Speaker

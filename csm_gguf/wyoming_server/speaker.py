@@ -31,6 +31,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 RETRY_S = 0.25  # a full server: a request tries again after this long
+# Requests a connection may have waiting (a stream's each sentence is one): its next events are read once one is
+# spoken. A stream's sentences are all submitted at once, as followers that no queue limit refuses: without
+# this, one client's text could queue jobs without end.
+MAX_QUEUED = 64
 WIDTH, CHANNELS = 2, 1  # 16-bit mono
 
 
@@ -70,6 +74,7 @@ class Speaker:
     hang_up: Callable[[], None] = lambda: None  # ends the connection: where this can speak no more (a bug)
     queue: deque = field(default_factory=deque)  # Speech and STOPPED, in the order asked
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    freed: asyncio.Event = field(default_factory=asyncio.Event)  # set as the queue shortens
     task: asyncio.Task | None = None
     spoken: TextStream | None = None  # the text stream spoken last, until its synthesize-stopped
 
@@ -77,6 +82,12 @@ class Speaker:
         self.task = asyncio.get_running_loop().create_task(self._run(), name="wyoming speaker")
 
     async def say(self, speech: Speech) -> None:
+        """Queue `speech`, once fewer than MAX_QUEUED wait (the caller, reading the client's events, waits)."""
+        while len(self.queue) >= MAX_QUEUED and not self.task.done():
+            self.freed.clear()
+            await self.freed.wait()
+        if self.task.done():  # it failed (and hung up): nothing more is spoken on this connection
+            return
         self.queue.append(speech)
         await self.submit_waiting()
         self.wake.set()
@@ -94,6 +105,7 @@ class Speaker:
         for audio in self.audio_streams():
             audio.close()
         self.queue.clear()
+        self.freed.set()
 
     def audio_streams(self) -> list[AudioStream]:
         """The codec streams of the requests queued, of their text streams and of the one being spoken."""
@@ -144,6 +156,7 @@ class Speaker:
                 else:
                     await self._speak(item)
                 self.queue.popleft()
+                self.freed.set()
         except (ConnectionError, OSError):  # the client left while audio was sent to it
             self.close()
         except Exception:  # a bug of ours: nothing more is spoken on this connection, nothing left generating
