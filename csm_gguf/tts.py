@@ -26,6 +26,7 @@ from .formats import FRAME_MS, SAMPLE_RATE
 from .generator import Generator, Segment, check_codes, check_options, check_speaker
 from .model import CSMModel
 from .plan import Context, Heard, Piece, TokenCounts, context_room, plan_pieces, split_text
+from .read_ahead import read_ahead
 from .sampling import MAX_AUDIO_MS, SEED, TEMPERATURE, TOP_K, Sampling
 from .tempo import check_speed, stretched
 from .text import take_sentences, take_sentences_within
@@ -114,6 +115,17 @@ def check_transcript(text: object) -> None:
         raise ValueError(f"a context segment's text is what its audio says, a string; got {type(text).__name__}")
 
 
+def frames_read_ahead() -> bool:
+    """Whether `stream` and `generate` make their frames in a thread of their own, ahead of their decoding
+    (read_ahead.py): CSM_GGUF_READ_AHEAD=1. Off by default: on the CPU the two take each other's cores (2 cores,
+    llama.cpp on both: 193 ms a frame against 120; llama.cpp on one: no gain), and on a GPU, where Mimi's step
+    could overlap the next frame's instead of adding to it, it has not been measured yet (issue 26)."""
+    chosen = os.environ.get("CSM_GGUF_READ_AHEAD") or "0"
+    if chosen not in ("0", "1"):
+        raise ValueError(f"CSM_GGUF_READ_AHEAD is 0 or 1, got {chosen!r}")
+    return chosen == "1"
+
+
 def _progress(work: list) -> Iterator:
     from tqdm import tqdm
 
@@ -162,6 +174,7 @@ class CSM:
             check_torch_device(codec_device)
         self.model = CSMModel(find_model(model))
         self.codec_device = codec_device
+        self.read_ahead = frames_read_ahead()
         self._codec = None
         self._codec_lock = threading.Lock()
         self._closed = False
@@ -475,8 +488,7 @@ class CSM:
         equal to decoding all frames at once. `speed` (0.25 to 4) makes the speech faster or slower at the same
         pitch (see csm_gguf.tempo). `options`: how it is spoken, as for `frames` (voice, speaker, context,
         temperature, top_k, seed, max_audio_ms, progress)."""
-        frames = self.frames(text, **options)
-        return self.decode_stream(frames, chunk_frames, speed)
+        return self.decode_stream(self._ahead(self.frames(text, **options)), chunk_frames, speed)
 
     def decode_stream(self, frames: Iterable[np.ndarray | None], chunk_frames: int = 1,
                       speed: float = 1.0) -> Iterator[np.ndarray]:
@@ -495,6 +507,7 @@ class CSM:
         pending: list[np.ndarray] = []
 
         def flush() -> np.ndarray:
+            self._loaded_codec()  # a RuntimeError once closed, though frames made before were read ahead
             codes = check_codes(np.stack(pending), self.model.config.num_codebooks, self.model.n_codes, "frames")
             audio = codec.decode_frames(codes, state)
             pending.clear()
@@ -522,8 +535,13 @@ class CSM:
         stream; `speed` as for `stream`."""
         return self._audio(self.dialogue_frames(turns, **options), speed)
 
+    def _ahead(self, frames: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+        """Our own frames (never a caller's iterator: it would run in another thread), made in a thread of their
+        own ahead of their decoding where `read_ahead` is set (CSM_GGUF_READ_AHEAD=1)."""
+        return read_ahead(frames, name="csm-frames") if self.read_ahead else frames
+
     def _audio(self, frames: Iterable[np.ndarray], speed: float) -> np.ndarray:
-        chunks = self.decode_stream(frames, chunk_frames=25, speed=speed)
+        chunks = self.decode_stream(self._ahead(frames), chunk_frames=25, speed=speed)
         return np.concatenate([np.zeros(0, dtype=np.float32), *chunks])
 
     def close(self) -> None:

@@ -20,7 +20,7 @@ from csm_gguf.llama import free_model
 from csm_gguf.plan import PIECE_TOKENS, Context, TokenCounts, context_room, frame_budget, split_text
 from csm_gguf.sampling import Sampling
 from csm_gguf.tempo import change_speed
-from csm_gguf.tts import CSM, UNFINISHED_CHARS, Voice
+from csm_gguf.tts import CSM, UNFINISHED_CHARS, Voice, frames_read_ahead
 
 pytestmark = pytest.mark.usefixtures("voices_home")  # a voices folder of its own
 
@@ -281,6 +281,30 @@ def test_unfinished_stream_in_this_thread_is_an_error_in_another_a_wait(tts):
     assert len([first, *frames]) == 10
     other.join(30)
     np.testing.assert_array_equal(result[0], expected)
+
+
+def test_frames_read_ahead_give_the_same_speech(tts, monkeypatch):
+    """CSM_GGUF_READ_AHEAD=1: frames made in a thread of their own, ahead of their decoding."""
+    plain = tts.generate(TEXT, temperature=0, max_audio_ms=800)
+    chunks = [*tts.stream(TEXT, temperature=0, max_audio_ms=800)]
+    monkeypatch.setattr(tts, "read_ahead", True)
+    np.testing.assert_array_equal(tts.generate(TEXT, temperature=0, max_audio_ms=800), plain)
+    ahead = [*tts.stream(TEXT, temperature=0, max_audio_ms=800)]
+    assert len(ahead) == len(chunks) and all(np.array_equal(a, b) for a, b in zip(ahead, chunks))
+    monkeypatch.setenv("CSM_GGUF_READ_AHEAD", "yes")
+    with pytest.raises(ValueError, match="CSM_GGUF_READ_AHEAD is 0 or 1, got 'yes'"):
+        frames_read_ahead()
+
+
+def test_a_stream_left_mid_way_gives_its_slot_back_at_once(tts, monkeypatch):
+    """With frames made in a thread of their own, ahead of the decoding (read_ahead), a consumer that stops
+    must find the stream's slot free when close() returns, not once that thread notices."""
+    monkeypatch.setattr(tts, "read_ahead", True)
+    for _ in range(3):
+        chunks = tts.stream(TEXT, temperature=0, max_audio_ms=2000)
+        next(chunks)
+        chunks.close()
+        assert len(tts.generator.free_slots) == tts.generator.max_streams
 
 
 def test_a_failed_prompt_read_gives_its_slot_back(tts, monkeypatch):
