@@ -1,6 +1,6 @@
 """An iterator made in a thread of its own, a few items ahead of its consumer: a stream's frames are generated
-while the frames before them are decoded (on a GPU, Mimi's step then overlaps the next frame's instead of
-adding to it).
+while the frames before them are decoded (on a GPU, Mimi's step could then overlap the next frame's instead of
+adding to it: CSM_GGUF_READ_AHEAD, not yet measured there; on the CPU the two contend for the cores).
 
 The consumer sees the same items in the same order, and the producer's exception where the item would have
 been. A consumer that stops early (break, close, an exception, Ctrl-C) stops the producer at its next item and
