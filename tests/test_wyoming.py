@@ -460,33 +460,38 @@ def test_a_client_that_stops_reading_is_dropped_and_its_stream_freed(unlimited, 
                 pass
 
 
+class StubService:
+    """The speaker's service, for its own tests: codec streams that record being closed, jobs never spoken."""
+
+    def __init__(self):
+        self.opened, self.submitted = [], 0
+
+    def open_audio(self):
+        self.opened.append(audio := type("Audio", (), {"closed": False})())
+        audio.close = lambda: setattr(audio, "closed", True)
+        return audio
+
+    def submit(self, spec, audio, after=None):
+        self.submitted += 1
+        return type("Job", (), {"cancel": lambda self: None})()
+
+    async def next_audio(self, job):
+        await asyncio.Event().wait()  # no audio yet: the first request is being spoken for as long as a test needs
+
+
+async def write_nothing(event: Event) -> None:
+    pass
+
+
 def test_a_client_that_leaves_frees_the_codec_stream_of_a_text_stream_queued_behind():
     """A text stream's sentences share its codec stream (on the stream, not on the sentence): one queued behind
     the request being sent is decoding already, and its stream was left open when the client left."""
     from csm_gguf.server.engine import SpeechJob
     from csm_gguf.wyoming_server.speaker import Speaker, Speech, TextStream
 
-    class Stub:  # the service: codec streams and jobs that record being let go
-        def __init__(self):
-            self.opened = []
-
-        def open_audio(self):
-            self.opened.append(audio := type("Audio", (), {"closed": False})())
-            audio.close = lambda: setattr(audio, "closed", True)
-            return audio
-
-        def submit(self, spec, audio, after=None):
-            return type("Job", (), {"cancel": lambda self: None})()
-
-        async def next_audio(self, job):
-            await asyncio.Event().wait()  # no audio yet: the client leaves meanwhile
-
     async def leave():
-        async def write(event):
-            pass
-
-        service = Stub()
-        speaker = Speaker(service, write)
+        service = StubService()
+        speaker = Speaker(service, write_nothing)
         await speaker.say(Speech(SpeechJob("A synthesize, being sent.")))
         await speaker.say(Speech(SpeechJob("A stream's sentence, queued."), TextStream(settings=None)))
         await asyncio.sleep(0.01)
@@ -505,30 +510,15 @@ def test_a_connection_queues_a_bounded_number_of_requests(monkeypatch):
 
     monkeypatch.setattr(speaking, "MAX_QUEUED", 3)
 
-    class Stub:
-        submitted = 0
-
-        def open_audio(self):
-            return type("Audio", (), {"close": lambda self: None})()
-
-        def submit(self, spec, audio, after=None):
-            Stub.submitted += 1
-            return type("Job", (), {"cancel": lambda self: None})()
-
-        async def next_audio(self, job):
-            await asyncio.Event().wait()  # the first is being spoken meanwhile
-
     async def flood():
-        async def write(event):
-            pass
-
-        speaker = speaking.Speaker(Stub(), write)
+        service = StubService()
+        speaker = speaking.Speaker(service, write_nothing)
         stream = speaking.TextStream(settings=None)
         for i in range(3):
             await speaker.say(speaking.Speech(SpeechJob(f"Sentence {i}."), stream))
         fourth = asyncio.ensure_future(speaker.say(speaking.Speech(SpeechJob("Sentence 3."), stream)))
         await asyncio.sleep(0.05)
-        held = not fourth.done() and Stub.submitted == 3
+        held = not fourth.done() and service.submitted == 3
         speaker.close()
         await fourth
         return held
