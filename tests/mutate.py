@@ -46,6 +46,9 @@ TARGETS = {
     "text": "csm_gguf/text.py",
     "services": "csm_gguf/server/services.py",
     "wyoming": "csm_gguf/wyoming_server/handler.py",
+    "speaker": "csm_gguf/wyoming_server/speaker.py",
+    "served_voices": "csm_gguf/server/served_voices.py",
+    "routes": "csm_gguf/server/routes.py",
 }
 # Fast subsets, the likeliest to fail first (pytest runs with -x).
 SHAPE = "tests/test_real_model_shape.py::test_greedy_codes_equal_transformers_with_a_wider_vocabulary"
@@ -83,6 +86,11 @@ AS_IT_JOINS = "tests/test_server_engine.py::test_a_request_cancelled_as_it_joins
 AT_LIMITS = "tests/test_server_schemas.py::test_input_and_context_at_their_limits_are_taken_and_one_more_refused"
 ENCODE_THREADS = "tests/test_server_http.py::test_request_threads_that_encode_audio_start_no_threads_of_their_own"
 WYOMING_STALL = "tests/test_wyoming.py::test_a_client_that_stops_reading_is_dropped_and_its_stream_freed"
+ENGINE_TESTS = "tests/test_server_engine.py"
+FORGET_UNUSABLE = "tests/test_server_voices.py::test_deleting_a_voice_saved_for_another_model_as_its_400_says"
+BODY_NEVER_BEGAN = "tests/test_server_http.py::test_a_response_that_fails_before_its_body_begins_stops_its_job"
+RELEASE_NEVER_WAITS = "tests/test_mimi_pool.py::test_letting_a_stream_go_never_waits_for_a_step"
+WYOMING = "tests/test_wyoming.py"
 TIMEOUT_S = 600
 
 
@@ -371,6 +379,35 @@ MUTATIONS = [
     M("wyoming", "a send to a Wyoming client that stopped reading waits for ever",
       [("await asyncio.wait_for(super().write_event(event), limits.STALLED_CLIENT_S)",
         "await super().write_event(event)")], [WYOMING_STALL]),
+    # --- a concurrency review's findings (2026-12-07) ---------------------------------------------------------
+    M("engine", "a voice the engine cannot forget stops the engine thread",
+      [("            try:\n                self.generator.forget_voice(segments)\n            except Exception:",
+        "            if True:\n                self.generator.forget_voice(segments)\n            if False:")],
+      [f"{ENGINE_TESTS}::test_a_voice_prompt_the_engine_cannot_forget_stops_nothing"]),
+    M("served_voices", "a voice saved for another model handed to the engine to forget",
+      [("        voice = tts.usable_voice(name, voice)\n", "")], [FORGET_UNUSABLE]),
+    M("routes", "a response that fails before its body began leaves its job speaking",
+      [("    except BaseException:  # before its body began", "    except GeneratorExit:  # before its body began")],
+      [BODY_NEVER_BEGAN]),
+    M("engine", "a built-in voice's prompt counts as one more request against the queue",
+      [("queued = sum(not (w.follower or w.own_work) for w in self.waiting)",
+        "queued = sum(not w.follower for w in self.waiting)")],
+      [f"{ENGINE_TESTS}::test_a_built_in_voice_made_for_a_request_takes_no_other_requests_place"]),
+    M("engine", "a close as a request ends ends its follower twice",
+      [("        if successor is not None and not queued:", "        if successor is not None and self._closing:")],
+      [f"{ENGINE_TESTS}::test_a_close_as_a_request_ends_ends_its_follower_once"]),
+    M("pool", "letting a stream go waits for a step's lock",
+      [("        if self._lock.acquire(blocking=False):", "        if self._lock.acquire():")], [RELEASE_NEVER_WAITS]),
+    M("speaker", "a Wyoming connection queues requests without end",
+      [("        while len(self.queue) >= MAX_QUEUED and not self.task.done():", "        while False:")],
+      [f"{WYOMING}::test_a_connection_queues_a_bounded_number_of_requests"]),
+    M("speaker", "a Wyoming speaker that failed on a bug keeps its connection open",
+      [("            self.hang_up()  # else", "            pass  # else")],
+      [f"{WYOMING}::test_a_speaker_that_fails_on_a_bug_of_ours_hangs_up"]),
+    M("speaker", "a text stream queued behind a client that leaves keeps its codec stream",
+      [("        held = [self.spoken, *self.queue, *(item.stream for item in self.queue if item is not STOPPED)]",
+        "        held = [self.spoken, *self.queue]")],
+      [f"{WYOMING}::test_a_client_that_leaves_frees_the_codec_stream_of_a_text_stream_queued_behind"]),
 ]
 
 
