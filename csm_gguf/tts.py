@@ -205,10 +205,13 @@ class CSM:
         codec.cuda_lock = self.generator.lock  # no graph is recorded while llama.cpp runs in another thread
         return codec
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the model is closed: create a new CSM to speak again")
+
     def _loaded_codec(self):
         with self._codec_lock:
-            if self._closed:
-                raise RuntimeError("the model is closed: create a new CSM to speak again")
+            self._check_open()
             if self._codec is None:
                 if not self.model.has_codec:
                     raise ValueError(f"{self.model.path} carries no Mimi codec: convert the model again")
@@ -507,7 +510,7 @@ class CSM:
         pending: list[np.ndarray] = []
 
         def flush() -> np.ndarray:
-            self._loaded_codec()  # a RuntimeError once closed, though frames made before were read ahead
+            self._check_open()  # frames made before a close may have been read ahead: none is decoded after it
             codes = check_codes(np.stack(pending), self.model.config.num_codebooks, self.model.n_codes, "frames")
             audio = codec.decode_frames(codes, state)
             pending.clear()
