@@ -80,7 +80,8 @@ def test_server_settings_defaults(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     assert Settings.from_env() == Settings(model=None, threads=0, gpu_layers=0, kv_type="f16", codec_device="cpu",
                                            api_key=None, max_streams=4, max_queue=16, prefill_rows=0,
-                                           voice="alloy", drain_s=30, max_websockets=8, ws_idle_s=60)
+                                           voice="alloy", drain_s=30, max_websockets=8, ws_idle_s=60,
+                                           ws_ping_s=20)
 
 
 # --- applied, not only declared --------------------------------------------------------------------------

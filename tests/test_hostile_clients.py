@@ -8,6 +8,7 @@ import base64
 import io
 import json
 import socket
+import struct
 import threading
 import time
 
@@ -286,6 +287,61 @@ def test_a_place_taken_while_reading_is_given_back_on_any_failure(base, engine, 
     response = post(base, json.dumps({"model": "csm-1b", "input": "Hi.", "response_format": "pcm", **QUICK}))
     assert response.status_code == 200 and response.content
     wait_idle(engine)
+
+
+# --- a websocket's sends: whole, one at a time (the session's and the reader's pings and pongs) ------------
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """Two ends of a loopback TCP connection, the server's with a small send buffer: its sends block soon."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    return server, client
+
+
+def test_a_websocket_send_that_stalls_part_way_fails_rather_than_cutting_its_frame():
+    from csm_gguf.server.connection import SerialSends
+
+    server, client = tcp_pair()
+    with server, client:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 0, 200_000))
+        with pytest.raises(BlockingIOError):  # a plain send returned the part sent, and the frame's rest was lost
+            SerialSends(server).send(b"x" * 2**22)
+
+
+def test_a_websockets_sends_from_two_threads_do_not_interleave():
+    from csm_gguf.server.connection import SerialSends
+
+    server, client = tcp_pair()
+    size = 2**20
+    with server, client:
+        sends = SerialSends(server)
+        threads = [threading.Thread(target=sends.send, args=(byte * size,)) for byte in (b"a", b"b")]
+        for t in threads:
+            t.start()
+        received = bytearray()
+        while len(received) < 2 * size:
+            received += client.recv(65536)
+        for t in threads:
+            t.join()
+    assert bytes(received) in (b"a" * size + b"b" * size, b"b" * size + b"a" * size)
+
+
+def test_a_websocket_session_sends_through_serial_sends(base, monkeypatch):
+    from csm_gguf.server.connection import SerialSends
+
+    sent = []
+    send = SerialSends.send
+    monkeypatch.setattr(SerialSends, "send", lambda self, data: sent.append(len(data)) or send(self, data))
+    ws = connect(base)
+    try:
+        ws.send(json.dumps({"input": "Hello.", "response_format": "pcm", **QUICK}))
+        audio, _ = replies(ws)
+        assert audio and sum(sent) > len(audio)  # the handshake, the audio's frames, the done message
+    finally:
+        ws.close()
 
 
 # --- the property behind 1 and 3: fuzzed websocket messages and JSON ----------------------------------------

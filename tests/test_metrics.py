@@ -218,6 +218,47 @@ def test_a_websocket_client_that_stops_reading_loses_its_session(base, monkeypat
         sock.close()
 
 
+def raw_websocket(base: str) -> socket.socket:
+    """A websocket client's socket, upgraded, that then answers nothing (not even pings)."""
+    sock = socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1])), timeout=10)
+    sock.sendall(UPGRADE)
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    assert head.startswith(b"HTTP/1.1 101")
+    return sock
+
+
+def test_a_websocket_client_that_answers_no_ping_loses_its_session(server, monkeypatch):
+    """A client gone without closing (its network lost) held its session until the idle timeout, and a
+    speaking one until its sends stalled: the server's pings find it."""
+    app, base = server
+    assert app.config["SOCK_SERVER_OPTIONS"]["ping_interval"] == 20  # CSM_GGUF_WS_PING_S's default
+    monkeypatch.setitem(app.config["SOCK_SERVER_OPTIONS"], "ping_interval", 0.3)
+    monkeypatch.setattr(app.extensions["csm_gguf.websockets"], "idle_s", 60)  # not the idle timeout's closing
+    sock = raw_websocket(base)
+    try:
+        deadline = time.monotonic() + 10
+        while scrape(base)[("csm_gguf_websocket_sessions", ())] > 0:
+            assert time.monotonic() < deadline, "the session of a client that answers no ping is still open"
+            time.sleep(0.1)
+    finally:
+        sock.close()
+
+
+def test_a_websocket_client_that_answers_pings_keeps_its_session(server, monkeypatch):
+    app, base = server
+    monkeypatch.setitem(app.config["SOCK_SERVER_OPTIONS"], "ping_interval", 0.2)
+    ws = WsClient.connect(ws_url(base))  # simple_websocket answers pings, as browsers do
+    try:
+        time.sleep(1.0)  # five pings, each answered
+        ws.send(json.dumps({"input": "Still here.", "response_format": "pcm", **GREEDY}))
+        message = ws.receive(timeout=30)
+        assert isinstance(message, bytes) and message
+    finally:
+        close_quietly(ws)
+
+
 def test_drain_refuses_new_work_and_lets_streams_finish(server):
     """(Last on the module's server: a drain does not end.) While a stream is spoken, draining turns readiness
     503 and refuses new requests with Retry-After; the stream finishes whole, and idle websockets close."""

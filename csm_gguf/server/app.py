@@ -35,7 +35,10 @@ def create_app(**overrides: Any) -> Flask:
              settings.threads or "all", settings.voice, "an API key" if settings.api_key else "no API key")
     app.config["API_KEY"] = settings.api_key
     app.config["MAX_CONTENT_LENGTH"] = MAX_SPEECH_REQUEST
-    app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": MAX_SPEECH_REQUEST}  # closes with 1009 beyond
+    # Messages beyond the limit close the session with 1009. Pings find clients gone without a word (a network
+    # lost, a laptop shut): the slot was held until the idle timeout, or a speaking one's sends stalled.
+    app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": MAX_SPEECH_REQUEST,
+                                         "ping_interval": settings.ws_ping_s or None}
     register_error_handlers(app)
     connection.install(app)
     app.register_blueprint(bp)

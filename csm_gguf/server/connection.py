@@ -3,6 +3,7 @@
 - A client that stops reading would hold its server thread for ever (and a websocket its slot: CSM_GGUF_WS_IDLE_S
   only counts time with nothing to send): a send that makes no progress for STALLED_CLIENT_S seconds fails
   instead (the socket's own send timeout), which ends the response or the session.
+- A websocket is written from two threads (see `SerialSends`), each with a plain `send`.
 - A request refused before its body was read (a full queue's 429, the drain's 503) leaves that body on the
   connection, and gunicorn, which drains at most 64 KiB, then closes a connection it had announced as kept
   alive: the client's next request on it failed. The refusal reads and drops the body first, up to
@@ -14,6 +15,7 @@ from __future__ import annotations
 import logging
 import socket
 import struct
+import threading
 
 from flask import Flask, request
 
@@ -38,6 +40,34 @@ def limit_stalls(environ: dict) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
     except OSError as e:  # a platform whose timeval differs: connections are then unbounded, as before
         log.debug("no send timeout on this connection: %s", e)
+
+
+class SerialSends:
+    """A websocket's socket as simple_websocket writes to it, from the session's thread (audio, messages) and
+    from its reader thread (pings, pongs, the closing handshake), each time with `send`, whose count it drops.
+    Here each send goes whole (`sendall`: a send that timed out part-way, a stalled client's, cut its frame
+    short, and every frame after it was then misread), and one at a time (two threads' frames would interleave).
+    The rest (recv, fileno, close...) is the socket's own."""
+
+    def __init__(self, sock: socket.socket):
+        self._sock = sock
+        self._lock = threading.Lock()
+
+    def send(self, data: bytes) -> int:
+        with self._lock:
+            self._sock.sendall(data)
+        return len(data)
+
+    def __getattr__(self, name: str):
+        return getattr(self._sock, name)
+
+
+def serialize_sends(environ: dict) -> None:
+    """Before a websocket upgrade: its library (simple_websocket, reading the environ's socket) writes through
+    a `SerialSends`."""
+    for key in ("werkzeug.socket", "gunicorn.socket"):
+        if isinstance(environ.get(key), socket.socket):
+            environ[key] = SerialSends(environ[key])
 
 
 def limit_this_connection() -> None:

@@ -29,6 +29,8 @@ SETTINGS = (
                                                   "holds a thread: keep streams + queue + this below the threads"),
     ("CSM_GGUF_WS_IDLE_S", "ws_idle_s", "seconds a websocket session may sit idle (nothing to speak, nothing "
                                         "received) before the server closes it (default 60)"),
+    ("CSM_GGUF_WS_PING_S", "ws_ping_s", "seconds between the server's pings on a websocket; a client that has "
+                                        "not answered one by the next is closed (default 20; 0: no pings)"),
 )
 
 
@@ -47,6 +49,7 @@ class Settings:
     drain_s: int = 30
     max_websockets: int = 8
     ws_idle_s: int = 60
+    ws_ping_s: int = 20
 
     @classmethod
     def from_env(cls) -> Settings:

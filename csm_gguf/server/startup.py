@@ -20,8 +20,9 @@ def check_settings(settings: Settings) -> None:
                    "max_streams": "CSM_GGUF_MAX_STREAMS"})
     if settings.max_queue < 0 or settings.prefill_rows < 0:
         raise ValueError("CSM_GGUF_QUEUE and CSM_GGUF_PREFILL_ROWS must be >= 0")
-    if settings.drain_s < 0 or settings.max_websockets < 0 or settings.ws_idle_s < 1:
-        raise ValueError("CSM_GGUF_DRAIN_S and CSM_GGUF_MAX_WEBSOCKETS must be >= 0 and CSM_GGUF_WS_IDLE_S >= 1")
+    if settings.drain_s < 0 or settings.max_websockets < 0 or settings.ws_ping_s < 0 or settings.ws_idle_s < 1:
+        raise ValueError("CSM_GGUF_DRAIN_S, CSM_GGUF_MAX_WEBSOCKETS and CSM_GGUF_WS_PING_S must be >= 0 and "
+                         "CSM_GGUF_WS_IDLE_S >= 1")
     if settings.voice not in voice_names():
         raise ValueError(f"CSM_GGUF_VOICE={settings.voice!r} is not a voice; known: {', '.join(voice_names())}")
     if settings.voice != NO_VOICE:

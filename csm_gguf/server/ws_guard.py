@@ -11,6 +11,7 @@ import time
 from flask import Flask, current_app, g, request
 from simple_websocket import ConnectionClosed
 
+from .connection import serialize_sends
 from .drain import Drain
 from .errors import ApiError
 from .settings import Settings
@@ -95,6 +96,7 @@ def admit():
                        f"(CSM_GGUF_MAX_WEBSOCKETS={slots.limit}): try again shortly", code="too_many_websockets",
                        type="rate_limit_error")
     g.websocket_slot = True
+    serialize_sends(request.environ)
 
 
 def release(_error: BaseException | None) -> None:
