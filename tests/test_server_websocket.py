@@ -82,6 +82,34 @@ def test_websocket_text_in_pieces(base, engine, services):
         ws.close()
 
 
+def test_websocket_text_waiting_past_the_sessions_limit_is_refused_and_the_session_goes_on(base, monkeypatch):
+    """A session's text not yet spoken is bounded (the client cannot be slowed: its messages are all read)."""
+    from csm_gguf.server import ws_session
+
+    monkeypatch.setattr(ws_session, "MAX_WS_WAITING_CHARS", 100)
+    quick = {"temperature": 0, "max_audio_ms": 160}
+    ws = WsClient.connect(base.replace("http", "ws") + "/v1/audio/speech/ws")
+    try:
+        ws.send(json.dumps({"response_format": "pcm", **quick}))
+        ws.send(json.dumps({"type": "text", "text": "word " * 12}))  # 60 characters waiting for a sentence end
+        ws.send(json.dumps({"type": "text", "text": "more " * 10}))  # 50 more: 110
+        error = json.loads(ws.receive(timeout=30))["error"]
+        assert (error["code"], error["param"], error["type"]) == ("too_much_text_waiting", "text", "rate_limit_error")
+        assert "60 characters" in error["message"] and "100" in error["message"]
+        ws.send(json.dumps({"input": "x " * 25, **quick}))  # a speech message's input counts too
+        error = json.loads(ws.receive(timeout=30))["error"]
+        assert (error["code"], error["param"]) == ("too_much_text_waiting", "input")
+        ws.send(json.dumps({"type": "flush"}))
+        _, done = ws_collect(ws)
+        assert done["sentences"] == 1  # the first message's text, the refused ones not
+        ws.send(json.dumps({"type": "text", "text": "again " * 15 + "."}))  # 91: room again, once spoken
+        ws.send(json.dumps({"type": "flush"}))
+        _, done = ws_collect(ws)
+        assert done["sentences"] == 1
+    finally:
+        ws.close()
+
+
 def test_websocket_file_whose_sentence_failed_is_no_file(base):
     """The error, then a done with zeros, as for a flush of nothing: it used to send a bare wav header."""
     too_long = [{"speaker": 0, "text": "x", "codes": random_codes(2100, 64, 1).tolist()}]

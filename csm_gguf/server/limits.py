@@ -2,6 +2,9 @@
 websocket session and the engine enforce them."""
 
 MAX_INPUT_CHARS = 4096  # text to speak, per request (and per websocket sentence not yet ended)
+# A websocket session's text received and not yet being spoken (over an hour of speech). Beyond, a message's text
+# is refused: the client cannot be slowed instead (simple_websocket's reader takes every message as it comes).
+MAX_WS_WAITING_CHARS = 16 * MAX_INPUT_CHARS
 MAX_CONTEXT_SEGMENTS = 32
 MAX_VOICE_UPLOAD = 32 * 2**20  # bytes: half a minute of 48 kHz stereo wav is 11 MB
 # A speech request's body: its context audio (base64) can be the whole context, 164 s: 42 MB as 48 kHz

@@ -24,7 +24,7 @@ from ..voices import VoicesFolderError
 from . import limits
 from .engine import Job
 from .errors import ApiError, folder_error, generation_error
-from .limits import MAX_INPUT_CHARS
+from .limits import MAX_INPUT_CHARS, MAX_WS_WAITING_CHARS
 from .schemas import MODELS, ContextAudio, SpeechRequest
 from .services import Services
 from .ws_protocol import Flush, Speech, Summary, Text, error_message, parse_message, voice_changed
@@ -80,6 +80,7 @@ class WebsocketSession:
         self.voice = 0  # counts changes of ws_protocol.VOICE_FIELDS
         self.buffer = ""  # text not yet known to end a sentence
         self.queue: deque[Sentence | None] = deque()  # sentences and FLUSHes, in order
+        self.queued_chars = 0  # the text of the sentences in `queue`
         self.retry_at = 0.0
         self.job: Job | None = None  # the sentence being spoken
         self.last: Sentence | None = None  # the last one submitted: the next follows it (its context, same voice)
@@ -117,7 +118,7 @@ class WebsocketSession:
             self.handle(message)
         if self.job is None and self.queue and time.monotonic() >= self.retry_at:
             if self.queue[0] is FLUSH:
-                self.queue.popleft()
+                self.take_next()
                 self.finish()
             else:
                 self.start(self.queue[0])
@@ -132,7 +133,7 @@ class WebsocketSession:
             self.job.cancel()
             self.job = None
         elif self.queue and self.queue[0] is not FLUSH:
-            failed = self.queue.popleft()
+            failed = self.take_next()
             if failed.job is not None:
                 failed.job.cancel()
         elif self.utterance is not None:
@@ -146,6 +147,7 @@ class WebsocketSession:
         try:
             parsed = parse_message(message)
             if isinstance(parsed, Text):
+                self.check_room(len(parsed.text), "text")
                 self.add_text(parsed.text)
             elif isinstance(parsed, Flush):
                 self.add_text("\n")
@@ -166,6 +168,7 @@ class WebsocketSession:
         sent under: what is still pending ends there, as a sentence of its own (a dialogue's next speaker
         never says the last sentence of the one before)."""
         text, fields = message.input, {**self.fields, **message.fields}
+        self.check_room(len(text or ""), "input")
         checked = self.services.check({**fields, "input": text} if text is not None else fields,
                                       need_input=text is not None)
         new_audio = any(isinstance(a, ContextAudio) and a not in self.encoded for a in checked.job.context)
@@ -181,6 +184,23 @@ class WebsocketSession:
         self.fields, self.settings = fields, request
         if text is not None:
             self.queue.extend([Sentence(text, request, self.voice), FLUSH])
+            self.queued_chars += len(text)
+
+    def check_room(self, chars: int, param: str) -> None:
+        """ApiError unless `chars` more characters fit in what this session has waiting to be spoken."""
+        waiting = self.queued_chars + len(self.buffer)
+        if waiting + chars > MAX_WS_WAITING_CHARS:
+            raise ApiError(429, f"{waiting} characters of this session are waiting to be spoken and {chars} more "
+                                f"would pass its limit of {MAX_WS_WAITING_CHARS}: this message was not taken; send "
+                                "it again once more of the audio has come", param=param, code="too_much_text_waiting",
+                           type="rate_limit_error")
+
+    def take_next(self) -> Sentence | None:
+        """The first sentence (or FLUSH) out of the queue."""
+        taken = self.queue.popleft()
+        if taken is not FLUSH:
+            self.queued_chars -= len(taken.text)
+        return taken
 
     def add_text(self, text: str) -> None:
         sentences, self.buffer = take_sentences(self.buffer + text)
@@ -194,6 +214,7 @@ class WebsocketSession:
 
     def enqueue(self, sentences: list[str]) -> None:
         self.queue.extend(Sentence(s, self.settings, self.voice) for s in sentences)
+        self.queued_chars += sum(map(len, sentences))
 
     def submit_sentence(self, sentence: Sentence) -> None:
         """Submit `sentence` to follow the last one submitted (see Engine.submit), with it as context if in
@@ -241,10 +262,10 @@ class WebsocketSession:
                 if e.code == "queue_full":  # keep the sentence: a file must not lose its middle
                     self.retry_at = time.monotonic() + RETRY_S
                     return
-                self.queue.popleft()
+                self.take_next()
                 self.error(e)
                 return
-        self.queue.popleft()
+        self.take_next()
         self.job = sentence.job
         if self.utterance is None:
             self.utterance = Utterance(StreamEncoder(fmt), Summary(fmt, started=sentence.complete_at), sentence.audio)
