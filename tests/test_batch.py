@@ -157,7 +157,14 @@ def test_bad_rows_get_their_error_and_the_run_goes_on(f32_model, tmp_path, capsy
     errors = {e["id"]: e["error"] for e in manifest(tmp_path)}
     assert "text is empty" in errors["empty"] and "unknown voice 'nobody'" in errors["nobody"]
     assert "not Unicode" in errors["surrogate"] and errors["fine"] is None
+    assert {e["id"]: e["path"] for e in manifest(tmp_path)} == {"empty": None, "nobody": None, "surrogate": None,
+                                                               "fine": "fine.wav"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fine.wav", "manifest.jsonl"]
+
+    # The row changed and now fails: the file made for its old text is no longer its speech.
+    summary = synthesize([{**rows[3], "voice": "nobody"}], tmp_path, model=f32_model, **SETTINGS)
+    assert summary.failed == 1 and not (tmp_path / "fine.wav").exists()
+    assert next(e for e in manifest(tmp_path) if e["id"] == "fine")["path"] is None
 
     source = write_jsonl(tmp_path / "bad.jsonl", rows[:3])
     assert main([str(source), "-o", str(tmp_path / "all-bad"), "--model", str(f32_model), "--no-progress"]) == 1

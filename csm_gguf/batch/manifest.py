@@ -90,11 +90,17 @@ class Manifest:
         return (self.folder / entry["path"]).is_file()
 
     def add(self, entry: dict, audio: bytes | None) -> None:
-        """The row's file (whole or not at all), then its line: a killed run leaves no line without its file."""
+        """The row's file (whole or not at all), then its line: a killed run leaves no line without its file.
+        A row that failed (no audio) has no file: its line's `path` is null, and a file an earlier run made for
+        its id (from other text or settings, or it would have been done) is removed, so that no file is taken
+        for this row's speech."""
+        target = self.folder / entry["path"]
         if audio is not None:
-            target = self.folder / entry["path"]
             target.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(target, audio)
+        else:
+            target.unlink(missing_ok=True)
+            entry = {**entry, "path": None}
         if self._file is None:
             self._file = open(self.path, "a", encoding="utf-8")
         self._file.write(line_json(entry) + "\n")
