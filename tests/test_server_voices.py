@@ -130,11 +130,21 @@ def wait_until(done, timeout: float = 10.0) -> None:
         time.sleep(0.01)
 
 
-def test_a_replaced_or_deleted_voice_leaves_the_prompt_cache(client, base, engine, services):
+def test_a_replaced_or_deleted_voice_leaves_the_prompt_cache(client, base, engine, services, monkeypatch):
+    """Its cached prompt is dropped once the change is made: dropped before, a request in the voice meanwhile put
+    it back (to stay until evicted)."""
+    from csm_gguf.voices import list_voices
+
+    saved_when_forgotten = []
+    forget = engine.forget_voice
+    monkeypatch.setattr(engine, "forget_voice",
+                        lambda segments: saved_when_forgotten.append("ash" in list_voices()) or forget(segments))
     speak = {"model": "csm-1b", "voice": "ash", "input": TEXT, "response_format": "pcm", **GREEDY}
     assert post(base, speak).status_code == 200
     builtin = services.voice("ash")  # its prompt, made by the engine for that request
     assert in_prompt_cache(engine, builtin.segments)
+    assert httpx.delete(f"{base}/v1/audio/voices/ash").status_code == 400  # built in: not deleted, so kept
+    assert saved_when_forgotten == []
     client.audio.voices.create(name="ash", audio_sample=("ash.wav", voice_wav(services.tts), "audio/wav"),
                                consent="cons_1", extra_body={"transcript": "My own ash.", "speaker_id": 1})
     wait_until(lambda: not in_prompt_cache(engine, builtin.segments))
@@ -145,6 +155,7 @@ def test_a_replaced_or_deleted_voice_leaves_the_prompt_cache(client, base, engin
     wait_until(lambda: not in_prompt_cache(engine, mine.segments))
     ash = next(v for v in httpx.get(f"{base}/v1/audio/voices").json()["voices"] if v["id"] == "ash")
     assert ash["type"] == "builtin"  # the built-in voice is back
+    assert saved_when_forgotten == [True, False]  # after the saved voice replaced it, after it was deleted
 
 
 def test_one_of_several_saving_the_same_name_wins(base, engine, services):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hmac
 import time
+from contextlib import nullcontext
 from importlib import resources
 
 import numpy as np
@@ -114,12 +115,12 @@ def add_voice():
     request.max_content_length = MAX_VOICE_UPLOAD
     with services().place():  # as a speech request: refused (429) before the upload is read and encoded
         name, voice = services().uploaded_voice(request.form, request.files)
-    if name in BUILTIN_VOICES:
-        services().forget(name)  # the built-in voice it replaces
-    try:
-        save_voice(name, voice)  # VoicesFull and VoicesFolderError have their handlers (errors.py)
-    except VoiceExists:  # saved meanwhile, by another request or program
-        raise voice_exists(name) from None
+    # A built-in name's saved voice replaces the built-in one, whose cached prompt then goes.
+    with services().forgetting(name) if name in BUILTIN_VOICES else nullcontext():
+        try:
+            save_voice(name, voice)  # VoicesFull and VoicesFolderError have their handlers (errors.py)
+        except VoiceExists:  # saved meanwhile, by another request or program
+            raise voice_exists(name) from None
     return {"id": name, "object": "audio.voice", "name": name, "created_at": int(time.time()),
             "type": "audio_sample"}
 
@@ -130,8 +131,8 @@ def remove_voice(name: str):
         raise ApiError(409, f"{name!r} is this server's default voice (CSM_GGUF_VOICE): it cannot be deleted "
                        "while the server runs", param="name", code="voice_in_use")
     try:
-        services().forget(name)
-        deleted = delete_voice(name)
+        with services().forgetting(name):
+            deleted = delete_voice(name)
     except VoicesFolderError:  # the file would not go: the server's setup (its handler says so)
         raise
     except ValueError as e:  # a built-in voice

@@ -2,13 +2,15 @@
 
 A built-in voice's prompt that this model has not made yet is made by the engine, in turn with the
 requests it is speaking: the engine thread drives the generator, so nothing else may generate with it
-(CSM.voice would). And a voice about to be deleted or replaced has its cached prompt dropped first, so its
-KV cells go before the next frame instead of waiting to be evicted.
+(CSM.voice would). And a voice deleted or replaced has its cached prompt dropped, so its KV cells go before the
+next frame instead of waiting to be evicted.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from functools import partial
+from typing import Iterator
 
 import numpy as np
 
@@ -27,8 +29,19 @@ def _prompt_codes(engine: Engine, speaker: int, text: str) -> np.ndarray:
     return engine.codes(SpeechJob(text, speaker, (), builtin_voices.SAMPLING))
 
 
-def forget_voice(tts: CSM, engine: Engine, name: str) -> None:
-    """Drop voice `name`'s cached prompt, as it is now, before it is deleted or replaced."""
+@contextmanager
+def forgetting(tts: CSM, engine: Engine, name: str) -> Iterator[None]:
+    """Around the deletion or replacement of voice `name`: its prompt as it is now is read first and dropped from
+    the prompt cache after, once no new request can take it (dropped before, a request in the voice meanwhile
+    put it back, to stay until evicted)."""
+    voice = _as_cached(tts, name)
+    yield  # a deletion or save that failed (raised) changed nothing: then nothing is dropped
+    if voice is not None:
+        engine.forget_voice(voice.segments)
+
+
+def _as_cached(tts: CSM, name: str) -> Voice | None:
+    """Voice `name` as the prompt cache may hold it now, if any."""
     path = builtin_voices.prompt_path(name, tts.model.path) if name in BUILTIN_VOICES else None
     try:
         if name in list_voices():
@@ -36,8 +49,7 @@ def forget_voice(tts: CSM, engine: Engine, name: str) -> None:
         elif path is not None and path.exists():
             voice = read_voice(path, name)
         else:
-            return
-        voice = tts.usable_voice(name, voice)
+            return None
+        return tts.usable_voice(name, voice)
     except ValueError:  # damaged, or another model's: refused when used, so nothing of it was cached
-        return
-    engine.forget_voice(voice.segments)
+        return None

@@ -4,6 +4,7 @@ by the app (`app.extensions[EXTENSION]`), with the steps a speech request goes t
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -12,7 +13,7 @@ from ..tts import CSM, Voice
 from .engine import Engine, Job, Place, QueueFull
 from .errors import ApiError, generation_error
 from .schemas import ContextAudio, SpeechRequest, encode_context, parse_speech, parse_voice
-from .served_voices import forget_voice, served_voice
+from .served_voices import forgetting, served_voice
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -41,9 +42,9 @@ class Services:
         """A voice by name; a built-in voice's prompt, on its first use, is made by the engine (served_voices)."""
         return served_voice(self.tts, self.engine, name)
 
-    def forget(self, name: str) -> None:
-        """Drop voice `name`'s cached prompt, before it is deleted or replaced."""
-        forget_voice(self.tts, self.engine, name)
+    def forgetting(self, name: str) -> AbstractContextManager[None]:
+        """Around the deletion or replacement of voice `name`: its cached prompt dropped (served_voices)."""
+        return forgetting(self.tts, self.engine, name)
 
     def encode(self, req: SpeechRequest, encoded: dict[ContextAudio, Segment] | None = None) -> SpeechRequest:
         """The request with its context audio encoded (see encode_context)."""
