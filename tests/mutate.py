@@ -385,7 +385,7 @@ MUTATIONS = [
         "            if True:\n                self.generator.forget_voice(segments)\n            if False:")],
       [f"{ENGINE_TESTS}::test_a_voice_prompt_the_engine_cannot_forget_stops_nothing"]),
     M("served_voices", "a voice saved for another model handed to the engine to forget",
-      [("        voice = tts.usable_voice(name, voice)\n", "")], [FORGET_UNUSABLE]),
+      [("        return tts.usable_voice(name, voice)\n", "        return voice\n")], [FORGET_UNUSABLE]),
     M("routes", "a response that fails before its body began leaves its job speaking",
       [("    except BaseException:  # before its body began", "    except GeneratorExit:  # before its body began")],
       [BODY_NEVER_BEGAN]),
@@ -501,12 +501,20 @@ def baseline(numbers: list[int]) -> int:
 
 
 def main(argv: list[str]) -> int:
+    if argv in (["--help"], ["-h"]):
+        print(__doc__)
+        return 0
     if argv == ["--list"]:
         for n, m in enumerate(MUTATIONS):
             print(f"[{n:2}] {m.target}: {m.what}  ({' '.join(m.tests)})")
         return 0
     every = "--every-test" in argv  # run each subset whole: every test that catches the mutation
-    numbers = [int(a) for a in argv if a not in ("--every-test", "--check", "--baseline")]
+    numbers = [a for a in argv if a not in ("--every-test", "--check", "--baseline")]
+    if not all(a.isdigit() and int(a) < len(MUTATIONS) for a in numbers):
+        print(f"usage: mutate.py [--check | --baseline | --every-test] [N ...], N from 0 to {len(MUTATIONS) - 1} "
+              "(see --list, --help)", file=sys.stderr)
+        return 2
+    numbers = [int(a) for a in numbers]
     numbers = numbers or list(range(len(MUTATIONS)))
     problems = check(numbers)
     if problems:
