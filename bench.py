@@ -172,8 +172,8 @@ class Floor:
 class Concurrency:
     streams: int
     frames: int  # asked per stream (--frames)
-    seconds: float
-    aggregate_xrt: float  # audio made by all streams (samples / SAMPLE_RATE) per second
+    seconds: float  # of the run whose aggregate_xrt is the median
+    aggregate_xrt: float  # audio made by all streams (samples / SAMPLE_RATE) per second: the median of --runs
     per_stream_rtf: float | None  # streams / aggregate_xrt (None: no audio)
     host_ms: float  # a frame step's time outside llama_decode and the depth graph's call (Generator.step), from a
     # run of its own (HOST_FRAMES, each decode waited for: step_host_ms); with CSM_GGUF_DECODER=llama it includes
@@ -182,6 +182,7 @@ class Concurrency:
     # (end of speech, the context's end): a stream that is done is no longer stepped, as Generator.speak
     steps: int = 0  # frame steps run (the longest stream's frames)
     audio_s: float = 0.0  # samples decoded by all streams / SAMPLE_RATE
+    xrt_spread: Spread | None = None  # aggregate_xrt of each timed run
 
 
 @dataclass
@@ -203,13 +204,16 @@ class Batched:
 class Served:
     streams: int  # requests sent at once
     frames: int  # asked per request
-    seconds: float
-    aggregate_xrt: float  # the audio of the requests that succeeded (samples / SAMPLE_RATE) per second
-    first_audio_s: Spread | None  # per request that succeeded: to the first audio bytes over HTTP (None: none did)
+    seconds: float  # of the run whose aggregate_xrt is the median
+    aggregate_xrt: float  # the audio of the requests that succeeded (samples / SAMPLE_RATE) per second: the
+    # median of --runs runs of `streams` requests at once
+    first_audio_s: Spread | None  # per request that succeeded, of every run: to the first audio bytes over HTTP
+    # (None: none did)
     errors: list[str] = field(default_factory=list)  # requests that failed (an HTTP error, a reset, no audio), and
     # those short of the audio asked where speech cannot end early (random weights): none of them is a sample
-    short: int = 0  # requests that ended with less audio than asked (real weights end speech early)
-    audio_s: float = 0.0  # of the requests counted
+    short: int = 0  # requests that ended with less audio than asked (real weights end speech early), every run
+    audio_s: float = 0.0  # of the requests counted, in the median run
+    xrt_spread: Spread | None = None  # aggregate_xrt of each run
 
 
 @dataclass
@@ -437,14 +441,16 @@ def concurrency(tts, n_streams: int, frames: int, seed: int, args) -> Concurrenc
 
         utterances(min(frames, 3))  # warm-up
         # Timed plain: on a GPU the host's work overlaps the device's, as in the server (waits would undo that).
-        seconds, made, steps, samples = utterances(frames)
+        runs = [utterances(frames) for _ in range(args.runs)]
         host_ms = step_host_ms(gen, lambda: utterances(min(frames, HOST_FRAMES))[2])
     finally:
         gen.close()
-    audio_s = samples / SAMPLE_RATE
-    xrt = audio_s / seconds
+    xrts = [samples / SAMPLE_RATE / seconds for seconds, _, _, samples in runs]
+    spread = Spread.of(xrts)
+    seconds, made, steps, samples = runs[min(range(len(runs)), key=lambda i: abs(xrts[i] - spread.median))]
+    xrt = spread.median
     return Concurrency(n_streams, frames, seconds, xrt, n_streams / xrt if xrt else None, host_ms, made, steps,
-                       audio_s)
+                       samples / SAMPLE_RATE, spread)
 
 
 HOST_FRAMES = 10  # frames of the run that times a frame step's host work (--concurrency): a mean, not a total
@@ -677,26 +683,32 @@ def served(model_dir: Path, counts: list[int], frames: int, args, frame_samples:
             at_once(n, min(frames, 3))
         asked = frames * frame_samples
         for n in counts:
-            seconds, results = at_once(n, frames)
+            runs = []  # (seconds, audio seconds) of each run
             good, errors, short = [], [], 0
-            for i, r in enumerate(results):
-                what = f"{n} at once, request {i} (seed {args.seed + i})"
-                if isinstance(r, str):
-                    errors.append(f"{what}: {r}")
-                elif r[0] is None or not r[1]:
-                    errors.append(f"{what}: no audio")
-                elif r[1] < asked:
-                    short += 1
-                    if can_end:
-                        good.append(r)
+            for run in range(args.runs):
+                seconds, results = at_once(n, frames)
+                good_here = []
+                for i, r in enumerate(results):
+                    what = f"{n} at once, run {run + 1}, request {i} (seed {args.seed + i})"
+                    if isinstance(r, str):
+                        errors.append(f"{what}: {r}")
+                    elif r[0] is None or not r[1]:
+                        errors.append(f"{what}: no audio")
+                    elif r[1] < asked:
+                        short += 1
+                        if can_end:
+                            good_here.append(r)
+                        else:
+                            errors.append(f"{what}: {r[1]} of the {asked} samples asked (these weights never end "
+                                          "speech early: the stream was cut)")
                     else:
-                        errors.append(f"{what}: {r[1]} of the {asked} samples asked (these weights never end "
-                                      "speech early: the stream was cut)")
-                else:
-                    good.append(r)
-            audio = sum(a for _, a in good) / SAMPLE_RATE
-            out.append(Served(n, frames, seconds, audio / seconds,
-                              Spread.of([f for f, _ in good]) if good else None, errors, short, audio))
+                        good_here.append(r)
+                runs.append((seconds, sum(a for _, a in good_here) / SAMPLE_RATE))
+                good += good_here
+            xrts = Spread.of([audio / seconds for seconds, audio in runs])
+            seconds, audio = runs[min(range(len(runs)), key=lambda i: abs(xrts.values[i] - xrts.median))]
+            out.append(Served(n, frames, seconds, xrts.median, Spread.of([f for f, _ in good]) if good else None,
+                              errors, short, audio, xrts))
             for e in errors:
                 print(f"[bench] server error: {e}", file=sys.stderr)
     finally:
@@ -1115,6 +1127,13 @@ def _num(x: float | None, digits: int = 2) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def _with_spread(median: float, spread: dict | None) -> str:
+    """A median, with its runs' range where there were several."""
+    if spread is None or len(spread["values"]) < 2:
+        return f"{median:.2f}"
+    return f"{median:.2f} ({spread['min']:.2f}-{spread['max']:.2f})"
+
+
 def table(report: dict) -> str:
     rows = ["| variant | RTF (median, min-max) | xRealTime | TTFA | frame | floor | frame / floor | backbone | "
             "depth decoder | heads+sampling | Mimi | rest | peak RSS (its own) |", "|" + "---|" * 13]
@@ -1128,12 +1147,12 @@ def table(report: dict) -> str:
     lines = ["\n".join(rows)]
     conc = [(v["name"], c) for v in report["variants"] for c in v["concurrency"]]
     if conc:
-        lines.append("| variant | streams | frames made (of asked) | aggregate xRealTime | per-stream RTF | "
-                     "step outside llama_decode and the depth graph |\n"
+        lines.append("| variant | streams | frames made (of asked) | aggregate xRealTime (median, min-max) | "
+                     "per-stream RTF | step outside llama_decode and the depth graph |\n"
                      "|---|---|---|---|---|---|\n" + "\n".join(
                          f"| {name} | {c['streams']} | {c['frames_made']} ({c['streams'] * c['frames']}) | "
-                         f"{c['aggregate_xrt']:.2f} | {_num(c['per_stream_rtf'])} | "
-                         f"{c['host_ms']:.1f} ms |" for name, c in conc))
+                         f"{_with_spread(c['aggregate_xrt'], c['xrt_spread'])} | "
+                         f"{_num(c['per_stream_rtf'])} | {c['host_ms']:.1f} ms |" for name, c in conc))
     batch_rows = [(v["name"], b) for v in report["variants"] for b in v["batched"]]
     if batch_rows:
         lines.append("| variant | batch: streams, rows | whole run | first rows | xRealTime (whole) | "
@@ -1144,9 +1163,9 @@ def table(report: dict) -> str:
                          for name, b in batch_rows))
     served_rows = [(v["name"], x) for v in report["variants"] for x in v["served"]]
     if served_rows:
-        lines.append("| variant | server requests at once | aggregate xRealTime | first audio (median) | errors | "
-                     "short |\n|---|---|---|---|---|---|\n"
-                     + "\n".join(f"| {name} | {x['streams']} | {x['aggregate_xrt']:.2f} | "
+        lines.append("| variant | server requests at once | aggregate xRealTime (median, min-max) | first audio "
+                     "(median) | errors | short |\n|---|---|---|---|---|---|\n"
+                     + "\n".join(f"| {name} | {x['streams']} | {_with_spread(x['aggregate_xrt'], x['xrt_spread'])} | "
                                  + (f"{x['first_audio_s']['median'] * 1000:.0f} ms" if x["first_audio_s"] else "-")
                                  + f" | {len(x['errors'])} | {x['short']} |" for name, x in served_rows))
     qual = [v for v in report["variants"] if v["quality"]]
@@ -1248,7 +1267,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--decoder-qtype", type=csv(str), help="depth-decoder qtypes to sweep with each --qtype")
     p.add_argument("--frames", type=int, default=50, help="frames (80 ms each) per run (default: %(default)s)")
     p.add_argument("--runs", type=int, default=3,
-                   help="timed runs per variant, and of each Mimi figure (default: %(default)s)")
+                   help="timed runs per variant, of each --concurrency and --server count, and of each Mimi "
+                   "figure (default: %(default)s)")
     p.add_argument("--stage-runs", type=int, help="runs of their own for the per-frame stage split (every call "
                    "timed, every llama_decode waited for), interleaved with the headline runs, which are timed plain "
                    "(default: --runs)")

@@ -47,6 +47,8 @@ def test_bench_writes_every_figure(converted, f32_model, tmp_path):
         assert v["floor"]["path"] == "graph" and len(v["floor"]["frame_ms_spread"]["values"]) == 2
         assert v["heads_device"] == "cpu"
         assert [c["streams"] for c in v["concurrency"]] == [1, 2]
+        assert all(len(c["xrt_spread"]["values"]) == 2 for c in v["concurrency"])  # --runs 2
+        assert all(len(x["xrt_spread"]["values"]) == 2 for x in v["served"])
         assert all(c["aggregate_xrt"] > 0 and 0 < c["host_ms"] < 1000 * c["seconds"] / c["steps"]
                    and c["frames_made"] == c["streams"] * c["frames"] == c["streams"] * c["steps"]
                    for c in v["concurrency"])
@@ -200,15 +202,16 @@ def test_concurrency_stops_streams_that_end_and_counts_what_they_made(tts, f32_m
 
     monkeypatch.setattr(Generator, "step", step)
     monkeypatch.setattr(bench, "HOST_FRAMES", 4)
-    args = bench.parse_args(["--model", str(f32_model), "--threads", "1"])
+    args = bench.parse_args(["--model", str(f32_model), "--threads", "1", "--runs", "2"])
     c = bench.concurrency(tts, 2, 8, 1234, args)
-    # The warm-up's 3 steps and the timed run's 8 plain (on a GPU a wait after every decode undoes the overlap
-    # the server has); then HOST_FRAMES steps with the waits, for host_ms.
-    assert waited == [False] * (3 + 8) + [True] * 4 and c.host_ms > 0
+    # The warm-up's 3 steps and the timed runs' 8 each, plain (on a GPU a wait after every decode undoes the
+    # overlap the server has); then HOST_FRAMES steps with the waits, for host_ms.
+    assert waited == [False] * (3 + 2 * 8) + [True] * 4 and c.host_ms > 0
+    assert len(c.xrt_spread.values) == 2 and c.aggregate_xrt == pytest.approx(c.xrt_spread.median)
     frame_size = tts.codec.cfg.frame_size
     assert (c.streams, c.frames, c.steps, c.frames_made) == (2, 8, 8, 2 + 8)
     assert c.audio_s == pytest.approx(c.frames_made * frame_size / bench.SAMPLE_RATE)
-    assert c.aggregate_xrt == pytest.approx(c.audio_s / c.seconds)
+    assert any(x == pytest.approx(c.audio_s / c.seconds) for x in c.xrt_spread.values)  # the median run
 
 
 def test_server_requests_that_fail_or_are_cut_are_errors_not_samples(f32_model, monkeypatch):
@@ -242,12 +245,14 @@ def test_server_requests_that_fail_or_are_cut_are_errors_not_samples(f32_model, 
         return Cut(response) if b'"seed": 1236' in body else response
 
     monkeypatch.setattr(urllib.request, "urlopen", urlopen)
-    args = bench.parse_args(["--model", str(f32_model), "--threads", "1"])
+    args = bench.parse_args(["--model", str(f32_model), "--threads", "1", "--runs", "2"])
     frame_size = 64  # the tiny codec's
     (x,) = bench.served(f32_model, [3], 3, args, frame_size, can_end=False)
-    assert len(x.errors) == 2 and "503" in x.errors[0] and "cut" in x.errors[1] and x.short == 1
-    assert len(x.first_audio_s.values) == 1 and x.first_audio_s.values[0] > 0
-    assert x.audio_s == pytest.approx(3 * frame_size / bench.SAMPLE_RATE)
+    assert len(x.errors) == 4 and x.short == 2  # each run's
+    assert "run 1" in x.errors[0] and "503" in x.errors[0] and "cut" in x.errors[1] and "run 2" in x.errors[2]
+    assert len(x.first_audio_s.values) == 2 and min(x.first_audio_s.values) > 0
+    assert x.audio_s == pytest.approx(3 * frame_size / bench.SAMPLE_RATE)  # the median run's
+    assert len(x.xrt_spread.values) == 2 and x.aggregate_xrt == pytest.approx(x.xrt_spread.median)
 
 
 def test_a_server_error_fails_the_run(f32_model, tmp_path, monkeypatch):
