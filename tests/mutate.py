@@ -49,6 +49,10 @@ TARGETS = {
     "speaker": "csm_gguf/wyoming_server/speaker.py",
     "served_voices": "csm_gguf/server/served_voices.py",
     "routes": "csm_gguf/server/routes.py",
+    "connection": "csm_gguf/server/connection.py",
+    "app": "csm_gguf/server/app.py",
+    "ws_session": "csm_gguf/server/ws_session.py",
+    "manifest": "csm_gguf/batch/manifest.py",
 }
 # Fast subsets, the likeliest to fail first (pytest runs with -x).
 SHAPE = "tests/test_real_model_shape.py::test_greedy_codes_equal_transformers_with_a_wider_vocabulary"
@@ -89,6 +93,10 @@ WYOMING_STALL = "tests/test_wyoming.py::test_a_client_that_stops_reading_is_drop
 ENGINE_TESTS = "tests/test_server_engine.py"
 FORGET_UNUSABLE = "tests/test_server_voices.py::test_deleting_a_voice_saved_for_another_model_as_its_400_says"
 BODY_NEVER_BEGAN = "tests/test_server_http.py::test_a_response_that_fails_before_its_body_begins_stops_its_job"
+HOSTILE = "tests/test_hostile_clients.py"
+WS_WAITING = "tests/test_server_websocket.py::test_websocket_text_past_the_sessions_waiting_limit_is_refused"
+BAD_ROWS = "tests/test_batch.py::test_bad_rows_get_their_error_and_the_run_goes_on"
+REPLACED_VOICE = "tests/test_server_voices.py::test_a_replaced_or_deleted_voice_leaves_the_prompt_cache"
 RELEASE_NEVER_WAITS = "tests/test_mimi_pool.py::test_letting_a_stream_go_never_waits_for_a_step"
 WYOMING = "tests/test_wyoming.py"
 TIMEOUT_S = 600
@@ -408,6 +416,28 @@ MUTATIONS = [
       [("        held = [self.spoken, *self.queue, *(item.stream for item in self.queue if item is not STOPPED)]",
         "        held = [self.spoken, *self.queue]")],
       [f"{WYOMING}::test_a_client_that_leaves_frees_the_codec_stream_of_a_text_stream_queued_behind"]),
+    # --- the twenty-third session (2026-12-07) -------------------------------------------------------------------
+    M("connection", "a websocket's sends from two threads interleave",
+      [("        with self._lock:\n            self._sock.sendall(data)",
+        "        if True:\n            self._sock.sendall(data)")],
+      [f"{HOSTILE}::test_a_websockets_sends_from_two_threads_do_not_interleave"]),
+    M("connection", "a websocket send that stalls part-way cuts its frame short",
+      [("            self._sock.sendall(data)", "            self._sock.send(data)")],
+      [f"{HOSTILE}::test_a_websocket_send_that_stalls_part_way_fails_rather_than_cutting_its_frame"]),
+    M("app", "the server sends no pings",
+      [('"ping_interval": settings.ws_ping_s or None}', '"ping_interval": None}')],
+      ["tests/test_metrics.py::test_a_websocket_client_that_answers_no_ping_loses_its_session"]),
+    M("ws_session", "a session's waiting text stops counting what was spoken",
+      [("            self.queued_chars -= len(taken.text)", "            pass")], [WS_WAITING]),
+    M("ws_session", "a speech message's input is not counted against the session's limit",
+      [('        self.check_room(len(text or ""), "input")\n', "")], [WS_WAITING]),
+    M("manifest", "a failed row's line names a file",
+      [('            entry = {**entry, "path": None}\n', "")], [BAD_ROWS]),
+    M("manifest", "a failed row keeps the file an earlier run made for its id",
+      [("            target.unlink(missing_ok=True)\n", "            pass\n")], [BAD_ROWS]),
+    M("served_voices", "a voice's cached prompt is dropped before it is deleted",
+      [("    voice = _as_cached(tts, name)\n    yield", "    voice = _as_cached(tts, name)\n    if voice is not None:\n"
+        "        engine.forget_voice(voice.segments)\n        voice = None\n    yield")], [REPLACED_VOICE]),
 ]
 
 

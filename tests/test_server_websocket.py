@@ -82,7 +82,7 @@ def test_websocket_text_in_pieces(base, engine, services):
         ws.close()
 
 
-def test_websocket_text_waiting_past_the_sessions_limit_is_refused_and_the_session_goes_on(base, monkeypatch):
+def test_websocket_text_past_the_sessions_waiting_limit_is_refused(base, monkeypatch):
     """A session's text not yet spoken is bounded (the client cannot be slowed: its messages are all read)."""
     from csm_gguf.server import ws_session
 
