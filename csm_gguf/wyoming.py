@@ -22,7 +22,7 @@ from .server.settings import SETTINGS, Settings
 
 log = logging.getLogger("csm_gguf.wyoming")
 # HTTP-only settings: Wyoming has no authentication (keep the port to your network), drain or websockets.
-UNUSED = {"api_key", "drain_s", "max_websockets", "ws_idle_s"}
+UNUSED = {"api_key", "drain_s", "max_websockets", "ws_idle_s", "ws_ping_s"}
 # Settings that mean something else here: Wyoming has no busy answer, so a full server makes a request wait.
 WYOMING_HELP = {"max_queue": "requests the engine queues for a free stream (default 16); more wait their turn "
                              "too: none is refused"}

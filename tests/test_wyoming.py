@@ -612,6 +612,21 @@ def test_the_command_refuses_bad_options(tmp_path):
     assert bad.returncode == 2 and "error: --voice 'nobody' is not a voice" in bad.stderr  # not the variable
 
 
+def test_the_options_are_those_the_guide_names():
+    """The server's settings that mean something over Wyoming, as docs/home-assistant.md lists them (a setting
+    added to the HTTP server, such as its websocket pings, is not an option here that does nothing)."""
+    import re
+    from pathlib import Path
+
+    from csm_gguf.wyoming import build_parser
+
+    options = {o for a in build_parser()._actions for o in a.option_strings if o.startswith("--")} - {"--help"}
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "home-assistant.md").read_text()
+    start = guide.index("settings are the HTTP server's:")
+    listed = guide[start:guide.index("logs every event", start)]  # the server's settings, say's sampling ones, --debug
+    assert options == {"--uri", *re.findall(r"`(--[a-z-]+)`", listed)}
+
+
 def test_the_help_says_what_wyoming_does_with_a_full_server():
     from csm_gguf.wyoming import build_parser
 
