@@ -238,6 +238,28 @@ def test_websocket_a_format_change_after_pending_text_gives_two_files(base, engi
     assert files[0][0].startswith(b"RIFF") and not files[1][0].startswith(b"RIFF")
 
 
+def test_websocket_a_format_change_ends_the_file_being_sent_with_its_done(base, engine):
+    """At once: the done came only with the next file's first sentence, so a client waiting for it waited for
+    ever. A change before anything is spoken, or after a flush, ends no file (no extra done)."""
+    ws = WsClient.connect(base.replace("http", "ws") + "/v1/audio/speech/ws")
+    try:
+        ws.send(json.dumps({"response_format": "pcm", **GREEDY}))
+        ws.send(json.dumps({"response_format": "wav"}))  # nothing begun: no file to end
+        ws.send(json.dumps({"type": "text", "text": "Pending when the format changes"}))
+        ws.send(json.dumps({"response_format": "pcm"}))
+        audio, done = ws_collect(ws)
+        assert (done["response_format"], done["sentences"]) == ("wav", 1) and audio.startswith(b"RIFF")
+        ws.send(json.dumps({"type": "text", "text": "Then this."}))
+        ws.send(json.dumps({"type": "flush"}))
+        ws.send(json.dumps({"response_format": "wav"}))  # after a flush: that file is ended already
+        ws.send(json.dumps({"type": "text", "text": "And this."}))
+        ws.send(json.dumps({"type": "flush"}))
+        files = [ws_collect(ws), ws_collect(ws)]
+        assert [(d["response_format"], d["sentences"]) for _, d in files] == [("pcm", 1), ("wav", 1)]
+    finally:
+        ws.close()
+
+
 def test_websocket_settings_unchanged_do_not_end_the_pending_sentence(base, engine, monkeypatch):
     seen = record_submits(engine, monkeypatch)
     ws_session(base, [{"voice": "alloy", "response_format": "pcm", **GREEDY}, {"type": "text", "text": "One"},

@@ -179,12 +179,20 @@ class WebsocketSession:
         self.encoded = {a: self.encoded[a] for a in checked.job.context if isinstance(a, ContextAudio)}
         if text is not None or fields != self.fields:
             self.add_text("\n")  # text still pending is spoken first, as it was sent
+        if request.response_format != self.settings.response_format and self.unflushed():
+            self.queue.append(FLUSH)  # another format: the file being sent ends, with its done, once spoken
         if voice_changed(self.fields, fields):
             self.voice += 1
         self.fields, self.settings = fields, request
         if text is not None:
             self.queue.extend([Sentence(text, request, self.voice), FLUSH])
             self.queued_chars += len(text)
+
+    def unflushed(self) -> bool:
+        """Whether a file is begun that no flush in the queue ends yet (sentences waiting, or being spoken)."""
+        if self.queue:
+            return self.queue[-1] is not FLUSH
+        return self.utterance is not None
 
     def check_room(self, chars: int, param: str) -> None:
         """ApiError unless `chars` more characters fit in what this session has waiting to be spoken."""
