@@ -17,7 +17,7 @@ from functools import partial
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .say import add_sampling_arguments
+from .say import add_sampling_arguments, check_sampling
 from .server.settings import SETTINGS, Settings
 
 log = logging.getLogger("csm_gguf.wyoming")
@@ -82,12 +82,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
+        check_sampling(args)  # named as the options (the sampler's own messages name its fields)
         reserved = reserve(args.uri)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         return _load_and_serve(args, reserved)
+    except KeyboardInterrupt:  # Ctrl-C while torch and the model load (once serving, it stops the server)
+        print("interrupted while starting", file=sys.stderr)
+        return 130
     finally:
         if reserved is not None:
             reserved.close()
@@ -95,7 +99,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _load_and_serve(args: argparse.Namespace, reserved: socket.socket | None) -> int:
     from .sampling import Sampling
-    from .server.errors import ApiError
     from .server.startup import check_settings
     from .wyoming_server.service import WyomingService
 
@@ -104,10 +107,6 @@ def _load_and_serve(args: argparse.Namespace, reserved: socket.socket | None) ->
         settings = replace(Settings.from_env(), **{k: v for k, v in chosen.items() if v is not None})
         check_settings(settings)
         service = WyomingService.start(settings, Sampling(args.temperature, args.top_k, args.seed, args.max_audio_ms))
-    except ApiError as e:  # a sampling option out of range
-        option = f"--{e.param.replace('_', '-')}" if e.param else ""
-        print(f"error: {e.message.replace(repr(e.param), option) if option else e.message}", file=sys.stderr)
-        return 2
     except (ValueError, OSError) as e:
         print(f"error: {_named_as_given(str(e), chosen)}", file=sys.stderr)
         return 2

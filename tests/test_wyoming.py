@@ -610,6 +610,20 @@ def test_the_command_refuses_bad_options(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "csm_gguf.wyoming", "--voice", "nobody"], env=env,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "error: --voice 'nobody' is not a voice" in bad.stderr  # not the variable
+    bad = subprocess.run([sys.executable, "-m", "csm_gguf.wyoming", "--temperature", "-1"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "error: --temperature must be a number >= 0" in bad.stderr  # not the field
+
+
+def test_ctrl_c_while_starting_is_no_traceback(monkeypatch, capsys):
+    from csm_gguf import wyoming
+
+    def interrupted(*args):
+        raise KeyboardInterrupt  # as Ctrl-C lands while torch and the model load
+
+    monkeypatch.setattr(WyomingService, "start", interrupted)
+    assert wyoming.main(["--uri", "tcp://127.0.0.1:0"]) == 130
+    assert capsys.readouterr().err == "interrupted while starting\n"
 
 
 def test_the_options_are_those_the_guide_names():
