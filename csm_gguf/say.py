@@ -193,8 +193,13 @@ def check_extension(path: str, fmt: str) -> None:
 
 
 def check_context_files(items: list[list[str]]) -> None:
-    """--context's audio and codes files exist: now, not after loading (or first converting) the model."""
-    for _, _, source in items:
+    """--context's transcripts are text and its audio and codes files exist: now, not after loading (or first
+    converting) the model."""
+    from .text import is_unicode
+
+    for _, text, source in items:
+        if not is_unicode(text):
+            raise UsageError(f"--context {source}: its TEXT is not valid UTF-8 in this terminal's encoding")
         if source == "-":
             raise UsageError("--context reads a file, not standard input: give the audio's path (or /dev/stdin)")
         if not os.path.exists(source):
@@ -398,6 +403,9 @@ def checked_text(args) -> str | None:
             raise UsageError(f"{option} is empty: give a file name")
     check_sampling(args)
     check_threads(args.threads)
+    if args.gpu_layers < -1:
+        raise UsageError(f"--gpu-layers must be -1 or 99 (all layers), 0 (none) or a number of layers, got "
+                         f"{args.gpu_layers}")
     if not MIN_SPEED <= args.speed <= MAX_SPEED:
         raise UsageError(f"--speed must be from {MIN_SPEED} to {MAX_SPEED} (1 = as spoken), got {args.speed}")
     if args.speaker is not None and args.speaker < 0:
@@ -431,7 +439,12 @@ def speak_out(tts, frames, args, output: str | None, fmt: str | None, player_com
     try:
         n_samples, wall = speak(tts.decode_stream(kept(), chunk_frames=5, speed=args.speed), output, fmt, player)
         if args.save_codes:
-            save_codes(args.save_codes, codes)
+            try:
+                save_codes(args.save_codes, codes)
+            except OSError as e:  # (its folder and name were checked at the start: a full disk, say)
+                kept_audio = f"; the audio is whole in {output}" if output and output != "-" else ""
+                raise UsageError(f"cannot write --save-codes {args.save_codes} ({e.strerror or e}){kept_audio}"
+                                 ) from None
         seconds = n_samples / tts.sample_rate
         rtf = wall / seconds if seconds else float("inf")
         where = f" -> {output}" if output and output != "-" else ""

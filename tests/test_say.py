@@ -23,6 +23,23 @@ from csm_gguf.tts import CSM
 pytestmark = pytest.mark.usefixtures("voices_home")  # a voices folder of its own
 
 
+def test_codes_that_cannot_be_written_are_named_and_the_audio_kept(f32_model, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from csm_gguf import atomic
+
+    def full(path, data, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic, "write_atomic", full)  # save_codes's: the audio is written by its own writer
+    out, codes = tmp_path / "a.wav", tmp_path / "a.npy"
+    assert main(["Hi.", "--model", str(f32_model), "--voice", "none", "--max-audio-ms", "400", "-o", str(out),
+                 "--save-codes", str(codes)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write --save-codes {codes} (No space left on device); the audio is whole in {out}" in err
+    assert sf.info(out).frames > 0 and not codes.exists()
+
+
 def test_say_speed(f32_model, tts, tmp_path):
     common = [TEXT, "--model", str(f32_model), "--seed", "2", "--max-audio-ms", "800", "--format", "wav"]
     assert main([*common, "--speed", "2", "-o", str(tmp_path / "a.wav"), "--save-codes", str(tmp_path / "a.npy")]) == 0
@@ -462,6 +479,9 @@ def test_stdin_and_files_are_utf8_with_or_without_a_byte_order_mark(tmp_path):
     (["hi", "--context", "0", "words", "{tmp}", "-o", "{tmp}/x.wav"], "is a folder: give an audio file"),
     (["hi", "--context", "0", "words", "-", "-o", "{tmp}/x.wav"], "--context reads a file, not standard input"),
     (["hi", "--threads", "100000", "-o", "{tmp}/x.wav"], "--threads must be from 0 (all cores) to"),
+    (["hi", "--gpu-layers", "-5", "-o", "{tmp}/x.wav"], "--gpu-layers must be -1 or 99 (all layers)"),
+    (["hi", "--context", "0", "caf\udce9", "{tmp}/tone.wav", "-o", "{tmp}/x.wav"],  # Latin-1 bytes in a UTF-8 terminal
+     "--context {tmp}/tone.wav: its TEXT is not valid UTF-8"),
 ])
 def test_outputs_and_files_are_checked_before_the_model_loads(tmp_path, capsys, args, message):
     sf.write(tmp_path / "tone.wav", np.zeros(2400, np.float32), 24_000)
