@@ -40,8 +40,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Arguments that would be ignored or taken for another: an empty path was the default (the cache's model
+    replaced, the hub's checkpoint downloaded), and random weights draw their own codec from no source."""
+    for option in ("model_path", "output_dir", "tokenizer_path", "mimi_path"):
+        if getattr(args, option) == "":
+            p.error(f"--{option.replace('_', '-')} is empty: give a folder (or leave the option out)")
+    if args.random_weights:
+        ignored = [f"--{o.replace('_', '-')}" for o in ("mimi_path", "mimi_id", "tokenizer_id") if getattr(args, o)]
+        if ignored:
+            p.error(f"--random-weights draws its own codec and reads the Llama 3 tokenizer from --tokenizer-path "
+                    f"(or llama-models): {', '.join(ignored)} would be ignored")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_arguments(parser, args)
     from converter.checkpoint import CheckpointError
     from converter.convert import convert
     from converter.gguf_files import ConversionError

@@ -187,6 +187,24 @@ def test_adapter_file_beside_a_merged_model_is_not_read(hf_checkpoint, tmp_path)
     assert (tmp_path / "out" / "csm.gguf").exists()
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--model-path", ""], "--model-path is empty"),  # was: download sesame/csm-1b
+    (["--random-weights", "--output-dir", ""], "--output-dir is empty"),  # was: replace the cache's model
+    (["--random-weights", "--mimi-path", "/nonexistent"], "--mimi-path would be ignored"),
+    (["--random-weights", "--mimi-id", "kyutai/mimi", "--tokenizer-id", "x/y"], "--mimi-id, --tokenizer-id would be"),
+])
+def test_arguments_that_would_be_ignored_or_taken_for_the_default_are_refused(args, message, capsys, monkeypatch):
+    from converter import convert as cc
+    from converter import random_weights
+    from csm_gguf.convert import main
+
+    monkeypatch.setattr(cc, "convert", lambda **kw: pytest.fail("converted"))
+    monkeypatch.setattr(random_weights, "convert_random", lambda *a, **kw: pytest.fail("converted"))
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_unknown_qtype_via_cli(hf_checkpoint, tmp_path, capsys):
     from csm_gguf.convert import main
 
