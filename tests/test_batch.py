@@ -322,7 +322,13 @@ def test_bad_settings_are_refused_before_anything_runs(f32_model, tmp_path, caps
     with socket.socket() as s:  # a port nothing listens on (Ray waited for a head there without end)
         s.bind(("127.0.0.1", 0))
         closed = f"127.0.0.1:{s.getsockname()[1]}"
-    for args, message in ((["--streams", "0"], "streams must be a whole number >= 1"),
+    for args, message in ((["--streams", "0"], "streams (--streams) must be a whole number from 1 to 248"),
+                          (["--streams", "300"], "streams (--streams) must be a whole number from 1 to 248, got 300"),
+                          (["--threads", str(os.cpu_count() + 1)], "threads (--threads) must be a whole number from 0"),
+                          (["--gpu-layers", "-7"], "gpu_layers (--gpu-layers) must be a whole number from -1"),
+                          (["--gpus", "-1"], "gpus (--gpus) must be a number >= 0"),
+                          (["--voice", "nosuch"], "unknown voice 'nosuch'"),
+                          (["-o", ""], "the output folder is empty"),
                           (["--address", closed], f"cannot reach the Ray cluster at {closed} (Connection refused)"),
                           (["--address", "ray://head"], "--address 'ray://head' is not a Ray address"),
                           (["--temperature", "-1"], "temperature must be a number >= 0"),
@@ -332,6 +338,35 @@ def test_bad_settings_are_refused_before_anything_runs(f32_model, tmp_path, caps
         assert main([str(source), "-o", str(tmp_path / "out"), "--model", str(f32_model), *args]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_more_gpus_than_this_machine_has_is_refused_and_leaves_no_folder(f32_model, tmp_path):
+    """Ray waited for ever for the GPU a worker asked for. A command of its own: this module's Ray is running."""
+    source = write_jsonl(tmp_path / "a.jsonl", CORPUS[:1])
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-m", "csm_gguf.batch", str(source), "-o", str(tmp_path / "out"),
+                           "--model", str(f32_model), "--no-progress", "--gpus", "1000"], env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "--gpus 1000: a worker asks for more GPUs than Ray finds on this machine (0" in done.stderr
+    assert not (tmp_path / "out").exists()  # made, nothing written, and taken away
+
+
+def test_no_cluster_for_address_auto_is_said_in_our_words(monkeypatch):
+    """(Ray finds any cluster running on this machine for 'auto', this module's too: its refusal stood in for.)"""
+    import ray
+
+    from csm_gguf.batch.pipeline import ClusterUnreachable, Pool, ray_session
+
+    def no_cluster(**kwargs):
+        raise ConnectionError("Could not find any running Ray instance.")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", no_cluster)
+    with pytest.raises(ClusterUnreachable, match=r"no Ray cluster at --address auto .*ray start --head"):
+        with ray_session(Pool("model", address="auto")):
+            pass
 
 
 def test_command_ljspeech_layout_formats_and_summary(f32_model, tmp_path, capsys):

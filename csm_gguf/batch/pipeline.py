@@ -99,7 +99,11 @@ def ray_session(pool: Pool) -> Iterator[None]:
         return
     handler = signal.getsignal(signal.SIGTERM)
     if pool.address:
-        ray.init(address=pool.address, logging_level="WARNING")
+        try:
+            ray.init(address=pool.address, logging_level="WARNING")
+        except ConnectionError as e:  # 'auto' with no cluster on this machine: Ray's message names its own flags
+            raise ClusterUnreachable(f"no Ray cluster at --address {pool.address} ({e}): start one (ray start "
+                                     "--head), or leave --address out to run Ray inside this process") from None
     else:
         # Token authentication is Ray's default for a cluster it starts, and Ray warned so at every run.
         logging.getLogger(TOKEN_AUTH_LOGGER).setLevel(logging.ERROR)
@@ -107,9 +111,19 @@ def ray_session(pool: Pool) -> Iterator[None]:
                  object_store_memory=OBJECT_STORE_BYTES, logging_level="WARNING")
     keep_sigterm(handler)
     try:
+        if not pool.address:
+            check_gpus(pool, ray.cluster_resources().get("GPU", 0))
         yield
     finally:
         ray.shutdown()
+
+
+def check_gpus(pool: Pool, found: float) -> None:
+    """A worker's --gpus on this machine, where no node can join: Ray waited for ever for a GPU it would never
+    have. (A cluster's autoscaler may add GPU nodes: there Ray waits, and says so.)"""
+    if pool.gpus > found:
+        raise ValueError(f"--gpus {pool.gpus:g}: a worker asks for more GPUs than Ray finds on this machine "
+                         f"({found:g}); leave --gpus out to run on the CPU, or run on a machine or cluster with GPUs")
 
 
 def keep_sigterm(handler) -> None:

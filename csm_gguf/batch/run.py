@@ -54,11 +54,17 @@ def synthesize(
     in the manifest instead. See `python -m csm_gguf.batch --help` for the settings."""
     from ..model_dir import check_model_dir
     from ..tts import find_model
+    from ..voices import NO_VOICE, voice_speaker
 
     start = time.perf_counter()
     fmt = check_settings(format, speaker, temperature, top_k, seed, max_audio_ms, workers, streams, threads, metadata)
+    check_resources(gpu_layers, gpus, threads, address)
+    if not str(output_dir):
+        raise InputError("the output folder is empty: give a folder (made if need be)")
     if Path(output_dir).exists() and not Path(output_dir).is_dir():
         raise InputError(f"the output folder {output_dir} is a file: give a folder (made if need be)")
+    if voice is not None and voice != NO_VOICE:
+        voice_speaker(voice)  # the run's own voice known and readable: now, not as every row's error
     rows = read_rows(input)
     pool = Pool(str(check_model_dir(find_model(model)).resolve()), workers, streams, threads, gpu_layers, gpus, kv_type,
                 address)
@@ -67,7 +73,20 @@ def synthesize(
     voices, voice_errors = load_voices({row_voice(row, voice, speaker) for row in rows}, pool)
     entries = {row.id: entry(row, voice, speaker, seed, voices, fmt, metadata) for row in rows}
     folder = Path(output_dir)
+    made = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run(rows, entries, folder, pool, fmt, voices, voice_errors, temperature, top_k, max_audio_ms, metadata,
+                    progress, start)
+    except BaseException:
+        if made and not any(folder.iterdir()):  # nothing written (Ray would not start): no folder left either
+            folder.rmdir()
+        raise
+
+
+def _run(rows: list[Row], entries: dict[str, dict], folder: Path, pool: Pool, fmt: str, voices: dict[str, Any],
+         voice_errors: dict[str, str], temperature: float, top_k: int, max_audio_ms: float | None,
+         metadata: str | None, progress: bool, start: float) -> Summary:
     manifest = Manifest(folder)
     done_before = manifest.resume(entries)
     todo = [e for e in entries.values() if e["id"] not in done_before]
@@ -90,18 +109,30 @@ def synthesize(
     return tally.summary(time.perf_counter() - start)
 
 
+def check_resources(gpu_layers: int, gpus: float, threads: int, address: str | None) -> None:
+    """A worker's share of a node, before Ray starts (a worker's own checks fail inside Ray, as a traceback)."""
+    from ..generator import check_options
+
+    names = {"n_threads": "threads (--threads)", "n_gpu_layers": "gpu_layers (--gpu-layers)"}
+    check_options(threads if address is None else 0, gpu_layers, 1, names)  # a cluster's nodes: their own cores
+    if isinstance(gpus, bool) or not isinstance(gpus, (int, float)) or not gpus >= 0:
+        raise ValueError(f"gpus (--gpus) must be a number >= 0, got {gpus!r}")
+
+
 def check_settings(fmt: str, speaker: int | None, temperature: float, top_k: int, seed: int,
                    max_audio_ms: float | None, workers: int, streams: int, threads: int, metadata: str | None) -> str:
     """The format, once every setting is checked (before anything loads)."""
     from ..audio import check_format
-    from ..generator import Sampling, check_speaker
+    from ..generator import MAX_STREAMS, Sampling, check_speaker
 
     Sampling(temperature, top_k, seed, 1.0 if max_audio_ms is None else max_audio_ms)  # its checks and messages
     if speaker is not None:
         check_speaker(speaker)
-    for name, value, least in (("workers", workers, 1), ("streams", streams, 1), ("threads", threads, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ValueError(f"{name} must be a whole number >= {least}, got {value!r}")
+    for name, value, least, most in (("workers", workers, 1, None), ("streams", streams, 1, MAX_STREAMS),
+                                     ("threads", threads, 0, None)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least or most is not None and value > most:
+            within = f"from {least} to {most}" if most is not None else f">= {least}"
+            raise ValueError(f"{name} (--{name}) must be a whole number {within}, got {value!r}")
     if metadata is not None and metadata not in METADATA_LAYOUTS:
         raise ValueError(f"unknown metadata layout {metadata!r}; known: {', '.join(METADATA_LAYOUTS)}")
     if metadata == "ljspeech" and fmt != "wav":
