@@ -411,7 +411,10 @@ def test_settings_from_environment(monkeypatch):
     ("prefill_rows", -1, "CSM_GGUF_PREFILL_ROWS"), ("threads", -1, "CSM_GGUF_THREADS must be a whole number from 0"),
     ("threads", 10_000, "CSM_GGUF_THREADS must be a whole number from 0"),
     ("gpu_layers", -5, "CSM_GGUF_GPU_LAYERS must be a whole number from -1"),
-    ("max_streams", 1000, "CSM_GGUF_MAX_STREAMS must be a whole number from 1 to 248")])
+    ("max_streams", 1000, "CSM_GGUF_MAX_STREAMS must be a whole number from 1 to 248"),
+    ("max_queue", -1, "^CSM_GGUF_QUEUE must be >= 0, got -1$"),  # it alone, not beside another setting
+    ("ws_idle_s", 0, "^CSM_GGUF_WS_IDLE_S must be >= 1, got 0$"),
+    ("kv_type", "q4", "^CSM_GGUF_KV_TYPE='q4' is not a KV cache type; choose one of f32, f16, q8_0$")])
 def test_settings_out_of_range_are_named_before_the_model_loads(setting, value, name):
     """CSM_GGUF_THREADS=-1 failed in torch after the model loaded; CSM_GGUF_GPU_LAYERS=-5 was taken."""
     from csm_gguf.server.settings import Settings

@@ -5,6 +5,7 @@ server (app.py) and the Wyoming server; imports no web framework."""
 from __future__ import annotations
 
 from ..generator import check_options
+from ..llama import KV_TYPES
 from ..tts import CSM, NO_VOICE
 from ..voices import max_voices, voice_speaker
 from .engine import Engine
@@ -18,11 +19,17 @@ def check_settings(settings: Settings) -> None:
     check_options(settings.threads, settings.gpu_layers, settings.max_streams,  # named as the server's variables
                   {"n_threads": "CSM_GGUF_THREADS", "n_gpu_layers": "CSM_GGUF_GPU_LAYERS",
                    "max_streams": "CSM_GGUF_MAX_STREAMS"})
-    if settings.max_queue < 0 or settings.prefill_rows < 0:
-        raise ValueError("CSM_GGUF_QUEUE and CSM_GGUF_PREFILL_ROWS must be >= 0")
-    if settings.drain_s < 0 or settings.max_websockets < 0 or settings.ws_ping_s < 0 or settings.ws_idle_s < 1:
-        raise ValueError("CSM_GGUF_DRAIN_S, CSM_GGUF_MAX_WEBSOCKETS and CSM_GGUF_WS_PING_S must be >= 0 and "
-                         "CSM_GGUF_WS_IDLE_S >= 1")
+    for var, value, least in (("CSM_GGUF_QUEUE", settings.max_queue, 0),
+                              ("CSM_GGUF_PREFILL_ROWS", settings.prefill_rows, 0),
+                              ("CSM_GGUF_DRAIN_S", settings.drain_s, 0),
+                              ("CSM_GGUF_MAX_WEBSOCKETS", settings.max_websockets, 0),
+                              ("CSM_GGUF_WS_PING_S", settings.ws_ping_s, 0),
+                              ("CSM_GGUF_WS_IDLE_S", settings.ws_idle_s, 1)):
+        if value < least:
+            raise ValueError(f"{var} must be >= {least}, got {value}")
+    if settings.kv_type not in KV_TYPES:
+        raise ValueError(f"CSM_GGUF_KV_TYPE={settings.kv_type!r} is not a KV cache type; choose one of "
+                         f"{', '.join(KV_TYPES)}")
     if settings.voice not in voice_names():
         raise ValueError(f"CSM_GGUF_VOICE={settings.voice!r} is not a voice; known: {', '.join(voice_names())}")
     if settings.voice != NO_VOICE:
