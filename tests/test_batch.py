@@ -235,7 +235,7 @@ def test_a_run_killed_and_run_again_ends_like_an_uninterrupted_one(reference, f3
     finally:
         proc.kill()
         proc.wait()
-    assert proc.returncode == 130 and b"interrupted: the rows written so far are kept" in err, err[-2000:]
+    assert proc.returncode == 143 and b"interrupted: the rows written so far are kept" in err, err[-2000:]
     assert len(manifest(out)) < len(CORPUS), "the run ended before it was killed"
     summary = synthesize(source, out, model=f32_model, **SETTINGS)
     assert summary.skipped >= 2 and summary.done + summary.skipped == len(CORPUS)

@@ -77,10 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, ValueError, OSError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("interrupted: the rows written so far are kept; run the same command again to make the rest",
               file=sys.stderr)
-        return 130
+        return 128 + signal.SIGTERM if isinstance(e, Terminated) else 130  # as other commands killed so exit
     finally:
         signal.signal(signal.SIGTERM, previous)
     for line in summary.errors[:SHOWN_ERRORS]:
@@ -91,5 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if summary.every_row_failed else 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, stopping the run as Ctrl-C does."""
+
+
 def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
+    raise Terminated
