@@ -61,7 +61,7 @@ def check_options(n_threads: object, n_gpu_layers: object, max_streams: object,
     cores = default_threads()
     for name, value, least, most, meaning in (
             ("n_threads", n_threads, 0, cores, f"0 (all cores) to {cores}, the cores this process may use"),
-            ("n_gpu_layers", n_gpu_layers, -1, None, "-1 (all layers), 0 (none) or a number of layers"),
+            ("n_gpu_layers", n_gpu_layers, -1, 2**31 - 1, "-1 (all layers), 0 (none) or a number of layers"),
             ("max_streams", max_streams, 1, MAX_STREAMS, f"1 to {MAX_STREAMS}")):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not (
                 least <= value and (most is None or value <= most)):

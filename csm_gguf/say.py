@@ -168,6 +168,9 @@ def check_outputs(args, has_text: bool) -> None:
         raise UsageError("--save-codes needs a file name (.npy): standard output is for the audio (-o -)")
     if args.output == "-" and sys.stdout is None:
         raise UsageError("cannot write to standard output: it is closed; give -o FILE")
+    if args.output == "-" and sys.stdout.isatty():  # audio bytes would garble the terminal
+        raise UsageError("-o - writes the audio to standard output, which is a terminal here: pipe it to a player "
+                         "(| ffplay -nodisp -autoexit -) or a file (> speech.wav), or give -o FILE")
     files = [(what, path) for what, path in (("--output", args.output), ("--save-codes", args.save_codes))
              if path and path != "-"]
     for what, path in files:

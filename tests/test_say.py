@@ -505,6 +505,20 @@ def test_audio_to_a_closed_stdout_is_refused_before_the_model_loads(tmp_path):
     assert done.stderr == b"error: cannot write to standard output: it is closed; give -o FILE\n"
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="a pseudo-terminal")
+def test_audio_to_a_terminal_is_refused_before_the_model_loads(tmp_path):
+    import pty
+
+    leader, follower = pty.openpty()
+    try:
+        say = [sys.executable, "-m", "csm_gguf.say", "hi", "-o", "-", "--model", str(tmp_path / "no-model")]
+        done = subprocess.run(say, stdout=follower, stderr=subprocess.PIPE, timeout=60)
+    finally:
+        os.close(follower)
+        os.close(leader)
+    assert done.returncode == 2 and b"which is a terminal here: pipe it" in done.stderr
+
+
 def test_voice_names_and_folder_are_checked_before_the_model_loads(tmp_path, monkeypatch, capsys):
     sf.write(tmp_path / "tone.wav", np.zeros(2400, np.float32), 24_000)
     no_model = ["--model", str(tmp_path / "no-model")]  # reaching the model would fail on this instead

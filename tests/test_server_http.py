@@ -411,6 +411,7 @@ def test_settings_from_environment(monkeypatch):
     ("prefill_rows", -1, "CSM_GGUF_PREFILL_ROWS"), ("threads", -1, "CSM_GGUF_THREADS must be a whole number from 0"),
     ("threads", 10_000, "CSM_GGUF_THREADS must be a whole number from 0"),
     ("gpu_layers", -5, "CSM_GGUF_GPU_LAYERS must be a whole number from -1"),
+    ("gpu_layers", 2**32, "CSM_GGUF_GPU_LAYERS must be a whole number from -1"),  # llama.cpp's int32: it was 0
     ("max_streams", 1000, "CSM_GGUF_MAX_STREAMS must be a whole number from 1 to 248"),
     ("max_queue", -1, "^CSM_GGUF_QUEUE must be >= 0, got -1$"),  # it alone, not beside another setting
     ("ws_idle_s", 0, "^CSM_GGUF_WS_IDLE_S must be >= 1, got 0$"),
