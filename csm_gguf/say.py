@@ -371,10 +371,11 @@ def manage_voices(args) -> int:
     from . import voices
 
     alone = "--list-voices" if args.list_voices else "--delete-voice"
-    others = [args.text, args.input, args.output, args.save_voice, args.voice, args.context or None]
+    others = [args.text, args.input, args.output, args.save_voice, args.voice, args.context or None, args.speaker,
+              args.seed, args.save_codes, args.format, args.max_audio_ms, args.dialogue or None, args.play or None]
     if any(x is not None for x in others) or (args.list_voices and args.delete_voice is not None):
-        raise UsageError(f"{alone} runs on its own: give it without text, --input, --output or other voice "
-                         "options")
+        raise UsageError(f"{alone} runs on its own: give it without text, --input, --output, other voice options "
+                         "or options for speaking")
     if args.list_voices:
         print("\n".join(voices.describe(name, listed_model(args)) for name in voices.all_voices()))
         return 0

@@ -417,6 +417,9 @@ def test_a_voice_is_saved_with_its_codes_or_not_at_all():
      "voice 'broken' exists: delete it first (--delete-voice broken)"),
     (["hi", "--delete-voice", "broken", "-o", "{tmp}/x.wav"], "--delete-voice runs on its own"),
     (["--list-voices", "--delete-voice", "broken"], "--list-voices runs on its own"),
+    (["--list-voices", "--speaker", "3"], "--list-voices runs on its own"),  # they were ignored
+    (["--list-voices", "--dialogue"], "--list-voices runs on its own"),
+    (["--delete-voice", "broken", "--seed", "3"], "--delete-voice runs on its own"),
     (["--delete-voice", "alloy"], "'alloy' is a built-in voice; only saved voices can be deleted"),
 ])
 def test_bad_input_is_a_clear_error_with_no_output(f32_model, tmp_path, capsys, args, message):
