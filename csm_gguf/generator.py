@@ -27,6 +27,7 @@ from .heads import CodebookHeads, Draws, gpu_present, race_noise, top_k_bucket
 from .llama import ContextOptions, EmbeddingModel, default_threads
 from .model import CSMModel
 from .prompt_cache import PromptCache
+from .read_ahead import calling_thread
 from .sampling import Sampling
 
 
@@ -499,7 +500,7 @@ class Generator:
 
     def speak(self, prompt: np.ndarray, sampling: Sampling, shared: int = 0) -> Iterator[np.ndarray]:
         """`generate` from prompt embeddings (`prompt_embeddings`, `embed`)."""
-        me = threading.get_ident()
+        me = calling_thread()  # a read-ahead's producer calls for its consumer
         with self.lock:
             while not self.free_slots and self.backbone.ctx:
                 if self._generating[me]:  # waiting for our own unfinished generator would never end

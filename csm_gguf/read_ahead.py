@@ -17,13 +17,22 @@ from typing import TypeVar
 T = TypeVar("T")
 _END = object()
 POLL_S = 0.05  # a producer waiting for room looks this often whether its consumer has gone
+_producing = threading.local()  # in a producer's thread: `for_thread`, the thread its items are made for
+
+
+def calling_thread() -> int:
+    """The thread a call is made for: the current one, or in a producer here, its consumer's. (The generator
+    counts a thread's own unfinished streams by it: one held by a read-ahead counts as its consumer's, whose
+    next call must fail rather than wait for a slot that stream holds.)"""
+    return getattr(_producing, "for_thread", None) or threading.get_ident()
 
 
 def read_ahead(items: Iterable[T], depth: int = 2, name: str = "read-ahead") -> Iterator[T]:
     """`items`, iterated in a new thread up to `depth` items ahead of the caller."""
     made: queue.Queue = queue.Queue(depth)
     stop = threading.Event()
-    thread = threading.Thread(target=_produce, args=(iter(items), made, stop), name=name, daemon=True)
+    thread = threading.Thread(target=_produce, args=(iter(items), made, stop, calling_thread()), name=name,
+                              daemon=True)
     thread.start()
     try:
         while (item := made.get()) is not _END:
@@ -40,7 +49,8 @@ class _Failed:
         self.error = error
 
 
-def _produce(items: Iterator, made: queue.Queue, stop: threading.Event) -> None:
+def _produce(items: Iterator, made: queue.Queue, stop: threading.Event, for_thread: int) -> None:
+    _producing.for_thread = for_thread
     try:
         for item in items:
             if not _put(made, item, stop):

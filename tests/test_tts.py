@@ -296,6 +296,29 @@ def test_frames_read_ahead_give_the_same_speech(tts, monkeypatch):
         frames_read_ahead()
 
 
+def test_with_read_ahead_an_unfinished_stream_of_this_thread_is_an_error_too(tts, monkeypatch):
+    """Its slot is held by its producer's thread: the next call's producer waited for it, and this thread for that
+    producer, for ever. A stream made ahead counts as its consumer's."""
+    monkeypatch.setattr(tts, "read_ahead", True)
+    raised = []
+
+    def in_a_thread_of_its_own() -> None:  # so that a hang fails the test instead of stopping the suite
+        chunks = tts.stream(TEXT, temperature=0, max_audio_ms=2000)
+        next(chunks)  # its frames are made by a producer thread, which holds the only slot
+        try:
+            tts.generate(TEXT, temperature=0, max_audio_ms=160)
+        except RuntimeError as e:
+            raised.append(e)
+        chunks.close()
+
+    caller = threading.Thread(target=in_a_thread_of_its_own, daemon=True)
+    caller.start()
+    caller.join(30)
+    assert not caller.is_alive(), "the call waited for the slot its own thread's stream holds"
+    assert raised and "held by unfinished streams of this thread" in str(raised[0])
+    assert len(tts.generator.free_slots) == tts.generator.max_streams
+
+
 def test_a_stream_left_mid_way_gives_its_slot_back_at_once(tts, monkeypatch):
     """With frames made in a thread of their own, ahead of the decoding (read_ahead), a consumer that stops
     must find the stream's slot free when close() returns, not once that thread notices."""
