@@ -20,7 +20,7 @@ from .atomic import write_atomic
 from .formats import FRAME_MS
 from .generator import Segment, check_speaker
 from .model_dir import cache_root
-from .tts import NO_VOICE, Voice
+from .tts import NO_VOICE, Voice, check_transcript
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # fullmatch: "$" would let a final newline in
 # Device names on Windows, where no file may be called so (also with an extension: "con.voice.npz").
@@ -69,6 +69,8 @@ def voices_dir() -> Path:
 
 
 def _path(name: str) -> Path:
+    if not isinstance(name, str):
+        raise TypeError(f"a voice name is a string, got {type(name).__name__}")
     if not NAME.fullmatch(name):
         raise ValueError(f"bad voice name {name!r}: use letters, digits, '-', '_' or '.', starting with a letter or "
                          "digit (at most 64)")
@@ -154,10 +156,19 @@ def _save(name: str, voice: Voice) -> Path:
 
 def voice_bytes(voice: Voice) -> bytes:
     """A voice as the .npz archive it is kept in."""
+    if not isinstance(voice, Voice):
+        raise TypeError(f"save a Voice (voices.Voice(segments, speaker)), not a {type(voice).__name__}")
     if not voice.segments or any(seg.codes is None for seg in voice.segments):
         raise ValueError("a voice needs at least one context segment with audio")
-    meta = {"speaker": voice.speaker, "segments": [{"speaker": s.speaker, "text": s.text} for s in voice.segments]}
+    for who in (voice.speaker, *(s.speaker for s in voice.segments)):
+        check_speaker(who)  # (what loading checks: saved otherwise, the voice was "damaged" at its first use)
+    for s in voice.segments:
+        check_transcript(s.text)
+    meta = {"speaker": int(voice.speaker),
+            "segments": [{"speaker": int(s.speaker), "text": s.text} for s in voice.segments]}
     codes = [np.asarray(s.codes) for s in voice.segments]
+    if any(c.ndim != 2 for c in codes):
+        raise ValueError("voice codes are (frames, codebooks): make a segment with tts.segment")
     if any(c.dtype.kind not in "iu" or c.size and not 0 <= c.min() <= c.max() <= np.iinfo(np.int16).max for c in codes):
         raise ValueError("voice codes must be whole numbers from 0 to 32767 (check them with tts.segment)")
     arrays = {f"codes_{i}": c.astype(np.int16) for i, c in enumerate(codes)}

@@ -86,3 +86,26 @@ def test_a_voice_deleted_elsewhere_while_loading_is_unknown(tmp_path, monkeypatc
     monkeypatch.setattr(voices.np, "load", deleted_meanwhile)
     with pytest.raises(ValueError, match="unknown voice 'gone'"):
         voices.load_voice("gone")
+
+
+@pytest.mark.parametrize("voice, error", [
+    (Voice([Segment(np.int64(1), "Words.", random_codes(13, 64, seed=1))], np.int64(1)), None),  # tts.segment's
+    (Voice([Segment(0, "Words.", random_codes(13, 64, seed=1))], -3), "a speaker id is a whole number >= 0"),
+    (Voice([Segment(0, "Words.", random_codes(13, 64, seed=1))], 1.5), "a speaker id is a whole number >= 0"),
+    (Voice([Segment(0, None, random_codes(13, 64, seed=1))], 0), "a context segment's text is what its audio says"),
+    (Voice([Segment(0, "Words.", random_codes(13, 64, seed=1)[0])], 0), "voice codes are (frames, codebooks)"),
+    ([Segment(0, "Words.", random_codes(13, 64, seed=1))], "save a Voice (voices.Voice(segments, speaker))"),
+])
+def test_a_voice_is_saved_only_as_it_can_be_used(tmp_path, monkeypatch, voice, error):
+    """These saved (a JSON TypeError for numpy's ints aside) and then loaded as damaged, or not as given (a speaker
+    1.5 as 1, a text None as 'None')."""
+    monkeypatch.setenv("CSM_GGUF_VOICES", str(tmp_path))
+    if error is None:
+        voices.save_voice("v", voice)
+        assert voices.load_voice("v").speaker == 1
+    else:
+        with pytest.raises((ValueError, TypeError), match=error.replace("(", r"\(").replace(")", r"\)")):
+            voices.save_voice("v", voice)
+        assert not list(tmp_path.iterdir())
+    with pytest.raises(TypeError, match="a voice name is a string, got NoneType"):
+        voices.load_voice(None)
