@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 import threading
 from dataclasses import asdict, dataclass, replace
@@ -170,6 +171,7 @@ class CSM:
         codec_device: str = "cpu",
     ):
         check_options(n_threads, n_gpu_layers, max_streams)
+        n_threads, n_gpu_layers, max_streams = int(n_threads), int(n_gpu_layers), int(max_streams)  # numpy's too
         if codec_device != "cpu":
             check_torch_device(codec_device)
         self.model = CSMModel(find_model(model))
@@ -445,6 +447,7 @@ class CSM:
         """Frames of each piece in turn, each after what was said before it (`context`); with piece_ends, a
         None after each piece."""
         for piece in pieces:
+            self._check_open()  # (a generator made before close, first read after it: an AttributeError inside)
             made = []
             prompt, shared = context.prompt(piece)  # shared: the voice prompt, read once, then from the cache
             for frame in self.generator.speak(prompt, piece.sampling, shared):
@@ -497,8 +500,9 @@ class CSM:
                       speed: float = 1.0) -> Iterator[np.ndarray]:
         """Frames of codes -> audio chunks through one streaming codec state (no seams between chunks),
         time-stretched to `speed` unless it is 1. A None among the frames decodes those pending at once."""
-        if isinstance(chunk_frames, bool) or not isinstance(chunk_frames, int) or chunk_frames < 1:
+        if isinstance(chunk_frames, bool) or not isinstance(chunk_frames, numbers.Integral) or chunk_frames < 1:
             raise ValueError(f"chunk_frames must be a whole number >= 1, got {chunk_frames!r}")
+        chunk_frames = int(chunk_frames)
         audio = self._decode_stream(frames, chunk_frames)
         return audio if check_speed(speed) == 1.0 else stretched(audio, speed)
 

@@ -196,6 +196,21 @@ def test_close_frees_the_tokenizer_and_the_codec_and_with_closes(f32_model, monk
     assert freed == [vocab]
 
 
+def test_a_generator_made_before_close_and_first_read_after_it_says_so(f32_model):
+    with CSM(f32_model, n_threads=1) as tts:
+        frames = tts.frames("Hello.", voice="none", max_audio_ms=400)
+    with pytest.raises(RuntimeError, match="the model is closed"):  # was: AttributeError, deep in the embedding
+        next(frames)
+
+
+def test_numpy_whole_numbers_are_taken_where_ints_are(f32_model):
+    """max_streams=np.int64(2) passed the check, then failed in ctypes (TypeError, OverflowError)."""
+    with CSM(f32_model, n_threads=np.int64(1), max_streams=np.int64(2)) as tts:
+        chunks = list(tts.stream("Hi.", voice="none", seed=1, max_audio_ms=240, chunk_frames=np.int64(2)))
+        assert tts.generator.max_streams == 2 and [len(c) for c in chunks] == [2 * tts.codec.cfg.frame_size,
+                                                                                tts.codec.cfg.frame_size]
+
+
 @pytest.mark.parametrize("option, value, match", [
     ("max_streams", 0, "max_streams must be a whole number from 1 to 248, got 0"),
     ("max_streams", -1, "max_streams must be a whole number from 1 to 248"),
