@@ -293,12 +293,15 @@ class CSM:
     def check_context(self, segments: Sequence[Segment], what: str = "the context") -> None:
         """ValueError unless `segments` leave room in the model's context for any piece of text and its speech
         (`plan.context_room`): a longer context could never be spoken after."""
-        rows = sum(Heard(s, self.model.prompt_tokens(s.speaker, s.text)).rows for s in segments)
+        heard = [Heard(s, self.model.prompt_tokens(s.speaker, s.text)) for s in segments]
+        rows = sum(h.rows for h in heard)
         room = context_room(self.model.config.backbone.max_seq_len)
         if rows > room:
-            raise ValueError(f"{what} takes {rows} positions of the model's context, and beside a piece of text "
-                             f"and its speech there is room for {room} (about {room * FRAME_MS / 1000:.0f} s of "
-                             "audio with its words): use less audio (a voice prompt needs 5 to 30 s)")
+            words = sum(len(h.prompt) for h in heard)  # the rest are the audio's frames
+            raise ValueError(f"{what} takes {rows} positions of the model's context ({words} of them its words), "
+                             f"and beside a piece of text and its speech there is room for {room} (about "
+                             f"{room * FRAME_MS / 1000:.0f} s of audio with its words): use less audio or fewer "
+                             "words (a voice prompt needs 5 to 30 s and what it says)")
 
     def check_voice(self, voice: Voice) -> None:
         """ValueError unless `voice` can be saved: a prompt of at least MIN_VOICE_MS of audio, which leaves room

@@ -426,6 +426,12 @@ def test_context_that_leaves_the_text_too_little_room_is_refused(tts):
     assert len(tts.generate(TEXT, context=context, max_audio_ms=160)) == 2 * tts.codec.cfg.frame_size
 
 
+def test_a_context_too_long_in_words_says_so(tts):
+    """It said only 'use less audio', for a segment of ten frames and three thousand words."""
+    with pytest.raises(ValueError, match=r"\(30\d\d of them its words\).*use less audio or fewer words"):
+        tts.segment(0, "word " * 3000, codes=np.zeros((10, 32), dtype=np.int64))
+
+
 def test_dialogue_turns_hear_each_speakers_last_piece(tts, monkeypatch):
     """Each turn is spoken after the last thing each speaker said, in the order said; its codes are those of
     speaking the turn alone with that context, and piece i samples with seed + i."""
