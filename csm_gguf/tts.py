@@ -392,6 +392,10 @@ class CSM:
         makes on first use (seconds) and keeps (csm_gguf.builtin_voices)."""
         from .voices import load_voice
 
+        self._check_open()
+        if name == NO_VOICE:  # (a name that speaking takes, for no voice: there is no Voice of it)
+            raise ValueError(f"{NO_VOICE!r} is no voice but the raw model: speak with voice={NO_VOICE!r} (and a "
+                             "speaker id), there is nothing to load")
         return self.usable_voice(name, load_voice(name, self.model.path, self.prompt_codes))
 
     def usable_voice(self, name: str, voice: Voice) -> Voice:

@@ -189,7 +189,8 @@ def test_close_frees_the_tokenizer_and_the_codec_and_with_closes(f32_model, monk
         assert len(tts.generate("Hi.", voice="none", seed=1, max_audio_ms=160))
     assert freed == [vocab]
     for call in (lambda: tts.encode(np.zeros(4800, np.float32)), lambda: tts.decode(np.zeros((1, 32), int)),
-                 lambda: tts.generate("Hi.", voice="none"), lambda: tts.model.tokenize("Hi.")):
+                 lambda: tts.generate("Hi.", voice="none"), lambda: tts.model.tokenize("Hi."),
+                 lambda: tts.voice("alloy")):
         with pytest.raises(RuntimeError, match="the model is closed"):
             call()
     tts.close()  # twice: nothing more to free
@@ -424,6 +425,12 @@ def test_context_that_leaves_the_text_too_little_room_is_refused(tts):
     with pytest.raises(PromptTooLong, match=r"may need up to 25 frames more \(2 s of speech\)"):
         tts.generate(TEXT, context=context, max_audio_ms=2000)
     assert len(tts.generate(TEXT, context=context, max_audio_ms=160)) == 2 * tts.codec.cfg.frame_size
+
+
+def test_the_voice_none_is_nothing_to_load(tts):
+    """It said "unknown voice 'none' (... 'none' for none ...)"."""
+    with pytest.raises(ValueError, match="'none' is no voice but the raw model"):
+        tts.voice("none")
 
 
 def test_a_context_too_long_in_words_says_so(tts):
