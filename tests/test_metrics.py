@@ -188,6 +188,28 @@ def server_side(client: socket.socket) -> socket.socket:
     raise AssertionError("no server socket for this client")
 
 
+def raw_websocket(base: str, receive_buffer: int | None = None) -> socket.socket:
+    """A websocket client's socket, upgraded (the head read alone: what follows stays unread), that then answers
+    nothing, not even pings."""
+    sock = socket.socket()
+    if receive_buffer is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.connect(("127.0.0.1", int(base.rsplit(":", 1)[1])))
+    sock.sendall(UPGRADE)
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    assert head.startswith(b"HTTP/1.1 101")
+    return sock
+
+
+def wait_for_no_session(base: str, why: str, within: float) -> None:
+    deadline = time.monotonic() + within
+    while scrape(base)[("csm_gguf_websocket_sessions", ())] > 0:
+        assert time.monotonic() < deadline, f"the session of a client that {why} is still open"
+        time.sleep(0.1)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the server's socket in /proc/self/fd")
 def test_a_websocket_client_that_stops_reading_loses_its_session(base, monkeypatch):
     """Its session's sends block once the buffers are full: without a send timeout the session, its thread and
@@ -195,38 +217,16 @@ def test_a_websocket_client_that_stops_reading_loses_its_session(base, monkeypat
     from csm_gguf.server import limits
 
     monkeypatch.setattr(limits, "STALLED_CLIENT_S", 1.0)  # read as each connection arrives
-    port = int(base.rsplit(":", 1)[1])
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", port))
+    sock = raw_websocket(base, receive_buffer=4096)
     try:
-        sock.sendall(UPGRADE)
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += sock.recv(1)  # the head alone: what follows stays unread
-        assert head.startswith(b"HTTP/1.1 101")
         with server_side(sock) as server:  # small buffers on both sides: the server's sends block soon
             server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         speech = {"type": "speech", "input": "A sentence that goes on for a while, and then some more. " * 20,
                   "response_format": "pcm", "speed": 0.25, "temperature": 0}
         sock.sendall(masked_text_frame(json.dumps(speech)))
-        deadline = time.monotonic() + 30
-        while scrape(base)[("csm_gguf_websocket_sessions", ())] > 0:
-            assert time.monotonic() < deadline, "the session of a client that reads nothing is still open"
-            time.sleep(0.2)
+        wait_for_no_session(base, "reads nothing", within=30)
     finally:
         sock.close()
-
-
-def raw_websocket(base: str) -> socket.socket:
-    """A websocket client's socket, upgraded, that then answers nothing (not even pings)."""
-    sock = socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1])), timeout=10)
-    sock.sendall(UPGRADE)
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += sock.recv(1)
-    assert head.startswith(b"HTTP/1.1 101")
-    return sock
 
 
 def test_a_websocket_client_that_answers_no_ping_loses_its_session(server, monkeypatch):
@@ -238,10 +238,7 @@ def test_a_websocket_client_that_answers_no_ping_loses_its_session(server, monke
     monkeypatch.setattr(app.extensions["csm_gguf.websockets"], "idle_s", 60)  # not the idle timeout's closing
     sock = raw_websocket(base)
     try:
-        deadline = time.monotonic() + 10
-        while scrape(base)[("csm_gguf_websocket_sessions", ())] > 0:
-            assert time.monotonic() < deadline, "the session of a client that answers no ping is still open"
-            time.sleep(0.1)
+        wait_for_no_session(base, "answers no ping", within=10)
     finally:
         sock.close()
 
