@@ -58,6 +58,10 @@ class Spread:
     def of(cls, values: list[float]) -> Spread:
         return cls(statistics.median(values), min(values), max(values), values)
 
+    def nearest_median(self) -> int:
+        """The index of the value nearest the median (a run whose other figures go with it)."""
+        return min(range(len(self.values)), key=lambda i: abs(self.values[i] - self.median))
+
 
 class Profile:
     """Exclusive wall time per call path ("step/backbone", ...) of the callables it wraps."""
@@ -445,9 +449,8 @@ def concurrency(tts, n_streams: int, frames: int, seed: int, args) -> Concurrenc
         host_ms = step_host_ms(gen, lambda: utterances(min(frames, HOST_FRAMES))[2])
     finally:
         gen.close()
-    xrts = [samples / SAMPLE_RATE / seconds for seconds, _, _, samples in runs]
-    spread = Spread.of(xrts)
-    seconds, made, steps, samples = runs[min(range(len(runs)), key=lambda i: abs(xrts[i] - spread.median))]
+    spread = Spread.of([samples / SAMPLE_RATE / seconds for seconds, _, _, samples in runs])
+    seconds, made, steps, samples = runs[spread.nearest_median()]
     xrt = spread.median
     return Concurrency(n_streams, frames, seconds, xrt, n_streams / xrt if xrt else None, host_ms, made, steps,
                        samples / SAMPLE_RATE, spread)
@@ -706,7 +709,7 @@ def served(model_dir: Path, counts: list[int], frames: int, args, frame_samples:
                 runs.append((seconds, sum(a for _, a in good_here) / SAMPLE_RATE))
                 good += good_here
             xrts = Spread.of([audio / seconds for seconds, audio in runs])
-            seconds, audio = runs[min(range(len(runs)), key=lambda i: abs(xrts.values[i] - xrts.median))]
+            seconds, audio = runs[xrts.nearest_median()]
             out.append(Served(n, frames, seconds, xrts.median, Spread.of([f for f, _ in good]) if good else None,
                               errors, short, audio, xrts))
             for e in errors:
