@@ -449,7 +449,7 @@ MUTATIONS = [
       [("            self.queue.append(FLUSH)  # another format", "            pass  # another format")],
       ["tests/test_server_websocket.py::test_websocket_a_format_change_ends_the_file_being_sent_with_its_done"]),
     M("batch_run", "batch's worker settings are left to the workers (a traceback inside Ray)",
-      [("    check_resources(gpu_layers, gpus, threads, address)\n", "")],
+      [("    check_worker(threads, gpu_layers, streams, gpus, address)\n", "")],
       ["tests/test_batch.py::test_bad_settings_are_refused_before_anything_runs"]),
     M("convert", "an empty --output-dir is the default (the cache's model replaced)",
       [('        if getattr(args, option) == "":', '        if getattr(args, option) == "" and False:')],

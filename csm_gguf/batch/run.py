@@ -57,8 +57,8 @@ def synthesize(
     from ..voices import NO_VOICE, voice_speaker
 
     start = time.perf_counter()
-    fmt = check_settings(format, speaker, temperature, top_k, seed, max_audio_ms, workers, streams, threads, metadata)
-    check_resources(gpu_layers, gpus, threads, address)
+    fmt = check_settings(format, speaker, temperature, top_k, seed, max_audio_ms, workers, threads, metadata)
+    check_worker(threads, gpu_layers, streams, gpus, address)
     if not str(output_dir):
         raise InputError("the output folder is empty: give a folder (made if need be)")
     if Path(output_dir).exists() and not Path(output_dir).is_dir():
@@ -109,30 +109,30 @@ def _run(rows: list[Row], entries: dict[str, dict], folder: Path, pool: Pool, fm
     return tally.summary(time.perf_counter() - start)
 
 
-def check_resources(gpu_layers: int, gpus: float, threads: int, address: str | None) -> None:
-    """A worker's share of a node, before Ray starts (a worker's own checks fail inside Ray, as a traceback)."""
+def check_worker(threads: int, gpu_layers: int, streams: int, gpus: float, address: str | None) -> None:
+    """A worker's numbers, checked as its CSM will check them, but before Ray starts (a worker's own checks fail
+    inside Ray, as a traceback)."""
     from ..generator import check_options
 
-    names = {"n_threads": "threads (--threads)", "n_gpu_layers": "gpu_layers (--gpu-layers)"}
-    check_options(threads if address is None else 0, gpu_layers, 1, names)  # a cluster's nodes: their own cores
+    names = {"n_threads": "threads (--threads)", "n_gpu_layers": "gpu_layers (--gpu-layers)",
+             "max_streams": "streams (--streams)"}
+    check_options(threads if address is None else 0, gpu_layers, streams, names)  # a cluster's nodes: their cores
     if isinstance(gpus, bool) or not isinstance(gpus, (int, float)) or not gpus >= 0:
         raise ValueError(f"gpus (--gpus) must be a number >= 0, got {gpus!r}")
 
 
 def check_settings(fmt: str, speaker: int | None, temperature: float, top_k: int, seed: int,
-                   max_audio_ms: float | None, workers: int, streams: int, threads: int, metadata: str | None) -> str:
+                   max_audio_ms: float | None, workers: int, threads: int, metadata: str | None) -> str:
     """The format, once every setting is checked (before anything loads)."""
     from ..audio import check_format
-    from ..generator import MAX_STREAMS, Sampling, check_speaker
+    from ..generator import Sampling, check_speaker
 
     Sampling(temperature, top_k, seed, 1.0 if max_audio_ms is None else max_audio_ms)  # its checks and messages
     if speaker is not None:
         check_speaker(speaker)
-    for name, value, least, most in (("workers", workers, 1, None), ("streams", streams, 1, MAX_STREAMS),
-                                     ("threads", threads, 0, None)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least or most is not None and value > most:
-            within = f"from {least} to {most}" if most is not None else f">= {least}"
-            raise ValueError(f"{name} (--{name}) must be a whole number {within}, got {value!r}")
+    for name, value, least in (("workers", workers, 1), ("threads", threads, 0)):  # the rest: check_worker
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} (--{name}) must be a whole number >= {least}, got {value!r}")
     if metadata is not None and metadata not in METADATA_LAYOUTS:
         raise ValueError(f"unknown metadata layout {metadata!r}; known: {', '.join(METADATA_LAYOUTS)}")
     if metadata == "ljspeech" and fmt != "wav":
