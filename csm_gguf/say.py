@@ -25,8 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dialogue", action="store_true",
                    help="the text is a conversation: one turn per line, SPEAKER: TEXT, where SPEAKER is a speaker id "
                    "or a voice name; each turn is spoken after the ones before it")
-    p.add_argument("--output", "-o", help="output file, or '-' for stdout (default: named after the text; with "
-                   "--play, none)")
+    p.add_argument("--output", "-o", help="output file, or '-' for stdout (a pipe or a file, not a terminal; default: "
+                   "named after the text; with --play, none)")
     p.add_argument("--play", "-p", action="store_true", help="play the speech while it is made (through "
                    "$CSM_GGUF_PLAYER if set, else paplay, aplay, ffplay or sox's play)")
     p.add_argument("--format", "-f", choices=FORMATS, help="audio format (default: from --output's extension, "
