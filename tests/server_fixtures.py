@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import os
+import select
 import socket
 import threading
 import time
@@ -110,6 +111,16 @@ def open_stream(base: str, body: dict) -> socket.socket:
     sock.sendall(b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
     return sock
+
+
+def refused(socks: list[socket.socket]) -> list[bytes]:
+    """The answers so far of the raw streams in `socks` that did not begin with 200 (peeked: left unread)."""
+    answers = []
+    for sock in select.select(socks, [], [], 0)[0]:  # those with an answer (a timed socket's recv would wait)
+        head = sock.recv(4096, socket.MSG_PEEK)
+        if not head.startswith(b"HTTP/1.1 200"):
+            answers.append(head)
+    return answers
 
 
 def hang_up(sock: socket.socket) -> None:

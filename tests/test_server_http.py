@@ -41,6 +41,7 @@ from server_fixtures import (
     pcm,
     post,
     reference,
+    refused,
     running_ffmpeg_children,
     wait_idle,
     ws_collect,
@@ -297,7 +298,8 @@ def test_full_queue_answers_429_and_nothing_leaks(base, engine):
     try:
         deadline = time.monotonic() + 20
         while (len(engine.active), len(engine.waiting)) != (MAX_STREAMS, MAX_QUEUE):  # settled between frames
-            assert time.monotonic() < deadline, engine.stats()
+            # A request answered otherwise (once: a 400 in CI, unexplained) shows its answer here.
+            assert time.monotonic() < deadline and not refused(socks), (engine.stats(), refused(socks))
             time.sleep(0.01)
         health = httpx.get(f"{base}/health").json()
         assert (health["active_streams"], health["queue_depth"]) == (MAX_STREAMS, MAX_QUEUE)
