@@ -424,6 +424,9 @@ def test_context_that_leaves_the_text_too_little_room_is_refused(tts):
     context = [Segment(1, empty.text, np.ones((frames, 32), dtype=np.int64))]
     with pytest.raises(PromptTooLong, match=r"may need up to 25 frames more \(2 s of speech\)"):
         tts.generate(TEXT, context=context, max_audio_ms=2000)
+    for lazy in (tts.frames, tts.stream):  # at the call, not at the first frame (the caller may be far away by then)
+        with pytest.raises(PromptTooLong):
+            lazy(TEXT, context=context, max_audio_ms=2000)
     assert len(tts.generate(TEXT, context=context, max_audio_ms=160)) == 2 * tts.codec.cfg.frame_size
 
 
