@@ -529,11 +529,15 @@ class CSM:
             pending.clear()
             return audio
 
-        for frame in frames:
+        k = self.model.config.num_codebooks
+        for i, frame in enumerate(frames):
             if frame is None:  # decode what is pending now (see stream_text)
                 if pending:
                     yield flush()
                 continue
+            frame = np.asarray(frame)
+            if frame.shape != (k,):  # said of this frame: a stacked chunk's shape would not tell which was wrong
+                raise ValueError(f"frame {i} must be one frame of {k} codes, shape ({k},), got shape {frame.shape}")
             pending.append(frame)
             if len(pending) >= chunk_frames:
                 yield flush()
