@@ -264,6 +264,7 @@ class CSM:
         """Codes (frames, 32) -> audio."""
         import torch
 
+        self._check_open()  # also for no frames: whatever is decoded after close is a mistake
         codes = check_codes(codes, self.model.config.num_codebooks, self.model.n_codes)
         if not len(codes):
             return np.zeros(0, dtype=np.float32)

@@ -189,6 +189,7 @@ def test_close_frees_the_tokenizer_and_the_codec_and_with_closes(f32_model, monk
         assert len(tts.generate("Hi.", voice="none", seed=1, max_audio_ms=160))
     assert freed == [vocab]
     for call in (lambda: tts.encode(np.zeros(4800, np.float32)), lambda: tts.decode(np.zeros((1, 32), int)),
+                 lambda: tts.decode(np.zeros((0, 32), int)),
                  lambda: tts.generate("Hi.", voice="none"), lambda: tts.model.tokenize("Hi."),
                  lambda: tts.voice("alloy")):
         with pytest.raises(RuntimeError, match="the model is closed"):
