@@ -67,8 +67,8 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=TOP_K.default, help="sample among the K likeliest codes "
                    "(default: %(default)s)")
     p.add_argument("--seed", type=int, help="random seed: the same seed gives the same speech")
-    p.add_argument("--max-audio-ms", type=float, help="cut each piece of speech at this length (default: "
-                   "proportional to the text)")
+    p.add_argument("--max-audio-ms", type=float, help="cut each piece of speech at this length, in whole 80 ms "
+                   "frames, at least one (default: proportional to the text)")
 
 
 class UsageError(ValueError):
