@@ -486,6 +486,7 @@ def test_api_key(server, client, base, services):
         with pytest.raises(openai.AuthenticationError) as e:
             client.audio.speech.create(model="csm-1b", voice="alloy", input=TEXT)
         assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
+        assert e.value.response.headers["WWW-Authenticate"] == "Bearer"  # the scheme the key goes in (RFC 9110)
         ok = openai.OpenAI(base_url=f"{base}/v1", api_key="secret", max_retries=0)
         assert len(ok.audio.speech.create(model="csm-1b", voice="alloy", input="Hi.", response_format="pcm",
                                           extra_body=GREEDY).content) > 0
@@ -512,6 +513,9 @@ def test_unknown_routes_and_methods_answer_in_openai_shape(base):
     for response in (httpx.get(f"{base}/v1/nothing"), httpx.get(f"{base}/v1/audio/speech")):
         assert response.status_code in (404, 405) and set(response.json()["error"]) == {"message", "type", "param",
                                                                                          "code"}
+    # A 405 names the methods the resource takes (RFC 9110 15.5.6): the handler's own body dropped werkzeug's Allow.
+    assert set(httpx.get(f"{base}/v1/audio/speech").headers["Allow"].split(", ")) == {"POST", "OPTIONS"}
+    assert set(httpx.post(f"{base}/v1/models").headers["Allow"].split(", ")) == {"GET", "HEAD", "OPTIONS"}
 
 
 def test_plain_http_to_the_websocket_says_how_to_connect(base):

@@ -110,7 +110,7 @@ def test_voices_are_made_from_a_sample_used_and_deleted(client, base, engine, se
         client.audio.voices.create(name="lena", audio_sample=("lena.wav", sample), consent="cons_1",
                                    extra_body={"transcript": "Again."})
     deleted = client.audio.voices.delete("lena")
-    assert (deleted.id, deleted.deleted) == ("lena", True)
+    assert (deleted.id, deleted.object, deleted.deleted) == ("lena", "audio.voice.deleted", True)  # OpenAI's object
     assert "lena" not in [v["id"] for v in httpx.get(f"{base}/v1/audio/voices").json()["voices"]]
     with pytest.raises(openai.NotFoundError, match="no saved voice 'lena'"):
         client.audio.voices.delete("lena")
@@ -262,3 +262,22 @@ def test_built_in_and_default_voices_cannot_be_deleted(base, f32_model):
     assert response.status_code == 409 and "this server's default voice" in response.json["error"]["message"]
     assert response.json["error"]["param"] == "name"
     assert (voices_dir() / "narrator.npz").exists()
+
+
+def test_errors_a_retry_cannot_mend_tell_openai_clients_not_to_retry(base, services):
+    """OpenAI's client retries 409s and 5xx twice by default: a name in use was uploaded and encoded three times."""
+    sent = []
+    http = httpx.Client(event_hooks={"request": [sent.append]})
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", http_client=http)  # its default retries
+    sample = voice_wav(services.tts)
+    made = dict(name="twice", audio_sample=("v.wav", sample), consent="c", extra_body={"transcript": "Words."})
+    client.audio.voices.create(**made)
+    try:
+        sent.clear()
+        with pytest.raises(openai.ConflictError) as e:
+            client.audio.voices.create(**made)
+        assert len(sent) == 1 and e.value.response.headers["x-should-retry"] == "false"
+    finally:
+        client.audio.voices.delete("twice")
+    bad = httpx.post(f"{base}/v1/audio/speech", json={"model": "csm-1b", "input": ""})
+    assert bad.status_code == 400 and "x-should-retry" not in bad.headers  # OpenAI's clients never retry a 400

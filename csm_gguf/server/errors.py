@@ -19,13 +19,20 @@ log = logging.getLogger(__name__)
 VOICES_PATH = "/v1/audio/voices"
 
 
+# Statuses that OpenAI's clients retry (408, 409, 429 and 5xx) but that the same request cannot fix: a name in
+# use, a full voices folder, a missing feature. Answered with `x-should-retry: false`, which those clients obey.
+NOT_RETRIED = frozenset({409, 501, 507})
+
+
 class ApiError(Exception):
-    """An error answered in OpenAI's shape."""
+    """An error answered in OpenAI's shape. `retry`: whether a client may send the same request again (default:
+    by status, see NOT_RETRIED)."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
+                 type: str = "invalid_request_error", retry: bool | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.retry = status not in NOT_RETRIED if retry is None else retry
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -58,6 +65,10 @@ def api_error(e: ApiError):
     response.status_code = e.status
     if e.status == 429:
         response.headers["Retry-After"] = "1"
+    if e.status == 401:  # the scheme a key goes in (RFC 9110 15.5.2)
+        response.headers["WWW-Authenticate"] = "Bearer"
+    if not e.retry:
+        response.headers["x-should-retry"] = "false"
     return response
 
 
@@ -69,7 +80,11 @@ def http_error(e: HTTPException):
         message = (f"a voice upload is at most {MAX_VOICE_UPLOAD >> 20} MiB: send a shorter or compressed "
                    "recording (5 to 30 s is plenty)" if request.path == VOICES_PATH else
                    f"a request is at most {MAX_SPEECH_REQUEST >> 20} MiB: send shorter context audio")
-    return api_error(ApiError(e.code or 500, message, code=e.name.lower().replace(" ", "_")))
+    response = api_error(ApiError(e.code or 500, message, code=e.name.lower().replace(" ", "_")))
+    for name, value in e.get_headers():  # such as a 405's Allow (RFC 9110 15.5.6); the body is ours
+        if name.lower() not in ("content-type", "content-length"):
+            response.headers[name] = value
+    return response
 
 
 def websocket_mismatch(e: WebsocketMismatch):
@@ -103,7 +118,7 @@ def folder_error(e: VoicesFolderError) -> ApiError:
     folder = ("cache folder (CSM_GGUF_CACHE), where built-in voices' prompts are kept"
               if isinstance(e, PromptCacheError) else "voices folder (CSM_GGUF_VOICES)")
     return ApiError(500, f"the server cannot use its {folder}: its log says why", type="server_error",
-                    code="voices_folder")
+                    code="voices_folder", retry=False)  # the operator's to fix
 
 
 def voices_folder_error(e: VoicesFolderError):

@@ -140,7 +140,7 @@ def remove_voice(name: str):
     if not deleted:  # (param: the name, which is the id, as when the voice was made)
         raise ApiError(404, f"no saved voice {name!r}; saved: {', '.join(list_voices()) or 'none'}",
                        param="name", code="voice_not_found")
-    return {"id": name, "object": "audio.voice", "deleted": True}
+    return {"id": name, "object": "audio.voice.deleted", "deleted": True}
 
 
 @bp.post("/v1/audio/speech")
