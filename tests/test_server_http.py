@@ -169,6 +169,28 @@ def test_sse_events(client, base):
     assert usage["output_tokens"] == 10 and usage["total_tokens"] == usage["input_tokens"] + 10
 
 
+def test_an_sse_stream_that_fails_part_way_ends_with_an_error_event(base, engine, monkeypatch):
+    """It stopped without a word (no last chunk, no event): a client could not tell it from a network's cut."""
+    from csm_gguf.server.engine import Job
+
+    calls, next_audio = [], Job.next_audio
+
+    def failing_later(job, timeout=None):
+        calls.append(1)
+        if len(calls) == 3:
+            raise ValueError("a later piece failed (test)")
+        return next_audio(job, timeout)
+
+    monkeypatch.setattr(Job, "next_audio", failing_later)
+    body = {"model": "csm-1b", "input": TEXT, "response_format": "pcm", "stream_format": "sse", **GREEDY}
+    with httpx.stream("POST", f"{base}/v1/audio/speech", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+    assert [e["type"] for e in events] == ["speech.audio.delta"] * (len(events) - 1) + ["error"]
+    assert events[-1]["error"]["message"] == "a later piece failed (test)" and len(events) > 1
+    wait_idle(engine)
+
+
 def test_first_bytes_leave_early_and_disconnect_frees_the_slot(base, engine):
     sock = open_stream(base, {"model": "csm-1b", "input": TEXT, "response_format": "pcm", "max_audio_ms": 60_000})
     received = b""

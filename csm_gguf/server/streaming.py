@@ -16,6 +16,7 @@ from flask import Response, stream_with_context
 from ..audio import StreamEncoder
 from .connection import client_socket
 from .engine import Job
+from .errors import generation_error
 
 
 class ClientGone(Exception):
@@ -83,9 +84,13 @@ def encoded(audio: Iterator[np.ndarray], encoder: StreamEncoder) -> Iterator[byt
 
 
 def sse_events(job: Job, audio: Iterator[np.ndarray], fmt: str) -> Iterator[bytes]:
-    for data in encoded(audio, StreamEncoder(fmt)):
-        if data:
-            yield sse({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
+    try:
+        for data in encoded(audio, StreamEncoder(fmt)):
+            if data:
+                yield sse({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
+    except Exception as e:  # a later piece, or its decoding, failed: said as the websocket says it, in place of
+        yield sse({"type": "error", **generation_error(e).body()})  # done (a cut stream looks like a network's)
+        return
     yield sse({"type": "speech.audio.done", "usage": job.usage()})
 
 
