@@ -27,6 +27,7 @@ from csm_gguf.audio import FORMATS, MEDIA_TYPES, load_audio, to_int16
 from csm_gguf.generator import Segment
 from csm_gguf.plan import TokenCounts, split_text
 from csm_gguf.sampling import Sampling
+from csm_gguf.server.schemas import MODELS
 from csm_gguf.tempo import change_speed
 from server_fixtures import (
     GREEDY,
@@ -413,7 +414,7 @@ def test_a_model_is_retrieved_as_listed(client, base):
     error = response.json()["error"]
     assert response.status_code == 404
     assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", "model_not_found", None)
-    assert "'gpt-4o'" in error["message"] and "csm-1b, tts-1, tts-1-hd, gpt-4o-mini-tts" in error["message"]
+    assert "'gpt-4o'" in error["message"] and ", ".join(MODELS) in error["message"]
 
 
 def test_settings_from_environment(monkeypatch):
@@ -481,7 +482,9 @@ OK = {"model": "csm-1b", "input": TEXT, "voice": "alloy"}
     ({**OK, "seed": -3}, "seed", "out_of_range"),
     ({**OK, "max_audio_ms": 0}, "max_audio_ms", "out_of_range"),
     ({**OK, "speaker_id": True}, "speaker_id", "invalid_value"),
-    ({**OK, "instructions": "x" * 4097}, "instructions", "invalid_value"),
+    ({**OK, "instructions": "x" * 4097}, "instructions", "string_above_max_length"),  # as input's
+    ({**OK, "instructions": 5}, "instructions", "invalid_value"),
+    ({**OK, "voice": {"id": "alloy", "colour": "blue"}}, "voice", "unknown_parameter"),  # as any unknown field
     ({**OK, "context": {"a": 1}}, "context", "invalid_value"),
     ({**OK, "context": [{"speaker": 0, "text": "hi"}]}, "context[0]", "invalid_value"),
     ({**OK, "context": [{"speaker": 0, "text": "hi", "codes": [[1] * 31]}]}, "context[0].codes", "invalid_value"),
@@ -499,6 +502,17 @@ def test_bad_requests_get_400_in_openai_shape(base, body, param, code):
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert (error["param"], error["code"], error["type"]) == (param, code, "invalid_request_error")
+
+
+def test_a_speech_request_sent_as_a_form_says_to_send_json(base):
+    """curl -F sends multipart/form-data: the 400 said only 'Expecting value: line 1 column 1'."""
+    response = httpx.post(f"{base}/v1/audio/speech", files={"model": (None, "csm-1b"), "input": (None, TEXT)})
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["code"] == "invalid_json"
+    assert error["message"].startswith("the request body (sent as multipart/form-data: send JSON, as application/json)")
+    as_text = httpx.post(f"{base}/v1/audio/speech", content=json.dumps({**OK, "response_format": "pcm", **GREEDY}),
+                         headers={"Content-Type": "text/plain"})
+    assert as_text.status_code == 200  # JSON of another declared type is still read
 
 
 def test_api_key(server, client, base, services):

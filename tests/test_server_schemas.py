@@ -144,7 +144,8 @@ def test_websocket_speech_refuses_what_only_shapes_http_responses(field):
 def test_a_model_of_the_wrong_type_is_named_as_such(tts):
     error = refused({**OK, "model": 1}, tts)
     assert (error.param, error.code) == ("model", "invalid_value")
-    assert error.message == "'model' must be a string, one of: csm-1b, tts-1, tts-1-hd, gpt-4o-mini-tts"
+    assert error.message == ("'model' must be a string, one of: csm-1b, tts-1, tts-1-hd, gpt-4o-mini-tts, "
+                             "gpt-4o-mini-tts-2025-12-15")
     for body in ({"input": "Hello."}, {"input": "Hello.", "model": None}):  # null: left out (as for voice)
         assert (refused(body, tts).param, refused(body, tts).code) == ("model", "missing_required_parameter")
 

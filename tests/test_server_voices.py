@@ -197,7 +197,9 @@ def test_a_voice_from_a_phone_recording(client, engine, tmp_path, services):
     ({"name": "v1", "transcript": "Words.", "type": "prompt"}, {"audio_sample": True}, "type", 400,
      "cannot be made from a text prompt"),
     ({"name": "v1", "transcript": "Words.", "prompt": "warm"}, {"audio_sample": True}, "prompt", 400,
-     "unrecognized request argument: 'prompt'"),
+     "cannot be made from a text prompt"),  # OpenAI's field of the prompt type: refused as that type is
+    ({"name": "v1", "transcript": "Words.", "colour": "red"}, {"audio_sample": True}, "colour", 400,
+     "unrecognized request argument: 'colour'"),
     ({"name": "v1", "transcript": "Words."}, {"audio_sample": b"not audio"}, "audio_sample", 400,
      "audio_sample: cannot read audio from v.wav: Format not recognised"),
     ({"name": "v1", "transcript": "Words."}, {"audio_sample": b""}, "audio_sample", 400, "v.wav: it is empty"),
@@ -224,6 +226,14 @@ def test_bad_voice_uploads_are_refused_and_save_nothing(base, engine, form, file
     error = response.json()["error"]
     assert (response.status_code, error["param"]) == (status, param) and message in error["message"], error
     assert sorted(p.name for p in voices_dir().iterdir()) == ["narrator.npz"]
+
+
+def test_openai_clients_voice_fields_are_taken(client, services):
+    """The client's voices.create sends `model` and `script_hint` where asked: they were unknown fields (400)."""
+    made = client.audio.voices.create(name="hinted", audio_sample=("v.wav", voice_wav(services.tts)), consent="c",
+                                      extra_body={"transcript": "Words.", "model": "auto", "script_hint": "Words."})
+    assert made.id == "hinted"
+    client.audio.voices.delete("hinted")
 
 
 def test_built_in_voices_need_no_voices_folder(base, tmp_path, monkeypatch):

@@ -147,7 +147,7 @@ def remove_voice(name: str):
 def speech():
     s = services()
     with s.place() as place:  # a request the server would refuse is refused before its body is read
-        req = s.parse(parse_json(speech_body()))
+        req = s.parse(parse_json(speech_body(), body_named()))
         job = s.submit(req, place=place, audio=s.decoders.open())
     environ = request.environ
     try:
@@ -180,6 +180,14 @@ def speech_response(req: SpeechRequest, job: Job, first: np.ndarray, environ: di
             raise generation_error(e) from None
         return Response(encode_audio(samples, req.response_format), mimetype=media_type)
     return streamed(encoded(audio, StreamEncoder(req.response_format)), media_type)
+
+
+def body_named() -> str:
+    """The body, as a JSON error names it: with the content type it came as, where that is a form (sent by
+    curl -F or a form's post), which is why it is no JSON. Others are read as JSON whatever their type."""
+    if request.mimetype in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        return f"the request body (sent as {request.mimetype}: send JSON, as application/json)"
+    return "the request body"
 
 
 def speech_body() -> bytes:

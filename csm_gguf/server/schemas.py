@@ -37,7 +37,7 @@ from .limits import MAX_CONTEXT_SEGMENTS, MAX_INPUT_CHARS, MAX_JSON_DEPTH, MAX_S
 if TYPE_CHECKING:
     from werkzeug.datastructures import FileStorage, MultiDict
 
-MODELS = ("csm-1b", "tts-1", "tts-1-hd", "gpt-4o-mini-tts")
+MODELS = ("csm-1b", "tts-1", "tts-1-hd", "gpt-4o-mini-tts", "gpt-4o-mini-tts-2025-12-15")  # OpenAI's SpeechModel
 FIELDS = {
     # OpenAI's fields
     "model", "input", "voice", "instructions", "response_format", "speed", "stream_format",
@@ -47,8 +47,11 @@ FIELDS = {
 
 
 # POST /v1/audio/voices, multipart/form-data: OpenAI's fields, then ours (CSM reads a voice prompt with
-# its words). OpenAI's `consent` (a consent recording's id) is accepted, not checked.
-VOICE_FIELDS = {"name", "audio_sample", "consent", "type", "transcript", "speaker_id"}
+# its words). OpenAI's `consent` (a consent recording's id) is accepted, not checked; `prompt` (a voice
+# described in words: type "prompt") is refused as that type is, and the prompt type's `model` and
+# `script_hint` are accepted and ignored.
+VOICE_FIELDS = {"name", "audio_sample", "consent", "type", "prompt", "model", "script_hint", "transcript",
+                "speaker_id"}
 
 
 @dataclass(frozen=True)
@@ -124,8 +127,11 @@ def parse_speech(body: Any, tts: CSM, default_voice: str = "alloy", need_input: 
     _model(body, need_input)
     text = _input(body, need_input, max_chars)
     instructions = body.get("instructions")  # accepted for compatibility; CSM takes no style instructions
-    if instructions is not None and (not isinstance(instructions, str) or len(instructions) > MAX_INPUT_CHARS):
+    if instructions is not None and not isinstance(instructions, str):
         raise invalid("instructions", f"'instructions' must be a string of at most {MAX_INPUT_CHARS} characters")
+    if instructions is not None and len(instructions) > MAX_INPUT_CHARS:  # as for input
+        raise invalid("instructions", f"'instructions' is {len(instructions)} characters long; at most "
+                      f"{MAX_INPUT_CHARS}", code="string_above_max_length")
     fmt, stream_format, stream = _output(body)
     speed = _value(body, SPEED)
     voice = body.get("voice")
@@ -218,14 +224,16 @@ def parse_voice(form: MultiDict[str, str], files: MultiDict[str, FileStorage], t
     unknown = sorted((set(form) | set(files)) - VOICE_FIELDS)
     if unknown:
         known = ", ".join(sorted(VOICE_FIELDS))
-        raise invalid(unknown[0], f"unrecognized request argument: {unknown[0]!r}; known: {known}")
+        raise invalid(unknown[0], f"unrecognized request argument: {unknown[0]!r}; known: {known}",
+                      code="unknown_parameter")
     misplaced = sorted(set(files) - {"audio_sample"}) or sorted(set(form) & {"audio_sample"})
     if misplaced:
         kind = "a text field, not a file" if misplaced[0] != "audio_sample" else "a file, not a text field"
         raise invalid(misplaced[0], f"send '{misplaced[0]}' as {kind} (multipart/form-data)")
-    if form.get("type", "audio_sample") != "audio_sample":
-        raise invalid("type", "CSM makes a voice from an audio sample and its transcript: 'type' must be "
-                      "'audio_sample' (a voice cannot be made from a text prompt)", code="unsupported_value")
+    if form.get("type", "audio_sample") != "audio_sample" or "prompt" in form:
+        raise invalid("type" if "type" in form else "prompt", "CSM makes a voice from an audio sample and its "
+                      "transcript: 'type' must be 'audio_sample' (a voice cannot be made from a text prompt)",
+                      code="unsupported_value")
     name = form.get("name")
     if not name:
         raise invalid("name", "'name' is required: the voice's name, which is also its id",
@@ -273,6 +281,9 @@ def voice_exists(name: str) -> ApiError:
 
 def _voice(voice: Any, load: Callable[[str], Voice]) -> tuple[int, list[Segment]]:
     if isinstance(voice, dict):
+        if set(voice) - {"id"}:  # as every other unknown field
+            raise invalid("voice", f"unrecognized field in 'voice': {sorted(set(voice) - {'id'})[0]!r}; a voice "
+                          "object has only 'id'", code="unknown_parameter")
         voice = voice.get("id")
     if voice == NO_VOICE:  # no prompt: the raw model
         return 0, []
