@@ -57,6 +57,8 @@ TARGETS = {
     "convert": "csm_gguf/convert.py",
     "say": "csm_gguf/say.py",
     "read_ahead": "csm_gguf/read_ahead.py",
+    "errors": "csm_gguf/server/errors.py",
+    "streaming": "csm_gguf/server/streaming.py",
 }
 # Fast subsets, the likeliest to fail first (pytest runs with -x).
 SHAPE = "tests/test_real_model_shape.py::test_greedy_codes_equal_transformers_with_a_wider_vocabulary"
@@ -463,6 +465,20 @@ MUTATIONS = [
     M("voices", "a voice is saved with a speaker it cannot be loaded with",
       [("        check_speaker(who)  # (what loading checks", "        pass  # (what loading checks")],
       ["tests/test_shared_voices.py::test_a_voice_is_saved_only_as_it_can_be_used"]),
+    M("tts", "a lazy stream refuses a context too long only at its first frame",
+      [("            heard.fitting(pieces[0])  # PromptTooLong now", "            pass  # PromptTooLong now")], [ROOM]),
+    M("tts", "decode_stream checks its frames only once stacked",
+      [("            if frame.shape != (k,):", "            if False:")],
+      ["tests/test_tts.py::test_api_refuses_bad_arguments_clearly"]),
+    M("errors", "OpenAI's clients retry what a retry cannot mend",
+      [('        response.headers["x-should-retry"] = "false"\n', "        pass\n")],
+      ["tests/test_server_voices.py::test_errors_a_retry_cannot_mend_tell_openai_clients_not_to_retry"]),
+    M("errors", "a 405 without Allow",
+      [("            response.headers[name] = value\n", "            pass\n")],
+      ["tests/test_server_http.py::test_unknown_routes_and_methods_answer_in_openai_shape"]),
+    M("streaming", "an SSE stream that fails part-way stops without a word",
+      [('        yield sse({"type": "error", **generation_error(e).body()})', "        raise")],
+      ["tests/test_server_http.py::test_an_sse_stream_that_fails_part_way_ends_with_an_error_event"]),
 ]
 
 
