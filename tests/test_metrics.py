@@ -12,6 +12,7 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import pytest
 from flask import Flask, Response
 from simple_websocket import Client as WsClient
@@ -21,7 +22,7 @@ from csm_gguf.server import metrics
 from csm_gguf.server.drain import Drain
 from csm_gguf.server.errors import register_error_handlers
 from replica_fixtures import UPGRADE, close_quietly, closed_with, scrape, upgrade_status
-from server_fixtures import serving
+from server_fixtures import pcm, serving
 
 GREEDY = {"temperature": 0, "max_audio_ms": 800}  # 10 frames
 MAX_WEBSOCKETS, IDLE_S = 2, 2
@@ -281,7 +282,10 @@ def test_drain_refuses_new_work_and_lets_streams_finish(server):
         assert httpx.get(f"{base}/health/live").status_code == 200
         assert scrape(base)[("csm_gguf_draining", ())] == 1
         received.extend(chunks)
-    assert b"".join(received) == whole  # greedy: the same speech as before the drain, all of it
+    # Greedy: the same speech as before the drain, all of it; within a step of int16, as the codec decodes the
+    # frames waiting for it in one step, which rounds a little differently on a busy machine (CI: a 1-step diff).
+    assert len(b"".join(received)) == len(whole)
+    np.testing.assert_allclose(pcm(b"".join(received)), pcm(whole), atol=1 / 32768)
     assert closed_with(idle, 3)[0] == 1001
     assert drain.wait(), f"{drain.describe()} after the drain's time"
     assert drain.in_flight == 0
