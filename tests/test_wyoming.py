@@ -327,14 +327,10 @@ def test_bad_events_are_answered_with_errors_and_the_connection_goes_on(greedy, 
                         await client.write_event(event)
                 answers.append(Error.from_event((await read_until(client, "error", "audio-start"))[-1]))
 
-            await expect_error(Synthesize(TEXT, voice=SynthesizeVoice(name="nobody")).event())
-            await expect_error(Synthesize("  ").event())
-            await expect_error(Synthesize(TEXT, voice=SynthesizeVoice(name="alloy", speaker="loud")).event())
             await expect_error(b"this is not json\n")
             await expect_error(b'["a list"]\n')
             await expect_error(b'{"type": "synthesize", "data_length": 5}\n', b"12345")
             await expect_error(b'{"no": "type"}\n')
-            await expect_error(Event("synthesize", {"voice": {"name": "alloy"}}))  # no text
             await expect_error(SynthesizeChunk(text="No stream was started.").event())
             await expect_error(SynthesizeStop().event())
             await client.write_event(Event("not-a-tts-event", {}))  # other kinds are ignored, as the protocol asks
@@ -345,11 +341,57 @@ def test_bad_events_are_answered_with_errors_and_the_connection_goes_on(greedy, 
         return answers
 
     *errors, audio = run(misbehave())
-    assert [e.code for e in errors] == ["voice_not_found", "invalid_value", "invalid_value", *["bad_event"] * 7]
-    assert "unknown voice 'nobody'" in errors[0].text and "alloy" in errors[0].text
-    assert "empty" in errors[1].text
-    assert "synthesize-start first" in errors[8].text
+    assert [e.code for e in errors] == ["bad_event"] * 6
+    assert "synthesize-start first" in errors[4].text
     assert len(audio) == 10 * frame_bytes(app)
+    wait_idle(engine)
+
+
+@pytest.mark.parametrize("refused, code, says", [
+    (Synthesize(TEXT, voice=SynthesizeVoice(name="nobody")).event(), "voice_not_found", "unknown voice 'nobody'"),
+    (Synthesize("  ").event(), "invalid_value", "empty"),
+    (Synthesize(TEXT, voice=SynthesizeVoice(name="alloy", speaker="loud")).event(), "invalid_value", "speaker"),
+    (Event("synthesize", {"voice": {"name": "alloy"}}), "bad_event", "KeyError: 'text'"),  # no text
+])
+def test_a_synthesize_that_cannot_be_spoken_is_an_error_after_the_audio_before_it_then_the_end(
+        greedy, engine, app, refused, code, says):
+    """Home Assistant's synthesize reads until audio-stop or the connection's end and takes no error event: a
+    refused one (a voice deleted since it was chosen) left it waiting for ever. As wyoming-piper, the error ends
+    the connection; and it comes in its turn, after the audio of the synthesize sent before it."""
+    async def pipelined():
+        async with greedy.client() as client:
+            await client.write_event(Synthesize(TEXT).event())
+            await client.write_event(refused)
+            events = []
+            while (event := await client.read_event()) is not None:
+                events.append(event)
+            return events
+
+    events = run(pipelined())
+    kinds = [e.type for e in events]
+    assert kinds == ["audio-start", *["audio-chunk"] * (len(kinds) - 3), "audio-stop", "error"], kinds
+    assert len(pcm_of(events)) == 10 * frame_bytes(app)
+    error = Error.from_event(events[-1])
+    assert error.code == code and says in error.text, error
+    wait_idle(engine)
+
+
+def test_a_synthesize_that_fails_before_its_first_audio_ends_the_connection(greedy, engine, monkeypatch):
+    async def failing(job):
+        raise ValueError("the prompt does not fit (test)")
+
+    monkeypatch.setattr(greedy.service, "next_audio", failing)
+
+    async def ask():
+        async with greedy.client() as client:
+            await client.write_event(Synthesize(TEXT).event())
+            events = []
+            while (event := await client.read_event()) is not None:
+                events.append(event)
+            return events
+
+    events = run(ask())
+    assert [e.type for e in events] == ["error"] and "does not fit" in Error.from_event(events[0]).text
     wait_idle(engine)
 
 

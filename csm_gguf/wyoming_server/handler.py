@@ -8,9 +8,11 @@
 
 A synthesize sent during a stream is ignored: Home Assistant (2025.7 and later) sends the whole text
 that way too, for servers that do not stream. Bad events are answered with `error` and the connection
-goes on; events of other kinds are ignored, as the protocol asks. The client closing its side ends its
-requests before their next frame, and so does a client that takes none of its audio for
-limits.STALLED_CLIENT_S (its connection is closed)."""
+goes on, but for a synthesize that cannot be spoken: its `error` (in its turn, after the audio asked for
+before it) ends the connection, as wyoming-piper's does, since its client waits for audio-stop or the end
+(Home Assistant's takes no error event). Events of other kinds are ignored, as the protocol asks. The
+client closing its side ends its requests before their next frame, and so does a client that takes none of
+its audio for limits.STALLED_CLIENT_S (its connection is closed)."""
 
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ class WyomingHandler(AsyncEventHandler):
     def __init__(self, service: WyomingService, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         super().__init__(reader, writer)
         self.service = service
-        self.speaker = Speaker(service, self.write_event, writer.transport.abort)
+        self.speaker = Speaker(service, self.write_event, writer.transport.abort, writer.close)
         self.stream: TextStream | None = None  # between synthesize-start and synthesize-stop
 
     async def run(self) -> None:
@@ -100,11 +102,7 @@ class WyomingHandler(AsyncEventHandler):
             await self.write_event(Pong(text=Ping.from_event(event).text).event())
         elif Synthesize.is_type(kind):
             if self.stream is None:  # else the stream's chunks are spoken, not this copy of their text
-                synthesize = _parsed(event, Synthesize)
-                voice = synthesize.voice
-                text = _text(synthesize.text, kind)
-                request = await self.service.request_soon(voice and voice.name, voice and voice.speaker, text)
-                await self.speaker.say(Speech(request.job))
+                await self.speaker.say(await self._synthesize(event))
         elif SynthesizeStart.is_type(kind):
             await self._start(_parsed(event, SynthesizeStart))
         elif SynthesizeChunk.is_type(kind):
@@ -117,6 +115,18 @@ class WyomingHandler(AsyncEventHandler):
             self.speaker.stopped()
         else:
             log.debug("ignoring a %s event", kind)
+
+    async def _synthesize(self, event: Event) -> Speech:
+        """A synthesize's speech; one it cannot be is refused in its turn, which ends the connection (see
+        Speaker._refuse)."""
+        try:
+            synthesize = _parsed(event, Synthesize)
+            voice = synthesize.voice
+            text = _text(synthesize.text, event.type)
+            request = await self.service.request_soon(voice and voice.name, voice and voice.speaker, text)
+        except ApiError as e:
+            return Speech(None, error=e)
+        return Speech(request.job)
 
     async def _start(self, start: SynthesizeStart) -> None:
         if self.stream is not None:

@@ -51,13 +51,17 @@ class TextStream:
 
 @dataclass(eq=False)
 class Speech:
-    """A synthesize, or a sentence of a stream."""
+    """A synthesize, or a sentence of a stream; or one refused (`error`), answered in its turn."""
 
-    spec: SpeechJob
+    spec: SpeechJob | None
     stream: TextStream | None = None
     job: Job | None = None
-    failed: bool = False
+    error: ApiError | None = None  # why it cannot be spoken: said in its turn (Speaker._refuse)
     audio: AudioStream | None = None  # a synthesize's own stream of the codec (a stream's sentences share one)
+
+
+class Refused(Exception):
+    """A synthesize was answered with an error in place of its audio: its connection ends (Speaker._refuse)."""
 
 
 STOPPED = "synthesize-stopped"  # in a Speaker's queue: a stream's end
@@ -72,6 +76,7 @@ class Speaker:
     service: WyomingService
     write: Callable[[Event], Awaitable[None]]
     hang_up: Callable[[], None] = lambda: None  # ends the connection: where this can speak no more (a bug)
+    end: Callable[[], None] = lambda: None  # closes the connection once what was written has gone (Refused)
     queue: deque = field(default_factory=deque)  # Speech and STOPPED, in the order asked
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     freed: asyncio.Event = field(default_factory=asyncio.Event)  # set as the queue shortens
@@ -128,7 +133,7 @@ class Speaker:
     async def submit_waiting(self) -> None:
         """Submit the queued requests not yet submitted, in order, until the server is full."""
         for speech in list(self.queue):
-            if speech is STOPPED or speech.job is not None or speech.failed:
+            if speech is STOPPED or speech.job is not None or speech.error is not None:
                 continue
             stream = speech.stream
             try:
@@ -137,8 +142,7 @@ class Speaker:
             except QueueFull:
                 return
             except (ValueError, RuntimeError) as e:  # text the engine cannot speak; shutting down
-                speech.failed = True
-                await self.write(error_event(generation_error(e)))
+                speech.error = generation_error(e)
                 continue
             if stream is not None:
                 stream.last = speech.job
@@ -159,16 +163,20 @@ class Speaker:
                 self.freed.set()
         except (ConnectionError, OSError):  # the client left while audio was sent to it
             self.close()
+        except Refused:  # said: nothing more is spoken, and the connection ends once the error has gone
+            self.close()
+            self.end()
         except Exception:  # a bug of ours: nothing more is spoken on this connection, nothing left generating
             log.exception("speaking a Wyoming request failed")
             self.close()
             self.hang_up()  # else its next requests would be generated for no one, and its client wait
 
     async def _speak(self, speech: Speech) -> None:
-        while speech.job is None and not speech.failed:
+        while speech.job is None and speech.error is None:
             await asyncio.sleep(RETRY_S)
             await self.submit_waiting()
-        if speech.failed:
+        if speech.error is not None:
+            await self._refuse(speech, speech.error)
             return
         if speech.stream is None:
             try:
@@ -178,6 +186,15 @@ class Speaker:
         else:  # its stream's codec stream is closed at the stream's synthesize-stopped
             self.spoken = speech.stream
             await self._send(speech)
+
+    async def _refuse(self, speech: Speech, error: ApiError) -> None:
+        """`speech` cannot be spoken: its error, in its turn (after the audio asked for before it). A stream's
+        sentence: the stream goes on (its synthesize-stopped ends it for the client). A synthesize: the
+        connection ends too (Refused), as wyoming-piper's does: a client of the protocol's flow waits for
+        audio-stop or the end of the connection, and Home Assistant's takes no error event."""
+        await self.write(error_event(error))
+        if speech.stream is None:
+            raise Refused
 
     async def _send(self, speech: Speech) -> None:
         started = False
@@ -192,9 +209,10 @@ class Speaker:
         except (ConnectionError, OSError):
             raise
         except Exception as e:  # generation failed (a prompt too long for the context, a shutdown...)
-            await self.write(error_event(generation_error(e)))
             if not started:
+                await self._refuse(speech, generation_error(e))
                 return
+            await self.write(error_event(generation_error(e)))  # then the end of the audio it had
         if not started:  # no frame at all: an empty audio
             await self.write(AudioStart(SAMPLE_RATE, WIDTH, CHANNELS).event())
         await self.write(AudioStop().event())
