@@ -347,6 +347,37 @@ def test_bad_events_are_answered_with_errors_and_the_connection_goes_on(greedy, 
     wait_idle(engine)
 
 
+@pytest.mark.parametrize("length", [70_000, 200_000, 1_000_000])
+def test_a_header_line_past_the_limit_is_one_error_and_the_next_event_is_read(length):
+    """What readline left of a long line was read as lines of their own: two or more errors for one event."""
+    from csm_gguf.wyoming_server.events import BadEvent, read_event
+
+    async def feed(reader: asyncio.StreamReader) -> None:
+        line = b'{"type": "synthesize", "data": {"text": "' + b"w" * length + b'"}}\n'
+        for i in range(0, len(line), 4096):  # as it comes from a socket: a piece at a time, read meanwhile
+            reader.feed_data(line[i : i + 4096])
+            await asyncio.sleep(0)
+        reader.feed_data(b'{"type": "describe"}\n')
+        reader.feed_eof()
+
+    async def read_all() -> list:
+        reader = asyncio.StreamReader()  # asyncio's default limit, 64 KiB, as the server's
+        feeding = asyncio.create_task(feed(reader))
+        got = []
+        while True:
+            try:
+                event = await read_event(reader)
+            except BadEvent as e:
+                got.append(str(e))
+                continue
+            if event is None:
+                await feeding
+                return got
+            got.append(event.type)
+
+    assert run(read_all()) == ["an event's header line is too long (at most 64 KiB)", "describe"]
+
+
 @pytest.mark.parametrize("refused, code, says", [
     (Synthesize(TEXT, voice=SynthesizeVoice(name="nobody")).event(), "voice_not_found", "unknown voice 'nobody'"),
     (Synthesize("  ").event(), "invalid_value", "empty"),

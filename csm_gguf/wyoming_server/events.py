@@ -24,10 +24,7 @@ class BadEvent(ValueError):
 
 async def read_event(reader: asyncio.StreamReader) -> Event | None:
     """The next event, None when the client has gone (or closed its side); BadEvent for one that is not."""
-    try:
-        line = await reader.readline()
-    except ValueError:  # past the reader's limit without a line end: asyncio has dropped what it read
-        raise BadEvent("an event's header line is too long (at most 64 KiB)") from None
+    line = await _line(reader)
     if not line:
         return None
     try:
@@ -51,6 +48,27 @@ async def read_event(reader: asyncio.StreamReader) -> Event | None:
         raise BadEvent("not a Wyoming event: its header needs a 'type', such as \"synthesize\"")
     return Event(type=kind, data={**_object(header.get("data", {}), kind), **_object(data or b"{}", kind)},
                  payload=payload or None)
+
+
+async def _line(reader: asyncio.StreamReader) -> bytes:
+    """The next line (b"" at the end); BadEvent for one past the reader's limit, dropped to its end: what
+    readline leaves of it would be read as lines of their own, each another error."""
+    try:
+        return await reader.readuntil(b"\n")
+    except asyncio.IncompleteReadError as e:  # the last line, without its end
+        return e.partial
+    except asyncio.LimitOverrunError as e:
+        dropped = e.consumed
+        while True:
+            try:
+                await reader.readexactly(dropped)
+                await reader.readuntil(b"\n")
+                break
+            except asyncio.LimitOverrunError as more:  # the line goes on
+                dropped = more.consumed
+            except asyncio.IncompleteReadError:  # the client left within it
+                break
+        raise BadEvent("an event's header line is too long (at most 64 KiB)") from None
 
 
 def _length(header: dict, key: str) -> int:
