@@ -129,6 +129,8 @@ def _is_sentence_end(line: str, match: re.Match[str], start: int) -> bool:
         return False
     if end != ".":
         return True
+    if line[start : match.start()].strip().isdecimal():  # "1. Open the door": a list's number, not a sentence
+        return False
     word = line[max(line.rfind(" ", 0, match.start()) + 1, start) : match.start()]  # "ペンです。Dr. Smith"
     word = word.lstrip(_OPENERS).lower()
     if word in _TITLES or _INITIALS.fullmatch(word):

@@ -58,6 +58,10 @@ def tokens(text: str) -> int:
             ["See Fig. 3 and No. 5 on pp. 12.", "I said no.", "Then I left."],
         ),
         ("It ended in 1999. 2000 was better.", ["It ended in 1999.", "2000 was better."]),
+        # A numbered list (as language models answer): its numbers are not sentences of their own.
+        ("1. First item\n2. Second item.\n10. Tenth. Done.", ["1. First item", "2. Second item.", "10. Tenth.",
+                                                          "Done."]),
+        ("Then: 1. Open it. 2. Close it.", ["Then: 1.", "Open it.", "2. Close it."]),
         (
             '"Stop!" she cried. "Why?" He shrugged. \'Fine.\' (He did.) [Done.] Next.',
             [
