@@ -200,6 +200,18 @@ def test_default_voice_and_speaker_and_saved_voice(app, greedy):
     assert_same_pcm(pcm_of(run(with_speaker())), http_pcm(app, TEXT, "alloy", speaker_id=4))
 
 
+def test_a_voice_given_by_its_bare_name_is_that_voice(app, greedy):
+    """{"voice": "ash"} (not the protocol's {"name": "ash"}) was dropped unseen by wyoming's parser: the default
+    voice spoke, and no error said why."""
+    async def ask(voice):
+        async with greedy.client() as client:
+            await client.write_event(Event("synthesize", {"text": TEXT, "voice": voice}))
+            return pcm_of(await read_until(client, "audio-stop", "error"))
+
+    assert_same_pcm(run(ask("ash")), run(ask({"name": "ash"})))
+    assert_same_pcm(run(ask("ash")), http_pcm(app, TEXT, "ash"))
+
+
 def test_built_in_voices_are_their_fixed_prompts(app, greedy):
     """As over HTTP: a built-in voice is its fixed prompt, made once per model (alloy, the default, at
     start; echo now, by the engine); "none" with a speaker id is the raw model."""

@@ -154,6 +154,9 @@ class WyomingHandler(AsyncEventHandler):
 
 
 def _parsed(event: Event, kind: type) -> Any:
+    voice = event.data.get("voice")
+    if isinstance(voice, str):  # a bare name, where the protocol has {"name": ...}: wyoming would drop it unseen
+        event = Event(event.type, {**event.data, "voice": {"name": voice}}, event.payload)
     try:
         return kind.from_event(event)
     except (KeyError, TypeError, AttributeError, ValueError) as e:
