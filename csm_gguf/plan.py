@@ -138,18 +138,25 @@ class Context:
         long text half-way. Without one, a context that leaves too little room is the caller's error
         (PromptTooLong): the speech would stop short."""
         heard = [*self.given, *self.previous]
+        if not self.previous:
+            self.check_room(piece)
+            return heard
         limit = self.generator.cfg.backbone.max_seq_len
         rows = len(piece.prompt) + sum(h.rows for h in heard)
-        if not self.previous:
-            if rows + piece.room > limit:
-                raise PromptTooLong(
-                    f"the prompt takes {rows} positions and this text may need up to {piece.room} frames more "
-                    f"({piece.room * FRAME_MS / 1000:g} s of speech), but the model's context holds {limit}: "
-                    "shorten the context segments or the text")
-            return heard
         while heard and rows + piece.room > limit:
             rows -= heard.pop(0).rows
         return heard
+
+    def check_room(self, piece: Piece) -> None:
+        """PromptTooLong unless the caller's segments leave `piece` its room (as `fitting` asks while nothing
+        was said before it): what CSM's lazy calls check when called, not at their first frame."""
+        limit = self.generator.cfg.backbone.max_seq_len
+        rows = len(piece.prompt) + sum(h.rows for h in self.given)
+        if rows + piece.room > limit:
+            raise PromptTooLong(
+                f"the prompt takes {rows} positions and this text may need up to {piece.room} frames more "
+                f"({piece.room * FRAME_MS / 1000:g} s of speech), but the model's context holds {limit}: "
+                "shorten the context segments or the text")
 
     def said(self, piece: Piece, made: list[np.ndarray]) -> None:
         """The piece was spoken as `made`: the next piece hears it, in place of what its speaker said

@@ -446,7 +446,7 @@ class CSM:
         heard = self._context(context)
         pieces = list(plan_pieces(lines, sampling, count))
         if pieces:
-            heard.fitting(pieces[0])  # PromptTooLong now; later pieces let the context give way (Context.fitting)
+            heard.check_room(pieces[0])  # PromptTooLong now; later pieces let the context give way (Context.fitting)
         return self._generate(_progress(pieces) if progress and len(pieces) > 1 else pieces, heard)
 
     def _context(self, context: Sequence[Segment]) -> Context:
