@@ -397,6 +397,17 @@ def check_threads(threads: int) -> None:
                          f"got {threads}")
 
 
+def check_gpu_layers(layers: int) -> None:
+    """--gpu-layers, in the range CSM takes (generator.check_options), said as say's option."""
+    from .generator import check_options
+
+    try:
+        check_options(0, layers, 1)
+    except ValueError:
+        raise UsageError(f"--gpu-layers must be -1 or 99 (all layers), 0 (none) or a number of layers, got "
+                         f"{layers}") from None
+
+
 def checked_text(args) -> str | None:
     """The options checked, then the text to speak read (None: none, for --save-voice alone)."""
     from .tempo import MAX_SPEED, MIN_SPEED
@@ -407,9 +418,7 @@ def checked_text(args) -> str | None:
             raise UsageError(f"{option} is empty: give a file name")
     check_sampling(args)
     check_threads(args.threads)
-    if args.gpu_layers < -1:
-        raise UsageError(f"--gpu-layers must be -1 or 99 (all layers), 0 (none) or a number of layers, got "
-                         f"{args.gpu_layers}")
+    check_gpu_layers(args.gpu_layers)
     if not MIN_SPEED <= args.speed <= MAX_SPEED:
         raise UsageError(f"--speed must be from {MIN_SPEED} to {MAX_SPEED} (1 = as spoken), got {args.speed}")
     if args.speaker is not None and args.speaker < 0:

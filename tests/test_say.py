@@ -483,6 +483,7 @@ def test_stdin_and_files_are_utf8_with_or_without_a_byte_order_mark(tmp_path):
     (["hi", "--context", "0", "words", "-", "-o", "{tmp}/x.wav"], "--context reads a file, not standard input"),
     (["hi", "--threads", "100000", "-o", "{tmp}/x.wav"], "--threads must be from 0 (all cores) to"),
     (["hi", "--gpu-layers", "-5", "-o", "{tmp}/x.wav"], "--gpu-layers must be -1 or 99 (all layers)"),
+    (["hi", "--gpu-layers", str(2**31), "-o", "{tmp}/x.wav"], "--gpu-layers must be -1 or 99 (all layers)"),  # int32
     (["hi", "--context", "0", "caf\udce9", "{tmp}/tone.wav", "-o", "{tmp}/x.wav"],  # Latin-1 bytes in a UTF-8 terminal
      "--context {tmp}/tone.wav: its TEXT is not valid UTF-8"),
 ])
